@@ -1,0 +1,463 @@
+"""Typed configs: a YAML file plus `key.sub=value` overrides, validated into dataclasses.
+
+Every stage describes its whole recipe as a tree of dataclasses (the schema).
+`load_config(Schema, path, overrides)` reads the YAML with `yaml.safe_load` (no
+tags, no code), applies the overrides, and builds the dataclasses, checking every
+key and value on the way. Errors are one sentence that names the key, where it
+came from (file or override), and what is allowed, e.g.::
+
+    Unknown key 'optim.lrr' in configs/pretrain/mpp_digits.yaml; did you mean 'optim.lr'?
+
+Written by hand rather than with OmegaConf: we want one-sentence errors with the
+closest valid key, numeric strings like `1e-4` accepted for floats (YAML 1.1
+reads them as strings), and no extra dependency.
+
+Constraints are attached with `param(default, help=..., gt=/ge=/lt=/le=, choices=)`;
+checks that involve several keys go in a `check(self)` method on the dataclass,
+which raises `ConfigError`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import io
+import math
+import os
+import re
+import types
+import typing
+from pathlib import Path
+from typing import Any, Iterable, Literal, Mapping, Sequence, TypeVar, Union
+
+import yaml
+
+from .errors import ConfigError
+
+T = TypeVar("T")
+
+_NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+_MISSING = dataclasses.MISSING
+
+
+def param(
+    default: Any = _MISSING,
+    *,
+    help: str = "",
+    gt: float | None = None,
+    ge: float | None = None,
+    lt: float | None = None,
+    le: float | None = None,
+    choices: Sequence[Any] | None = None,
+    default_factory: Any = _MISSING,
+) -> Any:
+    """A dataclass field with a help text and an allowed range or set of values."""
+    meta = {"help": help, "gt": gt, "ge": ge, "lt": lt, "le": le, "choices": choices}
+    if default_factory is not _MISSING:
+        return dataclasses.field(default_factory=default_factory, metadata=meta)
+    if isinstance(default, (list, dict, set)):
+        value = default
+        return dataclasses.field(default_factory=lambda: type(value)(value), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+# ----------------------------------------------------------------------------- reading
+
+def read_yaml(path: str | os.PathLike) -> dict:
+    """Read a YAML mapping safely; a missing file or bad YAML is a ConfigError."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"Config file '{path}' does not exist; pass an existing YAML file to --config.")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        where = ""
+        mark = getattr(err, "problem_mark", None)
+        if mark is not None:
+            where = f" at line {mark.line + 1}, column {mark.column + 1}"
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"Config file '{path}' is not valid YAML{where}: {problem}.") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"Config file '{path}' must hold a mapping of keys to values, not a {type(data).__name__}.")
+    return data
+
+
+def parse_overrides(overrides: Iterable[str]) -> list[tuple[str, Any]]:
+    """Parse `a.b=value` strings; the value is read as YAML (numbers, bools, lists)."""
+    parsed = []
+    for text in overrides:
+        key, sep, raw = text.partition("=")
+        key = key.strip()
+        if not sep or not key or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", key):
+            raise ConfigError(
+                f"Override '{text}' is not of the form key=value with a dotted key (e.g. optim.lr=1e-4)."
+            )
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw  # not YAML: keep it as a plain string, the type check decides
+        parsed.append((key, value))
+    return parsed
+
+
+# ----------------------------------------------------------------------------- schema helpers
+
+def schema_keys(schema: type) -> list[str]:
+    """Every dotted key a schema accepts, nested sections included."""
+    keys = []
+    hints = typing.get_type_hints(schema)
+    for f in dataclasses.fields(schema):
+        if not f.init:
+            continue
+        keys.append(f.name)
+        sub = _dataclass_of(hints[f.name])
+        if sub is not None:
+            keys.extend(f"{f.name}.{k}" for k in schema_keys(sub))
+    return keys
+
+
+def _dataclass_of(tp: Any) -> type | None:
+    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+        return tp
+    if _origin(tp) is Union:
+        subs = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(subs) == 1:
+            return _dataclass_of(subs[0])
+    return None
+
+
+def _origin(tp: Any) -> Any:
+    origin = typing.get_origin(tp)
+    if origin is types.UnionType:
+        return Union
+    return origin
+
+
+def closest_key(key: str, valid: Sequence[str]) -> str | None:
+    """The valid dotted key most like `key` (by whole path, then by last part)."""
+    match = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+    if match:
+        return match[0]
+    last = key.rsplit(".", 1)[-1]
+    by_last = {k.rsplit(".", 1)[-1]: k for k in valid}
+    match = difflib.get_close_matches(last, list(by_last), n=1, cutoff=0.6)
+    return by_last[match[0]] if match else None
+
+
+def _describe_type(tp: Any) -> str:
+    origin = _origin(tp)
+    if tp is bool:
+        return "true or false"
+    if tp is int:
+        return "an integer"
+    if tp is float:
+        return "a number"
+    if tp is str:
+        return "a string"
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin is Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        inner = " or ".join(_describe_type(a) for a in args)
+        return f"{inner} or null" if type(None) in typing.get_args(tp) else inner
+    if origin in (list, tuple, Sequence):
+        args = typing.get_args(tp)
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            return f"a list of {len(args)} values ({', '.join(_describe_type(a) for a in args)})"
+        return f"a list of {_describe_type(args[0])}" if args else "a list"
+    if origin is dict:
+        return "a mapping"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping of keys"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+# ----------------------------------------------------------------------------- building
+
+class _Builder:
+    """Builds a dataclass tree from nested dicts, knowing where each key came from."""
+
+    def __init__(self, schema: type, sources: Mapping[str, str]):
+        self.schema = schema
+        self.sources = sources
+        self.valid_keys = schema_keys(schema)
+
+    def where(self, key: str) -> str:
+        source = self.sources.get(key)
+        if source is None:
+            # a nested key inherits the source of its section
+            parts = key.split(".")
+            for i in range(len(parts) - 1, 0, -1):
+                source = self.sources.get(".".join(parts[:i]))
+                if source:
+                    break
+        return source or "the defaults"
+
+    def fail_type(self, key: str, value: Any, tp: Any) -> ConfigError:
+        return ConfigError(
+            f"Key '{key}' in {self.where(key)} must be {_describe_type(tp)}, got {_show(value)}."
+        )
+
+    def build(self, schema: type, data: Mapping, prefix: str = "") -> Any:
+        if not isinstance(data, Mapping):
+            raise self.fail_type(prefix.rstrip(".") or "(top level)", data, schema)
+        hints = typing.get_type_hints(schema)
+        fields = {f.name: f for f in dataclasses.fields(schema) if f.init}
+        for key in data:
+            if key not in fields:
+                full = f"{prefix}{key}"
+                hint = closest_key(full, self.valid_keys)
+                suggestion = f"; did you mean '{hint}'?" if hint else "."
+                raise ConfigError(f"Unknown key '{full}' in {self.where(full)}{suggestion}")
+        kwargs = {}
+        for name, f in fields.items():
+            key = f"{prefix}{name}"
+            if name in data:
+                kwargs[name] = self.convert(hints[name], data[name], key, f.metadata)
+            elif f.default is _MISSING and f.default_factory is _MISSING:
+                raise ConfigError(f"Key '{key}' is required in {self.where(key)} but missing.")
+            elif dataclasses.is_dataclass(hints[name]) and f.default_factory is not _MISSING:
+                kwargs[name] = self.build(hints[name], {}, key + ".")
+        obj = schema(**kwargs)
+        check = getattr(obj, "check", None)
+        if callable(check):
+            check()
+        return obj
+
+    def convert(self, tp: Any, value: Any, key: str, meta: Mapping | None = None) -> Any:
+        meta = meta or {}
+        origin = _origin(tp)
+        if origin is Union:
+            args = typing.get_args(tp)
+            if value is None and type(None) in args:
+                return None
+            errors = []
+            for sub in args:
+                if sub is type(None):
+                    continue
+                try:
+                    return self.convert(sub, value, key, meta)
+                except ConfigError as err:
+                    errors.append(err)
+            if len(errors) == 1:
+                raise errors[0]
+            raise self.fail_type(key, value, tp)
+        if dataclasses.is_dataclass(tp):
+            return self.build(tp, value if value is not None else {}, key + ".")
+        if origin is Literal:
+            allowed = typing.get_args(tp)
+            if value not in allowed:
+                hint = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1, cutoff=0.5)
+                tail = f" (did you mean '{hint[0]}'?)" if hint else ""
+                raise ConfigError(
+                    f"Key '{key}' in {self.where(key)} must be one of "
+                    f"{', '.join(str(a) for a in allowed)}; got {_show(value)}{tail}."
+                )
+            return value
+        if origin in (list, tuple) or tp in (list, tuple):
+            if not isinstance(value, (list, tuple)):
+                raise self.fail_type(key, value, tp)
+            args = typing.get_args(tp)
+            if origin is tuple and args and args[-1] is not Ellipsis:
+                if len(value) != len(args):
+                    raise self.fail_type(key, value, tp)
+                items = [self.convert(a, v, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value))]
+            else:
+                item_tp = args[0] if args else Any
+                items = [self.convert(item_tp, v, f"{key}[{i}]") for i, v in enumerate(value)]
+            return tuple(items) if (origin is tuple or tp is tuple) else items
+        if origin is dict or tp is dict:
+            if not isinstance(value, Mapping):
+                raise self.fail_type(key, value, tp)
+            args = typing.get_args(tp)
+            val_tp = args[1] if args else Any
+            return {str(k): self.convert(val_tp, v, f"{key}.{k}") for k, v in value.items()}
+        if tp is Any:
+            return value
+        if tp is bool:
+            if not isinstance(value, bool):
+                raise self.fail_type(key, value, tp)
+            return value
+        if tp is int:
+            if isinstance(value, str) and _NUMBER.match(value.strip()) and float(value) == int(float(value)):
+                value = int(float(value))
+            if isinstance(value, bool) or not isinstance(value, int):
+                if isinstance(value, float) and value.is_integer():
+                    value = int(value)
+                else:
+                    raise self.fail_type(key, value, tp)
+            return self.check_range(key, value, meta)
+        if tp is float:
+            if isinstance(value, str) and _NUMBER.match(value.strip()):
+                value = float(value)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise self.fail_type(key, value, tp)
+            value = float(value)
+            if not math.isfinite(value):
+                raise ConfigError(f"Key '{key}' in {self.where(key)} must be a finite number, got {value}.")
+            return self.check_range(key, value, meta)
+        if tp is str:
+            if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+                raise self.fail_type(key, value, tp)
+            value = str(value)
+            choices = meta.get("choices")
+            if choices and value not in choices:
+                hint = difflib.get_close_matches(value, list(choices), n=1, cutoff=0.5)
+                tail = f" (did you mean '{hint[0]}'?)" if hint else ""
+                raise ConfigError(
+                    f"Key '{key}' in {self.where(key)} must be one of {', '.join(choices)}; got {_show(value)}{tail}."
+                )
+            return value
+        return value
+
+    def check_range(self, key: str, value: float, meta: Mapping) -> float:
+        bounds = []
+        if meta.get("gt") is not None and not value > meta["gt"]:
+            bounds.append(f"> {meta['gt']}")
+        if meta.get("ge") is not None and not value >= meta["ge"]:
+            bounds.append(f">= {meta['ge']}")
+        if meta.get("lt") is not None and not value < meta["lt"]:
+            bounds.append(f"< {meta['lt']}")
+        if meta.get("le") is not None and not value <= meta["le"]:
+            bounds.append(f"<= {meta['le']}")
+        if bounds:
+            allowed = " and ".join(
+                f"{op} {meta[name]}"
+                for name, op in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<="))
+                if meta.get(name) is not None
+            )
+            raise ConfigError(f"Key '{key}' in {self.where(key)} must be {allowed}, got {value}.")
+        choices = meta.get("choices")
+        if choices and value not in choices:
+            raise ConfigError(
+                f"Key '{key}' in {self.where(key)} must be one of {', '.join(map(str, choices))}; got {value}."
+            )
+        return value
+
+
+def _set_dotted(tree: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[parts[-1]] = value
+
+
+def _mark_sources(tree: Mapping, source: str, prefix: str, sources: dict) -> None:
+    for key, value in tree.items():
+        full = f"{prefix}{key}"
+        sources[full] = source
+        if isinstance(value, Mapping):
+            _mark_sources(value, source, full + ".", sources)
+
+
+def from_dict(schema: type[T], data: Mapping, source: str = "the config") -> T:
+    """Validate a nested dict into `schema`; errors name `source`."""
+    sources: dict[str, str] = {}
+    _mark_sources(data, source, "", sources)
+    return _Builder(schema, sources).build(schema, data)
+
+
+def load_config(
+    schema: type[T],
+    path: str | os.PathLike | None = None,
+    overrides: Iterable[str] = (),
+) -> T:
+    """Load `path` (optional) into `schema`, then apply `key=value` overrides."""
+    data: dict = {}
+    sources: dict[str, str] = {}
+    if path is not None:
+        data = read_yaml(path)
+        _mark_sources(data, f"{path}", "", sources)
+    for key, value in parse_overrides(overrides):
+        _set_dotted(data, key, value)
+        sources[key] = f"the override '{key}={value}'" if not isinstance(value, (dict, list)) else f"the override of '{key}'"
+        if isinstance(value, Mapping):
+            _mark_sources(value, sources[key], key + ".", sources)
+    return _Builder(schema, sources).build(schema, data)
+
+
+# ----------------------------------------------------------------------------- writing
+
+def to_dict(cfg: Any) -> Any:
+    """A dataclass tree as plain dicts/lists (tuples become lists, for YAML)."""
+    if dataclasses.is_dataclass(cfg):
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg) if f.init}
+    if isinstance(cfg, (list, tuple)):
+        return [to_dict(v) for v in cfg]
+    if isinstance(cfg, dict):
+        return {k: to_dict(v) for k, v in cfg.items()}
+    return cfg
+
+
+def dump_yaml(cfg: Any) -> str:
+    stream = io.StringIO()
+    yaml.safe_dump(to_dict(cfg), stream, sort_keys=False, default_flow_style=None)
+    return stream.getvalue()
+
+
+def save_config(cfg: Any, path: str | os.PathLike) -> None:
+    """Write the resolved config as YAML (atomically: temp file, then rename)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(dump_yaml(cfg))
+    os.replace(tmp, path)
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """Dotted keys to scalars (lists as strings): what trackers such as TensorBoard accept."""
+    if dataclasses.is_dataclass(tree):
+        tree = to_dict(tree)
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        full = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, full + "."))
+        elif isinstance(value, (list, tuple)):
+            flat[full] = str(list(value))
+        elif value is None:
+            flat[full] = "null"
+        else:
+            flat[full] = value
+    return flat
+
+
+def diff_keys(a: Any, b: Any, ignore: Iterable[str] = ()) -> list[str]:
+    """Dotted keys whose values differ between two configs (dataclasses or dicts)."""
+    fa, fb = flatten(a), flatten(b)
+    skip = tuple(ignore)
+    keys = sorted(set(fa) | set(fb))
+    return [k for k in keys if fa.get(k) != fb.get(k) and not k.startswith(skip)]
+
+
+def describe(schema: type, prefix: str = "") -> list[str]:
+    """One line per key: `name (type, default): help`, for --help output."""
+    lines = []
+    hints = typing.get_type_hints(schema)
+    for f in dataclasses.fields(schema):
+        if not f.init:
+            continue
+        tp = hints[f.name]
+        sub = _dataclass_of(tp)
+        if sub is not None:
+            lines.extend(describe(sub, f"{prefix}{f.name}."))
+            continue
+        if f.default is not _MISSING:
+            default = f.default
+        elif f.default_factory is not _MISSING:
+            default = f.default_factory()
+        else:
+            default = "required"
+        help_text = f.metadata.get("help", "") if f.metadata else ""
+        lines.append(f"  {prefix}{f.name} = {to_dict(default)!r}  {help_text}".rstrip())
+    return lines
