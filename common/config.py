@@ -180,6 +180,10 @@ def _show(value: Any) -> str:
 
 # ----------------------------------------------------------------------------- building
 
+class _TypeMismatch(ConfigError):
+    """A value of the wrong type (as opposed to a wrong value of the right type)."""
+
+
 class _Builder:
     """Builds a dataclass tree from nested dicts, knowing where each key came from."""
 
@@ -200,7 +204,7 @@ class _Builder:
         return source or "the defaults"
 
     def fail_type(self, key: str, value: Any, tp: Any) -> ConfigError:
-        return ConfigError(
+        return _TypeMismatch(
             f"Key '{key}' in {self.where(key)} must be {_describe_type(tp)}, got {_show(value)}."
         )
 
@@ -245,8 +249,9 @@ class _Builder:
                     return self.convert(sub, value, key, meta)
                 except ConfigError as err:
                     errors.append(err)
-            if len(errors) == 1:
-                raise errors[0]
+            value_errors = [e for e in errors if not isinstance(e, _TypeMismatch)]
+            if value_errors:  # right type, wrong value: that message is the precise one
+                raise value_errors[0]
             raise self.fail_type(key, value, tp)
         if dataclasses.is_dataclass(tp):
             return self.build(tp, value if value is not None else {}, key + ".")

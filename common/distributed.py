@@ -1,0 +1,117 @@
+"""Process-group helpers shared by the engines: making the Accelerator, agreeing
+on flags across ranks, and turning preemption signals into a clean stop."""
+from __future__ import annotations
+
+import os
+import signal
+from typing import Sequence
+
+import torch
+
+
+def cuda_available() -> bool:
+    return torch.cuda.is_available()
+
+
+def default_mixed_precision(requested: str) -> str:
+    """`auto` is bf16 on a GPU that supports it and full precision on the CPU."""
+    if requested != "auto":
+        return requested
+    if cuda_available() and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "no"
+
+
+def make_accelerator(
+    *,
+    mixed_precision: str = "auto",
+    project_dir: str | os.PathLike | None = None,
+    log_with: str | None = "tensorboard",
+    gradient_accumulation_steps: int = 1,
+):
+    """An Accelerator that works the same on GPUs and on CPU-only machines.
+
+    - `cpu=True` when CUDA is absent: without it, `accelerate launch --num_processes 2`
+      on a CPU machine starts two processes that each believe they are alone.
+    - Our webdataset loaders split data by rank themselves; they are never passed to
+      `prepare`, and dispatching/splitting batches is switched off for any loader that is.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
+
+    precision = default_mixed_precision(mixed_precision)
+    if precision in ("bf16", "fp16") and not cuda_available():
+        # bf16 autocast on CPU is correct but slower than fp32 on most CPUs, and
+        # fp16 needs a GPU GradScaler: on CPU honour only an explicit bf16.
+        precision = "bf16" if precision == "bf16" else "no"
+    project = ProjectConfiguration(project_dir=str(project_dir) if project_dir else None)
+    return Accelerator(
+        cpu=not cuda_available(),
+        mixed_precision=precision,
+        gradient_accumulation_steps=gradient_accumulation_steps,
+        log_with=log_with if project_dir else None,
+        project_config=project,
+        dataloader_config=DataLoaderConfiguration(dispatch_batches=False, split_batches=False),
+        step_scheduler_with_optimizer=False,
+    )
+
+
+def all_ranks_min(accelerator, values: torch.Tensor) -> torch.Tensor:
+    """Element-wise minimum over ranks (a device collective, no host sync)."""
+    if accelerator.num_processes == 1:
+        return values
+    values = values.clone()
+    torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.MIN)
+    return values
+
+
+def all_ranks_max(accelerator, values: torch.Tensor) -> torch.Tensor:
+    """Element-wise maximum over ranks (a device collective, no host sync)."""
+    if accelerator.num_processes == 1:
+        return values
+    values = values.clone()
+    torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.MAX)
+    return values
+
+
+def any_rank(accelerator, flag: bool) -> bool:
+    """True on every rank if `flag` is true on any rank (one small all-reduce; syncs the host)."""
+    tensor = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
+    return bool(all_ranks_max(accelerator, tensor).item() > 0)
+
+
+class StopSignal:
+    """Remembers SIGTERM/SIGUSR1 (preemption, SLURM's `--signal`) instead of dying.
+
+    The engine checks `requested` at step boundaries, agrees with the other ranks
+    via `any_rank`, saves one checkpoint and exits 0. A second signal while the
+    first is being handled falls back to the default action (exit at once).
+    """
+
+    SIGNALS: Sequence[int] = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.signal_name: str | None = None
+        self._previous = {}
+
+    def _handle(self, signum, frame) -> None:  # noqa: ARG002
+        if self.requested:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        self.requested = True
+        self.signal_name = signal.Signals(signum).name
+
+    def install(self) -> "StopSignal":
+        for signum in self.SIGNALS:
+            try:
+                self._previous[signum] = signal.signal(signum, self._handle)
+            except ValueError:  # not the main thread (e.g. under some test runners)
+                pass
+        return self
+
+    def uninstall(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
