@@ -1,0 +1,175 @@
+#!/usr/bin/env bash
+# vitmpp launcher: wraps `accelerate launch` for one GPU, one node or many (SLURM).
+#
+#   ./launch.sh pretrain CONFIG [key=value ...] [--resume auto]
+#   ./launch.sh finetune CONFIG [key=value ...] [--resume auto]
+#   ./launch.sh compare  CONFIG [--out DIR]
+#   ./launch.sh shards   --source digits --out DIR [...]     (python -m vitmpp.datasets.make_shards)
+#   ./launch.sh analyze  --encoder RUN --shards DIR --out DIR
+#   ./launch.sh demo                                          (shards -> pretrain -> linear probe, on digits)
+#   ./launch.sh test [pytest args]
+#   ./launch.sh --dry-run pretrain ...                        (print the accelerate command, run nothing)
+#
+# Processes: one per GPU (nvidia-smi), or $VITMPP_NUM_PROCESSES; on CPU-only machines 1.
+# Under SLURM with several nodes: --num_machines, --machine_rank, --main_process_ip and
+# --main_process_port come from SLURM_NNODES, SLURM_NODEID, SLURM_JOB_NODELIST and
+# MASTER_PORT (default 29500). Run one launch.sh per node (`srun --ntasks-per-node=1`).
+# SIGTERM/SIGUSR1 to this script reach the training processes, which save a checkpoint
+# at the next step and exit 0; rerun with --resume auto.
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+cd "$here"
+
+dry_run=0
+if [[ "${1:-}" == "--dry-run" ]]; then
+  dry_run=1
+  shift
+fi
+
+usage() {
+  sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'
+  exit 2
+}
+
+count_gpus() {
+  if [[ -n "${VITMPP_GPUS_PER_NODE:-}" ]]; then
+    echo "$VITMPP_GPUS_PER_NODE"
+  elif [[ -n "${SLURM_GPUS_ON_NODE:-}" ]]; then
+    echo "$SLURM_GPUS_ON_NODE"
+  elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    nvidia-smi -L | grep -c '^GPU'
+  else
+    echo 0
+  fi
+}
+
+first_slurm_host() {
+  if command -v scontrol >/dev/null 2>&1; then
+    scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1
+  else
+    # without scontrol, expand the first entry of a simple list like node[01-04],other
+    local list="${SLURM_JOB_NODELIST%%,*}"
+    if [[ "$list" =~ ^([^\[]+)\[([0-9]+) ]]; then
+      echo "${BASH_REMATCH[1]}${BASH_REMATCH[2]}"
+    else
+      echo "$list"
+    fi
+  fi
+}
+
+# The `accelerate launch` flags for this machine (and cluster), as an array.
+accelerate_flags() {
+  local gpus nodes procs
+  gpus="$(count_gpus)"
+  nodes="${SLURM_NNODES:-${SLURM_JOB_NUM_NODES:-1}}"
+  flags=()
+  if [[ "$gpus" -eq 0 ]]; then
+    procs="${VITMPP_NUM_PROCESSES:-1}"
+    flags+=(--num_processes "$procs" --mixed_precision no)
+    [[ "$procs" -gt 1 ]] && flags+=(--multi_gpu)
+  else
+    procs="${VITMPP_NUM_PROCESSES:-$((gpus * nodes))}"
+    flags+=(--num_processes "$procs" --mixed_precision bf16)
+    [[ "$procs" -gt 1 ]] && flags+=(--multi_gpu)
+  fi
+  if [[ "$nodes" -gt 1 ]]; then
+    flags+=(--num_machines "$nodes" --machine_rank "${SLURM_NODEID:-0}"
+            --main_process_ip "$(first_slurm_host)" --main_process_port "${MASTER_PORT:-29500}"
+            --rdzv_backend static)
+  fi
+  return 0
+}
+
+child_pid=""
+forward_signal() {
+  # Pass the signal to the training processes (children of `accelerate launch`),
+  # not to the launcher itself: they checkpoint and exit 0, and so does it.
+  if [[ -n "$child_pid" ]]; then
+    pkill "-$1" -P "$child_pid" 2>/dev/null || kill "-$1" "$child_pid" 2>/dev/null || true
+  fi
+}
+
+run() {
+  if [[ "$dry_run" -eq 1 ]]; then
+    printf '%q ' "$@"
+    printf '\n'
+    return 0
+  fi
+  "$@" &
+  child_pid=$!
+  trap 'forward_signal TERM' TERM
+  trap 'forward_signal USR1' USR1
+  local status=0
+  while true; do
+    wait "$child_pid" && status=0 || status=$?
+    # `wait` returns early (status > 128) when a trapped signal arrives: keep waiting
+    if ! kill -0 "$child_pid" 2>/dev/null; then
+      break
+    fi
+  done
+  trap - TERM USR1
+  return "$status"
+}
+
+launch() {
+  local script="$1"
+  shift
+  accelerate_flags
+  run accelerate launch "${flags[@]}" "$script" "$@"
+}
+
+with_config() {
+  # `./launch.sh pretrain CONFIG ...`: a first argument that is a YAML file is the --config
+  if [[ $# -gt 0 && "$1" == *.yaml ]]; then
+    local config="$1"
+    shift
+    set -- --config "$config" "$@"
+  fi
+  printf '%s\0' "$@"
+}
+
+command="${1:-}"
+[[ -z "$command" ]] && usage
+shift
+
+case "$command" in
+  pretrain | finetune)
+    args=()
+    while IFS= read -r -d '' item; do args+=("$item"); done < <(with_config "$@")
+    launch "$command/main.py" ${args[@]+"${args[@]}"}
+    ;;
+  compare)
+    args=()
+    while IFS= read -r -d '' item; do args+=("$item"); done < <(with_config "$@")
+    run python -m vitmpp.finetune.compare ${args[@]+"${args[@]}"}
+    ;;
+  shards)
+    run python -m vitmpp.datasets.make_shards "$@"
+    ;;
+  analyze)
+    run python -m vitmpp.analyze "$@"
+    ;;
+  demo)
+    demo_dir="${VITMPP_DEMO_DIR:-runs/demo}"
+    if [[ ! -f "$demo_dir/shards/_info.json" ]]; then
+      run python -m vitmpp.datasets.make_shards --source digits --out "$demo_dir/shards" --image-size 32
+    fi
+    resume=()
+    [[ -f "$demo_dir/pretrain/config.yaml" ]] && resume=(--resume auto)
+    launch pretrain/main.py --config configs/pretrain/mpp_digits.yaml "data.shards=$demo_dir/shards" \
+      "run.output_dir=$demo_dir" run.name=pretrain ${resume[@]+"${resume[@]}"} "$@"
+    launch finetune/main.py --config configs/finetune/linear_digits.yaml "encoder=$demo_dir/pretrain" \
+      "data.shards=$demo_dir/shards" "run.output_dir=$demo_dir" run.name=linear --resume auto
+    ;;
+  test)
+    run python -m pytest -q "$@"
+    ;;
+  -h | --help | help)
+    usage
+    ;;
+  *)
+    echo "error: unknown command '$command'; use pretrain, finetune, compare, shards, analyze, demo or test." >&2
+    exit 2
+    ;;
+esac
