@@ -1,0 +1,548 @@
+"""The shard loader: batches of uint8 images for one epoch of one rank.
+
+    loader = build_loader("data/digits", split="train", batch_size=64, transform=pretrain_transform(32),
+                          training=True, epoch=e, seed=s, rank=r, world_size=w)
+    for batch in loader:            # Batch(images uint8 [B,3,H,W], labels, indices, skipped)
+        x = normalize_batch(batch.images.to(device), mean, std)
+
+Build a new loader for every epoch (and on resume, with `start_batch`): the epoch
+is part of every seed, and workers are never kept alive between epochs.
+
+Training (`training=True`): the stream of every (rank, worker) is a pure function
+of (seed, epoch, rank, worker):
+
+1. shards: an endless sequence of seeded permutations of the shard list (a new
+   permutation each pass, the same on every rank); the worker with global id g of
+   G = world_size x num_workers takes every G-th shard from position g. Passes
+   repeat as often as needed, so there are never too few shards for the workers
+   and no rank runs dry on uneven shards;
+2. samples of those shards (optionally only `keep_indices`), through a shuffle
+   buffer seeded by (seed, epoch, rank, worker);
+3. batch j of a worker is the next `batch_size` raw samples; a sample that fails
+   to decode is replaced by a repeat of a good one of the same batch (index -1),
+   so batch j is always made of the same raw samples: resuming at `start_batch=k`
+   skips the raw samples of the first k batches without decoding them, and the
+   rest of the epoch is bit-identical, augmentations included (their random state
+   is seeded per batch from (seed, epoch, rank, worker, j));
+4. every rank yields exactly `batches_per_epoch` batches (default: the manifest's
+   sample count // (batch_size x world_size)); worker w yields bpe//W + (w < bpe%W),
+   so torch's round-robin over workers fixes the batch order.
+
+Evaluation (`training=False`): every real sample exactly once over all ranks: the
+index range is cut into contiguous per-rank blocks of ceil(N / world_size), each
+rank's block into contiguous per-worker runs of whole batches; a rank reads only
+the shards its block overlaps and skips other samples without decoding. Ranks
+with fewer samples (the last) are padded with repeats (index -1) so that all
+yield the same number of full batches.
+
+Why not `webdataset.WebDataset`: its `split_by_node`/`split_by_worker` give ranks
+unequal counts (a DDP hang), `with_epoch` counts samples after errors so a resume
+cannot find its place, its resampling is seeded from pid and time, and its error
+handlers sleep. The pieces below are webdataset's (gopen, tar iteration, key
+grouping, the shuffle buffer) arranged so the guarantees above hold exactly.
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Iterator, NamedTuple, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from vitmpp.common.errors import UserError
+
+from .manifest import Manifest, expand_shard_spec, is_url, read_manifest
+from .samples import BadSample, RawSample, Tally, decode_sample, read_shard
+
+# the skip fraction is checked only once this many samples have passed (too noisy before)
+MIN_SAMPLES_FOR_SKIP_CHECK = 20
+
+
+class ShardWarning(UserWarning):
+    """A shard is damaged or holds members we ignore (printed once per shard per process)."""
+
+
+class Batch(NamedTuple):
+    images: torch.Tensor   # uint8 [B, 3, H, W]
+    labels: torch.Tensor   # int64 [B]
+    indices: torch.Tensor  # int64 [B], global sample index in the split, -1 for padding/fill
+    skipped: torch.Tensor  # int64 scalar: samples this worker skipped since its previous batch
+
+
+@dataclass
+class _Plan:
+    """Everything a worker needs (picklable): the shards in play and the epoch's geometry."""
+
+    urls: list[str]
+    lengths: list[int]
+    offsets: list[int]
+    keep: np.ndarray | None  # bool mask over the split's index space
+    num_classes: int
+    transform: Callable
+    training: bool
+    batch_size: int
+    seed: int
+    epoch: int
+    rank: int
+    world_size: int
+    workers: int              # logical workers (>= 1; 1 when reading in the main process)
+    shuffle_buffer: int
+    start_batch: int
+    batches_per_epoch: int
+    rank_indices: np.ndarray  # evaluation: this rank's real global indices, ascending
+    all_indices_head: np.ndarray  # evaluation: first real indices of the split (padding for empty ranks)
+    draft_side: int | None
+
+    def worker_batches(self, worker: int) -> int:
+        return self.batches_per_epoch // self.workers + (worker < self.batches_per_epoch % self.workers)
+
+
+# ----------------------------------------------------------------------------- seeding
+
+def _seed(*parts: int) -> int:
+    """A 63-bit seed from integers (numpy's SeedSequence mixes them well)."""
+    return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(2, np.uint64)[0] >> 1)
+
+
+@contextmanager
+def _seeded_globals(seed: int, restore: bool):
+    """Seed torch's CPU generator, `random` and `np.random` (what timm/torchvision
+    transforms draw from); restore them afterwards when running in the main process."""
+    saved = (torch.random.get_rng_state(), random.getstate(), np.random.get_state()) if restore else None
+    torch.random.default_generator.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            torch.random.set_rng_state(saved[0])
+            random.setstate(saved[1])
+            np.random.set_state(saved[2])
+
+
+# ----------------------------------------------------------------------------- the worker side
+
+class _ShardStream(IterableDataset):
+    """Yields (images, labels, indices, skipped, notes) batches for one worker of one rank."""
+
+    def __init__(self, plan: _Plan):
+        super().__init__()
+        self.plan = plan
+        self._fallback = None
+
+    def __iter__(self):
+        info = get_worker_info()
+        physical = info.id if info is not None else 0
+        plan = self.plan
+        # After a resume at batch k, the DataLoader starts its round-robin at worker 0, which
+        # must produce batch k: physical worker p plays logical worker (p + k) % W.
+        worker = (physical + plan.start_batch) % plan.workers
+        in_main = info is None
+        if plan.training:
+            return self._train(worker, in_main)
+        return self._evaluate(worker)
+
+    # -- pieces shared by both modes
+
+    def _decode(self, raw: RawSample, tally: Tally):
+        try:
+            image, label = decode_sample(raw, self.plan.num_classes, self.plan.draft_side)
+        except BadSample as err:
+            tally.note(raw.url, "sample", f"shard {raw.url}: sample {raw.members.get('__key__')} skipped ({err})")
+            return None
+        return image, label
+
+    def _to_tensor(self, image) -> torch.Tensor:
+        out = self.plan.transform(image)
+        if not isinstance(out, torch.Tensor):
+            out = torch.as_tensor(np.asarray(out))
+        if out.dtype != torch.uint8 or out.dim() != 3:
+            raise TypeError(f"the loader's transform must return a uint8 CHW tensor, got {out.dtype} {tuple(out.shape)} "
+                            "(use the transforms of vitmpp.datasets.transforms)")
+        return out
+
+    def _fallback_sample(self):
+        """The first decodable sample of the shards in play: fills a batch none of whose samples
+        decoded (rare), without consuming the stream, so batch boundaries stay where they were."""
+        if self._fallback is None:
+            scratch = Tally()
+            p = self.plan
+            for url, offset, length in zip(p.urls, p.offsets, p.lengths):
+                for raw in read_shard(url, offset, length, None, scratch, count_lost=False):
+                    decoded = self._decode(raw, scratch)
+                    if decoded is not None:
+                        self._fallback = (decoded[0], decoded[1])
+                        return self._fallback
+            raise UserError(f"No sample of {len(p.urls)} shards (e.g. {p.urls[0]}) can be decoded; "
+                            "check or rewrite the shards with make_shards.")
+        return self._fallback
+
+    def _assemble(self, raws: list, tally: Tally, real: list[bool], count_bad: bool = True):
+        """Decode and transform one batch; bad samples become repeats (index -1) of good ones."""
+        decoded, indices = [], []
+        for raw, is_real in zip(raws, real):
+            item = self._decode(raw, tally) if raw is not None else None
+            if item is None:
+                if is_real and count_bad and raw is not None:
+                    tally.skipped += 1
+                decoded.append(None)
+                indices.append(-1)
+            else:
+                decoded.append(item)
+                indices.append(raw.index if is_real else -1)
+        good = [d for d in decoded if d is not None]
+        if not good:
+            good = [self._fallback_sample()]
+        images, labels = [], []
+        for position, item in enumerate(decoded):
+            image, label = item if item is not None else good[position % len(good)]
+            images.append(self._to_tensor(image))
+            labels.append(label)
+        try:
+            stacked = torch.stack(images)
+        except RuntimeError:
+            shapes = sorted({tuple(t.shape) for t in images})
+            raise TypeError(f"the loader's transform returned images of different shapes {shapes}; it must "
+                            "produce a fixed size (crop or resize to img_size)") from None
+        skipped, notes = tally.take()
+        return (stacked, torch.tensor(labels, dtype=torch.int64), torch.tensor(indices, dtype=torch.int64),
+                torch.tensor(skipped, dtype=torch.int64), notes)
+
+    # -- training
+
+    def _shards_of(self, worker: int) -> Iterator[int]:
+        """Endless shard positions for this (rank, worker): every G-th of repeated seeded permutations."""
+        p = self.plan
+        n = len(p.urls)
+        stride = p.world_size * p.workers
+        position = p.rank * p.workers + worker
+        while True:
+            pass_index, within = divmod(position, n)
+            order = np.random.default_rng(_seed(p.seed, p.epoch, pass_index, 0x5A4D)).permutation(n)
+            yield int(order[within])
+            position += stride
+
+    def _raw_stream(self, worker: int, tally: Tally) -> Iterator[RawSample]:
+        p = self.plan
+        wanted = (lambda i: bool(p.keep[i])) if p.keep is not None else None
+        empty_in_a_row = 0
+        limit = 20 * len(p.urls) + p.world_size * p.workers
+        for shard in self._shards_of(worker):
+            produced = False
+            for raw in read_shard(p.urls[shard], p.offsets[shard], p.lengths[shard], wanted, tally):
+                produced = True
+                yield raw
+            empty_in_a_row = 0 if produced else empty_in_a_row + 1
+            if empty_in_a_row > limit:
+                raise UserError(f"Worker {worker} of rank {p.rank} read {empty_in_a_row} shards in a row without "
+                                f"a usable sample (e.g. {p.urls[shard]}); check or rewrite the shards.")
+
+    def _train(self, worker: int, in_main: bool):
+        import webdataset as wds
+
+        p = self.plan
+        tally = Tally()
+        stream = self._raw_stream(worker, tally)
+        if p.shuffle_buffer > 1:
+            rng = random.Random(_seed(p.seed, p.epoch, p.rank, worker, 0x5B0F))
+            stream = iter(wds.filters.shuffle(p.shuffle_buffer, max(1, p.shuffle_buffer // 4), rng=rng)(stream))
+        W = p.workers
+        total = p.worker_batches(worker)
+        done = p.start_batch // W + (worker < p.start_batch % W)  # this worker's batches among the first k
+        try:
+            for _ in range(done * p.batch_size):  # resume: skip raw samples, decode nothing
+                next(stream)
+            # losses met while skipping were counted before the resume; keep only the notes
+            tally.skipped = 0
+            for j in range(done, total):
+                raws = [next(stream) for _ in range(p.batch_size)]
+                with _seeded_globals(_seed(p.seed, p.epoch, p.rank, worker, j, 0xA06), restore=in_main):
+                    yield self._assemble(raws, tally, [True] * len(raws))
+        finally:
+            stream.close() if hasattr(stream, "close") else None
+
+    # -- evaluation
+
+    def _evaluate(self, worker: int):
+        p = self.plan
+        B = p.batch_size
+        n_real = len(p.rank_indices)
+        first = sum(p.worker_batches(w) for w in range(worker))
+        slots = range(first * B, (first + p.worker_batches(worker)) * B)
+
+        def source(slot: int) -> tuple[int, bool]:
+            if slot < n_real:
+                return int(p.rank_indices[slot]), True
+            pool = p.rank_indices if n_real else p.all_indices_head
+            return int(pool[(slot - n_real) % len(pool)]), False
+
+        plan_slots = [source(s) for s in slots]
+        needed = {i for i, _ in plan_slots}
+        pad_sources = {i for i, real in plan_slots if not real}
+        needed_sorted = np.array(sorted(needed), dtype=np.int64)
+        # the shards holding at least one needed index (a needed index in [off, off + n))
+        firsts = np.searchsorted(needed_sorted, p.offsets)
+        shards = [k for k, (j, off, n) in enumerate(zip(firsts, p.offsets, p.lengths))
+                  if j < len(needed_sorted) and needed_sorted[j] < off + n]
+
+        def wanted(i: int) -> bool:
+            j = np.searchsorted(needed_sorted, i)
+            return j < len(needed_sorted) and needed_sorted[j] == i
+
+        tally = Tally()
+
+        def raw_stream():
+            for k in shards:
+                # losses are charged per slot below (a missing real sample), not per shard
+                yield from read_shard(p.urls[k], p.offsets[k], p.lengths[k], wanted, tally, count_lost=False)
+
+        stream = raw_stream()
+        cache: dict[int, RawSample] = {}
+        exhausted = False
+
+        def fetch(index: int) -> RawSample | None:
+            """The raw sample `index`, or None if it was lost. Real slots ask in ascending order, padding
+            slots (all after them) in any order; the stream is ascending, so a sample passed by is lost,
+            except padding sources, which are kept when passed."""
+            nonlocal exhausted
+            if index in cache:
+                return cache[index] if index in pad_sources else cache.pop(index)
+            while not exhausted:
+                raw = next(stream, None)
+                if raw is None:
+                    exhausted = True
+                    break
+                if raw.index in pad_sources or raw.index > index:
+                    cache[raw.index] = raw
+                if raw.index == index:
+                    return raw
+                if raw.index > index:
+                    return None
+            return None
+
+        for b in range(0, len(plan_slots), B):
+            chunk = plan_slots[b:b + B]
+            raws, real = [], []
+            for index, is_real in chunk:
+                raw = fetch(index)
+                if raw is None and is_real:
+                    tally.skipped += 1  # lost with an unreadable part of its shard
+                raws.append(raw)
+                real.append(is_real)
+            yield self._assemble(raws, tally, real)
+
+
+# ----------------------------------------------------------------------------- the main-process side
+
+_WARNED: set = set()
+
+
+class ShardLoader:
+    """An iterable over the `Batch`es of one epoch on one rank (see the module docstring)."""
+
+    def __init__(self, plan: _Plan, manifest: Manifest, split: str, num_samples: int, *, num_workers: int,
+                 pin_memory: bool, prefetch_factor: int, max_skip_fraction: float):
+        self._plan = plan
+        self.manifest = manifest
+        self.split = split
+        self.shards = list(plan.urls)
+        self.num_samples = num_samples
+        self.batches_per_epoch = plan.batches_per_epoch
+        self.start_batch = plan.start_batch
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.prefetch_factor = prefetch_factor
+        self.max_skip_fraction = max_skip_fraction
+        self.skipped_samples = 0
+        self.bad_shards: list[str] = []
+        self._delivered = 0
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch - self.start_batch
+
+    def _data_loader(self) -> DataLoader:
+        kwargs = {}
+        if self.num_workers > 0:
+            kwargs["prefetch_factor"] = self.prefetch_factor
+        return DataLoader(
+            _ShardStream(self._plan), batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
+            persistent_workers=False,
+            # DataLoader draws its base seed from this generator instead of the global RNG, so
+            # creating a loader never shifts the training process's random stream (exact resume);
+            # the workers seed their own randomness per batch.
+            generator=torch.Generator().manual_seed(self._plan.seed), **kwargs,
+        )
+
+    def _account(self, skipped: int, indices: torch.Tensor, notes) -> None:
+        for url, message in notes:
+            if url not in self.bad_shards:
+                self.bad_shards.append(url)
+            if (url, message) not in _WARNED:
+                _WARNED.add((url, message))
+                warnings.warn(message, ShardWarning, stacklevel=3)
+        self.skipped_samples += skipped
+        self._delivered += int((indices >= 0).sum())
+        seen = self.skipped_samples + self._delivered
+        if (self.skipped_samples and seen >= MIN_SAMPLES_FOR_SKIP_CHECK
+                and self.skipped_samples > self.max_skip_fraction * seen):
+            shards = ", ".join(self.bad_shards[:5]) + (f" and {len(self.bad_shards) - 5} more"
+                                                       if len(self.bad_shards) > 5 else "")
+            raise UserError(
+                f"{self.skipped_samples} of {seen} samples of split '{self.split}' could not be read "
+                f"(more than max_skip_fraction={self.max_skip_fraction}); damaged shards: {shards or 'unknown'}. "
+                "Rewrite them with make_shards or raise data.max_skip_fraction."
+            )
+
+    def __iter__(self) -> Iterator[Batch]:
+        self.skipped_samples, self._delivered, produced = 0, 0, 0
+        batches = iter(self._data_loader())
+        while True:
+            try:
+                images, labels, indices, skipped, notes = next(batches)
+            except StopIteration:
+                break
+            except UserError as err:
+                # a worker's UserError arrives wrapped with its traceback: keep the sentence
+                text = str(err)
+                if text.startswith("Caught "):
+                    text = text.strip().splitlines()[-1].split("UserError: ", 1)[-1]
+                raise UserError(text) from None
+            self._account(int(skipped), indices, notes)
+            produced += 1
+            yield Batch(images, labels, indices, skipped)
+        if produced != len(self):
+            raise RuntimeError(f"the loader produced {produced} batches instead of {len(self)} (a bug in vitmpp)")
+
+
+# ----------------------------------------------------------------------------- building
+
+def _select_shards(manifest: Manifest, split: str, shards) -> tuple[list[str], list[int], list[int]]:
+    """URLs, lengths and index offsets of the shards in play, in index order."""
+    info = manifest.split(split)
+    all_urls = manifest.shard_urls(split)
+    offsets = info.offsets
+    if isinstance(shards, Manifest) or shards is None or (
+            isinstance(shards, (str, os.PathLike)) and (os.path.isdir(os.fspath(shards))
+                                                         or os.fspath(shards).endswith(".json"))):
+        chosen = list(range(len(all_urls)))
+        urls = all_urls
+    else:
+        names = expand_shard_spec(shards)
+        by_name = {os.path.basename(f): k for k, f in enumerate(info.filenames)}
+        chosen, urls_given = [], {}
+        for name in names:
+            base = name.rstrip("/").rsplit("/", 1)[-1].split()[0] if is_url(name) else os.path.basename(name)
+            if base not in by_name:
+                raise UserError(f"Shard '{name}' is not in split '{split}' of manifest '{manifest.source}'; "
+                                "name shards of that split (or the folder that holds them).")
+            k = by_name[base]
+            if k not in urls_given:
+                chosen.append(k)
+                urls_given[k] = name
+        chosen.sort()
+        urls = [urls_given.get(k) for k in range(len(all_urls))]
+    return ([urls[k] for k in chosen], [info.shard_lengths[k] for k in chosen], [offsets[k] for k in chosen])
+
+
+def build_loader(
+    shards,
+    *,
+    split: str = "train",
+    batch_size: int,
+    transform,
+    training: bool,
+    epoch: int = 0,
+    seed: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    num_workers: int = 2,
+    shuffle_buffer: int = 1000,
+    start_batch: int = 0,
+    batches_per_epoch: int | None = None,
+    keep_indices: Sequence[int] | None = None,
+    pin_memory: bool = False,
+    max_skip_fraction: float = 0.1,
+    prefetch_factor: int = 2,
+    manifest: Manifest | str | os.PathLike | None = None,
+) -> ShardLoader:
+    """A loader over one epoch of `split` for process `rank` of `world_size` (module docstring).
+
+    `shards`: a folder with `_info.json`, the `_info.json` path, a Manifest, a brace
+    pattern or list of shard paths/URLs of that split (then the manifest is read
+    from next to them, or from `manifest`). `batch_size` is per process. Raises
+    UserError before any batch when a local shard is missing or the split is too small.
+    """
+    if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size or num_workers < 0:
+        raise ValueError(f"build_loader: bad geometry batch_size={batch_size} rank={rank} "
+                         f"world_size={world_size} num_workers={num_workers}")
+    man = read_manifest(manifest if manifest is not None else shards)
+    info = man.split(split)
+    urls, lengths, offsets = _select_shards(man, split, shards)
+    missing = [u for u in urls if not is_url(u) and not os.path.isfile(u)]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise UserError(f"Shard '{missing[0]}'{more} listed in '{man.source}' does not exist; restore it or "
+                        "rewrite the shards with make_shards.")
+
+    keep = None
+    if keep_indices is not None:
+        keep = np.zeros(info.num_samples, dtype=bool)
+        ranges = np.zeros(info.num_samples, dtype=bool)
+        for off, n in zip(offsets, lengths):
+            ranges[off:off + n] = True
+        kept = np.unique(np.asarray(list(keep_indices), dtype=np.int64))
+        if len(kept) and (kept[0] < 0 or kept[-1] >= info.num_samples or not ranges[kept].all()):
+            raise ValueError(f"keep_indices must be sample indices of the shards in play (0..{info.num_samples - 1})")
+        keep[kept] = True
+        in_play = kept
+    else:
+        in_play = None
+    num_samples = len(in_play) if in_play is not None else int(sum(lengths))
+    if training:
+        # keep only shards with something to read
+        usable = [k for k, (off, n) in enumerate(zip(offsets, lengths))
+                  if n > 0 and (keep is None or keep[off:off + n].any())]
+        urls, lengths, offsets = [urls[k] for k in usable], [lengths[k] for k in usable], [offsets[k] for k in usable]
+    if num_samples == 0 or not urls:
+        raise UserError(f"Split '{split}' of '{man.source}' has no samples to load; check the shards or keep_indices.")
+
+    if training:
+        bpe = batches_per_epoch if batches_per_epoch is not None else num_samples // (batch_size * world_size)
+        if bpe < 1:
+            raise UserError(f"Split '{split}' of '{man.source}' has {num_samples} samples, fewer than one global "
+                            f"batch of {batch_size} x {world_size} processes; lower the batch size or add data.")
+        rank_indices = np.zeros(0, dtype=np.int64)
+    else:
+        if start_batch:
+            raise ValueError("start_batch applies to training loaders only")
+        all_indices = in_play if in_play is not None else np.concatenate(
+            [np.arange(off, off + n, dtype=np.int64) for off, n in zip(offsets, lengths)])
+        per_rank = math.ceil(num_samples / world_size)
+        rank_indices = all_indices[rank * per_rank:(rank + 1) * per_rank]
+        needed = math.ceil(per_rank / batch_size)
+        bpe = batches_per_epoch if batches_per_epoch is not None else needed
+        if bpe < needed:
+            raise ValueError(f"batches_per_epoch={bpe} is too few to evaluate {per_rank} samples per rank")
+    if not 0 <= start_batch <= bpe:
+        raise ValueError(f"start_batch={start_batch} is outside the epoch's {bpe} batches")
+    if not 0 <= max_skip_fraction <= 1:
+        raise ValueError(f"max_skip_fraction must be in [0, 1], got {max_skip_fraction}")
+
+    workers = min(num_workers, bpe)
+    plan = _Plan(
+        urls=urls, lengths=lengths, offsets=offsets, keep=keep, num_classes=man.num_classes, transform=transform,
+        training=training, batch_size=batch_size, seed=seed, epoch=epoch, rank=rank, world_size=world_size,
+        workers=max(1, workers), shuffle_buffer=shuffle_buffer if training else 0, start_batch=start_batch,
+        batches_per_epoch=bpe, rank_indices=rank_indices,
+        all_indices_head=(all_indices[:batch_size] if not training else rank_indices),
+        draft_side=getattr(transform, "decode_min_side", None),
+    )
+    return ShardLoader(plan, man, split, num_samples, num_workers=workers, pin_memory=pin_memory,
+                       prefetch_factor=prefetch_factor, max_skip_fraction=max_skip_fraction)

@@ -1,0 +1,395 @@
+"""Write a data set as webdataset shards plus an `_info.json` manifest.
+
+    python -m vitmpp.datasets.make_shards --source digits --out data/digits
+    python -m vitmpp.datasets.make_shards --source imagefolder --root ~/photos --out data/photos \
+        --format jpg --max-size 256
+    python -m vitmpp.datasets.make_shards --source torchvision --dataset CIFAR10 --root ~/cifar --out data/cifar10
+
+Output (`--out`): `{name}-{split}-{000000..N}.tar` for the splits `train` and
+`validation`, each sample holding `{key}.{jpg|png|webp}` (RGB), `{key}.cls` (the
+label as decimal text) and, for imagefolder, `{key}.json` (the file it came from); keys are the
+sample's index in its split (8 digits, no dots). Next to them `_labels-{split}.npy`
+(every label in shard order) and `_info.json` (see `manifest.py`).
+
+Safety: everything is written into a hidden sibling folder `.{out}.partial-{pid}`
+and renamed to `--out` only when complete (the manifest last), so an interrupted
+run leaves no folder that looks complete; an existing non-empty `--out` is
+refused unless `--overwrite`, and even then only if it holds nothing but shards.
+
+`--max-size N` bounds the *shorter* side: larger images are downscaled (aspect
+kept, never upscaled) so that a later RandomResizedCrop or centre crop at N still
+has full resolution, while decoding stays cheap (as FFCV's max_resolution does
+for the longer side; we bound the shorter one so no crop ever upsamples).
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from vitmpp.common.errors import UserError, cli_entry
+
+from .manifest import MANIFEST_NAME, Manifest, SplitInfo, read_manifest, write_json_atomic
+from .sources import (
+    SOURCES,
+    Item,
+    SkipInput,
+    SourceData,
+    digits_source,
+    imagefolder_source,
+    stratified_split,
+    synthetic_source,
+    torchvision_source,
+)
+
+FORMATS = ("png", "jpg", "webp")
+QUALITY = 95  # jpg and webp: visually lossless, ~3x smaller than PNG for photos
+MANIFEST_VERSION = 1
+DEFAULT_MAXCOUNT = 1000
+DEFAULT_VAL_FRACTION = 0.1
+GENERATED_DEFAULTS = {"image_size": 32, "count": 1000, "num_classes": 10}
+# files a shard folder may hold; --overwrite refuses folders with anything else
+_OURS = (".tar", MANIFEST_NAME)
+
+
+def encode_image(image: Image.Image, fmt: str) -> bytes:
+    """RGB image -> file bytes in `fmt` (png lossless; jpg/webp at quality 95)."""
+    out = io.BytesIO()
+    if fmt == "png":
+        image.save(out, format="PNG")
+    elif fmt == "jpg":
+        image.save(out, format="JPEG", quality=QUALITY)
+    else:
+        image.save(out, format="WEBP", quality=QUALITY)
+    return out.getvalue()
+
+
+def cap_shorter_side(image: Image.Image, max_size: int | None) -> Image.Image:
+    """Downscale so the shorter side is at most `max_size` (aspect kept; never upscaled)."""
+    if not max_size or min(image.size) <= max_size:
+        return image
+    w, h = image.size
+    size = (max_size, max(1, round(h * max_size / w))) if w <= h else (max(1, round(w * max_size / h)), max_size)
+    return image.resize(size, Image.Resampling.LANCZOS)
+
+
+def _check_args(source, fmt, max_size, maxcount, val_fraction, image_size, count, num_classes) -> None:
+    if source not in SOURCES:
+        raise UserError(f"Unknown --source '{source}'; choose one of {', '.join(SOURCES)}.")
+    if fmt not in FORMATS:
+        raise UserError(f"Unknown --format '{fmt}'; choose one of {', '.join(FORMATS)}.")
+    if max_size is not None and max_size < 1:
+        raise UserError(f"--max-size must be a positive number of pixels, got {max_size}.")
+    if maxcount < 1:
+        raise UserError(f"--maxcount must be at least 1 sample per shard, got {maxcount}.")
+    if not 0 <= val_fraction < 1:
+        raise UserError(f"--val-fraction must be in [0, 1), got {val_fraction}.")
+    generated = source in ("digits", "synthetic")
+    if image_size is not None and not generated:
+        raise UserError(f"--image-size applies to the digits and synthetic sources, not {source}; "
+                        "use --max-size to bound the size of real images.")
+    if image_size is not None and not 4 <= image_size <= 4096:
+        raise UserError(f"--image-size must be between 4 and 4096 pixels, got {image_size}.")
+    for flag, value in (("--count", count), ("--num-classes", num_classes)):
+        if value is not None and source != "synthetic":
+            raise UserError(f"{flag} applies to the synthetic source only, not {source}.")
+        if value is not None and value < 1:
+            raise UserError(f"{flag} must be at least 1, got {value}.")
+
+
+def _prepare_out(out: Path, overwrite: bool) -> None:
+    """Refuse an existing non-empty folder unless `overwrite`, and then only if it holds just shards."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"Output '{out}' exists and is not a folder; choose another --out.")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not overwrite:
+        raise UserError(f"Output folder '{out}' already exists and is not empty; pass --overwrite to replace "
+                        "its shards, or choose another --out.")
+    foreign = [p.name for p in out.iterdir()
+               if not (p.is_file() and (p.name.endswith(_OURS) or p.name.startswith("_labels-")))]
+    if foreign:
+        raise UserError(f"Refusing to overwrite '{out}': it holds {foreign[0]!r}, which is not a shard file; "
+                        "choose another --out.")
+
+
+def _swap_into_place(tmp: Path, out: Path) -> None:
+    """Move the finished folder `tmp` to `out`, replacing an old shard folder there."""
+    old = None
+    if out.is_dir():
+        if any(out.iterdir()):
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+        else:
+            out.rmdir()
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _load_sample(item: Item, fmt: str, max_size: int | None) -> tuple[bytes, tuple[int, int]]:
+    loaded = item.load()
+    image = cap_shorter_side(loaded.image, max_size)
+    if loaded.data is not None and loaded.ext == fmt and image is loaded.image:
+        # the file is already in the requested format and size: keep its bytes (no re-encoding loss)
+        return loaded.data, image.size
+    return encode_image(image, fmt), image.size
+
+
+def _write_split(tmp: Path, name: str, split: str, items: list[Item], *, fmt: str, max_size: int | None,
+                 maxcount: int, bar, skipped: list[dict], sizes: set, with_origin: bool) -> SplitInfo | None:
+    """Write one split's shards into `tmp`; returns its SplitInfo (None when nothing was written)."""
+    import webdataset as wds
+
+    pattern = str(tmp / f"{name}-{split}-%06d.tar")
+    shards: list[tuple[str, int]] = []
+    labels: list[int] = []
+    writer = None
+
+    def closed(fname: str) -> None:
+        shards.append((fname, writer.count))
+
+    try:
+        for item in items:
+            try:
+                data, size = _load_sample(item, fmt, max_size)
+            except SkipInput as reason:
+                skipped.append({"path": item.origin, "reason": str(reason)})
+                bar.set_postfix(skipped=len(skipped), refresh=False)
+                bar.update(1)
+                continue
+            if writer is None:  # ShardWriter opens a shard at once: create it only when there is a sample
+                # encoder=False: we hand over bytes; mtime fixed so equal inputs give identical tars
+                writer = wds.ShardWriter(pattern, maxcount=maxcount, verbose=0, post=closed, encoder=False, mtime=0)
+            key = f"{len(labels):08d}"
+            sample = {"__key__": key, fmt: data, "cls": str(item.label).encode()}
+            if with_origin:
+                sample["json"] = json.dumps({"source": item.origin.replace("\\", "/")}).encode()
+            writer.write(sample)
+            labels.append(item.label)
+            sizes.add(size)
+            bar.update(1)
+    finally:
+        if writer is not None:
+            writer.close()
+    if not labels:
+        return None
+    labels_file = f"_labels-{split}.npy"
+    np.save(tmp / labels_file, np.asarray(labels, dtype=np.int64), allow_pickle=False)
+    return SplitInfo(
+        name=split, num_samples=len(labels), filenames=[os.path.basename(f) for f, _ in shards],
+        shard_lengths=[n for _, n in shards], labels_file=labels_file,
+        shard_bytes=[os.path.getsize(f) for f, _ in shards],
+    )
+
+
+def write_shards(
+    out_dir,
+    source: str,
+    *,
+    root=None,
+    fmt: str = "png",
+    max_size: int | None = None,
+    maxcount: int = DEFAULT_MAXCOUNT,
+    val_fraction: float = DEFAULT_VAL_FRACTION,
+    seed: int = 0,
+    overwrite: bool = False,
+    image_size: int | None = None,
+    count: int | None = None,
+    num_classes: int | None = None,
+    name: str | None = None,
+    progress: bool = True,
+    dataset: str = "CIFAR10",
+) -> Manifest:
+    """Write `source` as shards into `out_dir` (see the module docstring); returns the manifest.
+
+    `image_size` (default 32) applies to digits and synthetic, `count` (1000) and
+    `num_classes` (10) to synthetic, `root` to imagefolder and torchvision, `dataset`
+    (a torchvision class name) to torchvision. `val_fraction` of every class goes to
+    the `validation` split (torchvision sets with their own test split keep it).
+    """
+    from tqdm.auto import tqdm
+
+    _check_args(source, fmt, max_size, maxcount, val_fraction, image_size, count, num_classes)
+    out = Path(out_dir).expanduser().absolute()
+    _prepare_out(out, overwrite)
+    if source in ("digits", "synthetic"):
+        image_size = image_size or GENERATED_DEFAULTS["image_size"]
+    if source == "synthetic":
+        count = count or GENERATED_DEFAULTS["count"]
+        num_classes = num_classes or GENERATED_DEFAULTS["num_classes"]
+
+    if source == "digits":
+        data: SourceData = digits_source(image_size)
+    elif source == "synthetic":
+        data = synthetic_source(count, image_size, num_classes, seed)
+    elif source == "imagefolder":
+        if root is None:
+            raise UserError("--source imagefolder needs --root, a folder with one sub-folder of images per class.")
+        data = imagefolder_source(Path(root).expanduser(), max_size)
+    else:
+        data = torchvision_source(dataset, Path(root).expanduser() if root is not None else None)
+
+    name = name or data.name
+    if not name or any(c in name for c in "./\\ ") or name.startswith("_"):
+        raise UserError(f"Data set name '{name}' must be non-empty, not start with '_', and hold no dots, "
+                        "slashes or spaces (it starts every shard's file name).")
+    rng = np.random.default_rng([seed, 0x0D3])
+    if data.fixed_splits is not None:
+        splits = {s: [items[i] for i in rng.permutation(len(items))] for s, items in data.fixed_splits.items()}
+    else:
+        train_idx, val_idx = stratified_split([it.label for it in data.items], val_fraction, seed)
+        splits = {"train": [data.items[i] for i in train_idx], "validation": [data.items[i] for i in val_idx]}
+    total = sum(len(v) for v in splits.values())
+    if total == 0:
+        raise UserError(f"Source {source} {('at ' + str(root)) if root else ''} holds no images; nothing to write.")
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    skipped: list[dict] = list(data.skipped or [])
+    sizes: set = set()
+    try:
+        with tqdm(total=total, desc=f"writing {name}", unit="img", disable=not progress, dynamic_ncols=True) as bar:
+            infos = {}
+            for split, items in splits.items():
+                bar.set_description(f"writing {name} {split}")
+                info = _write_split(tmp, name, split, items, fmt=fmt, max_size=max_size, maxcount=maxcount,
+                                    bar=bar, skipped=skipped, sizes=sizes, with_origin=source == "imagefolder")
+                if info is not None:
+                    infos[split] = info
+        if "train" not in infos:
+            raise UserError(f"No readable image in source {source}{(' at ' + str(root)) if root else ''} "
+                            f"({len(skipped)} inputs skipped, e.g. {skipped[0] if skipped else 'none'}).")
+        square = {w for w, h in sizes if w == h}
+        manifest = Manifest(
+            root=out, name=name, splits=infos, num_classes=len(data.class_names), class_names=data.class_names,
+            image_size=next(iter(square)) if len(sizes) == 1 and square else None,
+            extra={"vitmpp": {
+                "manifest_version": MANIFEST_VERSION,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "writer": {"source": source, "root": str(root) if root is not None else None,
+                           "dataset": dataset if source == "torchvision" else None, "format": fmt,
+                           "quality": QUALITY if fmt != "png" else None, "max_size": max_size,
+                           "maxcount": maxcount, "val_fraction": val_fraction, "seed": seed,
+                           "image_size": image_size, "count": count, "num_classes": num_classes},
+                "num_skipped_inputs": len(skipped),
+                "skipped_inputs": skipped,
+            }},
+        )
+        write_json_atomic(tmp / MANIFEST_NAME, manifest.to_json())  # last: it marks the folder complete
+        _swap_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return read_manifest(out)
+
+
+# ----------------------------------------------------------------------------- the embedded default
+
+def _writer_params(manifest: Manifest) -> dict:
+    return (manifest.extra.get("vitmpp") or {}).get("writer") or {}
+
+
+def shards_complete(manifest: Manifest) -> bool:
+    """Every shard of every split is on disk with the size the manifest recorded."""
+    for info in manifest.splits.values():
+        paths = [Path(manifest.base) / f for f in info.filenames]
+        if info.shard_bytes is None or not all(p.is_file() for p in paths):
+            return False
+        if [p.stat().st_size for p in paths] != info.shard_bytes:
+            return False
+        if info.labels_file and not (Path(manifest.base) / info.labels_file).is_file():
+            return False
+    return True
+
+
+def ensure_digits_shards(out_dir, image_size: int = 32, fmt: str = "png", seed: int = 0, *,
+                         maxcount: int = 256, val_fraction: float = 0.2) -> Manifest:
+    """The digits shards in `out_dir` (a cache folder): returned as they are when complete and
+    written with these parameters, (re)written otherwise. Small shards (256) so that two ranks
+    with two workers each have shards to spread; 20% validation (359 images) for evaluation."""
+    out = Path(out_dir)
+    try:
+        manifest = read_manifest(out)
+    except UserError:
+        manifest = None
+    wanted = {"source": "digits", "image_size": image_size, "format": fmt, "seed": seed,
+              "maxcount": maxcount, "val_fraction": val_fraction}
+    if manifest is not None:
+        params = _writer_params(manifest)
+        if all(params.get(k) == v for k, v in wanted.items()) and shards_complete(manifest):
+            return manifest
+    return write_shards(out, "digits", fmt=fmt, image_size=image_size, seed=seed, maxcount=maxcount,
+                        val_fraction=val_fraction, overwrite=True, progress=False)
+
+
+def default_digits_shards(image_size: int = 32, accelerator=None) -> str:
+    """The embedded default data set: digits shards at `image_size` in the cache folder
+    ($VITMPP_CACHE or ~/.cache/vitmpp), written once per machine (by the local main process
+    when an Accelerator is given, the others wait). Returns the folder."""
+    from vitmpp.common import rundir
+
+    out = rundir.cache_dir() / f"digits-{image_size}px"
+    if accelerator is None:
+        ensure_digits_shards(out, image_size=image_size)
+    else:
+        with accelerator.local_main_process_first():
+            if accelerator.is_local_main_process:
+                ensure_digits_shards(out, image_size=image_size)
+    return str(out)
+
+
+# ----------------------------------------------------------------------------- command line
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m vitmpp.datasets.make_shards",
+        description="Write images as webdataset shards with an _info.json manifest (train and validation splits).",
+    )
+    p.add_argument("--source", required=True, choices=SOURCES, help="where the images come from")
+    p.add_argument("--out", required=True, help="output folder (must not exist or be empty, unless --overwrite)")
+    p.add_argument("--root", help="input folder: the class-per-folder tree (imagefolder) or the torchvision data root")
+    p.add_argument("--dataset", default="CIFAR10", help="torchvision data set class (source torchvision), e.g. CIFAR10")
+    p.add_argument("--format", default="png", choices=FORMATS, help="image encoding in the shards (default png)")
+    p.add_argument("--max-size", type=int, help="downscale images whose shorter side exceeds this many pixels")
+    p.add_argument("--maxcount", type=int, default=DEFAULT_MAXCOUNT, help="samples per shard (default 1000)")
+    p.add_argument("--val-fraction", type=float, default=DEFAULT_VAL_FRACTION,
+                   help="fraction of every class put in the validation split (default 0.1)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the split, the write order and synthetic images")
+    p.add_argument("--overwrite", action="store_true", help="replace the shards in an existing --out folder")
+    p.add_argument("--image-size", type=int, help="side of digits/synthetic images in pixels (default 32)")
+    p.add_argument("--count", type=int, help="number of synthetic images (default 1000)")
+    p.add_argument("--num-classes", type=int, help="number of synthetic classes (default 10)")
+    p.add_argument("--name", help="data set name, the prefix of every shard (default: from the source)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+@cli_entry
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    manifest = write_shards(
+        args.out, args.source, root=args.root, fmt=args.format, max_size=args.max_size, maxcount=args.maxcount,
+        val_fraction=args.val_fraction, seed=args.seed, overwrite=args.overwrite, image_size=args.image_size,
+        count=args.count, num_classes=args.num_classes, name=args.name, progress=not args.quiet,
+        dataset=args.dataset,
+    )
+    counts = ", ".join(f"{info.num_samples} {split} ({len(info.filenames)} shards)"
+                       for split, info in manifest.splits.items())
+    skipped = manifest.extra["vitmpp"]["num_skipped_inputs"]
+    note = f"; {skipped} inputs skipped (listed in {MANIFEST_NAME})" if skipped else ""
+    print(f"wrote {manifest.name}: {counts}, {manifest.num_classes} classes to {manifest.base}{note}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,304 @@
+"""The `_info.json` manifest that describes a folder of webdataset shards.
+
+The schema is the one timm's webdataset reader reads (timm/data/readers/reader_wds.py)::
+
+    {"name": "digits",
+     "splits": {"train": {"name": "train", "num_samples": 1617,
+                          "filenames": ["digits-train-000000.tar", ...],
+                          "shard_lengths": [256, ...]}, ...}}
+
+extended with our own fields, which timm ignores:
+
+- top level: `num_classes`, `class_names`, `image_size` (the side of every image,
+  or null when sizes vary), and `vitmpp` (writer parameters, skipped inputs);
+- per split: `labels_file`, a sidecar `.npy` (int64, one label per sample in
+  shard order) so label-dependent code (balanced label fractions) never decodes a
+  shard, and `shard_bytes`, the size of every shard, to tell a complete folder from
+  a damaged one without reading it.
+
+`read_manifest` accepts whatever names the shards: the folder, the `_info.json`
+path, a brace pattern or list of shard paths/URLs (the manifest is looked for next
+to the first one), or a `Manifest`.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from vitmpp.common.errors import UserError
+
+MANIFEST_NAME = "_info.json"
+# Keys of the top-level JSON object that have their own attribute on Manifest.
+_KNOWN_KEYS = {"name", "splits", "num_classes", "class_names", "image_size"}
+# A URL scheme webdataset opens (http:, pipe:, file:, ...); a Windows drive letter is not one.
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:")
+
+
+def is_url(text: str) -> bool:
+    """True for `http://...`, `pipe:...` and other non-local shard names."""
+    return bool(_SCHEME.match(text))
+
+
+@dataclass
+class SplitInfo:
+    """One split: its shards (names relative to the manifest) and their sample counts."""
+
+    name: str
+    num_samples: int
+    filenames: list[str]
+    shard_lengths: list[int]
+    labels_file: str | None = None
+    shard_bytes: list[int] | None = None
+
+    @property
+    def offsets(self) -> list[int]:
+        """Global index of the first sample of every shard (index space of the split)."""
+        return [int(v) for v in np.concatenate([[0], np.cumsum(self.shard_lengths)[:-1]])] if self.filenames else []
+
+    def to_json(self) -> dict:
+        data: dict[str, Any] = {
+            "name": self.name,
+            "num_samples": self.num_samples,
+            "filenames": list(self.filenames),
+            "shard_lengths": list(self.shard_lengths),
+        }
+        if self.labels_file is not None:
+            data["labels_file"] = self.labels_file
+        if self.shard_bytes is not None:
+            data["shard_bytes"] = list(self.shard_bytes)
+        return data
+
+
+@dataclass
+class Manifest:
+    """A parsed `_info.json`; `root` is the folder (or URL prefix) shard names are relative to."""
+
+    root: Path
+    name: str
+    splits: dict[str, SplitInfo]
+    num_classes: int
+    class_names: list[str]
+    image_size: int | None
+    extra: dict = field(default_factory=dict)
+    # where the manifest was read from (a path or a URL), for messages
+    source: str = ""
+    # the root as a string: a local folder, or an http(s) prefix that Path would mangle
+    base: str = ""
+    _labels: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.base:
+            self.base = str(self.root)
+        if not self.source:
+            self.source = _join(self.base, MANIFEST_NAME)
+
+    def split(self, name: str) -> SplitInfo:
+        """The split called `name`; a UserError lists the ones there are."""
+        if name not in self.splits:
+            available = ", ".join(repr(s) for s in self.splits) or "none"
+            raise UserError(
+                f"Manifest '{self.source}' has no split '{name}' (available: {available}); "
+                "choose one of those or rewrite the shards with make_shards."
+            )
+        return self.splits[name]
+
+    def shard_urls(self, split: str) -> list[str]:
+        """Absolute paths (or URLs) of the split's shards, in index order."""
+        return [_join(self.base, f) for f in self.split(split).filenames]
+
+    def labels(self, split: str) -> list[int]:
+        """Every sample's label in shard order, read from the sidecar written with the shards."""
+        return self.labels_array(split).tolist()
+
+    def labels_array(self, split: str) -> np.ndarray:
+        """`labels` as an int64 array (read once, then cached)."""
+        if split not in self._labels:
+            info = self.split(split)
+            if not info.labels_file:
+                raise UserError(
+                    f"Manifest '{self.source}' stores no labels for split '{split}'; "
+                    "rewrite the shards with `python -m vitmpp.datasets.make_shards`."
+                )
+            where = _join(self.base, info.labels_file)
+            try:
+                labels = np.load(io.BytesIO(_read_bytes(where)), allow_pickle=False)
+            except (OSError, ValueError) as err:
+                raise UserError(f"Label file '{where}' of manifest '{self.source}' cannot be read ({err}); "
+                                "rewrite the shards with make_shards.") from None
+            if labels.ndim != 1 or len(labels) != info.num_samples or labels.dtype.kind not in "iu":
+                raise UserError(f"Label file '{where}' holds {labels.shape} {labels.dtype} values, not "
+                                f"{info.num_samples} integers; rewrite the shards with make_shards.")
+            self._labels[split] = labels.astype(np.int64)
+        return self._labels[split]
+
+    def to_json(self) -> dict:
+        data = {
+            "name": self.name,
+            "splits": {name: info.to_json() for name, info in self.splits.items()},
+            "num_classes": self.num_classes,
+            "class_names": list(self.class_names),
+            "image_size": self.image_size,
+        }
+        data.update(self.extra)
+        return data
+
+
+# ----------------------------------------------------------------------------- locating
+
+def _join(base: str, name: str) -> str:
+    if is_url(base):
+        return base.rstrip("/") + "/" + name
+    return os.path.join(base, name)
+
+
+def _dirname(location: str) -> str:
+    if is_url(location):
+        return location.rsplit("/", 1)[0]
+    return os.path.dirname(os.path.abspath(location))
+
+
+def _read_bytes(location: str) -> bytes:
+    if is_url(location):
+        import webdataset as wds
+
+        with wds.gopen(location) as stream:
+            return stream.read()
+    with open(location, "rb") as f:
+        return f.read()
+
+
+def expand_shard_spec(shards: str | Sequence[str]) -> list[str]:
+    """A brace pattern (`a-{000..009}.tar`, `::`-separated lists) or a list, as a list of names."""
+    import webdataset as wds
+
+    if isinstance(shards, (str, os.PathLike)):
+        return wds.shardlists.expand_urls(os.fspath(shards))
+    return [os.fspath(s) for s in shards]
+
+
+def locate_manifest(shards: str | os.PathLike | Sequence[str]) -> str:
+    """Where the manifest for `shards` is: inside a folder, the path itself, or next to the first shard."""
+    if isinstance(shards, (str, os.PathLike)):
+        text = os.fspath(shards)
+        if not is_url(text) and os.path.isdir(text):
+            return os.path.join(text, MANIFEST_NAME)
+        if text.endswith(".json"):
+            return text
+    names = expand_shard_spec(shards)
+    if not names:
+        raise UserError(f"The shard list {shards!r} is empty; name a shard folder, an _info.json or shard files.")
+    first = names[0]
+    if first.startswith("pipe:"):
+        raise UserError(
+            f"Cannot find the manifest for the pipe: shards '{first}'; pass the _info.json (a local copy) as "
+            "`manifest=` to build_loader, or put the shards where their folder holds _info.json."
+        )
+    return _join(_dirname(first), MANIFEST_NAME)
+
+
+# ----------------------------------------------------------------------------- reading
+
+def read_manifest(path_or_dir: Any) -> Manifest:
+    """Read and check the manifest for a shard folder, `_info.json`, shard pattern/list or URL.
+
+    Raises UserError naming the file when it is missing, not JSON, or inconsistent.
+    """
+    if isinstance(path_or_dir, Manifest):
+        return path_or_dir
+    location = locate_manifest(path_or_dir)
+    try:
+        raw = _read_bytes(location)
+    except FileNotFoundError:
+        raise UserError(
+            f"No manifest at '{location}'; write the shards with `python -m vitmpp.datasets.make_shards`, "
+            "or point to the folder that holds their _info.json."
+        ) from None
+    except (OSError, ValueError) as err:
+        raise UserError(f"Manifest '{location}' cannot be read: {err}.") from None
+    try:
+        data = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(f"Manifest '{location}' is not valid JSON ({err}); rewrite it with make_shards.") from None
+    return parse_manifest(data, root=_dirname(location), source=location)
+
+
+def parse_manifest(data: Any, *, root: str, source: str) -> Manifest:
+    """Check the JSON object of a manifest and build a Manifest (UserError naming `source`)."""
+
+    def bad(what: str) -> UserError:
+        return UserError(f"Manifest '{source}' is invalid: {what}; rewrite it with make_shards.")
+
+    if not isinstance(data, dict):
+        raise bad("the top level is not a JSON object")
+    splits_raw = data.get("splits")
+    if not isinstance(splits_raw, dict) or not splits_raw:
+        raise bad("it has no 'splits' mapping")
+    splits = {}
+    for key, info in splits_raw.items():
+        if not isinstance(info, dict):
+            raise bad(f"split '{key}' is not an object")
+        try:
+            filenames = [str(f) for f in info["filenames"]]
+            lengths = [int(n) for n in info["shard_lengths"]]
+            num_samples = int(info["num_samples"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise bad(f"split '{key}' lacks or mangles {err}") from None
+        if len(filenames) != len(lengths):
+            raise bad(f"split '{key}' lists {len(filenames)} filenames but {len(lengths)} shard_lengths")
+        if any(n < 0 for n in lengths) or sum(lengths) != num_samples:
+            raise bad(f"split '{key}' has num_samples {num_samples} but its shard_lengths sum to {sum(lengths)}")
+        for name in filenames + ([info["labels_file"]] if info.get("labels_file") else []):
+            # Names come from a file that may not be ours: a scheme (pipe: runs a shell
+            # command), an absolute path or '..' would reach outside the shard folder.
+            if is_url(name) or os.path.isabs(name) or ".." in Path(name).parts:
+                raise bad(f"split '{key}' names '{name}', which is not a plain relative file name")
+        shard_bytes = info.get("shard_bytes")
+        if shard_bytes is not None:
+            shard_bytes = [int(b) for b in shard_bytes]
+            if len(shard_bytes) != len(filenames):
+                raise bad(f"split '{key}' lists {len(shard_bytes)} shard_bytes for {len(filenames)} shards")
+        splits[key] = SplitInfo(
+            name=str(info.get("name", key)), num_samples=num_samples, filenames=filenames,
+            shard_lengths=lengths, labels_file=info.get("labels_file"), shard_bytes=shard_bytes,
+        )
+    class_names = data.get("class_names") or []
+    if not isinstance(class_names, list):
+        raise bad("'class_names' is not a list")
+    num_classes = data.get("num_classes", len(class_names))
+    try:
+        num_classes = int(num_classes)
+    except (TypeError, ValueError):
+        raise bad(f"'num_classes' is {num_classes!r}, not an integer") from None
+    image_size = data.get("image_size")
+    if image_size is not None:
+        try:
+            image_size = int(image_size)
+        except (TypeError, ValueError):
+            raise bad(f"'image_size' is {image_size!r}, not an integer or null") from None
+    extra = {k: v for k, v in data.items() if k not in _KNOWN_KEYS}
+    base = root if is_url(root) else os.path.abspath(root)
+    return Manifest(
+        root=Path(base) if not is_url(base) else Path(base.split("://", 1)[-1]),
+        name=str(data.get("name", "")), splits=splits, num_classes=num_classes,
+        class_names=[str(c) for c in class_names], image_size=image_size, extra=extra,
+        source=source, base=base,
+    )
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON to `path` via a temporary file and a rename, so readers never see half of it."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

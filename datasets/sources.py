@@ -1,0 +1,324 @@
+"""Where images come from before they become shards: the inputs of `make_shards`.
+
+Every source lists its samples up front as `Item`s (label known, pixels loaded on
+demand) so the train/validation split can be stratified before anything is read:
+
+- `digits`: scikit-learn's bundled 1,797 handwritten 8x8 digits (no download),
+  upscaled to `image_size` and written as RGB;
+- `synthetic`: procedurally drawn shapes on textured backgrounds; the class is the
+  (shape, colour) pair, everything else (position, size, rotation, background) is
+  drawn per image from a generator seeded by (seed, index), so any image can be
+  regenerated alone;
+- `imagefolder`: a class-per-folder tree; files PIL cannot read are reported as
+  skipped, never fatal;
+- `torchvision`: a torchvision data set already on disk (`download=False`).
+"""
+from __future__ import annotations
+
+import colorsys
+import inspect
+import io
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from vitmpp.common.errors import UserError
+
+SOURCES = ("digits", "synthetic", "imagefolder", "torchvision")
+# PIL format name -> our member extension, for passing encoded files through unchanged
+PIL_FORMAT_EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
+
+
+class SkipInput(Exception):
+    """An input that cannot become a sample (unreadable, not an image); its message is the reason."""
+
+
+@dataclass
+class Loaded:
+    """A loaded input: the RGB image, plus its encoded bytes and extension when it came from a file."""
+
+    image: Image.Image
+    data: bytes | None = None
+    ext: str | None = None
+
+
+@dataclass
+class Item:
+    """One input sample: its label, where it came from (for the json member and skip lists), its loader."""
+
+    label: int
+    origin: str
+    load: Callable[[], Loaded]
+
+
+@dataclass
+class SourceData:
+    """What a source offers: class names and either one pool of items (split by us) or fixed splits."""
+
+    name: str
+    class_names: list[str]
+    items: list[Item] | None = None
+    fixed_splits: dict[str, list[Item]] | None = None
+    skipped: list[dict] | None = None  # inputs rejected while listing (outside a class folder)
+
+
+# ----------------------------------------------------------------------------- digits
+
+def digits_source(image_size: int) -> SourceData:
+    """scikit-learn's digits (8x8, 17 grey levels 0..16), upscaled with bicubic to `image_size`."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    # 0..16 -> 0..255; rounding keeps the 17 levels distinct
+    pixels = np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)
+    targets = digits.target.astype(int)
+
+    def loader(i: int) -> Callable[[], Loaded]:
+        def load() -> Loaded:
+            small = Image.fromarray(pixels[i], mode="L")
+            return Loaded(small.resize((image_size, image_size), Image.Resampling.BICUBIC).convert("RGB"))
+        return load
+
+    items = [Item(int(targets[i]), f"digits[{i}]", loader(i)) for i in range(len(targets))]
+    return SourceData("digits", [str(d) for d in range(10)], items=items)
+
+
+# ----------------------------------------------------------------------------- synthetic
+
+SHAPES = ("circle", "square", "triangle", "cross", "ring", "diamond", "star", "bars")
+TEXTURES = ("noise", "stripes", "gradient", "checker")
+
+
+def synthetic_class_names(num_classes: int) -> list[str]:
+    hues = math.ceil(num_classes / len(SHAPES))
+    return [f"{SHAPES[c % len(SHAPES)]}-hue{(c // len(SHAPES)) * 360 // hues:03d}" for c in range(num_classes)]
+
+
+def _polygon(kind: str, cx: float, cy: float, r: float, angle: float) -> list[tuple[float, float]]:
+    def ring(n: int, radii: list[float], phase: float = 0.0):
+        return [(cx + radii[k % len(radii)] * r * math.cos(angle + phase + 2 * math.pi * k / n),
+                 cy + radii[k % len(radii)] * r * math.sin(angle + phase + 2 * math.pi * k / n)) for k in range(n)]
+
+    if kind == "square":
+        return ring(4, [1.0], math.pi / 4)
+    if kind == "triangle":
+        return ring(3, [1.0], -math.pi / 2)
+    if kind == "diamond":
+        return ring(4, [1.0, 0.55])
+    if kind == "star":
+        return ring(10, [1.0, 0.42], -math.pi / 2)
+    if kind == "cross":  # a plus sign: 12 corners at two radii
+        w = 0.34
+        pts = [(w, 1), (w, w), (1, w), (1, -w), (w, -w), (w, -1), (-w, -1), (-w, -w), (-1, -w), (-1, w), (-w, w), (-w, 1)]
+        ca, sa = math.cos(angle), math.sin(angle)
+        return [(cx + r * (x * ca - y * sa), cy + r * (x * sa + y * ca)) for x, y in pts]
+    raise ValueError(kind)
+
+
+def draw_synthetic(index: int, label: int, num_classes: int, image_size: int, seed: int) -> Image.Image:
+    """The synthetic image number `index` of class `label` (a pure function of its arguments)."""
+    rng = np.random.default_rng([seed, index, 0x5EED])
+    size = image_size
+    hues = math.ceil(num_classes / len(SHAPES))
+    shape = SHAPES[label % len(SHAPES)]
+    hue = (label // len(SHAPES)) / hues + rng.uniform(-0.25, 0.25) / hues
+    fg = tuple(int(255 * v) for v in colorsys.hsv_to_rgb(hue % 1.0, rng.uniform(0.65, 1.0), rng.uniform(0.7, 1.0)))
+
+    # background: a low-saturation texture that carries no class information
+    bg_hue = rng.uniform()
+    base = np.array(colorsys.hsv_to_rgb(bg_hue, rng.uniform(0.0, 0.3), rng.uniform(0.15, 0.6))) * 255
+    other = np.array(colorsys.hsv_to_rgb((bg_hue + 0.5) % 1, rng.uniform(0.0, 0.3), rng.uniform(0.15, 0.6))) * 255
+    yy, xx = np.mgrid[0:size, 0:size] / max(size - 1, 1)
+    texture = TEXTURES[rng.integers(len(TEXTURES))]
+    if texture == "noise":
+        mix = rng.uniform(size=(size, size))
+    elif texture == "stripes":
+        theta, freq = rng.uniform(0, math.pi), rng.uniform(2, 6)
+        mix = 0.5 + 0.5 * np.sin(2 * math.pi * freq * (xx * math.cos(theta) + yy * math.sin(theta)))
+    elif texture == "gradient":
+        theta = rng.uniform(0, 2 * math.pi)
+        mix = np.clip(0.5 + 0.7 * ((xx - 0.5) * math.cos(theta) + (yy - 0.5) * math.sin(theta)), 0, 1)
+    else:
+        cells = int(rng.integers(2, 6))
+        mix = ((np.floor(xx * cells * 0.999) + np.floor(yy * cells * 0.999)) % 2).astype(float)
+    pixels = base[None, None, :] * (1 - mix[..., None]) + other[None, None, :] * mix[..., None]
+    image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), mode="RGB")
+
+    # foreground shape, 30-45% of the side in radius, fully inside the image
+    draw = ImageDraw.Draw(image)
+    r = size * rng.uniform(0.22, 0.38)
+    cx, cy = rng.uniform(r, size - r), rng.uniform(r, size - r)
+    angle = rng.uniform(0, 2 * math.pi)
+    box = (cx - r, cy - r, cx + r, cy + r)
+    if shape == "circle":
+        draw.ellipse(box, fill=fg)
+    elif shape == "ring":
+        draw.ellipse(box, outline=fg, width=max(1, int(r * 0.35)))
+    elif shape == "bars":
+        for k in (-1, 0, 1):
+            dx, dy = math.cos(angle + math.pi / 2) * k * r * 0.6, math.sin(angle + math.pi / 2) * k * r * 0.6
+            end = (math.cos(angle) * r, math.sin(angle) * r)
+            draw.line([(cx + dx - end[0], cy + dy - end[1]), (cx + dx + end[0], cy + dy + end[1])],
+                      fill=fg, width=max(1, int(r * 0.22)))
+    else:
+        draw.polygon(_polygon(shape, cx, cy, r, angle), fill=fg)
+    return image
+
+
+def synthetic_source(count: int, image_size: int, num_classes: int, seed: int) -> SourceData:
+    """`count` images, classes balanced (index i has label i % num_classes)."""
+
+    def loader(i: int) -> Callable[[], Loaded]:
+        return lambda: Loaded(draw_synthetic(i, i % num_classes, num_classes, image_size, seed))
+
+    items = [Item(i % num_classes, f"synthetic[{i}]", loader(i)) for i in range(count)]
+    return SourceData("synthetic", synthetic_class_names(num_classes), items=items)
+
+
+# ----------------------------------------------------------------------------- files
+
+def open_image_file(path: Path, *, keep_bytes: bool, draft_side: int | None = None) -> Loaded:
+    """Read and fully decode an image file; SkipInput with the reason if it is not one."""
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise SkipInput(f"unreadable: {err.strerror or err}") from None
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            fmt = img.format
+            if draft_side and fmt == "JPEG":
+                # decode at a reduced DCT scale when the result is still at least draft_side
+                img.draft("RGB", (draft_side, draft_side))
+            img.load()
+            rgb = img.convert("RGB")
+    except Image.DecompressionBombError as err:
+        raise SkipInput(f"too large to decode safely: {err}") from None
+    except Exception as err:  # PIL raises many types (UnidentifiedImageError, OSError, SyntaxError, ...)
+        reason = "not an image" if isinstance(err, Image.UnidentifiedImageError) else f"corrupt image: {err}"
+        raise SkipInput(reason) from None
+    ext = PIL_FORMAT_EXT.get(fmt or "")
+    return Loaded(rgb, data if keep_bytes and ext else None, ext)
+
+
+def imagefolder_source(root: Path, max_size: int | None) -> SourceData:
+    """A class-per-folder tree under `root` (classes are the sorted sub-folder names)."""
+    from torchvision.datasets.folder import find_classes
+
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"Image folder '{root}' given with --root does not exist; pass a folder of class sub-folders.")
+    try:
+        class_names, class_to_idx = find_classes(str(root))
+    except FileNotFoundError:
+        raise UserError(f"Image folder '{root}' has no class sub-folders; put each class's images in its own "
+                        "sub-folder (root/cat/1.jpg, root/dog/2.jpg).") from None
+    skipped = [{"path": p.name, "reason": "outside a class folder"}
+               for p in sorted(root.iterdir()) if p.is_file()]
+
+    def loader(path: Path) -> Callable[[], Loaded]:
+        return lambda: open_image_file(path, keep_bytes=True, draft_side=max_size)
+
+    items = []
+    for name in class_names:
+        # every file is tried: an extension filter would hide mislabelled files instead of reporting them
+        for dirpath, dirnames, filenames in os.walk(root / name, followlinks=True):
+            dirnames.sort()
+            for fname in sorted(filenames):
+                path = Path(dirpath) / fname
+                items.append(Item(class_to_idx[name], str(path.relative_to(root)), loader(path)))
+    name = "".join(c if c.isalnum() or c == "_" else "_" for c in root.resolve().name) or "images"
+    return SourceData(name, list(class_names), items=items, skipped=skipped)
+
+
+# ----------------------------------------------------------------------------- torchvision
+
+def torchvision_source(dataset: str, root: Path | None) -> SourceData:
+    """A torchvision data set on disk; its own train/test split is kept when it has one."""
+    import torchvision.datasets as tvd
+
+    if root is None:
+        raise UserError("--source torchvision needs --root, the folder that holds the data set's files.")
+    cls = getattr(tvd, dataset, None)
+    if not (inspect.isclass(cls) and issubclass(cls, tvd.VisionDataset)):
+        raise UserError(f"'{dataset}' given with --dataset is not a torchvision data set (e.g. CIFAR10, MNIST).")
+    params = inspect.signature(cls.__init__).parameters
+    kwargs = {"download": False} if "download" in params else {}
+
+    def load(**split_kw):
+        try:
+            return cls(str(root), **split_kw, **kwargs)
+        except (RuntimeError, FileNotFoundError, OSError) as err:
+            raise UserError(f"torchvision {dataset} is not on disk under '{root}' ({err}); put its files "
+                            "there (nothing is downloaded).") from None
+
+    if "train" in params:
+        parts = {"train": load(train=True), "validation": load(train=False)}
+    elif "split" in params:
+        parts = {"train": load(split="train"), "validation": load(split="test")}
+    else:
+        parts = {"all": load()}
+
+    def items_of(ds, split: str) -> list[Item]:
+        labels = _dataset_labels(ds)
+
+        def loader(i: int) -> Callable[[], Loaded]:
+            def fetch() -> Loaded:
+                image = ds[i][0]
+                if not isinstance(image, Image.Image):
+                    raise SkipInput(f"{dataset}[{i}] is a {type(image).__name__}, not an image")
+                return Loaded(image.convert("RGB"))
+            return fetch
+        return [Item(int(labels[i]), f"{dataset}/{split}[{i}]", loader(i)) for i in range(len(ds))]
+
+    first = next(iter(parts.values()))
+    classes = [str(c) for c in getattr(first, "classes", [])]
+    name = "".join(c if c.isalnum() else "_" for c in dataset.lower())
+    if "all" in parts:
+        items = items_of(parts["all"], "all")
+        return SourceData(name, classes or _classes_from(items), items=items)
+    fixed = {split: items_of(ds, split) for split, ds in parts.items()}
+    return SourceData(name, classes or _classes_from(fixed["train"] + fixed["validation"]), fixed_splits=fixed)
+
+
+def _dataset_labels(ds) -> list[int]:
+    for attr in ("targets", "labels", "_labels", "_targets"):
+        values = getattr(ds, attr, None)
+        if values is not None and len(values) == len(ds):
+            return [int(v) for v in (values.tolist() if hasattr(values, "tolist") else values)]
+    # no label list: read them (decodes each image once, before writing)
+    return [int(ds[i][1]) for i in range(len(ds))]
+
+
+def _classes_from(items: list[Item]) -> list[str]:
+    return [str(c) for c in range(max((it.label for it in items), default=-1) + 1)]
+
+
+# ----------------------------------------------------------------------------- splitting
+
+def stratified_split(labels: list[int], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Indices of a seeded, per-class train/validation split (validation gets round(n_c * f) per class).
+
+    Written by hand rather than with sklearn's `train_test_split(stratify=...)`, which
+    refuses classes with a single member and validation sets smaller than the number
+    of classes; here such classes simply contribute nothing to validation.
+    """
+    rng = np.random.default_rng([seed, 0x5B117])
+    labels_arr = np.asarray(labels)
+    train, val = [], []
+    for c in np.unique(labels_arr):
+        members = np.flatnonzero(labels_arr == c)
+        members = members[rng.permutation(len(members))]
+        n_val = int(round(len(members) * val_fraction))
+        if n_val >= len(members):  # keep at least one training example per class
+            n_val = len(members) - 1
+        val.extend(members[:n_val].tolist())
+        train.extend(members[n_val:].tolist())
+    # write order is shuffled too: shards then mix classes, which a shuffle buffer alone does poorly
+    train = [train[i] for i in rng.permutation(len(train))]
+    val = [val[i] for i in rng.permutation(len(val))]
+    return train, val

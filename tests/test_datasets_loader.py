@@ -1,0 +1,227 @@
+"""The shard loader's contract: counts, exactly-once evaluation, determinism, resume."""
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from timm.data.transforms import MaybePILToTensor
+
+from datasets_helpers import index_of_image, write_tiny_shards
+from vitmpp.common.errors import UserError
+from vitmpp.datasets import (
+    Batch,
+    build_loader,
+    eval_transform,
+    finetune_transform,
+    normalize_batch,
+    pretrain_transform,
+    read_manifest,
+)
+
+IDENTITY = MaybePILToTensor()  # PIL -> uint8 CHW, pixels untouched
+
+
+@pytest.fixture(scope="module")
+def uneven(tmp_path_factory):
+    """Train shards of 10, 10, 50 and 7 samples; validation shards of 9 and 4."""
+    out = tmp_path_factory.mktemp("uneven")
+    write_tiny_shards(out, [10, 10, 50, 7], extra_splits={"validation": [9, 4]}, textured=True)
+    return out
+
+
+def check_batch_contents(batch: Batch, num_classes: int = 5) -> None:
+    """Every image is the one its index names, with its label (padding repeats a real one)."""
+    for image, label, index in zip(batch.images, batch.labels.tolist(), batch.indices.tolist()):
+        image_index, image_label = index_of_image(image)
+        assert image_label == label == image_index % num_classes
+        if index >= 0:
+            assert image_index == index
+
+
+def run_ranks(shards, world: int, **kwargs) -> list[list[Batch]]:
+    return [list(build_loader(shards, rank=r, world_size=world, transform=IDENTITY, **kwargs)) for r in range(world)]
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+@pytest.mark.parametrize("split, world, workers, batch", [
+    ("train", 2, 2, 8),        # uneven shards, 2 ranks x 2 workers
+    ("validation", 2, 2, 4),   # fewer shards (2) than ranks x workers (4)
+    ("validation", 3, 2, 5),   # 13 samples over 3 ranks: 5, 5, 3
+    ("validation", 8, 1, 2),   # more ranks than samples per rank can fill: some ranks are pure padding
+])
+def test_evaluation_sees_every_sample_exactly_once(uneven, split, world, workers, batch):
+    n = read_manifest(uneven).split(split).num_samples
+    ranks = run_ranks(uneven, world, split=split, batch_size=batch, training=False, num_workers=workers)
+    counts = {len(batches) for batches in ranks}
+    assert len(counts) == 1, f"ranks yield different batch counts {counts}"
+    real = [i for batches in ranks for b in batches for i in b.indices.tolist() if i >= 0]
+    assert sorted(real) == list(range(n))
+    for batches in ranks:
+        for b in batches:
+            assert b.images.shape == (batch, 3, 16, 16) and b.images.dtype == torch.uint8
+            assert b.labels.dtype == torch.int64 and b.indices.dtype == torch.int64
+            assert int(b.skipped) == 0
+            check_batch_contents(b)
+
+
+def test_evaluation_labels_match_the_manifest(uneven):
+    labels = read_manifest(uneven).labels("train")
+    (batches,) = run_ranks(uneven, 1, split="train", batch_size=16, training=False, num_workers=0)
+    for b in batches:
+        for index, label in zip(b.indices.tolist(), b.labels.tolist()):
+            if index >= 0:
+                assert labels[index] == label
+
+
+def test_evaluation_with_keep_indices(uneven):
+    keep = [0, 3, 11, 12, 40, 76]
+    ranks = run_ranks(uneven, 2, split="train", batch_size=2, training=False, num_workers=2, keep_indices=keep)
+    real = sorted(i for batches in ranks for b in batches for i in b.indices.tolist() if i >= 0)
+    assert real == keep
+    assert len(build_loader(uneven, split="train", batch_size=2, transform=IDENTITY, training=False,
+                            keep_indices=keep, rank=0, world_size=2)) == 2
+
+
+# ----------------------------------------------------------------------------- training
+
+@pytest.mark.parametrize("world, workers", [(2, 2), (3, 2), (1, 0)])
+def test_training_ranks_yield_equal_full_batches(uneven, world, workers):
+    batch = 4
+    ranks = run_ranks(uneven, world, split="train", batch_size=batch, training=True, num_workers=workers,
+                      shuffle_buffer=20)
+    expected = 77 // (batch * world)
+    for batches in ranks:
+        assert len(batches) == expected
+        for b in batches:
+            assert b.images.shape == (batch, 3, 16, 16)
+            assert (b.indices >= 0).all()
+            check_batch_contents(b)
+
+
+def test_training_batches_per_epoch_and_len(uneven):
+    loader = build_loader(uneven, split="train", batch_size=4, transform=IDENTITY, training=True,
+                          batches_per_epoch=30, start_batch=5, num_workers=2)
+    assert loader.batches_per_epoch == 30 and len(loader) == 25 and loader.num_samples == 77
+    assert len(list(loader)) == 25  # more than one pass over the shards: they repeat, never run dry
+
+
+def test_training_with_keep_indices(uneven):
+    keep = list(range(0, 77, 3))  # 26 samples
+    loader = build_loader(uneven, split="train", batch_size=4, transform=IDENTITY, training=True,
+                          keep_indices=keep, num_workers=2, shuffle_buffer=10)
+    assert loader.num_samples == 26 and loader.batches_per_epoch == 6
+    seen = [i for b in loader for i in b.indices.tolist()]
+    assert len(seen) == 24 and set(seen) <= set(keep)
+
+
+def order(shards, **kwargs) -> list[list[int]]:
+    loader = build_loader(shards, split="train", batch_size=4, transform=IDENTITY, training=True,
+                          num_workers=2, shuffle_buffer=16, **kwargs)
+    return [b.indices.tolist() for b in loader]
+
+
+def test_order_is_a_function_of_seed_and_epoch(uneven):
+    first = order(uneven, seed=1, epoch=3)
+    assert order(uneven, seed=1, epoch=3) == first
+    assert order(uneven, seed=1, epoch=4) != first
+    assert order(uneven, seed=2, epoch=3) != first
+    # ranks differ, and neither depends on how many ranks were asked for before
+    assert order(uneven, seed=1, epoch=3, rank=1, world_size=2) != order(uneven, seed=1, epoch=3, rank=0, world_size=2)
+
+
+def test_a_single_epoch_covers_the_data_roughly_once(uneven):
+    # with equal shards each worker reads its own shards first: most samples appear once
+    seen = Counter(i for i in sum(order(uneven, seed=0, epoch=0), []))
+    assert len(seen) >= 0.6 * 77
+
+
+@pytest.mark.parametrize("workers, start", [(0, 5), (2, 3), (2, 4), (3, 7)])
+def test_resume_at_start_batch_equals_the_rest_of_the_epoch(uneven, workers, start):
+    transform = pretrain_transform(16, scale=(0.3, 1.0))  # random: the augmentations must repeat too
+    kwargs = dict(split="train", batch_size=3, transform=transform, training=True, seed=5, epoch=2, rank=1,
+                  world_size=2, num_workers=workers, shuffle_buffer=12)
+    full = list(build_loader(uneven, **kwargs))
+    resumed = list(build_loader(uneven, start_batch=start, **kwargs))
+    assert len(resumed) == len(full) - start
+    for a, b in zip(full[start:], resumed):
+        assert torch.equal(a.indices, b.indices)
+        assert torch.equal(a.labels, b.labels)
+        assert torch.equal(a.images, b.images)
+
+
+def test_random_augmentations_repeat_with_the_seed(uneven):
+    transform = pretrain_transform(16)
+    make = lambda: [b.images for b in build_loader(uneven, split="train", batch_size=4, transform=transform,
+                                                    training=True, num_workers=2, seed=9)]
+    first, second = make(), make()
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_loading_leaves_the_global_random_state_alone(uneven, workers):
+    torch.manual_seed(0)
+    random.seed(0)
+    np.random.seed(0)
+    before = (torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy())
+    list(build_loader(uneven, split="train", batch_size=4, transform=pretrain_transform(16), training=True,
+                      num_workers=workers))
+    assert torch.equal(torch.get_rng_state(), before[0])
+    assert random.getstate() == before[1]
+    assert np.array_equal(np.random.get_state()[1], before[2])
+
+
+# ----------------------------------------------------------------------------- inputs
+
+def test_shards_may_be_named_by_json_pattern_or_list(uneven):
+    whole = build_loader(uneven, split="validation", batch_size=4, transform=IDENTITY, training=False)
+    by_json = build_loader(uneven / "_info.json", split="validation", batch_size=4, transform=IDENTITY,
+                           training=False)
+    pattern = str(uneven / "tiny-validation-{000000..000001}.tar")
+    by_pattern = build_loader(pattern, split="validation", batch_size=4, transform=IDENTITY, training=False)
+    assert whole.num_samples == by_json.num_samples == by_pattern.num_samples == 13
+    # a subset of the shards: indices stay those of the split
+    one = build_loader([str(uneven / "tiny-validation-000001.tar")], split="validation", batch_size=4,
+                       transform=IDENTITY, training=False, num_workers=0)
+    assert one.num_samples == 4
+    assert sorted(i for b in one for i in b.indices.tolist() if i >= 0) == [9, 10, 11, 12]
+
+
+def test_a_shard_of_another_split_is_refused(uneven):
+    with pytest.raises(UserError, match="tiny-train-000000.tar' is not in split 'validation'"):
+        build_loader([str(uneven / "tiny-train-000000.tar")], split="validation", batch_size=4,
+                     transform=IDENTITY, training=False)
+
+
+def test_too_small_a_split_for_one_global_batch_is_a_user_error(uneven):
+    with pytest.raises(UserError, match="fewer than one global batch"):
+        build_loader(uneven, split="validation", batch_size=8, world_size=2, transform=IDENTITY, training=True)
+
+
+# ----------------------------------------------------------------------------- transforms
+
+def test_transforms_give_uint8_chw_and_normalisation_happens_on_the_batch():
+    from PIL import Image
+
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 50, 3), dtype=np.uint8))
+    for transform, size in ((pretrain_transform(32), 32), (finetune_transform(32), 32), (eval_transform(32), 32),
+                            (eval_transform(224), 224)):
+        out = transform(image)
+        assert out.dtype == torch.uint8 and out.shape == (3, size, size)
+        assert transform.decode_min_side >= size
+    batch = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    expected = (batch.float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    assert torch.allclose(normalize_batch(batch, mean, std), expected, atol=1e-5)
+    as_tensors = normalize_batch(batch, torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std))
+    assert torch.allclose(as_tensors, expected, atol=1e-5) and as_tensors.dtype == torch.float32
+
+
+def test_eval_transform_of_tiny_images_keeps_the_whole_image():
+    from PIL import Image
+
+    image = Image.fromarray(np.arange(32 * 32 * 3, dtype=np.uint8).reshape(32, 32, 3))
+    assert torch.equal(eval_transform(32)(image), torch.from_numpy(np.array(image)).permute(2, 0, 1))
