@@ -403,20 +403,29 @@ class ShardLoader:
     def __iter__(self) -> Iterator[Batch]:
         self.skipped_samples, self._delivered, produced = 0, 0, 0
         batches = iter(self._data_loader())
-        while True:
-            try:
-                images, labels, indices, skipped, notes = next(batches)
-            except StopIteration:
-                break
-            except UserError as err:
-                # a worker's UserError arrives wrapped with its traceback: keep the sentence
-                text = str(err)
-                if text.startswith("Caught "):
-                    text = text.strip().splitlines()[-1].split("UserError: ", 1)[-1]
-                raise UserError(text) from None
-            self._account(int(skipped), indices, notes)
-            produced += 1
-            yield Batch(images, labels, indices, skipped)
+        try:
+            while True:
+                try:
+                    images, labels, indices, skipped, notes = next(batches)
+                except StopIteration:
+                    break
+                except UserError as err:
+                    # a worker's UserError arrives wrapped with its traceback: keep the sentence
+                    text = str(err)
+                    if text.startswith("Caught "):
+                        text = text.strip().splitlines()[-1].split("UserError: ", 1)[-1]
+                    raise UserError(text) from None
+                self._account(int(skipped), indices, notes)
+                produced += 1
+                yield Batch(images, labels, indices, skipped)
+        finally:
+            # Stop the workers now, also on an error or an early break: a traceback that keeps
+            # this frame alive would otherwise keep their pids registered with torch's SIGCHLD
+            # handler, which then raises at a random later point when they exit.
+            shutdown = getattr(batches, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
+            del batches
         if produced != len(self):
             raise RuntimeError(f"the loader produced {produced} batches instead of {len(self)} (a bug in vitmpp)")
 

@@ -1,0 +1,288 @@
+"""make_shards: digits round trip, timm interop, the four sources, and never leaving a half-written folder."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from timm.data.transforms import MaybePILToTensor
+
+from vitmpp.common.errors import UserError
+from vitmpp.datasets import build_loader, ensure_digits_shards, read_manifest, write_shards
+from vitmpp.datasets import make_shards as make_shards_module
+from vitmpp.datasets.sources import digits_source, stratified_split
+
+IDENTITY = MaybePILToTensor()
+
+
+@pytest.fixture(scope="module")
+def digits_png(tmp_path_factory):
+    return write_shards(tmp_path_factory.mktemp("d") / "digits", "digits", maxcount=300, progress=False)
+
+
+def expected_digit_images(val_fraction=0.1, seed=0, image_size=32):
+    """The writer's order, rebuilt: index k of a split is source item order[k]."""
+    source = digits_source(image_size)
+    train, val = stratified_split([it.label for it in source.items], val_fraction, seed)
+    return source, {"train": train, "validation": val}
+
+
+def load_all(root, split):
+    out = {}
+    for batch in build_loader(root, split=split, batch_size=128, transform=IDENTITY, training=False, num_workers=0):
+        for image, label, index in zip(batch.images, batch.labels.tolist(), batch.indices.tolist()):
+            if index >= 0:
+                out[index] = (image, label)
+    return out
+
+
+# ----------------------------------------------------------------------------- digits round trip
+
+def test_digits_round_trip_png_is_exact(digits_png):
+    manifest = digits_png
+    assert sum(info.num_samples for info in manifest.splits.values()) == 1797
+    assert manifest.num_classes == 10 and manifest.image_size == 32
+    source, order = expected_digit_images()
+    for split in ("train", "validation"):
+        loaded = load_all(manifest.base, split)
+        assert sorted(loaded) == list(range(manifest.split(split).num_samples))
+        assert [loaded[i][1] for i in sorted(loaded)] == manifest.labels(split)
+        for index, (image, label) in loaded.items():
+            item = source.items[order[split][index]]
+            assert label == item.label
+            assert torch.equal(image, torch.from_numpy(np.array(item.load().image)).permute(2, 0, 1))
+
+
+def test_digits_round_trip_jpeg_within_tolerance(tmp_path):
+    manifest = write_shards(tmp_path / "dj", "digits", fmt="jpg", progress=False)
+    source, order = expected_digit_images()
+    total, errors = 0, []
+    for split in ("train", "validation"):
+        for index, (image, label) in load_all(manifest.base, split).items():
+            item = source.items[order[split][index]]
+            assert label == item.label
+            reference = torch.from_numpy(np.array(item.load().image)).permute(2, 0, 1)
+            errors.append((image.float() - reference.float()).abs().mean().item())
+            total += 1
+    assert total == 1797
+    assert max(errors) < 4.0 and np.mean(errors) < 2.0  # quality 95: a few grey levels at most
+
+
+def test_stratified_split_keeps_class_proportions(digits_png):
+    train = np.bincount(digits_png.labels("train"), minlength=10)
+    val = np.bincount(digits_png.labels("validation"), minlength=10)
+    assert np.all(np.abs(val - 0.1 * (train + val)) <= 1)
+
+
+def test_timm_reads_our_shards(digits_png):
+    from timm.data import create_dataset
+
+    for split in ("train", "validation"):
+        dataset = create_dataset(f"wds/{digits_png.name}", root=digits_png.base, split=split)
+        labels = [int(target) for _, target in dataset]
+        assert labels == digits_png.labels(split)
+        image, _ = next(iter(dataset))
+        assert image.size == (32, 32) and image.mode == "RGB"
+
+
+def test_shards_are_named_keyed_and_typed_as_documented(digits_png):
+    info = digits_png.split("train")
+    assert info.filenames[0] == "digits-train-000000.tar" and info.shard_lengths[0] == 300
+    with tarfile.open(Path(digits_png.base) / info.filenames[0]) as tar:
+        names = tar.getnames()[:2]
+    assert names == ["00000000.cls", "00000000.png"]
+
+
+def test_ensure_digits_shards_is_idempotent(tmp_path):
+    first = ensure_digits_shards(tmp_path / "cache", image_size=16)
+    stamp = os.stat(tmp_path / "cache" / "_info.json").st_mtime_ns
+    again = ensure_digits_shards(tmp_path / "cache", image_size=16)
+    assert os.stat(tmp_path / "cache" / "_info.json").st_mtime_ns == stamp
+    assert again.splits == first.splits
+    # a damaged cache is rewritten
+    os.remove(Path(first.shard_urls("train")[0]))
+    ensure_digits_shards(tmp_path / "cache", image_size=16)
+    assert os.path.isfile(first.shard_urls("train")[0])
+    assert ensure_digits_shards(tmp_path / "cache", image_size=24).image_size == 24
+
+
+# ----------------------------------------------------------------------------- other sources
+
+def test_synthetic_is_deterministic_by_seed(tmp_path):
+    def shard_bytes(out, seed):
+        m = write_shards(out, "synthetic", count=40, image_size=24, num_classes=4, seed=seed, maxcount=16,
+                         progress=False)
+        return m, [Path(u).read_bytes() for u in m.shard_urls("train")]
+
+    m1, a = shard_bytes(tmp_path / "a", 3)
+    _, b = shard_bytes(tmp_path / "b", 3)
+    _, c = shard_bytes(tmp_path / "c", 4)
+    assert a == b and a != c
+    assert m1.num_classes == 4 and m1.image_size == 24
+    assert sum(i.num_samples for i in m1.splits.values()) == 40
+    images = [b.images for b in build_loader(m1, split="train", batch_size=8, transform=IDENTITY, training=False,
+                                            num_workers=0)]
+    assert images[0].float().std() > 20  # drawn, not blank
+
+
+@pytest.fixture
+def image_tree(tmp_path):
+    """Two classes of small images, plus a text file, a corrupt JPEG and a stray file."""
+    root = tmp_path / "tree"
+    rng = np.random.default_rng(0)
+    for label, cls in enumerate(("cat", "dog")):
+        (root / cls).mkdir(parents=True)
+        for i in range(5):
+            pixels = rng.integers(0, 256, (40 + 8 * i, 64, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / cls / f"{i}.{'png' if i % 2 else 'jpg'}")
+    (root / "cat" / "notes.txt").write_text("not an image")
+    good = (root / "dog" / "0.jpg").read_bytes()
+    (root / "dog" / "broken.jpg").write_bytes(good[: len(good) // 3])
+    (root / "readme.md").write_text("stray")
+    return root
+
+
+def test_imagefolder_skips_and_lists_bad_files(image_tree, tmp_path):
+    manifest = write_shards(tmp_path / "out", "imagefolder", root=image_tree, fmt="jpg", val_fraction=0.2,
+                            progress=False)
+    assert manifest.class_names == ["cat", "dog"]
+    assert sum(i.num_samples for i in manifest.splits.values()) == 10
+    skipped = {s["path"]: s["reason"] for s in manifest.extra["vitmpp"]["skipped_inputs"]}
+    assert set(skipped) == {"cat/notes.txt", "dog/broken.jpg", "readme.md"}
+    assert skipped["cat/notes.txt"] == "not an image" and skipped["dog/broken.jpg"].startswith("corrupt image")
+    assert manifest.extra["vitmpp"]["num_skipped_inputs"] == 3
+    assert manifest.image_size is None  # sizes differ
+    # a JPEG input written as jpg keeps its bytes; its json member names the file
+    url = manifest.shard_urls("train")[0]
+    with tarfile.open(url) as tar:
+        members = {m.name.split(".", 1)[1]: tar.extractfile(m).read() for m in tar.getmembers()[:3]}
+    origin = json.loads(members["json"])["source"]
+    if origin.endswith(".jpg"):
+        assert members["jpg"] == (image_tree / origin).read_bytes()
+
+
+def test_max_size_bounds_the_shorter_side(image_tree, tmp_path):
+    manifest = write_shards(tmp_path / "small", "imagefolder", root=image_tree, max_size=20, val_fraction=0,
+                            progress=False)
+    assert list(manifest.splits) == ["train"]  # no validation split when val_fraction is 0
+    shapes = set()
+    for batch in build_loader(manifest, split="train", batch_size=1, transform=IDENTITY, training=False,
+                              num_workers=0):
+        shapes.add(tuple(batch.images.shape[2:]))
+    # inputs are (40..72) x 64 (h x w): the shorter side becomes 20, the aspect ratio stays
+    assert shapes == {(20, round(64 * 20 / h)) if h <= 64 else (round(h * 20 / 64), 20) for h in (40, 48, 56, 64, 72)}
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """An MNIST idx file (big-endian dims after a type/ndim magic)."""
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    path.write_bytes(header + array.astype(np.uint8).tobytes())
+
+
+def test_torchvision_set_on_disk_keeps_its_own_split(tmp_path):
+    raw = tmp_path / "tv" / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 30), ("t10k", 12)):
+        write_idx(raw / f"{prefix}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28)))
+        write_idx(raw / f"{prefix}-labels-idx1-ubyte", np.arange(n) % 10)
+    manifest = write_shards(tmp_path / "mnist", "torchvision", dataset="MNIST", root=tmp_path / "tv",
+                            progress=False)
+    assert manifest.split("train").num_samples == 30 and manifest.split("validation").num_samples == 12
+    assert manifest.num_classes == 10 and manifest.class_names[0].startswith("0")
+    assert sorted(manifest.labels("validation")) == sorted((np.arange(12) % 10).tolist())
+    with pytest.raises(UserError, match="not on disk under"):
+        write_shards(tmp_path / "cifar", "torchvision", dataset="CIFAR10", root=tmp_path / "nothing", progress=False)
+    with pytest.raises(UserError, match="not a torchvision data set"):
+        write_shards(tmp_path / "x", "torchvision", dataset="os", root=tmp_path, progress=False)
+
+
+# ----------------------------------------------------------------------------- never lose or fake anything
+
+def test_an_existing_output_folder_is_refused(digits_png, tmp_path, capsys):
+    with pytest.raises(UserError, match="already exists"):
+        write_shards(digits_png.base, "digits", progress=False)
+    with pytest.raises(SystemExit) as exit_info:
+        make_shards_module.main(["--source", "digits", "--out", digits_png.base, "--quiet"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: Output folder") and "--overwrite" in err and err.count("\n") == 1
+
+
+def test_overwrite_replaces_shards_but_never_other_files(tmp_path):
+    out = tmp_path / "s"
+    write_shards(out, "synthetic", count=20, progress=False)
+    replaced = write_shards(out, "synthetic", count=30, overwrite=True, progress=False)
+    assert sum(i.num_samples for i in replaced.splits.values()) == 30
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    (out / "my-notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="my-notes.txt"):
+        write_shards(out, "synthetic", count=10, overwrite=True, progress=False)
+    assert (out / "my-notes.txt").read_text() == "mine"
+
+
+def test_an_interrupted_write_leaves_no_manifest(tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real = make_shards_module._load_sample
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 50:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(make_shards_module, "_load_sample", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        write_shards(tmp_path / "out", "synthetic", count=100, maxcount=10, progress=False)
+    assert list(tmp_path.iterdir()) == []  # neither the folder nor its partial copy
+
+
+def test_a_killed_write_leaves_no_complete_looking_folder(tmp_path):
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "vitmpp.datasets.make_shards", "--source", "synthetic",
+                             "--count", "100000", "--image-size", "16", "--maxcount", "100", "--out", str(out),
+                             "--quiet"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:  # wait until a few shards have been written
+            partial = [p for p in tmp_path.iterdir() if ".partial-" in p.name]
+            if partial and len(list(partial[0].glob("*.tar"))) >= 3:
+                break
+            assert proc.poll() is None, proc.stderr.read().decode()
+            time.sleep(0.2)
+        else:
+            pytest.fail("make_shards wrote no shards in time")
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert not out.exists()
+    assert not list(tmp_path.rglob("_info.json"))
+    with pytest.raises(UserError, match="No manifest"):
+        read_manifest(out)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"source": "pictures"}, "Unknown --source"),
+    ({"source": "digits", "fmt": "gif"}, "Unknown --format"),
+    ({"source": "digits", "val_fraction": 1.0}, "--val-fraction"),
+    ({"source": "digits", "maxcount": 0}, "--maxcount"),
+    ({"source": "digits", "count": 5}, "--count applies to the synthetic source only"),
+    ({"source": "imagefolder", "image_size": 32}, "--image-size applies"),
+    ({"source": "imagefolder"}, "needs --root"),
+    ({"source": "synthetic", "name": "my.data"}, "no dots"),
+])
+def test_bad_arguments_are_one_sentence_errors(tmp_path, kwargs, message):
+    source = kwargs.pop("source")
+    with pytest.raises(UserError, match=message):
+        write_shards(tmp_path / "o", source, progress=False, **kwargs)
+    assert not (tmp_path / "o").exists()
