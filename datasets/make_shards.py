@@ -251,10 +251,13 @@ def write_shards(
     if total == 0:
         raise UserError(f"Source {source} {('at ' + str(root)) if root else ''} holds no images; nothing to write.")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    except OSError as err:
+        raise UserError(f"Cannot create the output folder '{out}' ({err.strerror or err}); choose another --out.") from None
     skipped: list[dict] = list(data.skipped or [])
     sizes: set = set()
     try:
@@ -287,6 +290,10 @@ def write_shards(
         )
         write_json_atomic(tmp / MANIFEST_NAME, manifest.to_json())  # last: it marks the folder complete
         _swap_into_place(tmp, out)
+    except OSError as err:  # disk full, permissions: say where, leave nothing half-written
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"Writing shards to '{out}' failed ({err.strerror or err}); nothing was kept. "
+                        "Free space or choose another --out.") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

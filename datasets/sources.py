@@ -268,7 +268,10 @@ def torchvision_source(dataset: str, root: Path | None) -> SourceData:
 
         def loader(i: int) -> Callable[[], Loaded]:
             def fetch() -> Loaded:
-                image = ds[i][0]
+                try:
+                    image = ds[i][0]
+                except Exception as err:  # a damaged file inside the data set: skip it, say why
+                    raise SkipInput(f"unreadable: {err}") from None
                 if not isinstance(image, Image.Image):
                     raise SkipInput(f"{dataset}[{i}] is a {type(image).__name__}, not an image")
                 return Loaded(image.convert("RGB"))

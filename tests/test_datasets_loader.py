@@ -225,3 +225,10 @@ def test_eval_transform_of_tiny_images_keeps_the_whole_image():
 
     image = Image.fromarray(np.arange(32 * 32 * 3, dtype=np.uint8).reshape(32, 32, 3))
     assert torch.equal(eval_transform(32)(image), torch.from_numpy(np.array(image)).permute(2, 0, 1))
+
+
+def test_pipe_urls_are_passed_to_webdataset_with_the_manifest_given(uneven):
+    urls = [f"pipe:cat {uneven / f'tiny-validation-{k:06d}.tar'}" for k in (0, 1)]
+    loader = build_loader(urls, manifest=uneven, split="validation", batch_size=4, transform=IDENTITY,
+                          training=False, num_workers=0)
+    assert sorted(i for b in loader for i in b.indices.tolist() if i >= 0) == list(range(13))
