@@ -161,10 +161,11 @@ class _ShardStream(IterableDataset):
 
     def _to_tensor(self, image) -> torch.Tensor:
         out = self.plan.transform(image)
-        if not isinstance(out, torch.Tensor):
-            out = torch.as_tensor(np.asarray(out))
-        if out.dtype != torch.uint8 or out.dim() != 3:
-            raise TypeError(f"the loader's transform must return a uint8 CHW tensor, got {out.dtype} {tuple(out.shape)} "
+        if isinstance(out, np.ndarray):  # timm's ToNumpy gives CHW uint8 arrays
+            out = torch.from_numpy(out)
+        if not isinstance(out, torch.Tensor) or out.dtype != torch.uint8 or out.dim() != 3:
+            got = f"{out.dtype} {tuple(out.shape)}" if isinstance(out, torch.Tensor) else type(out).__name__
+            raise TypeError(f"the loader's transform must return a uint8 CHW tensor, got {got} "
                             "(use the transforms of vitmpp.datasets.transforms)")
         return out
 
@@ -264,9 +265,10 @@ class _ShardStream(IterableDataset):
             for j in range(done, total):
                 raws = [next(stream) for _ in range(p.batch_size)]
                 with _seeded_globals(_seed(p.seed, p.epoch, p.rank, worker, j, 0xA06), restore=in_main):
-                    yield self._assemble(raws, tally, [True] * len(raws))
+                    batch = self._assemble(raws, tally, [True] * len(raws))
+                yield batch  # outside the seeded state: the caller's own draws must not come from it
         finally:
-            stream.close() if hasattr(stream, "close") else None
+            stream.close()
 
     # -- evaluation
 

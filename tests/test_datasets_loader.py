@@ -166,12 +166,20 @@ def test_loading_leaves_the_global_random_state_alone(uneven, workers):
     torch.manual_seed(0)
     random.seed(0)
     np.random.seed(0)
-    before = (torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy())
-    list(build_loader(uneven, split="train", batch_size=4, transform=pretrain_transform(16), training=True,
-                      num_workers=workers))
-    assert torch.equal(torch.get_rng_state(), before[0])
-    assert random.getstate() == before[1]
-    assert np.array_equal(np.random.get_state()[1], before[2])
+    expected = []
+    for _ in range(4):  # the caller's own draws between batches, without a loader
+        expected.append((torch.rand(3), random.random(), np.random.rand()))
+    torch.manual_seed(0)
+    random.seed(0)
+    np.random.seed(0)
+    drawn = []
+    loader = build_loader(uneven, split="train", batch_size=4, transform=pretrain_transform(16), training=True,
+                          num_workers=workers, batches_per_epoch=4)
+    for _ in loader:
+        drawn.append((torch.rand(3), random.random(), np.random.rand()))
+    assert len(drawn) == len(expected)
+    for (t1, r1, n1), (t2, r2, n2) in zip(expected, drawn):
+        assert torch.equal(t1, t2) and r1 == r2 and n1 == n2
 
 
 # ----------------------------------------------------------------------------- inputs
