@@ -252,9 +252,10 @@ def torchvision_source(dataset: str, root: Path | None) -> SourceData:
     def load(**split_kw):
         try:
             return cls(str(root), **split_kw, **kwargs)
-        except (RuntimeError, FileNotFoundError, OSError) as err:
-            raise UserError(f"torchvision {dataset} is not on disk under '{root}' ({err}); put its files "
-                            "there (nothing is downloaded).") from None
+        except (RuntimeError, FileNotFoundError, OSError):
+            # torchvision's own message suggests download=True: we never download
+            raise UserError(f"torchvision {dataset} is not on disk under '{root}'; put its files there "
+                            "(vitmpp never downloads data).") from None
 
     if "train" in params:
         parts = {"train": load(train=True), "validation": load(train=False)}
