@@ -240,3 +240,24 @@ def test_pipe_urls_are_passed_to_webdataset_with_the_manifest_given(uneven):
     loader = build_loader(urls, manifest=uneven, split="validation", batch_size=4, transform=IDENTITY,
                           training=False, num_workers=0)
     assert sorted(i for b in loader for i in b.indices.tolist() if i >= 0) == list(range(13))
+
+
+def test_large_jpegs_are_decoded_at_a_reduced_scale_when_the_transform_allows(tmp_path):
+    import io
+
+    from PIL import Image
+
+    from vitmpp.datasets.samples import RawSample, decode_sample
+
+    yy, xx = np.mgrid[0:512, 0:512]
+    smooth = np.stack([xx // 2, yy // 2, (xx + yy) // 4], axis=-1).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(smooth).save(buf, format="JPEG", quality=95)
+    raw = RawSample(0, "mem", {"jpg": buf.getvalue(), "cls": b"1"})
+    transform = eval_transform(32)
+    drafted, label = decode_sample(raw, 2, transform.decode_min_side)
+    full, _ = decode_sample(raw, 2, None)
+    assert label == 1 and full.size == (512, 512)
+    assert drafted.size == (64, 64)  # 1/8 scale is still at least the 32 pixels the transform needs
+    difference = (transform(drafted).float() - transform(full).float()).abs().mean()
+    assert difference < 2.0
