@@ -43,6 +43,7 @@ grouping, the shuffle buffer) arranged so the guarantees above hold exactly.
 """
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import random
@@ -250,13 +251,19 @@ class _ShardStream(IterableDataset):
 
         p = self.plan
         tally = Tally()
-        stream = self._raw_stream(worker, tally)
-        if p.shuffle_buffer > 1:
-            rng = random.Random(_seed(p.seed, p.epoch, p.rank, worker, 0x5B0F))
-            stream = iter(wds.filters.shuffle(p.shuffle_buffer, max(1, p.shuffle_buffer // 4), rng=rng)(stream))
         W = p.workers
         total = p.worker_batches(worker)
         done = p.start_batch // W + (worker < p.start_batch % W)  # this worker's batches among the first k
+        source = self._raw_stream(worker, tally)
+        # Exactly the raw samples this worker's batches use (a bad sample is replaced, never
+        # topped up from the stream): the buffer then drains at the end of the epoch instead of
+        # reading ahead into the next pass, so one epoch covers the data about once.
+        stream = itertools.islice(source, total * p.batch_size)
+        buffer = min(p.shuffle_buffer, total * p.batch_size)
+        if buffer > 1:
+            rng = random.Random(_seed(p.seed, p.epoch, p.rank, worker, 0x5B0F))
+            stream = wds.filters.shuffle(buffer, max(1, buffer // 4), rng=rng)(stream)
+        stream = iter(stream)
         try:
             for _ in range(done * p.batch_size):  # resume: skip raw samples, decode nothing
                 next(stream)
@@ -268,7 +275,7 @@ class _ShardStream(IterableDataset):
                     batch = self._assemble(raws, tally, [True] * len(raws))
                 yield batch  # outside the seeded state: the caller's own draws must not come from it
         finally:
-            stream.close()
+            source.close()
 
     # -- evaluation
 
