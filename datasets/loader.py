@@ -16,8 +16,9 @@ of (seed, epoch, rank, worker):
    G = world_size x num_workers takes every G-th shard from position g. Passes
    repeat as often as needed, so there are never too few shards for the workers
    and no rank runs dry on uneven shards;
-2. samples of those shards (optionally only `keep_indices`), through a shuffle
-   buffer seeded by (seed, epoch, rank, worker);
+2. the first (its batches x batch_size) samples of those shards (optionally only
+   `keep_indices`), through a shuffle buffer seeded by (seed, epoch, rank, worker)
+   that drains at the end rather than reading into the next pass;
 3. batch j of a worker is the next `batch_size` raw samples; a sample that fails
    to decode is replaced by a repeat of a good one of the same batch (index -1),
    so batch j is always made of the same raw samples: resuming at `start_batch=k`
