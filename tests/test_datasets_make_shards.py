@@ -1,7 +1,6 @@
 """make_shards: digits round trip, timm interop, the four sources, and never leaving a half-written folder."""
 from __future__ import annotations
 
-import io
 import json
 import os
 import signal
