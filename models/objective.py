@@ -1,0 +1,188 @@
+"""The objective registry and the base class every pretraining objective derives from.
+
+An objective is an `nn.Module` that owns the encoder plus whatever it needs on
+top (a prediction head, a decoder, mask tokens). Its `forward(images, labels)`
+takes a normalised batch and returns an `ObjectiveOutput`: the scalar loss and
+the tensors its `visualize` needs. The engine only knows this interface, so a
+new objective (SimMIM, BEiT-style, ...) is one module with a config dataclass
+and `@register_objective("name", ConfigClass)`: nothing in the engine changes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar
+
+import torch
+from timm.models import VisionTransformer
+from torch import Tensor, nn
+
+from vitmpp.common.config import from_dict, to_dict
+from vitmpp.common.errors import UserError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class ObjectiveOutput:
+    """`loss`: scalar float32 tensor (what the optimizer minimises); `extras`: detached tensors for `visualize` and logs."""
+
+    loss: Tensor
+    extras: dict[str, Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class Visualization:
+    """`grid`: float [3, H, W] in [0, 1] (a torchvision `make_grid`); `caption`: what the rows/columns show."""
+
+    grid: Tensor
+    caption: str
+
+
+_REGISTRY: dict[str, tuple[type["Objective"], type]] = {}
+
+
+def register_objective(name: str, config_cls: type) -> Callable[[type["Objective"]], type["Objective"]]:
+    """Class decorator: make an `Objective` subclass available as `create_objective(name, ...)`."""
+    if not dataclasses.is_dataclass(config_cls):
+        raise TypeError(f"config class of objective '{name}' must be a dataclass")
+
+    def decorate(cls: type["Objective"]) -> type["Objective"]:
+        if name in _REGISTRY and _REGISTRY[name][0] is not cls:
+            raise ValueError(f"objective '{name}' is registered twice ({_REGISTRY[name][0].__name__}, {cls.__name__})")
+        cls.objective_name = name
+        cls.config_class = config_cls
+        _REGISTRY[name] = (cls, config_cls)
+        return cls
+
+    return decorate
+
+
+def objective_names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def _lookup(name: str) -> tuple[type["Objective"], type]:
+    if name not in _REGISTRY:
+        hint = difflib.get_close_matches(str(name), list(_REGISTRY), n=1, cutoff=0.5)
+        tail = f" (did you mean '{hint[0]}'?)" if hint else ""
+        raise UserError(f"Unknown objective '{name}'{tail}; known objectives: {', '.join(objective_names())}.")
+    return _REGISTRY[name]
+
+
+def objective_config_class(name: str) -> type:
+    """The config dataclass of objective `name` (UserError listing the known names if unknown)."""
+    return _lookup(name)[1]
+
+
+def create_objective(
+    name: str,
+    encoder: VisionTransformer,
+    *,
+    mean: tuple[float, float, float] | list[float] = IMAGENET_MEAN,
+    std: tuple[float, float, float] | list[float] = IMAGENET_STD,
+    num_classes: int | None = None,
+    **cfg: Any,
+) -> "Objective":
+    """Build objective `name` around `encoder`.
+
+    `mean`/`std` are the loader's normalisation (objectives that need pixels in
+    [0, 1] undo it). `num_classes` is used by objectives that classify
+    (supervised). `cfg` holds the objective's options (the fields of its config
+    dataclass), validated with one-sentence errors.
+    """
+    cls, config_cls = _lookup(name)
+    config = from_dict(config_cls, cfg, source=f"the options of objective '{name}'")
+    return cls(encoder, config, mean=tuple(float(m) for m in mean), std=tuple(float(s) for s in std), num_classes=num_classes)
+
+
+class Objective(nn.Module):
+    """Base class: an encoder plus an objective-specific loss.
+
+    Subclasses implement `forward(images, labels=None) -> ObjectiveOutput` and
+    `visualize(images, output, max_images=8) -> Visualization`, and list their
+    own no-decay parameters in `no_weight_decay`.
+    """
+
+    objective_name: ClassVar[str] = ""
+    config_class: ClassVar[type] = object
+    encoder: VisionTransformer
+
+    def __init__(self, encoder: VisionTransformer, config: Any, *, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                 num_classes: int | None = None):
+        super().__init__()
+        if not isinstance(encoder, VisionTransformer):
+            raise UserError(f"Objectives need a timm VisionTransformer encoder, got {type(encoder).__name__}.")
+        if len(mean) != 3 or len(std) != 3 or any(s <= 0 for s in std):
+            raise UserError(f"Normalisation mean/std must be three numbers each (std > 0), got {list(mean)} / {list(std)}.")
+        self.encoder = encoder
+        self.config = config
+        self.num_classes = num_classes
+        self.norm_mean = tuple(float(m) for m in mean)
+        self.norm_std = tuple(float(s) for s in std)
+        # non-persistent: the loader's normalisation is config, not state; it follows .to(device)
+        self.register_buffer("pixel_mean", torch.tensor(self.norm_mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(self.norm_std).view(1, 3, 1, 1), persistent=False)
+
+    # ---- what subclasses provide
+    def forward(self, images: Tensor, labels: Tensor | None = None) -> ObjectiveOutput:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def visualize(self, images: Tensor, output: ObjectiveOutput, max_images: int = 8) -> Visualization:  # pragma: no cover
+        raise NotImplementedError
+
+    # ---- shared helpers
+    def to_unit_range(self, images: Tensor) -> Tensor:
+        """Undo the loader's normalisation: float32 pixels in [0, 1], [B, 3, H, W]."""
+        return (images.float() * self.pixel_std + self.pixel_mean).clamp(0.0, 1.0)
+
+    def options(self) -> dict:
+        """The objective's options as plain values (what `create_objective` takes back)."""
+        return to_dict(self.config)
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names (relative to this module) that get no weight decay.
+
+        The encoder's position embedding and class/register tokens, plus what the
+        subclass adds in `_own_no_weight_decay` (mask tokens, decoder position
+        embeddings). Biases and norms are skipped by timm's optimizer factory by
+        their ndim anyway.
+        """
+        names = {f"encoder.{n}" for n in self.encoder.no_weight_decay()} | set(self._own_no_weight_decay())
+        existing = {n for n, _ in self.named_parameters()}
+        return names & existing
+
+    def _own_no_weight_decay(self) -> set[str]:
+        return set()
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """Layer groups for timm's layer-wise lr decay: encoder stem, encoder blocks; heads and decoders last."""
+        stem = r"^encoder\.(cls_token|reg_token|pos_embed|patch_embed|norm_pre)|^mask_token"
+        return dict(stem=stem, blocks=[(r"^encoder\.blocks\.(\d+)", None), (r"^encoder\.norm", (99999,))])
+
+    def extra_repr(self) -> str:
+        return f"objective={self.objective_name!r}, config={self.config}"
+
+
+# ----------------------------------------------------------------------------- shared visualisation helpers
+
+def pick(images: Tensor, max_images: int) -> int:
+    """How many images of the batch to draw."""
+    return max(1, min(int(max_images), images.shape[0]))
+
+
+def paint_patches(images01: Tensor, patch_values: Tensor, where: Tensor, patch_size: int) -> Tensor:
+    """Copy of `images01` [B, 3, H, W] with patch i replaced by `patch_values[:, i]` where `where[:, i]`.
+
+    `patch_values`: [B, N, 3] (a flat colour) or [B, N, 3, p, p]; `where`: bool [B, N], row-major.
+    """
+    b, _, h, w = images01.shape
+    gh, gw = h // patch_size, w // patch_size
+    if patch_values.dim() == 3:
+        patch_values = patch_values[..., None, None].expand(-1, -1, -1, patch_size, patch_size)
+    painted = patch_values.reshape(b, gh, gw, 3, patch_size, patch_size).permute(0, 3, 1, 4, 2, 5).reshape(b, 3, h, w)
+    mask = where.reshape(b, 1, gh, 1, gw, 1).expand(-1, 1, -1, patch_size, -1, patch_size).reshape(b, 1, h, w)
+    return torch.where(mask, painted.to(images01.dtype), images01)
