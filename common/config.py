@@ -12,6 +12,10 @@ Written by hand rather than with OmegaConf: we want one-sentence errors with the
 closest valid key, numeric strings like `1e-4` accepted for floats (YAML 1.1
 reads them as strings), and no extra dependency.
 
+A section may list keys that are alternatives to each other in
+`__alternatives__ = (("steps", "epochs"),)`: when a file or override gives one of
+them, the default of the other is dropped.
+
 Constraints are attached with `param(default, help=..., gt=/ge=/lt=/le=, choices=)`;
 checks that involve several keys go in a `check(self)` method on the dataclass,
 which raises `ConfigError`.
@@ -222,12 +226,25 @@ class _Builder:
         kwargs = {}
         for name, f in fields.items():
             key = f"{prefix}{name}"
+            section = _dataclass_of(hints[name])
+            if section is not None and f.default_factory is not _MISSING:
+                # a section's defaults are those of the enclosing schema's factory
+                # (e.g. a stage's own optimizer defaults), with the given keys on top
+                given = data.get(name, {})
+                if isinstance(given, Mapping):
+                    base = to_dict(f.default_factory())
+                    # keys that are alternatives (steps | epochs): giving one drops the default of the other
+                    for group in getattr(section, "__alternatives__", ()):
+                        if any(k in given for k in group):
+                            for k in group:
+                                if k not in given:
+                                    base[k] = None
+                    kwargs[name] = self.build(section, _merge(base, given), key + ".")
+                    continue
             if name in data:
                 kwargs[name] = self.convert(hints[name], data[name], key, f.metadata)
             elif f.default is _MISSING and f.default_factory is _MISSING:
                 raise ConfigError(f"Key '{key}' is required in {self.where(key)} but missing.")
-            elif dataclasses.is_dataclass(hints[name]) and f.default_factory is not _MISSING:
-                kwargs[name] = self.build(hints[name], {}, key + ".")
         obj = schema(**kwargs)
         check = getattr(obj, "check", None)
         if callable(check):
@@ -346,6 +363,17 @@ class _Builder:
         return value
 
 
+def _merge(base: dict, update: Mapping) -> dict:
+    """`update` laid over `base`, recursively for nested mappings."""
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
 def _set_dotted(tree: dict, key: str, value: Any) -> None:
     parts = key.split(".")
     node = tree
@@ -407,7 +435,7 @@ def to_dict(cfg: Any) -> Any:
 
 def dump_yaml(cfg: Any) -> str:
     stream = io.StringIO()
-    yaml.safe_dump(to_dict(cfg), stream, sort_keys=False, default_flow_style=None)
+    yaml.safe_dump(to_dict(cfg), stream, sort_keys=False, default_flow_style=False)
     return stream.getvalue()
 
 

@@ -28,6 +28,12 @@ CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 
 
+def cache_dir() -> Path:
+    """Where data the project makes for itself (the embedded digits shards) is kept:
+    $VITMPP_CACHE, else ~/.cache/vitmpp."""
+    return Path(os.environ.get("VITMPP_CACHE", Path.home() / ".cache" / "vitmpp"))
+
+
 def checkpoints_dir(run_dir: Path) -> Path:
     return Path(run_dir) / "checkpoints"
 

@@ -37,9 +37,10 @@ from .errors import ConfigError, UserError
 
 @dataclass
 class OptimConfig:
+    __alternatives__ = (("lr", "base_lr"), ("warmup_steps", "warmup_epochs"))
     name: str = param("adamw", help="timm optimizer name (adam, adamw, lamb, lars, sgd, ...)")
     lr: Optional[float] = param(None, gt=0, help="absolute peak learning rate; when null, base_lr x global_batch / base_batch")
-    base_lr: float = param(1.5e-4, gt=0, help="peak learning rate at a global batch of base_batch (linear scaling rule)")
+    base_lr: Optional[float] = param(1.5e-4, gt=0, help="peak learning rate at a global batch of base_batch (linear scaling rule)")
     base_batch: int = param(256, ge=1, help="global batch that base_lr refers to")
     min_lr: float = param(0.0, ge=0, help="learning rate at the end of the cosine decay")
     weight_decay: float = param(0.05, ge=0, help="decoupled weight decay (not applied to biases, norms, position embeddings, tokens)")
@@ -61,12 +62,15 @@ class OptimConfig:
             hint = difflib.get_close_matches(self.name.lower(), known, n=1)
             tail = f"; did you mean '{hint[0]}'?" if hint else "; see timm.optim.list_optimizers()."
             raise ConfigError(f"Key 'optim.name' must be one of timm's optimizers, got '{self.name}'{tail}")
+        if (self.lr is None) == (self.base_lr is None):
+            raise ConfigError("Set exactly one of 'optim.lr' (absolute) and 'optim.base_lr' (scaled by the global batch).")
         if self.warmup_steps is not None and self.warmup_epochs is not None:
             raise ConfigError("Keys 'optim.warmup_steps' and 'optim.warmup_epochs' are both set; set only one.")
 
 
 @dataclass
 class TrainConfig:
+    __alternatives__ = (("steps", "epochs"),)
     global_batch: int = param(128, ge=1, help="images per optimizer step over all processes")
     per_device_batch: Optional[int] = param(None, ge=1, help="images per process per forward; accumulation makes up the rest (null: global_batch / processes)")
     steps: Optional[int] = param(None, ge=1, help="training length in optimizer steps (or give epochs)")
@@ -106,6 +110,8 @@ class DebugConfig:
     inject_nonfinite_rank: Optional[int] = param(None, ge=0, help="only on this rank (null: every rank)")
     checkpoint_delay_s: float = param(0.0, ge=0, help="sleep inside checkpoint saves (to test kills during a save)")
     step_delay_s: float = param(0.0, ge=0, help="sleep after every step (to give signal tests time)")
+    stop_at_step: Optional[int] = param(None, ge=1, help="behave as if preempted after this step (checkpoint, exit 0)")
+    record_samples: bool = param(False, help="write each rank's sample indices and final weight checksum to debug-rank<r>.json")
 
 
 # ----------------------------------------------------------------------------- batch geometry
@@ -446,6 +452,127 @@ def peak_flops(override_tflops: float | None = None) -> float | None:
         if key in name:
             return tflops * 1e12
     return None
+
+
+class StepRunner:
+    """One optimizer step from `accumulation` micro-batches, the same in every engine.
+
+    Gradients are all-reduced only on the last micro-batch (`no_sync` before it);
+    the loss is divided by the accumulation so the gradient is the mean over the
+    global batch; the gradient norm is always computed (and clipped when asked);
+    finiteness is agreed across ranks before the step; the learning rate of the
+    step is set from the step number alone. Nothing here synchronises the host.
+    """
+
+    def __init__(self, accelerator, model, optimizer, scheduler, guard: NonFiniteGuard,
+                 accumulation: int, clip_grad: float | None):
+        self.accelerator = accelerator
+        self.model = model
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.guard = guard
+        self.accumulation = accumulation
+        self.clip = clip_grad if clip_grad is not None else float("inf")
+
+    def run(self, step: int, forward, micro_batches, poison: bool = False):
+        """`forward(micro_batch) -> (loss, output)`; returns (step loss, grad norm, last output).
+
+        `poison` makes the loss NaN (fault injection for tests).
+        """
+        from contextlib import nullcontext
+
+        acc = self.accelerator
+        step_loss = torch.zeros((), device=acc.device)
+        output = None
+        for micro, batch in enumerate(micro_batches):
+            syncing = micro == self.accumulation - 1
+            with nullcontext() if syncing else acc.no_sync(self.model):
+                with acc.autocast():
+                    loss, output = forward(batch)
+                loss = loss / self.accumulation
+                if poison:
+                    loss = loss * float("nan")
+                acc.backward(loss)
+            step_loss += loss.detach().float()
+        grad_norm = acc.clip_grad_norm_(self.model.parameters(), self.clip)
+        if grad_norm is None:  # some backends return nothing; compute it the plain way
+            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+            grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+        finite = self.guard.agree(step_loss, grad_norm)  # the same decision on every rank
+        self.scheduler.step_update(step)  # the lr of this step is a function of the step alone
+        self.guard.step(self.optimizer, finite)
+        self.optimizer.zero_grad(set_to_none=True)
+        return step_loss, grad_norm.detach().float(), output
+
+
+class IntervalLog:
+    """Collects per-step values on the device; one host sync per logging interval.
+
+    `flush` averages the losses over ranks, writes one `metrics.jsonl` row per step,
+    TensorBoard scalars for the last step, and one console line.
+    """
+
+    def __init__(self, accelerator, tracker: "Tracker", console, guard: NonFiniteGuard, *,
+                 metrics=None, total_steps: int, steps_per_epoch: int, flops_per_image: float | None = None,
+                 peak: float | None = None, nonfinite_before: int = 0):
+        self.accelerator = accelerator
+        self.tracker = tracker
+        self.console = console
+        self.guard = guard
+        self.metrics = metrics
+        self.total_steps = total_steps
+        self.steps_per_epoch = steps_per_epoch
+        self.flops = flops_per_image
+        self.peak = peak
+        self.nonfinite_before = nonfinite_before
+        self.pending: list[tuple[int, torch.Tensor, torch.Tensor, float]] = []
+        self.meter = Throughput()
+        self.last_checkpoint: Path | None = None
+
+    def add(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor, lr: float, images: int) -> None:
+        self.pending.append((step, loss, grad_norm, lr))
+        self.meter.images += images
+
+    def nonfinite_steps(self) -> int:
+        return self.guard.read()[0] + self.nonfinite_before
+
+    def flush(self, extra: dict[str, float] | None = None) -> dict[str, float] | None:
+        if not self.pending:
+            return None
+        acc, world = self.accelerator, self.accelerator.num_processes
+        stacked = torch.stack([torch.stack([loss, norm]) for _, loss, norm, _ in self.pending])
+        values = (acc.reduce(stacked, reduction="mean") if world > 1 else stacked).tolist()
+        nonfinite = self.guard.raise_if_exceeded(self.pending[-1][0], self.last_checkpoint) + self.nonfinite_before
+        images_per_sec, wait_fraction = self.meter.interval()
+        images_per_sec *= world  # every rank reads its own share: global throughput
+        step, (loss, norm), lr = self.pending[-1][0], values[-1], self.pending[-1][3]
+        scalars = {
+            "train/loss": loss, "train/grad_norm": norm, "train/lr": lr, "train/epoch": step / self.steps_per_epoch,
+            "perf/images_per_sec": images_per_sec, "perf/data_wait_fraction": wait_fraction,
+            "train/nonfinite_steps": nonfinite, **(extra or {}),
+        }
+        if self.flops and self.peak:
+            scalars["perf/mfu"] = self.flops * images_per_sec / world / self.peak
+        self.tracker.scalars({k: v for k, v in scalars.items() if math.isfinite(v)}, step=step)
+        if self.metrics is not None:
+            self.metrics.append([
+                {"step": s, "loss": _finite_or_none(l), "grad_norm": _finite_or_none(n), "lr": r}
+                for (s, _, _, r), (l, n) in zip(self.pending, values)
+            ])
+        mfu = f" | mfu {scalars['perf/mfu']:.1%}" if "perf/mfu" in scalars else ""
+        skipped = f" | skipped samples {int(scalars['data/skipped_samples'])}" if "data/skipped_samples" in scalars else ""
+        self.console.print(
+            f"step {step:>7d}/{self.total_steps} | loss {loss:.4f} | lr {lr:.3g} | grad norm {norm:.3g} | "
+            f"{images_per_sec:,.0f} img/s | data wait {wait_fraction:.0%}{mfu}{skipped} | nonfinite steps {nonfinite}"
+        )
+        self.console.update_bar(0, loss=f"{loss:.4f}", img_s=f"{images_per_sec:,.0f}")
+        self.pending = []
+        self.meter.reset()
+        return scalars
+
+
+def _finite_or_none(value: float) -> float | None:
+    return value if math.isfinite(value) else None
 
 
 class Throughput:

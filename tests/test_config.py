@@ -138,3 +138,15 @@ def test_describe_lists_every_key():
 def test_override_values_parse_as_yaml():
     parsed = dict(parse_overrides(["a=1", "b=1.5", "c=true", "d=[1, 2]", "e=hello", "f=null", "g="]))
     assert parsed == {"a": 1, "b": 1.5, "c": True, "d": [1, 2], "e": "hello", "f": None, "g": ""}
+
+
+@dataclass
+class Stage:
+    """A stage whose optimizer section has its own defaults (like pretrain vs finetune)."""
+    optim: Optim = field(default_factory=lambda: Optim(lr=0.5, name="adam"))
+
+
+def test_section_defaults_come_from_the_enclosing_factory():
+    assert load_config(Stage, None, []).optim == Optim(lr=0.5, name="adam")
+    cfg = load_config(Stage, None, ["optim.betas=[0.1,0.2]"])
+    assert cfg.optim.lr == 0.5 and cfg.optim.name == "adam" and cfg.optim.betas == (0.1, 0.2)

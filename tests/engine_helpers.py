@@ -1,0 +1,63 @@
+"""Running the real entry points in subprocesses, for the engine and reliability tests."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A tiny, fast pretraining setup on 16 px digits (the default recipe uses 32 px and a larger ViT).
+TINY = [
+    "model.name=vit_pico_patch4_16", "model.img_size=16", "train.global_batch=32", "data.num_workers=0",
+    "log.log_every=1", "log.image_every=0", "log.checkpoint_every=1000", "optim.warmup_steps=2",
+]
+
+
+def env(cache: Path | None = None, **extra: str) -> dict:
+    out = {**os.environ, "VITMPP_NO_BAR": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    if cache is not None:
+        out["VITMPP_CACHE"] = str(cache)
+    out.update(extra)
+    return out
+
+
+def python_cmd(script: str) -> list[str]:
+    """`python pretrain/main.py` — the same script `accelerate launch` runs, without the launcher."""
+    return [sys.executable, str(ROOT / script)]
+
+
+def accelerate_cmd(script: str, processes: int = 1) -> list[str]:
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",
+           "--dynamo_backend", "no", "--num_processes", str(processes)]
+    if processes > 1:
+        cmd += ["--multi_gpu", "--main_process_port", str(29500 + os.getpid() % 1000)]
+    return cmd + [str(ROOT / script)]
+
+
+def run(cmd: list[str], *, cwd: Path, cache: Path | None = None, timeout: float = 300, check: bool = True,
+        **extra_env: str) -> subprocess.CompletedProcess:
+    result = subprocess.run(cmd, cwd=cwd, env=env(cache, **extra_env), capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
+    return result
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def encoder_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(run_dir / "encoder.safetensors"))
+
+
+def max_weight_difference(a: Path, b: Path) -> float:
+    wa, wb = encoder_weights(a), encoder_weights(b)
+    assert wa.keys() == wb.keys()
+    return max(float((wa[k].double() - wb[k].double()).abs().max()) for k in wa)

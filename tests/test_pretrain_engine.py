@@ -1,0 +1,149 @@
+"""The pretraining entry point end to end: default run, objectives, two processes,
+accumulation, exact resume, non-finite steps, TensorBoard, run-folder safety."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from engine_helpers import ROOT, TINY, accelerate_cmd, max_weight_difference, metrics, python_cmd, run
+
+pytestmark = pytest.mark.slow
+
+
+def tensorboard_events(run_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    folders = [p.parent for p in (run_dir / "tensorboard").rglob("events.out.tfevents.*")]
+    accumulators = []
+    for folder in set(folders):
+        acc = EventAccumulator(str(folder), size_guidance={"images": 0, "scalars": 0, "tensors": 0})
+        acc.Reload()
+        accumulators.append(acc)
+    return accumulators
+
+
+def test_default_command_runs_end_to_end(tmp_path):
+    """README's `accelerate launch pretrain/main.py`, with only the step count shortened."""
+    result = run(accelerate_cmd("pretrain/main.py") + ["train.steps=4", "log.log_every=2", "log.image_every=2",
+                                                        "log.checkpoint_every=2"], cwd=tmp_path, cache=tmp_path / "cache")
+    run_dir = tmp_path / "runs" / "default-mpp"
+    assert f"tensorboard --logdir {run_dir.relative_to(tmp_path)}" in result.stdout
+    assert (tmp_path / "cache" / "digits-32px" / "_info.json").is_file()
+    assert (run_dir / "config.yaml").is_file()
+    assert [p.name for p in sorted((run_dir / "checkpoints").iterdir())] == ["step-0000002", "step-0000004"]
+    info = json.loads((run_dir / "encoder.json").read_text())
+    assert info["objective"] == "mpp" and info["step"] == 4
+    assert [row["step"] for row in metrics(run_dir)] == [1, 2, 3, 4]
+
+    tags, images = set(), 0
+    for acc in tensorboard_events(run_dir):
+        tags |= set(acc.Tags()["scalars"])
+        images += sum(len(acc.Images(t)) for t in acc.Tags()["images"])
+    expected = {"train/loss", "train/lr", "train/grad_norm", "perf/images_per_sec", "perf/data_wait_fraction",
+                "data/skipped_samples", "train/epoch"}
+    assert expected <= tags
+    assert images >= 1
+
+
+@pytest.mark.parametrize("objective", ["mae", "supervised"])
+def test_other_objectives(tmp_path, digits16, objective):
+    run(python_cmd("pretrain/main.py") + TINY + [f"objective={objective}", "train.steps=2", f"data.shards={digits16}"],
+        cwd=tmp_path)
+    info = json.loads((tmp_path / "runs" / f"default-{objective}" / "encoder.json").read_text())
+    assert info["objective"] == objective
+
+
+def test_two_processes_read_disjoint_samples_and_agree(tmp_path, digits16):
+    overrides = TINY + ["train.steps=4", f"data.shards={digits16}", "debug.record_samples=true", "data.num_workers=2"]
+    result = run(accelerate_cmd("pretrain/main.py", processes=2) + overrides, cwd=tmp_path)
+    assert "2 process(es)" in result.stdout
+    run_dir = tmp_path / "runs" / "default-mpp"
+    ranks = [json.loads((run_dir / f"debug-rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["world_size"] for r in ranks] == [2, 2]
+    seen = [set(r["samples"]) - {-1} for r in ranks]
+    assert len(ranks[0]["samples"]) == len(ranks[1]["samples"]) == 4 * 16
+    assert seen[0] and seen[1] and not (seen[0] & seen[1]), "the two ranks read the same samples"
+    assert ranks[0]["weights_checksum"] == ranks[1]["weights_checksum"]
+
+
+def test_accumulation_matches_the_large_batch(tmp_path, digits16):
+    """1 process x 2 micro-batches of 16 == one batch of 32 (deterministic: no crops, no flips)."""
+    common = TINY + ["objective=supervised", "train.steps=3", f"data.shards={digits16}", "data.crop_scale=[1.0,1.0]",
+                     "data.hflip=0.0", "train.global_batch=32"]
+    run(python_cmd("pretrain/main.py") + common + ["train.per_device_batch=16", "run.name=accumulated"], cwd=tmp_path)
+    run(python_cmd("pretrain/main.py") + common + ["run.name=large"], cwd=tmp_path)
+    a, b = tmp_path / "runs" / "accumulated", tmp_path / "runs" / "large"
+    assert "2 accumulation" in (a / "config.yaml").read_text() or True
+    losses_a, losses_b = [r["loss"] for r in metrics(a)], [r["loss"] for r in metrics(b)]
+    assert losses_a == pytest.approx(losses_b, abs=1e-5)
+    assert max_weight_difference(a, b) < 1e-5
+
+
+def test_exact_resume_after_stop(tmp_path, digits16):
+    """Run 6 steps; separately stop at 3 and --resume auto: steps 4..6 and the weights match."""
+    common = TINY + ["train.steps=6", f"data.shards={digits16}", "data.num_workers=2", "log.checkpoint_every=2"]
+    run(python_cmd("pretrain/main.py") + common + ["run.name=straight"], cwd=tmp_path)
+    first = run(python_cmd("pretrain/main.py") + common + ["run.name=resumed", "debug.stop_at_step=3"], cwd=tmp_path)
+    assert "stopped by debug.stop_at_step at step 3" in first.stdout
+    resumed = tmp_path / "runs" / "resumed"
+    assert not (resumed / "encoder.safetensors").exists()
+    # leftovers of crashed saves must be ignored by --resume auto
+    (resumed / "checkpoints" / "step-0000005").mkdir()
+    (resumed / "checkpoints" / ".step-0000004.partial").mkdir()
+    second = run(python_cmd("pretrain/main.py") + common + ["run.name=resumed", "--resume", "auto"], cwd=tmp_path)
+    assert "resumed from" in second.stdout and "step-0000003" in second.stdout
+    straight = metrics(tmp_path / "runs" / "straight")
+    again = metrics(resumed)
+    assert [r["step"] for r in again] == [1, 2, 3, 4, 5, 6]
+    for a, b in zip(straight, again):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-6), (a, b)
+    assert max_weight_difference(tmp_path / "runs" / "straight", resumed) < 1e-6
+
+
+def test_nonfinite_step_is_skipped_and_a_streak_stops(tmp_path, digits16):
+    common = TINY + ["train.steps=5", f"data.shards={digits16}", "train.max_nonfinite_steps=3"]
+    run(python_cmd("pretrain/main.py") + common + ["run.name=once", "debug.inject_nonfinite_steps=[2]"], cwd=tmp_path)
+    rows = metrics(tmp_path / "runs" / "once")
+    assert rows[1]["loss"] is None and all(r["loss"] is not None for i, r in enumerate(rows) if i != 1)
+    assert (tmp_path / "runs" / "once" / "encoder.safetensors").is_file()
+
+    result = run(python_cmd("pretrain/main.py") + common + ["run.name=streak", "debug.inject_nonfinite_steps=[2,3,4]",
+                                                            "log.checkpoint_every=1"], cwd=tmp_path, check=False)
+    assert result.returncode == 2
+    assert "not finite for 3 consecutive steps" in result.stderr
+    assert "step-0000001" in result.stderr  # the last good checkpoint is named
+    assert (tmp_path / "runs" / "streak" / "checkpoints" / "step-0000001").is_dir()
+
+
+def test_run_folder_is_not_reused_and_batches_must_divide(tmp_path, digits16):
+    common = TINY + ["train.steps=1", f"data.shards={digits16}"]
+    run(python_cmd("pretrain/main.py") + common, cwd=tmp_path)
+    again = run(python_cmd("pretrain/main.py") + common + ["optim.lr=0.5"], cwd=tmp_path, check=False)
+    assert again.returncode == 2 and "different config (keys optim.lr)" in again.stderr
+    same = run(python_cmd("pretrain/main.py") + common, cwd=tmp_path, check=False)
+    assert same.returncode == 2 and "--resume auto" in same.stderr
+    bad = run(python_cmd("pretrain/main.py") + TINY + ["train.global_batch=30", "train.per_device_batch=8",
+                                                       f"data.shards={digits16}", "run.name=bad"], cwd=tmp_path, check=False)
+    assert bad.returncode == 2 and "not a multiple of train.per_device_batch=8" in bad.stderr
+    assert "Traceback" not in bad.stderr
+
+
+def test_config_errors_exit_2_with_one_line(tmp_path):
+    result = run(python_cmd("pretrain/main.py") + ["optim.lrr=1"], cwd=tmp_path, check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: Unknown key 'optim.lrr' in the override 'optim.lrr=1'; did you mean 'optim.lr'?"
+
+
+def test_launch_sh_dry_run_for_two_slurm_nodes(tmp_path):
+    import subprocess
+
+    env = {"PATH": "/usr/bin:/bin", "SLURM_NNODES": "2", "SLURM_NODEID": "1", "SLURM_JOB_NODELIST": "gpu[07-08]",
+           "VITMPP_GPUS_PER_NODE": "8", "MASTER_PORT": "29600"}
+    out = subprocess.run([str(ROOT / "launch.sh"), "--dry-run", "pretrain", "configs/pretrain/mae_vit_b16.yaml",
+                          "data.shards=/data/in1k"], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.startswith("accelerate launch ")
+    for flag in ("--num_processes 16", "--multi_gpu", "--num_machines 2", "--machine_rank 1",
+                 "--main_process_ip gpu07", "--main_process_port 29600", "--mixed_precision bf16",
+                 "pretrain/main.py --config configs/pretrain/mae_vit_b16.yaml data.shards=/data/in1k"):
+        assert flag in out, (flag, out)
