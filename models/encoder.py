@@ -200,7 +200,7 @@ def standard_timm_name(encoder: VisionTransformer) -> str | None:
     if any(k in spec["overrides"] and spec["overrides"][k] != base[k] for k in ARCHITECTURE_KEYS):
         return None
     # other structural changes (no class token, no qkv bias, layer scale, ...) break the match too
-    structural = set(spec["overrides"]) - set(ARCHITECTURE_KEYS) - {"global_pool"}
+    structural = set(spec["overrides"]) - set(ARCHITECTURE_KEYS) - {"global_pool", "fc_norm"}
     return None if structural else base["timm_name"]
 
 

@@ -158,12 +158,18 @@ def load_encoder(path: str | os.PathLike, img_size: int | None = None, **overrid
     position embeddings in 2D (timm's `resample_abs_pos_embed`, bicubic) to this
     resolution; default the export's. `overrides`: training-time options such as
     `drop_path_rate` or `global_pool` (architecture keys that change weight
-    shapes fail with a UserError). The position embedding comes back learnable,
-    as MAE fine-tunes it; pass `pos_embed="sincos"` to keep it fixed.
+    shapes fail with a UserError). A different `global_pool` keeps the trained
+    final norm on the tokens (timm's `reset_classifier`), so no weight is left
+    out. The position embedding comes back learnable, as MAE fine-tunes it;
+    pass `pos_embed="sincos"` to keep it fixed.
     """
     weights = _weights_path(path)
     info = read_encoder_info(weights)
     sincos = overrides.pop("pos_embed", "learned") == "sincos"
+    # The pooling is switched after loading: timm moves the final LayerNorm from the tokens
+    # (`norm`) to the pooled feature (`fc_norm`) when built with global_pool="avg", which would
+    # leave the trained norm unused. `reset_classifier` changes the pooling and keeps the norm.
+    pool = overrides.pop("global_pool", None)
     kwargs = {**info.get("overrides", {}), **overrides}
     encoder = create_encoder(info["name"], img_size=info["img_size"], **kwargs)
     try:
@@ -188,6 +194,12 @@ def load_encoder(path: str | os.PathLike, img_size: int | None = None, **overrid
             raise UserError(f"Image size {img_size} is not a multiple of the encoder's patch size {patch}.")
         encoder.set_input_size(img_size=(int(img_size), int(img_size)))  # resample_abs_pos_embed in 2D
         encoder.vitmpp_spec["img_size"] = int(img_size)
+    if pool is not None and pool != encoder.global_pool:
+        if pool == "token" and not encoder.has_class_token:
+            raise UserError(f"Encoder {weights} has no class token, so global_pool 'token' is impossible; use 'avg'.")
+        encoder.reset_classifier(0, global_pool=pool)
+        # recorded so that a re-export of this encoder rebuilds the same layout
+        encoder.vitmpp_spec["overrides"].update(global_pool=pool, fc_norm=not isinstance(encoder.fc_norm, torch.nn.Identity))
     if sincos:
         set_sincos_pos_embed(encoder)
     return encoder

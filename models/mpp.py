@@ -197,6 +197,9 @@ class MPPObjective(Objective):
     def _own_no_weight_decay(self) -> set[str]:
         return {"mask_token"}
 
+    def _stem_patterns(self) -> list[str]:
+        return [r"^mask_token"]  # an input embedding, like the patch projection
+
     def num_corrupted(self, num_patches: int) -> int:
         """K = round(corrupt_ratio * N), at least 1."""
         return expected_corrupted(num_patches, self.config.corrupt_ratio)

@@ -160,8 +160,13 @@ class Objective(nn.Module):
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict:
         """Layer groups for timm's layer-wise lr decay: encoder stem, encoder blocks; heads and decoders last."""
-        stem = r"^encoder\.(cls_token|reg_token|pos_embed|patch_embed|norm_pre)|^mask_token"
+        # no capture groups in the stem: timm reads captured numbers as layer ids
+        stem = "|".join([r"^encoder\.(?:cls_token|reg_token|pos_embed|patch_embed|norm_pre)", *self._stem_patterns()])
         return dict(stem=stem, blocks=[(r"^encoder\.blocks\.(\d+)", None), (r"^encoder\.norm", (99999,))])
+
+    def _stem_patterns(self) -> list[str]:
+        """Regexes of the subclass's parameters that belong with the encoder's input layers (e.g. MPP's [mask])."""
+        return []
 
     def extra_repr(self) -> str:
         return f"objective={self.objective_name!r}, config={self.config}"
