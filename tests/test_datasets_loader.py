@@ -266,3 +266,18 @@ def test_large_jpegs_are_decoded_at_a_reduced_scale_when_the_transform_allows(tm
     assert drafted.size == (64, 64)  # 1/8 scale is still at least the 32 pixels the transform needs
     difference = (transform(drafted).float() - transform(full).float()).abs().mean()
     assert difference < 2.0
+
+
+def test_finetune_transform_survives_zero_bit_posterize():
+    """RandAugment's increasing posterize reaches 0 bits at the top magnitude; Pillow 13 refuses it."""
+    from PIL import Image
+    from timm.data.auto_augment import RandAugment
+
+    from vitmpp.datasets import finetune_transform
+
+    transform = finetune_transform(16, auto_augment="rand-m10-n1-inc1")
+    augment = next(t for t in transform.transforms if isinstance(t, RandAugment))
+    augment.ops = [op for op in augment.ops if op.name == "PosterizeIncreasing"]
+    augment.ops[0].prob = 1.0
+    out = transform(Image.new("RGB", (16, 16), (200, 100, 50)))
+    assert out.dtype == torch.uint8 and int(out.max()) == 0

@@ -1,0 +1,96 @@
+"""The evaluation recipe: one dataclass tree, loaded from `configs/finetune/*.yaml`.
+
+Protocols (ARCHITECTURE §6):
+- `linear`: MAE's linear probe, frozen encoder, BatchNorm1d(affine=False) + linear head, LARS, no weight decay;
+- `finetune`: full fine-tuning, MAE/DeiT recipe (AdamW, layer decay, drop path, mixup/cutmix, label smoothing,
+  RandAugment, random erasing, average pooling);
+- `scratch`: `finetune` from random initialisation (the baseline self-supervision must beat);
+- `knn`: k-nearest neighbours on frozen features (no training).
+
+The defaults are the embedded default: a linear probe of the default pretraining run's
+encoder (`runs/default-mpp`) on the digits data.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from vitmpp.common.config import param
+from vitmpp.common.errors import ConfigError
+from vitmpp.common.training import DebugConfig, LogConfig, OptimConfig, RunConfig, TrainConfig
+
+PROTOCOLS = ("linear", "finetune", "scratch", "knn")
+
+
+@dataclass
+class FinetuneDataConfig:
+    shards: Optional[str] = param(None, help="folder with _info.json or a shard pattern; null: the embedded digits data")
+    train_split: str = param("train")
+    val_split: str = param("validation")
+    label_fraction: float = param(1.0, gt=0, le=1, help="fraction of training labels used (class-balanced, by seed)")
+    num_workers: int = param(2, ge=0)
+    shuffle_buffer: int = param(1000, ge=1)
+    mean: Optional[tuple[float, float, float]] = param(None, help="normalisation mean; null: the encoder's (encoder.json), else ImageNet's")
+    std: Optional[tuple[float, float, float]] = param(None, help="normalisation std; null: the encoder's, else ImageNet's")
+    crop_scale: tuple[float, float] = param((0.08, 1.0), help="RandomResizedCrop area range for training")
+    hflip: float = param(0.5, ge=0, le=1)
+    interpolation: str = param("bicubic", choices=("bicubic", "bilinear", "nearest"))
+    auto_augment: Optional[str] = param("rand-m9-mstd0.5-inc1", help="timm auto-augment policy (finetune/scratch); null: none")
+    eval_crop_pct: float = param(0.875, gt=0, le=1, help="evaluation: resize to img_size / crop_pct, centre crop img_size")
+    max_skip_fraction: float = param(0.1, ge=0, le=1)
+
+
+@dataclass
+class RegularizationConfig:
+    """Fine-tuning regularisation (DeiT / MAE recipe); ignored by linear and knn."""
+
+    mixup: float = param(0.8, ge=0, help="mixup alpha (0: off)")
+    cutmix: float = param(1.0, ge=0, help="cutmix alpha (0: off)")
+    mixup_prob: float = param(1.0, ge=0, le=1)
+    mixup_switch_prob: float = param(0.5, ge=0, le=1)
+    label_smoothing: float = param(0.1, ge=0, lt=1)
+    reprob: float = param(0.25, ge=0, le=1, help="random erasing probability (on the device)")
+
+
+@dataclass
+class HeadModelConfig:
+    name: Optional[str] = param(None, help="architecture for scratch when no encoder is given (a vitmpp encoder name)")
+    img_size: Optional[int] = param(None, ge=8, help="input size; null: the encoder's (larger interpolates position embeddings)")
+    drop_path_rate: float = param(0.1, ge=0, lt=1, help="stochastic depth (finetune/scratch)")
+    global_pool: str = param("avg", choices=("token", "avg"), help="finetune/scratch pooling (MAE: avg); linear and knn use linear_pool")
+    linear_pool: str = param("token", choices=("token", "avg"), help="features for linear and knn (MAE linear probe: the class token)")
+
+
+@dataclass
+class KNNConfig:
+    k: int = param(20, ge=1, help="neighbours (Wu et al. 2018, DINO: 20)")
+    temperature: float = param(0.07, gt=0, help="votes weighted by exp(similarity / temperature)")
+    batch_size: int = param(256, ge=1)
+
+
+@dataclass
+class FinetuneConfig:
+    protocol: str = param("linear", choices=PROTOCOLS)
+    encoder: Optional[str] = param(None, help="pretraining run folder or encoder.safetensors; null: runs/default-mpp")
+    model: HeadModelConfig = field(default_factory=HeadModelConfig)
+    data: FinetuneDataConfig = field(default_factory=FinetuneDataConfig)
+    regularization: RegularizationConfig = field(default_factory=RegularizationConfig)
+    knn: KNNConfig = field(default_factory=KNNConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(
+        name="lars", base_lr=0.1, base_batch=256, weight_decay=0.0, warmup_epochs=2, momentum=0.9,
+    ))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(global_batch=128, epochs=20))
+    eval_every: int = param(1, ge=1, help="epochs between evaluations (the last epoch is always evaluated)")
+    log: LogConfig = field(default_factory=lambda: LogConfig(log_every=10, image_every=0, checkpoint_every=10**9, keep_checkpoints=1))
+    run: RunConfig = field(default_factory=RunConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
+
+    def check(self) -> None:
+        if self.protocol != "knn" and self.train.epochs is None:
+            raise ConfigError("Fine-tuning runs in whole epochs: set 'train.epochs' (not train.steps).")
+        if self.protocol in ("finetune", "scratch") and (self.regularization.mixup > 0 or self.regularization.cutmix > 0):
+            if self.train.per_device_batch is not None and self.train.per_device_batch % 2:
+                raise ConfigError("Mixup/cutmix need an even 'train.per_device_batch'; change it or set regularization.mixup=0 and cutmix=0.")
+
+
+RESUMABLE_KEYS = ("log.", "data.num_workers", "data.shards", "debug.", "run.", "eval_every")

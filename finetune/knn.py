@@ -1,0 +1,57 @@
+"""k-nearest-neighbour classification on frozen features (Wu et al. 2018; DINO's protocol):
+cosine similarity, the k most similar training images vote for their class with weight
+exp(similarity / temperature)."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from vitmpp.datasets import normalize_batch
+
+
+@torch.no_grad()
+def extract(accelerator, features: Callable, loader, mean, std) -> tuple[torch.Tensor, torch.Tensor]:
+    """L2-normalised features and labels of a split, gathered from every rank, padding dropped."""
+    device = accelerator.device
+    feats, labels, indices = [], [], []
+    for batch in loader:
+        images = normalize_batch(batch.images.to(device, non_blocking=True), mean, std)
+        with accelerator.autocast():
+            out = features(images)
+        feats.append(F.normalize(out.float(), dim=1))
+        labels.append(batch.labels.to(device))
+        indices.append(batch.indices.to(device))
+    feats, labels, indices = (accelerator.gather(torch.cat(t)) for t in (feats, labels, indices))
+    keep = indices >= 0
+    order = torch.argsort(indices[keep])  # a fixed order, whatever the number of ranks
+    return feats[keep][order], labels[keep][order]
+
+
+def knn_predict(train_feats, train_labels, query_feats, num_classes: int, k: int, temperature: float,
+                chunk: int = 1024) -> torch.Tensor:
+    """Class scores [Q, C] for L2-normalised queries against L2-normalised training features."""
+    k = min(k, train_feats.shape[0])
+    scores = []
+    for start in range(0, query_feats.shape[0], chunk):
+        similarity = query_feats[start:start + chunk] @ train_feats.T  # [q, N] cosine
+        top_sim, top_idx = similarity.topk(k, dim=1)
+        weights = (top_sim / temperature).exp()
+        votes = torch.zeros(similarity.shape[0], num_classes, device=similarity.device)
+        votes.scatter_add_(1, train_labels[top_idx], weights)
+        scores.append(votes)
+    return torch.cat(scores)
+
+
+def knn_classify(accelerator, features, train_loader, val_loader, mean, std, num_classes: int, k: int,
+                 temperature: float, expected_val: int) -> dict[str, float]:
+    train_feats, train_labels = extract(accelerator, features, train_loader, mean, std)
+    val_feats, val_labels = extract(accelerator, features, val_loader, mean, std)
+    if val_feats.shape[0] != expected_val:
+        raise RuntimeError(f"kNN evaluation saw {val_feats.shape[0]} validation samples, expected {expected_val}")
+    scores = knn_predict(train_feats, train_labels, val_feats, num_classes, k, temperature)
+    top5 = scores.topk(min(5, num_classes), dim=1).indices
+    correct = top5 == val_labels[:, None]
+    return {"top1": 100.0 * correct[:, 0].float().mean().item(), "top5": 100.0 * correct.any(1).float().mean().item(),
+            "count": int(val_feats.shape[0])}

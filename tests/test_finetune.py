@@ -1,0 +1,145 @@
+"""Evaluation protocols: linear probe, fine-tuning (layer decay, resolution change),
+label fractions, two-process evaluation, and the comparison command."""
+from __future__ import annotations
+
+import csv
+import json
+import sys
+
+import pytest
+import torch
+
+from engine_helpers import TINY, accelerate_cmd, metrics, python_cmd, run
+
+COMPARE = [sys.executable, "-m", "vitmpp.finetune.compare"]
+FT_TINY = ["train.global_batch=32", "data.num_workers=0", "log.log_every=5", "train.epochs=1"]
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory, digits16):
+    """A tiny MPP encoder pretrained for a few steps on 16 px digits."""
+    root = tmp_path_factory.mktemp("pretrained")
+    run(python_cmd("pretrain/main.py") + TINY + ["train.steps=3", f"data.shards={digits16}", "run.name=mpp"], cwd=root)
+    return root / "runs" / "mpp"
+
+
+def test_heads_start_at_zero():
+    from vitmpp.finetune.heads import LinearProbe, make_classifier
+    from vitmpp.models import create_encoder
+
+    probe = LinearProbe(create_encoder("vit_pico_patch4_16"), 10)
+    assert not probe.head.weight.any() and not probe.head.bias.any()
+    assert not probe.norm.affine and probe.norm.eps == 1e-6
+    classifier = make_classifier(create_encoder("vit_pico_patch4_16"), 7, "avg")
+    assert classifier.head.out_features == 7 and not classifier.head.weight.any()
+
+
+def test_layer_decay_scales():
+    from vitmpp.common.training import OptimConfig, build_optimizer
+    from vitmpp.finetune.heads import make_classifier
+    from vitmpp.models import create_encoder
+
+    model = make_classifier(create_encoder("vit_nano_patch4_32"), 10, "avg")  # depth 4
+    optimizer = build_optimizer(model, OptimConfig(name="adamw", lr=1.0, base_lr=None, layer_decay=0.5), 1.0)
+    scale_of = {}
+    names = {id(p): n for n, p in model.named_parameters()}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            scale_of[names[id(p)]] = group["lr_scale"]
+    depth = len(model.blocks)
+    assert scale_of["head.weight"] == 1.0
+    assert scale_of[f"blocks.{depth - 1}.attn.qkv.weight"] == 0.5
+    assert scale_of["blocks.0.mlp.fc1.weight"] == 0.5 ** depth
+    assert scale_of["patch_embed.proj.weight"] == pytest.approx(0.5 ** (depth + 1))
+    assert scale_of["pos_embed"] == pytest.approx(0.5 ** (depth + 1))
+
+
+def test_balanced_subset_is_balanced_and_deterministic(digits16):
+    from vitmpp.datasets import read_manifest
+    from vitmpp.finetune.subset import balanced_subset
+
+    labels = read_manifest(digits16).labels("train")
+    chosen = balanced_subset(labels, 0.1, seed=3)
+    assert chosen == balanced_subset(labels, 0.1, seed=3)
+    assert chosen != balanced_subset(labels, 0.1, seed=4)
+    counts = torch.bincount(torch.tensor([labels[i] for i in chosen]), minlength=10)
+    full = torch.bincount(torch.tensor(labels), minlength=10)
+    assert torch.all((counts - (0.1 * full).round()).abs() <= 0)
+    assert len(set(chosen)) == len(chosen)
+
+
+@pytest.mark.slow
+def test_linear_probe_trains_only_the_head(tmp_path, pretrained, digits16):
+    from safetensors.torch import load_file
+
+    run(python_cmd("finetune/main.py") + FT_TINY + ["protocol=linear", f"encoder={pretrained}", f"data.shards={digits16}",
+                                                    "run.name=linear"], cwd=tmp_path)
+    out = tmp_path / "runs" / "linear"
+    before = load_file(str(pretrained / "encoder.safetensors"))
+    after = load_file(str(out / "best.safetensors"))
+    for key, value in before.items():
+        assert torch.equal(after[f"encoder.{key}"], value), key
+    assert after["head.weight"].abs().sum() > 0 and after["norm.running_var"].ne(1).any()
+    assert set(after) - {f"encoder.{k}" for k in before} == {"head.weight", "head.bias", "norm.running_mean",
+                                                             "norm.running_var", "norm.num_batches_tracked"}
+    results = json.loads((out / "results.json").read_text())
+    assert results["protocol"] == "linear" and results["val_images"] == 359 and results["epochs"] == 1
+    for key in ("best_top1", "best_top5", "last_top1", "last_top5", "wall_time_s", "encoder_info", "seed", "label_fraction"):
+        assert key in results
+
+
+@pytest.mark.slow
+def test_finetune_at_higher_resolution_learns(tmp_path, pretrained, digits32):
+    """A 16 px encoder fine-tuned at 32 px (position embeddings resampled): the loss falls."""
+    run(python_cmd("finetune/main.py") + ["train.global_batch=32", "data.num_workers=0", "log.log_every=1",
+                                          "protocol=finetune", f"encoder={pretrained}", f"data.shards={digits32}",
+                                          "model.img_size=32", "train.epochs=2", "regularization.mixup=0",
+                                          "regularization.cutmix=0", "data.auto_augment=null", "optim.name=adamw",
+                                          "optim.lr=2e-3", "optim.warmup_epochs=0", "data.crop_scale=[0.6,1.0]",
+                                          "regularization.reprob=0", "regularization.label_smoothing=0",
+                                          "model.drop_path_rate=0", "run.name=ft32"], cwd=tmp_path)
+    losses = [row["loss"] for row in metrics(tmp_path / "runs" / "ft32")]
+    assert len(losses) == 2 * (1438 // 32)
+    assert sum(losses[-10:]) / 10 < sum(losses[:10]) / 10 - 0.05, losses
+    assert json.loads((tmp_path / "runs" / "ft32" / "results.json").read_text())["encoder_info"]["img_size"] == 16
+
+
+@pytest.mark.slow
+def test_two_process_evaluation_counts_each_sample_once(tmp_path, pretrained, digits16):
+    run(accelerate_cmd("finetune/main.py", processes=2) + FT_TINY + ["protocol=linear", f"encoder={pretrained}",
+                                                                     f"data.shards={digits16}", "run.name=two"],
+        cwd=tmp_path)
+    results = json.loads((tmp_path / "runs" / "two" / "results.json").read_text())
+    assert results["val_images"] == 359  # 359 is odd: one rank's share is padded and the padding dropped
+
+
+@pytest.mark.slow
+def test_compare_runs_cells_and_resumes(tmp_path, pretrained, digits16):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("train:\n  global_batch: 32\n  epochs: 1\ndata:\n  num_workers: 0\n  auto_augment: null\n"
+                      "regularization:\n  mixup: 0.0\n  cutmix: 0.0\n")
+    config = tmp_path / "compare.yaml"
+    config.write_text(
+        f"encoders:\n  mpp: {pretrained}\n  random: random\n"
+        "protocols: [linear, knn]\nlabel_fractions: [0.2]\nseeds: [0, 1]\n"
+        f"recipes:\n  linear: {recipe}\n  knn: {recipe}\n"
+        f"overrides: ['data.shards={digits16}']\noutput_dir: {tmp_path / 'out'}\n"
+    )
+    first = run(COMPARE + ["--config", str(config)], cwd=tmp_path, timeout=900)
+    assert first.stdout.count("[compare]") == 8
+    out = tmp_path / "out"
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert len(rows) == 8 and {r["encoder"] for r in rows} == {"mpp", "random"}
+    table = (out / "results.md").read_text()
+    assert table.count("\n| mpp |") == 2 and table.count("\n| random |") == 2 and "± " in table
+    assert (out / "results.png").stat().st_size > 1000
+    second = run(COMPARE + ["--config", str(config)], cwd=tmp_path)
+    assert "[compare]" not in second.stdout  # every cell was already done
+    changed = run(COMPARE + ["--config", str(config), "seeds=[5]"], cwd=tmp_path, check=False)
+    assert changed.returncode == 2 and "different config (keys seeds)" in changed.stderr
+
+
+def test_no_argument_default_says_what_to_run_first(tmp_path):
+    result = run(python_cmd("finetune/main.py"), cwd=tmp_path, check=False, cache=tmp_path / "cache")
+    assert result.returncode == 2
+    assert "run `accelerate launch pretrain/main.py` first" in result.stderr
