@@ -94,14 +94,16 @@ def test_init_encoder_false_keeps_the_encoders_weights():
 # ----------------------------------------------------------------------------- peer implementation
 
 def _copy_block(ours, theirs, d):
-    q, k, v = ours.attn.qkv.weight.split(d), ours.attn.qkv.bias.split(d), None
-    theirs.attention.q_proj.weight.copy_(q[0]); theirs.attention.k_proj.weight.copy_(q[1]); theirs.attention.v_proj.weight.copy_(q[2])
-    theirs.attention.q_proj.bias.copy_(k[0]); theirs.attention.k_proj.bias.copy_(k[1]); theirs.attention.v_proj.bias.copy_(k[2])
-    theirs.attention.o_proj.weight.copy_(ours.attn.proj.weight); theirs.attention.o_proj.bias.copy_(ours.attn.proj.bias)
-    for a, b in ((ours.norm1, theirs.layernorm_before), (ours.norm2, theirs.layernorm_after),
-                 (ours.mlp.fc1, theirs.mlp.fc1), (ours.mlp.fc2, theirs.mlp.fc2)):
-        b.weight.copy_(a.weight); b.bias.copy_(a.bias)
-    del v
+    """timm Block -> transformers ViTMAELayer (timm fuses q, k, v into one projection)."""
+    attention = theirs.attention
+    for proj, weight, bias in zip((attention.q_proj, attention.k_proj, attention.v_proj),
+                                  ours.attn.qkv.weight.split(d), ours.attn.qkv.bias.split(d)):
+        proj.weight.copy_(weight)
+        proj.bias.copy_(bias)
+    for a, b in ((ours.attn.proj, attention.o_proj), (ours.norm1, theirs.layernorm_before),
+                 (ours.norm2, theirs.layernorm_after), (ours.mlp.fc1, theirs.mlp.fc1), (ours.mlp.fc2, theirs.mlp.fc2)):
+        b.weight.copy_(a.weight)
+        b.bias.copy_(a.bias)
 
 
 def _hf_sincos(grid: int, dim: int) -> torch.Tensor:
