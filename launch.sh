@@ -19,7 +19,6 @@
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-cd "$here"
 
 dry_run=0
 if [[ "${1:-}" == "--dry-run" ]]; then
@@ -116,7 +115,7 @@ launch() {
   local script="$1"
   shift
   accelerate_flags
-  run accelerate launch "${flags[@]}" "$script" "$@"
+  run accelerate launch --quiet "${flags[@]}" "$script" "$@"
 }
 
 with_config() {
@@ -137,7 +136,7 @@ case "$command" in
   pretrain | finetune)
     args=()
     while IFS= read -r -d '' item; do args+=("$item"); done < <(with_config "$@")
-    launch "$command/main.py" ${args[@]+"${args[@]}"}
+    launch "$here/$command/main.py" ${args[@]+"${args[@]}"}
     ;;
   compare)
     args=()
@@ -157,12 +156,13 @@ case "$command" in
     fi
     resume=()
     [[ -f "$demo_dir/pretrain/config.yaml" ]] && resume=(--resume auto)
-    launch pretrain/main.py --config configs/pretrain/mpp_digits.yaml "data.shards=$demo_dir/shards" \
+    launch "$here/pretrain/main.py" --config "$here/configs/pretrain/mpp_digits.yaml" "data.shards=$demo_dir/shards" \
       "run.output_dir=$demo_dir" run.name=pretrain ${resume[@]+"${resume[@]}"} "$@"
-    launch finetune/main.py --config configs/finetune/linear_digits.yaml "encoder=$demo_dir/pretrain" \
+    launch "$here/finetune/main.py" --config "$here/configs/finetune/linear_digits.yaml" "encoder=$demo_dir/pretrain" \
       "data.shards=$demo_dir/shards" "run.output_dir=$demo_dir" run.name=linear --resume auto
     ;;
   test)
+    cd "$here"
     run python -m pytest -q "$@"
     ;;
   -h | --help | help)

@@ -115,3 +115,25 @@ class StopSignal:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous.clear()
+
+
+def explain_failure(error: BaseException, rank: int) -> "UserError | None":
+    """A one-sentence UserError for failures whose torch messages are long and cryptic.
+
+    - a DataLoader worker killed (torch raises this from its SIGCHLD handler, at any
+      point of the step, not only while fetching a batch);
+    - the process group losing a peer (another rank died first: its own message says why).
+    """
+    from .errors import UserError
+
+    text = str(error)
+    if "DataLoader worker" in text and "exited unexpectedly" in text:
+        detail = text.split(". ")[0]
+        return UserError(
+            f"A data-loading worker of rank {rank} died ({detail}); this is usually the kernel's out-of-memory "
+            "killer: lower data.num_workers or the batch size, then rerun with --resume auto."
+        )
+    if "Connection closed by peer" in text or "Connection reset by peer" in text or "NCCL communicator was aborted" in text:
+        return UserError(f"Rank {rank} lost contact with another process of this run, which failed first; "
+                         "its message above names the cause.")
+    return None

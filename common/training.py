@@ -112,6 +112,8 @@ class DebugConfig:
     step_delay_s: float = param(0.0, ge=0, help="sleep after every step (to give signal tests time)")
     stop_at_step: Optional[int] = param(None, ge=1, help="behave as if preempted after this step (checkpoint, exit 0)")
     record_samples: bool = param(False, help="write each rank's sample indices and final weight checksum to debug-rank<r>.json")
+    checkpoint_disk_full_at_step: Optional[int] = param(None, ge=1, help="the checkpoint save of this step fails with ENOSPC")
+    kill_worker_after_samples: Optional[int] = param(None, ge=0, help="data-loading workers exit hard after transforming this many samples")
 
 
 # ----------------------------------------------------------------------------- batch geometry
@@ -312,7 +314,8 @@ class Checkpointer:
     the step and needs no state.
     """
 
-    def __init__(self, accelerator, run_dir: Path, keep_last: int, control: ControlPlane, delay_s: float = 0.0):
+    def __init__(self, accelerator, run_dir: Path, keep_last: int, control: ControlPlane, delay_s: float = 0.0,
+                 disk_full_at_step: int | None = None):
         from .rundir import checkpoints_dir
 
         self.accelerator = accelerator
@@ -320,6 +323,7 @@ class Checkpointer:
         self.keep_last = keep_last
         self.control = control
         self.delay_s = delay_s
+        self.disk_full_at_step = disk_full_at_step
         self.last: Path | None = ckpt.latest_checkpoint(self.root)
 
     def save(self, step: int, state: dict) -> Path:
@@ -336,6 +340,10 @@ class Checkpointer:
             acc.save_state(str(partial), safe_serialization=True)
             if self.delay_s:
                 time.sleep(self.delay_s)
+            if step == self.disk_full_at_step:
+                from .faults import disk_full
+
+                raise disk_full(partial / ckpt.STATE_FILE)
             if acc.is_main_process:
                 ckpt.write_json_atomic(partial / ckpt.STATE_FILE, state)  # last: marks the save complete
         except OSError as err:
@@ -365,7 +373,18 @@ class Checkpointer:
                 f"Checkpoint {path} was written by {saved_world} processes but this run has {acc.num_processes}; "
                 f"resume with --num_processes {saved_world} (a different count would change the data order and batch)."
             )
-        acc.load_state(str(path))
+        try:
+            acc.load_state(str(path))
+        except Exception as err:  # noqa: BLE001 - name the checkpoint, never run what it holds
+            import pickle
+
+            if isinstance(err, pickle.UnpicklingError) or "weights_only" in str(err) or "Unsupported global" in str(err):
+                raise UserError(
+                    f"Checkpoint {path} holds pickled objects other than tensors and plain data; refusing to load it "
+                    "(loading is weights-only). Resume from a checkpoint this program wrote."
+                ) from None
+            raise UserError(f"Checkpoint {path} could not be loaded ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
+                            "resume from an earlier one.") from None
         self._verify_rng(path)
         self.last = Path(path)
         return state

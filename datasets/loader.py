@@ -57,6 +57,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from vitmpp.common.distributed import explain_failure
 from vitmpp.common.errors import UserError
 
 from .manifest import Manifest, expand_shard_spec, is_url, read_manifest
@@ -419,6 +420,11 @@ class ShardLoader:
                     images, labels, indices, skipped, notes = next(batches)
                 except StopIteration:
                     break
+                except RuntimeError as err:
+                    explained = explain_failure(err, self._plan.rank)
+                    if explained is None:
+                        raise
+                    raise explained from None
                 except UserError as err:
                     # a worker's UserError arrives wrapped with its traceback: keep the sentence
                     text = str(err)

@@ -79,15 +79,13 @@ class FinetuneConfig:
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(
         name="lars", base_lr=0.1, base_batch=256, weight_decay=0.0, warmup_epochs=2, momentum=0.9,
     ))
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(global_batch=128, epochs=20))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(global_batch=128, epochs=20))  # or train.steps
     eval_every: int = param(1, ge=1, help="epochs between evaluations (the last epoch is always evaluated)")
     log: LogConfig = field(default_factory=lambda: LogConfig(log_every=10, image_every=0, checkpoint_every=10**9, keep_checkpoints=1))
     run: RunConfig = field(default_factory=RunConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
 
     def check(self) -> None:
-        if self.protocol != "knn" and self.train.epochs is None:
-            raise ConfigError("Fine-tuning runs in whole epochs: set 'train.epochs' (not train.steps).")
         if self.protocol in ("finetune", "scratch") and (self.regularization.mixup > 0 or self.regularization.cutmix > 0):
             if self.train.per_device_batch is not None and self.train.per_device_batch % 2:
                 raise ConfigError("Mixup/cutmix need an even 'train.per_device_batch'; change it or set regularization.mixup=0 and cutmix=0.")

@@ -21,7 +21,7 @@ from vitmpp.common import rundir
 from vitmpp.common.checkpoint import write_json_atomic
 from vitmpp.common.config import dump_yaml, flatten
 from vitmpp.common.console import Console, quiet_libraries
-from vitmpp.common.distributed import StopSignal, make_accelerator
+from vitmpp.common.distributed import StopSignal, explain_failure, make_accelerator
 from vitmpp.common.errors import UserError
 from vitmpp.common.training import (
     Checkpointer,
@@ -203,8 +203,9 @@ def run(cfg: FinetuneConfig, run_dir: Path, resume: str | None = None) -> dict:
     if steps_per_epoch < 1:
         raise UserError(f"Only {num_train} training images (label fraction {cfg.data.label_fraction}) for a global batch "
                         f"of {geometry.global_batch}; lower train.global_batch.")
-    epochs = int(round(cfg.train.epochs))
-    total_steps = epochs * steps_per_epoch
+    # length in epochs, or in steps (the same compute whatever the label fraction)
+    total_steps = cfg.train.steps if cfg.train.steps is not None else int(round(cfg.train.epochs * steps_per_epoch))
+    epochs = -(-total_steps // steps_per_epoch)
     if cfg.protocol == "linear":
         train_transform = pretrain_transform(img_size, scale=tuple(cfg.data.crop_scale), hflip=cfg.data.hflip,
                                              interpolation=cfg.data.interpolation)
@@ -218,7 +219,8 @@ def run(cfg: FinetuneConfig, run_dir: Path, resume: str | None = None) -> dict:
     model, optimizer = accelerator.prepare(model, optimizer)
 
     control = ControlPlane(accelerator)
-    checkpointer = Checkpointer(accelerator, run_dir, cfg.log.keep_checkpoints, control, cfg.debug.checkpoint_delay_s)
+    checkpointer = Checkpointer(accelerator, run_dir, cfg.log.keep_checkpoints, control, cfg.debug.checkpoint_delay_s,
+                                cfg.debug.checkpoint_disk_full_at_step)
     guard = NonFiniteGuard(accelerator, optimizer, cfg.train.max_nonfinite_steps)
     step, history = 0, []
     if resume_from is not None:
@@ -276,7 +278,7 @@ def run(cfg: FinetuneConfig, run_dir: Path, resume: str | None = None) -> dict:
                 max_skip_fraction=cfg.data.max_skip_fraction,
             )
             batches = iter(loader)
-            while step < (epoch + 1) * steps_per_epoch:
+            while step < min(total_steps, (epoch + 1) * steps_per_epoch):
                 poison = poison_rank and step + 1 in cfg.debug.inject_nonfinite_steps
                 loss, grad_norm, _ = runner.run(step, forward, timed(batches, geometry.accumulation), poison=poison)
                 step += 1
@@ -296,7 +298,7 @@ def run(cfg: FinetuneConfig, run_dir: Path, resume: str | None = None) -> dict:
 
             # end of epoch: evaluate, remember the best, checkpoint
             done_epochs = epoch + 1
-            if done_epochs % cfg.eval_every == 0 or done_epochs == epochs:
+            if done_epochs % cfg.eval_every == 0 or step == total_steps:
                 model.eval()
                 scores = evaluate(accelerator, model, val_loader(), mean, std, val_split.num_samples)
                 history.append({"epoch": done_epochs, "step": step, "top1": scores["top1"], "top5": scores["top5"],
@@ -319,6 +321,11 @@ def run(cfg: FinetuneConfig, run_dir: Path, resume: str | None = None) -> dict:
                       f"results: {run_dir / 'results.json'}")
         tracker.close()
         return results
+    except RuntimeError as err:
+        explained = explain_failure(err, rank)
+        if explained is None:
+            raise
+        raise explained from None
     finally:
         stop.uninstall()
         console.close_bar()

@@ -21,8 +21,9 @@ import torch
 from vitmpp.common import rundir
 from vitmpp.common.config import dump_yaml, flatten
 from vitmpp.common.console import Console, quiet_libraries
-from vitmpp.common.distributed import StopSignal, make_accelerator
+from vitmpp.common.distributed import StopSignal, explain_failure, make_accelerator
 from vitmpp.common.errors import UserError
+from vitmpp.common.faults import ExitAfterCalls
 from vitmpp.common.training import (
     Checkpointer,
     ControlPlane,
@@ -102,6 +103,8 @@ def train(cfg: PretrainConfig, run_dir: Path, resume: str | None = None) -> Path
     plan = make_schedule(cfg, split.num_samples, geometry.global_batch)
     transform = pretrain_transform(cfg.model.img_size, scale=tuple(cfg.data.crop_scale), hflip=cfg.data.hflip,
                                    interpolation=cfg.data.interpolation)
+    if cfg.debug.kill_worker_after_samples is not None:
+        transform = ExitAfterCalls(transform, cfg.debug.kill_worker_after_samples)
 
     # ---- model, objective, optimizer
     objective = create_objective(cfg.objective, encoder_from_config(cfg.model), mean=cfg.data.mean, std=cfg.data.std,
@@ -116,7 +119,8 @@ def train(cfg: PretrainConfig, run_dir: Path, resume: str | None = None) -> Path
     std = torch.tensor(cfg.data.std, device=device).view(1, 3, 1, 1)
 
     control = ControlPlane(accelerator)
-    checkpointer = Checkpointer(accelerator, run_dir, cfg.log.keep_checkpoints, control, cfg.debug.checkpoint_delay_s)
+    checkpointer = Checkpointer(accelerator, run_dir, cfg.log.keep_checkpoints, control, cfg.debug.checkpoint_delay_s,
+                                cfg.debug.checkpoint_disk_full_at_step)
     guard = NonFiniteGuard(accelerator, optimizer, cfg.train.max_nonfinite_steps)
 
     # ---- state: fresh or resumed
@@ -248,6 +252,11 @@ def train(cfg: PretrainConfig, run_dir: Path, resume: str | None = None) -> Path
         console.print(f"watch: tensorboard --logdir {run_dir}")
         tracker.close()
         return run_dir
+    except RuntimeError as err:
+        explained = explain_failure(err, rank)
+        if explained is None:
+            raise
+        raise explained from None
     finally:
         stop.uninstall()
         console.close_bar()

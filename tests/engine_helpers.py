@@ -20,6 +20,8 @@ TINY = [
 
 def env(cache: Path | None = None, **extra: str) -> dict:
     out = {**os.environ, "VITMPP_NO_BAR": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    # as in an activated virtual environment: `accelerate` and `python` are this interpreter's
+    out["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), out.get("PATH", "")])
     if cache is not None:
         out["VITMPP_CACHE"] = str(cache)
     out.update(extra)
@@ -61,3 +63,57 @@ def max_weight_difference(a: Path, b: Path) -> float:
     wa, wb = encoder_weights(a), encoder_weights(b)
     assert wa.keys() == wb.keys()
     return max(float((wa[k].double() - wb[k].double()).abs().max()) for k in wa)
+
+
+def start(cmd: list[str], *, cwd: Path, cache: Path | None = None, **extra_env: str) -> subprocess.Popen:
+    """Start a command in its own process group (so a test can signal or kill all of it)."""
+    return subprocess.Popen(cmd, cwd=cwd, env=env(cache, **extra_env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+
+
+def wait_for(predicate, timeout: float, process: subprocess.Popen | None = None, interval: float = 0.05) -> None:
+    """Poll until `predicate()`; fail if it takes longer or `process` ends first."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if process is not None and process.poll() is not None:
+            out, err = process.communicate()
+            raise AssertionError(f"process ended ({process.returncode}) before the condition:\n{out[-3000:]}\n{err[-3000:]}")
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out waiting for the condition")
+        time.sleep(interval)
+
+
+def last_logged_step(run_dir: Path) -> int:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return 0
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    try:
+        return json.loads(lines[-1])["step"] if lines else 0
+    except (ValueError, KeyError):
+        return 0
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (torchrun starts its workers in sessions of their own)."""
+    found, frontier = [], [pid]
+    while frontier:
+        parent = frontier.pop()
+        out = subprocess.run(["pgrep", "-P", str(parent)], capture_output=True, text=True).stdout.split()
+        children = [int(p) for p in out]
+        found += children
+        frontier += children
+    return found
+
+
+def kill_tree(process: subprocess.Popen, sig) -> None:
+    """Send `sig` to a process and all its descendants at once (SIGKILL: a node dying)."""
+    import os
+
+    for pid in [process.pid, *descendants(process.pid)]:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
