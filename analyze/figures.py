@@ -1,0 +1,135 @@
+"""Labelled matplotlib figures of the analysis (Agg canvas, no pyplot state).
+
+Figures are built as `matplotlib.figure.Figure` objects drawn on an Agg canvas,
+so nothing here depends on (or changes) the process's pyplot backend; they are
+saved as PNG (`save_figure`) or turned into arrays for TensorBoard
+(`figure_to_array`).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
+from matplotlib.figure import Figure
+from torch import Tensor
+
+from vitmpp.common.errors import UserError
+
+from .render import SIMILARITY_CMAP, filters_for_display, rollout_overlays, similarity_tiles
+
+
+def _new_figure(width: float, height: float) -> Figure:
+    figure = Figure(figsize=(width, height), dpi=100, layout="constrained")
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def _as_hwc(image_chw: Tensor) -> np.ndarray:
+    return image_chw.detach().float().cpu().clamp(0, 1).permute(1, 2, 0).numpy()
+
+
+def rollout_figure(images01: Tensor, maps: Tensor, columns: int = 8) -> Figure:
+    """Attention rollout: each image [B, 3, H, W] in [0, 1] above its overlay of the map [B, gh, gw]."""
+    overlays = rollout_overlays(images01, maps)
+    count = len(images01)
+    columns = max(1, min(columns, count))
+    rows = -(-count // columns)
+    figure = _new_figure(1.3 * columns, 2.6 * rows + 0.4)
+    axes = figure.subplots(2 * rows, columns, squeeze=False)
+    for ax in axes.flat:
+        ax.set_axis_off()
+    for k in range(count):
+        r, c = divmod(k, columns)
+        axes[2 * r, c].imshow(_as_hwc(images01[k]), interpolation="nearest")
+        axes[2 * r + 1, c].imshow(_as_hwc(overlays[k]), interpolation="nearest")
+    figure.suptitle("Attention rollout (class token), Abnar & Zuidema 2020")
+    return figure
+
+
+def mean_distance_figure(distances: Tensor, image_size: int | None = None) -> Figure:
+    """Mean attention distance [L, H] in pixels: one dot per head, network depth (layer) on the x-axis."""
+    values = distances.detach().double().cpu().numpy()
+    layers, heads = values.shape
+    figure = _new_figure(max(4.0, 0.45 * layers + 2.5), 3.6)
+    ax = figure.subplots()
+    colours = [f"C{h % 10}" for h in range(heads)]
+    for h in range(heads):
+        ax.scatter(np.arange(1, layers + 1), values[:, h], s=14, color=colours[h],
+                   label=f"head {h + 1}" if heads <= 16 else None)
+    ax.set_xlabel("network depth (layer)")
+    ax.set_ylabel("mean attention distance (pixels)")
+    ax.set_xticks(np.arange(1, layers + 1))
+    top = float(np.nanmax(values)) if values.size else 1.0
+    if image_size:
+        top = max(top, 0.5 * image_size)  # keep the scale readable against the image size
+    ax.set_ylim(0, 1.08 * top if top > 0 else 1.0)
+    ax.grid(alpha=0.3)
+    if heads <= 16:
+        ax.legend(fontsize=6, ncol=2, loc="lower right", frameon=False)
+    ax.set_title("Mean attention distance per head")
+    return figure
+
+
+def position_similarity_figure(similarity: Tensor, grid_size: tuple[int, int]) -> Figure:
+    """Cosine similarity of position embeddings [P, P] as a grid of heat maps laid out like the patches."""
+    gh, gw = grid_size
+    image = similarity_tiles(similarity, grid_size)
+    figure = _new_figure(5.6, 5.0)
+    ax = figure.subplots()
+    ax.imshow(_as_hwc(image), interpolation="nearest")
+    height, width = image.shape[-2:]
+    # tick at the centre of each tile (make_grid puts `padding` pixels before every tile)
+    tile_h, tile_w = (height - 2) / gh, (width - 2) / gw
+    ax.set_xticks([2 + tile_w * (c + 0.5) - 1 for c in range(gw)], [str(c + 1) for c in range(gw)], fontsize=6)
+    ax.set_yticks([2 + tile_h * (r + 0.5) - 1 for r in range(gh)], [str(r + 1) for r in range(gh)], fontsize=6)
+    ax.set_xlabel("input patch column")
+    ax.set_ylabel("input patch row")
+    figure.colorbar(ScalarMappable(Normalize(-1, 1), cmap=SIMILARITY_CMAP), ax=ax, shrink=0.8, label="cosine similarity")
+    ax.set_title("Position embedding similarity")
+    return figure
+
+
+def embedding_filters_figure(filters: Tensor, explained_variance_ratio: list[float] | None = None,
+                             columns: int = 7) -> Figure:
+    """Principal components of the patch-embedding filters [K, C, P, P], one small image each."""
+    count = len(filters)
+    columns = max(1, min(columns, count))
+    rows = -(-count // columns)
+    figure = _new_figure(1.2 * columns, 1.3 * rows + 0.5)
+    axes = figure.subplots(rows, columns, squeeze=False)
+    shown = filters_for_display(filters)
+    for ax in axes.flat:
+        ax.set_axis_off()
+    for k in range(count):
+        ax = axes.flat[k]
+        ax.imshow(_as_hwc(shown[k]), interpolation="nearest")
+        label = f"PC{k + 1}"
+        if explained_variance_ratio is not None:
+            label += f" {100 * explained_variance_ratio[k]:.1f}%"
+        ax.set_title(label, fontsize=7)
+    figure.suptitle("RGB embedding filters (principal components)")
+    return figure
+
+
+def figure_to_array(figure: Figure) -> np.ndarray:
+    """The rendered figure: uint8 [H, W, 3]."""
+    canvas = figure.canvas if isinstance(figure.canvas, FigureCanvasAgg) else FigureCanvasAgg(figure)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
+def save_figure(figure: Figure, path: str | os.PathLike) -> Path:
+    """Write the figure as PNG at `path`, atomically (a temporary file, then a rename)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        figure.savefig(tmp, format="png", dpi=100)
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"Could not write {path}: {err.strerror or err}; check the folder is writable and has space.") from None
+    return path
