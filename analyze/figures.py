@@ -19,7 +19,7 @@ from torch import Tensor
 
 from vitmpp.common.errors import UserError
 
-from .render import SIMILARITY_CMAP, filters_for_display, rollout_overlays, similarity_tiles
+from .render import SIMILARITY_CMAP, filter_tiles, rollout_pairs, similarity_tiles
 
 
 def _new_figure(width: float, height: float) -> Figure:
@@ -32,21 +32,16 @@ def _as_hwc(image_chw: Tensor) -> np.ndarray:
     return image_chw.detach().float().cpu().clamp(0, 1).permute(1, 2, 0).numpy()
 
 
-def rollout_figure(images01: Tensor, maps: Tensor, columns: int = 8) -> Figure:
-    """Attention rollout: each image [B, 3, H, W] in [0, 1] above its overlay of the map [B, gh, gw]."""
-    overlays = rollout_overlays(images01, maps)
-    count = len(images01)
-    columns = max(1, min(columns, count))
-    rows = -(-count // columns)
-    figure = _new_figure(1.3 * columns, 2.6 * rows + 0.4)
-    axes = figure.subplots(2 * rows, columns, squeeze=False)
-    for ax in axes.flat:
-        ax.set_axis_off()
-    for k in range(count):
-        r, c = divmod(k, columns)
-        axes[2 * r, c].imshow(_as_hwc(images01[k]), interpolation="nearest")
-        axes[2 * r + 1, c].imshow(_as_hwc(overlays[k]), interpolation="nearest")
-    figure.suptitle("Attention rollout (class token), Abnar & Zuidema 2020")
+def rollout_figure(images01: Tensor, maps: Tensor, columns: int = 4) -> Figure:
+    """Attention rollout: each image [B, 3, H, W] in [0, 1] next to its overlay of the map [B, gh, gw],
+    `columns` pairs a row."""
+    image = rollout_pairs(images01, maps, columns=columns)
+    height, width = image.shape[-2:]
+    figure = _new_figure(min(12.0, width / 60 + 0.4), min(16.0, height / 60 + 0.6))
+    ax = figure.subplots()
+    ax.imshow(_as_hwc(image), interpolation="nearest")
+    ax.set_axis_off()
+    ax.set_title("Attention rollout (Abnar & Zuidema 2020): image | class-token map", fontsize=9)
     return figure
 
 
@@ -95,23 +90,29 @@ def position_similarity_figure(similarity: Tensor, grid_size: tuple[int, int]) -
 
 def embedding_filters_figure(filters: Tensor, explained_variance_ratio: list[float] | None = None,
                              columns: int = 7) -> Figure:
-    """Principal components of the patch-embedding filters [K, C, P, P], one small image each."""
+    """Principal components of the patch-embedding filters [K, C, P, P], one tile each, labelled
+    with its rank and share of the variance."""
     count = len(filters)
     columns = max(1, min(columns, count))
-    rows = -(-count // columns)
-    figure = _new_figure(1.2 * columns, 1.3 * rows + 0.5)
-    axes = figure.subplots(rows, columns, squeeze=False)
-    shown = filters_for_display(filters)
-    for ax in axes.flat:
-        ax.set_axis_off()
+    # one tiled image with room above every tile for its label: a figure with one axes per
+    # filter takes seconds to lay out
+    tile = max(40, filters.shape[-1])
+    label_room = 14
+    image = filter_tiles(filters, nrow=columns, min_pixels=tile, padding=label_room)
+    tile_h = (image.shape[-2] - label_room) / -(-count // columns)
+    tile_w = (image.shape[-1] - label_room) / columns
+    figure = _new_figure(1.1 * columns + 0.3, 1.15 * (-(-count // columns)) + 0.6)
+    ax = figure.subplots()
+    ax.imshow(_as_hwc(image), interpolation="nearest")
+    ax.set_axis_off()
     for k in range(count):
-        ax = axes.flat[k]
-        ax.imshow(_as_hwc(shown[k]), interpolation="nearest")
+        r, c = divmod(k, columns)
         label = f"PC{k + 1}"
         if explained_variance_ratio is not None:
             label += f" {100 * explained_variance_ratio[k]:.1f}%"
-        ax.set_title(label, fontsize=7)
-    figure.suptitle("RGB embedding filters (principal components)")
+        ax.text(label_room + c * tile_w + (tile_w - label_room) / 2, r * tile_h + label_room * 0.55, label,
+                ha="center", va="center", fontsize=6)
+    ax.set_title("RGB embedding filters (principal components)", fontsize=9)
     return figure
 
 

@@ -68,10 +68,11 @@ def filters_for_display(filters: Tensor) -> Tensor:
     return 0.5 + 0.5 * filters / peak
 
 
-def filter_tiles(filters: Tensor, nrow: int = 7, min_pixels: int = MIN_TILE_PIXELS) -> Tensor:
-    """Filters [K, C, P, P] as one image [3, H, W] in [0, 1] (see `filters_for_display`), `nrow` a row."""
+def filter_tiles(filters: Tensor, nrow: int = 7, min_pixels: int = MIN_TILE_PIXELS, padding: int = 2) -> Tensor:
+    """Filters [K, C, P, P] as one image [3, H, W] in [0, 1] (see `filters_for_display`), `nrow` a row,
+    `padding` white pixels around every tile."""
     shown = filters_for_display(filters)
-    return make_grid(_enlarge(shown, min_pixels), nrow=min(nrow, len(shown)), padding=2, pad_value=1.0)
+    return make_grid(_enlarge(shown, min_pixels), nrow=min(nrow, len(shown)), padding=padding, pad_value=1.0)
 
 
 def images_for_display(images_normalised: Tensor) -> Tensor:

@@ -178,7 +178,7 @@ def analysis_summary(analysis: Analysis, **about: Any) -> dict:
         "attention_rollout": {
             "num_images_shown": len(analysis.rollout_maps),
             "token": "class token" if analysis.geometry["has_class_token"] else "mean of patch tokens",
-            "mean_map": _rounded(analysis.mean_rollout_map),
+            "mean_map": _rounded(analysis.mean_rollout_map, 6),
         },
         "embedding_filters": {
             "num_components": len(analysis.filters.filters),

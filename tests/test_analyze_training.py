@@ -1,0 +1,106 @@
+"""`training_figures` (for the pretraining engine) and the labelled figures."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from analyze_helpers import random_images, tiny_vit
+
+from vitmpp.analyze import training_figures
+from vitmpp.analyze.figures import (
+    embedding_filters_figure,
+    figure_to_array,
+    mean_distance_figure,
+    position_similarity_figure,
+    rollout_figure,
+    save_figure,
+)
+
+NAMES = {"position_embedding_similarity", "embedding_filters", "attention_rollout"}
+
+
+def _check_image(image: torch.Tensor) -> None:
+    assert image.dim() == 3 and image.shape[0] == 3 and min(image.shape[1:]) >= 32
+    assert image.dtype == torch.float32 and image.device.type == "cpu"
+    assert not image.requires_grad
+    assert 0.0 <= float(image.min()) and float(image.max()) <= 1.0
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_training_figures_shapes_ranges_and_mode(mode):
+    encoder = tiny_vit(drop_path_rate=0.3).train(mode == "train")
+    images = random_images(12)
+    before = {k: v.clone() for k, v in encoder.state_dict().items()}
+    figures = training_figures(encoder, images)
+    assert set(figures) == NAMES
+    for image in figures.values():
+        _check_image(image)
+    assert encoder.training == (mode == "train")
+    assert all(torch.equal(before[k], v) for k, v in encoder.state_dict().items())
+    assert all(p.grad is None for p in encoder.parameters())
+    assert all(not block.attn._forward_pre_hooks for block in encoder.blocks)
+    # 8 images by default, each shown next to its overlay (4 pairs a row), enlarged to 64 px
+    rollout = figures["attention_rollout"]
+    assert rollout.shape[1:] == (2 * (64 + 2) + 2, 8 * (64 + 2) + 2)
+    # eval mode inside: the same pictures every call, even with drop path on
+    again = training_figures(encoder, images)
+    assert all(torch.equal(figures[k], again[k]) for k in NAMES)
+
+
+def test_training_figures_shows_the_given_images():
+    encoder = tiny_vit()
+    images01 = torch.zeros(2, 3, 32, 32)
+    images01[:, 1] = 1.0  # pure green
+    figures = training_figures(encoder, random_images(2), images01, max_images=2)
+    rollout = figures["attention_rollout"]
+    # the first tile is the image itself (enlarged), to the right of the 2 px border
+    tile = rollout[:, 2:66, 2:66]
+    assert torch.equal(tile, images01[0].repeat_interleave(2, -1).repeat_interleave(2, -2))
+
+
+def test_training_figures_without_class_token_or_position_embedding():
+    encoder = tiny_vit(class_token=False, global_pool="avg", pos_embed="none")
+    figures = training_figures(encoder, random_images(3))
+    assert set(figures) == {"embedding_filters", "attention_rollout"}
+    for image in figures.values():
+        _check_image(image)
+
+
+def test_training_figures_with_an_empty_batch_skips_the_rollout():
+    figures = training_figures(tiny_vit(), torch.zeros(0, 3, 32, 32))
+    assert set(figures) == {"position_embedding_similarity", "embedding_filters"}
+
+
+def test_training_figures_follow_the_encoder_dtype():
+    encoder = tiny_vit().to(torch.bfloat16)
+    figures = training_figures(encoder, random_images(2))
+    assert set(figures) == NAMES
+    for image in figures.values():
+        _check_image(image)
+
+
+def test_mean_distance_figure_has_one_dot_per_head_at_its_layer():
+    distances = torch.arange(12, dtype=torch.float64).reshape(3, 4)  # 3 layers, 4 heads
+    figure = mean_distance_figure(distances, image_size=32)
+    (ax,) = figure.axes
+    dots = np.concatenate([c.get_offsets() for c in ax.collections])
+    assert len(dots) == 12
+    assert sorted(map(tuple, dots.tolist())) == sorted((layer + 1, float(4 * layer + h))
+                                                       for layer in range(3) for h in range(4))
+    assert "pixels" in ax.get_ylabel() and "layer" in ax.get_xlabel()
+
+
+def test_figures_render_and_save(tmp_path):
+    encoder = tiny_vit()
+    figures = {
+        "rollout": rollout_figure(torch.rand(5, 3, 32, 32), torch.rand(5, 8, 8), columns=4),
+        "similarity": position_similarity_figure(torch.eye(64), (8, 8)),
+        "filters": embedding_filters_figure(encoder.patch_embed.proj.weight.detach()[:6], [0.1] * 6),
+    }
+    for name, figure in figures.items():
+        array = figure_to_array(figure)
+        assert array.dtype == np.uint8 and array.ndim == 3 and array.shape[2] == 3
+        assert array.std() > 0, f"{name} is blank"
+        path = save_figure(figure, tmp_path / f"{name}.png")
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["filters.png", "rollout.png", "similarity.png"]
