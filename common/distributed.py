@@ -117,7 +117,7 @@ class StopSignal:
         self._previous.clear()
 
 
-def explain_failure(error: BaseException, rank: int) -> "UserError | None":
+def explain_failure(error: BaseException, rank: int):
     """A one-sentence UserError for failures whose torch messages are long and cryptic.
 
     - a DataLoader worker killed (torch raises this from its SIGCHLD handler, at any

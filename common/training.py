@@ -16,14 +16,12 @@ short and readable by calling these pieces:
 """
 from __future__ import annotations
 
-import dataclasses
 import math
-import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Optional
 
 import torch
 

@@ -80,7 +80,8 @@ class FinetuneConfig:
         name="lars", base_lr=0.1, base_batch=256, weight_decay=0.0, warmup_epochs=2, momentum=0.9,
     ))
     train: TrainConfig = field(default_factory=lambda: TrainConfig(global_batch=128, epochs=20))  # or train.steps
-    eval_every: int = param(1, ge=1, help="epochs between evaluations (the last epoch is always evaluated)")
+    eval_every: int = param(1, ge=1, help="epochs between evaluations (the end of training is always evaluated)")
+    eval_every_steps: Optional[int] = param(None, ge=1, help="evaluate every this many steps instead of every eval_every epochs")
     log: LogConfig = field(default_factory=lambda: LogConfig(log_every=10, image_every=0, checkpoint_every=10**9, keep_checkpoints=1))
     run: RunConfig = field(default_factory=RunConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
@@ -91,4 +92,4 @@ class FinetuneConfig:
                 raise ConfigError("Mixup/cutmix need an even 'train.per_device_batch'; change it or set regularization.mixup=0 and cutmix=0.")
 
 
-RESUMABLE_KEYS = ("log.", "data.num_workers", "data.shards", "debug.", "run.", "eval_every")
+RESUMABLE_KEYS = ("log.", "data.num_workers", "data.shards", "debug.", "run.", "eval_every", "eval_every_steps")

@@ -264,6 +264,26 @@ def run(cfg: FinetuneConfig, run_dir: Path, resume: str | None = None) -> dict:
                  "nonfinite_steps": log.nonfinite_steps(), "protocol": cfg.protocol, "time": time.time()}
         log.last_checkpoint = checkpointer.save(at_step, state)
 
+    def evaluation_due(at_step: int) -> bool:
+        if at_step == total_steps:
+            return True
+        if cfg.eval_every_steps is not None:
+            return at_step % cfg.eval_every_steps == 0
+        return at_step % steps_per_epoch == 0 and (at_step // steps_per_epoch) % cfg.eval_every == 0
+
+    def evaluate_and_keep_best(at_step: int) -> None:
+        model.eval()
+        scores = evaluate(accelerator, model, val_loader(), mean, std, val_split.num_samples)
+        epoch_done = at_step / steps_per_epoch
+        history.append({"epoch": round(epoch_done, 2), "step": at_step, "top1": scores["top1"], "top5": scores["top5"],
+                        "count": scores["count"]})
+        tracker.scalars({"eval/top1": scores["top1"], "eval/top5": scores["top5"]}, step=at_step)
+        best = max(history, key=lambda row: row["top1"])
+        console.print(f"step {at_step}/{total_steps} (epoch {epoch_done:.1f}): top-1 {scores['top1']:.2f}  "
+                      f"top-5 {scores['top5']:.2f}  (best {best['top1']:.2f} at step {best['step']})")
+        if best is history[-1]:
+            _save_weights(accelerator, model, run_dir / "best.safetensors")
+
     console.start_bar(total_steps, initial=step, desc=cfg.protocol)
     try:
         while step < total_steps:
@@ -293,23 +313,13 @@ def run(cfg: FinetuneConfig, run_dir: Path, resume: str | None = None) -> dict:
                                   "continue with --resume auto")
                     tracker.close()
                     return {}
+                if evaluation_due(step):
+                    log.flush()
+                    evaluate_and_keep_best(step)
+                    save(step)
+                    model.train()
             del batches, loader
             log.flush()
-
-            # end of epoch: evaluate, remember the best, checkpoint
-            done_epochs = epoch + 1
-            if done_epochs % cfg.eval_every == 0 or step == total_steps:
-                model.eval()
-                scores = evaluate(accelerator, model, val_loader(), mean, std, val_split.num_samples)
-                history.append({"epoch": done_epochs, "step": step, "top1": scores["top1"], "top5": scores["top5"],
-                                "count": scores["count"]})
-                tracker.scalars({"eval/top1": scores["top1"], "eval/top5": scores["top5"]}, step=step)
-                best = max(history, key=lambda row: row["top1"])
-                console.print(f"epoch {done_epochs}/{epochs}: top-1 {scores['top1']:.2f}  top-5 {scores['top5']:.2f}  "
-                              f"(best {best['top1']:.2f} at epoch {best['epoch']})")
-                if best is history[-1]:
-                    _save_weights(accelerator, model, run_dir / "best.safetensors")
-            save(step)
 
         console.close_bar()
         best = max(history, key=lambda row: row["top1"])
@@ -317,7 +327,7 @@ def run(cfg: FinetuneConfig, run_dir: Path, resume: str | None = None) -> dict:
                            num_train=num_train, history=history)
         if accelerator.is_main_process:
             write_json_atomic(run_dir / "results.json", results)
-        console.print(f"done: best top-1 {best['top1']:.2f} (epoch {best['epoch']}), last {history[-1]['top1']:.2f}; "
+        console.print(f"done: best top-1 {best['top1']:.2f} (step {best['step']}), last {history[-1]['top1']:.2f}; "
                       f"results: {run_dir / 'results.json'}")
         tracker.close()
         return results

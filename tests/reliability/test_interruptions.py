@@ -5,7 +5,6 @@ import json
 import os
 import random
 import signal
-import subprocess
 import time
 
 import pytest

@@ -46,7 +46,6 @@ def typed_keys(schema):
 
 def wrong_value_for(tp, meta):
     """A strategy of YAML values that `tp` can never accept (None when there is none)."""
-    origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     optional = type(None) in args
     base = next((a for a in args if a is not type(None)), tp) if optional else tp
