@@ -11,7 +11,6 @@
   encoder on shards, as PNGs + summary.json (+ TensorBoard).
 """
 from .attention import (
-    MeanDistanceAccumulator,
     attention_rollout,
     attention_weights,
     encoder_geometry,
@@ -20,6 +19,7 @@ from .attention import (
     record_attention,
     recompute_attention,
     rollout_maps,
+    rollout_step,
     supports_attention,
 )
 from .embeddings import (
@@ -34,8 +34,9 @@ from .report import FIGURE_FILES, Analysis, analysis_figures, analysis_summary, 
 from .training import training_figures
 
 __all__ = [
-    "MeanDistanceAccumulator", "attention_rollout", "attention_weights", "encoder_geometry",
+    "attention_rollout", "attention_weights", "encoder_geometry",
     "mean_attention_distance", "patch_distances", "record_attention", "recompute_attention", "rollout_maps",
+    "rollout_step",
     "supports_attention",
     "EmbeddingFilters", "embedding_filters", "patch_position_embeddings", "position_similarity",
     "similarity_by_offset",

@@ -24,16 +24,22 @@ def build_parser() -> argparse.ArgumentParser:
         description="Attention rollout, mean attention distance, position-embedding similarity and patch-embedding "
                     "filters of an exported encoder (the ViT paper's Figure 7), as PNGs and summary.json.",
     )
-    p.add_argument("--encoder", required=True, help="export folder (encoder.safetensors + encoder.json) or the .safetensors file")
-    p.add_argument("--shards", required=True, help="shard folder (with _info.json), its _info.json, or a brace pattern of shards")
+    p.add_argument("--encoder", required=True,
+                   help="export folder (encoder.safetensors + encoder.json) or the .safetensors file")
+    p.add_argument("--shards", required=True,
+                   help="shard folder (with _info.json), its _info.json, or a brace pattern of shards")
     p.add_argument("--out", required=True, help="folder for the PNG figures and summary.json")
     p.add_argument("--split", default=None, help="split to read (default: the split the named shards belong to, "
                                                  "else 'validation' if present, else 'train')")
-    p.add_argument("--num-images", type=int, default=128, help="images to average the mean attention distance over (default 128, as the ViT paper)")
-    p.add_argument("--num-rollout-images", type=int, default=16, help="images shown with their attention rollout (default 16)")
-    p.add_argument("--num-filters", type=int, default=28, help="principal components of the embedding filters to show (default 28, as the paper)")
+    p.add_argument("--num-images", type=int, default=128,
+                   help="images to average the mean attention distance over (default 128, as the ViT paper)")
+    p.add_argument("--num-rollout-images", type=int, default=16,
+                   help="images shown with their attention rollout (default 16)")
+    p.add_argument("--num-filters", type=int, default=28,
+                   help="principal components of the embedding filters to show (default 28, as the paper)")
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
-    p.add_argument("--img-size", type=int, default=None, help="input resolution (default: the encoder's; position embeddings are resampled)")
+    p.add_argument("--img-size", type=int, default=None,
+                   help="input resolution (default: the encoder's; position embeddings are resampled)")
     p.add_argument("--num-workers", type=int, default=2, help="loader worker processes (default 2)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--logdir", default=None, help="also log the figures to TensorBoard in this folder")
@@ -53,7 +59,8 @@ def _choose_split(manifest, shards: str, requested: str | None) -> str:
         for name, info in manifest.splits.items():
             if first in info.filenames:
                 return name
-        raise UserError(f"Shard '{first}' is not listed in '{manifest.source}'; name shards of that folder or the folder itself.")
+        raise UserError(f"Shard '{first}' is not listed in '{manifest.source}'; "
+                        "name shards of that folder or the folder itself.")
     for name in ("validation", "train"):
         if name in manifest.splits:
             return name
@@ -95,7 +102,8 @@ def _check_args(args) -> None:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     _check_args(args)
-    from vitmpp.datasets import IMAGENET_MEAN, IMAGENET_STD, build_loader, eval_transform, normalize_batch, read_manifest
+    from vitmpp.datasets import (IMAGENET_MEAN, IMAGENET_STD, build_loader, eval_transform, normalize_batch,
+                                 read_manifest)
     from vitmpp.models import load_encoder, read_encoder_info
 
     info = read_encoder_info(args.encoder)

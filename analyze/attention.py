@@ -19,7 +19,7 @@ patch tokens; attention matrices are [B, H, N, N] with rows (queries) summing to
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -85,18 +85,27 @@ class AttentionRecorder:
 
 
 @contextmanager
-def record_attention(encoder: nn.Module, keep_on: torch.device | str | None = None) -> Iterator[AttentionRecorder]:
+def record_attention(
+    encoder: nn.Module,
+    keep_on: torch.device | str | None = None,
+    callback: Callable[[int, Tensor], None] | None = None,
+) -> Iterator[AttentionRecorder]:
     """Within the block, every forward pass of `encoder` records each block's attention weights.
 
     `keep_on`: move the recorded [B, H, N, N] maps there (e.g. "cpu") as they are made.
+    `callback(block_index, weights)`: called instead of storing, in block order, so a
+    reduction (rollout, distances) can consume each block's maps and drop them: memory
+    then holds one block's attention, not all L (the recorder stays empty).
     The hooks are removed on exit, also after an error.
     """
     blocks = getattr(encoder, "blocks", None)
     if blocks is None or len(blocks) == 0:
-        raise UserError(f"{type(encoder).__name__} has no transformer blocks to analyse; pass a timm VisionTransformer.")
+        raise UserError(f"{type(encoder).__name__} has no transformer blocks to analyse; "
+                        "pass a timm VisionTransformer.")
     for index, block in enumerate(blocks):
         check_attention_module(block.attn, f"blocks[{index}].attn")
     recorder = AttentionRecorder(len(blocks), keep_on)
+    consume = callback if callback is not None else recorder.add
     handles = []
 
     def hook_for(index: int):
@@ -107,7 +116,7 @@ def record_attention(encoder: nn.Module, keep_on: torch.device | str | None = No
             if kwargs.get("attn_mask") is not None or kwargs.get("is_causal", False):
                 raise RuntimeError("record_attention does not support attention masks or causal attention")
             x = args[0] if args else kwargs["x"]
-            recorder.add(index, recompute_attention(module, x))
+            consume(index, recompute_attention(module, x))
 
         return hook
 
@@ -139,6 +148,20 @@ def attention_weights(encoder: nn.Module, images: Tensor) -> Tensor:
 
 # ----------------------------------------------------------------------------- rollout
 
+def rollout_step(rollout: Tensor | None, attention: Tensor, residual: bool = True) -> Tensor:
+    """One layer of attention rollout: Â @ rollout, Â = row_normalise(mean_h attention + I); [B, N, N].
+
+    `attention` [B, H, N, N]; `rollout` None before the first layer.
+    """
+    if attention.dim() != 4 or attention.shape[-1] != attention.shape[-2]:
+        raise ValueError(f"attention maps must be [B, H, N, N], got {tuple(attention.shape)}")
+    fused = attention.float().mean(dim=1)
+    if residual:
+        fused = fused + torch.eye(fused.shape[-1], dtype=fused.dtype, device=fused.device)
+    fused = fused / fused.sum(dim=-1, keepdim=True)
+    return fused if rollout is None else fused @ rollout
+
+
 def attention_rollout(attentions: Tensor | Sequence[Tensor], residual: bool = True) -> Tensor:
     """Attention rollout (Abnar & Zuidema 2020): [L, B, H, N, N] (or a list of L [B, H, N, N]) -> [B, N, N].
 
@@ -148,21 +171,12 @@ def attention_rollout(attentions: Tensor | Sequence[Tensor], residual: bool = Tr
     much each input token flows into output token i. `residual=False` drops the
     identity (the raw product of head-mean attention).
     """
-    if isinstance(attentions, Tensor):
-        layers = list(attentions.unbind(0))
-    else:
-        layers = list(attentions)
+    layers = list(attentions.unbind(0)) if isinstance(attentions, Tensor) else list(attentions)
     if not layers:
         raise ValueError("attention_rollout needs at least one layer")
     rollout = None
     for attention in layers:
-        if attention.dim() != 4 or attention.shape[-1] != attention.shape[-2]:
-            raise ValueError(f"attention maps must be [B, H, N, N], got {tuple(attention.shape)}")
-        fused = attention.float().mean(dim=1)
-        if residual:
-            fused = fused + torch.eye(fused.shape[-1], dtype=fused.dtype, device=fused.device)
-        fused = fused / fused.sum(dim=-1, keepdim=True)
-        rollout = fused if rollout is None else fused @ rollout
+        rollout = rollout_step(rollout, attention, residual)
     return rollout
 
 
@@ -226,30 +240,6 @@ def mean_attention_distance(
     distances = patch_distances(grid_size, patch_size).to(patches.device)
     per_query = (patches * distances).sum(dim=-1)  # [L, B, H, Q]
     return per_query.mean(dim=(1, 3))
-
-
-class MeanDistanceAccumulator:
-    """Running mean of `mean_attention_distance` over batches of different sizes (each image counts once)."""
-
-    def __init__(self, grid_size: tuple[int, int], patch_size: tuple[int, int] | int, num_prefix_tokens: int):
-        self.grid_size = grid_size
-        self.patch_size = patch_size
-        self.num_prefix_tokens = num_prefix_tokens
-        self.total: Tensor | None = None
-        self.count = 0
-
-    def update(self, attentions: Tensor) -> None:
-        """Add a batch: [L, B, H, N, N]."""
-        batch = attentions.shape[1]
-        value = mean_attention_distance(attentions, self.grid_size, self.patch_size, self.num_prefix_tokens).cpu()
-        self.total = value * batch if self.total is None else self.total + value * batch
-        self.count += batch
-
-    def compute(self) -> Tensor:
-        """float64 [L, H] pixels."""
-        if self.total is None or self.count == 0:
-            raise RuntimeError("no batches were added")
-        return self.total / self.count
 
 
 def encoder_geometry(encoder: nn.Module, image_hw: tuple[int, int] | None = None) -> dict:

@@ -83,7 +83,8 @@ def position_similarity_figure(similarity: Tensor, grid_size: tuple[int, int]) -
     ax.set_yticks([2 + tile_h * (r + 0.5) - 1 for r in range(gh)], [str(r + 1) for r in range(gh)], fontsize=6)
     ax.set_xlabel("input patch column")
     ax.set_ylabel("input patch row")
-    figure.colorbar(ScalarMappable(Normalize(-1, 1), cmap=SIMILARITY_CMAP), ax=ax, shrink=0.8, label="cosine similarity")
+    figure.colorbar(ScalarMappable(Normalize(-1, 1), cmap=SIMILARITY_CMAP), ax=ax, shrink=0.8,
+                    label="cosine similarity")
     ax.set_title("Position embedding similarity")
     return figure
 
@@ -132,5 +133,6 @@ def save_figure(figure: Figure, path: str | os.PathLike) -> Path:
         os.replace(tmp, path)
     except OSError as err:
         tmp.unlink(missing_ok=True)
-        raise UserError(f"Could not write {path}: {err.strerror or err}; check the folder is writable and has space.") from None
+        raise UserError(f"Could not write {path}: {err.strerror or err}; "
+                        "check the folder is writable and has space.") from None
     return path

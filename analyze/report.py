@@ -1,7 +1,6 @@
 """The full analysis of an encoder over a set of images, its figures and `summary.json`."""
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,15 +9,16 @@ from typing import Any, Iterable
 import torch
 from torch import Tensor, nn
 
+from vitmpp.common.checkpoint import write_json_atomic
 from vitmpp.common.errors import UserError
 
 from .attention import (
-    MeanDistanceAccumulator,
-    attention_rollout,
     encoder_geometry,
+    mean_attention_distance,
     patch_distances,
     record_attention,
     rollout_maps,
+    rollout_step,
 )
 from .embeddings import EmbeddingFilters, embedding_filters, position_similarity, similarity_by_offset
 
@@ -54,6 +54,24 @@ class Analysis:
     mean_rollout_map: Tensor  # [gh, gw]: the rollout map averaged over all num_images images
 
 
+class _BlockReducer:
+    """Consumes one block's attention [B, H, N, N] at a time (in block order) for one batch:
+    the rollout so far and each block's mean attention distance [H], summed over the batch."""
+
+    def __init__(self, geometry: dict):
+        self.geometry = geometry
+        self.rollout: Tensor | None = None
+        self.distance_sums: list[Tensor] = []
+
+    def __call__(self, index: int, attention: Tensor) -> None:
+        if index != len(self.distance_sums):
+            raise RuntimeError(f"attention of block {index} arrived out of order")
+        g = self.geometry
+        per_image = mean_attention_distance(attention, g["grid_size"], g["patch_size"], g["num_prefix_tokens"])
+        self.distance_sums.append(per_image[0].cpu() * attention.shape[0])
+        self.rollout = rollout_step(self.rollout, attention)
+
+
 @torch.no_grad()
 def analyze_encoder(
     encoder: nn.Module,
@@ -66,15 +84,16 @@ def analyze_encoder(
 
     `batches` yields (images_normalised [B, 3, H, W] on the encoder's device,
     images01 [B, 3, H, W] in [0, 1]); it is read only until `num_images` images
-    have been seen. Attention maps are reduced batch by batch, so memory does not
-    grow with `num_images`. The encoder runs in eval mode; its mode is restored.
+    have been seen. Each block's attention is reduced (rollout step, distances) as
+    soon as it is computed, so memory holds one block's [B, H, N, N] maps, whatever
+    the depth and `num_images`. The encoder runs in eval mode; its mode is restored.
     """
     if num_images < 1:
         raise UserError(f"--num-images must be at least 1, got {num_images}.")
     was_training = encoder.training
     encoder.eval()
     try:
-        accumulator = None
+        distance_total = None
         shown_images: list[Tensor] = []
         shown_maps: list[Tensor] = []
         map_sum = None
@@ -89,13 +108,12 @@ def analyze_encoder(
             if geometry is None:
                 image_size = tuple(int(s) for s in x.shape[-2:])
                 geometry = encoder_geometry(encoder, image_size)
-                accumulator = MeanDistanceAccumulator(geometry["grid_size"], geometry["patch_size"],
-                                                      geometry["num_prefix_tokens"])
-            with record_attention(encoder) as recorder:
+            reducer = _BlockReducer(geometry)
+            with record_attention(encoder, callback=reducer):
                 encoder.forward_features(x)
-            attentions = recorder.stacked()
-            accumulator.update(attentions)
-            maps = rollout_maps(attention_rollout(attentions), geometry["grid_size"], geometry["num_prefix_tokens"],
+            batch_distance = torch.stack(reducer.distance_sums)  # [L, H], summed over the batch
+            distance_total = batch_distance if distance_total is None else distance_total + batch_distance
+            maps = rollout_maps(reducer.rollout, geometry["grid_size"], geometry["num_prefix_tokens"],
                                 geometry["has_class_token"]).cpu()
             map_sum = maps.sum(0) if map_sum is None else map_sum + maps.sum(0)
             room = num_rollout_images - sum(len(m) for m in shown_maps)
@@ -109,7 +127,7 @@ def analyze_encoder(
             raise UserError("No images came from the shards to analyse; check --shards and --split.")
         has_pos = getattr(encoder, "pos_embed", None) is not None
         return Analysis(
-            mean_distance=accumulator.compute(),
+            mean_distance=distance_total / seen,
             rollout_images01=torch.cat(shown_images),
             rollout_maps=torch.cat(shown_maps),
             position_similarity=position_similarity(encoder).cpu() if has_pos else None,
@@ -199,16 +217,6 @@ def _uniform_distance(grid_size: tuple[int, int], patch_size: tuple[int, int]) -
     return float(patch_distances(grid_size, patch_size).mean())
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(data, indent=2) + "\n")
-        os.replace(tmp, path)
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        raise UserError(f"Could not write {path}: {err.strerror or err}; check the folder is writable and has space.") from None
-
-
 def write_analysis(analysis: Analysis, out_dir: str | os.PathLike, writer=None, step: int = 0,
                    **about: Any) -> dict:
     """Save the figures as PNGs and `summary.json` in `out_dir`; with a TensorBoard `writer`
@@ -231,5 +239,9 @@ def write_analysis(analysis: Analysis, out_dir: str | os.PathLike, writer=None, 
         for layer, value in enumerate(summary["mean_attention_distance"]["per_layer"], start=1):
             writer.add_scalar(f"analysis/mean_attention_distance/layer_{layer:02d}", value, step)
         writer.flush()
-    write_json_atomic(out / SUMMARY_NAME, summary)
+    try:
+        write_json_atomic(out / SUMMARY_NAME, summary)
+    except OSError as err:
+        raise UserError(f"Could not write {out / SUMMARY_NAME}: {err.strerror or err}; "
+                        "check the folder is writable and has space.") from None
     return summary

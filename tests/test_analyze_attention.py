@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 
 from analyze_helpers import random_images, tiny_vit, uniform_rows
 from vitmpp.analyze import (
-    MeanDistanceAccumulator,
     attention_rollout,
+    analyze_encoder,
     attention_weights,
     encoder_geometry,
     mean_attention_distance,
@@ -219,16 +219,23 @@ def test_patch_distances_are_pixel_distances_between_centres():
     assert torch.equal(distances, distances.T)
 
 
-def test_accumulator_weights_every_image_equally():
+def test_streamed_analysis_equals_the_whole_batch_computation():
     encoder = tiny_vit()
     images = random_images(5)
     geometry = encoder_geometry(encoder)
-    whole = mean_attention_distance(attention_weights(encoder, images), geometry["grid_size"],
-                                    geometry["patch_size"], geometry["num_prefix_tokens"])
-    accumulator = MeanDistanceAccumulator(geometry["grid_size"], geometry["patch_size"], geometry["num_prefix_tokens"])
-    accumulator.update(attention_weights(encoder, images[:4]))
-    accumulator.update(attention_weights(encoder, images[4:]))
-    torch.testing.assert_close(accumulator.compute(), whole)
+    attentions = attention_weights(encoder, images)
+    whole = mean_attention_distance(attentions, geometry["grid_size"], geometry["patch_size"],
+                                    geometry["num_prefix_tokens"])
+    maps = rollout_maps(attention_rollout(attentions), geometry["grid_size"], geometry["num_prefix_tokens"],
+                        geometry["has_class_token"])
+    # batches of 2 + 2 + 2, of which only 5 images are used; every image counts once
+    batches = [(images[k:k + 2], images[k:k + 2].sigmoid()) for k in range(0, 5, 2)] + [(images, images)]
+    analysis = analyze_encoder(encoder, iter(batches), num_images=5, num_rollout_images=3)
+    assert analysis.num_images == 5
+    torch.testing.assert_close(analysis.mean_distance, whole)
+    torch.testing.assert_close(analysis.rollout_maps, maps[:3])
+    torch.testing.assert_close(analysis.mean_rollout_map, maps.mean(0))
+    torch.testing.assert_close(analysis.rollout_images01, images[:3].sigmoid())
     # a random tiny encoder attends almost uniformly: close to the uniform-attention value
     uniform = patch_distances((8, 8), 4).mean().item()
     assert whole.shape == (2, 4)
