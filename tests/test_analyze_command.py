@@ -116,3 +116,16 @@ def test_module_entry_point_reports_a_missing_encoder(tmp_path):
     )
     assert result.returncode == 2, result.stderr
     assert result.stderr.startswith("error: No encoder at")
+
+
+def test_analyze_sits_below_the_engines():
+    """analyze may use common, datasets and models, never pretrain, finetune or benchmarks."""
+    import re
+    from pathlib import Path
+
+    import vitmpp.analyze
+
+    for path in Path(vitmpp.analyze.__file__).parent.rglob("*.py"):
+        text = path.read_text()
+        for higher in ("pretrain", "finetune", "benchmarks"):
+            assert not re.search(rf"^\s*(?:from|import)\s+vitmpp\.{higher}\b", text, re.M), f"{path} imports {higher}"
