@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from typing import Callable, Iterator, Sequence
 
 import torch
+from timm.layers import Attention
 from torch import Tensor, nn
 
 from vitmpp.common.errors import UserError
@@ -30,13 +31,18 @@ from vitmpp.common.errors import UserError
 _ATTENTION_PARTS = ("qkv", "num_heads", "head_dim", "scale", "q_norm", "k_norm")
 
 
+def _is_plain_attention(attn: nn.Module) -> bool:
+    # timm's `Attention` (or a subclass) only: look-alikes such as `AttentionRope` have the same
+    # attributes but rotate q and k first, which this recomputation would silently leave out
+    return isinstance(attn, Attention) and all(hasattr(attn, name) for name in _ATTENTION_PARTS)
+
+
 def check_attention_module(attn: nn.Module, where: str = "block.attn") -> None:
-    """UserError unless `attn` looks like timm's standard `Attention` (fused qkv projection)."""
-    missing = [name for name in _ATTENTION_PARTS if not hasattr(attn, name)]
-    if missing:
+    """UserError unless `attn` is timm's standard `Attention` (fused qkv projection, no rotary embedding)."""
+    if not _is_plain_attention(attn):
         raise UserError(
-            f"{where} is a {type(attn).__name__} without {', '.join(missing)}; attention analysis supports "
-            "timm's standard Attention (VisionTransformer blocks with a fused qkv projection)."
+            f"{where} is a {type(attn).__name__}; attention analysis supports timm's standard Attention "
+            "(VisionTransformer blocks with a fused qkv projection and no rotary position embedding)."
         )
 
 
@@ -45,7 +51,7 @@ def supports_attention(encoder: nn.Module) -> bool:
     blocks = getattr(encoder, "blocks", None)
     if blocks is None or len(blocks) == 0:
         return False
-    return all(all(hasattr(block.attn, name) for name in _ATTENTION_PARTS) for block in blocks)
+    return all(_is_plain_attention(getattr(block, "attn", None)) for block in blocks)
 
 
 def recompute_attention(attn: nn.Module, x: Tensor) -> Tensor:

@@ -240,3 +240,13 @@ def test_streamed_analysis_equals_the_whole_batch_computation():
     uniform = patch_distances((8, 8), 4).mean().item()
     assert whole.shape == (2, 4)
     assert torch.allclose(whole, torch.full_like(whole, uniform), rtol=0.1)
+
+
+def test_rotary_attention_is_refused_rather_than_silently_wrong():
+    from timm.layers import AttentionRope
+
+    encoder = tiny_vit()
+    encoder.blocks[0].attn = AttentionRope(64, num_heads=4)
+    assert not supports_attention(encoder)
+    with pytest.raises(UserError, match="AttentionRope"):
+        attention_weights(encoder, random_images(1))
