@@ -10,7 +10,12 @@ loaders read the very same JPEGs.
 """
 from __future__ import annotations
 
+import argparse
 import io
+import json
+import os
+import sys
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -41,20 +46,67 @@ def photo_like(index: int, size: tuple[int, int], seed: int = 0) -> Image.Image:
     return Image.fromarray(pixels, "RGB")
 
 
+def _write_photo(args: tuple) -> None:
+    path, index, size, seed = args
+    out = io.BytesIO()
+    photo_like(index, size, seed).save(out, format="JPEG", quality=JPEG_QUALITY)
+    Path(path).write_bytes(out.getvalue())
+
+
 def write_photo_folder(root: Path, count: int, size: tuple[int, int], seed: int = 0) -> Path:
-    """An ImageFolder tree `root/class_k/xxxxxxxx.jpg` of `count` photo-like JPEGs (made once)."""
+    """An ImageFolder tree `root/class_k/xxxxxxxx.jpg` of `count` photo-like JPEGs (made once, on every core)."""
     root = Path(root)
     done = root / ".complete"
-    if done.exists() and done.read_text() == f"{count} {size} {seed}":
+    stamp = f"{count} {tuple(size)} {seed}"
+    if done.exists() and done.read_text() == stamp:
         return root
+    jobs = []
     for index in range(count):
         folder = root / f"class_{index % CLASSES}"
         folder.mkdir(parents=True, exist_ok=True)
-        out = io.BytesIO()
-        photo_like(index, size, seed).save(out, format="JPEG", quality=JPEG_QUALITY)
-        (folder / f"{index:08d}.jpg").write_bytes(out.getvalue())
-    done.write_text(f"{count} {size} {seed}")
+        jobs.append((str(folder / f"{index:08d}.jpg"), index, tuple(size), seed))
+    workers = min(os.cpu_count() or 1, max(1, count // 64))
+    if workers > 1:
+        with ProcessPoolExecutor(workers) as pool:
+            list(pool.map(_write_photo, jobs, chunksize=32))
+    else:
+        for job in jobs:
+            _write_photo(job)
+    done.write_text(stamp)
     return root
+
+
+def repeat_shards(source: Path, out: Path, times: int) -> Path:
+    """A shard folder whose train split lists every shard of `source` `times` times (symbolic links).
+
+    The engine builds a new loader, with new workers, every epoch; an epoch of
+    several passes over a small generated set keeps a short GPU run from spending
+    its time restarting workers. The loader shuffles shards and samples, so the
+    passes differ. Only the train split is kept (no labels sidecar: pretraining
+    does not read it).
+    """
+    source, out = Path(source).absolute(), Path(out)
+    if (out / "_info.json").exists():
+        return out
+    info = json.loads((source / "_info.json").read_text())
+    train = info["splits"]["train"]
+    out.mkdir(parents=True, exist_ok=True)
+    names = []
+    for k in range(times):
+        for name in train["filenames"]:
+            link = out / f"r{k:03d}-{name}"
+            if not link.exists():
+                link.symlink_to(source / name)
+            names.append(link.name)
+    split = {"name": "train", "num_samples": train["num_samples"] * times, "filenames": names,
+             "shard_lengths": list(train["shard_lengths"]) * times}
+    if train.get("shard_bytes"):
+        split["shard_bytes"] = list(train["shard_bytes"]) * times
+    info["splits"] = {"train": split}
+    tmp = out / "._info.json.tmp"
+    tmp.write_text(json.dumps(info, indent=1))
+    os.replace(tmp, out / "_info.json")
+    return out
 
 
 def shards_from_folder(root: Path, out: Path, max_size: int | None = None, maxcount: int = 64) -> Path:
@@ -83,3 +135,26 @@ def folder_bytes(root: Path) -> tuple[int, int]:
     """(files, total bytes) of the JPEGs under `root`."""
     files = list(Path(root).rglob("*.jpg"))
     return len(files), sum(f.stat().st_size for f in files)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m vitmpp.benchmarks.data --out DIR [--count N] [--size WxH] [--repeat K]`: pretraining shards
+    of photo-like JPEGs for a GPU check (the images, their shards, and a K-pass view of them)."""
+    parser = argparse.ArgumentParser(prog="python -m vitmpp.benchmarks.data", description=main.__doc__)
+    parser.add_argument("--out", required=True, help="folder for the images and shards")
+    parser.add_argument("--count", type=int, default=2048, help="distinct images")
+    parser.add_argument("--size", default="341x256", help="image width x height (341x256: ImageNet after --max-size 256)")
+    parser.add_argument("--repeat", type=int, default=1, help="passes over the images per epoch")
+    args = parser.parse_args(argv)
+    w, h = (int(v) for v in args.size.lower().split("x"))
+    out = Path(args.out)
+    photos = write_photo_folder(out / f"photos-{w}x{h}-{args.count}", args.count, (w, h))
+    shards = shards_from_folder(photos, out / f"shards-{w}x{h}-{args.count}", maxcount=128)
+    if args.repeat > 1:
+        shards = repeat_shards(shards, out / f"shards-{w}x{h}-{args.count}-x{args.repeat}", args.repeat)
+    print(shards)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

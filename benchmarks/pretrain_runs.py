@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from .data import synthetic_shards
+from .data import repeat_shards, shards_from_folder, synthetic_shards, write_photo_folder
 from .harness import Row, Settings, median, verdict
 
 SKIP_INTERVALS = 2
@@ -80,11 +80,24 @@ def _clean(settings: Settings, name: str) -> None:
     shutil.rmtree(Path(settings.scratch) / "runs" / name, ignore_errors=True)
 
 
+def pretrain_shards(settings: Settings, steps: int) -> Path:
+    """Shards for runs of `steps` steps: drawn synthetic images at small sizes; at 128 px and up,
+    photo-like JPEGs of 341 x 256 (ImageNet after --max-size 256), made on every core and
+    listed as often as one epoch of the run needs."""
+    scratch = Path(settings.scratch)
+    if settings.e2e_img_size < 128:
+        count = max(settings.small_count, settings.e2e_batch * 4)
+        return synthetic_shards(scratch / f"synthetic{settings.e2e_img_size}-{count}", count, settings.e2e_img_size)
+    count = settings.photo_count
+    photos = write_photo_folder(scratch / f"photos-341x256-{count}", count, (341, 256))
+    shards = shards_from_folder(photos, scratch / f"photo-shards-341x256-{count}", maxcount=128)
+    times = -(-steps * settings.e2e_batch // count)
+    return repeat_shards(shards, scratch / f"photo-shards-341x256-{count}-x{times}", times) if times > 1 else shards
+
+
 def end_to_end_rows(settings: Settings) -> list[Row]:
     """pretrain/main.py on shards / the same run on in-memory batches (goal >= 0.9)."""
-    count = max(settings.small_count, settings.e2e_batch * 4)
-    shards = synthetic_shards(Path(settings.scratch) / f"synthetic{settings.e2e_img_size}-{count}", count,
-                              settings.e2e_img_size)
+    shards = pretrain_shards(settings, settings.e2e_steps)
     rates: dict[str, list[float]] = {"shards": [], "memory": []}
     waits: list[float] = []
     losses: list[float] = []
@@ -116,9 +129,7 @@ def scaling_rows(settings: Settings) -> list[Row]:
     if settings.device != "cpu" or settings.scaling_steps <= 0:
         return [Row("scaling", "1 -> 2 processes", None, "of ideal", "runs on the CPU only (a single-GPU machine has "
                     "no second device); the multi-GPU curve needs a multi-GPU machine")]
-    count = max(settings.small_count, settings.e2e_batch * 4)
-    shards = synthetic_shards(Path(settings.scratch) / f"synthetic{settings.e2e_img_size}-{count}", count,
-                              settings.e2e_img_size)
+    shards = pretrain_shards(settings, settings.scaling_steps)
     rates: dict[int, list[float]] = {1: [], 2: []}
     rounds = 1 if settings.quick else min(settings.rounds, 2)
     for r in range(rounds):
