@@ -90,6 +90,7 @@ class TrainConfig:
 class LogConfig:
     log_every: int = param(10, ge=1, help="steps between console lines, TensorBoard scalars and metrics.jsonl rows")
     image_every: int = param(200, ge=0, help="steps between visualisation images (0: never)")
+    analysis_every: int = param(0, ge=0, help="steps between analysis figures: position-embedding similarity, embedding filters, attention rollout (0: never)")
     checkpoint_every: int = param(500, ge=1, help="steps between checkpoints (one is always written at the end)")
     keep_checkpoints: int = param(2, ge=1, help="how many recent checkpoints to keep")
 

@@ -50,8 +50,8 @@ class PretrainConfig:
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(
         name="adamw", base_lr=None, lr=1e-3, weight_decay=0.05, betas=(0.9, 0.95), warmup_steps=20,
     ))
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(global_batch=128, steps=300))
-    log: LogConfig = field(default_factory=LogConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(global_batch=128, steps=200))
+    log: LogConfig = field(default_factory=lambda: LogConfig(image_every=100, analysis_every=100, checkpoint_every=100))
     run: RunConfig = field(default_factory=RunConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
 

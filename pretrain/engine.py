@@ -228,6 +228,8 @@ def train(cfg: PretrainConfig, run_dir: Path, resume: str | None = None) -> Path
                     flush_log()
                 if cfg.log.image_every and step % cfg.log.image_every == 0 and accelerator.is_main_process:
                     _log_images(tracker, objective, images, output, step)
+                if cfg.log.analysis_every and step % cfg.log.analysis_every == 0 and accelerator.is_main_process:
+                    _log_analysis(tracker, objective, images, step)
                 if control.any(stop.requested or step == cfg.debug.stop_at_step):
                     path = save(step)
                     console.close_bar()
@@ -288,6 +290,15 @@ def _record(run_dir: Path, rank: int, world: int, seen: list[int], model) -> Non
 
     checksum = float(sum(p.detach().double().sum() for p in model.parameters()))
     (run_dir / f"debug-rank{rank}.json").write_text(json.dumps({"rank": rank, "world_size": world, "samples": seen, "weights_checksum": checksum}))
+
+
+def _log_analysis(tracker: Tracker, objective, images: torch.Tensor, step: int) -> None:
+    """The ViT paper's Figure 7 pictures of the encoder as it trains (cheap: one small forward)."""
+    from vitmpp.analyze import training_figures
+
+    images01 = objective.to_unit_range(images[:8])
+    for name, figure in training_figures(objective.encoder, images[:8], images01).items():
+        tracker.image(f"analysis/{name}", figure, step)
 
 
 def _log_images(tracker: Tracker, objective, images: torch.Tensor, output, step: int) -> None:

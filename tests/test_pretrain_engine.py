@@ -26,7 +26,8 @@ def tensorboard_events(run_dir):
 def test_default_command_runs_end_to_end(tmp_path):
     """README's `accelerate launch pretrain/main.py`, with only the step count shortened."""
     result = run(accelerate_cmd("pretrain/main.py") + ["train.steps=4", "log.log_every=2", "log.image_every=2",
-                                                        "log.checkpoint_every=2"], cwd=tmp_path, cache=tmp_path / "cache")
+                                                        "log.analysis_every=4", "log.checkpoint_every=2"],
+                 cwd=tmp_path, cache=tmp_path / "cache")
     run_dir = tmp_path / "runs" / "default-mpp"
     assert f"tensorboard --logdir {run_dir.relative_to(tmp_path)}" in result.stdout
     assert (tmp_path / "cache" / "digits-32px" / "_info.json").is_file()
@@ -36,10 +37,13 @@ def test_default_command_runs_end_to_end(tmp_path):
     assert info["objective"] == "mpp" and info["step"] == 4
     assert [row["step"] for row in metrics(run_dir)] == [1, 2, 3, 4]
 
-    tags, images = set(), 0
+    tags, images, image_tags = set(), 0, set()
     for acc in tensorboard_events(run_dir):
         tags |= set(acc.Tags()["scalars"])
+        image_tags |= set(acc.Tags()["images"])
         images += sum(len(acc.Images(t)) for t in acc.Tags()["images"])
+    assert {"analysis/position_embedding_similarity", "analysis/embedding_filters", "analysis/attention_rollout"} <= image_tags
+    assert any(t.startswith("visual/") for t in image_tags)
     expected = {"train/loss", "train/lr", "train/grad_norm", "perf/images_per_sec", "perf/data_wait_fraction",
                 "data/skipped_samples", "train/epoch"}
     assert expected <= tags
@@ -99,6 +103,10 @@ def test_exact_resume_after_stop(tmp_path, digits16):
     for a, b in zip(straight, again):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-6), (a, b)
     assert max_weight_difference(tmp_path / "runs" / "straight", resumed) < 1e-6
+    # TensorBoard shows every step once: the first attempt logged steps 1..3, the resumed one 4..6
+    steps = [e.step for acc in tensorboard_events(resumed) if "train/loss" in acc.Tags()["scalars"]
+             for e in acc.Scalars("train/loss")]
+    assert sorted(steps) == [1, 2, 3, 4, 5, 6]
 
 
 def test_nonfinite_step_is_skipped_and_a_streak_stops(tmp_path, digits16):

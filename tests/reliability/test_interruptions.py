@@ -31,6 +31,12 @@ def assert_same_as_reference(run_dir, reference):
     for a, b in zip(ours, theirs):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-6), (a, b)
     assert max_weight_difference(run_dir, reference) < 1e-6
+    # TensorBoard shows each step once, although the interrupted attempt logged steps after its checkpoint
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    assert sorted(e.step for e in events.Scalars("train/loss")) == list(range(1, STEPS + 1))
 
 
 @pytest.mark.fault("SIGKILL to every process of a 2-process run, then --resume auto", expect="survived")
