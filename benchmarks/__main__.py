@@ -89,6 +89,20 @@ def main(argv: list[str] | None = None) -> int:
               f"{'quick smoke run (tiny sizes, numbers mean nothing)' if args.quick else 'full run'}; "
               f"{settings.threads} torch threads for the model rows")
     print(header, flush=True)
+
+    def write(final: bool) -> None:
+        # after every group of rows, so a run stopped by a time limit still leaves what it measured
+        record = {
+            "device": args.device, "device_name": device_name(args.device), "quick": args.quick,
+            "torch": torch.__version__, "threads": settings.threads, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+            "settings": {k: v for k, v in vars(settings).items() if k != "scratch"}, "complete": final,
+            "seconds": round(time.time() - started, 1), "failed_rows": failures, "rows": [r.as_dict() for r in rows],
+        }
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(record, indent=1, default=str))
+        os.replace(tmp, out)
+
     try:
         for name in wanted:
             t0 = time.time()
@@ -104,21 +118,13 @@ def main(argv: list[str] | None = None) -> int:
             print_table(new)
             sys.stdout.flush()
             rows += new
+            write(final=False)
     finally:
         if own_scratch:
             shutil.rmtree(scratch, ignore_errors=True)
     print(f"\n== results ({time.time() - started:.0f} s) ==")
     print_table(rows)
-    record = {
-        "device": args.device, "device_name": device_name(args.device), "quick": args.quick,
-        "torch": torch.__version__, "threads": settings.threads, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "settings": {k: v for k, v in vars(settings).items() if k != "scratch"},
-        "seconds": round(time.time() - started, 1), "failed_rows": failures, "rows": [r.as_dict() for r in rows],
-    }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(record, indent=1, default=str))
-    os.replace(tmp, out)
+    write(final=True)
     print(f"written: {out}")
     if failures:
         print(f"error: rows failed: {', '.join(failures)}", file=sys.stderr)

@@ -90,7 +90,7 @@ class Settings:
             small_encoder="vit_small_patch16_224", small_img_size=224,
             mae_decoder=dict(decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16),
             precision="fp32", compile_modes=(False,), peak_tflops=peak_tflops,
-            photo_count=192, photo_size=(500, 375), photo_crop=224, max_size=256,
+            photo_count=640, photo_size=(500, 375), photo_crop=224, max_size=256,
             small_count=2048, loader_batch=32, loader_workers=(1, 2),
             e2e_encoder="vit_nano_patch4_32", e2e_img_size=32, e2e_batch=64, e2e_steps=60, e2e_workers=1,
             scaling_steps=40, scratch=scratch,

@@ -5,8 +5,9 @@ Two measures:
 
 * everywhere: the bytes autograd keeps for the backward pass per image (each
   saved tensor's storage counted once, found through `saved_tensors_hooks`),
-  under bf16 autocast as a GPU run would have them. This is the part of the memory
-  that grows with the batch; the CPU has no allocator peak to read;
+  under bf16 autocast as a GPU run would have them, as the slope between two batch
+  sizes. This is the part of the memory that grows with the batch; the CPU has no
+  allocator peak to read;
 * on CUDA: the allocator's peak (`max_memory_allocated`) of a whole training step at
   two batch sizes; the slope is the memory per image, the intercept the weights,
   gradients and AdamW state.
@@ -64,14 +65,17 @@ def _cuda_peak(model, batch: int, img: int, precision: str) -> int:
 def memory_rows(settings: Settings) -> list[Row]:
     rows: list[Row] = []
     enc, img = settings.encoder, settings.img_size
-    probe = 2 if settings.device == "cpu" else 8
-    images, labels = fixed_batch(probe, img, settings.device)
+    # two batch sizes: the slope is per image; the intercept is what does not grow with the batch
+    # (under autocast, the bf16 copies of the weights that linear layers save)
+    small, large = (1, 3) if settings.device == "cpu" else (4, 12)
+    probes = {b: fixed_batch(b, img, settings.device) for b in (small, large)}
     for name in OBJECTIVES:
         per_image = {}
         for ckpt in (False, True):
             model = build_objective(name, enc, img, mae_decoder=settings.mae_decoder, grad_checkpointing=ckpt,
                                     device=settings.device)
-            per_image[ckpt] = saved_activation_bytes(model, images, labels, "bf16") / probe
+            saved = {b: saved_activation_bytes(model, *probes[b], "bf16") for b in (small, large)}
+            per_image[ckpt] = (saved[large] - saved[small]) / (large - small)
         params = sum(p.numel() for p in model.parameters())
         fixed = FIXED_BYTES_PER_PARAM * params
         extra = {"saved_bytes_per_image": per_image[False], "saved_bytes_per_image_ckpt": per_image[True],
