@@ -66,7 +66,7 @@ class Settings:
                 mae_decoder=dict(decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16),
                 precision="bf16", compile_modes=(False, True), peak_tflops=peak_tflops,
                 photo_count=256 if quick else 1024, photo_size=(500, 375), photo_crop=224, max_size=256,
-                small_count=512 if quick else 4096, loader_batch=64, loader_workers=(1, 2, 4, 8),
+                small_count=512 if quick else 4096, loader_batch=64, loader_workers=(1, 4, 12),
                 e2e_encoder="vit_base_patch16_224", e2e_img_size=224, e2e_batch=128, e2e_steps=20 if quick else 50,
                 e2e_workers=min(12, max(1, cores - 2)), scaling_steps=0, scratch=scratch,
             )

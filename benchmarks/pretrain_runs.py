@@ -102,7 +102,8 @@ def end_to_end_rows(settings: Settings) -> list[Row]:
     waits: list[float] = []
     losses: list[float] = []
     threads = 1 if settings.device == "cpu" else settings.threads  # CPU: one core computes, the workers get the rest
-    rounds = 1 if settings.quick else min(settings.rounds, 2)
+    # a GPU run is short (one pair of runs fits the GPU check's time); on 2 shared cores two pairs
+    rounds = 1 if settings.quick or settings.device == "cuda" else min(settings.rounds, 2)
     for r in range(rounds):
         for arm in (("shards", "memory") if r % 2 == 0 else ("memory", "shards")):
             name = f"e2e-{arm}-{os.getpid()}-{r}"

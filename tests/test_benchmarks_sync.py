@@ -85,6 +85,7 @@ def test_step_runner_steps_make_no_host_sync(objective_name):
     assert torch.isfinite(loss) and torch.isfinite(grad_norm)
 
 
+@pytest.mark.slow
 def test_training_loop_syncs_only_at_log_intervals(digits16, tmp_path):
     """The real pretrain/main.py: zero syncs from one optimizer step to the next; some at log intervals."""
     report_file = tmp_path / "syncs.json"
