@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -405,6 +406,26 @@ class Checkpointer:
             raise UserError(f"The random state in {rng_file} was not restored; the checkpoint is damaged or from another setup.")
 
 
+@contextmanager
+def guarded_loop(rank: int, console):
+    """Around a training loop: stop signals are remembered (not fatal), torch's cryptic
+    failures (a dead loader worker, a lost peer) become one-sentence errors, and the
+    progress bar is closed whatever happens. Yields the `StopSignal` to poll."""
+    from .distributed import StopSignal, explain_failure
+
+    stop = StopSignal().install()
+    try:
+        yield stop
+    except RuntimeError as err:
+        explained = explain_failure(err, rank)
+        if explained is None:
+            raise
+        raise explained from None
+    finally:
+        stop.uninstall()
+        console.close_bar()
+
+
 # ----------------------------------------------------------------------------- TensorBoard
 
 class Tracker:
@@ -546,6 +567,14 @@ class IntervalLog:
         self.pending: list[tuple[int, torch.Tensor, torch.Tensor, float]] = []
         self.meter = Throughput()
         self.last_checkpoint: Path | None = None
+
+    def timed(self, batches, count: int):
+        """The next `count` batches, counting the time spent waiting for them as data wait."""
+        for _ in range(count):
+            waited = time.perf_counter()
+            batch = next(batches)
+            self.meter.data_wait += time.perf_counter() - waited
+            yield batch
 
     def add(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor, lr: float, images: int) -> None:
         self.pending.append((step, loss, grad_norm, lr))

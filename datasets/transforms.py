@@ -40,32 +40,7 @@ def pretrain_transform(img_size: int, scale: Sequence[float] = (0.2, 1.0), hflip
         interpolation=interpolation, re_prob=0.0, use_prefetcher=True,
     )
     transform.decode_min_side = _crop_side_needed(img_size, scale[0])
-    _allow_zero_bit_posterize(transform)
     return transform
-
-
-def _posterize_any_bits(img, bits_to_keep, **_):
-    """timm's posterize, also for 0 bits (a black image), as Pillow did before version 13.
-
-    RandAugment's increasing posterize keeps 4 - int(level * 4 / 10) bits, which is 0
-    when the magnitude noise ('mstd') reaches the maximum level; Pillow 13 refuses 0."""
-    from PIL import Image, ImageOps
-
-    if bits_to_keep >= 8:
-        return img
-    if bits_to_keep <= 0:
-        return Image.new(img.mode, img.size)
-    return ImageOps.posterize(img, bits_to_keep)
-
-
-def _allow_zero_bit_posterize(transform) -> None:
-    from timm.data.auto_augment import RandAugment, posterize
-
-    for step in getattr(transform, "transforms", []):
-        if isinstance(step, RandAugment):
-            for op in step.ops:
-                if op.aug_fn is posterize:
-                    op.aug_fn = _posterize_any_bits
 
 
 def finetune_transform(img_size: int, *, auto_augment: str | None = "rand-m9-mstd0.5-inc1",

@@ -21,7 +21,7 @@ from vitmpp.common import rundir
 from vitmpp.common.checkpoint import write_json_atomic
 from vitmpp.common.config import dump_yaml, flatten
 from vitmpp.common.console import Console, quiet_libraries
-from vitmpp.common.distributed import StopSignal, explain_failure, make_accelerator
+from vitmpp.common.distributed import make_accelerator
 from vitmpp.common.errors import UserError
 from vitmpp.common.training import (
     Checkpointer,
@@ -33,6 +33,7 @@ from vitmpp.common.training import (
     batch_geometry,
     build_optimizer,
     build_scheduler,
+    guarded_loop,
     current_lr,
     peak_lr,
     warmup_steps,
@@ -240,7 +241,6 @@ def run(cfg: FinetuneConfig, run_dir: Path, resume: str | None = None) -> dict:
     log.last_checkpoint = checkpointer.last
     runner = StepRunner(accelerator, model, optimizer, scheduler, guard, geometry.accumulation, cfg.optim.clip_grad)
     poison_rank = cfg.debug.inject_nonfinite_rank in (None, rank)
-    stop = StopSignal().install()
 
     def forward(batch):
         images = normalize_batch(batch.images.to(accelerator.device, non_blocking=True), mean, std)
@@ -250,13 +250,6 @@ def run(cfg: FinetuneConfig, run_dir: Path, resume: str | None = None) -> dict:
         if erase is not None:
             images = erase(images)
         return criterion(model(images), labels), None
-
-    def timed(batches, count):
-        for _ in range(count):
-            waited = time.perf_counter()
-            batch = next(batches)
-            log.meter.data_wait += time.perf_counter() - waited
-            yield batch
 
     def save(at_step: int) -> None:
         log.flush()
@@ -285,7 +278,7 @@ def run(cfg: FinetuneConfig, run_dir: Path, resume: str | None = None) -> dict:
             _save_weights(accelerator, model, run_dir / "best.safetensors")
 
     console.start_bar(total_steps, initial=step, desc=cfg.protocol)
-    try:
+    with guarded_loop(rank, console) as stop:
         while step < total_steps:
             epoch, step_in_epoch = divmod(step, steps_per_epoch)
             model.train()
@@ -300,7 +293,7 @@ def run(cfg: FinetuneConfig, run_dir: Path, resume: str | None = None) -> dict:
             batches = iter(loader)
             while step < min(total_steps, (epoch + 1) * steps_per_epoch):
                 poison = poison_rank and step + 1 in cfg.debug.inject_nonfinite_steps
-                loss, grad_norm, _ = runner.run(step, forward, timed(batches, geometry.accumulation), poison=poison)
+                loss, grad_norm, _ = runner.run(step, forward, log.timed(batches, geometry.accumulation), poison=poison)
                 step += 1
                 log.add(step, loss, grad_norm, current_lr(optimizer), geometry.per_device_batch * geometry.accumulation)
                 console.update_bar(1)
@@ -331,14 +324,6 @@ def run(cfg: FinetuneConfig, run_dir: Path, resume: str | None = None) -> dict:
                       f"results: {run_dir / 'results.json'}")
         tracker.close()
         return results
-    except RuntimeError as err:
-        explained = explain_failure(err, rank)
-        if explained is None:
-            raise
-        raise explained from None
-    finally:
-        stop.uninstall()
-        console.close_bar()
 
 
 # ----------------------------------------------------------------------------- pieces

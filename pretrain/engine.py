@@ -21,7 +21,7 @@ import torch
 from vitmpp.common import rundir
 from vitmpp.common.config import dump_yaml, flatten
 from vitmpp.common.console import Console, quiet_libraries
-from vitmpp.common.distributed import StopSignal, explain_failure, make_accelerator
+from vitmpp.common.distributed import make_accelerator
 from vitmpp.common.errors import UserError
 from vitmpp.common.faults import ExitAfterCalls
 from vitmpp.common.training import (
@@ -34,6 +34,7 @@ from vitmpp.common.training import (
     batch_geometry,
     build_optimizer,
     build_scheduler,
+    guarded_loop,
     config_fingerprint,
     current_lr,
     peak_flops,
@@ -148,7 +149,6 @@ def train(cfg: PretrainConfig, run_dir: Path, resume: str | None = None) -> Path
     )
     console.print(f"run directory: {run_dir}    watch: tensorboard --logdir {run_dir}")
 
-    stop = StopSignal().install()
     log = IntervalLog(accelerator, tracker, console, guard, metrics=metrics,
                       total_steps=plan.total_steps, steps_per_epoch=plan.steps_per_epoch, flops_per_image=flops,
                       peak=peak, nonfinite_before=nonfinite_before)
@@ -191,16 +191,9 @@ def train(cfg: PretrainConfig, run_dir: Path, resume: str | None = None) -> Path
         output = model(images, batch.labels.to(device, non_blocking=True))
         return output.loss, (images, output)
 
-    def timed(batches, count: int):
-        for _ in range(count):
-            waited = time.perf_counter()
-            batch = next(batches)
-            log.meter.data_wait += time.perf_counter() - waited
-            yield batch
-
     console.start_bar(plan.total_steps, initial=step, desc=cfg.objective)
     model.train()
-    try:
+    with guarded_loop(rank, console) as stop:
         while step < plan.total_steps:
             epoch, step_in_epoch = divmod(step, plan.steps_per_epoch)
             loader = build_loader(
@@ -216,7 +209,7 @@ def train(cfg: PretrainConfig, run_dir: Path, resume: str | None = None) -> Path
             while step < epoch_end:
                 poison = poison_rank and step + 1 in cfg.debug.inject_nonfinite_steps
                 loss, grad_norm, (images, output) = runner.run(
-                    step, forward, timed(batches, geometry.accumulation), poison=poison)
+                    step, forward, log.timed(batches, geometry.accumulation), poison=poison)
                 step += 1
                 log.add(step, loss, grad_norm, current_lr(optimizer), geometry.per_device_batch * geometry.accumulation)
                 console.update_bar(1)
@@ -254,14 +247,6 @@ def train(cfg: PretrainConfig, run_dir: Path, resume: str | None = None) -> Path
         console.print(f"watch: tensorboard --logdir {run_dir}")
         tracker.close()
         return run_dir
-    except RuntimeError as err:
-        explained = explain_failure(err, rank)
-        if explained is None:
-            raise
-        raise explained from None
-    finally:
-        stop.uninstall()
-        console.close_bar()
 
 
 def export_encoder(accelerator, model, cfg: PretrainConfig, run_dir: Path, step: int, shards: str) -> None:
