@@ -121,3 +121,23 @@ def test_reducing_gap_crop_is_identity_on_a_full_image_crop():
 def test_row_records_are_plain_json():
     row = Row("memory", "mae: MiB per image", 1.5, "MiB", "note", {"x": [1, 2]})
     assert json.loads(json.dumps(row.as_dict()))["extra"] == {"x": [1, 2]}
+
+
+@pytest.mark.slow
+def test_gpu_check_script_cpu_smoke(tmp_path):
+    """benchmarks/gpu_check.sh --cpu-smoke: the GPU check's code paths at tiny sizes, so the script never rots."""
+    from engine_helpers import ROOT
+
+    out = tmp_path / "out"
+    result = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--cpu-smoke"], cwd=ROOT,
+                            env=env(OUT=str(out), PYTHON=sys.executable, TMPDIR=str(tmp_path)),
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    summary = (out / "summary.txt").read_text()
+    assert "host syncs inside 12 optimizer steps: 0" in summary
+    assert "falls" in summary and "DOES NOT FALL" not in summary
+    record = json.loads((out / "results-cpu-smoke.json").read_text())
+    assert record["failed_rows"] == [] and {r["section"] for r in record["rows"]} >= {"objective step", "end to end"}
+    assert sorted(p.name for p in out.iterdir()) == sorted([
+        "env.txt", "gpu_check.log", "pretrain_metrics.jsonl", "pretrain_perf.jsonl", "results-cpu-smoke.json",
+        "summary.txt", "syncs.json"])
