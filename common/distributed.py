@@ -129,10 +129,13 @@ def explain_failure(error: BaseException, rank: int):
     text = str(error)
     if "DataLoader worker" in text and "exited unexpectedly" in text:
         detail = text.split(". ")[0]
-        return UserError(
-            f"A data-loading worker of rank {rank} died ({detail}); this is usually the kernel's out-of-memory "
-            "killer: lower data.num_workers or the batch size, then rerun with --resume auto."
-        )
+        # SIGKILL is what the kernel's OOM killer sends; any other exit means the worker's own
+        # code failed, and its traceback (printed by the worker) names the cause.
+        cause = ("this is usually the kernel's out-of-memory killer: lower data.num_workers or the batch size"
+                 if "Killed" in text or "signal: 9" in text else
+                 "the worker's own output above names the cause; fix it")
+        return UserError(f"A data-loading worker of rank {rank} died ({detail}); {cause}, "
+                         "then rerun with --resume auto.")
     if "Connection closed by peer" in text or "Connection reset by peer" in text or "NCCL communicator was aborted" in text:
         return UserError(f"Rank {rank} lost contact with another process of this run, which failed first; "
                          "its message above names the cause.")

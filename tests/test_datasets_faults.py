@@ -205,5 +205,5 @@ def test_a_dead_worker_is_an_error_not_a_hang(shards):
 
     loader = build_loader(shards, split="train", batch_size=4, transform=dies_on_sample_30, training=False,
                           num_workers=2)
-    with pytest.raises(RuntimeError, match="exited unexpectedly"):
+    with pytest.raises(UserError, match="worker of rank 0 died .*exited unexpectedly.*own output above"):
         list(loader)
