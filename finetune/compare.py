@@ -8,7 +8,7 @@ cell whose results.json exists is skipped, so an interrupted comparison continue
 where it stopped. `scratch` does not depend on an encoder: it runs once per label
 fraction and seed, with the architecture of the first encoder. An encoder named
 `random` with path `random` is a randomly initialised copy of that architecture
-(the floor for linear probes).
+(the floor for linear probes and kNN; it is not fine-tuned: that is `scratch`).
 
 Writes `results.csv` (one row per cell), `results.md` (mean ± std over seeds, and the
 share of the scratch -> supervised gap each self-supervised encoder closes) and
@@ -71,11 +71,20 @@ class Cell:
         return f"{self.encoder}-{self.protocol}-f{self.label_fraction:g}-s{self.seed}"
 
 
+def encoders_for(cfg: CompareConfig, protocol: str) -> list[str]:
+    """The encoders a protocol is run on: scratch needs none ("-"); a random encoder is not
+    fine-tuned, because fine-tuning random weights is what `scratch` measures (with its own recipe)."""
+    if protocol == "scratch":
+        return ["-"]
+    if protocol == "finetune":
+        return [name for name, path in cfg.encoders.items() if path != "random"]
+    return list(cfg.encoders)
+
+
 def cells(cfg: CompareConfig) -> list[Cell]:
     out = []
     for protocol in cfg.protocols:
-        names = ["-"] if protocol == "scratch" else list(cfg.encoders)
-        for encoder in names:
+        for encoder in encoders_for(cfg, protocol):
             for fraction in cfg.label_fractions:
                 for seed in cfg.seeds:
                     out.append(Cell(encoder, protocol, fraction, seed))
@@ -146,8 +155,7 @@ def summarize(cfg: CompareConfig, rows: list[dict]) -> tuple[list[dict], str]:
     lines += [header, "|" + "---|" * (2 + len(fractions))]
     lookup = {(s["encoder"], s["protocol"], s["label_fraction"]): s for s in summary}
     for protocol in cfg.protocols:
-        names = ["-"] if protocol == "scratch" else list(cfg.encoders)
-        for encoder in names:
+        for encoder in encoders_for(cfg, protocol):
             cells_text = []
             for fraction in fractions:
                 s = lookup.get((encoder, protocol, fraction))

@@ -113,6 +113,19 @@ def test_two_process_evaluation_counts_each_sample_once(tmp_path, pretrained, di
     assert results["val_images"] == 359  # 359 is odd: one rank's share is padded and the padding dropped
 
 
+def test_compare_grid_runs_scratch_once_and_never_finetunes_random():
+    from vitmpp.finetune.compare import CompareConfig, cells
+
+    cfg = CompareConfig(encoders={"mpp": "runs/mpp", "random": "random"},
+                        protocols=["linear", "knn", "finetune", "scratch"], label_fractions=[0.1, 1.0], seeds=[0, 1, 2])
+    grid = cells(cfg)
+    by_protocol = {p: {(c.encoder, c.label_fraction, c.seed) for c in grid if c.protocol == p} for p in cfg.protocols}
+    assert len(by_protocol["linear"]) == len(by_protocol["knn"]) == 2 * 2 * 3
+    assert {e for e, _, _ in by_protocol["finetune"]} == {"mpp"} and len(by_protocol["finetune"]) == 6
+    assert {e for e, _, _ in by_protocol["scratch"]} == {"-"} and len(by_protocol["scratch"]) == 6
+    assert len(grid) == len(set(grid)) == 12 + 12 + 6 + 6
+
+
 @pytest.mark.slow
 def test_compare_runs_cells_and_resumes(tmp_path, pretrained, digits16):
     recipe = tmp_path / "recipe.yaml"
