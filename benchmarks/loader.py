@@ -16,7 +16,6 @@ worker scaling >= 0.9 x N. An H100 at 50% MFU eats ~8,400 MAE-B images/s,
 """
 from __future__ import annotations
 
-import math
 import os
 import random
 import time

@@ -14,7 +14,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from .data import repeat_shards, shards_from_folder, synthetic_shards, write_photo_folder
