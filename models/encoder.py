@@ -19,6 +19,7 @@ Variants (`ENCODER_VARIANTS`):
   vit_pico_patch4_16      64     2      2     4    16
   vit_pico_patch4_32      64     2      2     4    32
   vit_nano_patch4_32     128     4      4     4    32
+  vit_nano_patch8_32     128     4      4     8    32
   vit_micro_patch4_32    192     6      3     4    32
   ==================== ===== ===== ====== ===== =====
 
@@ -64,6 +65,7 @@ _TINY = {
     "vit_pico_patch4_16": (4, 64, 2, 2, 16),
     "vit_pico_patch4_32": (4, 64, 2, 2, 32),
     "vit_nano_patch4_32": (4, 128, 4, 4, 32),
+    "vit_nano_patch8_32": (8, 128, 4, 4, 32),  # the digits recipes: 16 patches of 2x2 digit pixels
     "vit_micro_patch4_32": (4, 192, 6, 3, 32),
 }
 

@@ -41,12 +41,15 @@ class PretrainDataConfig:
 @dataclass
 class PretrainConfig:
     objective: str = param("mpp", help="pretraining objective: mpp (ViT paper), mae (He et al.), supervised")
-    model: EncoderConfig = field(default_factory=lambda: EncoderConfig(name="vit_nano_patch4_32", img_size=32))
+    # The embedded default: 8 px patches and milder crops without flips, as in
+    # configs/pretrain/mpp_digits.yaml (its comments say why), with the paper's own MPP
+    # options (mean_color target) so that a YAML file leaving them out gets the paper's.
+    model: EncoderConfig = field(default_factory=lambda: EncoderConfig(name="vit_nano_patch8_32", img_size=32))
     mpp: MPPConfig = field(default_factory=MPPConfig)
     # the embedded default is a CPU demo: a light decoder (the paper's 8 x 512 is in the recipes)
     mae: MAEConfig = field(default_factory=lambda: MAEConfig(decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4))
     supervised: SupervisedConfig = field(default_factory=SupervisedConfig)
-    data: PretrainDataConfig = field(default_factory=PretrainDataConfig)
+    data: PretrainDataConfig = field(default_factory=lambda: PretrainDataConfig(crop_scale=(0.5, 1.0), hflip=0.0))
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(
         name="adamw", base_lr=None, lr=1e-3, weight_decay=0.05, betas=(0.9, 0.95), warmup_steps=20,
     ))
