@@ -192,7 +192,7 @@ def plot(cfg: CompareConfig, summary: list[dict], path: Path) -> None:
     encoders = list(dict.fromkeys(s["encoder"] for s in summary))
     lookup = {(s["encoder"], s["protocol"], s["label_fraction"]): s for s in summary}
     width = 0.8 / max(len(encoders), 1)
-    fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(groups)), 4))
+    fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(groups)) + 1.8, 4))
     x = np.arange(len(groups))
     for i, encoder in enumerate(encoders):
         means = [lookup[(encoder, *g)]["mean"] if (encoder, *g) in lookup else np.nan for g in groups]
@@ -201,7 +201,7 @@ def plot(cfg: CompareConfig, summary: list[dict], path: Path) -> None:
                label=encoder if encoder != "-" else "random init (scratch)")
     ax.set_xticks(x, [f"{p}\n{f:g} labels" for p, f in groups])
     ax.set_ylabel(f"{cfg.metric.replace('_', ' ')} (%)")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: never over a bar
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
