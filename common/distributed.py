@@ -127,12 +127,14 @@ def explain_failure(error: BaseException, rank: int):
     from .errors import UserError
 
     text = str(error)
-    if "DataLoader worker" in text and "exited unexpectedly" in text:
+    # torch words a dead worker two ways: "... is killed by signal: Killed." from its SIGCHLD
+    # handler, "... exited unexpectedly ..." when the batch queue finds the worker gone.
+    if "DataLoader worker" in text and ("exited unexpectedly" in text or "killed by signal" in text):
         detail = text.split(". ")[0]
-        # SIGKILL is what the kernel's OOM killer sends; any other exit means the worker's own
+        # SIGKILL is what the kernel's OOM killer sends; any other death means the worker's own
         # code failed, and its traceback (printed by the worker) names the cause.
         cause = ("this is usually the kernel's out-of-memory killer: lower data.num_workers or the batch size"
-                 if "Killed" in text or "signal: 9" in text else
+                 if "signal: Killed" in text else
                  "the worker's own output above names the cause; fix it")
         return UserError(f"A data-loading worker of rank {rank} died ({detail}); {cause}, "
                          "then rerun with --resume auto.")

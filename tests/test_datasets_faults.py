@@ -207,3 +207,19 @@ def test_a_dead_worker_is_an_error_not_a_hang(shards):
                           num_workers=2)
     with pytest.raises(UserError, match="worker of rank 0 died .*exited unexpectedly.*own output above"):
         list(loader)
+
+
+@pytest.mark.parametrize("torch_message, advice", [
+    ("DataLoader worker (pid 41) is killed by signal: Killed. ", "out-of-memory killer"),
+    ("DataLoader worker (pid 41) exited unexpectedly with exit code 1. Details are lost", "own output above"),
+    ("DataLoader worker (pid(s) 41, 42) exited unexpectedly", "own output above"),
+    ("DataLoader worker (pid 41) is killed by signal: Segmentation fault. ", "own output above"),
+])
+def test_every_wording_of_a_dead_worker_becomes_one_sentence(torch_message, advice):
+    from vitmpp.common.distributed import explain_failure
+
+    explained = explain_failure(RuntimeError(torch_message), rank=1)
+    assert isinstance(explained, UserError)
+    assert str(explained).startswith("A data-loading worker of rank 1 died (DataLoader worker (pid")
+    assert advice in str(explained) and str(explained).endswith("rerun with --resume auto.")
+    assert explain_failure(RuntimeError("CUDA out of memory"), rank=1) is None
