@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vitmpp.datasets import build_loader, pretrain_transform
+from vitmpp.datasets import LoaderSpec, open_loader, pretrain_transform, read_manifest
 from vitmpp.datasets.samples import Tally, decode_sample, read_shard
 
 from .data import folder_bytes, shards_from_folder, synthetic_shards, write_photo_folder
@@ -63,8 +63,9 @@ def epoch_seconds(make_iter, batches: int) -> tuple[float, float]:
 
 
 def our_loader(shards: Path, transform, batch: int, workers: int, batches: int, epoch: int = 0):
-    return build_loader(str(shards), batch_size=batch, transform=transform, training=True, epoch=epoch,
-                        num_workers=workers, shuffle_buffer=4 * batch, batches_per_epoch=batches)
+    spec = LoaderSpec(shards=str(shards), manifest=read_manifest(shards), batch_size=batch, transform=transform,
+                      training=True, num_workers=workers, shuffle_buffer=4 * batch, batches_per_epoch=batches)
+    return open_loader(spec, epoch=epoch)
 
 
 def imagefolder_loader(root: Path, transform, batch: int, workers: int):
@@ -79,8 +80,6 @@ def imagefolder_loader(root: Path, transform, batch: int, workers: int):
 
 def raw_samples(shards: Path, limit: int) -> list:
     """The first `limit` undecoded samples of the shards, in memory."""
-    from vitmpp.datasets import read_manifest
-
     manifest = read_manifest(str(shards))
     info = manifest.split("train")
     out, tally = [], Tally()

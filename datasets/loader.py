@@ -1,12 +1,14 @@
 """The shard loader: batches of uint8 images for one epoch of one rank.
 
-    loader = build_loader("data/digits", split="train", batch_size=64, transform=pretrain_transform(32),
-                          training=True, epoch=e, seed=s, rank=r, world_size=w)
-    for batch in loader:            # Batch(images uint8 [B,3,H,W], labels, indices, skipped)
+    spec = LoaderSpec(shards="data/digits", manifest=read_manifest("data/digits"), split="train",
+                      batch_size=64, transform=pretrain_transform(32), training=True, seed=s, rank=r, world_size=w)
+    loader = open_loader(spec, epoch=e)   # a Loader (datasets/spec.py states the contract)
+    for batch in loader:                  # Batch(images uint8 [B,3,H,W], labels, indices, skipped)
         x = normalize_batch(batch.images.to(device), mean, std)
 
-Build a new loader for every epoch (and on resume, with `start_batch`): the epoch
-is part of every seed, and workers are never kept alive between epochs.
+Build the spec once per run and open a new loader for every epoch (and on resume, with
+`start_batch`): the epoch is part of every seed, and workers are never kept alive
+between epochs. The spec holds the manifest, so opening a loader never re-reads it.
 
 Training (`training=True`): the stream of every (rank, worker) is a pure function
 of (seed, epoch, rank, worker):
@@ -51,7 +53,7 @@ import random
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator, NamedTuple, Sequence
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -60,8 +62,9 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from vitmpp.common.distributed import explain_failure
 from vitmpp.common.errors import UserError
 
-from .manifest import Manifest, expand_shard_spec, is_url, read_manifest
+from .manifest import Manifest, expand_shard_spec, is_url
 from .samples import BadSample, RawSample, Tally, decode_sample, read_shard
+from .spec import Batch, Loader, LoaderSpec
 
 # the skip fraction is checked only once this many samples have passed (too noisy before)
 MIN_SAMPLES_FOR_SKIP_CHECK = 20
@@ -69,13 +72,6 @@ MIN_SAMPLES_FOR_SKIP_CHECK = 20
 
 class ShardWarning(UserWarning):
     """A shard is damaged or holds members we ignore (printed once per shard per process)."""
-
-
-class Batch(NamedTuple):
-    images: torch.Tensor   # uint8 [B, 3, H, W]
-    labels: torch.Tensor   # int64 [B]
-    indices: torch.Tensor  # int64 [B], global sample index in the split, -1 for padding/fill
-    skipped: torch.Tensor  # int64 scalar: samples this worker skipped since its previous batch
 
 
 @dataclass
@@ -356,21 +352,25 @@ _WARNED: set = set()
 
 
 class ShardLoader:
-    """An iterable over the `Batch`es of one epoch on one rank (see the module docstring)."""
+    """The `Loader` (datasets/spec.py) over the `Batch`es of one epoch on one rank (module docstring).
 
-    def __init__(self, plan: _Plan, manifest: Manifest, split: str, num_samples: int, *, num_workers: int,
-                 pin_memory: bool, prefetch_factor: int, max_skip_fraction: float):
+    Made by `open_loader`; besides the contract it tells `num_samples` (samples in play),
+    `batches_per_epoch` (the whole epoch's, before `start_batch`) and `bad_shards`."""
+
+    def __init__(self, plan: _Plan, spec: LoaderSpec, num_samples: int, *, num_workers: int):
         self._plan = plan
-        self.manifest = manifest
-        self.split = split
+        self.spec = spec
+        self.manifest = spec.manifest
+        self.split = spec.split
+        self.epoch = plan.epoch
         self.shards = list(plan.urls)
         self.num_samples = num_samples
         self.batches_per_epoch = plan.batches_per_epoch
         self.start_batch = plan.start_batch
         self.num_workers = num_workers
-        self.pin_memory = pin_memory
-        self.prefetch_factor = prefetch_factor
-        self.max_skip_fraction = max_skip_fraction
+        self.pin_memory = spec.pin_memory
+        self.prefetch_factor = spec.prefetch_factor
+        self.max_skip_fraction = spec.max_skip_fraction
         self.skipped_samples = 0
         self.bad_shards: list[str] = []
         self._delivered = 0
@@ -448,14 +448,13 @@ class ShardLoader:
 
 # ----------------------------------------------------------------------------- building
 
-def _select_shards(manifest: Manifest, split: str, shards) -> tuple[list[str], list[int], list[int]]:
-    """URLs, lengths and index offsets of the shards in play, in index order."""
+def _select_shards(manifest: Manifest, split: str,
+                   shards: str | tuple[str, ...]) -> tuple[list[str], list[int], list[int]]:
+    """URLs, lengths and index offsets of the shards in play (`LoaderSpec.shards`), in index order."""
     info = manifest.split(split)
     all_urls = manifest.shard_urls(split)
     offsets = info.offsets
-    if isinstance(shards, Manifest) or shards is None or (
-            isinstance(shards, (str, os.PathLike)) and (os.path.isdir(os.fspath(shards))
-                                                         or os.fspath(shards).endswith(".json"))):
+    if isinstance(shards, str) and ((not is_url(shards) and os.path.isdir(shards)) or shards.endswith(".json")):
         chosen = list(range(len(all_urls)))
         urls = all_urls
     else:
@@ -476,40 +475,18 @@ def _select_shards(manifest: Manifest, split: str, shards) -> tuple[list[str], l
     return ([urls[k] for k in chosen], [info.shard_lengths[k] for k in chosen], [offsets[k] for k in chosen])
 
 
-def build_loader(
-    shards,
-    *,
-    split: str = "train",
-    batch_size: int,
-    transform,
-    training: bool,
-    epoch: int = 0,
-    seed: int = 0,
-    rank: int = 0,
-    world_size: int = 1,
-    num_workers: int = 2,
-    shuffle_buffer: int = 1000,
-    start_batch: int = 0,
-    batches_per_epoch: int | None = None,
-    keep_indices: Sequence[int] | None = None,
-    pin_memory: bool = False,
-    max_skip_fraction: float = 0.1,
-    prefetch_factor: int = 2,
-    manifest: Manifest | str | os.PathLike | None = None,
-) -> ShardLoader:
-    """A loader over one epoch of `split` for process `rank` of `world_size` (module docstring).
+def open_loader(spec: LoaderSpec, *, epoch: int = 0, start_batch: int = 0) -> Loader:
+    """The `Loader` over epoch `epoch` of `spec`, from batch `start_batch` on (module docstring).
 
-    `shards`: a folder with `_info.json`, the `_info.json` path, a Manifest, a brace
-    pattern or list of shard paths/URLs of that split (then the manifest is read
-    from next to them, or from `manifest`). `batch_size` is per process. Raises
-    UserError before any batch when a local shard is missing or the split is too small.
+    `start_batch` (training only): resume mid-epoch; the batches are exactly those of an
+    uninterrupted epoch from that batch on. Raises UserError before any batch when a local
+    shard is missing or the split is too small for one batch of every rank.
     """
-    if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size or num_workers < 0:
-        raise ValueError(f"build_loader: bad geometry batch_size={batch_size} rank={rank} "
-                         f"world_size={world_size} num_workers={num_workers}")
-    man = read_manifest(manifest if manifest is not None else shards)
+    if epoch < 0 or start_batch < 0:
+        raise ValueError(f"open_loader: epoch={epoch} and start_batch={start_batch} must not be negative")
+    man, split, batch_size, world_size = spec.manifest, spec.split, spec.batch_size, spec.world_size
     info = man.split(split)
-    urls, lengths, offsets = _select_shards(man, split, shards)
+    urls, lengths, offsets = _select_shards(man, split, spec.shards)
     missing = [u for u in urls if not is_url(u) and not os.path.isfile(u)]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
@@ -517,12 +494,12 @@ def build_loader(
                         "rewrite the shards with make_shards.")
 
     keep = None
-    if keep_indices is not None:
+    if spec.keep_indices is not None:
         keep = np.zeros(info.num_samples, dtype=bool)
         ranges = np.zeros(info.num_samples, dtype=bool)
         for off, n in zip(offsets, lengths):
             ranges[off:off + n] = True
-        kept = np.unique(np.asarray(list(keep_indices), dtype=np.int64))
+        kept = np.unique(np.asarray(spec.keep_indices, dtype=np.int64))
         if len(kept) and (kept[0] < 0 or kept[-1] >= info.num_samples or not ranges[kept].all()):
             raise ValueError(f"keep_indices must be sample indices of the shards in play (0..{info.num_samples - 1})")
         keep[kept] = True
@@ -530,7 +507,7 @@ def build_loader(
     else:
         in_play = None
     num_samples = len(in_play) if in_play is not None else int(sum(lengths))
-    if training:
+    if spec.training:
         # keep only shards with something to read
         usable = [k for k, (off, n) in enumerate(zip(offsets, lengths))
                   if n > 0 and (keep is None or keep[off:off + n].any())]
@@ -538,8 +515,9 @@ def build_loader(
     if num_samples == 0 or not urls:
         raise UserError(f"Split '{split}' of '{man.source}' has no samples to load; check the shards or keep_indices.")
 
-    if training:
-        bpe = batches_per_epoch if batches_per_epoch is not None else num_samples // (batch_size * world_size)
+    if spec.training:
+        bpe = (spec.batches_per_epoch if spec.batches_per_epoch is not None
+               else num_samples // (batch_size * world_size))
         if bpe < 1:
             raise UserError(f"Split '{split}' of '{man.source}' has {num_samples} samples, fewer than one global "
                             f"batch of {batch_size} x {world_size} processes; lower the batch size or add data.")
@@ -550,24 +528,22 @@ def build_loader(
         all_indices = in_play if in_play is not None else np.concatenate(
             [np.arange(off, off + n, dtype=np.int64) for off, n in zip(offsets, lengths)])
         per_rank = math.ceil(num_samples / world_size)
-        rank_indices = all_indices[rank * per_rank:(rank + 1) * per_rank]
+        rank_indices = all_indices[spec.rank * per_rank:(spec.rank + 1) * per_rank]
         needed = math.ceil(per_rank / batch_size)
-        bpe = batches_per_epoch if batches_per_epoch is not None else needed
+        bpe = spec.batches_per_epoch if spec.batches_per_epoch is not None else needed
         if bpe < needed:
             raise ValueError(f"batches_per_epoch={bpe} is too few to evaluate {per_rank} samples per rank")
     if not 0 <= start_batch <= bpe:
         raise ValueError(f"start_batch={start_batch} is outside the epoch's {bpe} batches")
-    if not 0 <= max_skip_fraction <= 1:
-        raise ValueError(f"max_skip_fraction must be in [0, 1], got {max_skip_fraction}")
 
-    workers = min(num_workers, bpe)
+    workers = min(spec.num_workers, bpe)
     plan = _Plan(
-        urls=urls, lengths=lengths, offsets=offsets, keep=keep, num_classes=man.num_classes, transform=transform,
-        training=training, batch_size=batch_size, seed=seed, epoch=epoch, rank=rank, world_size=world_size,
-        workers=max(1, workers), shuffle_buffer=shuffle_buffer if training else 0, start_batch=start_batch,
+        urls=urls, lengths=lengths, offsets=offsets, keep=keep, num_classes=man.num_classes,
+        transform=spec.transform, training=spec.training, batch_size=batch_size, seed=spec.seed, epoch=epoch,
+        rank=spec.rank, world_size=world_size, workers=max(1, workers),
+        shuffle_buffer=spec.shuffle_buffer if spec.training else 0, start_batch=start_batch,
         batches_per_epoch=bpe, rank_indices=rank_indices,
-        all_indices_head=(all_indices[:batch_size] if not training else rank_indices),
-        draft_side=getattr(transform, "decode_min_side", None),
+        all_indices_head=(all_indices[:batch_size] if not spec.training else rank_indices),
+        draft_side=getattr(spec.transform, "decode_min_side", None),
     )
-    return ShardLoader(plan, man, split, num_samples, num_workers=workers, pin_memory=pin_memory,
-                       prefetch_factor=prefetch_factor, max_skip_fraction=max_skip_fraction)
+    return ShardLoader(plan, spec, num_samples, num_workers=workers)

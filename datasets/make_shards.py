@@ -11,10 +11,14 @@ label as decimal text) and, for imagefolder, `{key}.json` (the file it came from
 sample's index in its split (8 digits, no dots). Next to them `_labels-{split}.npy`
 (every label in shard order) and `_info.json` (see `manifest.py`).
 
-Safety: everything is written into a hidden sibling folder `.{out}.partial-{pid}`
-and renamed to `--out` only when complete (the manifest last), so an interrupted
-run leaves no folder that looks complete; an existing non-empty `--out` is
-refused unless `--overwrite`, and even then only if it holds nothing but shards.
+Safety: everything is written into a hidden sibling folder `.{out}.partial` and
+renamed to `--out` only when complete (the manifest last; `vitmpp.common.io.atomic_dir`),
+so an interrupted run leaves no folder that looks complete; an existing non-empty
+`--out` is refused unless `--overwrite`, and even then only if it holds nothing but
+shards.
+
+The embedded default data set (`digits_shards`) is written the same way into the
+cache folder, by one process per filesystem under a file lock.
 
 `--max-size N` bounds the *shorter* side: larger images are downscaled (aspect
 kept, never upscaled) so that a later RandomResizedCrop or centre crop at N still
@@ -24,10 +28,11 @@ for the longer side; we bound the shorter one so no crop ever upsamples).
 from __future__ import annotations
 
 import argparse
+import errno
+import fcntl
 import io
 import json
 import os
-import shutil
 import time
 from pathlib import Path
 
@@ -35,8 +40,9 @@ import numpy as np
 from PIL import Image
 
 from vitmpp.common.errors import UserError, cli_entry
+from vitmpp.common.io import atomic_dir, atomic_write_json
 
-from .manifest import MANIFEST_NAME, Manifest, SplitInfo, read_manifest, write_json_atomic
+from .manifest import MANIFEST_NAME, Manifest, SplitInfo, read_manifest
 from .sources import (
     SOURCES,
     Item,
@@ -118,20 +124,6 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
     if foreign:
         raise UserError(f"Refusing to overwrite '{out}': it holds {foreign[0]!r}, which is not a shard file; "
                         "choose another --out.")
-
-
-def _swap_into_place(tmp: Path, out: Path) -> None:
-    """Move the finished folder `tmp` to `out`, replacing an old shard folder there."""
-    old = None
-    if out.is_dir():
-        if any(out.iterdir()):
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-        else:
-            out.rmdir()
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _load_sample(item: Item, fmt: str, max_size: int | None) -> tuple[bytes, tuple[int, int]]:
@@ -251,52 +243,48 @@ def write_shards(
     if total == 0:
         raise UserError(f"Source {source} {('at ' + str(root)) if root else ''} holds no images; nothing to write.")
 
-    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
     except OSError as err:
         raise UserError(f"Cannot create the output folder '{out}' ({err.strerror or err}); choose another --out.") from None
     skipped: list[dict] = list(data.skipped or [])
     sizes: set = set()
     try:
-        with tqdm(total=total, desc=f"writing {name}", unit="img", disable=not progress, dynamic_ncols=True) as bar:
-            infos = {}
-            for split, items in splits.items():
-                bar.set_description(f"writing {name} {split}")
-                info = _write_split(tmp, name, split, items, fmt=fmt, max_size=max_size, maxcount=maxcount,
-                                    bar=bar, skipped=skipped, sizes=sizes, with_origin=source == "imagefolder")
-                if info is not None:
-                    infos[split] = info
-        if "train" not in infos:
-            raise UserError(f"No readable image in source {source}{(' at ' + str(root)) if root else ''} "
-                            f"({len(skipped)} inputs skipped, e.g. {skipped[0] if skipped else 'none'}).")
-        square = {w for w, h in sizes if w == h}
-        manifest = Manifest(
-            root=out, name=name, splits=infos, num_classes=len(data.class_names), class_names=data.class_names,
-            image_size=next(iter(square)) if len(sizes) == 1 and square else None,
-            extra={"vitmpp": {
-                "manifest_version": MANIFEST_VERSION,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                "writer": {"source": source, "root": str(root) if root is not None else None,
-                           "dataset": dataset if source == "torchvision" else None, "format": fmt,
-                           "quality": QUALITY if fmt != "png" else None, "max_size": max_size,
-                           "maxcount": maxcount, "val_fraction": val_fraction, "seed": seed,
-                           "image_size": image_size, "count": count, "num_classes": num_classes},
-                "num_skipped_inputs": len(skipped),
-                "skipped_inputs": skipped,
-            }},
-        )
-        write_json_atomic(tmp / MANIFEST_NAME, manifest.to_json())  # last: it marks the folder complete
-        _swap_into_place(tmp, out)
-    except OSError as err:  # disk full, permissions: say where, leave nothing half-written
-        shutil.rmtree(tmp, ignore_errors=True)
+        # the folder appears at `out` only when complete; on any error nothing is kept
+        with atomic_dir(out) as tmp:
+            with tqdm(total=total, desc=f"writing {name}", unit="img", disable=not progress,
+                      dynamic_ncols=True) as bar:
+                infos = {}
+                for split, items in splits.items():
+                    bar.set_description(f"writing {name} {split}")
+                    info = _write_split(tmp, name, split, items, fmt=fmt, max_size=max_size,
+                                        maxcount=maxcount, bar=bar, skipped=skipped, sizes=sizes,
+                                        with_origin=source == "imagefolder")
+                    if info is not None:
+                        infos[split] = info
+            if "train" not in infos:
+                raise UserError(f"No readable image in source {source}{(' at ' + str(root)) if root else ''} "
+                                f"({len(skipped)} inputs skipped, e.g. {skipped[0] if skipped else 'none'}).")
+            square = {w for w, h in sizes if w == h}
+            manifest = Manifest(
+                root=out, name=name, splits=infos, num_classes=len(data.class_names), class_names=data.class_names,
+                image_size=next(iter(square)) if len(sizes) == 1 and square else None,
+                extra={"vitmpp": {
+                    "manifest_version": MANIFEST_VERSION,
+                    "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                    "writer": {"source": source, "root": str(root) if root is not None else None,
+                               "dataset": dataset if source == "torchvision" else None, "format": fmt,
+                               "quality": QUALITY if fmt != "png" else None, "max_size": max_size,
+                               "maxcount": maxcount, "val_fraction": val_fraction, "seed": seed,
+                               "image_size": image_size, "count": count, "num_classes": num_classes},
+                    "num_skipped_inputs": len(skipped),
+                    "skipped_inputs": skipped,
+                }},
+            )
+            atomic_write_json(tmp / MANIFEST_NAME, manifest.to_json())  # last: it marks the folder complete
+    except OSError as err:  # disk full, permissions: say where (atomic_dir has removed the partial folder)
         raise UserError(f"Writing shards to '{out}' failed ({err.strerror or err}); nothing was kept. "
                         "Free space or choose another --out.") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return read_manifest(out)
 
 
@@ -319,39 +307,72 @@ def shards_complete(manifest: Manifest) -> bool:
     return True
 
 
-def ensure_digits_shards(out_dir, image_size: int = 32, fmt: str = "png", seed: int = 0, *,
-                         maxcount: int = 256, val_fraction: float = 0.2) -> Manifest:
-    """The digits shards in `out_dir` (a cache folder): returned as they are when complete and
-    written with these parameters, (re)written otherwise. Small shards (256) so that two ranks
-    with two workers each have shards to spread; 20% validation (359 images) for evaluation."""
-    out = Path(out_dir)
+# the embedded set's shards: small (256) so that two ranks with two workers each have shards
+# to spread; 20% validation (359 images) for evaluation
+DIGITS_MAXCOUNT = 256
+DIGITS_VAL_FRACTION = 0.2
+
+
+def _reusable(out: Path, wanted: dict) -> bool:
+    """`out` holds a complete shard folder written with the parameters `wanted`."""
+    if not (out / MANIFEST_NAME).is_file():
+        return False
     try:
         manifest = read_manifest(out)
     except UserError:
-        manifest = None
-    wanted = {"source": "digits", "image_size": image_size, "format": fmt, "seed": seed,
-              "maxcount": maxcount, "val_fraction": val_fraction}
-    if manifest is not None:
-        params = _writer_params(manifest)
-        if all(params.get(k) == v for k, v in wanted.items()) and shards_complete(manifest):
-            return manifest
-    return write_shards(out, "digits", fmt=fmt, image_size=image_size, seed=seed, maxcount=maxcount,
-                        val_fraction=val_fraction, overwrite=True, progress=False)
+        return False
+    params = _writer_params(manifest)
+    return all(params.get(k) == v for k, v in wanted.items()) and shards_complete(manifest)
 
 
-def default_digits_shards(image_size: int = 32, accelerator=None) -> str:
-    """The embedded default data set: digits shards at `image_size` in the cache folder
-    ($VITMPP_CACHE or ~/.cache/vitmpp), written once per machine (by the local main process
-    when an Accelerator is given, the others wait). Returns the folder."""
+def digits_shards(image_size: int, *, fmt: str = "png", seed: int = 0,
+                  cache: str | os.PathLike | None = None) -> str:
+    """The embedded default data set: scikit-learn's digits as shards at `image_size` pixels, in
+    `cache / digits-{image_size}px` (`cache`: default $VITMPP_CACHE or ~/.cache/vitmpp, see
+    vitmpp.common.rundir.cache_dir; another `fmt` or `seed` gets a folder of its own). Returns
+    the folder.
+
+    Every process of every node may call this at once: under an exclusive file lock in the
+    cache folder, the first process of each filesystem writes the folder (atomically:
+    a hidden temporary folder renamed into place) while the others wait, then they all
+    find it complete and reuse it. A folder that is complete (its `_info.json` written last,
+    every shard of the recorded size) and was written with these parameters is reused;
+    a damaged or different one is rewritten."""
     from vitmpp.common import rundir
 
-    out = rundir.cache_dir() / f"digits-{image_size}px"
-    if accelerator is None:
-        ensure_digits_shards(out, image_size=image_size)
-    else:
-        with accelerator.local_main_process_first():
-            if accelerator.is_local_main_process:
-                ensure_digits_shards(out, image_size=image_size)
+    root = Path(cache) if cache is not None else rundir.cache_dir()
+    name = f"digits-{image_size}px" + ("" if (fmt, seed) == ("png", 0) else f"-{fmt}-seed{seed}")
+    out = root / name
+    wanted = {"source": "digits", "image_size": image_size, "format": fmt, "seed": seed,
+              "maxcount": DIGITS_MAXCOUNT, "val_fraction": DIGITS_VAL_FRACTION}
+    lock = root / f".{name}.lock"  # never removed: removing a lock file races with its next user
+
+    def cannot_lock(err: OSError) -> UserError:
+        hint = ("its filesystem does not support file locks"
+                if err.errno in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL) else err.strerror or err)
+        return UserError(f"Cannot lock '{lock}' to write the digits shards ({hint}); set VITMPP_CACHE to a "
+                         "writable local folder, or write the shards once with `python -m vitmpp.datasets.make_shards "
+                         "--source digits` and pass their folder as data.shards.")
+
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as err:
+        if _reusable(out, wanted):  # e.g. a read-only cache someone else prepared
+            return str(out)
+        raise cannot_lock(err) from None
+    try:
+        try:
+            # exclusive across the processes of this machine and, on NFS (where Linux emulates
+            # flock with fcntl locks), of every node: one writes, the others wait here
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as err:
+            raise cannot_lock(err) from None
+        if not _reusable(out, wanted):
+            write_shards(out, "digits", fmt=fmt, image_size=image_size, seed=seed, maxcount=DIGITS_MAXCOUNT,
+                         val_fraction=DIGITS_VAL_FRACTION, overwrite=True, progress=False)
+    finally:
+        os.close(fd)  # releases the lock
     return str(out)
 
 

@@ -197,8 +197,8 @@ def locate_manifest(shards: str | os.PathLike | Sequence[str]) -> str:
     first = names[0]
     if first.startswith("pipe:"):
         raise UserError(
-            f"Cannot find the manifest for the pipe: shards '{first}'; pass the _info.json (a local copy) as "
-            "`manifest=` to build_loader, or put the shards where their folder holds _info.json."
+            f"Cannot find the manifest for the pipe: shards '{first}'; read it from a local copy of its "
+            "_info.json (read_manifest(path)) and pass that as LoaderSpec(manifest=...)."
         )
     return _join(_dirname(first), MANIFEST_NAME)
 
@@ -290,15 +290,3 @@ def parse_manifest(data: Any, *, root: str, source: str) -> Manifest:
         class_names=[str(c) for c in class_names], image_size=image_size, extra=extra,
         source=source, base=base,
     )
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON to `path` via a temporary file and a rename, so readers never see half of it."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

@@ -2,7 +2,9 @@
 
 Every transform takes an RGB PIL image and returns a uint8 CHW tensor: uint8
 batches are 4x smaller to move to the device, and normalising there is one fused
-op on the whole batch (timm's "prefetcher" convention, `use_prefetcher=True`).
+op on the whole batch (timm's "prefetcher" convention, `use_prefetcher=True`). The
+ImageNet mean/std are timm's `IMAGENET_DEFAULT_MEAN/STD` (re-exported by
+vitmpp.datasets as IMAGENET_MEAN/IMAGENET_STD).
 
 Each transform also carries `decode_min_side`, the shorter side an image needs for
 the transform never to upsample; the loader uses it to let PIL decode large JPEGs
@@ -15,10 +17,8 @@ import math
 from typing import Sequence
 
 import torch
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
+from timm.data import create_transform
 
-IMAGENET_MEAN = IMAGENET_DEFAULT_MEAN
-IMAGENET_STD = IMAGENET_DEFAULT_STD
 # below this size a centre crop throws away too much of the (tiny) image: evaluate the whole of it
 TINY_IMAGE = 64
 # RandomResizedCrop's default aspect ratio range is (3/4, 4/3)

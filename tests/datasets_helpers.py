@@ -5,7 +5,8 @@
   so a test can check that every image arrived with its own label and index;
 - `index_of_image`: reads that code back from a uint8 CHW tensor;
 - shard damage: `truncate_shard`, `empty_shard`, `replace_member`, `drop_member`,
-  `add_member` (e.g. a pickle that would create a marker file when unpickled).
+  `add_member` (e.g. a pickle that would create a marker file when unpickled);
+- `spec_for`: a LoaderSpec whose manifest is read from the shards (or `manifest=`).
 """
 from __future__ import annotations
 
@@ -19,7 +20,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vitmpp.datasets.manifest import MANIFEST_NAME, Manifest, SplitInfo, write_json_atomic
+from vitmpp.common.io import atomic_write_json
+from vitmpp.datasets import LoaderSpec, read_manifest
+from vitmpp.datasets.manifest import MANIFEST_NAME, Manifest, SplitInfo
 
 
 def code_image(index: int, label: int, size: int = 16, textured: bool = False) -> Image.Image:
@@ -74,8 +77,14 @@ def write_tiny_shards(out: Path, lengths: Sequence[int], *, split: str = "train"
                                        shard_bytes=[os.path.getsize(out / f) for f in filenames])
     manifest = Manifest(root=out, name=name, splits=splits, num_classes=num_classes,
                         class_names=[str(c) for c in range(num_classes)], image_size=size)
-    write_json_atomic(out / MANIFEST_NAME, manifest.to_json())
+    atomic_write_json(out / MANIFEST_NAME, manifest.to_json())
     return manifest
+
+
+def spec_for(shards, *, manifest=None, **fields) -> LoaderSpec:
+    """`LoaderSpec(shards=shards, ...)` with the manifest read from `manifest` (a path or a
+    Manifest) or else from next to the shards: what a caller does once per run."""
+    return LoaderSpec(shards=shards, manifest=read_manifest(manifest if manifest is not None else shards), **fields)
 
 
 # ----------------------------------------------------------------------------- damage

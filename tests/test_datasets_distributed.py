@@ -10,16 +10,19 @@ import torch.multiprocessing as mp
 from timm.data.transforms import MaybePILToTensor
 
 from datasets_helpers import write_tiny_shards
-from vitmpp.datasets import build_loader
+from vitmpp.datasets import LoaderSpec, open_loader, read_manifest
 
 
 def _rank_main(rank: int, world: int, root: str, store: str, results: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         mine = {}
+        manifest = read_manifest(root)
         for training in (False, True):
-            loader = build_loader(root, split="train", batch_size=4, transform=MaybePILToTensor(), training=training,
-                                  rank=dist.get_rank(), world_size=dist.get_world_size(), num_workers=2, seed=3)
+            spec = LoaderSpec(shards=root, manifest=manifest, split="train", batch_size=4, transform=MaybePILToTensor(),
+                              training=training, rank=dist.get_rank(), world_size=dist.get_world_size(),
+                              num_workers=2, seed=3)
+            loader = open_loader(spec)
             steps = 0
             indices = []
             for batch in loader:

@@ -1,6 +1,7 @@
 """The shard loader's contract: counts, exactly-once evaluation, determinism, resume."""
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections import Counter
 
@@ -9,14 +10,17 @@ import pytest
 import torch
 from timm.data.transforms import MaybePILToTensor
 
-from datasets_helpers import index_of_image, write_tiny_shards
+from datasets_helpers import index_of_image, spec_for, write_tiny_shards
 from vitmpp.common.errors import UserError
 from vitmpp.datasets import (
     Batch,
-    build_loader,
+    Loader,
+    LoaderSpec,
+    ShardLoader,
     eval_transform,
     finetune_transform,
     normalize_batch,
+    open_loader,
     pretrain_transform,
     read_manifest,
 )
@@ -42,7 +46,8 @@ def check_batch_contents(batch: Batch, num_classes: int = 5) -> None:
 
 
 def run_ranks(shards, world: int, **kwargs) -> list[list[Batch]]:
-    return [list(build_loader(shards, rank=r, world_size=world, transform=IDENTITY, **kwargs)) for r in range(world)]
+    return [list(open_loader(spec_for(shards, rank=r, world_size=world, transform=IDENTITY, **kwargs)))
+            for r in range(world)]
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -82,8 +87,8 @@ def test_evaluation_with_keep_indices(uneven):
     ranks = run_ranks(uneven, 2, split="train", batch_size=2, training=False, num_workers=2, keep_indices=keep)
     real = sorted(i for batches in ranks for b in batches for i in b.indices.tolist() if i >= 0)
     assert real == keep
-    assert len(build_loader(uneven, split="train", batch_size=2, transform=IDENTITY, training=False,
-                            keep_indices=keep, rank=0, world_size=2)) == 2
+    assert len(open_loader(spec_for(uneven, split="train", batch_size=2, transform=IDENTITY, training=False,
+                                    keep_indices=keep, rank=0, world_size=2))) == 2
 
 
 # ----------------------------------------------------------------------------- training
@@ -103,24 +108,24 @@ def test_training_ranks_yield_equal_full_batches(uneven, world, workers):
 
 
 def test_training_batches_per_epoch_and_len(uneven):
-    loader = build_loader(uneven, split="train", batch_size=4, transform=IDENTITY, training=True,
-                          batches_per_epoch=30, start_batch=5, num_workers=2)
+    loader = open_loader(spec_for(uneven, split="train", batch_size=4, transform=IDENTITY, training=True,
+                                  batches_per_epoch=30, num_workers=2), start_batch=5)
     assert loader.batches_per_epoch == 30 and len(loader) == 25 and loader.num_samples == 77
     assert len(list(loader)) == 25  # more than one pass over the shards: they repeat, never run dry
 
 
 def test_training_with_keep_indices(uneven):
     keep = list(range(0, 77, 3))  # 26 samples
-    loader = build_loader(uneven, split="train", batch_size=4, transform=IDENTITY, training=True,
-                          keep_indices=keep, num_workers=2, shuffle_buffer=10)
+    loader = open_loader(spec_for(uneven, split="train", batch_size=4, transform=IDENTITY, training=True,
+                                  keep_indices=keep, num_workers=2, shuffle_buffer=10))
     assert loader.num_samples == 26 and loader.batches_per_epoch == 6
     seen = [i for b in loader for i in b.indices.tolist()]
     assert len(seen) == 24 and set(seen) <= set(keep)
 
 
-def order(shards, **kwargs) -> list[list[int]]:
-    loader = build_loader(shards, split="train", batch_size=4, transform=IDENTITY, training=True,
-                          num_workers=2, shuffle_buffer=16, **kwargs)
+def order(shards, epoch: int = 0, **kwargs) -> list[list[int]]:
+    loader = open_loader(spec_for(shards, split="train", batch_size=4, transform=IDENTITY, training=True,
+                                  num_workers=2, shuffle_buffer=16, **kwargs), epoch=epoch)
     return [b.indices.tolist() for b in loader]
 
 
@@ -135,8 +140,8 @@ def test_order_is_a_function_of_seed_and_epoch(uneven):
 
 def test_a_single_epoch_covers_the_data_about_once(uneven):
     # one reader: the epoch is 76 of the 77 samples, each once (the buffer drains, it never reads ahead)
-    loader = build_loader(uneven, split="train", batch_size=4, transform=IDENTITY, training=True, num_workers=0,
-                          shuffle_buffer=16)
+    loader = open_loader(spec_for(uneven, split="train", batch_size=4, transform=IDENTITY, training=True,
+                                  num_workers=0, shuffle_buffer=16))
     seen = Counter(i for b in loader for i in b.indices.tolist())
     assert sum(seen.values()) == 76 and max(seen.values()) == 1
     # two workers split the shards unevenly (10+50 vs 10+7 samples): some repeats, most samples seen
@@ -147,10 +152,10 @@ def test_a_single_epoch_covers_the_data_about_once(uneven):
 @pytest.mark.parametrize("workers, start", [(0, 5), (2, 3), (2, 4), (3, 7)])
 def test_resume_at_start_batch_equals_the_rest_of_the_epoch(uneven, workers, start):
     transform = pretrain_transform(16, scale=(0.3, 1.0))  # random: the augmentations must repeat too
-    kwargs = dict(split="train", batch_size=3, transform=transform, training=True, seed=5, epoch=2, rank=1,
-                  world_size=2, num_workers=workers, shuffle_buffer=12)
-    full = list(build_loader(uneven, **kwargs))
-    resumed = list(build_loader(uneven, start_batch=start, **kwargs))
+    spec = spec_for(uneven, split="train", batch_size=3, transform=transform, training=True, seed=5, rank=1,
+                    world_size=2, num_workers=workers, shuffle_buffer=12)
+    full = list(open_loader(spec, epoch=2))
+    resumed = list(open_loader(spec, epoch=2, start_batch=start))
     assert len(resumed) == len(full) - start
     for a, b in zip(full[start:], resumed):
         assert torch.equal(a.indices, b.indices)
@@ -160,8 +165,8 @@ def test_resume_at_start_batch_equals_the_rest_of_the_epoch(uneven, workers, sta
 
 def test_random_augmentations_repeat_with_the_seed(uneven):
     transform = pretrain_transform(16)
-    make = lambda: [b.images for b in build_loader(uneven, split="train", batch_size=4, transform=transform,
-                                                    training=True, num_workers=2, seed=9)]
+    make = lambda: [b.images for b in open_loader(spec_for(uneven, split="train", batch_size=4, transform=transform,
+                                                           training=True, num_workers=2, seed=9))]
     first, second = make(), make()
     assert all(torch.equal(a, b) for a, b in zip(first, second))
 
@@ -178,8 +183,8 @@ def test_loading_leaves_the_global_random_state_alone(uneven, workers):
     random.seed(0)
     np.random.seed(0)
     drawn = []
-    loader = build_loader(uneven, split="train", batch_size=4, transform=pretrain_transform(16), training=True,
-                          num_workers=workers, batches_per_epoch=4)
+    loader = open_loader(spec_for(uneven, split="train", batch_size=4, transform=pretrain_transform(16),
+                                  training=True, num_workers=workers, batches_per_epoch=4))
     for _ in loader:
         drawn.append((torch.rand(3), random.random(), np.random.rand()))
     assert len(drawn) == len(expected)
@@ -190,28 +195,102 @@ def test_loading_leaves_the_global_random_state_alone(uneven, workers):
 # ----------------------------------------------------------------------------- inputs
 
 def test_shards_may_be_named_by_json_pattern_or_list(uneven):
-    whole = build_loader(uneven, split="validation", batch_size=4, transform=IDENTITY, training=False)
-    by_json = build_loader(uneven / "_info.json", split="validation", batch_size=4, transform=IDENTITY,
-                           training=False)
+    whole = open_loader(spec_for(uneven, split="validation", batch_size=4, transform=IDENTITY, training=False))
+    by_json = open_loader(spec_for(uneven / "_info.json", split="validation", batch_size=4, transform=IDENTITY,
+                                   training=False))
     pattern = str(uneven / "tiny-validation-{000000..000001}.tar")
-    by_pattern = build_loader(pattern, split="validation", batch_size=4, transform=IDENTITY, training=False)
+    by_pattern = open_loader(spec_for(pattern, split="validation", batch_size=4, transform=IDENTITY,
+                                      training=False))
     assert whole.num_samples == by_json.num_samples == by_pattern.num_samples == 13
     # a subset of the shards: indices stay those of the split
-    one = build_loader([str(uneven / "tiny-validation-000001.tar")], split="validation", batch_size=4,
-                       transform=IDENTITY, training=False, num_workers=0)
+    one = open_loader(spec_for([str(uneven / "tiny-validation-000001.tar")], split="validation", batch_size=4,
+                               transform=IDENTITY, training=False, num_workers=0))
     assert one.num_samples == 4
     assert sorted(i for b in one for i in b.indices.tolist() if i >= 0) == [9, 10, 11, 12]
 
 
 def test_a_shard_of_another_split_is_refused(uneven):
     with pytest.raises(UserError, match="tiny-train-000000.tar' is not in split 'validation'"):
-        build_loader([str(uneven / "tiny-train-000000.tar")], split="validation", batch_size=4,
-                     transform=IDENTITY, training=False)
+        open_loader(spec_for([str(uneven / "tiny-train-000000.tar")], split="validation", batch_size=4,
+                             transform=IDENTITY, training=False))
 
 
 def test_too_small_a_split_for_one_global_batch_is_a_user_error(uneven):
     with pytest.raises(UserError, match="fewer than one global batch"):
-        build_loader(uneven, split="validation", batch_size=8, world_size=2, transform=IDENTITY, training=True)
+        open_loader(spec_for(uneven, split="validation", batch_size=8, world_size=2, transform=IDENTITY,
+                             training=True))
+
+
+# ----------------------------------------------------------------------------- the spec and the contract
+
+def test_open_loader_returns_a_loader_and_len_is_known_before_iterating(uneven):
+    loader = open_loader(spec_for(uneven, split="train", batch_size=4, transform=IDENTITY, training=True,
+                                  num_workers=0))
+    assert isinstance(loader, Loader) and isinstance(loader, ShardLoader)
+    assert len(loader) == 77 // 4 and loader.skipped_samples == 0
+    assert len(list(loader)) == len(loader)
+    assert not isinstance(object(), Loader)
+
+
+def test_one_spec_serves_every_epoch_without_rereading_the_manifest(tmp_path):
+    write_tiny_shards(tmp_path, [10, 10, 12])
+    spec = spec_for(tmp_path, split="train", batch_size=4, transform=IDENTITY, training=True, num_workers=0,
+                    shuffle_buffer=8)
+    (tmp_path / "_info.json").write_text("not json any more")  # reading it now would fail
+    epochs = [[b.indices.tolist() for b in open_loader(spec, epoch=e)] for e in range(2)]
+    assert len(epochs[0]) == len(epochs[1]) == 8 and epochs[0] != epochs[1]
+    assert [b.indices.tolist() for b in open_loader(spec, epoch=1, start_batch=3)] == epochs[1][3:]
+
+
+def test_the_spec_is_frozen_and_normalises_its_inputs(uneven):
+    manifest = read_manifest(uneven)
+    spec = LoaderSpec(shards=uneven, manifest=manifest, batch_size=4, transform=IDENTITY, training=True,
+                      keep_indices=np.arange(5))
+    assert spec.shards == str(uneven) and spec.keep_indices == (0, 1, 2, 3, 4) and spec.split == "train"
+    assert LoaderSpec(shards=[uneven / "a.tar"], manifest=manifest, batch_size=1, transform=IDENTITY,
+                      training=False).shards == (str(uneven / "a.tar"),)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        spec.batch_size = 8
+    assert dataclasses.replace(spec, split="validation").manifest is manifest
+    with pytest.raises(TypeError, match="Manifest"):
+        LoaderSpec(shards=uneven, manifest=str(uneven), batch_size=4, transform=IDENTITY, training=True)
+    with pytest.raises(TypeError):
+        LoaderSpec(uneven, manifest, 4, IDENTITY, True)  # keyword-only: 16 fields are never positional
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"batch_size": 0}, "bad geometry"),
+    ({"rank": 2, "world_size": 2}, "bad geometry"),
+    ({"world_size": 0}, "bad geometry"),
+    ({"num_workers": -1}, "bad geometry"),
+    ({"batches_per_epoch": 0}, "batches_per_epoch"),
+    ({"max_skip_fraction": 1.5}, "max_skip_fraction"),
+    ({"prefetch_factor": 0}, "prefetch_factor"),
+])
+def test_an_impossible_geometry_is_refused_by_the_spec(uneven, fields, message):
+    with pytest.raises(ValueError, match=message):
+        spec_for(uneven, **{"batch_size": 4, "transform": IDENTITY, "training": True, **fields})
+
+
+def test_the_position_is_checked_when_opening(uneven):
+    train = spec_for(uneven, batch_size=4, transform=IDENTITY, training=True, batches_per_epoch=5)
+    with pytest.raises(ValueError, match="outside the epoch"):
+        open_loader(train, start_batch=6)
+    with pytest.raises(ValueError, match="must not be negative"):
+        open_loader(train, epoch=-1)
+    evaluation = dataclasses.replace(train, training=False, batches_per_epoch=None)
+    with pytest.raises(ValueError, match="training loaders only"):
+        open_loader(evaluation, start_batch=1)
+
+
+def test_one_way_to_open_a_loader_and_imagenet_constants_are_timm_s():
+    import timm.data
+
+    import vitmpp.datasets as datasets
+
+    assert not hasattr(datasets, "build_loader")
+    assert datasets.IMAGENET_MEAN is timm.data.IMAGENET_DEFAULT_MEAN
+    assert datasets.IMAGENET_STD is timm.data.IMAGENET_DEFAULT_STD
 
 
 # ----------------------------------------------------------------------------- transforms
@@ -242,8 +321,8 @@ def test_eval_transform_of_tiny_images_keeps_the_whole_image():
 
 def test_pipe_urls_are_passed_to_webdataset_with_the_manifest_given(uneven):
     urls = [f"pipe:cat {uneven / f'tiny-validation-{k:06d}.tar'}" for k in (0, 1)]
-    loader = build_loader(urls, manifest=uneven, split="validation", batch_size=4, transform=IDENTITY,
-                          training=False, num_workers=0)
+    loader = open_loader(spec_for(urls, manifest=uneven, split="validation", batch_size=4, transform=IDENTITY,
+                                  training=False, num_workers=0))
     assert sorted(i for b in loader for i in b.indices.tolist() if i >= 0) == list(range(13))
 
 

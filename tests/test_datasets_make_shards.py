@@ -1,9 +1,11 @@
-"""make_shards: digits round trip, timm interop, the four sources, and never leaving a half-written folder."""
+"""make_shards: digits round trip, timm interop, the four sources, never leaving a half-written folder,
+and the embedded digits shards written once per filesystem however many processes ask at once."""
 from __future__ import annotations
 
 import json
 import os
 import tarfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -12,8 +14,9 @@ import torch
 from PIL import Image
 from timm.data.transforms import MaybePILToTensor
 
+from datasets_helpers import spec_for
 from vitmpp.common.errors import UserError
-from vitmpp.datasets import build_loader, ensure_digits_shards, write_shards
+from vitmpp.datasets import digits_shards, open_loader, read_manifest, write_shards
 from vitmpp.datasets import make_shards as make_shards_module
 from vitmpp.datasets.sources import digits_source, stratified_split
 
@@ -34,7 +37,8 @@ def expected_digit_images(val_fraction=0.1, seed=0, image_size=32):
 
 def load_all(root, split):
     out = {}
-    for batch in build_loader(root, split=split, batch_size=128, transform=IDENTITY, training=False, num_workers=0):
+    for batch in open_loader(spec_for(root, split=split, batch_size=128, transform=IDENTITY, training=False,
+                                      num_workers=0)):
         for image, label, index in zip(batch.images, batch.labels.tolist(), batch.indices.tolist()):
             if index >= 0:
                 out[index] = (image, label)
@@ -98,17 +102,101 @@ def test_shards_are_named_keyed_and_typed_as_documented(digits_png):
     assert names == ["00000000.cls", "00000000.png"]
 
 
-def test_ensure_digits_shards_is_idempotent(tmp_path):
-    first = ensure_digits_shards(tmp_path / "cache", image_size=16)
-    stamp = os.stat(tmp_path / "cache" / "_info.json").st_mtime_ns
-    again = ensure_digits_shards(tmp_path / "cache", image_size=16)
-    assert os.stat(tmp_path / "cache" / "_info.json").st_mtime_ns == stamp
+def test_digits_shards_is_idempotent(tmp_path):
+    folder = digits_shards(16, cache=tmp_path / "cache")
+    assert Path(folder) == tmp_path / "cache" / "digits-16px"
+    first = read_manifest(folder)
+    stamp = os.stat(Path(folder) / "_info.json").st_mtime_ns
+    again = read_manifest(digits_shards(16, cache=tmp_path / "cache"))
+    assert os.stat(Path(folder) / "_info.json").st_mtime_ns == stamp
     assert again.splits == first.splits
     # a damaged cache is rewritten
     os.remove(Path(first.shard_urls("train")[0]))
-    ensure_digits_shards(tmp_path / "cache", image_size=16)
+    digits_shards(16, cache=tmp_path / "cache")
     assert os.path.isfile(first.shard_urls("train")[0])
-    assert ensure_digits_shards(tmp_path / "cache", image_size=24).image_size == 24
+    assert read_manifest(digits_shards(24, cache=tmp_path / "cache")).image_size == 24
+    # nothing but the folders and their lock files in the cache: no partial copies left behind
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [
+        ".digits-16px.lock", ".digits-24px.lock", "digits-16px", "digits-24px"]
+
+
+def test_digits_shards_default_to_the_cache_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("VITMPP_CACHE", str(tmp_path / "vitmpp-cache"))
+    folder = digits_shards(16)
+    assert Path(folder) == tmp_path / "vitmpp-cache" / "digits-16px"
+    assert make_shards_module.shards_complete(read_manifest(folder))
+
+
+def _ask_for_digits(cache: str, log: str, barrier, answer: str) -> None:
+    """One process (a rank) with its own cache setting: counts its writes in `log`, waits for
+    the others at `barrier`, asks for the digits shards and records what it got in `answer`."""
+    os.environ["VITMPP_CACHE"] = cache
+    real = make_shards_module.write_shards
+
+    def counted(*args, **kwargs):
+        with open(log, "a") as f:
+            f.write(f"start {os.getpid()} {time.time()}\n")
+        time.sleep(1.0)  # hold the lock long enough that another process surely waits for it
+        try:
+            return real(*args, **kwargs)
+        finally:
+            with open(log, "a") as f:
+                f.write(f"end {os.getpid()} {time.time()}\n")
+
+    make_shards_module.write_shards = counted  # in this forked child only
+    barrier.wait(timeout=60)
+    folder = make_shards_module.digits_shards(16)
+    Path(answer).write_text(json.dumps({"pid": os.getpid(), "folder": folder, "returned": time.time()}))
+
+
+def _ask_at_once(tmp_path, caches: list[Path]) -> tuple[list[dict], list[list[str]]]:
+    """One forked process per cache folder, all asking at once; (their answers, the write log's lines)."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")  # separate processes (separate flocks), no re-import
+    log = tmp_path / "writes.log"
+    barrier = ctx.Barrier(len(caches))
+    answers = [tmp_path / f"answer-{k}.json" for k in range(len(caches))]
+    children = [ctx.Process(target=_ask_for_digits, args=(str(cache), str(log), barrier, str(answer)))
+                for cache, answer in zip(caches, answers)]
+    for child in children:
+        child.start()
+    for child in children:
+        child.join(timeout=120)
+        if child.is_alive():
+            child.kill()
+        assert child.exitcode == 0
+    lines = [line.split() for line in log.read_text().splitlines()] if log.exists() else []
+    return [json.loads(a.read_text()) for a in answers], lines
+
+
+def test_two_processes_on_one_cache_write_the_digits_shards_once(tmp_path):
+    cache = tmp_path / "cache"
+    answers, lines = _ask_at_once(tmp_path, [cache, cache])
+    starts = [line for line in lines if line[0] == "start"]
+    assert len(starts) == 1  # exactly one process wrote
+    writer = int(starts[0][1])
+    assert {a["pid"] for a in answers} >= {writer}
+    assert answers[0]["folder"] == answers[1]["folder"] == str(cache / "digits-16px")
+    # the other one waited for the writer to finish instead of reading a half-written folder
+    ended = float(next(line for line in lines if line[0] == "end")[2])
+    (waiter,) = [a for a in answers if a["pid"] != writer]
+    assert waiter["returned"] >= ended
+    manifest = read_manifest(answers[0]["folder"])
+    assert make_shards_module.shards_complete(manifest)
+    assert sum(info.num_samples for info in manifest.splits.values()) == 1797
+    assert sorted(p.name for p in cache.iterdir()) == [".digits-16px.lock", "digits-16px"]
+
+
+def test_two_nodes_with_their_own_cache_both_get_the_digits_shards(tmp_path):
+    caches = [tmp_path / "node0", tmp_path / "node1"]
+    answers, lines = _ask_at_once(tmp_path, caches)
+    assert len([line for line in lines if line[0] == "start"]) == 2  # one writer per filesystem
+    for answer, cache in zip(answers, caches):
+        assert answer["folder"] == str(cache / "digits-16px")
+        manifest = read_manifest(answer["folder"])
+        assert make_shards_module.shards_complete(manifest)
+        assert sum(info.num_samples for info in manifest.splits.values()) == 1797
 
 
 # ----------------------------------------------------------------------------- other sources
@@ -125,8 +213,8 @@ def test_synthetic_is_deterministic_by_seed(tmp_path):
     assert a == b and a != c
     assert m1.num_classes == 4 and m1.image_size == 24
     assert sum(i.num_samples for i in m1.splits.values()) == 40
-    images = [b.images for b in build_loader(m1, split="train", batch_size=8, transform=IDENTITY, training=False,
-                                            num_workers=0)]
+    images = [b.images for b in open_loader(spec_for(m1.base, manifest=m1, split="train", batch_size=8,
+                                                     transform=IDENTITY, training=False, num_workers=0))]
     assert images[0].float().std() > 20  # drawn, not blank
 
 
@@ -171,8 +259,8 @@ def test_max_size_bounds_the_shorter_side(image_tree, tmp_path):
                             progress=False)
     assert list(manifest.splits) == ["train"]  # no validation split when val_fraction is 0
     shapes = set()
-    for batch in build_loader(manifest, split="train", batch_size=1, transform=IDENTITY, training=False,
-                              num_workers=0):
+    for batch in open_loader(spec_for(manifest.base, manifest=manifest, split="train", batch_size=1,
+                                      transform=IDENTITY, training=False, num_workers=0)):
         shapes.add(tuple(batch.images.shape[2:]))
     # inputs are (40..72) x 64 (h x w): the shorter side becomes 20, the aspect ratio stays
     assert shapes == {(20, round(64 * 20 / h)) if h <= 64 else (round(h * 20 / 64), 20) for h in (40, 48, 56, 64, 72)}

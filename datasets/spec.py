@@ -1,0 +1,140 @@
+"""The loader's contract: what to read (`LoaderSpec`), what comes out (`Batch`), and how
+every loader behaves (`Loader`). This is the one place the contract is written down.
+
+    spec = LoaderSpec(shards="data/digits", manifest=read_manifest("data/digits"), split="train",
+                      batch_size=64, transform=pretrain_transform(32), training=True,
+                      seed=s, rank=r, world_size=w, batches_per_epoch=steps_per_epoch)
+    for epoch in range(first_epoch, epochs):
+        loader = open_loader(spec, epoch=epoch, start_batch=k if resuming else 0)   # a Loader
+        for batch in loader: ...
+
+A spec says everything about *what* is read and the geometry, and nothing about the
+*position*: the epoch and the batch to start at are arguments of `open_loader`
+(vitmpp.datasets.loader), so a training loop builds its spec once (reading the
+manifest once) and opens one loader per epoch. The spec lives apart from the loader's
+implementation so that code which only needs the contract (an engine, a stand-in loader
+in a benchmark) reads a short module.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable, Iterator, NamedTuple, Protocol, Sequence, runtime_checkable
+
+import torch
+
+from .manifest import Manifest
+
+
+class Batch(NamedTuple):
+    """One batch of one rank (`Loader.__iter__`)."""
+
+    images: torch.Tensor   # uint8 [B, 3, H, W]: normalise on the device (transforms.normalize_batch)
+    labels: torch.Tensor   # int64 [B]
+    indices: torch.Tensor  # int64 [B], global sample index in the split, -1 for padding/fill
+    skipped: torch.Tensor  # int64 scalar: samples this worker skipped since its previous batch
+
+
+@runtime_checkable
+class Loader(Protocol):
+    """One epoch of one rank: what `open_loader` returns and what a training engine may rely on.
+
+    `__iter__() -> Iterator[Batch]`: the epoch's batches from the start batch on, each of
+    `batch_size` samples (`Batch`: uint8 images, labels, indices, skipped). Iterating
+    again replays the same epoch from the same start batch (the same batches, bit for bit,
+    augmentations included).
+
+    `__len__()`: how many batches this rank yields in this epoch from the start batch,
+    known before iterating. In training it is equal on every rank (so collectives never
+    hang on a rank that ran dry) and equal to `batches_per_epoch - start_batch`; in
+    evaluation every rank also yields the same count, the short ranks padded (index -1).
+
+    `skipped_samples`: how many samples of this epoch failed to decode so far, counted from
+    the start batch (samples of the batches before it are the previous run's to count),
+    updated as batches are yielded; it is the sum of the yielded batches' `skipped`. A
+    skipped sample never shortens a batch: its place is taken by a repeat of a good one
+    of the same batch (index -1), so batch boundaries, and therefore exact resume, do not
+    depend on which samples failed.
+
+    Guarantees of the shard loader (`ShardLoader`, see vitmpp.datasets.loader): the order
+    is a pure function of (seed, epoch, rank, worker); a loader opened at `start_batch=k`
+    yields exactly the batches an uninterrupted epoch yields from k on; evaluation sees
+    every real sample exactly once over all ranks; too many skipped samples
+    (`max_skip_fraction`) stop the epoch with a UserError naming the shards.
+    """
+
+    skipped_samples: int
+
+    def __iter__(self) -> Iterator[Batch]: ...
+
+    def __len__(self) -> int: ...
+
+
+def _shards_text(shards) -> str | tuple[str, ...]:
+    if isinstance(shards, Manifest):
+        raise TypeError("LoaderSpec.shards names the shards (a folder, _info.json, pattern or list); "
+                        "pass the Manifest as `manifest=` and its folder (manifest.base) as `shards=`")
+    if isinstance(shards, (str, os.PathLike)):
+        return os.fspath(shards)
+    if isinstance(shards, Sequence):
+        return tuple(os.fspath(s) for s in shards)
+    raise TypeError(f"LoaderSpec.shards must be a str, a path or a list of shard names, not {type(shards).__name__}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoaderSpec:
+    """What one rank reads and the geometry, for every epoch of a run (module docstring).
+
+    `shards`: the folder holding `_info.json`, the `_info.json` path, a brace pattern
+    (`a-{000000..000009}.tar`, `::`-separated lists) or a list of shard paths/URLs of
+    `split` (a list is kept as a tuple, its names taken literally); only those shards
+    are read, their indices staying those of the split. `manifest`: the shards' manifest,
+    already read (`read_manifest`), so opening a loader never reads it again.
+    `batch_size` is per process. `training`: an endless shuffled stream cut to
+    `batches_per_epoch` equal batches per rank (default: samples // (batch_size x
+    world_size)); otherwise every sample exactly once over the ranks (default: as many
+    batches as the largest rank needs). `keep_indices`: only these sample indices of the
+    split (a tuple). `max_skip_fraction`: the fraction of samples that may fail to decode
+    before the epoch stops with a UserError.
+
+    Raises ValueError for an impossible geometry; problems of the data itself (a missing
+    shard, too few samples) are UserErrors of `open_loader`.
+    """
+
+    shards: str | tuple[str, ...]
+    manifest: Manifest
+    batch_size: int
+    transform: Callable
+    training: bool
+    split: str = "train"
+    seed: int = 0
+    rank: int = 0
+    world_size: int = 1
+    num_workers: int = 2
+    shuffle_buffer: int = 1000
+    batches_per_epoch: int | None = None
+    keep_indices: tuple[int, ...] | None = None
+    pin_memory: bool = False
+    max_skip_fraction: float = 0.1
+    prefetch_factor: int = 2
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__  # frozen: normalise the inputs once, here
+        set_(self, "shards", _shards_text(self.shards))
+        if not isinstance(self.manifest, Manifest):
+            raise TypeError(f"LoaderSpec.manifest must be a Manifest (read_manifest(...)), "
+                            f"not {type(self.manifest).__name__}")
+        if self.keep_indices is not None:
+            set_(self, "keep_indices", tuple(int(i) for i in self.keep_indices))
+        if (self.batch_size < 1 or self.world_size < 1 or not 0 <= self.rank < self.world_size
+                or self.num_workers < 0):
+            raise ValueError(f"LoaderSpec: bad geometry batch_size={self.batch_size} rank={self.rank} "
+                             f"world_size={self.world_size} num_workers={self.num_workers}")
+        if self.batches_per_epoch is not None and self.batches_per_epoch < 1:
+            raise ValueError(f"LoaderSpec: batches_per_epoch must be at least 1 (or None), "
+                             f"got {self.batches_per_epoch}")
+        if self.shuffle_buffer < 0 or self.prefetch_factor < 1:
+            raise ValueError(f"LoaderSpec: shuffle_buffer={self.shuffle_buffer} must be >= 0 and "
+                             f"prefetch_factor={self.prefetch_factor} >= 1")
+        if not 0 <= self.max_skip_fraction <= 1:
+            raise ValueError(f"max_skip_fraction must be in [0, 1], got {self.max_skip_fraction}")
