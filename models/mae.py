@@ -109,7 +109,10 @@ def _xavier_linears(module: nn.Module) -> None:
 
 @register_objective("mae", MAEConfig)
 class MAEObjective(Objective):
-    """MAE: encode the visible 25%, decode every patch, MSE on the masked ones."""
+    """MAE (He et al.): encode the visible 25%, decode every patch, MSE on the masked ones."""
+
+    # the CPU demo: a light decoder (the paper's 8 blocks x 512 are the config defaults and the recipes')
+    embedded_options = {"decoder_embed_dim": 128, "decoder_depth": 2, "decoder_num_heads": 4}
 
     def __init__(self, encoder: VisionTransformer, config: MAEConfig, *, mean=IMAGENET_MEAN, std=IMAGENET_STD,
                  num_classes: int | None = None):

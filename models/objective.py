@@ -3,27 +3,36 @@
 An objective is an `nn.Module` that owns the encoder plus whatever it needs on
 top (a prediction head, a decoder, mask tokens). Its `forward(images, labels)`
 takes a normalised batch and returns an `ObjectiveOutput`: the scalar loss and
-the tensors its `visualize` needs. The engine only knows this interface, so a
-new objective (SimMIM, BEiT-style, ...) is one module with a config dataclass
-and `@register_objective("name", ConfigClass)`: nothing in the engine changes.
+the tensors its `visualize` needs.
+
+Adding an objective is one file in this package with one registered class::
+
+    @register_objective("name", NameConfig)   # NameConfig: its options section (param() help, check())
+    class NameObjective(Objective): ...       # first docstring line: its help in --help-config
+
+The registry imports every module of `vitmpp.models` the first time it is asked
+(`_discover`), so the pretraining config (a section named after the objective),
+`--help-config`, the loop and the benchmarks find the new class with no edit
+elsewhere. Optional hooks: `after_optimizer_step` (EMA teachers), its own
+`training_transform`, and `embedded_options` (the CPU demo's options).
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib
+import pkgutil
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
 
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN
+from timm.data import IMAGENET_DEFAULT_STD as IMAGENET_STD
 from timm.models import VisionTransformer
 from torch import Tensor, nn
 
 from vitmpp.common.config import from_dict, to_dict
 from vitmpp.common.errors import UserError
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
 
 @dataclass
 class ObjectiveOutput:
@@ -60,11 +69,39 @@ def register_objective(name: str, config_cls: type) -> Callable[[type["Objective
     return decorate
 
 
+_discovered = False
+
+
+def _discover() -> None:
+    """Import every module of this package once, so that each `@register_objective` has run."""
+    global _discovered
+    if _discovered:
+        return
+    _discovered = True
+    package = importlib.import_module(__package__)
+    for module in pkgutil.iter_modules(package.__path__):
+        if not module.name.startswith("_"):
+            importlib.import_module(f"{__package__}.{module.name}")
+
+
 def objective_names() -> list[str]:
+    _discover()
     return sorted(_REGISTRY)
 
 
+def objective_class(name: str) -> type["Objective"]:
+    """The registered `Objective` subclass called `name` (UserError listing the known names if unknown)."""
+    return _lookup(name)[0]
+
+
+def objective_summary(name: str) -> str:
+    """The first line of the objective class's docstring: its one-line help."""
+    doc = (objective_class(name).__doc__ or "").strip()
+    return doc.splitlines()[0].rstrip(".") if doc else name
+
+
 def _lookup(name: str) -> tuple[type["Objective"], type]:
+    _discover()
     if name not in _REGISTRY:
         hint = difflib.get_close_matches(str(name), list(_REGISTRY), n=1, cutoff=0.5)
         tail = f" (did you mean '{hint[0]}'?)" if hint else ""
@@ -108,6 +145,9 @@ class Objective(nn.Module):
 
     objective_name: ClassVar[str] = ""
     config_class: ClassVar[type] = object
+    #: Options of the embedded CPU demo (`pretrain/main.py objective=NAME` with no config file),
+    #: laid over the config class's defaults (which are the paper's).
+    embedded_options: ClassVar[dict[str, Any]] = {}
     encoder: VisionTransformer
 
     def __init__(self, encoder: VisionTransformer, config: Any, *, mean=IMAGENET_MEAN, std=IMAGENET_STD,
@@ -132,6 +172,16 @@ class Objective(nn.Module):
 
     def visualize(self, images: Tensor, output: ObjectiveOutput, max_images: int = 8) -> Visualization:  # pragma: no cover
         raise NotImplementedError
+
+    # ---- optional hooks (the loop calls them; the defaults do nothing)
+    def after_optimizer_step(self, step: int) -> None:
+        """Called after optimizer step `step` (1-based), applied or skipped: e.g. an EMA teacher update."""
+
+    @classmethod
+    def training_transform(cls, img_size: int, data: Any) -> Callable | None:
+        """This objective's own per-sample training transform (PIL image -> uint8 tensor), or None for
+        the stage's default (MAE's RandomResizedCrop + flip from `data.crop_scale`, `data.hflip`)."""
+        return None
 
     # ---- shared helpers
     def to_unit_range(self, images: Tensor) -> Tensor:
