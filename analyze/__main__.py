@@ -102,8 +102,9 @@ def _check_args(args) -> None:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     _check_args(args)
-    from vitmpp.datasets import (IMAGENET_MEAN, IMAGENET_STD, build_loader, eval_transform, normalize_batch,
-                                 read_manifest)
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    from vitmpp.datasets import LoaderSpec, eval_transform, normalize_batch, open_loader, read_manifest
     from vitmpp.models import load_encoder, read_encoder_info
 
     info = read_encoder_info(args.encoder)
@@ -113,13 +114,14 @@ def main(argv=None) -> int:
     img_size = int(encoder.patch_embed.img_size[0])
     # the normalisation the encoder was trained with (pretrain records it in encoder.json)
     extra = info.get("extra") or {}
-    mean = tuple(extra.get("mean") or IMAGENET_MEAN)
-    std = tuple(extra.get("std") or IMAGENET_STD)
+    mean = tuple(extra.get("mean") or IMAGENET_DEFAULT_MEAN)
+    std = tuple(extra.get("std") or IMAGENET_DEFAULT_STD)
 
     manifest = read_manifest(args.shards)
     split = _choose_split(manifest, args.shards, args.split)
-    loader = build_loader(args.shards, split=split, batch_size=args.batch_size, transform=eval_transform(img_size),
-                          training=False, num_workers=args.num_workers, manifest=manifest)
+    loader = open_loader(LoaderSpec(shards=args.shards, manifest=manifest, split=split, batch_size=args.batch_size,
+                                    transform=eval_transform(img_size), training=False,
+                                    num_workers=args.num_workers))
 
     def batches():
         for batch in loader:

@@ -7,6 +7,7 @@ saved as PNG (`save_figure`) or turned into arrays for TensorBoard
 """
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from matplotlib.figure import Figure
 from torch import Tensor
 
 from vitmpp.common.errors import UserError
+from vitmpp.common.io import atomic_write
 
 from .render import SIMILARITY_CMAP, filter_tiles, rollout_pairs, similarity_tiles
 
@@ -125,14 +127,11 @@ def figure_to_array(figure: Figure) -> np.ndarray:
 
 
 def save_figure(figure: Figure, path: str | os.PathLike) -> Path:
-    """Write the figure as PNG at `path`, atomically (a temporary file, then a rename)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    """Write the figure as PNG at `path`, atomically (`common.io.atomic_write`)."""
+    png = io.BytesIO()
+    figure.savefig(png, format="png", dpi=100)
     try:
-        figure.savefig(tmp, format="png", dpi=100)
-        os.replace(tmp, path)
+        return atomic_write(path, png.getvalue())
     except OSError as err:
-        tmp.unlink(missing_ok=True)
         raise UserError(f"Could not write {path}: {err.strerror or err}; "
                         "check the folder is writable and has space.") from None
-    return path

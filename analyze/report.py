@@ -9,8 +9,8 @@ from typing import Any, Iterable
 import torch
 from torch import Tensor, nn
 
-from vitmpp.common.checkpoint import write_json_atomic
 from vitmpp.common.errors import UserError
+from vitmpp.common.io import atomic_write_json
 
 from .attention import (
     encoder_geometry,
@@ -240,7 +240,7 @@ def write_analysis(analysis: Analysis, out_dir: str | os.PathLike, writer=None, 
             writer.add_scalar(f"analysis/mean_attention_distance/layer_{layer:02d}", value, step)
         writer.flush()
     try:
-        write_json_atomic(out / SUMMARY_NAME, summary)
+        atomic_write_json(out / SUMMARY_NAME, summary)
     except OSError as err:
         raise UserError(f"Could not write {out / SUMMARY_NAME}: {err.strerror or err}; "
                         "check the folder is writable and has space.") from None

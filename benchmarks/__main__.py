@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -18,6 +17,7 @@ import traceback
 from pathlib import Path
 
 from vitmpp.common.errors import UserError, cli_entry
+from vitmpp.common.io import atomic_write
 
 from .harness import Row, Settings, device_name, set_threads
 
@@ -99,9 +99,7 @@ def main(argv: list[str] | None = None) -> int:
             "seconds": round(time.time() - started, 1), "failed_rows": failures, "rows": [r.as_dict() for r in rows],
         }
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(record, indent=1, default=str))
-        os.replace(tmp, out)
+        atomic_write(out, json.dumps(record, indent=1, default=str))
 
     try:
         for name in wanted:

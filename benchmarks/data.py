@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from vitmpp.common.io import atomic_write
+
 JPEG_QUALITY = 90  # a typical camera/web quality (ImageNet's files are mostly 75-96)
 CLASSES = 4
 
@@ -103,9 +105,7 @@ def repeat_shards(source: Path, out: Path, times: int) -> Path:
     if train.get("shard_bytes"):
         split["shard_bytes"] = list(train["shard_bytes"]) * times
     info["splits"] = {"train": split}
-    tmp = out / "._info.json.tmp"
-    tmp.write_text(json.dumps(info, indent=1))
-    os.replace(tmp, out / "_info.json")
+    atomic_write(out / "_info.json", json.dumps(info, indent=1))
     return out
 
 

@@ -1,21 +1,26 @@
-"""Rows: objective step throughput (mae vs mpp vs supervised, FLOPs, MFU) and the attention path.
+"""Rows: objective step throughput (every registered objective, FLOPs, MFU; MAE vs MPP and
+MAE vs supervised) and the attention path.
 
 Same encoder, same batch, same precision for every objective; a step is forward +
-backward + fused AdamW step. The speed ratio MAE/supervised is set against their
-FLOP ratio (the goal: speed ratio >= 0.9 x FLOP ratio).
+backward + fused AdamW step. The objectives are those of the registry
+(`vitmpp.models.objective_names()`), so a new one gets its rows with no edit here; each
+runs with the options `steps.build_objective` gives it (recorded in the row). The speed
+ratio MAE/supervised is set against their FLOP ratio (the goal: speed ratio >= 0.9 x FLOP
+ratio).
 """
 from __future__ import annotations
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from vitmpp.common.training import peak_flops
-from vitmpp.models import flops_per_image
+from vitmpp.common.tracking import peak_flops
+from vitmpp.models import flops_per_image, objective_names
 
 from .harness import Row, Settings, alternate, fmt_ratio, median, speed_ratio, spread, verdict
 from .steps import attention_modules, build_objective, fixed_batch, make_step
 
-OBJECTIVES = ("mae", "mpp", "supervised")
+# every registered objective (mae, mpp, simmim, supervised, ...): the rows of this module and memory.py
+OBJECTIVES = tuple(objective_names())
 FLOP_RATIO_SHARE = 0.9  # goal: measured speed ratio >= 0.9 x the FLOP ratio
 
 
@@ -33,11 +38,12 @@ def objective_rows(settings: Settings) -> list[Row]:
     size = f"{settings.encoder} @{settings.img_size}px, batch {settings.batch}, {settings.precision}"
     for compiled in settings.compile_modes:
         tag = " +compile" if compiled else ""
-        steps, flops = {}, {}
+        steps, flops, options = {}, {}, {}
         for name in OBJECTIVES:
             model = build_objective(name, settings.encoder, settings.img_size, mae_decoder=settings.mae_decoder,
                                     device=settings.device)
             flops[name] = flops_per_image(model, settings.img_size)
+            options[name] = model.options()
             steps[name] = make_step(model, images, labels, precision=settings.precision, compile_model=compiled)
         seconds = alternate(steps, rounds=settings.rounds, calls=settings.steps, warmup=settings.warmup,
                             device=settings.device)
@@ -54,6 +60,7 @@ def objective_rows(settings: Settings) -> list[Row]:
                 "seconds_per_step": seconds[name], "flops_per_image": flops[name], "mfu": mfu,
                 "achieved_tflops": achieved / 1e12, "encoder": settings.encoder, "img_size": settings.img_size,
                 "batch": settings.batch, "precision": settings.precision, "compile": compiled,
+                "options": options[name],
             }))
             if mfu is not None:
                 rows.append(Row("MFU", f"{name}{tag}", 100 * mfu, "%", f"{size}; peak {peak / 1e12:.0f} TFLOP/s dense bf16"))

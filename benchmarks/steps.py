@@ -12,8 +12,11 @@ from typing import Callable
 import torch
 from torch import nn
 
-from vitmpp.common.training import OptimConfig, build_optimizer
+from vitmpp.common.errors import ConfigError
+from vitmpp.common.optim import build_optimizer
+from vitmpp.common.sections import OptimConfig
 from vitmpp.models import create_encoder, create_objective
+from vitmpp.models.objective import objective_class
 
 NUM_CLASSES = 1000  # the supervised head of the speed rows: ImageNet's classes
 
@@ -21,9 +24,24 @@ NUM_CLASSES = 1000  # the supervised head of the speed rows: ImageNet's classes
 def build_objective(name: str, encoder: str, img_size: int, *, mae_decoder: dict | None = None,
                     grad_checkpointing: bool = False, fused_attn: bool = True, device: str = "cpu",
                     num_classes: int = NUM_CLASSES) -> nn.Module:
-    """Objective `name` around a fresh `encoder` (the same architecture for every objective)."""
-    options = dict(mae_decoder or {}) if name == "mae" else {}
-    model = create_objective(name, create_encoder(encoder, img_size=img_size), num_classes=num_classes, **options)
+    """Registered objective `name` around a fresh `encoder` (the same architecture for every objective).
+
+    Its options: for MAE, `mae_decoder` (the benchmark's decoder; None: the paper's); for every
+    other objective its config defaults (the paper's), or, where those do not fit this encoder
+    (a ConfigError, e.g. SimMIM's 32 px mask patches on a 16 px image), the embedded CPU demo's
+    (`Objective.embedded_options`). `model.options()` tells which were used.
+    """
+    if name == "mae":
+        model = create_objective(name, create_encoder(encoder, img_size=img_size), num_classes=num_classes,
+                                 **dict(mae_decoder or {}))
+    else:
+        try:
+            model = create_objective(name, create_encoder(encoder, img_size=img_size), num_classes=num_classes)
+        except ConfigError:
+            small = objective_class(name).embedded_options
+            if not small:
+                raise
+            model = create_objective(name, create_encoder(encoder, img_size=img_size), num_classes=num_classes, **small)
     if grad_checkpointing:
         model.encoder.set_grad_checkpointing(True)  # MAE's decoder follows the encoder's flag
     set_fused_attention(model, fused_attn)

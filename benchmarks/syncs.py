@@ -10,17 +10,19 @@ set of doors, all of which `HostSyncCounter` watches:
   boolean-mask indexing, `unique`, `repeat_interleave` without `output_size`):
   the host must learn the size before it can allocate;
 * `Tensor.tolist()`, `.numpy()`, `.cpu()`, which do not dispatch an op on a CPU
-  tensor and are patched at the Python level while counting.
+  tensor and are seen at the Python level (a `TorchFunctionMode`) while counting.
 
 Host-side bookkeeping of CPU tensors that never were on the device (the loader's
 skip counts, for instance) would look the same on a CPU run; calls made from the
 data layer (`vitmpp.datasets`) are therefore recorded apart (`loader_events`).
 On CUDA, `device_only=True` counts only ops that touch a CUDA tensor.
 
-    python -m vitmpp.benchmarks.syncs [--device cpu|cuda] -- key=value ...
+    python -m vitmpp.benchmarks.syncs [--device-only] [--out FILE] -- [--config FILE] key=value ...
 
-runs the real `pretrain/main.py` and reports, as JSON, the syncs inside optimizer
-steps (must be none) and those at logging intervals and checkpoints (allowed).
+runs the real pretraining stage (`vitmpp.pretrain.engine.pretrain`, pretrain/main.py's
+command line after `--`) with a `SyncAudit` loop callback and reports, as JSON, the
+syncs inside optimizer steps (must be none) and those at logging intervals,
+checkpoints and pictures (allowed).
 """
 from __future__ import annotations
 
@@ -32,12 +34,16 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
+
+from vitmpp.common.errors import cli_entry
+from vitmpp.common.loop import Callback
 
 _SCALAR = {"_local_scalar_dense", "item"}
 _DATA_DEPENDENT = {"nonzero", "masked_select", "_unique", "_unique2", "unique_dim", "unique_consecutive",
                    "nonzero_static_fallback", "argwhere"}
-_PATCHED = ("tolist", "numpy", "cpu")
+_METHODS = ("tolist", "numpy", "cpu")
 
 
 def _tensors(values):
@@ -109,110 +115,118 @@ class _Mode(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
+class _TensorMethods(TorchFunctionMode):
+    """`Tensor.tolist()`, `.numpy()`, `.cpu()`: seen at the Python level, where they do not dispatch an op."""
+
+    def __init__(self, counter: HostSyncCounter):
+        super().__init__()
+        self.counter = counter
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name in _METHODS and args and isinstance(args[0], torch.Tensor):
+            if not self.counter.device_only or args[0].device.type != "cpu":
+                self.counter.record(f"Tensor.{name}")
+        return func(*args, **(kwargs or {}))
+
+
 @contextmanager
 def count_host_syncs(device_only: bool = False):
     """Count host syncs inside the block (see the module docstring); yields the `HostSyncCounter`."""
     counter = HostSyncCounter(device_only=device_only)
-    originals = {name: getattr(torch.Tensor, name) for name in _PATCHED}
-
-    def patched(name):
-        original = originals[name]
-
-        def method(self, *args, **kwargs):
-            if not counter.device_only or self.device.type != "cpu":
-                counter.record(f"Tensor.{name}")
-            return original(self, *args, **kwargs)
-
-        return method
-
-    for name in _PATCHED:
-        setattr(torch.Tensor, name, patched(name))
-    try:
-        with _Mode(counter):
-            yield counter
-    finally:
-        for name, original in originals.items():
-            setattr(torch.Tensor, name, original)
+    with _TensorMethods(counter), _Mode(counter):
+        yield counter
 
 
 # ----------------------------------------------------------------------------- the real training loop
 
+ALLOWED_PHASES = ("log", "checkpoint", "pictures")  # the loop's phases where the host may read the device
+
+
+class SyncAudit(Callback):
+    """A loop callback: counts host syncs from the first optimizer step to the stage's `finish`.
+
+    Counting starts when the loop first enters its `step` phase (each `step` phase is one
+    optimizer step) and stops when it enters `finish` (exports). Syncs inside the phases
+    `log`, `checkpoint` and `pictures` are at intervals (allowed); any other one, inside a
+    step or between steps, is in steps (must be none).
+    """
+
+    def __init__(self, device_only: bool = False):
+        self.device_only = device_only
+        self.steps = 0
+        self.in_steps: list = []
+        self.at_intervals: list = []
+        self.loader = 0
+        self._counting = None  # the count_host_syncs context while counting
+        self._counter: HostSyncCounter | None = None
+        self._allowed_depth = 0
+        self._finished = False
+
+    def _collect(self) -> None:
+        if self._counter is not None:
+            (self.at_intervals if self._allowed_depth else self.in_steps).extend(self._counter.take())
+
+    def start(self) -> None:
+        if self._counting is None and not self._finished:
+            self._counting = count_host_syncs(self.device_only)
+            self._counter = self._counting.__enter__()
+
+    def stop(self) -> None:
+        """End counting (idempotent): what is left is attributed, the loader's host reads are kept."""
+        self._finished = True
+        if self._counting is not None:
+            self._collect()
+            self.loader = len(self._counter.loader_events)
+            counting, self._counting, self._counter = self._counting, None, None
+            counting.__exit__(None, None, None)
+
+    @contextmanager
+    def phase(self, name: str):
+        if name == "finish":
+            self.stop()
+        elif name == "step":
+            self.start()
+            if self._counting is not None:
+                self.steps += 1
+        allowed = name in ALLOWED_PHASES
+        if allowed:
+            self._collect()
+            self._allowed_depth += 1
+        try:
+            yield
+        finally:
+            if allowed:
+                self._collect()
+                self._allowed_depth -= 1
+
+    def report(self) -> dict:
+        return {"steps": self.steps, "in_steps": self.in_steps, "at_intervals": self.at_intervals,
+                "loader": self.loader}
+
+
 def audit_pretrain(overrides: list[str], device_only: bool = False) -> dict:
-    """Run pretrain/main.py with the counter on from the first optimizer step to the end of the loop.
+    """Run the pretraining stage (pretrain/main.py's command line) with the counter on from the
+    first optimizer step to the end of the loop (a `SyncAudit` loop callback).
 
     Returns {"steps": n, "in_steps": [...], "at_intervals": [...], "loader": n}: syncs
     during steps and between them (must be empty), syncs inside logging intervals,
     checkpoints and pictures (allowed), and host-side loader bookkeeping.
     """
-    from vitmpp.common import training
-    from vitmpp.pretrain import engine
-    from vitmpp.pretrain.main import main as pretrain_main
+    from vitmpp.common.cli import parse_stage_command
+    from vitmpp.pretrain.config import PretrainConfig
+    from vitmpp.pretrain.engine import pretrain, run_dir_for
 
-    state = {"counter": None, "context": None, "steps": 0, "allowed_depth": 0}
-    in_steps: list = []
-    at_intervals: list = []
-
-    def collect():
-        counter = state["counter"]
-        if counter is not None:
-            target = at_intervals if state["allowed_depth"] else in_steps
-            target.extend(counter.take())
-
-    def allowed(fn):
-        def wrapper(*args, **kwargs):
-            collect()
-            state["allowed_depth"] += 1
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                collect()
-                state["allowed_depth"] -= 1
-        return wrapper
-
-    original_run = training.StepRunner.run
-
-    def run(self, *args, **kwargs):
-        if state["context"] is None:  # from the first step on
-            state["context"] = count_host_syncs(device_only)
-            state["counter"] = state["context"].__enter__()
-        state["steps"] += 1
-        return original_run(self, *args, **kwargs)
-
-    original_export = engine.export_encoder
-
-    def export(*args, **kwargs):
-        stop()
-        return original_export(*args, **kwargs)
-
-    def stop():
-        if state["context"] is not None:
-            collect()
-            loader = len(state["counter"].loader_events)
-            state["context"].__exit__(None, None, None)
-            state["context"] = None
-            state["loader"] = loader
-
-    patches = [
-        (training.StepRunner, "run", run),
-        (training.IntervalLog, "flush", allowed(training.IntervalLog.flush)),
-        (training.Checkpointer, "save", allowed(training.Checkpointer.save)),
-        (training.NonFiniteGuard, "read", allowed(training.NonFiniteGuard.read)),
-        (engine, "_log_images", allowed(engine._log_images)),
-        (engine, "export_encoder", export),
-    ]
-    saved = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
-    for owner, name, value in patches:
-        setattr(owner, name, value)
+    cfg, args = parse_stage_command(PretrainConfig, overrides, prog="python -m vitmpp.benchmarks.syncs --")
+    audit = SyncAudit(device_only)
     try:
-        pretrain_main(overrides)
+        pretrain(cfg, run_dir_for(cfg, args.config), resume=args.resume, callbacks=[audit])
     finally:
-        stop()
-        for owner, name, value in saved:
-            setattr(owner, name, value)
-    return {"steps": state["steps"], "in_steps": in_steps, "at_intervals": at_intervals,
-            "loader": state.get("loader", 0)}
+        audit.stop()
+    return audit.report()
 
 
+@cli_entry
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vitmpp.benchmarks.syncs", description=__doc__.split("\n\n")[0])
     parser.add_argument("--device-only", action="store_true", help="count only ops on non-CPU tensors (CUDA runs)")

@@ -1,6 +1,9 @@
 """The command line shared by the stage entry points (pretrain/main.py, finetune/main.py):
 
     [--config FILE] [key=value ...] [--resume auto|PATH] [--print-config] [--help-config]
+
+`parse_stage_command` is the same parsing for code that runs a stage itself (the
+benchmarks, which add their own loop callbacks).
 """
 from __future__ import annotations
 
@@ -11,31 +14,48 @@ from .config import describe, dump_yaml, load_config
 from .errors import cli_entry
 
 
-def stage_main(prog: str, description: str, epilog: str, load_schema: Callable[[], type],
-               run: Callable[[Any, str | None, str | None], Any]) -> Callable[[list[str] | None], Any]:
-    """Build `main(argv)` for a stage: parse, validate the config, then `run(cfg, config_path, resume)`.
+def stage_parser(prog: str, description: str = "", epilog: str = "") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=description, epilog=epilog)
+    parser.add_argument("--config", help="YAML recipe (see configs/); default: the embedded digits demo")
+    parser.add_argument("--resume", help="'auto' (newest complete checkpoint of this run) or a checkpoint folder")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--help-config", action="store_true",
+                        help="list every config key with the value this command line would use, and exit")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    return parser
 
-    `load_schema` is called lazily so `--help` does not import torch."""
+
+def parse_stage_command(schema: type, argv: list[str] | None, prog: str = "stage") -> tuple[Any, argparse.Namespace]:
+    """(resolved config, parsed arguments) of a stage command line."""
+    args = stage_parser(prog).parse_intermixed_args(argv)
+    return load_config(schema, args.config, args.overrides), args
+
+
+def stage_main(prog: str, doc: str, *, schema: str, command: str, epilog: str) -> Callable[[list[str] | None], Any]:
+    """Build `main(argv)` for a stage: parse, validate the config, then `command(cfg, config_path, resume)`.
+
+    `schema` and `command` are "module:name" paths, imported only once the arguments are
+    parsed, so `--help` answers without importing torch. `doc`: the entry point's docstring
+    (its first line is the description)."""
 
     @cli_entry
     def main(argv: list[str] | None = None):
-        parser = argparse.ArgumentParser(prog=prog, description=description, epilog=epilog)
-        parser.add_argument("--config", help="YAML recipe (see configs/); default: the embedded digits demo")
-        parser.add_argument("--resume", help="'auto' (newest complete checkpoint of this run) or a checkpoint folder")
-        parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-        parser.add_argument("--help-config", action="store_true", help="list every config key with its default and exit")
-        parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
-        args = parser.parse_intermixed_args(argv)
-        schema = load_schema()
+        args = stage_parser(prog, doc.strip().splitlines()[0], epilog).parse_intermixed_args(argv)
+        cfg = load_config(_imported(schema), args.config, args.overrides)
         if args.help_config:
-            print("\n".join(describe(schema)))
+            # the resolved values (defaults, the file, the overrides): exactly what --print-config shows
+            print("\n".join(describe(cfg)))
             return None
-        cfg = load_config(schema, args.config, args.overrides)
         if args.print_config:
             print(dump_yaml(cfg), end="")
             return None
-        return run(cfg, args.config, args.resume)
+        return _imported(command)(cfg, args.config, args.resume)
 
     return main
 
 
+def _imported(path: str) -> Any:
+    import importlib
+
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)

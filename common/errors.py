@@ -37,10 +37,6 @@ def _rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
-def _world() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
 def report_user_error(error: UserError) -> None:
     """Print `error` once: rank 0 always, other ranks only for rank-local errors."""
     if _rank() == 0:

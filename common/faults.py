@@ -1,13 +1,111 @@
-"""Fault injection for the reliability tests (driven by a config's `debug` section).
+"""Fault injection for the reliability tests, driven by a config's `debug` section.
 
-Nothing here runs unless a `debug.*` key asks for it; each piece reproduces a
-failure a long run meets in practice: a data-loading worker killed, a disk
-that fills up during a checkpoint save.
+`fault_callbacks(cfg.debug)` turns each `debug.*` key that is set into a loop
+`Callback`: the loop, the checkpointer and the loader carry no fault parameters;
+faults enter through the same public hooks benchmarks use. Each reproduces what a
+long run meets in practice: a preemption, a data-loading worker killed, a slow or
+full disk during a checkpoint save, a non-finite loss on one rank.
 """
 from __future__ import annotations
 
+import dataclasses
 import errno
+import json
 import os
+import time
+from pathlib import Path
+
+import torch
+
+from .loop import Callback
+
+
+def fault_callbacks(debug) -> list[Callback]:
+    """The callbacks that `debug` (a `DebugConfig`) asks for; none in a normal run."""
+    callbacks: list[Callback] = []
+    if debug.inject_nonfinite_steps:
+        callbacks.append(NonFiniteLoss(debug.inject_nonfinite_steps, debug.inject_nonfinite_rank))
+    if debug.stop_at_step is not None:
+        callbacks.append(StopAtStep(debug.stop_at_step))
+    if debug.step_delay_s:
+        callbacks.append(SlowSteps(debug.step_delay_s))
+    if debug.checkpoint_delay_s or debug.checkpoint_disk_full_at_step is not None:
+        callbacks.append(CheckpointFaults(debug.checkpoint_delay_s, debug.checkpoint_disk_full_at_step))
+    if debug.kill_worker_after_samples is not None:
+        callbacks.append(KillWorker(debug.kill_worker_after_samples))
+    if debug.record_samples:
+        callbacks.append(RecordSamples())
+    return callbacks
+
+
+class NonFiniteLoss(Callback):
+    """The loss of the given optimizer steps becomes NaN (on one rank, or every rank)."""
+
+    def __init__(self, steps, rank: int | None):
+        self.steps, self.rank = set(steps), rank
+
+    def on_loss(self, step: int, loss: torch.Tensor) -> torch.Tensor:
+        if step + 1 in self.steps and self.rank in (None, _rank()):
+            return loss * float("nan")
+        return loss
+
+
+class StopAtStep(Callback):
+    """Behave as if preempted after this step: checkpoint, say so, exit 0."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def stop_reason(self, step: int) -> str | None:
+        return "debug.stop_at_step" if step == self.step else None
+
+
+class SlowSteps(Callback):
+    """Sleep after every step, so that signal tests can hit a run mid-flight."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+
+    def after_step(self, step: int) -> None:
+        time.sleep(self.seconds)
+
+
+class CheckpointFaults(Callback):
+    """A slow save (to kill a run during it) or a disk that fills up at one step's save."""
+
+    def __init__(self, delay_s: float, disk_full_at_step: int | None):
+        self.delay_s, self.disk_full_at_step = delay_s, disk_full_at_step
+
+    def before_checkpoint_commit(self, partial: Path, step: int) -> None:
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        if step == self.disk_full_at_step:
+            raise disk_full(partial)
+
+
+class KillWorker(Callback):
+    """Data-loading workers exit hard after transforming this many samples each."""
+
+    def __init__(self, samples: int):
+        self.samples = samples
+
+    def on_loader_spec(self, spec):
+        return dataclasses.replace(spec, transform=ExitAfterCalls(spec.transform, self.samples))
+
+
+class RecordSamples(Callback):
+    """Writes `debug-rank<r>.json`: the sample indices this rank read and a checksum of its final weights."""
+
+    def __init__(self):
+        self.seen: list[int] = []
+
+    def on_batch(self, batch) -> None:
+        self.seen.extend(batch.indices.tolist())
+
+    def on_end(self, run, model, step: int) -> None:
+        checksum = float(sum(p.detach().double().sum() for p in model.parameters()))
+        record = {"rank": run.rank, "world_size": run.world, "samples": self.seen, "weights_checksum": checksum}
+        (run.run_dir / f"debug-rank{run.rank}.json").write_text(json.dumps(record))
 
 
 class ExitAfterCalls:
@@ -39,3 +137,7 @@ class ExitAfterCalls:
 def disk_full(path) -> OSError:
     """The error a write raises when the filesystem is full."""
     return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+
+def _rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0

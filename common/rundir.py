@@ -23,6 +23,7 @@ import yaml
 from . import checkpoint as ckpt
 from .config import diff_keys, dump_yaml, to_dict
 from .errors import UserError
+from .io import atomic_write
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
@@ -87,9 +88,7 @@ def check_reuse(run_dir: Path, config: Any, resume: str | None, ignore: Iterable
 def write_config(run_dir: Path, config: Any) -> None:
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / f".{CONFIG_FILE}.tmp"
-    tmp.write_text(dump_yaml(config))
-    os.replace(tmp, run_dir / CONFIG_FILE)
+    atomic_write(run_dir / CONFIG_FILE, dump_yaml(config))
 
 
 class MetricsLog:
@@ -103,9 +102,7 @@ class MetricsLog:
         self.path = Path(run_dir) / METRICS_FILE
         if resume_step is not None and self.path.exists():
             kept = [line for line in self.path.read_text().splitlines() if _step_of(line) is not None and _step_of(line) <= resume_step]
-            tmp = self.path.with_name(f".{self.path.name}.tmp")
-            tmp.write_text("".join(line + "\n" for line in kept))
-            os.replace(tmp, self.path)
+            atomic_write(self.path, "".join(line + "\n" for line in kept))
         elif resume_step is None and self.path.exists():
             self.path.unlink()
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import os
 import shlex
@@ -28,8 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from vitmpp.common.config import dump_yaml, load_config, param, to_dict
+from vitmpp.common.config import load_config, param, save_config, to_dict
 from vitmpp.common.errors import ConfigError, UserError, cli_entry
+from vitmpp.common.io import atomic_write
 
 from vitmpp.finetune.config import PROTOCOLS
 
@@ -204,21 +206,20 @@ def plot(cfg: CompareConfig, summary: list[dict], path: Path) -> None:
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: never over a bar
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=120)
     plt.close(fig)
-    tmp.replace(path)
+    atomic_write(path, png.getvalue())
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
     columns = ["encoder", "protocol", "label_fraction", "seed", "best_top1", "best_top5", "last_top1", "last_top5",
                "epochs", "train_images", "wall_time_s"]
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    tmp.replace(path)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=columns, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write(path, text.getvalue())
 
 
 @cli_entry
@@ -241,7 +242,7 @@ def main(argv: list[str] | None = None) -> Path:
             raise UserError(f"Output folder '{out}' holds a comparison with a different config (keys {', '.join(changed)}); "
                             "choose another output_dir or pass --overwrite.")
     out.mkdir(parents=True, exist_ok=True)
-    saved.write_text(dump_yaml(cfg))
+    save_config(cfg, saved)
 
     encoder_paths = {}
     for name, path in cfg.encoders.items():
@@ -254,7 +255,7 @@ def main(argv: list[str] | None = None) -> Path:
                      "seed": cell.seed})
     write_csv(rows, out / "results.csv")
     summary, report = summarize(cfg, rows)
-    (out / "results.md").write_text(report)
+    atomic_write(out / "results.md", report)
     plot(cfg, summary, out / "results.png")
     from torch.utils.tensorboard import SummaryWriter
 

@@ -1,6 +1,6 @@
 """The evaluation recipe: one dataclass tree, loaded from `configs/finetune/*.yaml`.
 
-Protocols (ARCHITECTURE §6):
+Protocols (ARCHITECTURE §5, "Evaluation"):
 - `linear`: MAE's linear probe, frozen encoder, BatchNorm1d(affine=False) + linear head, LARS, no weight decay;
 - `finetune`: full fine-tuning, MAE/DeiT recipe (AdamW, layer decay, drop path, mixup/cutmix, label smoothing,
   RandAugment, random erasing, average pooling);
@@ -17,27 +17,19 @@ from typing import Optional
 
 from vitmpp.common.config import param
 from vitmpp.common.errors import ConfigError
-from vitmpp.common.training import DebugConfig, LogConfig, OptimConfig, RunConfig, TrainConfig
+from vitmpp.common.sections import DataConfig, DebugConfig, LogConfig, OptimConfig, RunConfig, TrainConfig
 
 PROTOCOLS = ("linear", "finetune", "scratch", "knn")
 
 
 @dataclass
-class FinetuneDataConfig:
-    shards: Optional[str] = param(None, help="folder with _info.json or a shard pattern; null: the embedded digits data")
-    train_split: str = param("train")
+class FinetuneDataConfig(DataConfig):
     val_split: str = param("validation")
     label_fraction: float = param(1.0, gt=0, le=1, help="fraction of training labels used (class-balanced, by seed)")
-    num_workers: int = param(2, ge=0)
-    shuffle_buffer: int = param(1000, ge=1)
     mean: Optional[tuple[float, float, float]] = param(None, help="normalisation mean; null: the encoder's (encoder.json), else ImageNet's")
     std: Optional[tuple[float, float, float]] = param(None, help="normalisation std; null: the encoder's, else ImageNet's")
-    crop_scale: tuple[float, float] = param((0.08, 1.0), help="RandomResizedCrop area range for training")
-    hflip: float = param(0.5, ge=0, le=1)
-    interpolation: str = param("bicubic", choices=("bicubic", "bilinear", "nearest"))
     auto_augment: Optional[str] = param("rand-m9-mstd0.5-inc1", help="timm auto-augment policy (finetune/scratch); null: none")
     eval_crop_pct: float = param(0.875, gt=0, le=1, help="evaluation: resize to img_size / crop_pct, centre crop img_size")
-    max_skip_fraction: float = param(0.1, ge=0, le=1)
 
 
 @dataclass
@@ -85,7 +77,8 @@ class FinetuneConfig:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(global_batch=128, epochs=20))  # or train.steps
     eval_every: int = param(1, ge=1, help="epochs between evaluations (the end of training is always evaluated)")
     eval_every_steps: Optional[int] = param(None, ge=1, help="evaluate every this many steps instead of every eval_every epochs")
-    log: LogConfig = field(default_factory=lambda: LogConfig(log_every=10, image_every=0, checkpoint_every=10**9, keep_checkpoints=1))
+    # a checkpoint follows every evaluation; checkpoint_every adds more between evaluations
+    log: LogConfig = field(default_factory=lambda: LogConfig(log_every=10, checkpoint_every=10**9, keep_checkpoints=1))
     run: RunConfig = field(default_factory=RunConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
 

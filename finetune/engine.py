@@ -1,9 +1,11 @@
-"""The evaluation engine: linear probe, full fine-tuning, scratch, and kNN.
+"""The evaluation stage: linear probe, full fine-tuning and scratch run in the one loop
+(`vitmpp.common.loop`); kNN trains nothing and runs on its own.
 
-The training protocols share the pretraining engine's plumbing (vitmpp.common.training:
-step runner, non-finite guard, interval logging, atomic checkpoints, stop signals):
-the loop below is epochs of optimizer steps, an evaluation on the validation split
-at the end of each epoch, and a checkpoint after it. `knn` trains nothing.
+What the stage adds to the loop: the classifier (frozen encoder + BatchNorm/linear head
+for `linear`, the whole encoder + head for `finetune`, fresh weights for `scratch`), its
+optimizer (LARS for the probe, AdamW with layer decay otherwise), mixup/cutmix/erasing on
+the device, and an evaluation on the validation split every `eval_every` epochs (or
+`eval_every_steps`), each followed by a checkpoint.
 
 Writes into the run directory: config.yaml, tensorboard/, checkpoints/, metrics.jsonl,
 best.safetensors (weights at the best top-1), results.json.
@@ -15,37 +17,20 @@ import time
 from pathlib import Path
 
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
-from vitmpp.common import rundir
-from vitmpp.common.checkpoint import write_json_atomic
-from vitmpp.common.config import dump_yaml, flatten
-from vitmpp.common.console import Console, quiet_libraries
-from vitmpp.common.distributed import make_accelerator
+from vitmpp.common.io import atomic_file, atomic_write_json
+from vitmpp.common.loop import Plan, Run, Stage, open_run, train
+from vitmpp.common.optim import build_optimizer
 from vitmpp.common.errors import UserError
-from vitmpp.common.training import (
-    Checkpointer,
-    ControlPlane,
-    IntervalLog,
-    NonFiniteGuard,
-    StepRunner,
-    Tracker,
-    batch_geometry,
-    build_optimizer,
-    build_scheduler,
-    guarded_loop,
-    current_lr,
-    peak_lr,
-    warmup_steps,
-)
 from vitmpp.datasets import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    build_loader,
-    default_digits_shards,
+    LoaderSpec,
+    digits_shards,
     eval_transform,
     finetune_transform,
     normalize_batch,
+    open_loader,
     pretrain_transform,
     read_manifest,
 )
@@ -80,8 +65,8 @@ def resolve_encoder(cfg: FinetuneConfig) -> Path | None:
 def normalisation(cfg: FinetuneConfig, info: dict) -> tuple[tuple, tuple]:
     """The encoder's own normalisation (from encoder.json) unless the config overrides it."""
     extra = info.get("extra", info) if info else {}
-    mean = cfg.data.mean or tuple(extra.get("mean", IMAGENET_MEAN))
-    std = cfg.data.std or tuple(extra.get("std", IMAGENET_STD))
+    mean = cfg.data.mean or tuple(extra.get("mean", IMAGENET_DEFAULT_MEAN))
+    std = cfg.data.std or tuple(extra.get("std", IMAGENET_DEFAULT_STD))
     return tuple(mean), tuple(std)
 
 
@@ -128,202 +113,185 @@ def evaluate(accelerator, predict, loader, mean, std, expected: int) -> dict[str
     return {"top1": 100.0 * table[:, 1].float().mean().item(), "top5": 100.0 * table[:, 2].float().mean().item(), "count": count}
 
 
-# ----------------------------------------------------------------------------- main entry
+# ----------------------------------------------------------------------------- the stage
 
-def run(cfg: FinetuneConfig, run_dir: Path, resume: str | None = None) -> dict:
-    """Run one protocol as `cfg` says, in `run_dir`; returns the results written to results.json."""
-    quiet_libraries()
-    started = time.time()
-    accelerator = make_accelerator(mixed_precision=cfg.train.mixed_precision, project_dir=run_dir)
-    console = Console(accelerator.is_main_process)
-    from accelerate.utils import set_seed
+class EvaluationData:
+    """The shards, the label subset and the normalisation of one evaluation run."""
 
-    set_seed(cfg.train.seed)
-    rank, world = accelerator.process_index, accelerator.num_processes
-    resume_from = rundir.resolve_resume(run_dir, resume)
-    if resume is not None and (run_dir / "results.json").is_file():
-        results = json.loads((run_dir / "results.json").read_text())
-        console.print(f"{run_dir} is already finished: top-1 {results['best_top1']:.2f}")
-        return results
-    changed = rundir.check_reuse(run_dir, cfg, resume, ignore=RESUMABLE_KEYS)
-    if changed:
-        console.warn(f"resuming with changed config keys: {', '.join(changed)}")
-    accelerator.wait_for_everyone()
+    def __init__(self, cfg: FinetuneConfig, run: Run):
+        self.encoder_path = resolve_encoder(cfg)
+        self.info = read_encoder_info(self.encoder_path) if self.encoder_path is not None else {}
+        self.img_size = cfg.model.img_size or self.info.get("img_size") or 32
+        self.shards = cfg.data.shards or digits_shards(self.img_size)
+        self.manifest = read_manifest(self.shards)
+        self.val_split = self.manifest.split(cfg.data.val_split)
+        self.keep = None
+        if cfg.data.label_fraction < 1:
+            self.keep = balanced_subset(self.manifest.labels(cfg.data.train_split), cfg.data.label_fraction, cfg.train.seed)
+        self.num_train = len(self.keep) if self.keep is not None else self.manifest.split(cfg.data.train_split).num_samples
+        mean, std = normalisation(cfg, self.info)
+        self.mean = torch.tensor(mean, device=run.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(std, device=run.device).view(1, 3, 1, 1)
+        eval_tf = eval_transform(self.img_size, crop_pct=cfg.data.eval_crop_pct, interpolation=cfg.data.interpolation)
+        common = dict(shards=self.shards, manifest=self.manifest, batch_size=cfg.knn.batch_size, transform=eval_tf,
+                      training=False, rank=run.rank, world_size=run.world, num_workers=cfg.data.num_workers,
+                      max_skip_fraction=cfg.data.max_skip_fraction)
+        self.val_spec = LoaderSpec(split=cfg.data.val_split, **common)
+        self.train_eval_spec = LoaderSpec(split=cfg.data.train_split, keep_indices=_as_tuple(self.keep), **common)
 
-    # ---- data
-    encoder_path = resolve_encoder(cfg)
-    info = read_encoder_info(encoder_path) if encoder_path is not None else {}
-    img_size = cfg.model.img_size or info.get("img_size") or 32
-    shards = cfg.data.shards or default_digits_shards(img_size, accelerator)
-    manifest = read_manifest(shards)
-    train_split, val_split = manifest.split(cfg.data.train_split), manifest.split(cfg.data.val_split)
-    keep = None
-    if cfg.data.label_fraction < 1:
-        keep = balanced_subset(manifest.labels(cfg.data.train_split), cfg.data.label_fraction, cfg.train.seed)
-    num_train = len(keep) if keep is not None else train_split.num_samples
-    mean_values, std_values = normalisation(cfg, info)
-    mean = torch.tensor(mean_values, device=accelerator.device).view(1, 3, 1, 1)
-    std = torch.tensor(std_values, device=accelerator.device).view(1, 3, 1, 1)
-    val_transform = eval_transform(img_size, crop_pct=cfg.data.eval_crop_pct, interpolation=cfg.data.interpolation)
+    def summary(self, cfg: FinetuneConfig, world: int) -> str:
+        return (f"{cfg.protocol}: encoder {self.encoder_path or cfg.model.name}, {self.num_train} training images "
+                f"(label fraction {cfg.data.label_fraction}), {self.val_split.num_samples} validation images, "
+                f"{self.manifest.num_classes} classes, {world} process(es)")
 
-    def val_loader():
-        return build_loader(shards, split=cfg.data.val_split, batch_size=cfg.knn.batch_size, transform=val_transform,
-                            training=False, rank=rank, world_size=world, num_workers=cfg.data.num_workers,
-                            max_skip_fraction=cfg.data.max_skip_fraction)
 
-    model = build_model(cfg, encoder_path, manifest.num_classes, img_size)
-    console.print(f"{cfg.protocol}: encoder {encoder_path or cfg.model.name}, {num_train} training images "
-                  f"(label fraction {cfg.data.label_fraction}), {val_split.num_samples} validation images, "
-                  f"{manifest.num_classes} classes, {world} process(es)")
+class FinetuneStage(Stage):
+    """Train a classifier (`linear`, `finetune` or `scratch`) and evaluate it on the validation split."""
 
-    if cfg.protocol == "knn":
-        from .knn import knn_classify
+    resumable_keys = RESUMABLE_KEYS
 
-        model.to(accelerator.device)  # nothing trains: no DDP wrapper
-        train_loader = build_loader(shards, split=cfg.data.train_split, batch_size=cfg.knn.batch_size,
-                                    transform=val_transform, training=False, rank=rank, world_size=world,
-                                    keep_indices=keep, num_workers=cfg.data.num_workers)
-        encoder = model.encoder
-        metrics = knn_classify(accelerator, lambda x: pooled_features(encoder, x, cfg.model.linear_pool),
-                               train_loader, val_loader(), mean, std, manifest.num_classes, cfg.knn.k,
-                               cfg.knn.temperature, expected_val=val_split.num_samples)
-        results = _results(cfg, encoder_path, info, metrics, metrics, epochs=0, started=started, num_train=num_train)
-        if accelerator.is_main_process:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            rundir.write_config(run_dir, cfg)
-            write_json_atomic(run_dir / "results.json", results)
-        tracker = Tracker(accelerator, "tensorboard", flatten(cfg), None)
-        tracker.scalars({"eval/top1": metrics["top1"], "eval/top5": metrics["top5"]}, step=0)
-        tracker.close()
-        console.print(f"knn (k={cfg.knn.k}): top-1 {metrics['top1']:.2f}  top-5 {metrics['top5']:.2f}")
-        return results
+    def __init__(self, cfg: FinetuneConfig):
+        self.cfg = cfg
+        self.name = cfg.protocol
+        self.history: list[dict] = []
+        self.started = time.time()
 
-    # ---- training protocols
-    geometry = batch_geometry(cfg.train, world)
-    steps_per_epoch = num_train // geometry.global_batch
-    if steps_per_epoch < 1:
-        raise UserError(f"Only {num_train} training images (label fraction {cfg.data.label_fraction}) for a global batch "
-                        f"of {geometry.global_batch}; lower train.global_batch.")
-    # length in epochs, or in steps (the same compute whatever the label fraction)
-    total_steps = cfg.train.steps if cfg.train.steps is not None else int(round(cfg.train.epochs * steps_per_epoch))
-    epochs = -(-total_steps // steps_per_epoch)
-    if cfg.protocol == "linear":
-        train_transform = pretrain_transform(img_size, scale=tuple(cfg.data.crop_scale), hflip=cfg.data.hflip,
-                                             interpolation=cfg.data.interpolation)
-        optimizer = _linear_optimizer(model, cfg, peak_lr(cfg.optim, geometry.global_batch))
-    else:
-        train_transform = finetune_transform(img_size, auto_augment=cfg.data.auto_augment, scale=tuple(cfg.data.crop_scale),
-                                             hflip=cfg.data.hflip, interpolation=cfg.data.interpolation)
-        optimizer = build_optimizer(model, cfg.optim, peak_lr(cfg.optim, geometry.global_batch))
-    scheduler = build_scheduler(optimizer, cfg.optim, total_steps, warmup_steps(cfg.optim, steps_per_epoch))
-    mix, erase, criterion = _regularizers(cfg, manifest.num_classes, accelerator.device)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    def setup(self, run: Run) -> Plan:
+        cfg = self.cfg
+        self.run = run
+        self.data = data = EvaluationData(cfg, run)
+        model = build_model(cfg, data.encoder_path, data.manifest.num_classes, data.img_size)
+        if cfg.protocol == "linear":
+            transform = pretrain_transform(data.img_size, scale=tuple(cfg.data.crop_scale), hflip=cfg.data.hflip,
+                                           interpolation=cfg.data.interpolation)
+            optimizer = _linear_optimizer(model, cfg, run.peak_lr)
+        else:
+            transform = finetune_transform(data.img_size, auto_augment=cfg.data.auto_augment,
+                                           scale=tuple(cfg.data.crop_scale), hflip=cfg.data.hflip,
+                                           interpolation=cfg.data.interpolation)
+            optimizer = build_optimizer(model, cfg.optim, run.peak_lr)
+        self.mix, self.erase, self.criterion = _regularizers(cfg, data.manifest.num_classes, run.device)
+        loader = LoaderSpec(
+            shards=data.shards, manifest=data.manifest, split=cfg.data.train_split,
+            batch_size=run.geometry.per_device_batch, transform=transform, training=True, seed=cfg.train.seed,
+            rank=run.rank, world_size=run.world, num_workers=cfg.data.num_workers,
+            shuffle_buffer=cfg.data.shuffle_buffer, keep_indices=_as_tuple(data.keep),
+            pin_memory=run.device.type == "cuda", max_skip_fraction=cfg.data.max_skip_fraction)
+        run.console.print(data.summary(cfg, run.world))
+        return Plan(model, optimizer, loader, open_loader, data.num_train, f"{cfg.protocol} on {data.shards}")
 
-    control = ControlPlane(accelerator)
-    checkpointer = Checkpointer(accelerator, run_dir, cfg.log.keep_checkpoints, control, cfg.debug.checkpoint_delay_s,
-                                cfg.debug.checkpoint_disk_full_at_step)
-    guard = NonFiniteGuard(accelerator, optimizer, cfg.train.max_nonfinite_steps)
-    step, history = 0, []
-    if resume_from is not None:
-        state = checkpointer.load(resume_from)
-        step, history = state["step"], state["history"]
-        console.print(f"resumed from {resume_from} at step {step}")
-    resumed_at = step if resume_from is not None else None
-    metrics_log = None
-    if accelerator.is_main_process:
-        rundir.write_config(run_dir, cfg)
-        metrics_log = rundir.MetricsLog(run_dir, resumed_at)
-    tracker = Tracker(accelerator, "tensorboard", flatten(cfg), resumed_at)
-    if resumed_at is None:
-        tracker.text("config", "```\n" + dump_yaml(cfg) + "```", 0)
-    log = IntervalLog(accelerator, tracker, console, guard, metrics=metrics_log, total_steps=total_steps,
-                      steps_per_epoch=steps_per_epoch, nonfinite_before=state["nonfinite_steps"] if resume_from else 0)
-    log.last_checkpoint = checkpointer.last
-    runner = StepRunner(accelerator, model, optimizer, scheduler, guard, geometry.accumulation, cfg.optim.clip_grad)
-    poison_rank = cfg.debug.inject_nonfinite_rank in (None, rank)
+    def forward(self, model, batch):
+        device = self.run.device
+        images = normalize_batch(batch.images.to(device, non_blocking=True), self.data.mean, self.data.std)
+        labels = batch.labels.to(device, non_blocking=True)
+        if self.mix is not None:
+            images, labels = self.mix(images, labels)
+        if self.erase is not None:
+            images = self.erase(images)
+        return self.criterion(model(images), labels), None
 
-    def forward(batch):
-        images = normalize_batch(batch.images.to(accelerator.device, non_blocking=True), mean, std)
-        labels = batch.labels.to(accelerator.device, non_blocking=True)
-        if mix is not None:
-            images, labels = mix(images, labels)
-        if erase is not None:
-            images = erase(images)
-        return criterion(model(images), labels), None
-
-    def save(at_step: int) -> None:
-        log.flush()
-        state = {"step": at_step, "epoch": at_step // steps_per_epoch, "world_size": world, "history": history,
-                 "nonfinite_steps": log.nonfinite_steps(), "protocol": cfg.protocol, "time": time.time()}
-        log.last_checkpoint = checkpointer.save(at_step, state)
-
-    def evaluation_due(at_step: int) -> bool:
-        if at_step == total_steps:
-            return True
-        if cfg.eval_every_steps is not None:
-            return at_step % cfg.eval_every_steps == 0
-        return at_step % steps_per_epoch == 0 and (at_step // steps_per_epoch) % cfg.eval_every == 0
-
-    def evaluate_and_keep_best(at_step: int) -> None:
+    def after_step(self, step: int, model, output) -> bool:
+        if not self.evaluation_due(step):
+            return False
         model.eval()
-        scores = evaluate(accelerator, model, val_loader(), mean, std, val_split.num_samples)
-        epoch_done = at_step / steps_per_epoch
-        history.append({"epoch": round(epoch_done, 2), "step": at_step, "top1": scores["top1"], "top5": scores["top5"],
-                        "count": scores["count"]})
-        tracker.scalars({"eval/top1": scores["top1"], "eval/top5": scores["top5"]}, step=at_step)
-        best = max(history, key=lambda row: row["top1"])
-        console.print(f"step {at_step}/{total_steps} (epoch {epoch_done:.1f}): top-1 {scores['top1']:.2f}  "
-                      f"top-5 {scores['top5']:.2f}  (best {best['top1']:.2f} at step {best['step']})")
-        if best is history[-1]:
-            _save_weights(accelerator, model, run_dir / "best.safetensors")
+        run, data = self.run, self.data
+        scores = evaluate(run.accelerator, model, open_loader(data.val_spec), data.mean, data.std,
+                          data.val_split.num_samples)
+        epoch_done = step / run.schedule.steps_per_epoch
+        self.history.append({"epoch": round(epoch_done, 2), "step": step, "top1": scores["top1"],
+                             "top5": scores["top5"], "count": scores["count"]})
+        run.tracker.scalars({"eval/top1": scores["top1"], "eval/top5": scores["top5"]}, step=step)
+        best = max(self.history, key=lambda row: row["top1"])
+        run.console.print(f"step {step}/{run.schedule.total_steps} (epoch {epoch_done:.1f}): top-1 {scores['top1']:.2f}  "
+                          f"top-5 {scores['top5']:.2f}  (best {best['top1']:.2f} at step {best['step']})")
+        if best is self.history[-1]:
+            _save_weights(run.accelerator, model, run.run_dir / "best.safetensors")
+        return True  # a checkpoint after every evaluation keeps history and best.safetensors in step
 
-    console.start_bar(total_steps, initial=step, desc=cfg.protocol)
-    with guarded_loop(rank, console) as stop:
-        while step < total_steps:
-            epoch, step_in_epoch = divmod(step, steps_per_epoch)
-            model.train()
-            loader = build_loader(
-                shards, split=cfg.data.train_split, batch_size=geometry.per_device_batch, transform=train_transform,
-                training=True, epoch=epoch, seed=cfg.train.seed, rank=rank, world_size=world,
-                num_workers=cfg.data.num_workers, shuffle_buffer=cfg.data.shuffle_buffer, keep_indices=keep,
-                batches_per_epoch=steps_per_epoch * geometry.accumulation,
-                start_batch=step_in_epoch * geometry.accumulation, pin_memory=accelerator.device.type == "cuda",
-                max_skip_fraction=cfg.data.max_skip_fraction,
-            )
-            batches = iter(loader)
-            while step < min(total_steps, (epoch + 1) * steps_per_epoch):
-                poison = poison_rank and step + 1 in cfg.debug.inject_nonfinite_steps
-                loss, grad_norm, _ = runner.run(step, forward, log.timed(batches, geometry.accumulation), poison=poison)
-                step += 1
-                log.add(step, loss, grad_norm, current_lr(optimizer), geometry.per_device_batch * geometry.accumulation)
-                console.update_bar(1)
-                if step % cfg.log.log_every == 0:
-                    log.flush()
-                if control.any(stop.requested):
-                    save(step)
-                    console.close_bar()
-                    console.print(f"stopped by {stop.signal_name or 'a signal to another rank'} at step {step}; "
-                                  "continue with --resume auto")
-                    tracker.close()
-                    return {}
-                if evaluation_due(step):
-                    log.flush()
-                    evaluate_and_keep_best(step)
-                    save(step)
-                    model.train()
-            del batches, loader
-            log.flush()
+    def evaluation_due(self, step: int) -> bool:
+        schedule = self.run.schedule
+        if step == schedule.total_steps:
+            return True
+        if self.cfg.eval_every_steps is not None:
+            return step % self.cfg.eval_every_steps == 0
+        return step % schedule.steps_per_epoch == 0 and (step // schedule.steps_per_epoch) % self.cfg.eval_every == 0
 
-        console.close_bar()
-        best = max(history, key=lambda row: row["top1"])
-        results = _results(cfg, encoder_path, info, best, history[-1], epochs=epochs, started=started,
-                           num_train=num_train, history=history)
-        if accelerator.is_main_process:
-            write_json_atomic(run_dir / "results.json", results)
-        console.print(f"done: best top-1 {best['top1']:.2f} (step {best['step']}), last {history[-1]['top1']:.2f}; "
-                      f"results: {run_dir / 'results.json'}")
-        tracker.close()
+    def state_dict(self) -> dict:
+        return {"history": self.history, "protocol": self.cfg.protocol}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.history = state["history"]
+
+    def finish(self, step: int, model) -> dict:
+        run, data = self.run, self.data
+        best = max(self.history, key=lambda row: row["top1"])
+        results = _results(self.cfg, data.encoder_path, data.info, best, self.history[-1],
+                           epochs=run.schedule.epochs, started=self.started, num_train=data.num_train,
+                           history=self.history)
+        if run.accelerator.is_main_process:
+            atomic_write_json(run.run_dir / "results.json", results)
+        run.console.print(f"done: best top-1 {best['top1']:.2f} (step {best['step']}), last {self.history[-1]['top1']:.2f}; "
+                          f"results: {run.run_dir / 'results.json'}")
         return results
+
+
+def run_dir_for(cfg: FinetuneConfig, config_path: str | None) -> Path:
+    """runs/<run.name>, else runs/<protocol>-<encoder>-f<label fraction>-s<seed>."""
+    if cfg.run.name:
+        return Path(cfg.run.output_dir) / cfg.run.name
+    if cfg.encoder:
+        encoder = Path(cfg.encoder)
+        encoder = encoder.parent.name if encoder.suffix == ".safetensors" else encoder.name
+    else:
+        encoder = cfg.model.name if cfg.protocol == "scratch" and cfg.model.name else "default-mpp"
+    return Path(cfg.run.output_dir) / f"{cfg.protocol}-{encoder}-f{cfg.data.label_fraction:g}-s{cfg.train.seed}"
+
+
+def command(cfg: FinetuneConfig, config_path: str | None, resume: str | None) -> dict:
+    """What `finetune/main.py` runs once its command line is parsed."""
+    return run(cfg, run_dir_for(cfg, config_path), resume=resume)
+
+
+def run(cfg: FinetuneConfig, run_dir: Path, resume: str | None = None, callbacks=()) -> dict:
+    """Run one protocol as `cfg` says, in `run_dir`; returns the results written to results.json."""
+    stage = FinetuneStage(cfg)
+    evaluation = open_run(cfg, run_dir, resume, resumable_keys=stage.resumable_keys, callbacks=callbacks)
+    finished = run_dir / "results.json"
+    if resume is not None and finished.is_file():
+        results = json.loads(finished.read_text())
+        evaluation.console.print(f"{run_dir} is already finished: top-1 {results['best_top1']:.2f}")
+        return results
+    if cfg.protocol == "knn":
+        return run_knn(cfg, evaluation)
+    return train(stage, evaluation) or {}
+
+
+def run_knn(cfg: FinetuneConfig, run: Run) -> dict:
+    """k-NN on frozen features: nothing trains, so no loop; results.json and one TensorBoard point."""
+    from .knn import knn_classify
+
+    started = time.time()
+    data = EvaluationData(cfg, run)
+    run.console.print(data.summary(cfg, run.world))
+    model = build_model(cfg, data.encoder_path, data.manifest.num_classes, data.img_size).to(run.device)
+    encoder = model.encoder
+    metrics = knn_classify(run.accelerator, lambda x: pooled_features(encoder, x, cfg.model.linear_pool),
+                           open_loader(data.train_eval_spec), open_loader(data.val_spec), data.mean, data.std,
+                           data.manifest.num_classes, cfg.knn.k, cfg.knn.temperature,
+                           expected_val=data.val_split.num_samples)
+    results = _results(cfg, data.encoder_path, data.info, metrics, metrics, epochs=0, started=started,
+                       num_train=data.num_train)
+    tracker, _ = run.open_records(None)
+    if run.accelerator.is_main_process:
+        atomic_write_json(run.run_dir / "results.json", results)
+    tracker.scalars({"eval/top1": metrics["top1"], "eval/top5": metrics["top5"]}, step=0)
+    tracker.close()
+    run.console.print(f"knn (k={cfg.knn.k}): top-1 {metrics['top1']:.2f}  top-5 {metrics['top5']:.2f}")
+    return results
+
+
+def _as_tuple(indices) -> tuple[int, ...] | None:
+    return None if indices is None else tuple(int(i) for i in indices)
 
 
 # ----------------------------------------------------------------------------- pieces
@@ -369,9 +337,8 @@ def _save_weights(accelerator, model, path: Path) -> None:
 
     state = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
-        tmp.replace(path)
+        with atomic_file(path) as tmp:
+            save_file({k.replace("_orig_mod.", ""): v.contiguous() for k, v in state.items()}, str(tmp))
 
 
 def _results(cfg, encoder_path, info, best, last, *, epochs, started, num_train, history=None) -> dict:

@@ -34,6 +34,7 @@ from safetensors.torch import load_file, save_file
 from timm.models import VisionTransformer
 
 from vitmpp.common.errors import UserError
+from vitmpp.common.io import atomic_file
 
 from .encoder import create_encoder, encoder_spec, pos_embed_kind, set_sincos_pos_embed, standard_timm_name
 
@@ -66,16 +67,12 @@ def describe_encoder(encoder: VisionTransformer) -> dict:
 
 
 def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    """`write(temporary path)`, renamed over `path` when complete; a failed write is one sentence."""
     try:
-        write(tmp)
-        os.replace(tmp, path)
+        with atomic_file(path) as tmp:
+            write(tmp)
     except OSError as err:
-        tmp.unlink(missing_ok=True)
         raise UserError(f"Could not write {path}: {err.strerror or err}; check the folder is writable and has space.") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def save_encoder(encoder: VisionTransformer, out_dir: str | os.PathLike, *, objective: str | None = None,

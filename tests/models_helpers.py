@@ -2,14 +2,15 @@
 from __future__ import annotations
 
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from vitmpp.models import IMAGENET_MEAN, IMAGENET_STD, create_encoder, create_objective
+from vitmpp.models import create_encoder, create_objective
 
 TINY = "vit_pico_patch4_16"  # 16 px, patch 4 -> 16 patches, width 64, 2 blocks
 TINY_MAE = dict(decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2)
 
 
-def normalise(images01: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
+def normalise(images01: torch.Tensor, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD) -> torch.Tensor:
     """What the loader does: (x - mean) / std per channel."""
     m = torch.tensor(mean).view(1, 3, 1, 1)
     s = torch.tensor(std).view(1, 3, 1, 1)

@@ -18,6 +18,7 @@ from vitmpp.benchmarks.memory import saved_activation_bytes
 from vitmpp.benchmarks.objectives import attention_kernels
 from vitmpp.benchmarks.run_pretrain import InMemoryLoader
 from vitmpp.benchmarks.steps import attention_modules, build_objective, fixed_batch, set_fused_attention
+from vitmpp.models import objective_names
 
 from engine_helpers import env
 
@@ -71,7 +72,7 @@ def test_settings_quick_cpu_are_tiny_and_full_cpu_is_vit_b():
     assert gpu.precision == "bf16" and gpu.compile_modes == (False, True)
 
 
-@pytest.mark.parametrize("name", ["mae", "mpp", "supervised"])
+@pytest.mark.parametrize("name", objective_names())  # every registered objective builds and has its switch
 def test_attention_switch_reaches_every_layer(name):
     model = build_objective(name, "vit_pico_patch4_16", 16, mae_decoder=dict(decoder_embed_dim=32, decoder_depth=1,
                                                                               decoder_num_heads=2)).eval()

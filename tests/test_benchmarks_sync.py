@@ -15,7 +15,9 @@ import torch
 
 from vitmpp.benchmarks.syncs import count_host_syncs
 from vitmpp.common.distributed import make_accelerator
-from vitmpp.common.training import NonFiniteGuard, OptimConfig, StepRunner, build_optimizer, build_scheduler
+from vitmpp.common.loop import StepRunner
+from vitmpp.common.optim import NonFiniteGuard, build_optimizer, build_scheduler
+from vitmpp.common.sections import OptimConfig
 from vitmpp.datasets import normalize_batch
 from vitmpp.models import create_encoder, create_objective
 

@@ -8,6 +8,7 @@ from vitmpp.common import checkpoint as ckpt
 from vitmpp.common import rundir
 from vitmpp.common.config import param
 from vitmpp.common.errors import UserError
+from vitmpp.common.io import atomic_write_json
 
 
 def make_checkpoint(root, step, complete=True):
@@ -15,7 +16,7 @@ def make_checkpoint(root, step, complete=True):
     path.mkdir(parents=True)
     (path / "model.safetensors").write_bytes(b"x")
     if complete:
-        ckpt.write_json_atomic(path / ckpt.STATE_FILE, {"step": step})
+        atomic_write_json(path / ckpt.STATE_FILE, {"step": step})
     return path
 
 
@@ -33,7 +34,7 @@ def test_finalize_and_prune_keep_newest(tmp_path):
     for step in (1, 2, 3):
         partial = ckpt.partial_dir(tmp_path, step)
         partial.mkdir()
-        ckpt.write_json_atomic(partial / ckpt.STATE_FILE, {"step": step})
+        atomic_write_json(partial / ckpt.STATE_FILE, {"step": step})
         ckpt.finalize(partial, tmp_path / ckpt.checkpoint_name(step))
         ckpt.prune(tmp_path, keep_last=2)
     assert [ckpt.checkpoint_step(p) for p in ckpt.list_checkpoints(tmp_path)] == [2, 3]
@@ -44,7 +45,7 @@ def test_finalize_replaces_same_step_only_when_new_is_complete(tmp_path):
     old = make_checkpoint(tmp_path, 5)
     partial = ckpt.partial_dir(tmp_path, 5)
     partial.mkdir()
-    ckpt.write_json_atomic(partial / ckpt.STATE_FILE, {"step": 5, "new": True})
+    atomic_write_json(partial / ckpt.STATE_FILE, {"step": 5, "new": True})
     ckpt.finalize(partial, old)
     assert json.loads((old / ckpt.STATE_FILE).read_text())["new"] is True
 

@@ -35,7 +35,8 @@ def test_heads_start_at_zero():
 
 
 def test_layer_decay_scales():
-    from vitmpp.common.training import OptimConfig, build_optimizer
+    from vitmpp.common.optim import build_optimizer
+    from vitmpp.common.sections import OptimConfig
     from vitmpp.finetune.heads import make_classifier
     from vitmpp.models import create_encoder
 

@@ -35,7 +35,7 @@ def test_a_killed_write_leaves_no_complete_looking_folder(tmp_path):
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:  # wait until a few shards have been written
-            partial = [p for p in tmp_path.iterdir() if ".partial-" in p.name]
+            partial = [p for p in tmp_path.iterdir() if p.name.endswith(".partial")]  # common.io.atomic_dir
             if partial and len(list(partial[0].glob("*.tar"))) >= 3:
                 break
             assert proc.poll() is None, proc.stderr.read().decode()

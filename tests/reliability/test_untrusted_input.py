@@ -13,6 +13,7 @@ from datasets_helpers import MarkerPickle
 from engine_helpers import TINY, python_cmd, run
 from vitmpp.common.config import schema_keys
 from vitmpp.finetune.config import FinetuneConfig
+from vitmpp.models.objective import objective_names
 from vitmpp.pretrain.config import PretrainConfig
 
 
@@ -67,7 +68,14 @@ def cases(schema):
     return st.sampled_from(keys).flatmap(lambda kt: wrong_value_for(kt[1], kt[2]).map(lambda v: f"{kt[0]}={v}"))
 
 
-ENTRY_POINTS = {"pretrain": PretrainConfig, "finetune": FinetuneConfig}
+ENTRY_POINTS = {"pretrain": PretrainConfig.resolve_schema({}), "finetune": FinetuneConfig}
+
+
+def stage_schemas(stage):
+    """(overrides that select it, schema): pretraining has one schema per objective (its own section)."""
+    if stage == "finetune":
+        return [([], FinetuneConfig)]
+    return [([f"objective={name}"], PretrainConfig.resolve_schema({"objective": name})) for name in objective_names()]
 
 
 def entry(name):
@@ -94,8 +102,9 @@ def test_unknown_keys(stage, key, value, capsys):
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_wrong_types(stage, data, capsys):
-    override = data.draw(cases(ENTRY_POINTS[stage]))
-    line = call_entry_point(entry(stage), [override], capsys)
+    select, schema = data.draw(st.sampled_from(stage_schemas(stage)))
+    override = data.draw(cases(schema))
+    line = call_entry_point(entry(stage), select + [override], capsys)
     assert f"'{override.split('=')[0]}" in line
 
 
@@ -103,9 +112,11 @@ def test_wrong_types(stage, data, capsys):
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(override=st.one_of(
     st.sampled_from(["train.global_batch", "train.steps", "model.img_size", "log.log_every", "data.shuffle_buffer",
-                     "mae.decoder_depth", "log.keep_checkpoints"]).flatmap(
+                     "log.keep_checkpoints"]).flatmap(
         lambda k: st.integers(-1000, 0).map(lambda v: f"{k}={v}")),
-    st.floats(1.0, 100.0).map(lambda v: f"mae.mask_ratio={v}"),
+    # an objective's section exists only with that objective
+    st.integers(-1000, 0).map(lambda v: f"objective=mae mae.decoder_depth={v}"),
+    st.floats(1.0, 100.0).map(lambda v: f"objective=mae mae.mask_ratio={v}"),
     st.floats(1.0, 100.0).map(lambda v: f"mpp.corrupt_ratio={v}"),
     st.floats(-10.0, 0.0).map(lambda v: f"optim.lr={v}"),
     st.sampled_from([(32, 5), (32, 3), (30, 4), (224, 15), (48, 32)]).map(

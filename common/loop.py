@@ -1,0 +1,483 @@
+"""The one training loop every stage runs (pretraining, linear probe, fine-tuning, scratch).
+
+    open_run ─ Accelerate, seed, run folder checks, resume point
+       │
+    stage.setup ─> Plan(model, optimizer, loader spec, training samples)
+       │
+    schedule, prepare (DDP/FSDP), guard, checkpointer; restore a checkpoint
+       │
+    for each step:  micro-batches ─ stage.forward ─> loss ─ backward ─ clip ─ agree finite ─ optimizer step
+       │            interval log │ stage.after_step (pictures, evaluation) │ stop request? │ checkpoint
+       ▼
+    final checkpoint ─ stage.finish (export, results)
+
+A stage supplies only what is its own through the `Stage` methods; everything a
+run promises (exact resume, stop requests, non-finite skips, atomic checkpoints,
+interval logging, progress) is written once, here. The loop knows the data only by
+the loader contract (`vitmpp.datasets.spec`): the stage hands it a spec and the
+function that opens it, so `common` never imports a layer above it. `Callback`s observe the loop
+through public hooks: fault injection (`vitmpp.common.faults`) and benchmark
+instrumentation use them, so nothing needs monkeypatching.
+"""
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+
+from . import rundir
+from .checkpoint import Checkpointer
+from .config import dump_yaml, flatten, to_dict
+from .console import Console, quiet_libraries
+from .distributed import ControlPlane, StopSignal, explain_failure, make_accelerator
+from .optim import NonFiniteGuard, Schedule, batch_geometry, build_scheduler, current_lr, make_schedule, peak_lr
+from .tracking import IntervalLog, Tracker, peak_flops
+
+# ----------------------------------------------------------------------------- hooks
+
+
+class Callback:
+    """Public hooks into the loop; every default does nothing. Override what you need."""
+
+    def on_loader_spec(self, spec):
+        """The training loader's spec before each epoch's loader is opened; return it (or a changed copy)."""
+        return spec
+
+    def on_loader(self, loader, spec, epoch: int, start_batch: int):
+        """Each epoch's loader; return it, or a stand-in that keeps the `vitmpp.datasets.Loader` contract."""
+        return loader
+
+    def on_batch(self, batch) -> None:
+        """Each micro-batch as it leaves the loader (before it moves to the device)."""
+
+    def on_loss(self, step: int, loss: torch.Tensor) -> torch.Tensor:
+        """Each micro-batch's loss before backward, for optimizer step `step + 1`; return it (or another)."""
+        return loss
+
+    def after_step(self, step: int) -> None:
+        """After optimizer step `step` (1-based) and its logging."""
+
+    def stop_reason(self, step: int) -> str | None:
+        """A reason to stop cleanly after step `step` (checkpoint, exit 0), or None."""
+        return None
+
+    def before_checkpoint_commit(self, partial: Path, step: int) -> None:
+        """Inside a checkpoint save: the state is written to `partial`, not yet marked complete."""
+
+    def on_log(self, step: int, scalars: dict[str, float]) -> None:
+        """The scalars of each logging interval, as written to TensorBoard."""
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """Around each phase of the loop: `step` (forward, backward, optimizer), `log` (the interval's host
+        sync), `stage` (Stage.after_step), `checkpoint`, `finish`; a stage may add its own (`pictures`)."""
+        yield
+
+    def on_end(self, run: "Run", model: torch.nn.Module, step: int) -> None:
+        """After the stage finished (not after a stop request)."""
+
+
+class Callbacks(Callback):
+    """Several callbacks called in order: what the loop holds."""
+
+    def __init__(self, callbacks: Sequence[Callback] = ()):
+        self.callbacks = list(callbacks)
+
+    def on_loader_spec(self, spec):
+        for cb in self.callbacks:
+            spec = cb.on_loader_spec(spec)
+        return spec
+
+    def on_loader(self, loader, spec, epoch: int, start_batch: int):
+        for cb in self.callbacks:
+            loader = cb.on_loader(loader, spec, epoch, start_batch)
+        return loader
+
+    def on_batch(self, batch) -> None:
+        for cb in self.callbacks:
+            cb.on_batch(batch)
+
+    def on_loss(self, step: int, loss: torch.Tensor) -> torch.Tensor:
+        for cb in self.callbacks:
+            loss = cb.on_loss(step, loss)
+        return loss
+
+    def after_step(self, step: int) -> None:
+        for cb in self.callbacks:
+            cb.after_step(step)
+
+    def stop_reason(self, step: int) -> str | None:
+        return next((reason for cb in self.callbacks if (reason := cb.stop_reason(step))), None)
+
+    def before_checkpoint_commit(self, partial: Path, step: int) -> None:
+        for cb in self.callbacks:
+            cb.before_checkpoint_commit(partial, step)
+
+    def on_log(self, step: int, scalars: dict[str, float]) -> None:
+        for cb in self.callbacks:
+            cb.on_log(step, scalars)
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        from contextlib import ExitStack
+
+        with ExitStack() as stack:
+            for cb in self.callbacks:
+                stack.enter_context(cb.phase(name))
+            yield
+
+    def on_end(self, run: "Run", model: torch.nn.Module, step: int) -> None:
+        for cb in self.callbacks:
+            cb.on_end(run, model, step)
+
+
+# ----------------------------------------------------------------------------- the run and the stage
+
+
+@dataclass
+class Run:
+    """One run of a stage: its config, folder, processes and console (made by `open_run`)."""
+
+    cfg: Any
+    run_dir: Path
+    accelerator: Any
+    console: Console
+    resume_from: Path | None
+    resume: str | None
+    callbacks: Callbacks = field(default_factory=Callbacks)
+    tracker: Tracker | None = None  # TensorBoard, once the loop (or a stage that trains nothing) opened the records
+    schedule: Schedule | None = None  # the run's length, set by the loop right after `Stage.setup`
+
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index
+
+    @property
+    def world(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    @property
+    def geometry(self):
+        """Per-device batch and accumulation from `train.global_batch` (a one-sentence error if impossible)."""
+        return batch_geometry(self.cfg.train, self.world)
+
+    @property
+    def peak_lr(self) -> float:
+        return peak_lr(self.cfg.optim, self.geometry.global_batch)
+
+    def open_records(self, resumed_at: int | None) -> tuple[Tracker, rundir.MetricsLog | None]:
+        """config.yaml, metrics.jsonl and TensorBoard; on resume, what came after `resumed_at` is dropped."""
+        metrics = None
+        if self.accelerator.is_main_process:
+            rundir.write_config(self.run_dir, self.cfg)
+            metrics = rundir.MetricsLog(self.run_dir, resumed_at)
+        tracker = self.tracker = Tracker(self.accelerator, "tensorboard", flatten(self.cfg), resumed_at)
+        if resumed_at is None:
+            tracker.text("config", "```\n" + dump_yaml(self.cfg) + "```", 0)
+        return tracker, metrics
+
+
+def open_run(cfg, run_dir: Path, resume: str | None, *, resumable_keys: Sequence[str] = (),
+             callbacks: Sequence[Callback] = ()) -> Run:
+    """Accelerate and the seed; refuse to reuse another run's folder; find the checkpoint to resume.
+
+    The loop's callbacks are those `cfg.debug` asks for (fault injection), then `callbacks`."""
+    from accelerate.utils import set_seed
+
+    from .faults import fault_callbacks  # faults are loop callbacks: imported here, not at the top
+
+    quiet_libraries()
+    accelerator = make_accelerator(mixed_precision=cfg.train.mixed_precision, project_dir=run_dir)
+    console = Console(accelerator.is_main_process)
+    set_seed(cfg.train.seed)
+    resume_from = rundir.resolve_resume(run_dir, resume)
+    changed = rundir.check_reuse(run_dir, cfg, resume, ignore=resumable_keys)
+    if changed:
+        console.warn(f"resuming with changed config keys: {', '.join(changed)}")
+    accelerator.wait_for_everyone()
+    return Run(cfg, Path(run_dir), accelerator, console, resume_from, resume,
+               Callbacks([*fault_callbacks(cfg.debug), *callbacks]))
+
+
+@dataclass
+class Plan:
+    """What a stage trains and on what (from `Stage.setup`)."""
+
+    model: torch.nn.Module  # trained as a whole; its forward is the stage's business
+    optimizer: torch.optim.Optimizer  # over `model`'s parameters, at `run.peak_lr`
+    loader: Any  # a `vitmpp.datasets.LoaderSpec` of the training data (the loop fills in batches_per_epoch)
+    open_loader: Callable[..., Any]  # `vitmpp.datasets.open_loader`: (spec, epoch=, start_batch=) -> Loader
+    num_samples: int  # training samples in one epoch (what `train.epochs` counts)
+    description: str  # one line for the start banner, e.g. "pretraining mpp on ... (1438 images)"
+
+
+class Stage:
+    """What a stage plugs into the loop. The loop calls, in this order:
+
+    setup -> (flops_per_image) -> [forward ... after_step] per step -> finish;
+    state_dict on every checkpoint, load_state_dict on resume.
+    """
+
+    name = "train"  # the progress bar's label
+    resumable_keys: tuple[str, ...] = ()  # config keys that may change on --resume
+
+    def setup(self, run: Run) -> Plan:
+        raise NotImplementedError
+
+    def forward(self, model: torch.nn.Module, batch) -> tuple[torch.Tensor, Any]:
+        """One micro-batch (uint8 `Batch` on the host) -> (scalar loss, whatever after_step wants)."""
+        raise NotImplementedError
+
+    def after_step(self, step: int, model: torch.nn.Module, output: Any) -> bool:
+        """Between steps: pictures, evaluation. Return True to write a checkpoint now."""
+        return False
+
+    def finish(self, step: int, model: torch.nn.Module) -> Any:
+        """After the last step and checkpoint: exports and results; the return value is the run's."""
+        return None
+
+    def flops_per_image(self, model: torch.nn.Module) -> float | None:
+        """Training FLOPs per image for MFU (asked only when the device's peak is known)."""
+        return None
+
+    def state_dict(self) -> dict:
+        """The stage's own JSON state, saved with every checkpoint."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what `state_dict` returned (the whole checkpoint state is passed)."""
+
+
+# ----------------------------------------------------------------------------- one optimizer step
+
+
+class StepRunner:
+    """One optimizer step from `accumulation` micro-batches.
+
+    Gradients are all-reduced only on the last micro-batch (`no_sync` before it);
+    the loss is divided by the accumulation so the gradient is the mean over the
+    global batch; the gradient norm is always computed (and clipped when asked);
+    finiteness is agreed across ranks before the step; the learning rate of the
+    step is set from the step number alone. Nothing here synchronises the host.
+    """
+
+    def __init__(self, accelerator, model, optimizer, scheduler, guard: NonFiniteGuard,
+                 accumulation: int, clip_grad: float | None, hooks: Callback | None = None):
+        self.accelerator = accelerator
+        self.model = model
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.guard = guard
+        self.accumulation = accumulation
+        self.clip = clip_grad if clip_grad is not None else float("inf")
+        self.hooks = hooks or Callback()
+
+    def run(self, step: int, forward, micro_batches):
+        """`forward(micro_batch) -> (loss, output)`; returns (step loss, grad norm, last output)."""
+        acc = self.accelerator
+        step_loss = torch.zeros((), device=acc.device)
+        output = None
+        for micro, batch in enumerate(micro_batches):
+            syncing = micro == self.accumulation - 1
+            with nullcontext() if syncing else acc.no_sync(self.model):
+                with acc.autocast():
+                    loss, output = forward(batch)
+                loss = self.hooks.on_loss(step, loss / self.accumulation)
+                acc.backward(loss)
+            step_loss += loss.detach().float()
+        grad_norm = acc.clip_grad_norm_(self.model.parameters(), self.clip)
+        if grad_norm is None:  # some backends return nothing; compute it the plain way
+            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+            grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+        finite = self.guard.agree(step_loss, grad_norm)  # the same decision on every rank
+        self.scheduler.step_update(step)  # the lr of this step is a function of the step alone
+        self.guard.step(self.optimizer, finite)
+        self.optimizer.zero_grad(set_to_none=True)
+        return step_loss, grad_norm.detach().float(), output
+
+
+@contextmanager
+def guarded_loop(rank: int, console: Console):
+    """Around a training loop: stop signals are remembered (not fatal), torch's cryptic
+    failures (a dead loader worker, a lost peer) become one-sentence errors, and the
+    progress bar is closed whatever happens. Yields the `StopSignal` to poll."""
+    stop = StopSignal().install()
+    try:
+        yield stop
+    except RuntimeError as err:
+        explained = explain_failure(err, rank)
+        if explained is None:
+            raise
+        raise explained from None
+    finally:
+        stop.uninstall()
+        console.close_bar()
+
+
+def config_fingerprint(cfg: Any) -> str:
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def train(stage: Stage, run: Run) -> Any:
+    """Run `stage` to the end (returns `stage.finish(...)`) or to a stop request (returns None)."""
+    return Loop(stage, run).fit()
+
+
+class Loop:
+    """One run of a stage through the loop. `__init__` prepares everything (and restores a
+    checkpoint); `fit` is the loop itself. The attributes are the run's state: `step` (optimizer
+    steps done), `loader` (this epoch's), `skipped_before` (samples skipped in earlier epochs)."""
+
+    def __init__(self, stage: Stage, run: Run):
+        cfg, acc = run.cfg, run.accelerator
+        self.stage, self.run, self.cfg, self.hooks, self.console = stage, run, cfg, run.callbacks, run.console
+        self.geometry = geometry = run.geometry
+        self.plan = plan = stage.setup(run)
+        self.schedule = run.schedule = make_schedule(cfg.train, cfg.optim, plan.num_samples, geometry.global_batch)
+        scheduler = build_scheduler(plan.optimizer, cfg.optim, self.schedule.total_steps, self.schedule.warmup_steps)
+        peak = peak_flops(cfg.train.peak_tflops)
+        flops = stage.flops_per_image(plan.model) if peak else None
+        model = torch.compile(plan.model) if cfg.train.compile else plan.model
+        self.model, self.optimizer = acc.prepare(model, plan.optimizer)
+        self.control = ControlPlane(acc)
+        self.checkpointer = Checkpointer(acc, run.run_dir, cfg.log.keep_checkpoints, self.control, self.hooks)
+        self.guard = NonFiniteGuard(acc, self.optimizer, cfg.train.max_nonfinite_steps)
+        self.runner = StepRunner(acc, self.model, self.optimizer, scheduler, self.guard, geometry.accumulation,
+                                 cfg.optim.clip_grad, self.hooks)
+
+        # fresh or resumed: model, optimizer and RNGs from Accelerate's state, the rest from our JSON
+        self.step, self.skipped_before, nonfinite_before, self.loader, self.output = 0, 0, 0, None, None
+        if run.resume_from is not None:
+            state = self.checkpointer.load(run.resume_from)
+            self.step, self.skipped_before, nonfinite_before = state["step"], state["skipped_samples"], state["nonfinite_steps"]
+            stage.load_state_dict(state)
+            self.console.print(f"resumed from {run.resume_from} at step {self.step}")
+        elif run.resume is not None:
+            self.console.print(f"no checkpoint in {rundir.checkpoints_dir(run.run_dir)}; starting from step 0")
+        # a resumed run drops what the interrupted attempt logged after its checkpoint (all of it, without one)
+        self.tracker, metrics = run.open_records(self.step if run.resume is not None else None)
+        self.log = IntervalLog(acc, self.tracker, self.console, self.guard, metrics=metrics,
+                               total_steps=self.schedule.total_steps, steps_per_epoch=self.schedule.steps_per_epoch,
+                               flops_per_image=flops, peak=peak, nonfinite_before=nonfinite_before)
+        self.log.last_checkpoint = self.checkpointer.last
+        self.console.print(
+            f"{plan.description}: {run.world} process(es) x {geometry.per_device_batch} images x "
+            f"{geometry.accumulation} accumulation = global batch {geometry.global_batch}; "
+            f"{self.schedule.total_steps} steps ({self.schedule.steps_per_epoch}/epoch), peak lr "
+            f"{self.schedule.peak_lr:.3g}, precision {acc.mixed_precision}, device {run.device}")
+        self.console.print(f"run directory: {run.run_dir}    watch: tensorboard --logdir {run.run_dir}")
+
+    def fit(self) -> Any:
+        cfg, schedule, hooks = self.cfg, self.schedule, self.hooks
+        self.console.start_bar(schedule.total_steps, initial=self.step, desc=self.stage.name)
+        with guarded_loop(self.run.rank, self.console) as stop:
+            while self.step < schedule.total_steps:
+                batches = self.open_epoch()
+                epoch_end = min(schedule.total_steps, (self.step // schedule.steps_per_epoch + 1) * schedule.steps_per_epoch)
+                while self.step < epoch_end:
+                    self.train_step(batches)
+                    if self.step % cfg.log.log_every == 0:
+                        self.flush_log()
+                    with hooks.phase("stage"):
+                        checkpoint_now = self.stage.after_step(self.step, self.model, self.output)
+                    hooks.after_step(self.step)
+
+                    reason = stop.signal_name if stop.requested else hooks.stop_reason(self.step)
+                    if self.control.any(reason is not None):  # every rank stops at the same step
+                        return self.stop(reason or "a signal to another rank")
+                    if checkpoint_now or (self.step % cfg.log.checkpoint_every == 0 and self.step < schedule.total_steps):
+                        self.save(periodic=True)
+                self.skipped_before, self.loader = self.skipped_samples(), None
+                del batches  # the epoch's workers end before the next epoch's start
+
+            if self.checkpointer.last is None or self.checkpointer.last.name != f"step-{self.step:07d}":
+                self.save()
+            self.flush_log()
+            self.console.close_bar()
+            with hooks.phase("finish"):
+                result = self.stage.finish(self.step, self.model)
+            hooks.on_end(self.run, self.model, self.step)
+            self.tracker.close()
+            return result
+
+    def open_epoch(self):
+        """This epoch's loader, from the batch the current step starts at; returns its iterator."""
+        accumulation, steps_per_epoch = self.geometry.accumulation, self.schedule.steps_per_epoch
+        epoch, step_in_epoch = divmod(self.step, steps_per_epoch)
+        spec = self.hooks.on_loader_spec(replace(self.plan.loader, batches_per_epoch=steps_per_epoch * accumulation))
+        start_batch = step_in_epoch * accumulation
+        loader = self.plan.open_loader(spec, epoch=epoch, start_batch=start_batch)
+        self.loader = self.hooks.on_loader(loader, spec, epoch, start_batch)
+        return iter(self.loader)
+
+    def train_step(self, batches) -> None:
+        """One optimizer step from the next `accumulation` micro-batches; values stay on the device."""
+        def micro_batches():
+            for batch in self.log.timed(batches, self.geometry.accumulation):
+                self.hooks.on_batch(batch)
+                yield batch
+
+        model = self.model
+        model.train()  # every step: a stage's evaluation in after_step leaves it in eval mode
+        with self.hooks.phase("step"):
+            loss, grad_norm, self.output = self.runner.run(
+                self.step, lambda batch: self.stage.forward(model, batch), micro_batches())
+        self.step += 1
+        self.log.add(self.step, loss, grad_norm, current_lr(self.optimizer),
+                     self.geometry.per_device_batch * self.geometry.accumulation)
+        self.console.update_bar(1)
+
+    def skipped_samples(self) -> int:
+        # the loader counts this epoch from its start batch; earlier epochs are in skipped_before
+        return self.skipped_before + (self.loader.skipped_samples if self.loader is not None else 0)
+
+    def flush_log(self) -> None:
+        """The interval's one host sync: console line, TensorBoard scalars, metrics.jsonl rows."""
+        with self.hooks.phase("log"):
+            scalars = self.log.flush({"data/skipped_samples": self.skipped_samples()})
+        if scalars is not None:
+            self.hooks.on_log(self.step, scalars)
+
+    def save(self, periodic: bool = False) -> Path | None:
+        """A checkpoint of this step (Accelerate's state + ours); a periodic one is skipped
+        inside a run of non-finite steps, so the newest checkpoint is always a good one."""
+        with self.hooks.phase("checkpoint"):
+            self.flush_log()
+            if periodic and self.guard.read()[1] > 0:
+                self.console.warn(f"step {self.step}: not saving a checkpoint during a run of non-finite steps")
+                return None
+            steps_per_epoch, geometry = self.schedule.steps_per_epoch, self.geometry
+            state = {
+                "step": self.step, "epoch": self.step // steps_per_epoch,
+                "batch_in_epoch": (self.step % steps_per_epoch) * geometry.accumulation,
+                "world_size": self.run.world, "global_batch": geometry.global_batch,
+                "per_device_batch": geometry.per_device_batch, "accumulation": geometry.accumulation,
+                "skipped_samples": self.skipped_samples(), "nonfinite_steps": self.log.nonfinite_steps(),
+                "config_fingerprint": config_fingerprint(self.cfg), "stage": self.stage.name, "time": time.time(),
+                **self.stage.state_dict(),
+            }
+            path = self.log.last_checkpoint = self.checkpointer.save(self.step, state)
+            self.tracker.flush()
+            return path
+
+    def stop(self, reason: str) -> None:
+        """A stop request (a signal, `debug.stop_at_step`): checkpoint this step and return."""
+        path = self.save()
+        self.console.close_bar()
+        self.console.print(f"stopped by {reason} at step {self.step}; checkpoint {path}; continue with --resume auto")
+        self.tracker.close()
+        return None

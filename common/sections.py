@@ -1,0 +1,118 @@
+"""Config sections every training stage shares (the loop reads them).
+
+A stage's schema (`PretrainConfig`, `FinetuneConfig`) is a dataclass made of these
+sections plus its own; the stage sets its defaults through the section factories,
+so `--help-config` and a no-argument run show the same values.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from .config import param
+from .errors import ConfigError
+
+
+@dataclass
+class OptimConfig:
+    __alternatives__ = (("lr", "base_lr"), ("warmup_steps", "warmup_epochs"))
+    name: str = param("adamw", help="timm optimizer name (adam, adamw, lamb, lars, sgd, ...)")
+    lr: Optional[float] = param(None, gt=0, help="absolute peak learning rate; when null, base_lr x global_batch / base_batch")
+    base_lr: Optional[float] = param(1.5e-4, gt=0, help="peak learning rate at a global batch of base_batch (linear scaling rule)")
+    base_batch: int = param(256, ge=1, help="global batch that base_lr refers to")
+    min_lr: float = param(0.0, ge=0, help="learning rate at the end of the cosine decay")
+    weight_decay: float = param(0.05, ge=0, help="decoupled weight decay (not applied to biases, norms, position embeddings, tokens)")
+    betas: tuple[float, float] = param((0.9, 0.95), help="Adam betas")
+    eps: float = param(1e-8, gt=0)
+    momentum: float = param(0.9, ge=0, lt=1, help="momentum for sgd/lars")
+    warmup_steps: Optional[int] = param(None, ge=0, help="linear warmup length in optimizer steps")
+    warmup_epochs: Optional[float] = param(None, ge=0, help="linear warmup length in epochs (used when warmup_steps is null)")
+    clip_grad: Optional[float] = param(None, gt=0, help="clip the global gradient norm to this value")
+    layer_decay: Optional[float] = param(None, gt=0, le=1, help="layer-wise lr decay (fine-tuning)")
+
+    def check(self) -> None:
+        import timm.optim
+
+        known = timm.optim.list_optimizers()
+        if self.name.lower() not in known:
+            import difflib
+
+            hint = difflib.get_close_matches(self.name.lower(), known, n=1)
+            tail = f"; did you mean '{hint[0]}'?" if hint else "; see timm.optim.list_optimizers()."
+            raise ConfigError(f"Key 'optim.name' must be one of timm's optimizers, got '{self.name}'{tail}")
+        if (self.lr is None) == (self.base_lr is None):
+            raise ConfigError("Set exactly one of 'optim.lr' (absolute) and 'optim.base_lr' (scaled by the global batch).")
+        if self.warmup_steps is not None and self.warmup_epochs is not None:
+            raise ConfigError("Keys 'optim.warmup_steps' and 'optim.warmup_epochs' are both set; set only one.")
+
+
+@dataclass
+class TrainConfig:
+    __alternatives__ = (("steps", "epochs"),)
+    global_batch: int = param(128, ge=1, help="images per optimizer step over all processes")
+    per_device_batch: Optional[int] = param(None, ge=1, help="images per process per forward; accumulation makes up the rest (null: global_batch / processes)")
+    steps: Optional[int] = param(None, ge=1, help="training length in optimizer steps (or give epochs)")
+    epochs: Optional[float] = param(None, gt=0, help="training length in epochs of the training split")
+    seed: int = param(0, ge=0)
+    mixed_precision: str = param("auto", choices=("auto", "no", "bf16", "fp16"), help="auto: bf16 on GPU, fp32 on CPU")
+    compile: bool = param(False, help="torch.compile the model")
+    max_nonfinite_steps: int = param(5, ge=1, help="stop after this many consecutive steps with a non-finite loss or gradient")
+    peak_tflops: Optional[float] = param(None, gt=0, help="device peak (dense bf16 TFLOP/s) for MFU; null: looked up from the GPU name")
+
+    def check(self) -> None:
+        if self.steps is None and self.epochs is None:
+            raise ConfigError("Set the training length with 'train.steps' or 'train.epochs'.")
+        if self.steps is not None and self.epochs is not None:
+            raise ConfigError("Keys 'train.steps' and 'train.epochs' are both set; set only one.")
+
+
+@dataclass
+class LogConfig:
+    log_every: int = param(10, ge=1, help="steps between console lines, TensorBoard scalars and metrics.jsonl rows")
+    checkpoint_every: int = param(500, ge=1, help="steps between checkpoints (one is always written at the end)")
+    keep_checkpoints: int = param(2, ge=1, help="how many recent checkpoints to keep")
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = param("runs", help="parent folder of run directories")
+    name: Optional[str] = param(None, help="run directory name (default: the config file's stem)")
+
+
+@dataclass
+class DebugConfig:
+    """Fault injection for the reliability tests; leave empty in real runs.
+
+    Read by `vitmpp.common.faults.fault_callbacks`, which turns each key into a loop
+    callback: the loop and its parts carry no fault parameters of their own."""
+
+    inject_nonfinite_steps: list[int] = param(default_factory=list, help="optimizer steps whose loss is made NaN")
+    inject_nonfinite_rank: Optional[int] = param(None, ge=0, help="only on this rank (null: every rank)")
+    checkpoint_delay_s: float = param(0.0, ge=0, help="sleep inside checkpoint saves (to test kills during a save)")
+    step_delay_s: float = param(0.0, ge=0, help="sleep after every step (to give signal tests time)")
+    stop_at_step: Optional[int] = param(None, ge=1, help="behave as if preempted after this step (checkpoint, exit 0)")
+    record_samples: bool = param(False, help="write each rank's sample indices and final weight checksum to debug-rank<r>.json")
+    checkpoint_disk_full_at_step: Optional[int] = param(None, ge=1, help="the checkpoint save of this step fails with ENOSPC")
+    kill_worker_after_samples: Optional[int] = param(None, ge=0, help="data-loading workers exit hard after transforming this many samples")
+
+
+@dataclass
+class DataConfig:
+    """What to read and how to augment it for training; the fields every stage shares."""
+
+    shards: Optional[str] = param(None, help="folder with _info.json, or a shard pattern; null: the embedded digits data (written to the cache on first use)")
+    train_split: str = param("train")
+    num_workers: int = param(2, ge=0, help="data-loading worker processes per training process")
+    shuffle_buffer: int = param(1000, ge=1, help="samples in each worker's shuffle buffer")
+    crop_scale: tuple[float, float] = param((0.2, 1.0), help="RandomResizedCrop area range for training (MAE: 0.2-1.0)")
+    hflip: float = param(0.5, ge=0, le=1, help="horizontal flip probability for training")
+    interpolation: str = param("bicubic", choices=("bicubic", "bilinear", "nearest"))
+    max_skip_fraction: float = param(0.1, ge=0, le=1, help="abort when more than this fraction of samples fail to decode")
+
+    def check(self) -> None:
+        lo, hi = self.crop_scale
+        if not 0 < lo <= hi <= 1:
+            raise ConfigError(f"Key 'data.crop_scale' must be two numbers 0 < lo <= hi <= 1, got {list(self.crop_scale)}.")
+        std = getattr(self, "std", None)  # each stage adds its mean/std (fixed, or null: the encoder's)
+        if std is not None and any(s <= 0 for s in std):
+            raise ConfigError(f"Key 'data.std' must be positive, got {list(std)}.")
