@@ -15,7 +15,8 @@
 # --main_process_port come from SLURM_NNODES, SLURM_NODEID, SLURM_JOB_NODELIST and
 # MASTER_PORT (default 29500). Run one launch.sh per node (`srun --ntasks-per-node=1`).
 # SIGTERM/SIGUSR1 to this script reach the training processes, which save a checkpoint
-# at the next step and exit 0; rerun with --resume auto.
+# at the next step and exit 0; rerun with --resume auto. Ctrl-C does the same and exits
+# 130; a second Ctrl-C stops at once (only the steps since the last checkpoint are lost).
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -80,12 +81,42 @@ accelerate_flags() {
   return 0
 }
 
+# The command runs in a process group of its own (set -m), so Ctrl-C, which a terminal sends
+# to its foreground group, reaches this script alone, and the script decides who hears it.
+# Under `accelerate launch` that is the training processes, never the launcher: Accelerate's
+# and torch's elastic launchers answer a signal, or a rank that exits non-zero, with a traceback
+# of their own (`--quiet` silences only the one-process launcher's, and then exits 1).
 child_pid=""
+child_is_launcher=0
+interrupts=0
+
 forward_signal() {
   # Pass the signal to the training processes (children of `accelerate launch`),
   # not to the launcher itself: they checkpoint and exit 0, and so does it.
   if [[ -n "$child_pid" ]]; then
     pkill "-$1" -P "$child_pid" 2>/dev/null || kill "-$1" "$child_pid" 2>/dev/null || true
+  fi
+}
+
+on_interrupt() {
+  interrupts=$((interrupts + 1))
+  if [[ "$child_is_launcher" -eq 0 ]]; then
+    kill -INT -- "-$child_pid" 2>/dev/null || true  # the command's whole group, as the terminal would
+  elif [[ "$interrupts" -eq 1 ]]; then
+    # SIGTERM, not SIGINT: the same checkpoint and stop, but the ranks exit 0, so the launcher stays quiet
+    echo "interrupted: stopping with a checkpoint after this step; press Ctrl-C again to stop at once" \
+         "and lose the steps since the last checkpoint" >&2
+    forward_signal TERM
+  else
+    # every process at once, the launcher first (it would report the others' deaths); under torchrun
+    # each rank leads a process group with its data-loading workers, a single rank shares the launcher's
+    local ranks pid
+    ranks="$(pgrep -P "$child_pid" || true)"
+    kill -KILL -- "-$child_pid" 2>/dev/null || true
+    for pid in $ranks; do
+      kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null || true
+    done
+    echo "stopped at once; the steps since the last checkpoint are lost; continue with --resume auto" >&2
   fi
 }
 
@@ -95,19 +126,26 @@ run() {
     printf '\n'
     return 0
   fi
+  set -m
   "$@" &
   child_pid=$!
+  set +m
   trap 'forward_signal TERM' TERM
   trap 'forward_signal USR1' USR1
+  trap 'on_interrupt' INT
   local status=0
   while true; do
-    wait "$child_pid" && status=0 || status=$?
+    # (2>/dev/null: no "Killed" notice from bash for the processes a second Ctrl-C ends)
+    wait "$child_pid" 2>/dev/null && status=0 || status=$?
     # `wait` returns early (status > 128) when a trapped signal arrives: keep waiting
     if ! kill -0 "$child_pid" 2>/dev/null; then
       break
     fi
   done
-  trap - TERM USR1
+  trap - TERM USR1 INT
+  if [[ "$interrupts" -gt 0 && "$child_is_launcher" -eq 1 ]]; then
+    exit 130
+  fi
   return "$status"
 }
 
@@ -115,7 +153,9 @@ launch() {
   local script="$1"
   shift
   accelerate_flags
+  child_is_launcher=1
   run accelerate launch --quiet "${flags[@]}" "$script" "$@"
+  child_is_launcher=0
 }
 
 with_config() {

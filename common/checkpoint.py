@@ -4,16 +4,31 @@ Layout of a run's `checkpoints/` folder::
 
     step-0000500/            complete: renamed into place after every file was written
         model.safetensors, optimizer.bin, random_states_0.pkl, ...   (Accelerate's save_state)
-        trainer_state.json   (ours: step, epoch, data position, counters; written last)
+        trainer_state.json   (ours: step, epoch, data position, counters, and the size and
+                              sha256 of every other file; written last)
     .step-0001000.partial/   a save in progress, or one a crash interrupted: never read
+    step-0000400.damaged/    a checkpoint that failed verification, set aside by --resume auto
 
 A save writes into the `.partial` folder, then the main process renames it to
 `step-XXXXXXX`, so a crash at any moment leaves the previous checkpoint intact.
 Old checkpoints are deleted only after the new one is complete (Accelerate's
 `total_limit` deletes before it writes, which can leave nothing after a crash).
+A write the storage refuses (a full disk, a quota, an I/O error, a read-only
+remount), whatever the library doing it raised, stops every rank with one sentence
+and removes the `.partial` folder.
+
+Resuming verifies every file against the size and checksum recorded when it was
+written, so bit rot, a truncated copy or a file lost in transfer is found before
+training continues on it. sha256 rather than a faster non-cryptographic hash: with
+the CPUs' SHA extensions (x86 SHA-NI, ARMv8 crypto) OpenSSL's sha256 is faster here
+than blake2b (a 350 MB file, the size of ViT-B's weights: 0.23 s vs 0.31 s on an
+AMD EPYC; about 0.7 s for a whole ViT-B checkpoint with its optimizer state, at each
+save and once at resume), and `sha256sum` checks a file by hand. A checkpoint written
+before checksums existed still loads, with a warning that it cannot be verified.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -21,9 +36,11 @@ import shutil
 from pathlib import Path
 
 from .errors import UserError
-from .io import atomic_write_json, replace_dir
+from .io import atomic_write_json, replace_dir, write_failure
 
 STATE_FILE = "trainer_state.json"
+FILES_KEY = "files"  # in the trainer state: {relative path: {"bytes": size, "sha256": hex digest}}
+CHECKSUM = "sha256"
 _NAME = re.compile(r"^step-(\d{7,})$")
 
 
@@ -64,6 +81,89 @@ def checkpoint_step(path: Path) -> int:
 def read_state(path: str | os.PathLike) -> dict:
     with open(Path(path) / STATE_FILE) as handle:
         return json.load(handle)
+
+
+def step_folders(root: str | os.PathLike) -> list[Path]:
+    """Every `step-XXXXXXX` folder under `root`, complete or not, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted((p for p in root.iterdir() if p.is_dir() and _NAME.match(p.name)), key=checkpoint_step)
+
+
+def file_checksums(folder: Path) -> dict[str, dict]:
+    """The size and sha256 of every file in a checkpoint folder but the trainer state (which holds them)."""
+    found = {}
+    for path in sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.name != STATE_FILE):
+        with open(path, "rb") as handle:
+            digest = hashlib.file_digest(handle, CHECKSUM).hexdigest()
+        found[path.relative_to(folder).as_posix()] = {"bytes": path.stat().st_size, CHECKSUM: digest}
+    return found
+
+
+def is_verifiable(path: Path) -> bool:
+    """Whether a complete checkpoint records its files' checksums (those written before checksums did not)."""
+    try:
+        return FILES_KEY in read_state(path)
+    except (OSError, ValueError):
+        return False
+
+
+_INTACT: dict[Path, tuple] = {}  # checkpoints this process verified -> their files' (name, size, mtime) then
+
+
+def damage(path: Path) -> str | None:
+    """What is wrong with checkpoint `path`, as a phrase, or None when every file it recorded is there with the
+    size and checksum it was written with (or when it recorded none: written before checksums existed).
+
+    Reads every file; a checkpoint this process verified before, whose files' sizes and times have
+    not changed since, is not read again (the resume point is checked when chosen and when loaded)."""
+    path = Path(path)
+    if not (path / STATE_FILE).is_file():
+        return f"it has no {STATE_FILE}, so its save never finished"
+    try:
+        files = read_state(path).get(FILES_KEY, {})
+        recorded = {name: (int(entry["bytes"]), str(entry[CHECKSUM])) for name, entry in files.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        return f"its {STATE_FILE} cannot be read ({type(err).__name__}: {err})"
+    seen = _fingerprint(path, recorded)
+    if seen is not None and _INTACT.get(path.resolve()) == seen:
+        return None
+    for name, (size, digest) in sorted(recorded.items()):
+        file = path / name
+        try:
+            actual = file.stat().st_size
+            if actual != size:
+                return f"{name} has {actual} bytes, but {size} were written"
+            with open(file, "rb") as handle:
+                if hashlib.file_digest(handle, CHECKSUM).hexdigest() != digest:
+                    return f"{name} does not match the {CHECKSUM} checksum recorded when it was written"
+        except FileNotFoundError:
+            return f"{name} is missing"
+        except OSError as err:
+            return f"{name} cannot be read ({err.strerror or err})"
+    _INTACT[path.resolve()] = seen
+    return None
+
+
+def _fingerprint(path: Path, names) -> tuple | None:
+    """The (name, size, mtime) of each file: enough to tell one changed since it was verified, without reading it."""
+    try:
+        return tuple((name, (stat := (path / name).stat()).st_size, stat.st_mtime_ns) for name in sorted(names))
+    except OSError:
+        return None
+
+
+def set_aside(path: Path) -> Path:
+    """Rename a damaged checkpoint to `<name>.damaged` (`.damaged-2`, ... if taken): kept for the user,
+    and out of reach of the saves and the pruning of the run that continues without it."""
+    path = Path(path)
+    target, n = path.with_name(f"{path.name}.damaged"), 1
+    while target.exists():
+        n += 1
+        target = path.with_name(f"{path.name}.damaged-{n}")
+    os.replace(path, target)
+    return target
 
 
 def finalize(partial: Path, final: Path) -> None:
@@ -119,31 +219,37 @@ class Checkpointer:
         self.last: Path | None = latest_checkpoint(self.root)
 
     def save(self, step: int, state: dict) -> Path:
+        """Write checkpoint `step`: Accelerate's state on every rank, then (main process) the trainer
+        state with every file's size and checksum, which marks it complete; then rename it into place.
+
+        A write refused on any rank stops every rank after that phase with one sentence; the
+        `.partial` folder is removed and the previous checkpoint is untouched."""
         acc = self.accelerator
         final = self.root / checkpoint_name(step)
         partial = partial_dir(self.root, step)
-        if acc.is_main_process:
+
+        def prepare() -> None:
             self.root.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(partial, ignore_errors=True)
             partial.mkdir()
-        acc.wait_for_everyone()
-        error: OSError | None = None
-        try:
+
+        def write_states() -> None:
             acc.save_state(str(partial), safe_serialization=True)
             if self.hooks is not None:
                 self.hooks.before_checkpoint_commit(partial, step)
-            if acc.is_main_process:
-                atomic_write_json(partial / STATE_FILE, state)  # last: marks the save complete
-        except OSError as err:
-            error = err
-        if self.control.any(error is not None):
-            if acc.is_main_process:
-                shutil.rmtree(partial, ignore_errors=True)
-            reason = f" ({error.strerror or error})" if error is not None else " (on another rank)"
-            kept = f"the previous checkpoint {self.last} is intact" if self.last else "no earlier checkpoint exists"
-            raise UserError(
-                f"Could not write checkpoint {final}{reason}; {kept}; free disk space and rerun with --resume auto."
-            )
+
+        def mark_complete() -> None:  # every rank's files are written: the agreement before it waited for them
+            atomic_write_json(partial / STATE_FILE, {**state, FILES_KEY: file_checksums(partial)})
+
+        for phase, on_every_rank in ((prepare, False), (write_states, True), (mark_complete, False)):
+            error: Exception | None = None
+            if on_every_rank or acc.is_main_process:
+                try:
+                    phase()
+                except Exception as err:  # noqa: BLE001 - libraries raise their own types for a refused write
+                    error = err
+            if self.control.any(error is not None):  # the same decision on every rank, after every rank's phase
+                self._abandon(final, partial, error)
         if acc.is_main_process:
             finalize(partial, final)
             prune(self.root, self.keep_last)
@@ -151,9 +257,30 @@ class Checkpointer:
         self.last = final
         return final
 
+    def _abandon(self, final: Path, partial: Path, error: Exception | None) -> None:
+        """Remove a failed save's `.partial` folder and stop: one sentence for a refused write, the
+        original traceback for anything else (a bug)."""
+        reason = write_failure(error, partial) if error is not None else "on another rank"
+        if self.accelerator.is_main_process:
+            shutil.rmtree(partial, ignore_errors=True)
+        if reason is None:
+            raise error
+        kept = f"the previous checkpoint {self.last} is intact" if self.last else "no earlier checkpoint exists"
+        stopped = UserError(f"Could not write checkpoint {final} ({reason}); {kept}; free disk space and rerun with "
+                            "--resume auto.")
+        stopped.same_on_every_rank = error is None  # a rank that failed says why; the others' line is said once
+        raise stopped from None
+
     def load(self, path: Path) -> dict:
-        """Restore a checkpoint written by a run with the same number of processes."""
+        """Restore a checkpoint written by a run with the same number of processes, once its files
+        match the checksums they were written with (the main process reads them; every rank gets its verdict)."""
         acc = self.accelerator
+        problem = _decided_on_main(acc, lambda: damage(path))
+        if problem is not None:
+            error = UserError(f"Checkpoint {path} is damaged ({problem}); resume from an earlier one with --resume PATH, "
+                              "or with --resume auto, which passes over damaged checkpoints.")
+            error.same_on_every_rank = True
+            raise error
         state = read_state(path)
         saved_world = int(state.get("world_size", acc.num_processes))
         if saved_world != acc.num_processes:
@@ -193,3 +320,26 @@ class Checkpointer:
             raise UserError(f"Could not restore the random state from {rng_file} ({type(err).__name__}); the checkpoint is damaged.") from None
         if not ok:
             raise UserError(f"The random state in {rng_file} was not restored; the checkpoint is damaged or from another setup.")
+
+
+def _decided_on_main(accelerator, decide):
+    """`decide()` run by the main process alone (it reads the files), its answer returned on every rank;
+    should it fail, every other rank stops too instead of waiting for an answer that never comes."""
+    if accelerator.num_processes == 1:
+        return decide()
+    from accelerate.utils import broadcast_object_list
+
+    answer, failure = None, None
+    if accelerator.is_main_process:
+        try:
+            answer = decide()
+        except Exception as err:  # noqa: BLE001 - re-raised below, after the others were told
+            failure = err
+    answer, failed = broadcast_object_list([answer, failure is not None])
+    if failure is not None:
+        raise failure
+    if failed:
+        stopped = UserError("The main process failed while verifying a checkpoint; its message above names the cause.")
+        stopped.same_on_every_rank = True
+        raise stopped
+    return answer

@@ -1,6 +1,6 @@
 """The command line shared by the stage entry points (pretrain/main.py, finetune/main.py):
 
-    [--config FILE] [key=value ...] [--resume auto|PATH] [--print-config] [--help-config]
+    [--config FILE] [key=value ...] [--resume auto|PATH [--allow-changes]] [--print-config] [--help-config]
 
 `parse_stage_command` is the same parsing for code that runs a stage itself (the
 benchmarks, which add their own loop callbacks).
@@ -11,13 +11,16 @@ import argparse
 from typing import Any, Callable
 
 from .config import describe, dump_yaml, load_config
-from .errors import cli_entry
+from .errors import UserError, cli_entry
 
 
 def stage_parser(prog: str, description: str = "", epilog: str = "") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=description, epilog=epilog)
     parser.add_argument("--config", help="YAML recipe (see configs/); default: the embedded digits demo")
     parser.add_argument("--resume", help="'auto' (newest complete checkpoint of this run) or a checkpoint folder")
+    parser.add_argument("--allow-changes", action="store_true",
+                        help="with --resume: continue under changed keys that alter the computation (optimizer, model, "
+                             "data, batch, seeds); the run folder's config-history/ records which steps ran under which")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("--help-config", action="store_true",
                         help="list every config key with the value this command line would use, and exit")
@@ -32,7 +35,8 @@ def parse_stage_command(schema: type, argv: list[str] | None, prog: str = "stage
 
 
 def stage_main(prog: str, doc: str, *, schema: str, command: str, epilog: str) -> Callable[[list[str] | None], Any]:
-    """Build `main(argv)` for a stage: parse, validate the config, then `command(cfg, config_path, resume)`.
+    """Build `main(argv)` for a stage: parse, validate the config, then
+    `command(cfg, config_path, resume, allow_changes=...)`.
 
     `schema` and `command` are "module:name" paths, imported only once the arguments are
     parsed, so `--help` answers without importing torch. `doc`: the entry point's docstring
@@ -49,7 +53,9 @@ def stage_main(prog: str, doc: str, *, schema: str, command: str, epilog: str) -
         if args.print_config:
             print(dump_yaml(cfg), end="")
             return None
-        return _imported(command)(cfg, args.config, args.resume)
+        if args.allow_changes and args.resume is None:
+            raise UserError("--allow-changes continues a run under a changed config; it needs --resume auto (or a checkpoint).")
+        return _imported(command)(cfg, args.config, args.resume, allow_changes=args.allow_changes)
 
     return main
 

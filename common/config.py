@@ -1,10 +1,11 @@
 """Typed configs: a YAML file plus `key.sub=value` overrides, validated into dataclasses.
 
 Every stage describes its whole recipe as a tree of dataclasses (the schema).
-`load_config(Schema, path, overrides)` reads the YAML with `yaml.safe_load` (no
-tags, no code), applies the overrides, and builds the dataclasses, checking every
-key and value on the way. Errors are one sentence that names the key, where it
-came from (file or override), and what is allowed, e.g.::
+`load_config(Schema, path, overrides)` reads the YAML with a bounded `yaml.SafeLoader`
+(no tags, no code; limits on size, nesting and alias expansion: `read_yaml`), applies
+the overrides, and builds the dataclasses, checking every key and value on the way.
+Errors are one sentence that names the key, where it came from (file or override), and
+what is allowed, e.g.::
 
     Unknown key 'optim.lrr' in configs/pretrain/mpp_digits.yaml; did you mean 'optim.lr'?
 
@@ -40,6 +41,7 @@ import io
 import math
 import os
 import re
+import stat
 import types
 import typing
 from pathlib import Path
@@ -79,13 +81,123 @@ def param(
 
 # ----------------------------------------------------------------------------- reading
 
-def read_yaml(path: str | os.PathLike) -> dict:
-    """Read a YAML mapping safely; a missing file or bad YAML is a ConfigError."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"Config file '{path}' does not exist; pass an existing YAML file to --config.")
+# Limits on what a config may be: far above any recipe (those in configs/ are < 4 KB, a few levels
+# deep, with no aliases), far below what makes reading one slow or crash.
+MAX_CONFIG_BYTES = 1 << 20
+MAX_CONFIG_DEPTH = 32
+MAX_CONFIG_VALUES = 100_000
+
+
+class _Refused(yaml.YAMLError):
+    """A YAML document over one of the limits; `problem` is the end of a sentence."""
+
+    def __init__(self, problem: str, mark):
+        super().__init__(problem)
+        self.problem, self.problem_mark = problem, mark
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """`yaml.SafeLoader` that counts while it composes, before anything walks the document.
+
+    A "billion laughs" file (aliases of aliases of collections) is a few hundred bytes and composes
+    in microseconds, because an alias is a shared reference; it explodes only when something
+    walks it (~10^10 values). So every alias is charged the size of what it expands to, and
+    the document is refused once it holds more than MAX_CONFIG_VALUES values, nests deeper
+    than MAX_CONFIG_DEPTH (PyYAML composes recursively: 5,000 levels is a RecursionError),
+    or an alias names a collection that contains it (a structure with no end).
+    """
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self._depth = 0
+        self._values = 0
+        self._expanded: dict[int, int] = {}  # id(node) -> values it stands for, aliases expanded
+
+    def _charge(self, values: int, mark) -> None:
+        self._values += values
+        if self._values > MAX_CONFIG_VALUES:
+            raise _Refused(f"it holds more than {MAX_CONFIG_VALUES:,} values once its aliases (*name) are expanded",
+                           mark)
+
+    def compose_node(self, parent, index):
+        mark = self.peek_event().start_mark
+        if self.check_event(yaml.AliasEvent):
+            node = super().compose_node(parent, index)
+            if id(node) not in self._expanded:
+                raise _Refused("an alias (*name) refers to a collection that contains it", mark)
+            self._charge(self._expanded[id(node)], mark)
+            return node
+        self._depth += 1
+        if self._depth > MAX_CONFIG_DEPTH:
+            raise _Refused(f"it is nested more than {MAX_CONFIG_DEPTH} levels deep", mark)
+        before = self._values
+        self._charge(1, mark)
+        node = super().compose_node(parent, index)
+        self._depth -= 1
+        self._expanded[id(node)] = self._values - before
+        return node
+
+
+def _load_bounded(text: str) -> Any:
+    """`yaml.safe_load` within the limits above (a `yaml.YAMLError` when over one)."""
+    loader = _BoundedLoader(text)
     try:
-        data = yaml.safe_load(path.read_text())
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
+def _read_config_text(path: Path) -> str:
+    """The text of a config file: a regular file (a FIFO would block the read forever) of sane size."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise ConfigError(f"Config file '{path}' does not exist; pass an existing YAML file to --config.") from None
+    except OSError as err:
+        raise ConfigError(f"Config file '{path}' cannot be read ({err.strerror}); pass a readable YAML file.") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise ConfigError(f"Config file '{path}' is {_file_kind(info.st_mode)}, not a regular file; "
+                          "pass a YAML file to --config.")
+    if info.st_size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"Config file '{path}' is {info.st_size:,} bytes, more than the {MAX_CONFIG_BYTES:,} a "
+                          "config may be; pass a YAML recipe (see configs/), not a data file.")
+    try:
+        # O_NONBLOCK: should the path have become a FIFO since the stat, opening it does not wait for a writer
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        with open(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise ConfigError(f"Config file '{path}' is not a regular file; pass a YAML file to --config.")
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+    except OSError as err:
+        raise ConfigError(f"Config file '{path}' cannot be read ({err.strerror}); pass a readable YAML file.") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"Config file '{path}' is more than the {MAX_CONFIG_BYTES:,} bytes a config may be; "
+                          "pass a YAML recipe (see configs/), not a data file.")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"Config file '{path}' is not UTF-8 text (byte {err.start}); pass a YAML file.") from None
+
+
+def _file_kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return kind
+    return "a special file"
+
+
+def read_yaml(path: str | os.PathLike) -> dict:
+    """Read a YAML mapping safely and within bounds (size, nesting, alias expansion); any problem is
+    a one-sentence ConfigError naming the file."""
+    path = Path(path)
+    text = _read_config_text(path)
+    try:
+        data = _load_bounded(text)
+    except _Refused as err:
+        raise ConfigError(f"Config file '{path}' is refused: {err.problem} (line {err.problem_mark.line + 1}); "
+                          "a recipe is a few levels of plain keys and values (see configs/).") from None
     except yaml.YAMLError as err:
         where = ""
         mark = getattr(err, "problem_mark", None)
@@ -93,6 +205,9 @@ def read_yaml(path: str | os.PathLike) -> dict:
             where = f" at line {mark.line + 1}, column {mark.column + 1}"
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
         raise ConfigError(f"Config file '{path}' is not valid YAML{where}: {problem}.") from None
+    except ValueError as err:  # a value Python will not hold, e.g. an integer of 5,000 digits
+        raise ConfigError(f"Config file '{path}' holds a value that cannot be read ({str(err).split(':')[0]}); "
+                          "fix that value.") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -111,8 +226,8 @@ def parse_overrides(overrides: Iterable[str]) -> list[tuple[str, Any]]:
                 f"Override '{text}' is not of the form key=value with a dotted key (e.g. optim.lr=1e-4)."
             )
         try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
+            value = _load_bounded(raw) if raw.strip() else ""
+        except (yaml.YAMLError, ValueError):
             value = raw  # not YAML: keep it as a plain string, the type check decides
         parsed.append((key, value))
     return parsed

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+from contextlib import contextmanager
 from typing import Sequence
 
 import torch
@@ -66,14 +67,17 @@ def all_ranks_min(accelerator, values: torch.Tensor) -> torch.Tensor:
 
 
 class StopSignal:
-    """Remembers SIGTERM/SIGUSR1 (preemption, SLURM's `--signal`) instead of dying.
+    """Remembers SIGTERM/SIGUSR1 (preemption, SLURM's `--signal`) and SIGINT (Ctrl-C) instead of dying.
 
-    The loop checks `requested` at step boundaries, agrees with the other ranks
-    via `ControlPlane.any`, saves one checkpoint and exits 0. A second signal while the
-    first is being handled falls back to the default action (exit at once).
+    The loop checks `requested` at step boundaries, agrees with the other ranks via
+    `ControlPlane.any`, saves one checkpoint and exits: 0 after SIGTERM/SIGUSR1, 130 (what
+    a shell reports for Ctrl-C) after SIGINT, so that a script around the run stops too.
+    The first signal puts back the default action of all three, so a second one (Ctrl-C
+    again) ends the process at once, even in the middle of a long step that runs no
+    Python; only the steps since the last checkpoint are lost.
     """
 
-    SIGNALS: Sequence[int] = (signal.SIGTERM, signal.SIGUSR1)
+    SIGNALS: Sequence[int] = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
     def __init__(self) -> None:
         self.requested = False
@@ -81,12 +85,19 @@ class StopSignal:
         self._previous = {}
 
     def _handle(self, signum, frame) -> None:  # noqa: ARG002
-        if self.requested:
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-            return
         self.requested = True
         self.signal_name = signal.Signals(signum).name
+        for other in self._previous:
+            signal.signal(other, signal.SIG_DFL)
+        if signum == signal.SIGINT and int(os.environ.get("RANK", "0")) == 0:
+            # os.write: print() could be the very call this handler interrupted
+            os.write(2, b"\ninterrupted: stopping with a checkpoint after this step; "
+                        b"press Ctrl-C again to stop at once and lose the steps since the last checkpoint\n")
+
+    @property
+    def interrupted(self) -> bool:
+        """The run was asked to stop by Ctrl-C (SIGINT) rather than by a scheduler."""
+        return self.signal_name == "SIGINT"
 
     def install(self) -> "StopSignal":
         for signum in self.SIGNALS:
@@ -102,6 +113,39 @@ class StopSignal:
         self._previous.clear()
 
 
+@contextmanager
+def no_interrupts_in_children():
+    """Block SIGINT while processes are started here (DataLoader workers): they inherit the mask and
+    never see Ctrl-C, which a terminal sends to the whole process group and torch's elastic agent
+    to the rank's group. A worker that died of it would turn this process's clean stop into a
+    crash. A Ctrl-C that arrives meanwhile is delivered here when the block ends."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def dead_worker_error(rank: int, detail: str):
+    """The one sentence for a DataLoader worker of `rank` that died; `detail` in torch's words
+    ("DataLoader worker (pid N) exited unexpectedly with exit code 1", "... is killed by signal: Killed")."""
+    from .errors import UserError
+
+    # SIGKILL is what the kernel's OOM killer sends; any other death means the worker's own
+    # code failed, and its traceback (printed by the worker) names the cause.
+    cause = ("this is usually the kernel's out-of-memory killer: lower data.num_workers or the batch size"
+             if "signal: Killed" in detail else
+             "the worker's own output above names the cause; fix it")
+    return UserError(f"A data-loading worker of rank {rank} died ({detail}); {cause}, then rerun with --resume auto.")
+
+
+def worker_exit_detail(pid: int, exitcode: int) -> str:
+    """A dead worker's exit status in torch's words (see `dead_worker_error`)."""
+    if exitcode < 0:
+        return f"DataLoader worker (pid {pid}) is killed by signal: {signal.strsignal(-exitcode)}"
+    return f"DataLoader worker (pid {pid}) exited unexpectedly with exit code {exitcode}"
+
+
 def explain_failure(error: BaseException, rank: int):
     """A one-sentence UserError for failures whose torch messages are long and cryptic.
 
@@ -115,14 +159,7 @@ def explain_failure(error: BaseException, rank: int):
     # torch words a dead worker two ways: "... is killed by signal: Killed." from its SIGCHLD
     # handler, "... exited unexpectedly ..." when the batch queue finds the worker gone.
     if "DataLoader worker" in text and ("exited unexpectedly" in text or "killed by signal" in text):
-        detail = text.split(". ")[0]
-        # SIGKILL is what the kernel's OOM killer sends; any other death means the worker's own
-        # code failed, and its traceback (printed by the worker) names the cause.
-        cause = ("this is usually the kernel's out-of-memory killer: lower data.num_workers or the batch size"
-                 if "signal: Killed" in text else
-                 "the worker's own output above names the cause; fix it")
-        return UserError(f"A data-loading worker of rank {rank} died ({detail}); {cause}, "
-                         "then rerun with --resume auto.")
+        return dead_worker_error(rank, text.split(". ")[0])
     if "Connection closed by peer" in text or "Connection reset by peer" in text or "NCCL communicator was aborted" in text:
         return UserError(f"Rank {rank} lost contact with another process of this run, which failed first; "
                          "its message above names the cause.")

@@ -12,6 +12,7 @@ import sys
 from typing import Callable, TypeVar
 
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130  # what a shell reports for Ctrl-C (128 + SIGINT)
 
 F = TypeVar("F", bound=Callable[..., object])
 
@@ -32,6 +33,14 @@ class ConfigError(UserError, ValueError):
     same_on_every_rank = True
 
 
+class Interrupted(SystemExit):
+    """Ctrl-C stopped the run cleanly (its checkpoint is written): exit 130 like a Ctrl-C, with no
+    traceback, so that a script or scheduler around the run does not take it for a success."""
+
+    def __init__(self) -> None:
+        super().__init__(EXIT_INTERRUPTED)
+
+
 def _rank() -> int:
     # Set by torchrun/accelerate for every process of a distributed launch.
     return int(os.environ.get("RANK", "0"))
@@ -46,7 +55,7 @@ def report_user_error(error: UserError) -> None:
 
 
 def cli_entry(main: F) -> F:
-    """Decorate a `main(argv=None)` so a UserError becomes one line and exit code 2."""
+    """Decorate a `main(argv=None)` so a UserError becomes one line and exit code 2, Ctrl-C exit code 130."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
@@ -55,8 +64,8 @@ def cli_entry(main: F) -> F:
         except UserError as error:
             report_user_error(error)
             raise SystemExit(EXIT_USAGE) from None
-        except KeyboardInterrupt:
+        except KeyboardInterrupt:  # Ctrl-C outside the training loop (which stops cleanly: Interrupted)
             print("interrupted", file=sys.stderr)
-            raise SystemExit(130) from None
+            raise SystemExit(EXIT_INTERRUPTED) from None
 
     return wrapper  # type: ignore[return-value]

@@ -3,13 +3,12 @@
 `fault_callbacks(cfg.debug)` turns each `debug.*` key that is set into a loop
 `Callback`: the loop, the checkpointer and the loader carry no fault parameters;
 faults enter through the same public hooks benchmarks use. Each reproduces what a
-long run meets in practice: a preemption, a data-loading worker killed, a slow or
-full disk during a checkpoint save, a non-finite loss on one rank.
+long run meets in practice: a preemption, a data-loading worker killed, a kill in
+the middle of a checkpoint save, a non-finite loss on one rank.
 """
 from __future__ import annotations
 
 import dataclasses
-import errno
 import json
 import os
 import time
@@ -29,8 +28,8 @@ def fault_callbacks(debug) -> list[Callback]:
         callbacks.append(StopAtStep(debug.stop_at_step))
     if debug.step_delay_s:
         callbacks.append(SlowSteps(debug.step_delay_s))
-    if debug.checkpoint_delay_s or debug.checkpoint_disk_full_at_step is not None:
-        callbacks.append(CheckpointFaults(debug.checkpoint_delay_s, debug.checkpoint_disk_full_at_step))
+    if debug.checkpoint_delay_s:
+        callbacks.append(SlowCheckpoints(debug.checkpoint_delay_s))
     if debug.kill_worker_after_samples is not None:
         callbacks.append(KillWorker(debug.kill_worker_after_samples))
     if debug.record_samples:
@@ -70,17 +69,15 @@ class SlowSteps(Callback):
         time.sleep(self.seconds)
 
 
-class CheckpointFaults(Callback):
-    """A slow save (to kill a run during it) or a disk that fills up at one step's save."""
+class SlowCheckpoints(Callback):
+    """A slow save, so that a test can kill the run in the middle of one. (A full disk is tested
+    with a real small filesystem: tests/reliability/test_disk_and_checkpoints.py.)"""
 
-    def __init__(self, delay_s: float, disk_full_at_step: int | None):
-        self.delay_s, self.disk_full_at_step = delay_s, disk_full_at_step
+    def __init__(self, delay_s: float):
+        self.delay_s = delay_s
 
     def before_checkpoint_commit(self, partial: Path, step: int) -> None:
-        if self.delay_s:
-            time.sleep(self.delay_s)
-        if step == self.disk_full_at_step:
-            raise disk_full(partial)
+        time.sleep(self.delay_s)
 
 
 class KillWorker(Callback):
@@ -132,11 +129,6 @@ class ExitAfterCalls:
         if name == "transform":
             raise AttributeError(name)
         return getattr(self.transform, name)
-
-
-def disk_full(path) -> OSError:
-    """The error a write raises when the filesystem is full."""
-    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
 
 def _rank() -> int:

@@ -9,16 +9,21 @@ full disk leaves the old file or nothing, never a truncated one.
     with atomic_file(path) as tmp: ...    one file a library writes to a path
     atomic_write_json(path, data)         one JSON file (sorted keys, indented)
     with atomic_dir(final) as tmp: ...    a whole folder, renamed into place at the end
+    with reported_writes(what, advice): ...   a write the storage refuses becomes one sentence
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
+
+from .errors import UserError
 
 
 _UMASK = os.umask(0)
@@ -108,3 +113,72 @@ def fsync_dir(path: str | os.PathLike) -> None:
         pass
     finally:
         os.close(fd)
+
+
+# ----------------------------------------------------------------------------- when the storage refuses a write
+
+STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS)  # full, over quota, failing, read-only
+_RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")  # safetensors: "I/O error: No space left on device (os error 28)"
+_TORCH_WRITER = ("PytorchStreamWriter", "inline_container", "iostream error", "file write failed")
+_LOW_SPACE = 1 << 20
+
+
+def write_failure(error: BaseException, where: str | os.PathLike | None = None) -> str | None:
+    """Why a write failed, in the C library's words ("No space left on device"), or None when
+    `error` is not a failed write (a bug, which keeps its traceback).
+
+    Libraries report a refused write their own way, so the type says little: Python raises
+    OSError with an errno; safetensors raises SafetensorError("... (os error 28)"); torch.save
+    raises RuntimeError with its zip writer's words ("unexpected pos 576 vs 534", chained to
+    "basic_ios::clear: iostream error") and no errno at all. For those, the free space left
+    at `where` (the folder written to) tells a full disk from another failure. Deeper in the
+    exception chain only a storage errno counts: a library may have handled another OSError there."""
+    for depth, err in enumerate(_chain(error)):
+        if isinstance(err, OSError) and err.errno is not None and (depth == 0 or err.errno in STORAGE_ERRNOS):
+            return os.strerror(err.errno)
+        text = str(err)
+        if match := _RUST_OS_ERROR.search(text):
+            return os.strerror(int(match.group(1)))
+        if known := next((os.strerror(code) for code in STORAGE_ERRNOS if os.strerror(code) in text), None):
+            return known
+    if any(mark in str(err) for err in _chain(error) for mark in _TORCH_WRITER):
+        free = free_bytes(where) if where is not None else None
+        if free is not None and free < _LOW_SPACE:
+            return f"{os.strerror(errno.ENOSPC)}: {free} bytes free"
+        return f"a write failed: {str(error).splitlines()[0][:160]}"
+    return None
+
+
+def _chain(error: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        yield error
+        error = error.__cause__ or error.__context__
+
+
+def free_bytes(path: str | os.PathLike) -> int | None:
+    """Bytes an unprivileged writer may still use on the filesystem holding `path` (its nearest existing folder)."""
+    path = Path(path)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        stats = os.statvfs(path)
+    except OSError:
+        return None
+    return stats.f_bavail * stats.f_frsize
+
+
+@contextmanager
+def reported_writes(what: str, advice: str, where: str | os.PathLike | None = None) -> Iterator[None]:
+    """Inside the block, a write the storage refuses (whatever the library raised) becomes one
+    sentence: "Could not write {what} ({reason}); {advice}." Other errors pass unchanged."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as err:  # noqa: BLE001 - libraries raise their own types for a refused write
+        reason = write_failure(err, where)
+        if reason is None:
+            raise
+        raise UserError(f"Could not write {what} ({reason}); {advice}.") from None

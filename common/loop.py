@@ -34,6 +34,7 @@ from .checkpoint import Checkpointer
 from .config import dump_yaml, flatten, to_dict
 from .console import Console, quiet_libraries
 from .distributed import ControlPlane, StopSignal, explain_failure, make_accelerator
+from .errors import ConfigError, Interrupted, UserError
 from .optim import NonFiniteGuard, Schedule, batch_geometry, build_scheduler, current_lr, make_schedule, peak_lr
 from .tracking import IntervalLog, Tracker, peak_flops
 
@@ -149,6 +150,7 @@ class Run:
     resume_from: Path | None
     resume: str | None
     callbacks: Callbacks = field(default_factory=Callbacks)
+    changed: list[str] = field(default_factory=list)  # keys that differ from the run folder's config (resume)
     tracker: Tracker | None = None  # TensorBoard, once the loop (or a stage that trains nothing) opened the records
     schedule: Schedule | None = None  # the run's length, set by the loop right after `Stage.setup`
 
@@ -174,10 +176,13 @@ class Run:
         return peak_lr(self.cfg.optim, self.geometry.global_batch)
 
     def open_records(self, resumed_at: int | None) -> tuple[Tracker, rundir.MetricsLog | None]:
-        """config.yaml, metrics.jsonl and TensorBoard; on resume, what came after `resumed_at` is dropped."""
+        """config.yaml (+ its history), metrics.jsonl and TensorBoard; on resume, what came after `resumed_at` is dropped."""
         metrics = None
         if self.accelerator.is_main_process:
-            rundir.write_config(self.run_dir, self.cfg)
+            segment = rundir.record_config(self.run_dir, self.cfg, resumed_at or 0, self.resume_from)
+            if self.changed and self.resume_from is not None:
+                self.console.warn(f"continuing under changed keys {', '.join(self.changed)} (--allow-changes); "
+                                  f"{segment} records the config of the steps from here")
             metrics = rundir.MetricsLog(self.run_dir, resumed_at)
         tracker = self.tracker = Tracker(self.accelerator, "tensorboard", flatten(self.cfg), resumed_at)
         if resumed_at is None:
@@ -186,25 +191,44 @@ class Run:
 
 
 def open_run(cfg, run_dir: Path, resume: str | None, *, resumable_keys: Sequence[str] = (),
-             callbacks: Sequence[Callback] = ()) -> Run:
-    """Accelerate and the seed; refuse to reuse another run's folder; find the checkpoint to resume.
+             allow_changes: bool = False, callbacks: Sequence[Callback] = ()) -> Run:
+    """Accelerate and the seed; lock the run folder; refuse to reuse another run's folder, or to resume
+    under keys outside `resumable_keys` unless `allow_changes`; find the checkpoint to resume.
 
-    The loop's callbacks are those `cfg.debug` asks for (fault injection), then `callbacks`."""
-    from accelerate.utils import set_seed
+    The main process decides (it alone holds the lock) and tells the others, so every rank
+    stops with the same one-sentence error, or none does. The loop's callbacks are those
+    `cfg.debug` asks for (fault injection), then `callbacks`."""
+    from accelerate.utils import broadcast_object_list, set_seed
 
     from .faults import fault_callbacks  # faults are loop callbacks: imported here, not at the top
 
+    rundir.check_location(run_dir, cfg.run.name)
     quiet_libraries()
     accelerator = make_accelerator(mixed_precision=cfg.train.mixed_precision, project_dir=run_dir)
     console = Console(accelerator.is_main_process)
     set_seed(cfg.train.seed)
-    resume_from = rundir.resolve_resume(run_dir, resume)
-    changed = rundir.check_reuse(run_dir, cfg, resume, ignore=resumable_keys)
-    if changed:
-        console.warn(f"resuming with changed config keys: {', '.join(changed)}")
-    accelerator.wait_for_everyone()
-    return Run(cfg, Path(run_dir), accelerator, console, resume_from, resume,
-               Callbacks([*fault_callbacks(cfg.debug), *callbacks]))
+    decision: dict[str, Any] = {}
+    failure: Exception | None = None
+    if accelerator.is_main_process:
+        try:
+            note = rundir.lock_run_folder(run_dir)
+            resume_from = rundir.resolve_resume(run_dir, resume)
+            changed = rundir.check_reuse(run_dir, cfg, resume, ignore=resumable_keys)
+            rundir.refuse_changes(run_dir, cfg, changed, resume_from, allow_changes)
+            decision = {"note": note, "resume_from": resume_from, "changed": changed}
+        except Exception as err:  # noqa: BLE001 - the other ranks must learn of any failure, or they wait forever
+            failure, decision = err, {"error": str(err) if isinstance(err, UserError) else None}
+    decision = broadcast_object_list([decision])[0]
+    if failure is not None:
+        raise failure
+    if "error" in decision:
+        stopped = UserError(decision["error"] or "the main process failed; its message above names the cause")
+        stopped.same_on_every_rank = True  # the main process prints it
+        raise stopped
+    if decision["note"]:
+        console.warn(decision["note"])
+    return Run(cfg, Path(run_dir), accelerator, console, decision["resume_from"], resume,
+               Callbacks([*fault_callbacks(cfg.debug), *callbacks]), changed=decision["changed"])
 
 
 @dataclass
@@ -329,11 +353,32 @@ def config_fingerprint(cfg: Any) -> str:
     return hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def check_resume_point(state: dict, path: Path, schedule: Schedule, geometry) -> None:
+    """The loop continues from a checkpoint's step with this config's geometry; refuse when that step is
+    past the run's end, or when it would read the data elsewhere than the checkpoint stopped (its epoch
+    and images into the epoch, from `Loop.save`): a changed global batch or training set moves it."""
+    step = state["step"]
+    if step > schedule.total_steps:
+        raise ConfigError(f"Checkpoint {path} is at step {step}, past the {schedule.total_steps} steps this config "
+                          "trains; set train.steps (or train.epochs) to at least that, or resume from an earlier checkpoint.")
+    if "batch_in_epoch" not in state:  # written before the data position was saved
+        return
+    saved = (state["epoch"], state["batch_in_epoch"] * state["per_device_batch"] * state["world_size"])
+    epoch, step_in_epoch = divmod(step, schedule.steps_per_epoch)
+    if saved != (epoch, step_in_epoch * geometry.global_batch):
+        raise ConfigError(
+            f"Checkpoint {path} stopped {saved[1]} images into epoch {saved[0]} at global batch {state['global_batch']}, "
+            f"but with global batch {geometry.global_batch} and {schedule.steps_per_epoch} steps per epoch its step "
+            f"{step} would continue {step_in_epoch * geometry.global_batch} images into epoch {epoch}; resume with "
+            f"train.global_batch={state['global_batch']} and the same training data, or start a new run.")
+
+
 # ----------------------------------------------------------------------------- the loop
 
 
 def train(stage: Stage, run: Run) -> Any:
-    """Run `stage` to the end (returns `stage.finish(...)`) or to a stop request (returns None)."""
+    """Run `stage` to the end (returns `stage.finish(...)`) or to a stop request (returns None;
+    after Ctrl-C raises `errors.Interrupted`, exit 130)."""
     return Loop(stage, run).fit()
 
 
@@ -363,6 +408,7 @@ class Loop:
         self.step, self.skipped_before, nonfinite_before, self.loader, self.output = 0, 0, 0, None, None
         if run.resume_from is not None:
             state = self.checkpointer.load(run.resume_from)
+            check_resume_point(state, run.resume_from, self.schedule, geometry)
             self.step, self.skipped_before, nonfinite_before = state["step"], state["skipped_samples"], state["nonfinite_steps"]
             stage.load_state_dict(state)
             self.console.print(f"resumed from {run.resume_from} at step {self.step}")
@@ -398,7 +444,7 @@ class Loop:
 
                     reason = stop.signal_name if stop.requested else hooks.stop_reason(self.step)
                     if self.control.any(reason is not None):  # every rank stops at the same step
-                        return self.stop(reason or "a signal to another rank")
+                        return self.stop(reason or "a signal to another rank", stop)
                     if checkpoint_now or (self.step % cfg.log.checkpoint_every == 0 and self.step < schedule.total_steps):
                         self.save(periodic=True)
                 self.skipped_before, self.loader = self.skipped_samples(), None
@@ -474,10 +520,13 @@ class Loop:
             self.tracker.flush()
             return path
 
-    def stop(self, reason: str) -> None:
-        """A stop request (a signal, `debug.stop_at_step`): checkpoint this step and return."""
+    def stop(self, reason: str, signals: StopSignal | None = None) -> None:
+        """A stop request (a signal, `debug.stop_at_step`): checkpoint this step and return;
+        after Ctrl-C, raise `Interrupted` (exit 130, no traceback) once the checkpoint is written."""
         path = self.save()
         self.console.close_bar()
         self.console.print(f"stopped by {reason} at step {self.step}; checkpoint {path}; continue with --resume auto")
         self.tracker.close()
+        if signals is not None and signals.interrupted:
+            raise Interrupted()
         return None

@@ -1,32 +1,70 @@
 """Run directories: where a run's config, events, checkpoints and exports live.
 
     runs/<name>/
-        config.yaml          the resolved config (written once, compared on reuse)
+        lock                 held while a process writes this folder (see below); names the holder
+        config.yaml          the config the run is under now (the latest segment's)
+        config-history/      segment-001-from-step-0000000.yaml, segment-002-from-step-0000400.yaml, ...
         tensorboard/         TensorBoard events
         checkpoints/         see vitmpp.common.checkpoint
         metrics.jsonl        one line per optimizer step (loss, lr, grad norm)
         encoder.safetensors, encoder.json   (pretraining, at the end)
 
+One writer: `lock_run_folder` takes a POSIX record lock (`fcntl.lockf`) on `lock`
+before anything else is written and keeps it until the process ends; a second run
+of the same folder is refused with the holder's host, pid and start time, which the
+holder writes into the file (and marks "ended" when it exits normally). The kernel
+drops the lock when its holder dies (SIGKILL, the OOM killer, a lost node's lease on
+NFS), so a lock left by a dead run is taken over by the next one, which says so (its
+record lacks the mark). A record lock rather than `flock`: forked data-loading
+workers do not inherit it, so a killed run's orphaned workers cannot keep its folder
+locked. Its one trap, that closing any descriptor of the file drops the process's
+lock, is why only this module opens it, once per process. Only the main process of
+a multi-process run takes it. The file is never deleted (deleting a lock file races
+with its next taker).
+
 A run directory is never silently reused: starting a new run in a directory that
 already holds one is refused (with the keys that differ, if the config changed);
-`--resume` continues it.
+`--resume` continues it. Resuming with a changed key that alters the computation
+(anything but a stage's `RESUMABLE_KEYS`: logging, debugging, worker counts, the
+shards' location, the run's length) is refused unless `--allow-changes` is given.
+
+The config history is never rewritten: each segment of a run (the first start and
+every resume under a config that differs from the one before) is one file in
+`config-history/`, written once. `segment-<k>-from-step-<s>.yaml` is the config
+under which steps s+1 onward ran, until the next segment; a later segment with a
+smaller `s` means the run was resumed from an older checkpoint and the steps
+after that checkpoint were discarded. Each file is a complete config (loadable
+with `--config`) whose comment header says where and when the segment began and
+which keys it changed. `config.yaml` is always the latest segment's config.
 """
 from __future__ import annotations
 
+import atexit
+import contextlib
+import errno
+import fcntl
 import json
 import os
+import socket
+import sys
+import time
 from pathlib import Path
 from typing import Any, Iterable
 
 import yaml
 
 from . import checkpoint as ckpt
-from .config import diff_keys, dump_yaml, to_dict
-from .errors import UserError
-from .io import atomic_write
+from .config import diff_keys, dump_yaml, flatten, format_value, to_dict
+from .console import Console
+from .errors import ConfigError, UserError
+from .io import atomic_write, reported_writes
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
+LOCK_FILE = "lock"
+HISTORY_DIR = "config-history"
+
+_HELD: dict[Path, int] = {}  # run folders this process holds (resolved path -> open lock file, kept till exit)
 
 
 def cache_dir() -> Path:
@@ -39,12 +77,104 @@ def checkpoints_dir(run_dir: Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
+# ----------------------------------------------------------------------------- where, and one writer
+
+
+def check_location(run_dir: Path, name: str | None = None, *, output_key: str = "run.output_dir") -> None:
+    """Refuse a run name that would leave the output folder, and a folder path that runs into a file,
+    before anything is created (every rank checks; nothing is written)."""
+    if name and (os.path.isabs(name) or "/" in name or (os.altsep and os.altsep in name) or name in (".", "..")):
+        raise ConfigError(f"Key 'run.name' must be a single folder name (no '/', not '.' or '..'), got {name!r}; "
+                          f"choose where run folders go with {output_key}.")
+    run_dir = Path(run_dir)
+    for path in (run_dir, *run_dir.parents):
+        if path.is_dir():
+            return
+        if path.exists() or path.is_symlink():
+            what = "a file" if path.exists() else "a broken symbolic link"
+            raise ConfigError(f"Run folder '{run_dir}' cannot be made: '{path}' is {what}, not a folder; "
+                              f"choose another {output_key}{' or run.name' if path == run_dir and name else ''}.")
+
+
+def lock_run_folder(run_dir: Path, *, output_key: str = "run.output_dir", name_key: str = "run.name") -> str | None:
+    """Create `run_dir` and hold its lock until this process ends; refuse (one sentence naming the
+    holder) when another process holds it. Returns a note to print when the lock was taken over from
+    a run that died holding it, or when the filesystem cannot lock; else None. The keys are what the
+    messages tell the user to change."""
+    run_dir = Path(run_dir)
+    key = run_dir.resolve()
+    if key in _HELD:  # this process holds it already (a stage run twice in one process)
+        return None
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+    except OSError as err:
+        raise UserError(f"Run folder '{run_dir}' cannot be created or written ({err.strerror}); "
+                        f"choose another {output_key} or fix its permissions.") from None
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as err:
+        if err.errno not in (errno.EACCES, errno.EAGAIN):  # e.g. ENOLCK: a filesystem without locks
+            _HELD[key] = fd
+            return (f"run folder {run_dir} cannot be locked on this filesystem ({err.strerror}); "
+                    "make sure no other run writes it")
+        holder = _holder(fd, wait=True)
+        os.close(fd)  # not ours: closing it releases nothing
+        who = _describe(holder) if holder else "another process"
+        raise UserError(f"Run folder '{run_dir}' is in use by {who}; wait for that run to end (or stop it), "
+                        f"or choose another {name_key}.") from None
+    previous = _holder(fd)  # every holder that exits normally marks its record "ended": one without died
+    me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+          "command": " ".join(sys.argv)[:500]}
+    _write_holder(fd, me)
+    _HELD[key] = fd
+    atexit.register(lambda: _write_holder(fd, {**me, "ended": time.strftime("%Y-%m-%d %H:%M:%S %Z")}))
+    if previous and "ended" not in previous:
+        return f"run folder {run_dir} was locked by {_describe(previous)}, which died holding it; taken over"
+    return None
+
+
+def _write_holder(fd: int, record: dict) -> None:
+    """The record only names the holder in messages (the lock is the kernel's): a full disk may keep it."""
+    with contextlib.suppress(OSError):
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
+        os.fsync(fd)
+
+
+def _holder(fd: int, wait: bool = False) -> dict | None:
+    """The holder record in the lock file; with `wait`, give a holder that just locked a moment to write it."""
+    for _ in range(20 if wait else 1):
+        try:
+            record = json.loads(os.pread(fd, 4096, 0) or b"null")
+        except ValueError:
+            record = None
+        if isinstance(record, dict):
+            return record
+        if wait:
+            time.sleep(0.05)
+    return None
+
+
+def _describe(holder: dict) -> str:
+    ending = ", ending now" if "ended" in holder else ""
+    return f"process {holder.get('pid')} on host {holder.get('host')} (started {holder.get('started')}{ending})"
+
+
+# ----------------------------------------------------------------------------- reuse and resume
+
+
 def resolve_resume(run_dir: Path, resume: str | None) -> Path | None:
-    """The checkpoint to resume from: `auto` (newest complete one, or None), or a path."""
+    """The checkpoint to resume from, verified against the checksums written with it: `auto` (the
+    newest intact one, or None when the run has none at all), or a path, which must be intact.
+
+    `auto` passes over newer damaged or incomplete checkpoints with a warning each, setting them
+    aside as `<name>.damaged` (kept, out of reach of later saves and pruning); it refuses when
+    none is intact. Reads every file of the checkpoint: the main process calls it and tells the others."""
     if resume is None:
         return None
     if resume == "auto":
-        return ckpt.latest_checkpoint(checkpoints_dir(run_dir))
+        return _newest_intact(checkpoints_dir(run_dir))
     path = Path(resume)
     if not path.is_dir():
         raise UserError(f"Checkpoint '{resume}' given to --resume does not exist; pass a checkpoints/step-XXXXXXX folder or 'auto'.")
@@ -53,7 +183,39 @@ def resolve_resume(run_dir: Path, resume: str | None) -> Path | None:
             f"Checkpoint '{resume}' is incomplete (no {ckpt.STATE_FILE}; a save was interrupted); "
             "pass an earlier one or 'auto'."
         )
+    problem = ckpt.damage(path)
+    if problem is not None:
+        raise UserError(f"Checkpoint '{resume}' is damaged ({problem}); pass an earlier one, or 'auto' "
+                        "(the newest intact checkpoint).")
+    _warn_if_unverifiable(path)
     return path
+
+
+def _newest_intact(root: Path) -> Path | None:
+    damaged = []
+    for path in reversed(ckpt.step_folders(root)):
+        problem = ckpt.damage(path)
+        if problem is None:
+            break
+        damaged.append((path, problem))
+    else:
+        if damaged:
+            found = ", ".join(f"{path.name}: {problem}" for path, problem in damaged)
+            raise UserError(f"No checkpoint in {root} is intact ({found}); none was resumed or changed: pass an "
+                            "intact copy with --resume PATH, or choose another run.name to start afresh.")
+        return None
+    warn = Console(is_main=True).warn
+    for bad, problem in damaged:
+        kept = ckpt.set_aside(bad)
+        warn(f"checkpoint {bad} cannot be resumed ({problem}); resuming from {path} instead; it is kept as {kept}")
+    _warn_if_unverifiable(path)
+    return path
+
+
+def _warn_if_unverifiable(path: Path) -> None:
+    if not ckpt.is_verifiable(path):
+        Console(is_main=True).warn(f"checkpoint {path} was written without checksums (by an older version), "
+                                   "so its files cannot be verified; resuming from it as it is")
 
 
 def check_reuse(run_dir: Path, config: Any, resume: str | None, ignore: Iterable[str] = ()) -> list[str]:
@@ -85,35 +247,110 @@ def check_reuse(run_dir: Path, config: Any, resume: str | None, ignore: Iterable
     return changed
 
 
-def write_config(run_dir: Path, config: Any) -> None:
+def refuse_changes(run_dir: Path, config: Any, changed: list[str], resume_from: Path | None, allow: bool) -> None:
+    """Resuming a checkpoint under `changed` keys (ones that alter the computation) needs `--allow-changes`.
+
+    Without a checkpoint nothing trained under the old config survives, so nothing is refused."""
+    if not changed or resume_from is None or allow:
+        return
+    saved = flatten(yaml.safe_load((Path(run_dir) / CONFIG_FILE).read_text()) or {})
+    new = flatten(to_dict(config))
+    shown = ", ".join(f"{key} ({format_value(saved.get(key))} -> {format_value(new.get(key))})" for key in changed[:6])
+    more = f" and {len(changed) - 6} more" if len(changed) > 6 else ""
+    raise UserError(f"Checkpoint {resume_from} was trained with other values of {shown}{more}; resume with the values "
+                    f"in {Path(run_dir) / CONFIG_FILE}, or pass --allow-changes to continue under the new ones "
+                    f"({HISTORY_DIR}/ keeps which steps ran under which config).")
+
+
+# ----------------------------------------------------------------------------- the config and its history
+
+
+def config_history(run_dir: Path) -> list[Path]:
+    """The segments of a run's config history, oldest first."""
+    return sorted((Path(run_dir) / HISTORY_DIR).glob("segment-*.yaml"))
+
+
+def record_config(run_dir: Path, config: Any, from_step: int, resumed_from: Path | None = None) -> Path | None:
+    """Make `config` the run's current config (`config.yaml`), first adding it to the history as a new
+    segment from `from_step` unless it is the latest segment's already; returns the new segment or None.
+
+    A run folder made before the history existed has its config.yaml kept as segment 1 first."""
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write(run_dir / CONFIG_FILE, dump_yaml(config))
+    current = run_dir / CONFIG_FILE
+    history = config_history(run_dir)
+    if not history and current.is_file():
+        _write_segment(run_dir, 1, 0, current.read_text(), "the config this run folder was made with")
+        history = config_history(run_dir)
+    latest = yaml.safe_load(history[-1].read_text()) if history else None
+    changed = diff_keys(latest, to_dict(config)) if latest is not None else []
+    segment = None
+    if latest is None or changed:
+        if resumed_from is not None:
+            origin = f"resumed from {resumed_from}"
+        else:
+            origin = "started" if from_step == 0 and not history else f"restarted from step {from_step}"
+        host = f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')} by process {os.getpid()} on host {socket.gethostname()}"
+        header = f"{origin} {host}" + (f"; changed keys: {', '.join(changed)}" if changed else "")
+        segment = _write_segment(run_dir, len(history) + 1, from_step, dump_yaml(config), header)
+    write_config(run_dir, config)
+    return segment
+
+
+def _write_segment(run_dir: Path, index: int, from_step: int, text: str, header: str) -> Path:
+    path = run_dir / HISTORY_DIR / f"segment-{index:03d}-from-step-{from_step:07d}.yaml"
+    comment = (f"# Segment {index} of the run in {run_dir}: the config of steps {from_step + 1} onward "
+               f"(until the next segment).\n# {header}\n")
+    with reported_writes(str(path), MetricsLog.ADVICE, run_dir):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, comment + text)
+    return path
+
+
+def write_config(run_dir: Path, config: Any) -> None:
+    """`config.yaml`: the config the run is under now."""
+    run_dir = Path(run_dir)
+    with reported_writes(str(run_dir / CONFIG_FILE), MetricsLog.ADVICE, run_dir):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write(run_dir / CONFIG_FILE, dump_yaml(config))
+
+
+# ----------------------------------------------------------------------------- per-step metrics
 
 
 class MetricsLog:
     """Append-only per-step metrics (`metrics.jsonl`), truncated to a checkpoint on resume.
 
     Lines after the checkpoint a run resumes from were written by the interrupted
-    attempt; they are dropped so the file holds each step exactly once.
+    attempt; they are dropped so the file holds each step exactly once. A write the
+    disk refuses stops the run with one sentence, the file cut back to its last whole line.
     """
+
+    ADVICE = "the checkpoints written so far are intact; free disk space and continue with --resume auto"
 
     def __init__(self, run_dir: Path, resume_step: int | None):
         self.path = Path(run_dir) / METRICS_FILE
-        if resume_step is not None and self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines() if _step_of(line) is not None and _step_of(line) <= resume_step]
-            atomic_write(self.path, "".join(line + "\n" for line in kept))
-        elif resume_step is None and self.path.exists():
-            self.path.unlink()
+        with reported_writes(str(self.path), self.ADVICE, self.path.parent):
+            if resume_step is not None and self.path.exists():
+                kept = [line for line in self.path.read_text().splitlines() if _step_of(line) is not None and _step_of(line) <= resume_step]
+                atomic_write(self.path, "".join(line + "\n" for line in kept))
+            elif resume_step is None and self.path.exists():
+                self.path.unlink()
 
     def append(self, rows: list[dict]) -> None:
         if not rows:
             return
-        with open(self.path, "a") as handle:
-            for row in rows:
-                handle.write(json.dumps(row, sort_keys=True) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
+        size = self.path.stat().st_size if self.path.exists() else 0
+        try:
+            with reported_writes(str(self.path), self.ADVICE, self.path.parent):
+                with open(self.path, "a") as handle:
+                    for row in rows:
+                        handle.write(json.dumps(row, sort_keys=True) + "\n")
+                    handle.flush()
+                    os.fsync(handle.fileno())
+        except UserError:
+            with contextlib.suppress(OSError):  # no half line left (shrinking needs no space); else resume drops it
+                os.truncate(self.path, size)
+            raise
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

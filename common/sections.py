@@ -92,7 +92,6 @@ class DebugConfig:
     step_delay_s: float = param(0.0, ge=0, help="sleep after every step (to give signal tests time)")
     stop_at_step: Optional[int] = param(None, ge=1, help="behave as if preempted after this step (checkpoint, exit 0)")
     record_samples: bool = param(False, help="write each rank's sample indices and final weight checksum to debug-rank<r>.json")
-    checkpoint_disk_full_at_step: Optional[int] = param(None, ge=1, help="the checkpoint save of this step fails with ENOSPC")
     kill_worker_after_samples: Optional[int] = param(None, ge=0, help="data-loading workers exit hard after transforming this many samples")
 
 

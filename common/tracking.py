@@ -4,11 +4,13 @@ with throughput and MFU, and the device peaks MFU is measured against.
 from __future__ import annotations
 
 import math
+import threading
 import time
 from pathlib import Path
 
 import torch
 
+from .io import reported_writes, write_failure
 from .optim import NonFiniteGuard
 
 
@@ -18,33 +20,64 @@ class Tracker:
     """TensorBoard through Accelerate's tracker, on the main process only.
 
     On resume, `purge_step` hides events an interrupted attempt wrote after the
-    checkpoint, so TensorBoard never shows a step twice.
+    checkpoint, so TensorBoard never shows a step twice. A write the disk refuses
+    stops the run with one sentence naming the events folder (TensorBoard's writer
+    thread fails first and its error surfaces at our next call; the thread's own
+    traceback is not printed, the sentence says it all).
     """
+
+    ADVICE = "the checkpoints written so far are intact; free disk space and continue with --resume auto"
 
     def __init__(self, accelerator, project: str, config_flat: dict | None, resume_step: int | None):
         self.accelerator = accelerator
+        self.where = Path(accelerator.logging_dir or ".") / project
         init_kwargs = {"tensorboard": {"purge_step": resume_step + 1}} if resume_step is not None else {}
-        accelerator.init_trackers(project, config=config_flat if resume_step is None else None, init_kwargs=init_kwargs)
+        with self._writing():
+            accelerator.init_trackers(project, config=config_flat if resume_step is None else None, init_kwargs=init_kwargs)
         self.writer = accelerator.get_tracker("tensorboard", unwrap=True) if accelerator.is_main_process else None
+        _quiet_writer_threads()
+
+    def _writing(self):
+        return reported_writes(f"TensorBoard events in {self.where}", self.ADVICE, self.where)
 
     def scalars(self, values: dict[str, float], step: int) -> None:
-        self.accelerator.log(values, step=step)
+        with self._writing():
+            self.accelerator.log(values, step=step)
 
     def image(self, tag: str, image: torch.Tensor, step: int) -> None:
         """`image`: float [3, H, W] in [0, 1]."""
         if self.writer is not None:
-            self.writer.add_image(tag, image.detach().float().clamp(0, 1).cpu(), global_step=step)
+            with self._writing():
+                self.writer.add_image(tag, image.detach().float().clamp(0, 1).cpu(), global_step=step)
 
     def text(self, tag: str, text: str, step: int) -> None:
         if self.writer is not None:
-            self.writer.add_text(tag, text, global_step=step)
+            with self._writing():
+                self.writer.add_text(tag, text, global_step=step)
 
     def flush(self) -> None:
         if self.writer is not None:
-            self.writer.flush()
+            with self._writing():
+                self.writer.flush()
 
     def close(self) -> None:
-        self.accelerator.end_training()
+        with self._writing():
+            self.accelerator.end_training()
+
+
+def _quiet_writer_threads() -> None:
+    """Keep TensorBoard's writer thread from printing a traceback for a refused write: it re-raises
+    the error at the next call on the main thread, where it becomes one sentence."""
+    previous = threading.excepthook
+    if getattr(previous, "vitmpp_quiet", False):
+        return
+
+    def hook(args) -> None:
+        if not (type(args.thread).__module__.startswith("tensorboard") and write_failure(args.exc_value) is not None):
+            previous(args)
+
+    hook.vitmpp_quiet = True
+    threading.excepthook = hook
 
 
 # ----------------------------------------------------------------------------- MFU

@@ -59,7 +59,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from vitmpp.common.distributed import explain_failure
+from vitmpp.common.distributed import (dead_worker_error, explain_failure, no_interrupts_in_children,
+                                        worker_exit_detail)
 from vitmpp.common.errors import UserError
 
 from .manifest import Manifest, expand_shard_spec, is_url
@@ -413,27 +414,24 @@ class ShardLoader:
 
     def __iter__(self) -> Iterator[Batch]:
         self.skipped_samples, self._delivered, produced = 0, 0, 0
-        batches = iter(self._data_loader())
+        with no_interrupts_in_children():  # the workers start here, and never see Ctrl-C
+            batches = iter(self._data_loader())
         try:
-            while True:
-                try:
-                    images, labels, indices, skipped, notes = next(batches)
-                except StopIteration:
-                    break
-                except RuntimeError as err:
-                    explained = explain_failure(err, self._plan.rank)
-                    if explained is None:
-                        raise
-                    raise explained from None
-                except UserError as err:
-                    # a worker's UserError arrives wrapped with its traceback: keep the sentence
-                    text = str(err)
-                    if text.startswith("Caught "):
-                        text = text.strip().splitlines()[-1].split("UserError: ", 1)[-1]
-                    raise UserError(text) from None
+            for images, labels, indices, skipped, notes in batches:
                 self._account(int(skipped), indices, notes)
                 produced += 1
                 yield Batch(images, labels, indices, skipped)
+        except UserError as err:
+            # a worker's UserError arrives wrapped with its traceback: keep the sentence
+            text = str(err)
+            if not text.startswith("Caught "):
+                raise
+            raise UserError(text.strip().splitlines()[-1].split("UserError: ", 1)[-1]) from None
+        except Exception as err:  # noqa: BLE001 - whatever a dead worker surfaces as, see _worker_death
+            explained = _worker_death(err, batches, self._plan.rank)
+            if explained is None:
+                raise
+            raise explained from None
         finally:
             # Stop the workers now, also on an error or an early break: a traceback that keeps
             # this frame alive would otherwise keep their pids registered with torch's SIGCHLD
@@ -444,6 +442,52 @@ class ShardLoader:
             del batches
         if produced != len(self):
             raise RuntimeError(f"the loader produced {produced} batches instead of {len(self)} (a bug in vitmpp)")
+
+
+# how long a worker whose pipe broke may take to finish dying (it closes its files first, then exits)
+_DEATH_GRACE_S = 5.0
+
+
+def _worker_death(error: Exception, batches, rank: int) -> UserError | None:
+    """The one-sentence error for `error` when a DataLoader worker died, else None.
+
+    A dead worker surfaces as whatever the main process was doing when it died, and on a
+    busy machine that is a race: torch's SIGCHLD handler raises its RuntimeError at any
+    bytecode, reading the result pipe raises ConnectionResetError, EOFError or
+    BrokenPipeError, the batch queue finds the worker gone. So the workers themselves are
+    asked (their exit status), not the message. Torch's handler may fire again while they
+    are asked; it reports the same death, so they are asked again.
+    """
+    if str(error).startswith("Caught "):  # the worker's own exception, re-raised by torch: it is alive
+        return None
+    for _ in range(3):
+        try:
+            return _dead_worker_error(batches, rank) or _in_torch_words(error, rank)
+        except RuntimeError as again:  # torch's SIGCHLD handler, raising inside the check
+            error = again
+    return _in_torch_words(error, rank)
+
+
+def _in_torch_words(error: Exception, rank: int) -> UserError | None:
+    # torch's own report of a death whose worker was reaped elsewhere
+    return explain_failure(error, rank) if isinstance(error, RuntimeError) else None
+
+
+def _dead_worker_error(batches, rank: int) -> UserError | None:
+    """The sentence for the first worker of `batches` that has ended (reaped, so that torch's
+    SIGCHLD handler stops reporting it), or None when every worker is still alive."""
+    import multiprocessing.connection
+
+    # torch's multiprocessing.Process objects of this iterator (none when reading in the main process)
+    workers = list(getattr(batches, "_workers", []))
+    if not workers:
+        return None
+    ended = multiprocessing.connection.wait([w.sentinel for w in workers], timeout=_DEATH_GRACE_S)
+    for worker in workers:
+        if worker.sentinel in ended:
+            worker.join()
+            return dead_worker_error(rank, worker_exit_detail(worker.pid, worker.exitcode))
+    return None
 
 
 # ----------------------------------------------------------------------------- building
@@ -490,7 +534,9 @@ def open_loader(spec: LoaderSpec, *, epoch: int = 0, start_batch: int = 0) -> Lo
     missing = [u for u in urls if not is_url(u) and not os.path.isfile(u)]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise UserError(f"Shard '{missing[0]}'{more} listed in '{man.source}' does not exist; restore it or "
+        # a FIFO or device is refused here, unopened: reading one would block the loader forever
+        what = "is not a regular file" if os.path.exists(missing[0]) else "does not exist"
+        raise UserError(f"Shard '{missing[0]}'{more} listed in '{man.source}' {what}; restore it or "
                         "rewrite the shards with make_shards.")
 
     keep = None

@@ -6,7 +6,8 @@
     python -m vitmpp.datasets.make_shards --source torchvision --dataset CIFAR10 --root ~/cifar --out data/cifar10
 
 Output (`--out`): `{name}-{split}-{000000..N}.tar` for the splits `train` and
-`validation`, each sample holding `{key}.{jpg|png|webp}` (RGB), `{key}.cls` (the
+`validation`, each sample holding `{key}.{jpg|png|webp}` (RGB, or grey kept as it was;
+other modes are converted by `transforms.to_rgb`), `{key}.cls` (the
 label as decimal text) and, for imagefolder, `{key}.json` (the file it came from); keys are the
 sample's index in its split (8 digits, no dots). Next to them `_labels-{split}.npy`
 (every label in shard order) and `_info.json` (see `manifest.py`).
@@ -16,6 +17,13 @@ renamed to `--out` only when complete (the manifest last; `vitmpp.common.io.atom
 so an interrupted run leaves no folder that looks complete; an existing non-empty
 `--out` is refused unless `--overwrite`, and even then only if it holds nothing but
 shards.
+
+A requested split is never silently missing: when `--val-fraction` is too small to put
+one image of any class into validation (or every image chosen for it was unreadable),
+the shards are written without it (pretraining reads only `train`) and a `SplitWarning`
+says so, with the fraction that would give one (fine-tuning needs it). An ImageFolder
+class none of whose files could be read is refused: its label would belong to no image
+(see `sources.py` for what an ImageFolder reads and skips).
 
 The embedded default data set (`digits_shards`) is written the same way into the
 cache folder, by one process per filesystem under a file lock.
@@ -32,8 +40,11 @@ import errno
 import fcntl
 import io
 import json
+import math
 import os
+import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -182,6 +193,47 @@ def _write_split(tmp: Path, name: str, split: str, items: list[Item], *, fmt: st
     )
 
 
+class SplitWarning(UserWarning):
+    """A split that was asked for came out empty and was not written."""
+
+
+def _empty_validation(items: list[Item], val_fraction: float) -> str:
+    """Why --val-fraction gave no validation image, and the fraction (or class size) that would give one.
+
+    A class of n images gives round(n x f) validation images and always keeps one for training."""
+    largest = int(np.bincount([it.label for it in items]).max())
+    written = "so the shards have no validation split, which fine-tuning needs"
+    if largest < 2:
+        return (f"--val-fraction {val_fraction:g} puts no image in the validation split (every class has a single "
+                f"image, which stays in training), {written}; add images, or pass --val-fraction 0 to say you "
+                "want none.")
+    needed = max(2, math.floor(0.5 / val_fraction) + 1)
+    while round(needed * val_fraction) < 1:
+        needed += 1
+    fraction = math.ceil(50 / largest) / 100
+    while round(largest * fraction) < 1:
+        fraction += 0.01
+    return (f"--val-fraction {val_fraction:g} puts no image in the validation split (the largest class has "
+            f"{largest} images, and a class needs {needed} for one validation image at that fraction), {written}; "
+            f"pass --val-fraction {fraction:.2f} or more, or 0 to say you want none.")
+
+
+def _refuse_classes_without_samples(class_names: list[str], infos: dict, tmp: Path, skipped: list[dict],
+                                    root) -> None:
+    """UserError when an ImageFolder class got no sample (all its files were unreadable):
+    its label would stay in the manifest with no image, which no later step can tell."""
+    present = set()
+    for info in infos.values():
+        present.update(np.load(tmp / info.labels_file).tolist())
+    missing = [name for label, name in enumerate(class_names) if label not in present]
+    if missing:
+        example = next((s for s in skipped if s["path"].startswith(missing[0] + "/")), None)
+        hint = f" (e.g. {example['path']}: {example['reason']})" if example else ""
+        others = f", nor have {len(missing) - 1} other class folders" if len(missing) > 1 else ""
+        raise UserError(f"Class folder '{missing[0]}' under '{root}' has no readable image{hint}{others}; "
+                        "add readable images or remove the folder.")
+
+
 def write_shards(
     out_dir,
     source: str,
@@ -242,6 +294,8 @@ def write_shards(
     total = sum(len(v) for v in splits.values())
     if total == 0:
         raise UserError(f"Source {source} {('at ' + str(root)) if root else ''} holds no images; nothing to write.")
+    if data.fixed_splits is None and val_fraction > 0 and not splits["validation"]:
+        warnings.warn(_empty_validation(data.items, val_fraction), SplitWarning, stacklevel=2)
 
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -265,6 +319,13 @@ def write_shards(
             if "train" not in infos:
                 raise UserError(f"No readable image in source {source}{(' at ' + str(root)) if root else ''} "
                                 f"({len(skipped)} inputs skipped, e.g. {skipped[0] if skipped else 'none'}).")
+            if splits.get("validation") and "validation" not in infos:
+                warnings.warn(f"None of the {len(splits['validation'])} images chosen for the validation split could "
+                              f"be read (e.g. {skipped[-1]['path']}: {skipped[-1]['reason']}), so the shards have no "
+                              "validation split, which fine-tuning needs; fix or replace those files.",
+                              SplitWarning, stacklevel=2)
+            if source == "imagefolder":
+                _refuse_classes_without_samples(data.class_names, infos, tmp, skipped, root)
             square = {w for w, h in sizes if w == h}
             manifest = Manifest(
                 root=out, name=name, splits=infos, num_classes=len(data.class_names), class_names=data.class_names,
@@ -405,16 +466,24 @@ def build_parser() -> argparse.ArgumentParser:
 @cli_entry
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    manifest = write_shards(
-        args.out, args.source, root=args.root, fmt=args.format, max_size=args.max_size, maxcount=args.maxcount,
-        val_fraction=args.val_fraction, seed=args.seed, overwrite=args.overwrite, image_size=args.image_size,
-        count=args.count, num_classes=args.num_classes, name=args.name, progress=not args.quiet,
-        dataset=args.dataset,
-    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", SplitWarning)
+        manifest = write_shards(
+            args.out, args.source, root=args.root, fmt=args.format, max_size=args.max_size, maxcount=args.maxcount,
+            val_fraction=args.val_fraction, seed=args.seed, overwrite=args.overwrite, image_size=args.image_size,
+            count=args.count, num_classes=args.num_classes, name=args.name, progress=not args.quiet,
+            dataset=args.dataset,
+        )
+    for w in caught:  # ours as one line, like an error; anything else as Python shows it
+        if issubclass(w.category, SplitWarning):
+            print(f"warning: {w.message}", file=sys.stderr)
+        else:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     counts = ", ".join(f"{info.num_samples} {split} ({len(info.filenames)} shards)"
                        for split, info in manifest.splits.items())
-    skipped = manifest.extra["vitmpp"]["num_skipped_inputs"]
-    note = f"; {skipped} inputs skipped (listed in {MANIFEST_NAME})" if skipped else ""
+    skipped = manifest.extra["vitmpp"]["skipped_inputs"]
+    first = f"e.g. {skipped[0]['path']}: {skipped[0]['reason']}; " if skipped else ""
+    note = f"; {len(skipped)} inputs skipped ({first}all listed in {MANIFEST_NAME})" if skipped else ""
     print(f"wrote {manifest.name}: {counts}, {manifest.num_classes} classes to {manifest.base}{note}")
     return 0
 

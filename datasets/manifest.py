@@ -26,6 +26,7 @@ import io
 import json
 import os
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -35,6 +36,13 @@ import numpy as np
 from vitmpp.common.errors import UserError
 
 MANIFEST_NAME = "_info.json"
+# Bounds checked before anything is allocated from what a manifest says: a manifest of a million
+# shards is ~50 MB; JSON deeper than this is not a manifest (ours is 4 levels); a sample in a tar
+# shard takes at least one member (a 512-byte header and a 512-byte block), so a shard of n bytes
+# holds at most n / 1024 samples.
+MAX_MANIFEST_BYTES = 64 << 20
+MAX_MANIFEST_DEPTH = 32
+MIN_SAMPLE_BYTES = 1024
 # Keys of the top-level JSON object that have their own attribute on Manifest.
 _KNOWN_KEYS = {"name", "splits", "num_classes", "class_names", "image_size"}
 # A URL scheme webdataset opens (http:, pipe:, file:, ...); a Windows drive letter is not one.
@@ -128,7 +136,9 @@ class Manifest:
                 )
             where = _join(self.base, info.labels_file)
             try:
-                labels = np.load(io.BytesIO(_read_bytes(where)), allow_pickle=False)
+                # int64 labels plus the .npy header (at most 64 KiB)
+                raw = _read_bytes(where, 8 * info.num_samples + (64 << 10), "Label file")
+                labels = np.load(io.BytesIO(raw), allow_pickle=False)
             except (OSError, ValueError) as err:
                 raise UserError(f"Label file '{where}' of manifest '{self.source}' cannot be read ({err}); "
                                 "rewrite the shards with make_shards.") from None
@@ -164,14 +174,56 @@ def _dirname(location: str) -> str:
     return os.path.dirname(os.path.abspath(location))
 
 
-def _read_bytes(location: str) -> bytes:
+def _read_bytes(location: str, limit: int, what: str) -> bytes:
+    """The bytes of a manifest or label file, refused (UserError) when larger than `limit` or, for a
+    local path, not a regular file: reading a FIFO would wait forever for a writer."""
+
+    def too_big(size: str) -> UserError:
+        return UserError(f"{what} '{location}' is {size} bytes, more than the {limit:,} it can be; "
+                         "rewrite the shards with make_shards.")
+
     if is_url(location):
         import webdataset as wds
 
         with wds.gopen(location) as stream:
-            return stream.read()
-    with open(location, "rb") as f:
-        return f.read()
+            raw = stream.read(limit + 1)
+        if len(raw) > limit:
+            raise too_big("more than that")
+        return raw
+    info = os.stat(location)  # FileNotFoundError: the caller says what to do
+    if not stat.S_ISREG(info.st_mode):
+        raise UserError(f"{what} '{location}' is not a regular file ({_kind(info.st_mode)}); "
+                        "point to a folder written by make_shards.")
+    if info.st_size > limit:
+        raise too_big(f"{info.st_size:,}")
+    # O_NONBLOCK: should the path have become a FIFO since the stat, opening it does not wait
+    with open(os.open(location, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise UserError(f"{what} '{location}' is not a regular file; point to a folder written by make_shards.")
+        raw = f.read(limit + 1)
+    if len(raw) > limit:
+        raise too_big("more than that")
+    return raw
+
+
+def _kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return kind
+    return "a special file"
+
+
+def _depth(data: Any) -> int:
+    """How deeply JSON containers nest in `data` (iteratively: a deep one must not recurse here)."""
+    deepest, stack = 0, [(data, 1)]
+    while stack:
+        node, level = stack.pop()
+        if isinstance(node, (dict, list)):
+            deepest = max(deepest, level)
+            children = node.values() if isinstance(node, dict) else node
+            stack.extend((child, level + 1) for child in children if isinstance(child, (dict, list)))
+    return deepest
 
 
 def expand_shard_spec(shards: str | Sequence[str]) -> list[str]:
@@ -214,19 +266,62 @@ def read_manifest(path_or_dir: Any) -> Manifest:
         return path_or_dir
     location = locate_manifest(path_or_dir)
     try:
-        raw = _read_bytes(location)
+        raw = _read_bytes(location, MAX_MANIFEST_BYTES, "Manifest")
     except FileNotFoundError:
+        missing = _missing_local_path(path_or_dir)
+        if missing is not None:  # name what the user gave, not the _info.json guessed next to it
+            where = "do not exist" if missing == os.fspath(path_or_dir) else f"are not there: '{missing}' does not exist"
+            raise UserError(f"Shards '{path_or_dir}' {where}; pass the folder that make_shards wrote "
+                            "(it holds the shards and their _info.json).") from None
         raise UserError(
             f"No manifest at '{location}'; write the shards with `python -m vitmpp.datasets.make_shards`, "
             "or point to the folder that holds their _info.json."
         ) from None
     except (OSError, ValueError) as err:
         raise UserError(f"Manifest '{location}' cannot be read: {err}.") from None
+    too_deep = UserError(f"Manifest '{location}' nests JSON more than {MAX_MANIFEST_DEPTH} levels deep, which no "
+                         "manifest does; rewrite it with make_shards.")
     try:
         data = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise UserError(f"Manifest '{location}' is not valid JSON ({err}); rewrite it with make_shards.") from None
-    return parse_manifest(data, root=_dirname(location), source=location)
+    except RecursionError:  # json's parser recurses per level: ~1,000 levels is Python's limit
+        raise too_deep from None
+    if _depth(data) > MAX_MANIFEST_DEPTH:
+        raise too_deep
+    manifest = parse_manifest(data, root=_dirname(location), source=location)
+    _check_capacity(manifest)
+    return manifest
+
+
+def _missing_local_path(given: Any) -> str | None:
+    """The part of a local shard location that does not exist: the path itself, or for a
+    pattern (`{000..009}`, `*`) its folder; None for URLs, lists and existing paths."""
+    if not isinstance(given, (str, os.PathLike)):
+        return None
+    text = os.fspath(given)
+    if is_url(text):
+        return None
+    if any(ch in text for ch in "{*?["):
+        folder = os.path.dirname(text) or "."
+        return None if os.path.isdir(folder) else folder
+    return None if os.path.exists(text) else text
+
+
+def _check_capacity(manifest: Manifest) -> None:
+    """Every shard can hold the samples the manifest gives it (MIN_SAMPLE_BYTES each), by the sizes it
+    recorded (`shard_bytes`) or, for local shards of manifests without them (timm's), by the files:
+    sample counts drive allocations (index arrays, label masks) before any shard is read."""
+    for key, info in manifest.splits.items():
+        sizes: list[int | None] = list(info.shard_bytes or [None] * len(info.filenames))
+        for k, (name, length) in enumerate(zip(info.filenames, info.shard_lengths)):
+            path = _join(manifest.base, name)
+            if sizes[k] is None and not is_url(path) and os.path.isfile(path):
+                sizes[k] = os.path.getsize(path)
+            if sizes[k] is not None and length * MIN_SAMPLE_BYTES > sizes[k]:
+                raise UserError(f"Manifest '{manifest.source}' is invalid: split '{key}' gives shard '{name}' "
+                                f"{length:,} samples, more than its {sizes[k]:,} bytes can hold; "
+                                "rewrite it with make_shards.")
 
 
 def parse_manifest(data: Any, *, root: str, source: str) -> Manifest:
@@ -246,13 +341,13 @@ def parse_manifest(data: Any, *, root: str, source: str) -> Manifest:
             raise bad(f"split '{key}' is not an object")
         try:
             filenames = [str(f) for f in info["filenames"]]
-            lengths = [int(n) for n in info["shard_lengths"]]
-            num_samples = int(info["num_samples"])
-        except (KeyError, TypeError, ValueError) as err:
+            lengths = [_count(n, f"split '{key}' shard_lengths", bad) for n in info["shard_lengths"]]
+            num_samples = _count(info["num_samples"], f"split '{key}' num_samples", bad)
+        except (KeyError, TypeError) as err:
             raise bad(f"split '{key}' lacks or mangles {err}") from None
         if len(filenames) != len(lengths):
             raise bad(f"split '{key}' lists {len(filenames)} filenames but {len(lengths)} shard_lengths")
-        if any(n < 0 for n in lengths) or sum(lengths) != num_samples:
+        if sum(lengths) != num_samples:
             raise bad(f"split '{key}' has num_samples {num_samples} but its shard_lengths sum to {sum(lengths)}")
         for name in filenames + ([info["labels_file"]] if info.get("labels_file") else []):
             # Names come from a file that may not be ours: a scheme (pipe: runs a shell
@@ -261,7 +356,9 @@ def parse_manifest(data: Any, *, root: str, source: str) -> Manifest:
                 raise bad(f"split '{key}' names '{name}', which is not a plain relative file name")
         shard_bytes = info.get("shard_bytes")
         if shard_bytes is not None:
-            shard_bytes = [int(b) for b in shard_bytes]
+            if not isinstance(shard_bytes, list):
+                raise bad(f"split '{key}' has 'shard_bytes' that is not a list")
+            shard_bytes = [_count(b, f"split '{key}' shard_bytes", bad) for b in shard_bytes]
             if len(shard_bytes) != len(filenames):
                 raise bad(f"split '{key}' lists {len(shard_bytes)} shard_bytes for {len(filenames)} shards")
         splits[key] = SplitInfo(
@@ -271,17 +368,17 @@ def parse_manifest(data: Any, *, root: str, source: str) -> Manifest:
     class_names = data.get("class_names") or []
     if not isinstance(class_names, list):
         raise bad("'class_names' is not a list")
-    num_classes = data.get("num_classes", len(class_names))
-    try:
-        num_classes = int(num_classes)
-    except (TypeError, ValueError):
-        raise bad(f"'num_classes' is {num_classes!r}, not an integer") from None
+    num_classes = _count(data.get("num_classes", len(class_names)), "'num_classes'", bad)
+    # A model allocates a weight per class (a head of num_classes x width) before any shard is read:
+    # the count must agree with the names, or without names be one a split could show.
+    total = sum(info.num_samples for info in splits.values())
+    if class_names and num_classes != len(class_names):
+        raise bad(f"'num_classes' is {num_classes:,} but 'class_names' lists {len(class_names):,}")
+    if not class_names and num_classes > total:
+        raise bad(f"'num_classes' is {num_classes:,}, more than its {total:,} samples could show")
     image_size = data.get("image_size")
     if image_size is not None:
-        try:
-            image_size = int(image_size)
-        except (TypeError, ValueError):
-            raise bad(f"'image_size' is {image_size!r}, not an integer or null") from None
+        image_size = _count(image_size, "'image_size'", bad, "an integer or null")
     extra = {k: v for k, v in data.items() if k not in _KNOWN_KEYS}
     base = root if is_url(root) else os.path.abspath(root)
     return Manifest(
@@ -290,3 +387,15 @@ def parse_manifest(data: Any, *, root: str, source: str) -> Manifest:
         class_names=[str(c) for c in class_names], image_size=image_size, extra=extra,
         source=source, base=base,
     )
+
+
+def _count(value: Any, what: str, bad, kind: str = "a non-negative integer") -> int:
+    """`value` as a count (a JSON integer >= 0; not a bool, float or string), else `bad(...)`."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise bad(f"{what} is {_show(value)}, not {kind}")
+    return value
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."

@@ -13,15 +13,27 @@ but not on its decoders or its error handlers:
   charged with exactly the samples the manifest says it still held, and a sample
   whose image or label is bad is charged once, without sleeping;
 - nothing is ever written to disk, so tar member names (`../x`, `/etc/x`) are only
-  dictionary keys.
+  dictionary keys;
+- a key that appears again in the same shard (webdataset's grouping raises there and
+  the rest of the shard was lost) is a duplicate: it takes its place in the shard's
+  count, is charged as one skipped sample and never decoded, and reading goes on;
+- a local shard is opened only once `stat` says it is a regular file: a FIFO named as
+  a shard would block its reader forever;
+- images of every mode become RGB through `transforms.to_rgb` (16-bit values scaled,
+  alpha composited), not through a clipping `convert("RGB")`.
 """
 from __future__ import annotations
 
 import io
+import os
+import stat
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 from PIL import Image
+
+from .manifest import is_url
+from .transforms import UnknownScale, to_rgb
 
 IMAGE_MEMBERS = ("jpg", "jpeg", "png", "webp")
 ALLOWED_MEMBERS = set(IMAGE_MEMBERS) | {"cls", "json"}
@@ -60,6 +72,37 @@ class Tally:
         return skipped, notes
 
 
+def _samples(files: Iterator[dict]) -> Iterator[tuple[dict, bool]]:
+    """Group tar members into samples by key, as webdataset's `group_by_keys` does, yielding
+    (members, duplicate): a member name repeated within a sample starts the next sample, and
+    a sample whose key was met before in this shard is a duplicate."""
+    from webdataset.tariterators import base_plus_ext
+
+    seen: set[str] = set()
+    current: dict | None = None
+    for f in files:
+        key, suffix = base_plus_ext(f["fname"])
+        if key is None:
+            continue
+        suffix = suffix.lower()
+        if current is None or key != current["__key__"] or suffix in current:
+            if current is not None:
+                yield current, current["__key__"] in seen
+                seen.add(current["__key__"])
+            current = {"__key__": key, "__url__": f["__url__"]}
+        current[suffix] = f["data"]
+    if current is not None:
+        yield current, current["__key__"] in seen
+
+
+def _open_local(url: str):
+    """A local shard opened for reading after `stat` says it is a regular file (never a FIFO)."""
+    mode = os.stat(url).st_mode
+    if not stat.S_ISREG(mode):
+        raise OSError(f"{url} is not a regular file")
+    return open(url, "rb")
+
+
 def read_shard(url: str, offset: int, length: int, wanted: Callable[[int], bool] | None,
                tally: Tally, count_lost: bool = True) -> Iterator[RawSample]:
     """Yield the wanted samples of one shard, in order, with global indices offset + position.
@@ -69,7 +112,7 @@ def read_shard(url: str, offset: int, length: int, wanted: Callable[[int], bool]
     """
     from webdataset.gopen import gopen
     from webdataset.handlers import reraise_exception
-    from webdataset.tariterators import group_by_keys, tar_file_iterator
+    from webdataset.tariterators import tar_file_iterator
 
     position = 0
 
@@ -84,16 +127,22 @@ def read_shard(url: str, offset: int, length: int, wanted: Callable[[int], bool]
             yield f
 
     try:
-        stream = gopen(url)
+        stream = gopen(url) if is_url(url) else _open_local(url)
         try:
             files = with_url(tar_file_iterator(stream, handler=reraise_exception))
-            for members in group_by_keys(files, handler=reraise_exception):
+            for members, duplicate in _samples(files):
                 if position >= length:
                     tally.note(url, "long", f"shard {url} holds more samples than the {length} its manifest lists; "
                                             "the extra ones are ignored")
                     break
                 index = offset + position
                 position += 1
+                if duplicate:
+                    tally.note(url, "duplicate", f"shard {url} holds key {members['__key__']} more than once; "
+                                                 "each repeat is skipped")
+                    if count_lost and (wanted is None or wanted(index)):
+                        tally.skipped += 1
+                    continue
                 unknown = set(members) - ALLOWED_MEMBERS - {"__key__", "__url__", "__local_path__"}
                 if unknown:
                     tally.note(url, "members", f"shard {url} holds members of type {', '.join(sorted(unknown))}, "
@@ -137,7 +186,9 @@ def decode_sample(raw: RawSample, num_classes: int, draft_side: int | None) -> t
             if draft_side and img.format == "JPEG" and min(img.size) >= 2 * draft_side:
                 img.draft("RGB", (draft_side, draft_side))  # decode at 1/2, 1/4 or 1/8 scale
             img.load()
-            image = img.convert("RGB")
+            image = to_rgb(img)
+    except UnknownScale as err:
+        raise BadSample(str(err)) from None
     except Exception as err:  # PIL raises many types on bad bytes (OSError, SyntaxError, ValueError, ...)
         raise BadSample(f"image cannot be decoded ({type(err).__name__})") from None
     return image, label

@@ -12,6 +12,26 @@ demand) so the train/validation split can be stratified before anything is read:
 - `imagefolder`: a class-per-folder tree; files PIL cannot read are reported as
   skipped, never fatal;
 - `torchvision`: a torchvision data set already on disk (`download=False`).
+
+An ImageFolder is read exactly: its samples are the regular files under the class
+folders, each labelled by the class folder it really lies in, so a link can neither
+repeat images nor move them to another label, and nothing blocks:
+
+- classes are the real, non-hidden sub-folders of `--root`, in sorted name order; a
+  class folder without any file is refused (its label would belong to no image, and
+  adding one image later would shift every label after it);
+- a symlink to a folder is never followed, whether it leads back inside the tree (a
+  loop such as `cat/loop -> ..` would file every other class under `cat`) or outside
+  `--root`;
+- a symlink to a file is followed when it resolves to a regular file, wherever that
+  lies (a "symlink farm", a labelled view of images stored elsewhere, is a common way
+  to build a data set; a file link cannot loop), and the image is filed under the
+  folder the link is in;
+- FIFOs, sockets and devices are never opened (reading a FIFO waits forever);
+- everything not read is listed with its reason in the manifest's skipped inputs.
+
+Images of every PIL mode become RGB through `transforms.to_rgb` (16-bit and float
+pixels scaled, alpha composited), never through a clipping `convert("RGB")`.
 """
 from __future__ import annotations
 
@@ -20,6 +40,7 @@ import inspect
 import io
 import math
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -28,6 +49,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from vitmpp.common.errors import UserError
+
+from .transforms import UnknownScale, to_rgb
 
 SOURCES = ("digits", "synthetic", "imagefolder", "torchvision")
 # PIL format name -> our member extension, for passing encoded files through unchanged
@@ -40,7 +63,7 @@ class SkipInput(Exception):
 
 @dataclass
 class Loaded:
-    """A loaded input: the RGB image, plus its encoded bytes and extension when it came from a file."""
+    """A loaded input: the RGB image, plus its encoded bytes and extension when they decode to exactly it."""
 
     image: Image.Image
     data: bytes | None = None
@@ -182,12 +205,38 @@ def synthetic_source(count: int, image_size: int, num_classes: int, seed: int) -
 
 # ----------------------------------------------------------------------------- files
 
-def open_image_file(path: Path, *, keep_bytes: bool, draft_side: int | None = None) -> Loaded:
-    """Read and fully decode an image file; SkipInput with the reason if it is not one."""
+def special_kind(mode: int) -> str | None:
+    """'a FIFO', 'a socket', ... for a file mode that is neither a regular file nor a folder."""
+    for test, kind in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return kind
+    return None
+
+
+def read_regular_file(path: Path) -> bytes:
+    """The bytes of `path`, checked to be a regular file before it is opened (and again after,
+    through the descriptor): opening a FIFO waits for a writer forever, a device may not end."""
     try:
-        data = path.read_bytes()
+        kind = special_kind(os.stat(path).st_mode)
+        if kind is not None:
+            raise SkipInput(f"{kind}, not a regular file")
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as f:
+            kind = special_kind(os.fstat(fd).st_mode)
+            if kind is not None:
+                raise SkipInput(f"{kind}, not a regular file")
+            return f.read()
     except OSError as err:
         raise SkipInput(f"unreadable: {err.strerror or err}") from None
+
+
+def open_image_file(path: Path, *, keep_bytes: bool, draft_side: int | None = None) -> Loaded:
+    """Read and fully decode an image file; SkipInput with the reason if it is not one.
+
+    The file's bytes are kept (passed through to the shard) only when they decode to the
+    same RGB pixels in any reader: RGB or grey, without a transparent colour."""
+    data = read_regular_file(path)
     try:
         with Image.open(io.BytesIO(data)) as img:
             fmt = img.format
@@ -195,44 +244,121 @@ def open_image_file(path: Path, *, keep_bytes: bool, draft_side: int | None = No
                 # decode at a reduced DCT scale when the result is still at least draft_side
                 img.draft("RGB", (draft_side, draft_side))
             img.load()
-            rgb = img.convert("RGB")
+            exact = img.mode in ("RGB", "L") and "transparency" not in img.info
+            rgb = to_rgb(img)
     except Image.DecompressionBombError as err:
         raise SkipInput(f"too large to decode safely: {err}") from None
+    except UnknownScale as err:
+        raise SkipInput(str(err)) from None
     except Exception as err:  # PIL raises many types (UnidentifiedImageError, OSError, SyntaxError, ...)
         reason = "not an image" if isinstance(err, Image.UnidentifiedImageError) else f"corrupt image: {err}"
         raise SkipInput(reason) from None
-    ext = PIL_FORMAT_EXT.get(fmt or "")
+    ext = PIL_FORMAT_EXT.get(fmt or "") if exact else None
     return Loaded(rgb, data if keep_bytes and ext else None, ext)
 
 
-def imagefolder_source(root: Path, max_size: int | None) -> SourceData:
-    """A class-per-folder tree under `root` (classes are the sorted sub-folder names)."""
-    from torchvision.datasets.folder import find_classes
+def _is_inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
 
+
+def _list_class(folder: Path, root: Path, real_root: str, skipped: list[dict]) -> list[Path]:
+    """The files of one class folder in name order, by the rules of the module docstring.
+
+    Folders are recognised from `lstat` (never through a link); each real folder is entered
+    once (a bind mount can make real folders loop too)."""
+    files: list[Path] = []
+    entered: set[tuple[int, int]] = set()
+
+    def skip(path: Path, reason: str) -> None:
+        skipped.append({"path": path.relative_to(root).as_posix(), "reason": reason})
+
+    def visit(directory: Path) -> None:
+        try:
+            info = os.stat(directory, follow_symlinks=False)
+            if (info.st_dev, info.st_ino) in entered:
+                skip(directory, "folder already read through another path, not read again")
+                return
+            entered.add((info.st_dev, info.st_ino))
+            with os.scandir(directory) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as err:
+            skip(directory, f"unreadable folder: {err.strerror or err}")
+            return
+        folders = []
+        for entry in entries:
+            path = Path(entry.path)
+            try:
+                mode = entry.stat(follow_symlinks=False).st_mode
+                if stat.S_ISDIR(mode):
+                    folders.append(path)
+                elif stat.S_ISREG(mode):
+                    files.append(path)
+                elif stat.S_ISLNK(mode):
+                    target = os.path.realpath(path)
+                    target_mode = os.stat(path).st_mode
+                    where = "inside" if _is_inside(target, real_root) else "outside"
+                    if stat.S_ISDIR(target_mode):
+                        skip(path, f"symlink to a folder {where} --root, not followed")
+                    elif not stat.S_ISREG(target_mode):
+                        skip(path, f"symlink to {special_kind(target_mode) or 'a special file'}, not followed")
+                    else:
+                        files.append(path)
+                else:
+                    skip(path, f"{special_kind(mode) or 'a special file'}, not a regular file")
+            except OSError as err:  # a dangling or looping symlink, a file removed meanwhile
+                skip(path, f"unreadable: {err.strerror or err}")
+        for path in folders:  # a folder's files first, then its sub-folders (os.walk's order)
+            visit(path)
+
+    visit(folder)
+    return files
+
+
+def imagefolder_source(root: Path, max_size: int | None) -> SourceData:
+    """A class-per-folder tree under `root`, read exactly (module docstring)."""
     root = Path(root)
     if not root.is_dir():
-        raise UserError(f"Image folder '{root}' given with --root does not exist; pass a folder of class sub-folders.")
-    try:
-        class_names, class_to_idx = find_classes(str(root))
-    except FileNotFoundError:
-        raise UserError(f"Image folder '{root}' has no class sub-folders; put each class's images in its own "
-                        "sub-folder (root/cat/1.jpg, root/dog/2.jpg).") from None
-    skipped = [{"path": p.name, "reason": "outside a class folder"}
-               for p in sorted(root.iterdir()) if p.is_file()]
+        what = "does not exist" if not root.exists() else "is not a folder"
+        raise UserError(f"Image folder '{root}' given with --root {what}; pass a folder of class sub-folders.")
+    real_root = os.path.realpath(root)
+    skipped: list[dict] = []
+    class_names: list[str] = []
+    with os.scandir(root) as it:
+        entries = sorted(it, key=lambda e: e.name)
+    for entry in entries:
+        if entry.is_dir(follow_symlinks=False):
+            if entry.name.startswith("."):
+                skipped.append({"path": entry.name, "reason": "hidden folder, not a class"})
+            else:
+                class_names.append(entry.name)
+        elif entry.is_symlink() and entry.is_dir():
+            skipped.append({"path": entry.name, "reason": "symlink to a folder, not followed (not a class)"})
+        else:
+            skipped.append({"path": entry.name, "reason": "outside a class folder"})
+    if not class_names:
+        linked = [s["path"] for s in skipped if s["reason"].startswith("symlink to a folder")]
+        hint = (f"its {len(linked)} symlinked folders (e.g. '{linked[0]}') are not followed, so pass the folder they "
+                "lead to as --root" if linked else
+                "put each class's images in its own sub-folder (root/cat/1.jpg, root/dog/2.jpg)")
+        raise UserError(f"Image folder '{root}' has no class sub-folders; {hint}.")
 
     def loader(path: Path) -> Callable[[], Loaded]:
         return lambda: open_image_file(path, keep_bytes=True, draft_side=max_size)
 
-    items = []
-    for name in class_names:
+    items, empty = [], []
+    for label, name in enumerate(class_names):
         # every file is tried: an extension filter would hide mislabelled files instead of reporting them
-        for dirpath, dirnames, filenames in os.walk(root / name, followlinks=True):
-            dirnames.sort()
-            for fname in sorted(filenames):
-                path = Path(dirpath) / fname
-                items.append(Item(class_to_idx[name], str(path.relative_to(root)), loader(path)))
+        files = _list_class(root / name, root, real_root, skipped)
+        if not files:
+            empty.append(name)
+        items += [Item(label, path.relative_to(root).as_posix(), loader(path)) for path in files]
+    if empty:
+        which = (f"Class folder '{empty[0]}' under '{root}' holds" if len(empty) == 1 else
+                 f"Class folders {', '.join(repr(n) for n in empty)} under '{root}' hold")
+        raise UserError(f"{which} no files; add images or remove it (every folder is a class, and a class "
+                        "without images would take a label no sample has).")
     name = "".join(c if c.isalnum() or c == "_" else "_" for c in root.resolve().name) or "images"
-    return SourceData(name, list(class_names), items=items, skipped=skipped)
+    return SourceData(name, class_names, items=items, skipped=skipped)
 
 
 # ----------------------------------------------------------------------------- torchvision
@@ -246,6 +372,7 @@ def torchvision_source(dataset: str, root: Path | None) -> SourceData:
     cls = getattr(tvd, dataset, None)
     if not (inspect.isclass(cls) and issubclass(cls, tvd.VisionDataset)):
         raise UserError(f"'{dataset}' given with --dataset is not a torchvision data set (e.g. CIFAR10, MNIST).")
+    refuse_special_files(Path(root))
     params = inspect.signature(cls.__init__).parameters
     kwargs = {"download": False} if "download" in params else {}
 
@@ -275,7 +402,10 @@ def torchvision_source(dataset: str, root: Path | None) -> SourceData:
                     raise SkipInput(f"unreadable: {err}") from None
                 if not isinstance(image, Image.Image):
                     raise SkipInput(f"{dataset}[{i}] is a {type(image).__name__}, not an image")
-                return Loaded(image.convert("RGB"))
+                try:
+                    return Loaded(to_rgb(image))
+                except UnknownScale as err:
+                    raise SkipInput(str(err)) from None
             return fetch
         return [Item(int(labels[i]), f"{dataset}/{split}[{i}]", loader(i)) for i in range(len(ds))]
 
@@ -287,6 +417,27 @@ def torchvision_source(dataset: str, root: Path | None) -> SourceData:
         return SourceData(name, classes or _classes_from(items), items=items)
     fixed = {split: items_of(ds, split) for split, ds in parts.items()}
     return SourceData(name, classes or _classes_from(fixed["train"] + fixed["validation"]), fixed_splits=fixed)
+
+
+def refuse_special_files(root: Path) -> None:
+    """UserError naming a FIFO, socket or device under `root` (or a link to one), or a symlink to
+    one of its own parent folders: torchvision reads the files it expects without checking (it
+    would wait forever on a FIFO), and its ImageFolder follows every symlinked folder."""
+    for dirpath, dirnames, filenames in os.walk(root):  # symlinked folders are not entered
+        for dname in dirnames:
+            path = os.path.join(dirpath, dname)
+            if os.path.islink(path) and _is_inside(os.path.realpath(dirpath), os.path.realpath(path)):
+                raise UserError(f"'{path}' under --root is a symlink to one of its own parent folders, which "
+                                "would be read again and again; remove it.")
+        for fname in filenames:
+            path = os.path.join(dirpath, fname)
+            try:
+                kind = special_kind(os.stat(path).st_mode)
+            except OSError:  # a dangling link: torchvision reports a missing file itself
+                continue
+            if kind is not None:
+                raise UserError(f"'{path}' under --root is {kind}, not a regular file, and reading it could wait "
+                                "forever; remove it or point --root at the data set's own files.")
 
 
 def _dataset_labels(ds) -> list[int]:

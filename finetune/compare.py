@@ -5,8 +5,11 @@
 Every cell (encoder x protocol x label fraction x seed) is one run of
 `finetune/main.py` in its own process and run folder under `<output_dir>/cells/`; a
 cell whose results.json exists is skipped, so an interrupted comparison continues
-where it stopped. `scratch` does not depend on an encoder: it runs once per label
-fraction and seed, with the architecture of the first encoder. An encoder named
+where it stopped. The output folder is locked while a comparison writes it (as a run
+folder is: `vitmpp.common.rundir`), and each cell's folder by its own run; with
+`--overwrite` an interrupted cell continues under the changed config (`--allow-changes`),
+which its config history records. `scratch` does not depend on an encoder: it runs once
+per label fraction and seed, with the architecture of the first encoder. An encoder named
 `random` with path `random` is a randomly initialised copy of that architecture
 (the floor for linear probes and kNN; it is not fine-tuned: that is `scratch`).
 
@@ -32,6 +35,7 @@ from typing import Optional
 from vitmpp.common.config import load_config, param, save_config, to_dict
 from vitmpp.common.errors import ConfigError, UserError, cli_entry
 from vitmpp.common.io import atomic_write
+from vitmpp.common.rundir import check_location, lock_run_folder
 
 from vitmpp.finetune.config import PROTOCOLS
 
@@ -120,7 +124,8 @@ def _encoder_file(path: str) -> Path:
     return file
 
 
-def run_cell(cfg: CompareConfig, cell: Cell, encoder_paths: dict[str, str], cells_dir: Path) -> dict:
+def run_cell(cfg: CompareConfig, cell: Cell, encoder_paths: dict[str, str], cells_dir: Path,
+             allow_changes: bool = False) -> dict:
     folder = cells_dir / cell.name
     done = folder / "results.json"
     if done.is_file():
@@ -128,7 +133,8 @@ def run_cell(cfg: CompareConfig, cell: Cell, encoder_paths: dict[str, str], cell
     launcher = shlex.split(cfg.launcher) if cfg.launcher else [sys.executable, "-m", "vitmpp.finetune.main"]
     args = ["--config", cfg.recipes[cell.protocol], f"protocol={cell.protocol}",
             f"data.label_fraction={cell.label_fraction}", f"train.seed={cell.seed}",
-            f"run.output_dir={cells_dir}", f"run.name={cell.name}", *cfg.overrides, "--resume", "auto"]
+            f"run.output_dir={cells_dir}", f"run.name={cell.name}", *cfg.overrides, "--resume", "auto",
+            *(["--allow-changes"] if allow_changes else [])]
     if cell.protocol == "scratch":
         args.append(f"encoder={encoder_paths[next(iter(encoder_paths))]}")
     else:
@@ -226,11 +232,18 @@ def write_csv(rows: list[dict], path: Path) -> None:
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(prog="python -m vitmpp.finetune.compare", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="configs/compare/*.yaml")
-    parser.add_argument("--overwrite", action="store_true", help="allow a different config in an output folder that holds results")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="allow a different config in an output folder that holds results (interrupted cells "
+                             "continue under it)")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_intermixed_args(argv)
     cfg = load_config(CompareConfig, args.config, args.overrides)
     out = Path(cfg.output_dir)
+    check_location(out, output_key="output_dir")
+    # held until this process ends; each cell's run locks its own folder
+    taken_over = lock_run_folder(out, output_key="output_dir", name_key="output_dir")
+    if taken_over:
+        print(f"warning: {taken_over}", file=sys.stderr, flush=True)
     saved = out / "compare.yaml"
     if saved.is_file() and not args.overwrite:
         import yaml
@@ -249,7 +262,7 @@ def main(argv: list[str] | None = None) -> Path:
         encoder_paths[name] = str(random_encoder(cfg, out)) if path == "random" else str(_encoder_file(path).parent)
     rows = []
     for cell in cells(cfg):
-        result = run_cell(cfg, cell, encoder_paths, out / "cells")
+        result = run_cell(cfg, cell, encoder_paths, out / "cells", allow_changes=args.overwrite)
         rows.append({**{k: result[k] for k in result if not isinstance(result[k], (dict, list))},
                      "encoder": cell.encoder, "protocol": cell.protocol, "label_fraction": cell.label_fraction,
                      "seed": cell.seed})

@@ -88,4 +88,9 @@ class FinetuneConfig:
                 raise ConfigError("Mixup/cutmix need an even 'train.per_device_batch'; change it or set regularization.mixup=0 and cutmix=0.")
 
 
-RESUMABLE_KEYS = ("log.", "data.num_workers", "data.shards", "debug.", "run.", "eval_every", "eval_every_steps")
+# Keys (prefixes) that may change when a run is resumed: they do not alter what is trained (logging,
+# fault injection, the run's place and length, workers, where the shards live, abort thresholds, how
+# often and in what batches the validation split is evaluated). Any other change needs --allow-changes.
+RESUMABLE_KEYS = ("log.", "debug.", "run.", "train.steps", "train.epochs", "train.max_nonfinite_steps",
+                  "train.peak_tflops", "data.num_workers", "data.shards", "data.max_skip_fraction", "knn.batch_size",
+                  "eval_every", "eval_every_steps")

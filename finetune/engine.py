@@ -16,6 +16,7 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
@@ -129,6 +130,7 @@ class EvaluationData:
         if cfg.data.label_fraction < 1:
             self.keep = balanced_subset(self.manifest.labels(cfg.data.train_split), cfg.data.label_fraction, cfg.train.seed)
         self.num_train = len(self.keep) if self.keep is not None else self.manifest.split(cfg.data.train_split).num_samples
+        self._warn_unseen_classes(cfg, run)
         mean, std = normalisation(cfg, self.info)
         self.mean = torch.tensor(mean, device=run.device).view(1, 3, 1, 1)
         self.std = torch.tensor(std, device=run.device).view(1, 3, 1, 1)
@@ -138,6 +140,26 @@ class EvaluationData:
                       max_skip_fraction=cfg.data.max_skip_fraction)
         self.val_spec = LoaderSpec(split=cfg.data.val_split, **common)
         self.train_eval_spec = LoaderSpec(split=cfg.data.train_split, keep_indices=_as_tuple(self.keep), **common)
+
+    def _warn_unseen_classes(self, cfg: FinetuneConfig, run: Run) -> None:
+        """Validation classes that training never shows are scored as errors whatever the encoder
+        is worth: say which ones (manifests without label files cannot be checked)."""
+        train_split, val_split = cfg.data.train_split, cfg.data.val_split
+        if not (self.manifest.split(train_split).labels_file and self.val_split.labels_file):
+            return
+        train = self.manifest.labels_array(train_split)  # a label subset keeps every class: no need to narrow
+        val = self.manifest.labels_array(val_split)
+        unseen = sorted(set(val.tolist()) - set(train.tolist()))
+        if not unseen:
+            return
+        names = self.manifest.class_names
+        named = ", ".join(repr(names[c]) if c < len(names) else str(c) for c in unseen[:10])
+        more = f" and {len(unseen) - 10} more" if len(unseen) > 10 else ""
+        count = int(np.isin(val, unseen).sum())
+        run.console.warn(f"validation split '{val_split}' of {self.shards} holds {len(unseen)} class(es) that "
+                         f"training never sees: {named}{more} ({count} of {len(val)} validation images, which no "
+                         f"classifier trained here can get right); rewrite the shards so that every class is in "
+                         f"'{train_split}'.")
 
     def summary(self, cfg: FinetuneConfig, world: int) -> str:
         return (f"{cfg.protocol}: encoder {self.encoder_path or cfg.model.name}, {self.num_train} training images "
@@ -247,15 +269,16 @@ def run_dir_for(cfg: FinetuneConfig, config_path: str | None) -> Path:
     return Path(cfg.run.output_dir) / f"{cfg.protocol}-{encoder}-f{cfg.data.label_fraction:g}-s{cfg.train.seed}"
 
 
-def command(cfg: FinetuneConfig, config_path: str | None, resume: str | None) -> dict:
+def command(cfg: FinetuneConfig, config_path: str | None, resume: str | None, allow_changes: bool = False) -> dict:
     """What `finetune/main.py` runs once its command line is parsed."""
-    return run(cfg, run_dir_for(cfg, config_path), resume=resume)
+    return run(cfg, run_dir_for(cfg, config_path), resume=resume, allow_changes=allow_changes)
 
 
-def run(cfg: FinetuneConfig, run_dir: Path, resume: str | None = None, callbacks=()) -> dict:
+def run(cfg: FinetuneConfig, run_dir: Path, resume: str | None = None, callbacks=(), allow_changes: bool = False) -> dict:
     """Run one protocol as `cfg` says, in `run_dir`; returns the results written to results.json."""
     stage = FinetuneStage(cfg)
-    evaluation = open_run(cfg, run_dir, resume, resumable_keys=stage.resumable_keys, callbacks=callbacks)
+    evaluation = open_run(cfg, run_dir, resume, resumable_keys=stage.resumable_keys, allow_changes=allow_changes,
+                          callbacks=callbacks)
     finished = run_dir / "results.json"
     if resume is not None and finished.is_file():
         results = json.loads(finished.read_text())

@@ -34,7 +34,7 @@ from safetensors.torch import load_file, save_file
 from timm.models import VisionTransformer
 
 from vitmpp.common.errors import UserError
-from vitmpp.common.io import atomic_file
+from vitmpp.common.io import atomic_file, atomic_write, reported_writes
 
 from .encoder import create_encoder, encoder_spec, pos_embed_kind, set_sincos_pos_embed, standard_timm_name
 
@@ -66,28 +66,19 @@ def describe_encoder(encoder: VisionTransformer) -> dict:
     }
 
 
-def _atomic_write(path: Path, write) -> None:
-    """`write(temporary path)`, renamed over `path` when complete; a failed write is one sentence."""
-    try:
-        with atomic_file(path) as tmp:
-            write(tmp)
-    except OSError as err:
-        raise UserError(f"Could not write {path}: {err.strerror or err}; check the folder is writable and has space.") from None
-
-
 def save_encoder(encoder: VisionTransformer, out_dir: str | os.PathLike, *, objective: str | None = None,
                  step: int | None = None, extra: dict | None = None) -> Path:
     """Write out_dir/encoder.safetensors + out_dir/encoder.json (each atomically); returns the weights path.
 
     The JSON holds the architecture (`describe_encoder`), `objective`, `step`,
     `extra` (e.g. the normalisation mean/std the encoder was trained with) and
-    library versions. The JSON is written first and the weights last, so a
-    present encoder.safetensors always comes with its description.
+    library versions. The JSON is renamed into place first and the weights last, so a
+    present encoder.safetensors always comes with its description; a write the disk
+    refuses (whatever safetensors raised) is one sentence, and no temporary file is left.
     """
     import timm
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     info: dict[str, Any] = {
         "format": FORMAT,
         **describe_encoder(encoder),
@@ -101,9 +92,13 @@ def save_encoder(encoder: VisionTransformer, out_dir: str | os.PathLike, *, obje
     text = json.dumps(info, indent=2, sort_keys=False, default=str) + "\n"
     # contiguous CPU copies: safetensors refuses shared or strided storage
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in encoder.state_dict().items()}
-    _atomic_write(out / INFO_NAME, lambda p: p.write_text(text))
-    _atomic_write(out / WEIGHTS_NAME,
-                  lambda p: save_file(tensors, str(p), metadata={"format": "pt", _METADATA_KEY: json.dumps(info, default=str)}))
+    advice = ("the previous export there, if any, is as it was; free space and export again "
+              "(a finished pretraining run exports again with --resume auto)")
+    with reported_writes(f"the encoder export in {out}", advice, out):
+        out.mkdir(parents=True, exist_ok=True)
+        with atomic_file(out / WEIGHTS_NAME) as weights:
+            save_file(tensors, str(weights), metadata={"format": "pt", _METADATA_KEY: json.dumps(info, default=str)})
+            atomic_write(out / INFO_NAME, text)  # before the weights are renamed; a failure here removes them
     return out / WEIGHTS_NAME
 
 

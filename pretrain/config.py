@@ -89,5 +89,8 @@ def _with_objective_section(name: str) -> type:
                                       bases=(PretrainConfig,))
 
 
-# Keys that may change when a run is resumed without being reported as a different run.
-RESUMABLE_KEYS = ("log.", "train.steps", "train.epochs", "data.num_workers", "data.shards", "debug.", "run.")
+# Keys (prefixes) that may change when a run is resumed: they do not alter what is computed (logging,
+# fault injection, the run's place and length, workers, where the shards live, abort thresholds).
+# Any other change needs --resume ... --allow-changes (see vitmpp.common.rundir).
+RESUMABLE_KEYS = ("log.", "debug.", "run.", "train.steps", "train.epochs", "train.max_nonfinite_steps",
+                  "train.peak_tflops", "data.num_workers", "data.shards", "data.max_skip_fraction")

@@ -101,15 +101,16 @@ def run_dir_for(cfg: PretrainConfig, config_path: str | None) -> Path:
     return Path(cfg.run.output_dir) / name
 
 
-def command(cfg: PretrainConfig, config_path: str | None, resume: str | None) -> Any:
+def command(cfg: PretrainConfig, config_path: str | None, resume: str | None, allow_changes: bool = False) -> Any:
     """What `pretrain/main.py` runs once its command line is parsed."""
-    return pretrain(cfg, run_dir_for(cfg, config_path), resume=resume)
+    return pretrain(cfg, run_dir_for(cfg, config_path), resume=resume, allow_changes=allow_changes)
 
 
-def pretrain(cfg: PretrainConfig, run_dir: Path, resume: str | None = None, callbacks=()) -> Any:
+def pretrain(cfg: PretrainConfig, run_dir: Path, resume: str | None = None, callbacks=(), allow_changes: bool = False) -> Any:
     """Pretrain an encoder as `cfg` says, in `run_dir`; returns `run_dir` (None when stopped early)."""
     stage = PretrainStage(cfg)
-    return train(stage, open_run(cfg, run_dir, resume, resumable_keys=stage.resumable_keys, callbacks=callbacks))
+    return train(stage, open_run(cfg, run_dir, resume, resumable_keys=stage.resumable_keys,
+                                 allow_changes=allow_changes, callbacks=callbacks))
 
 
 def export_encoder(accelerator, model, cfg: PretrainConfig, run_dir: Path, step: int, shards: str) -> None:

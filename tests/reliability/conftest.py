@@ -1,4 +1,6 @@
-"""Fault-injection tests: each is marked `@pytest.mark.fault(name, expect=...)`.
+"""Fault-injection tests: each is marked `@pytest.mark.fault(name, expect=..., lost=...)`;
+`lost` says what the user lost when the fault happened as the test makes it ("none" unless
+given; a test asserts it).
 
 With VITMPP_RELIABILITY_REPORT=docs/reliability.md set, the session writes a table of
 every fault tried, how many times, and the outcome the run actually had (from the
@@ -14,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-_RESULTS: dict[str, dict] = defaultdict(lambda: {"tries": 0, "passed": 0, "expect": "", "tests": set(), "seconds": 0.0})
+_RESULTS: dict[str, dict] = defaultdict(lambda: {"tries": 0, "passed": 0, "expect": "", "lost": "none", "tests": set(),
+                                                 "seconds": 0.0})
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -26,6 +29,7 @@ def pytest_runtest_makereport(item, call):
         return
     row = _RESULTS[marker.args[0]]
     row["expect"] = marker.kwargs.get("expect", "survived")
+    row["lost"] = marker.kwargs.get("lost", "none")
     row["tries"] += 1
     row["passed"] += int(report.passed)
     row["tests"].add(item.originalname or item.name)
@@ -58,4 +62,18 @@ def pytest_sessionfinish(session, exitstatus):
     lines += ["", "*survived*: the run finished with the same numbers as an uninterrupted one, or continued with the "
               "damage counted. *clear error*: it stopped with a one-sentence message naming the cause and a non-zero "
               "exit code, and nothing the user had was lost.", ""]
+    lines += [
+        "## What each fault cost the user",
+        "",
+        "Every fault above, with the outcome the tests saw and the data it lost (declared by each test's `lost=` and "
+        "asserted by it: files compared, runs resumed to the same numbers). The goal is *none* everywhere; a stop "
+        "that loses work names exactly what.",
+        "",
+        "| fault | outcome | data lost |",
+        "|---|---|---|",
+    ]
+    for name, row in sorted(_RESULTS.items()):
+        outcome = row["expect"] if row["passed"] == row["tries"] else "**FAILED**"
+        lines.append(f"| {name} | {outcome} | {row['lost']} |")
+    lines.append("")
     Path(target).write_text("\n".join(lines))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import pickle
 import typing
 
@@ -11,6 +12,7 @@ from hypothesis import strategies as st
 
 from datasets_helpers import MarkerPickle
 from engine_helpers import TINY, python_cmd, run
+from vitmpp.common.checkpoint import file_checksums
 from vitmpp.common.config import schema_keys
 from vitmpp.finetune.config import FinetuneConfig
 from vitmpp.models.objective import objective_names
@@ -154,6 +156,9 @@ def test_tampered_checkpoint_is_refused_without_running_it(tmp_path, digits16):
     marker = tmp_path / "pwned"
     checkpoint = tmp_path / "runs" / "default-mpp" / "checkpoints" / "step-0000002"
     (checkpoint / "optimizer.bin").write_bytes(pickle.dumps(MarkerPickle(str(marker))))
+    state = json.loads((checkpoint / "trainer_state.json").read_text())  # the tamperer rewrites the checksums too,
+    state["files"] = file_checksums(checkpoint)                           # so loading (weights-only) is what refuses
+    (checkpoint / "trainer_state.json").write_text(json.dumps(state))
     result = run(python_cmd("pretrain/main.py") + common + ["--resume", "auto"], cwd=tmp_path, check=False)
     assert result.returncode == 2 and not marker.exists()
     assert "refusing to load it" in result.stderr and "step-0000002" in result.stderr
