@@ -102,7 +102,8 @@ def test_bad_input_is_one_sentence_and_exit_2(problem, exported, digits32, tmp_p
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
-    expected = {"encoder": "No encoder at", "shards": "No manifest at", "split": "no split 'test'",
+    expected = {"encoder": "No encoder at", "shards": f"Shards '{tmp_path / 'no-shards'}' do not exist",
+                "split": "no split 'test'",
                 "num_images": "--num-images"}[problem]
     assert expected in err
     assert not (tmp_path / "out").exists()
