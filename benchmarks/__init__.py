@@ -13,7 +13,7 @@ Modules, one per group of rows (docs/benchmarks.md has the tables):
   checkpointing's memory and speed;
 * `loader`: shard loader vs torchvision ImageFolder on the same JPEGs, decode+crop
   per core, worker scaling, measured levers;
-* `pretrain_runs`: the real `pretrain/main.py` on shards vs in-memory batches, and
+* `pretrain_runs`: the real pretraining stage (what `pretrain/main.py` runs) on shards vs in-memory batches, and
   1 vs 2 processes (through `run_pretrain`, a child that records the engine's own
   throughput);
 * `syncs`: host-device synchronisations in the training loop, on any device;

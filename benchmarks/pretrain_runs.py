@@ -1,4 +1,4 @@
-"""Rows that run the real `pretrain/main.py`: end to end against in-memory batches, and
+"""Rows that run the real pretraining stage (what `pretrain/main.py` runs): end to end against in-memory batches, and
 1 against 2 processes.
 
 Each run is a child process (`vitmpp.benchmarks.run_pretrain`) so thread settings,

@@ -22,6 +22,7 @@ instrumentation use them, so nothing needs monkeypatching.
 from __future__ import annotations
 
 import time
+from abc import ABC, abstractmethod
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -243,8 +244,8 @@ class Plan:
     description: str  # one line for the start banner, e.g. "pretraining mpp on ... (1438 images)"
 
 
-class Stage:
-    """What a stage plugs into the loop. The loop calls, in this order:
+class Stage(ABC):
+    """What a stage plugs into the loop (`setup` and `forward` are required). The loop calls, in this order:
 
     setup -> (flops_per_image) -> [forward ... after_step] per step -> finish;
     state_dict on every checkpoint, load_state_dict on resume.
@@ -253,12 +254,13 @@ class Stage:
     name = "train"  # the progress bar's label
     resumable_keys: tuple[str, ...] = ()  # config keys that may change on --resume
 
+    @abstractmethod
     def setup(self, run: Run) -> Plan:
-        raise NotImplementedError
+        """Build the model, its optimizer (at `run.peak_lr`) and the training data's spec."""
 
+    @abstractmethod
     def forward(self, model: torch.nn.Module, batch) -> tuple[torch.Tensor, Any]:
         """One micro-batch (uint8 `Batch` on the host) -> (scalar loss, whatever after_step wants)."""
-        raise NotImplementedError
 
     def after_step(self, step: int, model: torch.nn.Module, output: Any) -> bool:
         """Between steps: pictures, evaluation. Return True to write a checkpoint now."""
