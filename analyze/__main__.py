@@ -10,12 +10,12 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from vitmpp.common.errors import UserError, cli_entry
 
-from .report import FIGURE_FILES, SUMMARY_NAME, analyze_encoder, write_analysis
+if TYPE_CHECKING:
+    import torch
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,6 +70,8 @@ def _choose_split(manifest, shards: str, requested: str | None) -> str:
 
 
 def _device(name: str) -> torch.device:
+    import torch
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -82,6 +84,8 @@ def _device(name: str) -> torch.device:
 
 
 def _check_args(args) -> None:
+    from .report import FIGURE_FILES, SUMMARY_NAME
+
     for flag, value in (("--num-images", args.num_images), ("--num-rollout-images", args.num_rollout_images),
                         ("--num-filters", args.num_filters), ("--batch-size", args.batch_size)):
         if value < 1:
@@ -106,6 +110,8 @@ def main(argv=None) -> int:
 
     from vitmpp.datasets import LoaderSpec, eval_transform, normalize_batch, open_loader, read_manifest
     from vitmpp.models import load_encoder, read_encoder_info
+
+    from .report import SUMMARY_NAME, analyze_encoder, write_analysis
 
     info = read_encoder_info(args.encoder)
     encoder = load_encoder(args.encoder, img_size=args.img_size)

@@ -15,11 +15,13 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from vitmpp.common.errors import UserError, cli_entry
 from vitmpp.common.io import atomic_write
 
-from .harness import Row, Settings, device_name, set_threads
+if TYPE_CHECKING:
+    from .harness import Row
 
 ROWS = ("objectives", "peer", "attention", "memory", "loader", "end_to_end", "scaling")
 
@@ -68,6 +70,8 @@ def print_table(rows: list[Row], stream=sys.stdout) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import torch
+
+    from .harness import Row, Settings, device_name, set_threads  # after --help: they import torch
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda was given but PyTorch sees no CUDA device; run with --device cpu.")

@@ -3,7 +3,7 @@
 
 Each run is a child process (`vitmpp.benchmarks.run_pretrain`) so thread settings,
 Accelerate's process state and the data-loading workers are those of a real run;
-throughput is the engine's own `perf/images_per_sec` per logging interval, the
+throughput is the engine's own `system/pretrain/images_per_sec` per logging interval, the
 first intervals (start-up, first epoch's worker start) left out, median of the rest.
 """
 from __future__ import annotations
@@ -15,6 +15,8 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+from vitmpp.common.tracking import scalar_tag
 
 from .data import repeat_shards, shards_from_folder, synthetic_shards, write_photo_folder
 from .harness import Row, Settings, median, verdict
@@ -68,7 +70,7 @@ def run_pretrain(settings: Settings, overrides: list[str], *, synthetic: bool, p
     return rows
 
 
-def steady_rate(intervals: list[dict], key: str = "perf/images_per_sec") -> float:
+def steady_rate(intervals: list[dict], key: str = scalar_tag("pretrain", "images_per_sec")) -> float:
     """Median of an interval scalar, start-up intervals left out (all of them if that leaves none)."""
     values = [r[key] for r in intervals if key in r]
     kept = values[SKIP_INTERVALS:] or values
@@ -112,8 +114,8 @@ def end_to_end_rows(settings: Settings) -> list[Row]:
             _clean(settings, name)
             rates[arm].append(steady_rate(intervals))
             if arm == "shards":
-                waits.append(steady_rate(intervals, "perf/data_wait_fraction"))
-                losses = [r_["train/loss"] for r_ in intervals]
+                waits.append(steady_rate(intervals, scalar_tag("pretrain", "data_wait_fraction")))
+                losses = [r_[scalar_tag("pretrain", "loss")] for r_ in intervals]
     ratio = median(rates["shards"]) / median(rates["memory"])
     per_round = [a / b for a, b in zip(rates["shards"], rates["memory"])]
     note = (f"mae {settings.e2e_encoder} @{settings.e2e_img_size}px, batch {settings.e2e_batch}, "

@@ -8,8 +8,9 @@ auto|PATH]`), and the run is the stage's own code (config, Accelerate, objective
 logging, checkpoints) through `vitmpp.pretrain.engine.pretrain`, with one loop callback
 (`PerfRecorder`, public hooks of `vitmpp.common.loop.Callback`) adding:
 
-* every logging interval's scalars (`perf/images_per_sec`, `perf/data_wait_fraction`,
-  `perf/mfu`, the loss) appended to `--perf-out` as JSON lines by rank 0 (`on_log`);
+* every logging interval's scalars, by TensorBoard tag (`system/pretrain/images_per_sec`,
+  `system/pretrain/data_wait_fraction`, `system/pretrain/mfu`, `pretrain/loss`, ...),
+  appended to `--perf-out` as JSON lines by rank 0 (`on_log`);
 * with `--synthetic IMG_SIZE`, each epoch's shard loader replaced by one that yields a
   single pre-made uint8 batch of the same shape again and again (in memory, no workers;
   `on_loader`): the same run without any data loading, the denominator of the end-to-end

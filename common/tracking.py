@@ -16,9 +16,29 @@ from .optim import NonFiniteGuard
 
 # ----------------------------------------------------------------------------- TensorBoard
 
+# Scalar tags. TensorBoard's SCALARS dashboard groups tags by what comes before the first
+# "/", sorts groups and charts by name and opens the first two groups. So what a stage
+# learns goes under the stage's own namespace (`pretrain/loss`, `pretrain/lr`, `linear/top1`:
+# a probe's loss of ~70 and lr of ~10 never share an axis with pretraining's ~2 and 1e-3,
+# and the loss is each group's first chart), and how the run runs (throughput, data, health)
+# goes under `system/<stage>/...`, a group that sorts after every stage's.
+SYSTEM_GROUP = "system"
+SYSTEM_SCALARS = frozenset({"grad_norm", "epoch", "images_per_sec", "data_wait_fraction", "mfu", "skipped_samples",
+                            "retries", "nonfinite_steps"})
+
+
+def scalar_tag(namespace: str, name: str) -> str:
+    """The TensorBoard tag of scalar `name` of a stage whose namespace is `namespace`:
+    `pretrain/loss`, `linear/top1`; `system/pretrain/images_per_sec` for the SYSTEM_SCALARS."""
+    return f"{SYSTEM_GROUP}/{namespace}/{name}" if name in SYSTEM_SCALARS else f"{namespace}/{name}"
+
+
 class Tracker:
     """TensorBoard through Accelerate's tracker, on the main process only.
 
+    Scalars are given by name (`loss`, `images_per_sec`) and written under the stage's
+    tags (`scalar_tag`). The config goes into the run's own event file as the HPARAMS
+    tab's session (not through `add_hparams`, which makes a timestamp-named sub-run).
     On resume, `purge_step` hides events an interrupted attempt wrote after the
     checkpoint, so TensorBoard never shows a step twice. A write the disk refuses
     stops the run with one sentence naming the events folder (TensorBoard's writer
@@ -28,21 +48,45 @@ class Tracker:
 
     ADVICE = "the checkpoints written so far are intact; free disk space and continue with --resume auto"
 
-    def __init__(self, accelerator, project: str, config_flat: dict | None, resume_step: int | None):
+    def __init__(self, accelerator, project: str, config_flat: dict | None, resume_step: int | None,
+                 namespace: str = "train"):
         self.accelerator = accelerator
+        self.namespace = namespace
         self.where = Path(accelerator.logging_dir or ".") / project
         init_kwargs = {"tensorboard": {"purge_step": resume_step + 1}} if resume_step is not None else {}
         with self._writing():
-            accelerator.init_trackers(project, config=config_flat if resume_step is None else None, init_kwargs=init_kwargs)
+            accelerator.init_trackers(project, init_kwargs=init_kwargs)
         self.writer = accelerator.get_tracker("tensorboard", unwrap=True) if accelerator.is_main_process else None
         _quiet_writer_threads()
+        if config_flat and resume_step is None:
+            self.hparams(config_flat)
 
     def _writing(self):
         return reported_writes(f"TensorBoard events in {self.where}", self.ADVICE, self.where)
 
-    def scalars(self, values: dict[str, float], step: int) -> None:
+    def tag(self, name: str) -> str:
+        return scalar_tag(self.namespace, name)
+
+    def hparams(self, config_flat: dict) -> None:
+        """The config as the HPARAMS tab's session of this run, in the run's own event file.
+
+        Only the session's start is written, no experiment summary: TensorBoard then
+        builds the table's columns from every run's session (pretraining and evaluation
+        runs have different keys) and its metric columns from the runs' scalars."""
+        if self.writer is None:
+            return
+        from torch.utils.tensorboard.summary import hparams
+
+        _, session_start, _ = hparams({key: _hparam_value(value) for key, value in config_flat.items()}, {})
         with self._writing():
-            self.accelerator.log(values, step=step)
+            self.writer.file_writer.add_summary(session_start)
+
+    def scalars(self, values: dict[str, float], step: int) -> dict[str, float]:
+        """Write `values` (by name: `loss`, `top1`, `images_per_sec`, ...) under this stage's tags; returns them by tag."""
+        tagged = {self.tag(name): value for name, value in values.items()}
+        with self._writing():
+            self.accelerator.log(tagged, step=step)
+        return tagged
 
     def image(self, tag: str, image: torch.Tensor, step: int) -> None:
         """`image`: float [3, H, W] in [0, 1]."""
@@ -63,6 +107,11 @@ class Tracker:
     def close(self) -> None:
         with self._writing():
             self.accelerator.end_training()
+
+
+def _hparam_value(value):
+    """A config value as the HPARAMS tab takes it: numbers, strings and booleans as they are, anything else as text."""
+    return value if isinstance(value, (bool, int, float, str)) else str(value)
 
 
 def _quiet_writer_threads() -> None:
@@ -116,7 +165,8 @@ class IntervalLog:
     """Collects per-step values on the device; one host sync per logging interval.
 
     `flush` averages the losses over ranks, writes one `metrics.jsonl` row per step,
-    TensorBoard scalars for the last step, and one console line.
+    TensorBoard scalars for the last step (under the tracker's stage tags), and one
+    console line.
     """
 
     def __init__(self, accelerator, tracker: "Tracker", console, guard: NonFiniteGuard, *,
@@ -152,6 +202,8 @@ class IntervalLog:
         return self.guard.read()[0] + self.nonfinite_before
 
     def flush(self, extra: dict[str, float] | None = None) -> dict[str, float] | None:
+        """`extra`: more scalars of the interval by name (the loop's `skipped_samples`). Returns the
+        scalars as TensorBoard got them, by tag (None when nothing was pending)."""
         if not self.pending:
             return None
         acc, world = self.accelerator, self.accelerator.num_processes
@@ -162,20 +214,20 @@ class IntervalLog:
         images_per_sec *= world  # every rank reads its own share: global throughput
         step, (loss, norm), lr = self.pending[-1][0], values[-1], self.pending[-1][3]
         scalars = {
-            "train/loss": loss, "train/grad_norm": norm, "train/lr": lr, "train/epoch": step / self.steps_per_epoch,
-            "perf/images_per_sec": images_per_sec, "perf/data_wait_fraction": wait_fraction,
-            "train/nonfinite_steps": nonfinite, **(extra or {}),
+            "loss": loss, "grad_norm": norm, "lr": lr, "epoch": step / self.steps_per_epoch,
+            "images_per_sec": images_per_sec, "data_wait_fraction": wait_fraction,
+            "nonfinite_steps": nonfinite, **(extra or {}),
         }
         if self.flops and self.peak:
-            scalars["perf/mfu"] = self.flops * images_per_sec / world / self.peak
-        self.tracker.scalars({k: v for k, v in scalars.items() if math.isfinite(v)}, step=step)
+            scalars["mfu"] = self.flops * images_per_sec / world / self.peak
+        written = self.tracker.scalars({k: v for k, v in scalars.items() if math.isfinite(v)}, step=step)
         if self.metrics is not None:
             self.metrics.append([
                 {"step": s, "loss": _finite_or_none(l), "grad_norm": _finite_or_none(n), "lr": r}
                 for (s, _, _, r), (l, n) in zip(self.pending, values)
             ])
-        mfu = f" | mfu {scalars['perf/mfu']:.1%}" if "perf/mfu" in scalars else ""
-        skipped = f" | skipped samples {int(scalars['data/skipped_samples'])}" if "data/skipped_samples" in scalars else ""
+        mfu = f" | mfu {scalars['mfu']:.1%}" if "mfu" in scalars else ""
+        skipped = f" | skipped samples {int(scalars['skipped_samples'])}" if "skipped_samples" in scalars else ""
         self.console.print(
             f"step {step:>7d}/{self.total_steps} | loss {loss:.4f} | lr {lr:.3g} | grad norm {norm:.3g} | "
             f"{images_per_sec:,.0f} img/s | data wait {wait_fraction:.0%}{mfu}{skipped} | nonfinite steps {nonfinite}"
@@ -183,7 +235,7 @@ class IntervalLog:
         self.console.update_bar(0, loss=f"{loss:.4f}", img_s=f"{images_per_sec:,.0f}")
         self.pending = []
         self.meter.reset()
-        return scalars
+        return written
 
 
 def _finite_or_none(value: float) -> float | None:

@@ -7,7 +7,7 @@
 
 Output (`--out`): `{name}-{split}-{000000..N}.tar` for the splits `train` and
 `validation`, each sample holding `{key}.{jpg|png|webp}` (RGB, or grey kept as it was;
-other modes are converted by `transforms.to_rgb`), `{key}.cls` (the
+other modes are converted by `pixels.to_rgb`), `{key}.cls` (the
 label as decimal text) and, for imagefolder, `{key}.json` (the file it came from); keys are the
 sample's index in its split (8 digits, no dots). Next to them `_labels-{split}.npy`
 (every label in shard order) and `_info.json` (see `manifest.py`).

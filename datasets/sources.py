@@ -30,7 +30,7 @@ repeat images nor move them to another label, and nothing blocks:
 - FIFOs, sockets and devices are never opened (reading a FIFO waits forever);
 - everything not read is listed with its reason in the manifest's skipped inputs.
 
-Images of every PIL mode become RGB through `transforms.to_rgb` (16-bit and float
+Images of every PIL mode become RGB through `pixels.to_rgb` (16-bit and float
 pixels scaled, alpha composited), never through a clipping `convert("RGB")`.
 """
 from __future__ import annotations
@@ -50,7 +50,7 @@ from PIL import Image, ImageDraw
 
 from vitmpp.common.errors import UserError
 
-from .transforms import UnknownScale, to_rgb
+from .pixels import UnknownScale, to_rgb
 
 SOURCES = ("digits", "synthetic", "imagefolder", "torchvision")
 # PIL format name -> our member extension, for passing encoded files through unchanged

@@ -8,7 +8,8 @@ the device, and an evaluation on the validation split every `eval_every` epochs 
 `eval_every_steps`), each followed by a checkpoint.
 
 Writes into the run directory: config.yaml, tensorboard/, checkpoints/, metrics.jsonl,
-best.safetensors (weights at the best top-1), results.json.
+best.safetensors (weights at the best top-1), results.json. The result is also recorded in the
+evaluated encoder's folder (evaluations.json) and its model card (`record_on_encoder`).
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ from vitmpp.datasets import (
     read_manifest,
 )
 from vitmpp.models import create_encoder, load_encoder, read_encoder_info
+from vitmpp.models.hub import record_evaluation
 
 from .config import RESUMABLE_KEYS, FinetuneConfig
 from .heads import LinearProbe, make_classifier, pooled_features
@@ -222,7 +224,7 @@ class FinetuneStage(Stage):
         epoch_done = step / run.schedule.steps_per_epoch
         self.history.append({"epoch": round(epoch_done, 2), "step": step, "top1": scores["top1"],
                              "top5": scores["top5"], "count": scores["count"]})
-        run.tracker.scalars({"eval/top1": scores["top1"], "eval/top5": scores["top5"]}, step=step)
+        run.tracker.scalars({"top1": scores["top1"], "top5": scores["top5"]}, step=step)  # linear/top1, ...
         best = max(self.history, key=lambda row: row["top1"])
         run.console.print(f"step {step}/{run.schedule.total_steps} (epoch {epoch_done:.1f}): top-1 {scores['top1']:.2f}  "
                           f"top-5 {scores['top5']:.2f}  (best {best['top1']:.2f} at step {best['step']})")
@@ -254,6 +256,7 @@ class FinetuneStage(Stage):
             atomic_write_json(run.run_dir / "results.json", results)
         run.console.print(f"done: best top-1 {best['top1']:.2f} (step {best['step']}), last {self.history[-1]['top1']:.2f}; "
                           f"results: {run.run_dir / 'results.json'}")
+        record_on_encoder(self.cfg, run, data, results)
         return results
 
 
@@ -304,13 +307,41 @@ def run_knn(cfg: FinetuneConfig, run: Run) -> dict:
                            expected_val=data.val_split.num_samples)
     results = _results(cfg, data.encoder_path, data.info, metrics, metrics, epochs=0, started=started,
                        num_train=data.num_train)
-    tracker, _ = run.open_records(None)
+    tracker, _ = run.open_records(None, cfg.protocol)
     if run.accelerator.is_main_process:
         atomic_write_json(run.run_dir / "results.json", results)
-    tracker.scalars({"eval/top1": metrics["top1"], "eval/top5": metrics["top5"]}, step=0)
+    tracker.scalars({"top1": metrics["top1"], "top5": metrics["top5"]}, step=0)  # knn/top1, knn/top5
     tracker.close()
     run.console.print(f"knn (k={cfg.knn.k}): top-1 {metrics['top1']:.2f}  top-5 {metrics['top5']:.2f}")
+    record_on_encoder(cfg, run, data, results)
     return results
+
+
+def record_on_encoder(cfg: FinetuneConfig, run: Run, data: EvaluationData, results: dict) -> None:
+    """Add this run's result to the evaluated encoder's folder (evaluations.json) and regenerate its model
+    card (vitmpp.models.hub.record_evaluation). Scratch trains no pretrained weight and is not recorded;
+    a folder that cannot be written is named in one console line and the run goes on."""
+    path = data.encoder_path
+    if cfg.protocol == "scratch" or path is None or not run.accelerator.is_main_process:
+        return
+    if path.name != "encoder.safetensors" or not (path.parent / "encoder.json").is_file():
+        return  # a weights file outside an export folder has no card to add to
+    record = {
+        "run": str(run.run_dir.resolve()), "protocol": cfg.protocol, "label_fraction": cfg.data.label_fraction,
+        "seed": cfg.train.seed, "split": cfg.data.val_split, "dataset": data.manifest.name, "shards": str(data.shards),
+        "img_size": data.img_size, "top1": results["best_top1"], "top5": results["best_top5"],
+        "last_top1": results["last_top1"], "train_images": results["train_images"],
+        "val_images": results["val_images"], "epochs": results["epochs"],
+    }
+    if cfg.protocol == "knn":
+        record["k"] = cfg.knn.k
+    try:
+        card = record_evaluation(path.parent, record)
+    except (OSError, UserError) as err:
+        reason = getattr(err, "strerror", None) or str(err)
+        run.console.print(f"note: the result is not recorded in {path.parent} ({reason}); its model card is unchanged")
+        return
+    run.console.print(f"model card: {card} (this result added)")
 
 
 def _as_tuple(indices) -> tuple[int, ...] | None:

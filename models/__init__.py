@@ -5,44 +5,25 @@
 * `create_objective` and the registry: `mpp` (ViT paper, appendix B.1.2),
   `mae` (He et al.), `supervised` (objective.py, mpp.py, mae.py, supervised.py);
 * `save_encoder` / `load_encoder` / `read_encoder_info`: safetensors exports (export.py);
+* `export_transformers`, `write_card`, `record_evaluation`: the transformers folder and the
+  model card (hub.py, card.py);
 * `flops_per_image`: training FLOPs for MFU (flops.py).
 """
-from .encoder import (
-    ENCODER_VARIANTS,
-    EncoderConfig,
-    create_encoder,
-    encoder_from_config,
-    encoder_spec,
-    mae_sincos_pos_embed,
-    set_sincos_pos_embed,
-)
-from .export import describe_encoder, load_encoder, read_encoder_info, save_encoder
-from .flops import flops_per_image
-from .mae import MAEConfig, MAEObjective, random_masking
-from .mpp import MPPConfig, MPPObjective, mean_color_target
-from .objective import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    Objective,
-    ObjectiveOutput,
-    Visualization,
-    create_objective,
-    objective_config_class,
-    objective_names,
-    register_objective,
-)
-from .patches import patchify, unpatchify
-from .supervised import SupervisedConfig, SupervisedObjective
+from vitmpp.common.lazy import lazy_exports
 
-__all__ = [
-    "ENCODER_VARIANTS", "EncoderConfig", "create_encoder", "encoder_from_config", "encoder_spec",
-    "mae_sincos_pos_embed", "set_sincos_pos_embed",
-    "describe_encoder", "load_encoder", "read_encoder_info", "save_encoder",
-    "flops_per_image",
-    "MAEConfig", "MAEObjective", "random_masking",
-    "MPPConfig", "MPPObjective", "mean_color_target",
-    "IMAGENET_MEAN", "IMAGENET_STD", "Objective", "ObjectiveOutput", "Visualization",
-    "create_objective", "objective_config_class", "objective_names", "register_objective",
-    "patchify", "unpatchify",
-    "SupervisedConfig", "SupervisedObjective",
-]
+# Imported on first use (common/lazy.py): `python -m vitmpp.models.export --help` must not wait for torch.
+__getattr__, __dir__, __all__ = lazy_exports(__name__, {
+    **dict.fromkeys(["ENCODER_VARIANTS", "EncoderConfig", "create_encoder", "encoder_from_config", "encoder_spec",
+                     "mae_sincos_pos_embed", "set_sincos_pos_embed"], ".encoder"),
+    **dict.fromkeys(["describe_encoder", "load_encoder", "read_encoder_info", "save_encoder"], ".export"),
+    **dict.fromkeys(["export_transformers", "record_evaluation", "write_card"], ".hub"),
+    "render_card": ".card",
+    "flops_per_image": ".flops",
+    **dict.fromkeys(["MAEConfig", "MAEObjective", "random_masking"], ".mae"),
+    **dict.fromkeys(["MPPConfig", "MPPObjective", "mean_color_target"], ".mpp"),
+    **dict.fromkeys(["IMAGENET_MEAN", "IMAGENET_STD", "Objective", "ObjectiveOutput", "Visualization",
+                     "create_objective", "objective_config_class", "objective_names", "register_objective"],
+                    ".objective"),
+    **dict.fromkeys(["patchify", "unpatchify"], ".patches"),
+    **dict.fromkeys(["SupervisedConfig", "SupervisedObjective"], ".supervised"),
+})

@@ -18,6 +18,13 @@ The state dict has timm's keys and no head, so it loads
 Loading never unpickles: weights are read with safetensors only. The JSON
 description is also stored in the safetensors metadata (key "vitmpp"), so a
 weights file copied alone still describes itself.
+
+The same weights for Hugging Face `transformers` and the model card (vitmpp.models.hub,
+docs/export.md); a pretraining run writes both at its end, and this command writes them
+for any run or export folder::
+
+    python -m vitmpp.models.export RUN --to transformers OUT   # AutoModel.from_pretrained(OUT) loads it
+    python -m vitmpp.models.export RUN --card                  # RUN/README.md again from RUN's records
 """
 from __future__ import annotations
 
@@ -25,18 +32,16 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from safetensors import SafetensorError
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
-from timm.models import VisionTransformer
-
-from vitmpp.common.errors import UserError
+from vitmpp.common.errors import UserError, cli_entry
 from vitmpp.common.io import atomic_file, atomic_write, reported_writes
 
-from .encoder import create_encoder, encoder_spec, pos_embed_kind, set_sincos_pos_embed, standard_timm_name
+if TYPE_CHECKING:
+    from timm.models import VisionTransformer
+
+# torch, safetensors and timm are imported inside the functions that use them, so that
+# `python -m vitmpp.models.export --help` answers at once.
 
 WEIGHTS_NAME = "encoder.safetensors"
 INFO_NAME = "encoder.json"
@@ -46,6 +51,8 @@ _METADATA_KEY = "vitmpp"
 
 def describe_encoder(encoder: VisionTransformer) -> dict:
     """The architecture part of encoder.json."""
+    from .encoder import encoder_spec, pos_embed_kind, standard_timm_name
+
     spec = encoder_spec(encoder)
     block = encoder.blocks[0]
     return {
@@ -77,6 +84,8 @@ def save_encoder(encoder: VisionTransformer, out_dir: str | os.PathLike, *, obje
     refuses (whatever safetensors raised) is one sentence, and no temporary file is left.
     """
     import timm
+    import torch
+    from safetensors.torch import save_file
 
     out = Path(out_dir)
     info: dict[str, Any] = {
@@ -115,6 +124,8 @@ def _weights_path(path: str | os.PathLike) -> Path:
 
 def read_encoder_info(path: str | os.PathLike) -> dict:
     """The description of an exported encoder (dir or .safetensors): encoder.json, else the file's metadata."""
+    from safetensors import SafetensorError, safe_open
+
     weights = _weights_path(path)
     candidates = [weights.with_suffix(".json")]
     if weights.name == WEIGHTS_NAME:
@@ -155,6 +166,12 @@ def load_encoder(path: str | os.PathLike, img_size: int | None = None, **overrid
     out. The position embedding comes back learnable, as MAE fine-tunes it;
     pass `pos_embed="sincos"` to keep it fixed.
     """
+    import torch
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from .encoder import create_encoder, set_sincos_pos_embed
+
     weights = _weights_path(path)
     info = read_encoder_info(weights)
     sincos = overrides.pop("pos_embed", "learned") == "sincos"
@@ -200,3 +217,50 @@ def load_encoder(path: str | os.PathLike, img_size: int | None = None, **overrid
 def _diff_keys(encoder: VisionTransformer, state: dict) -> tuple[list[str], list[str]]:
     expected = set(encoder.state_dict())
     return sorted(expected - set(state)), sorted(set(state) - expected)
+
+
+# ----------------------------------------------------------------------------- command line
+
+@cli_entry
+def main(argv: list[str] | None = None) -> list[Path]:
+    """`python -m vitmpp.models.export RUN --to transformers OUT` / `RUN --card`."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m vitmpp.models.export",
+        description="Export a pretrained encoder (a pretraining run folder or an encoder export) for Hugging Face "
+                    "transformers, or regenerate its model card (README.md).")
+    parser.add_argument("run", metavar="RUN", help="pretraining run folder, encoder export folder or encoder.safetensors")
+    parser.add_argument("--to", choices=("transformers",), help="write a transformers folder (ViTModel + image processor "
+                                                                "+ model card) to OUT")
+    parser.add_argument("out", metavar="OUT", nargs="?", help="the folder --to writes (replaced if it is an export)")
+    parser.add_argument("--card", action="store_true", help="regenerate RUN's model card README.md from its records")
+    args = parser.parse_intermixed_args(argv)
+    if not args.to and not args.card:
+        parser.error("nothing to do: pass --to transformers OUT, --card, or both")
+    if args.to and not args.out:
+        parser.error("--to transformers needs the output folder OUT")
+    if args.out and not args.to:
+        parser.error(f"{args.out!r}: an output folder goes with --to transformers")
+    from .hub import export_transformers, source_encoder, write_card
+
+    folder, info = source_encoder(args.run)
+    written: list[Path] = []
+    if args.to:
+        written.append(export_transformers(args.run, args.out))
+        print(f"wrote {args.out}: AutoModel.from_pretrained({str(args.out)!r}) loads it")
+    if args.card:
+        advice = "nothing else was changed"
+        with reported_writes(f"the model card in {folder}", advice, folder):
+            try:
+                cards = write_card(folder, info=info)
+            except PermissionError as err:
+                raise UserError(f"Could not write the model card in {folder} ({err.strerror}); "
+                                "copy the folder somewhere writable.") from None
+        written += cards
+        print("wrote " + ", ".join(str(p) for p in cards))
+    return written
+
+
+if __name__ == "__main__":
+    main()

@@ -239,7 +239,8 @@ class MAEObjective(Objective):
             f"MAE (mask ratio {self.config.mask_ratio:g}): each row is one image; columns = image | "
             "visible patches (grey: masked) | reconstruction of every patch | reconstruction with the visible patches pasted"
         )
-        return Visualization(grid=grid.clamp(0, 1), caption=caption)
+        return Visualization(grid=grid.clamp(0, 1), caption=caption,
+                             columns=["image", "visible patches", "reconstruction", "reconstruction + visible"])
 
 
 __all__ = ["MAEConfig", "MAEObjective", "random_masking", "patchify", "unpatchify"]

@@ -308,7 +308,8 @@ class MPPObjective(Objective):
             f"(grey: [mask] embedding, {cfg.mask_prob:.0%}; other patch: random swap, {cfg.random_prob:.0%}; "
             f"unchanged, {cfg.keep_prob:.0%}) | target of the {ids.shape[1]} corrupted patches | prediction{tail}"
         )
-        return Visualization(grid=grid.clamp(0, 1), caption=caption)
+        return Visualization(grid=grid.clamp(0, 1), caption=caption,
+                             columns=["image", "encoder input", "target", "prediction"])
 
     def _patch_pictures(self, values: Tensor) -> Tensor:
         """Per-corrupted-patch targets/predictions -> pictures [b, K, 3, p, p] in [0, 1]."""

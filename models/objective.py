@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib
+import math
 import pkgutil
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
@@ -44,10 +45,30 @@ class ObjectiveOutput:
 
 @dataclass
 class Visualization:
-    """`grid`: float [3, H, W] in [0, 1] (a torchvision `make_grid`); `caption`: what the rows/columns show."""
+    """An objective's picture of a batch.
+
+    `grid`: float [3, H, W] in [0, 1], a torchvision `make_grid` of equal tiles with
+    `padding` pixels around each; `caption`: what the rows and columns show, in full;
+    `columns`: a short label per column of tiles, left to right, which `labelled()`
+    draws above the grid (what TensorBoard shows).
+    """
 
     grid: Tensor
     caption: str
+    columns: list[str] = field(default_factory=list)
+    padding: int = 1
+
+    def labelled(self, min_tile_pixels: int = 96) -> Tensor:
+        """The grid enlarged (nearest neighbour, by a whole factor) until a tile is at least
+        `min_tile_pixels` wide, under a header row holding each column's label: float [3, H', W']."""
+        grid = self.grid.detach().float().cpu().clamp(0, 1)
+        if not self.columns:
+            return grid
+        tile = (grid.shape[-1] - self.padding) / len(self.columns) - self.padding
+        factor = max(1, math.ceil(min_tile_pixels / max(tile, 1.0)))
+        if factor > 1:
+            grid = grid.repeat_interleave(factor, dim=-1).repeat_interleave(factor, dim=-2)
+        return label_columns(grid, self.columns, self.padding * factor)
 
 
 _REGISTRY: dict[str, tuple[type["Objective"], type]] = {}
@@ -241,3 +262,56 @@ def paint_patches(images01: Tensor, patch_values: Tensor, where: Tensor, patch_s
     painted = patch_values.reshape(b, gh, gw, 3, patch_size, patch_size).permute(0, 3, 1, 4, 2, 5).reshape(b, 3, h, w)
     mask = where.reshape(b, 1, gh, 1, gw, 1).expand(-1, 1, -1, patch_size, -1, patch_size).reshape(b, 1, h, w)
     return torch.where(mask, painted.to(images01.dtype), images01)
+
+
+def _font(size: int):
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)  # a scalable font where Pillow has FreeType
+    except (TypeError, ValueError, OSError, ImportError):
+        return ImageFont.load_default()
+
+
+def _wrap(draw, text: str, font, width: float) -> list[str]:
+    """`text` broken between words into lines no wider than `width` (a word wider than that keeps a line)."""
+    lines: list[str] = []
+    for paragraph in text.splitlines() or [""]:
+        line = ""
+        for word in paragraph.split():
+            candidate = f"{line} {word}".strip()
+            if line and draw.textlength(candidate, font=font) > width:
+                lines.append(line)
+                line = word
+            else:
+                line = candidate
+        lines.append(line)
+    return lines
+
+
+def label_columns(grid: Tensor, labels: list[str], padding: int = 1) -> Tensor:
+    """`grid` [3, H, W] (a `make_grid` of `len(labels)` equal columns, `padding` pixels around each tile)
+    under a white header row with each label centred over its column, wrapped to the tile's width."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    _, _, width = grid.shape
+    count = len(labels)
+    pitch = (width - padding) / count  # a tile and the padding after it
+    tile = pitch - padding
+    font = _font(int(min(20, max(11, tile // 6))))
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    wrapped = [_wrap(measure, label, font, tile - 4) for label in labels]
+    top, bottom = font.getbbox("Ag")[1::2]
+    line_height = bottom - top + 3
+    margin = 4
+    height = 2 * margin + line_height * max(len(lines) for lines in wrapped)
+    header = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(header)
+    for column, lines in enumerate(wrapped):
+        centre = padding + column * pitch + tile / 2
+        for row, line in enumerate(lines):
+            x = centre - draw.textlength(line, font=font) / 2
+            draw.text((x, margin + row * line_height - top), line, fill=(20, 20, 20), font=font)
+    pixels = torch.from_numpy(np.asarray(header, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    return torch.cat([pixels, grid.detach().float().cpu()], dim=1)

@@ -202,7 +202,8 @@ class SimMIMObjective(Objective):
             f"rounded up): each row is one image; columns = image | encoder input (grey: [mask] token) | "
             "the linear head's pixels pasted into the masked patches (the L1 loss covers only those)"
         )
-        return Visualization(grid=grid.clamp(0, 1), caption=caption)
+        return Visualization(grid=grid.clamp(0, 1), caption=caption,
+                             columns=["image", "encoder input", "prediction in the masked patches"])
 
 
 __all__ = ["SimMIMConfig", "SimMIMObjective", "simmim_mask", "masked_count"]

@@ -76,7 +76,9 @@ class SupervisedObjective(Objective):
         pairs = ", ".join(f"{int(p)}/{int(t)}" for p, t in zip(predicted, labels))
         caption = (f"supervised: green frame = correct, red = wrong; predicted/true class, left to right: {pairs}; "
                    f"batch accuracy {100 * float(output.extras['accuracy']):.1f}%")
-        return Visualization(grid=grid.clamp(0, 1), caption=caption)
+        # one row of images: each column's label is its prediction and truth (more rows: the caption says it)
+        columns = [f"pred {int(p)} true {int(t)}" for p, t in zip(predicted, labels)] if n <= 8 else []
+        return Visualization(grid=grid.clamp(0, 1), caption=caption, columns=columns)
 
 
 __all__ = ["SupervisedConfig", "SupervisedObjective"]

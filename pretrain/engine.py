@@ -5,7 +5,9 @@
 
 Between steps: the objective's own hook (`after_optimizer_step`, e.g. an EMA
 teacher), its pictures every `log.image_every` steps and the analysis figures
-every `log.analysis_every`. At the end: `encoder.safetensors` + `encoder.json`.
+every `log.analysis_every`. At the end: `encoder.safetensors` + `encoder.json`, the same
+weights as a transformers folder (`transformers/`), and the model card `README.md`
+(vitmpp.models.hub; docs/export.md).
 """
 from __future__ import annotations
 
@@ -14,10 +16,16 @@ from typing import Any
 
 import torch
 
+from vitmpp.common.distributed import gathered_state_dict
+from vitmpp.common.io import reported_writes
 from vitmpp.common.loop import Plan, Run, Stage, open_run, train
 from vitmpp.common.optim import build_optimizer
 from vitmpp.datasets import LoaderSpec, digits_shards, normalize_batch, open_loader, pretrain_transform, read_manifest
-from vitmpp.models import create_objective, encoder_from_config, flops_per_image, save_encoder
+from vitmpp.datasets.transforms import TINY_IMAGE
+from vitmpp.models import create_objective, encoder_from_config, flops_per_image, read_encoder_info, save_encoder
+from vitmpp.models.card import render_card
+from vitmpp.models.hub import (CARD_NAME, TRANSFORMERS_DIR, card_facts, save_transformers,
+                               transformers_incompatibility, write_card)
 
 from .config import RESUMABLE_KEYS, PretrainConfig
 
@@ -26,6 +34,7 @@ class PretrainStage(Stage):
     """Pretrain the encoder with `cfg.objective` on the training split."""
 
     resumable_keys = RESUMABLE_KEYS
+    namespace = "pretrain"  # TensorBoard: every objective's curves under pretrain/ (the bar says which objective)
 
     def __init__(self, cfg: PretrainConfig):
         self.cfg = cfg
@@ -48,6 +57,12 @@ class PretrainStage(Stage):
             transform=transform, training=True, seed=cfg.train.seed, rank=run.rank, world_size=run.world,
             num_workers=cfg.data.num_workers, shuffle_buffer=cfg.data.shuffle_buffer,
             pin_memory=run.device.type == "cuda", max_skip_fraction=cfg.data.max_skip_fraction)
+        # Under FSDP the main process holds a shard of the encoder, which the analysis figures cannot
+        # run on alone (a forward is a collective); they are drawn from the export instead.
+        self.sharded = run.accelerator.distributed_type.value == "FSDP"
+        if self.sharded and cfg.log.analysis_every:
+            run.console.print("note: no analysis figures in TensorBoard under FSDP (the encoder is sharded); draw them "
+                              f"from the export: python -m vitmpp.analyze --encoder {run.run_dir} --shards ... --out ...")
         self.mean = torch.tensor(cfg.data.mean, device=run.device).view(1, 3, 1, 1)
         self.std = torch.tensor(cfg.data.std, device=run.device).view(1, 3, 1, 1)
         return Plan(self.objective, optimizer, loader, open_loader, split.num_samples,
@@ -73,26 +88,83 @@ class PretrainStage(Stage):
     def log_pictures(self, step: int, images: torch.Tensor, result) -> None:
         log, tracker = self.cfg.log, self.run.tracker
         if log.image_every and step % log.image_every == 0:
-            visual = self.objective.visualize(images, result)
-            tracker.image(f"visual/{type(self.objective).__name__}", visual.grid, step)
-            tracker.text("visual/caption", visual.caption, step)
-        if log.analysis_every and step % log.analysis_every == 0:
-            # the ViT paper's Figure 7 pictures of the encoder as it trains (one small forward)
-            from vitmpp.analyze import training_figures
+            # four images: the grid, under a header naming its columns, and the encoder's figures below
+            # it fit TensorBoard's first screen; the caption (TEXT tab) says the rest
+            visual = self.objective.visualize(images, result, max_images=4)
+            tracker.image(f"batch/{self.cfg.objective}", visual.labelled(), step)
+            tracker.text("batch/caption", visual.caption, step)
+        if log.analysis_every and step % log.analysis_every == 0 and not self.sharded:
+            # the analyze command's figures (ViT paper's Figure 7, rollout) as the encoder trains: one small forward
+            from vitmpp.analyze.training import TRAINING_TAGS, training_figures
 
             images01 = self.objective.to_unit_range(images[:8])
             for name, figure in training_figures(self.objective.encoder, images[:8], images01).items():
-                tracker.image(f"analysis/{name}", figure, step)
+                tracker.image(TRAINING_TAGS[name], figure, step)
 
     def state_dict(self) -> dict:
         return {"objective": self.cfg.objective}
 
     def finish(self, step: int, model) -> Path:
         run = self.run
-        export_encoder(run.accelerator, model, self.cfg, run.run_dir, step, self.shards)
+        refusal = export_encoder(run.accelerator, model, self.cfg, run.run_dir, step, self.shards,
+                                 facts=self.export_facts(step))
         run.console.print(f"done: {step} steps; encoder: {run.run_dir / 'encoder.safetensors'}")
+        if refusal:
+            run.console.print(f"no transformers export: {refusal}")
+        else:
+            run.console.print(f"transformers: {run.run_dir / TRANSFORMERS_DIR}")
+        run.console.print(f"model card: {run.run_dir / CARD_NAME}")
         run.console.print(f"watch: tensorboard --logdir {run.run_dir}")
+        for line in next_commands(run.run_dir, self.cfg):
+            run.console.print(line)
         return run.run_dir
+
+    def export_facts(self, step: int) -> dict:
+        """What the model card says about the data, the run's length and its compute (encoder.json `extra`)."""
+        cfg, run = self.cfg, self.run
+        manifest = read_manifest(self.shards)
+        split = manifest.split(cfg.data.train_split)
+        global_batch = run.geometry.global_batch
+        images = step * global_batch
+        facts: dict[str, Any] = {
+            "interpolation": cfg.data.interpolation,
+            # what eval_transform(img_size) crops by default: the transformers image processor repeats it
+            "eval_crop_pct": 1.0 if cfg.model.img_size < TINY_IMAGE else 0.875,
+            "uses_labels": cfg.objective == "supervised",
+            "data": {"shards": str(self.shards), "name": manifest.name, "source": manifest.source,
+                     "num_classes": manifest.num_classes, "image_size": manifest.image_size,
+                     "train_split": cfg.data.train_split,
+                     "splits": {name: info.num_samples for name, info in manifest.splits.items()}},
+            "train": {"steps": step, "global_batch": global_batch, "images_seen": images, "world_size": run.world,
+                      "epochs": images / split.num_samples if split.num_samples else None},
+        }
+        try:
+            per_image = flops_per_image(self.objective, cfg.model.img_size)
+        except Exception as err:  # noqa: BLE001 - a count that fails must not cost the export
+            facts["compute"] = {"how": f"FLOPs were not counted ({type(err).__name__}: {err})."}
+        else:
+            facts["compute"] = {
+                "flops_per_image": per_image, "total_flops": per_image * images,
+                "how": "FLOPs of one training image (forward and backward through the objective, matrix multiplies, "
+                       "convolutions and attention) were counted by torch's FlopCounterMode on the meta device "
+                       "(vitmpp.models.flops); the total is that count times the images seen.",
+            }
+        return facts
+
+
+def next_commands(run_dir: Path, cfg: PretrainConfig) -> list[str]:
+    """The last lines of a pretraining run: how to evaluate the encoder it wrote."""
+    import shlex
+
+    name = shlex.quote(str(run_dir))
+    data = f" data.shards={shlex.quote(cfg.data.shards)}" if cfg.data.shards else ""
+    overrides = f" {shlex.quote(f'overrides=[data.shards={cfg.data.shards}]')}" if cfg.data.shards else ""
+    encoders = shlex.quote(f"encoders={{{cfg.objective}: {run_dir}, random: random}}")
+    return [
+        f"next, a linear probe:  ./launch.sh finetune encoder={name}{data}",
+        f"or the comparison:     python -m vitmpp.finetune.compare --config configs/compare/digits.yaml {encoders} "
+        f"output_dir={shlex.quote(f'runs/compare/{run_dir.name}')}{overrides}",
+    ]
 
 
 def run_dir_for(cfg: PretrainConfig, config_path: str | None) -> Path:
@@ -113,12 +185,18 @@ def pretrain(cfg: PretrainConfig, run_dir: Path, resume: str | None = None, call
                                  allow_changes=allow_changes, callbacks=callbacks))
 
 
-def export_encoder(accelerator, model, cfg: PretrainConfig, run_dir: Path, step: int, shards: str) -> None:
-    """Write encoder.safetensors + encoder.json from the full (gathered) state dict.
+def export_encoder(accelerator, model, cfg: PretrainConfig, run_dir: Path, step: int, shards: str,
+                   facts: dict | None = None) -> str | None:
+    """Write encoder.safetensors + encoder.json from the full (gathered) state dict, then the
+    transformers folder (run_dir/transformers, when the encoder maps onto a ViTModel) and the
+    model card README.md (vitmpp.models.hub). `facts`: the card's data, length and compute.
+    Returns why there is no transformers folder (main process), else None.
 
-    `get_state_dict` gathers FSDP shards too; every rank must call it.
+    Every rank must call it: under FSDP the shards are gathered (a collective) into one full
+    state dict on the main process, which alone writes; the others wait for it.
     """
-    state = accelerator.get_state_dict(model)
+    state = gathered_state_dict(accelerator, model)
+    refusal = None
     if accelerator.is_main_process:
         prefix = "encoder."
         weights = {}
@@ -128,6 +206,18 @@ def export_encoder(accelerator, model, cfg: PretrainConfig, run_dir: Path, step:
                 weights[key[len(prefix):]] = value
         encoder = encoder_from_config(cfg.model)
         encoder.load_state_dict(weights)
-        save_encoder(encoder, run_dir, objective=cfg.objective, step=step,
-                     extra={"mean": list(cfg.data.mean), "std": list(cfg.data.std), "shards": str(shards)})
+        extra = {"mean": list(cfg.data.mean), "std": list(cfg.data.std), "shards": str(shards), **(facts or {})}
+        refusal = transformers_incompatibility(encoder)
+        if refusal is not None:
+            extra["transformers_refusal"] = f"this encoder cannot be a transformers ViTModel: {refusal}"
+        save_encoder(encoder, run_dir, objective=cfg.objective, step=step, extra=extra)
+        info = read_encoder_info(run_dir)
+        hf = run_dir / TRANSFORMERS_DIR
+        if refusal is None:
+            card = render_card({**card_facts(run_dir, info=info), "flavour": "transformers", "path": str(hf)})
+            save_transformers(encoder, hf, info, card=card)
+        with reported_writes(f"the model card in {run_dir}", "the encoder export is complete; write the card again "
+                             f"with python -m vitmpp.models.export {run_dir} --card", run_dir):
+            write_card(run_dir, info=info)
     accelerator.wait_for_everyone()
+    return refusal if accelerator.is_main_process else None

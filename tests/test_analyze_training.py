@@ -1,4 +1,4 @@
-"""`training_figures` (for the pretraining engine) and the labelled figures."""
+"""`training_figures` (the analyze command's figures, for the pretraining engine) and the labelled figures."""
 from __future__ import annotations
 
 import numpy as np
@@ -6,7 +6,9 @@ import pytest
 import torch
 from analyze_helpers import random_images, tiny_vit
 
-from vitmpp.analyze import training_figures
+from vitmpp.analyze import FIGURE_FILES, analysis_figures, analyze_encoder, training_figures
+from vitmpp.analyze.render import images_for_display
+from vitmpp.analyze.training import TRAINING_FILTERS, TRAINING_TAGS
 from vitmpp.analyze.figures import (
     embedding_filters_figure,
     figure_to_array,
@@ -16,7 +18,7 @@ from vitmpp.analyze.figures import (
     save_figure,
 )
 
-NAMES = {"position_embedding_similarity", "embedding_filters", "attention_rollout"}
+NAMES = {"position_embedding_similarity", "embedding_filters", "attention_rollout", "mean_attention_distance"}
 
 
 def _check_image(image: torch.Tensor) -> None:
@@ -32,41 +34,51 @@ def test_training_figures_shapes_ranges_and_mode(mode):
     images = random_images(12)
     before = {k: v.clone() for k, v in encoder.state_dict().items()}
     figures = training_figures(encoder, images)
-    assert set(figures) == NAMES
+    assert set(figures) == NAMES == set(FIGURE_FILES)
     for image in figures.values():
         _check_image(image)
     assert encoder.training == (mode == "train")
     assert all(torch.equal(before[k], v) for k, v in encoder.state_dict().items())
     assert all(p.grad is None for p in encoder.parameters())
     assert all(not block.attn._forward_pre_hooks for block in encoder.blocks)
-    # 8 images by default, each shown next to its overlay (4 pairs a row), enlarged to 64 px
-    rollout = figures["attention_rollout"]
-    assert rollout.shape[1:] == (2 * (64 + 2) + 2, 8 * (64 + 2) + 2)
     # eval mode inside: the same pictures every call, even with drop path on
     again = training_figures(encoder, images)
     assert all(torch.equal(figures[k], again[k]) for k in NAMES)
+
+
+def test_training_figures_are_the_analyze_commands_renderings():
+    """Axes, colour bars and labels included: the PNGs of `python -m vitmpp.analyze` on the same 8 images."""
+    encoder = tiny_vit()
+    images = random_images(12)
+    figures = training_figures(encoder, images)
+    analysis = analyze_encoder(encoder, [(images[:8], images_for_display(images[:8]))], num_images=8,
+                               num_rollout_images=8, num_filters=TRAINING_FILTERS)
+    for name, figure in analysis_figures(analysis).items():
+        expected = torch.from_numpy(figure_to_array(figure)).permute(2, 0, 1).float() / 255
+        assert torch.equal(figures[name], expected), name
+    # every figure has its own tag in one `encoder` group, the one with axes sorting first
+    assert set(TRAINING_TAGS) == NAMES and all(tag.startswith("encoder/") for tag in TRAINING_TAGS.values())
+    assert min(TRAINING_TAGS.values()) == TRAINING_TAGS["mean_attention_distance"]
 
 
 def test_training_figures_shows_the_given_images():
     encoder = tiny_vit()
     images01 = torch.zeros(2, 3, 32, 32)
     images01[:, 1] = 1.0  # pure green
-    figures = training_figures(encoder, random_images(2), images01, max_images=2)
-    rollout = figures["attention_rollout"]
-    # the first tile is the image itself (enlarged), to the right of the 2 px border
-    tile = rollout[:, 2:66, 2:66]
-    assert torch.equal(tile, images01[0].repeat_interleave(2, -1).repeat_interleave(2, -2))
+    rollout = training_figures(encoder, random_images(2), images01, max_images=2)["attention_rollout"]
+    green = (rollout[1] > 0.9) & (rollout[0] < 0.1) & (rollout[2] < 0.1)
+    assert int(green.sum()) > 2 * 40 * 40  # the two images, drawn next to their overlays
 
 
 def test_training_figures_without_class_token_or_position_embedding():
     encoder = tiny_vit(class_token=False, global_pool="avg", pos_embed="none")
     figures = training_figures(encoder, random_images(3))
-    assert set(figures) == {"embedding_filters", "attention_rollout"}
+    assert set(figures) == {"embedding_filters", "attention_rollout", "mean_attention_distance"}
     for image in figures.values():
         _check_image(image)
 
 
-def test_training_figures_with_an_empty_batch_skips_the_rollout():
+def test_training_figures_with_an_empty_batch_draws_the_weights_only():
     figures = training_figures(tiny_vit(), torch.zeros(0, 3, 32, 32))
     assert set(figures) == {"position_embedding_similarity", "embedding_filters"}
 

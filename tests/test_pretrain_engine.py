@@ -43,12 +43,28 @@ def test_default_command_runs_end_to_end(tmp_path):
         tags |= set(acc.Tags()["scalars"])
         image_tags |= set(acc.Tags()["images"])
         images += sum(len(acc.Images(t)) for t in acc.Tags()["images"])
-    assert {"analysis/position_embedding_similarity", "analysis/embedding_filters", "analysis/attention_rollout"} <= image_tags
-    assert any(t.startswith("visual/") for t in image_tags)
-    expected = {"train/loss", "train/lr", "train/grad_norm", "perf/images_per_sec", "perf/data_wait_fraction",
-                "data/skipped_samples", "train/epoch"}
+    assert {"encoder/attention_distance", "encoder/attention_rollout", "encoder/patch_filters",
+            "encoder/position_similarity", "batch/mpp"} <= image_tags
+    expected = {"pretrain/loss", "pretrain/lr", "system/pretrain/grad_norm", "system/pretrain/images_per_sec",
+                "system/pretrain/data_wait_fraction", "system/pretrain/skipped_samples", "system/pretrain/epoch",
+                "system/pretrain/nonfinite_steps"}
     assert expected <= tags
     assert images >= 1
+
+    # the last lines say what to run next, and the commands they print are valid as printed
+    last = result.stdout.strip().splitlines()[-2:]
+    assert last[0] == "next, a linear probe:  ./launch.sh finetune encoder=runs/default-mpp"
+    assert last[1].startswith("or the comparison:     python -m vitmpp.finetune.compare --config configs/compare/digits.yaml")
+    import shlex
+
+    from vitmpp.common.config import load_config
+    from vitmpp.finetune.compare import CompareConfig
+    from vitmpp.finetune.main import main as finetune_main
+
+    finetune_main(shlex.split(last[0].split("./launch.sh finetune", 1)[1]) + ["--print-config"])
+    words = shlex.split(last[1].split("python -m vitmpp.finetune.compare", 1)[1])
+    compare = load_config(CompareConfig, ROOT / words[1], words[2:])
+    assert compare.encoders == {"mpp": "runs/default-mpp", "random": "random"}
 
 
 @pytest.mark.parametrize("objective", [name for name in objective_names() if name != "mpp"])
@@ -110,8 +126,8 @@ def test_exact_resume_after_stop(tmp_path, digits16):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-6), (a, b)
     assert max_weight_difference(tmp_path / "runs" / "straight", resumed) < 1e-6
     # TensorBoard shows every step once: the first attempt logged steps 1..3, the resumed one 4..6
-    steps = [e.step for acc in tensorboard_events(resumed) if "train/loss" in acc.Tags()["scalars"]
-             for e in acc.Scalars("train/loss")]
+    steps = [e.step for acc in tensorboard_events(resumed) if "pretrain/loss" in acc.Tags()["scalars"]
+             for e in acc.Scalars("pretrain/loss")]
     assert sorted(steps) == [1, 2, 3, 4, 5, 6]
 
 
@@ -143,7 +159,7 @@ def test_launch_sh_dry_run_for_two_slurm_nodes(tmp_path):
            "VITMPP_GPUS_PER_NODE": "8", "MASTER_PORT": "29600"}
     out = subprocess.run([str(ROOT / "launch.sh"), "--dry-run", "pretrain", "configs/pretrain/mae_vit_b16.yaml",
                           "data.shards=/data/in1k"], env=env, capture_output=True, text=True, check=True).stdout
-    assert out.startswith("accelerate launch ")
+    assert out.startswith("python -m vitmpp.common.launcher ")
     for flag in ("--num_processes 16", "--multi_gpu", "--num_machines 2", "--machine_rank 1",
                  "--main_process_ip gpu07", "--main_process_port 29600", "--mixed_precision bf16",
                  "pretrain/main.py --config configs/pretrain/mae_vit_b16.yaml data.shards=/data/in1k"):

@@ -27,12 +27,19 @@ def commands() -> list[str]:
 
 
 def entry_point_lines(script: str) -> list[list[str]]:
+    """The arguments README passes `script`, directly (`accelerate launch pretrain/main.py ...`,
+    `python pretrain/main.py ...`) or through launch.sh (`./launch.sh pretrain CONFIG ...`: a first
+    argument ending in .yaml is the --config)."""
     out = []
+    stage = script.split("/")[0]
     for line in commands():
         for part in line.split("&&"):
             words = shlex.split(part, comments=True)
             if script in words:
                 out.append(words[words.index(script) + 1:])
+            elif words[:2] in (["./launch.sh", stage], ["srun", "./launch.sh"]) and stage in words[:3]:
+                args = words[words.index(stage) + 1:]
+                out.append(["--config", *args] if args and args[0].endswith(".yaml") else args)
     return out
 
 
@@ -78,7 +85,7 @@ def test_readme_launch_sh_commands_dry_run():
         result = subprocess.run([str(ROOT / "launch.sh"), "--dry-run", *words[1:]], capture_output=True, text=True,
                                 env={"PATH": "/usr/bin:/bin", "VITMPP_GPUS_PER_NODE": "8"})
         assert result.returncode == 0, result.stderr
-        assert result.stdout.startswith("accelerate launch")
+        assert result.stdout.startswith("python -m vitmpp.common.launcher ")
 
 
 def test_readme_make_shards_digits_command_runs(tmp_path):
@@ -97,3 +104,23 @@ def test_readme_other_commands_know_their_flags():
             if module in line:
                 for flag in re.findall(r"(--[\w-]+)", line):
                     assert flag in help_text, (module, flag)
+
+
+def python_blocks(section: str) -> list[str]:
+    """The ```python blocks of one README section (`## <section>` up to the next `## `)."""
+    body = README.split(f"## {section}\n", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```python\n(.*?)```", body, re.S)
+
+
+@pytest.mark.slow
+def test_readme_use_the_encoder_elsewhere_snippets_run_on_a_real_run(tmp_path, digits16):
+    """The timm and transformers snippets, as written, on the folder the default pretraining writes."""
+    from engine_helpers import TINY, python_cmd, run
+
+    run(python_cmd("pretrain/main.py") + TINY + ["train.steps=2", f"data.shards={digits16}"], cwd=tmp_path)
+    blocks = [b for b in python_blocks("Use the encoder elsewhere") if "runs/default-mpp" in b]
+    assert len(blocks) == 2 and "AutoModel" in blocks[1]
+    for block in blocks:
+        result = run([sys.executable, "-c", block + "\nprint(tuple(features.shape))"], cwd=tmp_path)
+        width = __import__("json").loads((tmp_path / "runs/default-mpp/encoder.json").read_text())["embed_dim"]
+        assert result.stdout.strip().splitlines()[-1] == f"(1, {width})"

@@ -228,7 +228,9 @@ def sizes(reference: Path) -> dict[str, int]:
     parts = {p.name: p.stat().st_blocks * 512 for p in checkpoint.iterdir()}
     export = disk_usage(reference) - disk_usage(reference / "checkpoints")
     export_files = sum((reference / n).stat().st_blocks * 512 for n in ("encoder.safetensors", "encoder.json"))
-    return {"checkpoint": sum(parts.values()), **parts, "encoder": export_files, "rest": export - export_files}
+    # written after the encoder at the end of the run: the transformers folder and the model card
+    later = disk_usage(reference / "transformers") + (reference / "README.md").stat().st_blocks * 512
+    return {"checkpoint": sum(parts.values()), **parts, "encoder": export_files, "rest": export - export_files - later}
 
 
 @pytest.mark.fault("disk full (ENOSPC) during a checkpoint save", expect="clear error", lost="steps since the last checkpoint")

@@ -337,7 +337,7 @@ def test_pixels_with_no_known_scale_are_skipped_and_listed_not_clipped(modes_thr
 @pytest.mark.fault("image modes no file format holds (RGBX, HSV) and 32-bit integers above 16 bits",
                    expect="survived")
 def test_modes_without_a_file_format_convert_exactly():
-    from vitmpp.datasets.transforms import UnknownScale, to_rgb
+    from vitmpp.datasets.pixels import UnknownScale, to_rgb
 
     rng = np.random.default_rng(3)
     rgbx = rng.integers(0, 256, (16, 16, 4), dtype=np.uint8)

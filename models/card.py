@@ -1,0 +1,306 @@
+"""The model card of an exported encoder: facts in, Hugging Face model-card text out.
+
+`render_card(facts)` is pure: it reads nothing and computes nothing, so every number in
+a card is one the run recorded (`vitmpp.models.hub.card_facts` gathers them from the
+export folder: encoder.json, config.yaml, evaluations.json). The format is the Hub's:
+YAML front matter (`library_name`, `license`, `tags`, `datasets`, `metrics`,
+`model-index` for recorded results) and markdown.
+
+`license` is `other` with `license_name: unspecified`: who may use pretrained weights
+depends on the data they were trained on, which vitmpp cannot know; the card says so and
+whoever publishes the weights sets it. `base_model` is absent: vitmpp pretrains from
+random initialisation.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+
+# what each objective is, and the paper it comes from
+OBJECTIVES: dict[str, dict[str, str]] = {
+    "mpp": {
+        "title": "masked patch prediction",
+        "paper": "Dosovitskiy et al. 2020, \"An Image is Worth 16x16 Words: Transformers for Image Recognition at "
+                 "Scale\", appendix B.1.2",
+        "arxiv": "2010.11929",
+        "what": "50% of the patch embeddings of each image are corrupted (80% replaced by a learned [mask] "
+                "embedding, 10% by another patch's, 10% kept); the encoder predicts the 3-bit mean colour of each "
+                "corrupted patch (512 classes) with a cross-entropy loss.",
+    },
+    "mae": {
+        "title": "masked autoencoder",
+        "paper": "He et al. 2021, \"Masked Autoencoders Are Scalable Vision Learners\"",
+        "arxiv": "2111.06377",
+        "what": "75% of the patches of each image are dropped; the encoder sees the rest and a light decoder "
+                "reconstructs the pixels of the dropped ones (MSE, per-patch normalised targets).",
+    },
+    "simmim": {
+        "title": "SimMIM",
+        "paper": "Xie et al. 2021, \"SimMIM: A Simple Framework for Masked Image Modeling\"",
+        "arxiv": "2111.09886",
+        "what": "60% of 32-pixel blocks are replaced by a learned mask token in the encoder input; a linear head "
+                "predicts their raw pixels (L1 loss).",
+    },
+    "supervised": {
+        "title": "supervised classification",
+        "paper": "Dosovitskiy et al. 2020, \"An Image is Worth 16x16 Words: Transformers for Image Recognition at "
+                 "Scale\"",
+        "arxiv": "2010.11929",
+        "what": "the encoder and a linear head are trained with cross-entropy on the shards' labels "
+                "(the supervised-pretraining baseline).",
+    },
+}
+PROTOCOL_NAMES = {"linear": "linear probe", "finetune": "fine-tuning", "knn": "k-NN"}
+_SELF_SUPERVISED = {"mpp", "mae", "simmim"}
+
+
+def render_card(facts: dict) -> str:
+    """The README.md text for `facts` (see `vitmpp.models.hub.card_facts` for the keys)."""
+    return _front_matter(facts) + "\n" + "\n".join(_body(facts)).rstrip() + "\n"
+
+
+# ----------------------------------------------------------------------------- front matter
+
+def _front_matter(facts: dict) -> str:
+    info = facts["info"]
+    objective = info.get("objective") or "unknown"
+    extra = info.get("extra") or {}
+    data = extra.get("data") or {}
+    transformers = facts.get("flavour") == "transformers"
+    tags = ["vitmpp", "vision-transformer", "image-feature-extraction", "pytorch", "timm"]
+    if transformers:
+        tags.append("transformers")
+    tags.append("self-supervised" if objective in _SELF_SUPERVISED else objective)
+    if objective in _SELF_SUPERVISED:
+        tags.append("masked-image-modeling")
+    tags.append(f"objective-{objective}")
+    meta: dict[str, Any] = {
+        "library_name": "transformers" if transformers else "timm",
+        "license": "other",
+        "license_name": "unspecified",
+        "pipeline_tag": "image-feature-extraction",
+        "tags": list(dict.fromkeys(tags)),
+    }
+    if data.get("name"):
+        meta["datasets"] = [str(data["name"])]
+    evaluations = facts.get("evaluations") or []
+    if evaluations:
+        meta["metrics"] = ["accuracy"]
+        meta["model-index"] = [{"name": str(facts.get("folder") or info.get("name")), "results": [
+            {
+                "task": {"type": "image-classification", "name": PROTOCOL_NAMES.get(r.get("protocol"), r.get("protocol"))},
+                "dataset": {"name": str(r.get("dataset") or data.get("name") or r.get("shards") or "unknown"),
+                            "type": str(r.get("dataset") or data.get("name") or "unknown"),
+                            "split": str(r.get("split", "validation"))},
+                "metrics": [{"type": "accuracy", "value": round(float(r["top1"]), 2),
+                             "name": f"{_protocol(r)} top-1 (label fraction {r.get('label_fraction', 1):g}, "
+                                     f"seed {r.get('seed', 0)})"}],
+            }
+            for r in evaluations if r.get("top1") is not None
+        ]}]
+    return "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + "---\n"
+
+
+# ----------------------------------------------------------------------------- body
+
+def _body(facts: dict) -> list[str]:
+    info = facts["info"]
+    objective = info.get("objective") or "unknown"
+    paper = OBJECTIVES.get(objective)
+    extra = info.get("extra") or {}
+    title = paper["title"] if paper else objective
+    lines = [f"# {facts.get('folder') or info.get('name')}: a ViT encoder pretrained with {title}", ""]
+    lines += [f"A `{info.get('name')}` Vision Transformer encoder ({_count(info.get('num_params'))} parameters) "
+              f"pretrained with vitmpp's `{objective}` objective for "
+              f"{_int(info.get('step'))} steps. Everything below was generated from the run's own records.", ""]
+    lines += _model_section(info)
+    lines += ["## Pretraining objective", ""]
+    if paper:
+        lines += [f"`{objective}`: {paper['what']}", "",
+                  f"Paper: {paper['paper']}, [arXiv:{paper['arxiv']}](https://arxiv.org/abs/{paper['arxiv']}).", ""]
+    else:
+        lines += [f"`{objective}` (no paper is associated with it in vitmpp).", ""]
+    lines += _data_section(extra)
+    lines += _training_section(info, extra)
+    lines += _evaluation_section(facts)
+    lines += _usage_section(facts)
+    if facts.get("config_yaml"):
+        lines += ["## Configuration", "", "The resolved configuration of the pretraining run (`config.yaml`):", "",
+                  "```yaml", facts["config_yaml"].rstrip(), "```", ""]
+    lines += ["## License", "",
+              "Not stated: the terms under which these weights may be used depend on the data they were trained on. "
+              "Set `license` in the front matter before publishing them.", ""]
+    lines += ["## Provenance", "",
+              f"Exported {info.get('created', 'at an unrecorded time')} with timm {info.get('timm_version', '?')} and "
+              f"torch {info.get('torch_version', '?')} (`{info.get('format', 'vitmpp-encoder')}`).", ""]
+    return lines
+
+
+def _model_section(info: dict) -> list[str]:
+    rows = [
+        ("architecture", f"`{info.get('name')}`" + (f" (timm: `{info['timm_name']}`)" if info.get("timm_name") else
+                                                    " (a vitmpp variant of timm's VisionTransformer)")),
+        ("parameters", _count(info.get("num_params"))),
+        ("image size", f"{info.get('img_size')} px"),
+        ("patch size", f"{info.get('patch_size')} px"),
+        ("width / depth / heads", f"{info.get('embed_dim')} / {info.get('depth')} / {info.get('num_heads')}"),
+        ("MLP ratio", f"{info.get('mlp_ratio')}"),
+        ("class token", "yes" if info.get("class_token", True) else "no"),
+        ("pooling", f"`{info.get('global_pool')}`"),
+        ("position embedding", {"sincos": "fixed 2D sin-cos (MAE)", "learned": "learned"}.get(
+            info.get("pos_embed"), str(info.get("pos_embed")))),
+    ]
+    return ["## Encoder", "", "| | |", "|---|---|", *[f"| {k} | {v} |" for k, v in rows], ""]
+
+
+def _data_section(extra: dict) -> list[str]:
+    data = extra.get("data") or {}
+    lines = ["## Data", ""]
+    shards = data.get("shards") or extra.get("shards")
+    if shards:
+        lines.append(f"Shards: `{shards}`.")
+    if not data:
+        lines += ["", "The export records no manifest facts (it predates them).", ""]
+        return lines
+    lines.append(f"Manifest: `{data.get('name')}` (`{data.get('source')}`), {data.get('num_classes')} classes"
+                 + (f", images {data['image_size']} px." if data.get("image_size") else "."))
+    splits = data.get("splits") or {}
+    if splits:
+        lines += ["", "| split | images | used |", "|---|---:|---|"]
+        for name, count in splits.items():
+            used = "pretraining" if name == data.get("train_split") else ""
+            lines.append(f"| {name} | {_int(count)} | {used} |")
+    lines.append("")
+    if data.get("train_split"):
+        lines += [f"Pretraining read only the `{data['train_split']}` split"
+                  + (" (labels used)." if extra.get("uses_labels") else " (labels not used)."), ""]
+    return lines
+
+
+def _training_section(info: dict, extra: dict) -> list[str]:
+    train = extra.get("train") or {}
+    compute = extra.get("compute") or {}
+    lines = ["## Training", ""]
+    rows = [("optimizer steps", _int(info.get("step")))]
+    if train.get("global_batch"):
+        rows.append(("global batch", _int(train["global_batch"])))
+    if train.get("images_seen") is not None:
+        rows.append(("images seen", f"{_int(train['images_seen'])} (steps x global batch)"))
+    if train.get("epochs") is not None:
+        rows.append(("epochs (images seen / training images)", f"{train['epochs']:.2f}"))
+    if compute.get("flops_per_image"):
+        rows.append(("training FLOPs per image", f"{compute['flops_per_image']:.4g}"))
+    if compute.get("total_flops"):
+        rows.append(("training FLOPs in all", f"{compute['total_flops']:.4g}"))
+    if train.get("world_size"):
+        rows.append(("processes", _int(train["world_size"])))
+    lines += ["| | |", "|---|---|", *[f"| {k} | {v} |" for k, v in rows], ""]
+    if compute.get("how"):
+        lines += [compute["how"], ""]
+    elif not compute:
+        lines += ["Compute was not recorded for this export.", ""]
+    return lines
+
+
+def _evaluation_section(facts: dict) -> list[str]:
+    records = facts.get("evaluations") or []
+    lines = ["## Evaluation", ""]
+    if not records:
+        lines += ["No evaluation of these weights has been recorded yet. A linear probe, k-NN or fine-tuning run "
+                  "of vitmpp that uses this folder as its encoder adds its result here, e.g. "
+                  f"`python finetune/main.py encoder={facts.get('path') or facts.get('folder')}`.", ""]
+    else:
+        lines += ["Results recorded by evaluation runs that used these weights (best top-1 over the run's "
+                  "evaluations on the split shown):", "",
+                  "| protocol | label fraction | seed | split | top-1 | top-5 | training images | epochs | run |",
+                  "|---|---:|---:|---|---:|---:|---:|---:|---|"]
+        for r in sorted(records, key=lambda r: (str(r.get("protocol")), r.get("label_fraction", 1), r.get("seed", 0))):
+            lines.append(f"| {_protocol(r)} | {r.get('label_fraction', 1):g} | {r.get('seed', 0)} | "
+                         f"{r.get('split', '?')} | {_pct(r.get('top1'))} | {_pct(r.get('top5'))} | "
+                         f"{_int(r.get('train_images'))} | {r.get('epochs', '')} | `{r.get('run', '')}` |")
+        lines.append("")
+    older = facts.get("older_evaluations") or 0
+    if older:
+        lines += [f"{older} result(s) recorded for an earlier export of this folder are not shown.", ""]
+    return lines
+
+
+def _usage_section(facts: dict) -> list[str]:
+    info = facts["info"]
+    path = str(facts.get("path") or facts.get("folder") or ".")
+    size = info.get("img_size")
+    lines = ["## How to use", ""]
+    transformers = facts.get("flavour") == "transformers"
+    hf_path = path if transformers else f"{path}/transformers"
+    run_path = path
+    if not transformers:
+        kwargs = _timm_kwargs(info)
+        lines += ["With timm (`encoder.safetensors` holds a headless `VisionTransformer` state dict):", "",
+                  "```python", "import timm, torch", "from safetensors.torch import load_file", "",
+                  f"encoder = timm.models.VisionTransformer({kwargs})",
+                  f"encoder.load_state_dict(load_file(\"{run_path}/encoder.safetensors\"))",
+                  f"features = encoder.eval().forward_features(torch.randn(1, 3, {size}, {size}))"
+                  "  # [1, tokens, width]",
+                  "```", ""]
+        if info.get("timm_name"):
+            lines += ["or through timm's factory, with a new head of K classes:", "", "```python",
+                      f"model = timm.create_model(\"{info['timm_name']}\", pretrained=True, num_classes=K,",
+                      f"    pretrained_cfg_overlay=dict(file=\"{run_path}/encoder.safetensors\", num_classes=0))",
+                      "```", ""]
+        lines += ["or with vitmpp (which also resamples position embeddings for another image size): "
+                  f"`vitmpp.models.load_encoder(\"{run_path}\")`.", ""]
+    if transformers or facts.get("transformers"):
+        pool = ("`pooler_output` is the class-token feature (the pooler is the identity)" if info.get("global_pool") == "token"
+                else "timm pools by averaging: use `last_hidden_state[:, 1:].mean(1)`")
+        lines += ["With transformers (a `ViTModel`; `last_hidden_state` equals timm's `forward_features`; " + pool + "):",
+                  "", "```python", "import torch", "from PIL import Image",
+                  "from transformers import AutoImageProcessor, AutoModel", "",
+                  f"processor = AutoImageProcessor.from_pretrained(\"{hf_path}\")",
+                  f"model = AutoModel.from_pretrained(\"{hf_path}\").eval()",
+                  f"image = Image.new(\"RGB\", ({size}, {size}))",
+                  "with torch.no_grad():",
+                  "    outputs = model(**processor(images=image, return_tensors=\"pt\"))",
+                  "features = outputs.pooler_output  # [1, width]", "```", "",
+                  f"`ViTForImageClassification.from_pretrained(\"{hf_path}\", num_labels=K)` adds a new head for "
+                  "fine-tuning.", ""]
+    elif facts.get("transformers_refusal"):
+        lines += [f"No transformers export: {facts['transformers_refusal']}.", ""]
+    else:
+        lines += ["A transformers folder can be written with "
+                  f"`python -m vitmpp.models.export {run_path} --to transformers OUT`.", ""]
+    return lines
+
+
+def _timm_kwargs(info: dict) -> str:
+    kwargs: dict[str, Any] = {
+        "img_size": info.get("img_size"), "patch_size": info.get("patch_size"), "embed_dim": info.get("embed_dim"),
+        "depth": info.get("depth"), "num_heads": info.get("num_heads"), "mlp_ratio": info.get("mlp_ratio"),
+    }
+    for key, value in (info.get("overrides") or {}).items():
+        if key not in kwargs and key not in ("pos_embed", "global_pool"):
+            kwargs[key] = value
+    if not info.get("class_token", True):
+        kwargs["class_token"] = False
+    kwargs["num_classes"] = 0
+    kwargs["global_pool"] = info.get("global_pool", "token")
+    return ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+
+
+def _protocol(record: dict) -> str:
+    name = PROTOCOL_NAMES.get(record.get("protocol"), str(record.get("protocol")))
+    return f"{name} (k={record['k']})" if record.get("protocol") == "knn" and record.get("k") else name
+
+
+def _count(n: Any) -> str:
+    if not isinstance(n, (int, float)):
+        return "?"
+    return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.1f}K" if n >= 1e3 else str(int(n))
+
+
+def _int(n: Any) -> str:
+    return f"{int(n):,}" if isinstance(n, (int, float)) else "?"
+
+
+def _pct(n: Any) -> str:
+    return f"{float(n):.2f}" if isinstance(n, (int, float)) else ""
