@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# vitmpp launcher: wraps `accelerate launch` for one GPU, one node or many (SLURM).
+# vitmpp launcher: runs `accelerate launch` (through python -m vitmpp.common.launcher) for one GPU,
+# one node or many (SLURM), or CPU processes.
 #
 #   ./launch.sh pretrain CONFIG [key=value ...] [--resume auto]
 #   ./launch.sh finetune CONFIG [key=value ...] [--resume auto]
@@ -8,15 +9,19 @@
 #   ./launch.sh analyze  --encoder RUN --shards DIR --out DIR
 #   ./launch.sh demo                                          (shards -> pretrain -> linear probe, on digits)
 #   ./launch.sh test [pytest args]
-#   ./launch.sh --dry-run pretrain ...                        (print the accelerate command, run nothing)
+#   ./launch.sh --dry-run pretrain ...                        (print the launch command, run nothing)
 #
-# Processes: one per GPU (nvidia-smi), or $VITMPP_NUM_PROCESSES; on CPU-only machines 1.
+# Processes: one per GPU (nvidia-smi), or $VITMPP_NUM_PROCESSES (on a machine without GPUs: CPU
+# processes in one gloo group; default 1). Errors are one sentence; the exit status is the
+# training script's own (2: a problem with the input, 130: Ctrl-C).
 # Under SLURM with several nodes: --num_machines, --machine_rank, --main_process_ip and
 # --main_process_port come from SLURM_NNODES, SLURM_NODEID, SLURM_JOB_NODELIST and
 # MASTER_PORT (default 29500). Run one launch.sh per node (`srun --ntasks-per-node=1`).
 # SIGTERM/SIGUSR1 to this script reach the training processes, which save a checkpoint
 # at the next step and exit 0; rerun with --resume auto. Ctrl-C does the same and exits
 # 130; a second Ctrl-C stops at once (only the steps since the last checkpoint are lost).
+# Under SLURM, SIGUSR1 (sbatch --requeue --signal=USR1@120) also requeues the job
+# (scontrol requeue, from the first node), which then continues with --resume auto.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -28,7 +33,7 @@ if [[ "${1:-}" == "--dry-run" ]]; then
 fi
 
 usage() {
-  sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
   exit 2
 }
 
@@ -63,18 +68,17 @@ accelerate_flags() {
   local gpus nodes procs
   gpus="$(count_gpus)"
   nodes="${SLURM_NNODES:-${SLURM_JOB_NUM_NODES:-1}}"
-  flags=()
+  flags=(--num_machines "$nodes" --dynamo_backend no)
   if [[ "$gpus" -eq 0 ]]; then
     procs="${VITMPP_NUM_PROCESSES:-1}"
     flags+=(--num_processes "$procs" --mixed_precision no)
-    [[ "$procs" -gt 1 ]] && flags+=(--multi_gpu)
   else
     procs="${VITMPP_NUM_PROCESSES:-$((gpus * nodes))}"
     flags+=(--num_processes "$procs" --mixed_precision bf16)
-    [[ "$procs" -gt 1 ]] && flags+=(--multi_gpu)
   fi
+  [[ "$procs" -gt 1 ]] && flags+=(--multi_gpu)
   if [[ "$nodes" -gt 1 ]]; then
-    flags+=(--num_machines "$nodes" --machine_rank "${SLURM_NODEID:-0}"
+    flags+=(--machine_rank "${SLURM_NODEID:-0}"
             --main_process_ip "$(first_slurm_host)" --main_process_port "${MASTER_PORT:-29500}"
             --rdzv_backend static)
   fi
@@ -83,12 +87,12 @@ accelerate_flags() {
 
 # The command runs in a process group of its own (set -m), so Ctrl-C, which a terminal sends
 # to its foreground group, reaches this script alone, and the script decides who hears it.
-# Under `accelerate launch` that is the training processes, never the launcher: Accelerate's
-# and torch's elastic launchers answer a signal, or a rank that exits non-zero, with a traceback
-# of their own (`--quiet` silences only the one-process launcher's, and then exits 1).
+# Under the launcher that is the training processes, never the launcher itself: torch's elastic
+# agent answers a signal of its own with a traceback.
 child_pid=""
 child_is_launcher=0
 interrupts=0
+usr1_received=0
 
 forward_signal() {
   # Pass the signal to the training processes (children of `accelerate launch`),
@@ -131,7 +135,7 @@ run() {
   child_pid=$!
   set +m
   trap 'forward_signal TERM' TERM
-  trap 'forward_signal USR1' USR1
+  trap 'usr1_received=1; forward_signal USR1' USR1
   trap 'on_interrupt' INT
   local status=0
   while true; do
@@ -146,7 +150,25 @@ run() {
   if [[ "$interrupts" -gt 0 && "$child_is_launcher" -eq 1 ]]; then
     exit 130
   fi
+  if [[ "$usr1_received" -eq 1 && "$status" -eq 0 ]]; then
+    requeue_slurm_job || status=$?
+  fi
   return "$status"
+}
+
+# SLURM's warning before the time limit (`sbatch --signal=USR1@120`): the ranks have saved a
+# checkpoint and stopped; the launch.sh of the first node puts the job back in the queue, and the
+# job's `--resume auto` continues from that checkpoint when it runs again (needs `sbatch --requeue`
+# or a cluster that allows requeueing).
+requeue_slurm_job() {
+  [[ -n "${SLURM_JOB_ID:-}" && "${SLURM_NODEID:-0}" -eq 0 ]] || return 0
+  if scontrol requeue "$SLURM_JOB_ID"; then
+    echo "requeued SLURM job $SLURM_JOB_ID: it continues from the last checkpoint (--resume auto) when it runs again" >&2
+  else
+    echo "error: scontrol could not requeue SLURM job $SLURM_JOB_ID; the checkpoint is saved: submit the job" \
+         "again (with --resume auto) to continue" >&2
+    return 1
+  fi
 }
 
 launch() {
@@ -154,7 +176,7 @@ launch() {
   shift
   accelerate_flags
   child_is_launcher=1
-  run accelerate launch --quiet "${flags[@]}" "$script" "$@"
+  run python -m vitmpp.common.launcher "${flags[@]}" "$script" "$@"
   child_is_launcher=0
 }
 
@@ -165,7 +187,7 @@ with_config() {
     shift
     set -- --config "$config" "$@"
   fi
-  printf '%s\0' "$@"
+  [[ $# -eq 0 ]] || printf '%s\0' "$@"
 }
 
 command="${1:-}"

@@ -4,6 +4,8 @@
 #
 #   bash benchmarks/gpu_check.sh              # on the GPU machine, from the repository root
 #   bash benchmarks/gpu_check.sh --cpu-smoke  # here: the same code paths, tiny sizes, on the CPU
+#   bash benchmarks/gpu_check.sh --fsdp       # only part 6 (FSDP), < 3 minutes; with --cpu-smoke: 2 CPU processes
+#                                             (device call: command `bash benchmarks/gpu_check.sh --fsdp`, timeout_s 240)
 #
 # What it does, each part under its own time limit (a part that fails or runs out of
 # time is reported and the next one still runs; the exit status is 1 if any failed):
@@ -18,7 +20,11 @@
 #   3. photo-like JPEG shards for the pretraining runs, generated on every core;
 #   4. the host-sync audit of the real training loop, CUDA tensors only;
 #   5. a 200-step MAE ViT-B/16 bf16 pretraining through pretrain/main.py on generated
-#      shards: loss must fall; images/s and MFU printed.
+#      shards: loss must fall; images/s and MFU printed;
+#   6. FSDP2 (configs/accelerate/fsdp.yaml): 6 tiny steps, sharded checkpoints, SIGKILL after
+#      the checkpoint of step 2, --resume auto, the gathered export (1 process on the GPU); only
+#      with --fsdp, which runs part 0 and this alone (limit 150 s, its own device call: with parts
+#      1-5 it would not fit one 600 s call); its output goes to gpu_check.log and env.txt.
 # Everything goes to $OUT when set (else benchmarks/gpu-check-out/): gpu_check.log,
 # env.txt, results-cuda.json (or results-cpu-smoke.json), syncs.json,
 # pretrain_perf.jsonl, pretrain_metrics.jsonl, summary.txt (7 files, no sub-folders).
@@ -34,11 +40,14 @@
 set -euo pipefail
 
 MODE=gpu
-case "${1:-}" in
-  --cpu-smoke) MODE=cpu ;;
-  "") ;;
-  *) echo "usage: bash benchmarks/gpu_check.sh [--cpu-smoke]" >&2; exit 2 ;;
-esac
+FSDP_ONLY=0
+for arg in "$@"; do
+  case "$arg" in
+    --cpu-smoke) MODE=cpu ;;
+    --fsdp) FSDP_ONLY=1 ;;
+    *) echo "usage: bash benchmarks/gpu_check.sh [--cpu-smoke] [--fsdp]" >&2; exit 2 ;;
+  esac
+done
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO"
@@ -127,6 +136,86 @@ else
   SYNC_FLAGS=()
 fi
 
+# ---- 6. (only with --fsdp, instead of 1-5) FSDP2 end to end (configs/accelerate/fsdp.yaml): a few
+# steps, sharded checkpoints, SIGKILL of the process tree after a checkpoint, --resume auto, the gathered export. On the one GPU: 1 process
+# (NCCL refuses two ranks on one device), which runs the CUDA side (fully_shard over a 1-GPU mesh, bf16
+# MixedPrecisionPolicy, sharded save/load, full-state gathering); splitting across ranks is checked on
+# 2 CPU processes by tests/distributed/test_fsdp.py and here by --cpu-smoke. docs/distributed.md, "FSDP".
+if [ "$MODE" = gpu ]; then FSDP_PROCS=1; FSDP_PRECISION=bf16; T_FSDP=150; else FSDP_PROCS=2; FSDP_PRECISION=no; T_FSDP=240; fi
+if [ "$FSDP_ONLY" = 1 ]; then
+cat >"$WORK/fsdp_check.py" <<'EOF'
+import json, os, signal, subprocess, sys, time
+from pathlib import Path
+
+procs, precision, runs = sys.argv[1], sys.argv[2], Path(sys.argv[3])
+launch = [sys.executable, "-m", "vitmpp.common.launcher", "--use_fsdp", "--config_file", "configs/accelerate/fsdp.yaml",
+          "--num_processes", procs, "--mixed_precision", precision, "--main_process_port", "29731", "pretrain/main.py",
+          "model.name=vit_pico_patch4_16", "model.img_size=16", "train.global_batch=32", "data.num_workers=0",
+          "train.steps=6", "log.checkpoint_every=2", "log.log_every=1", "log.image_every=0",
+          f"run.output_dir={runs}"] + ([f"train.mixed_precision={precision}"] if precision != "no" else [])
+tolerance = 1e-2 if precision == "bf16" else 1e-6  # bf16 GPU kernels need not be bitwise deterministic
+
+
+def must(ok, what):
+    print(("ok: " if ok else "FAILED: ") + what, flush=True)
+    if not ok:
+        sys.exit(1)
+
+
+def rows(name):
+    return [json.loads(l) for l in (runs / name / "metrics.jsonl").read_text().splitlines() if l.strip()]
+
+
+straight = subprocess.run(launch + ["run.name=straight"], capture_output=True, text=True)
+print(straight.stdout[-1500:], straight.stderr[-3000:], flush=True)
+must(straight.returncode == 0, "uninterrupted FSDP run")
+must(any(l.startswith("FSDP2: ") for l in straight.stdout.splitlines()), "parameters are DTensors (the FSDP2 line)")
+ckpt = runs / "straight" / "checkpoints" / "step-0000006"
+names = sorted(p.name for p in (ckpt / "pytorch_model_fsdp_0").iterdir())
+must(names == [".metadata"] + [f"__{r}_0.distcp" for r in range(int(procs))], f"sharded checkpoint layout {names}")
+must(not (ckpt / "model.safetensors").exists(), "no full-model file in the checkpoint")
+
+proc = subprocess.Popen(launch + ["run.name=killed", "debug.step_delay_s=1"], start_new_session=True,
+                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+killed, deadline = runs / "killed", time.monotonic() + 120
+while not ((killed / "checkpoints" / "step-0000002" / "trainer_state.json").is_file()
+           and (killed / "metrics.jsonl").is_file() and len((killed / "metrics.jsonl").read_text().splitlines()) >= 3):
+    if proc.poll() is not None or time.monotonic() > deadline:
+        must(False, "the run to kill reaches step 3 after the checkpoint of step 2")
+    time.sleep(0.1)
+tree, frontier = [proc.pid], [proc.pid]  # the launcher, its agent and every rank (each in a session of its own)
+while frontier:
+    children = subprocess.run(["pgrep", "-P", str(frontier.pop())], capture_output=True, text=True).stdout.split()
+    tree += [int(c) for c in children]
+    frontier += [int(c) for c in children]
+for pid in tree:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+proc.wait()
+resumed = subprocess.run(launch + ["run.name=killed", "--resume", "auto"], capture_output=True, text=True)
+print(resumed.stdout[-1500:], resumed.stderr[-3000:], flush=True)
+must(resumed.returncode == 0 and "resumed from" in resumed.stdout, "--resume auto after SIGKILL")
+a, b = rows("straight"), rows("killed")
+must([r["step"] for r in b] == list(range(1, 7)), "each step logged once")
+diff = max(abs(x["loss"] - y["loss"]) for x, y in zip(a, b))
+must(diff < tolerance, f"resumed losses match the uninterrupted run (max diff {diff:.3g})")
+
+from safetensors.torch import load_file
+
+wa, wb = (load_file(str(runs / name / "encoder.safetensors")) for name in ("straight", "killed"))
+must(wa.keys() == wb.keys() and len(wa) > 0, f"one full encoder.safetensors ({len(wa)} tensors)")
+wdiff = max(float((wa[k].double() - wb[k].double()).abs().max()) for k in wa)
+must(wdiff < tolerance, f"exported encoders agree (max abs diff {wdiff:.3g})")
+must((killed / "transformers" / "model.safetensors").is_file() and (killed / "README.md").is_file(),
+     "transformers folder and model card written")
+EOF
+part "fsdp" "$T_FSDP" "$PY" "$WORK/fsdp_check.py" "$FSDP_PROCS" "$FSDP_PRECISION" "$WORK/fsdp-runs"
+  log "finished in $(( $(date +%s) - STARTED )) s; failed parts: ${FAILED[*]:-none}"
+  [ "${#FAILED[@]}" -eq 0 ]; exit
+fi
+
 # ---- 1. model rows (bf16; compiled and not on the GPU)
 part "model rows" "$T_MODEL" "$PY" -m vitmpp.benchmarks "${DEVICE[@]}" --rows objectives,attention,peer,memory \
   --scratch "$WORK/bench" --out "$WORK/results-model.json"
@@ -199,9 +288,9 @@ if metrics.exists() and perf.exists():
     first, last = statistics.mean(losses[:k]), statistics.mean(losses[-k:])
     intervals = [json.loads(l) for l in perf.read_text().splitlines() if l.strip()]
     steady = intervals[2:] or intervals
-    ips = statistics.median(r["perf/images_per_sec"] for r in steady)
-    wait = statistics.median(r["perf/data_wait_fraction"] for r in steady)
-    mfu = [r["perf/mfu"] for r in steady if "perf/mfu" in r]
+    ips = statistics.median(r["system/pretrain/images_per_sec"] for r in steady)
+    wait = statistics.median(r["system/pretrain/data_wait_fraction"] for r in steady)
+    mfu = [r["system/pretrain/mfu"] for r in steady if "system/pretrain/mfu" in r]
     mfu_text = f"{statistics.median(mfu):.1%}" if mfu else "n/a (no GPU peak)"
     falls = last < first * 0.95
     print(f"pretraining: {len(losses)} steps, loss {first:.4f} (first {k}) -> {last:.4f} (last {k}): "

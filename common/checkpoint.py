@@ -3,7 +3,11 @@
 Layout of a run's `checkpoints/` folder::
 
     step-0000500/            complete: renamed into place after every file was written
-        model.safetensors, optimizer.bin, random_states_0.pkl, ...   (Accelerate's save_state)
+        model.safetensors, optimizer.bin, random_states_0.pkl, ...   (Accelerate's save_state; under
+                              FSDP, sharded: pytorch_model_fsdp_0/ and optimizer_0/, each with
+                              .metadata and one __<rank>_0.distcp per rank, written by every rank)
+        logical_rank_00000_rng.safetensors, ...   (ours: every logical rank's torch generators, so that
+                              any divisor of the logical ranks can resume; docs/distributed.md)
         trainer_state.json   (ours: step, epoch, data position, counters, and the size and
                               sha256 of every other file; written last)
     .step-0001000.partial/   a save in progress, or one a crash interrupted: never read
@@ -19,7 +23,9 @@ and removes the `.partial` folder.
 
 Resuming verifies every file against the size and checksum recorded when it was
 written, so bit rot, a truncated copy or a file lost in transfer is found before
-training continues on it. sha256 rather than a faster non-cryptographic hash: with
+training continues on it; every file below the folder counts, so a sharded (FSDP)
+checkpoint's shards and their `.metadata` are checked one by one like any other file.
+sha256 rather than a faster non-cryptographic hash: with
 the CPUs' SHA extensions (x86 SHA-NI, ARMv8 crypto) OpenSSL's sha256 is faster here
 than blake2b (a 350 MB file, the size of ViT-B's weights: 0.23 s vs 0.31 s on an
 AMD EPYC; about 0.7 s for a whole ViT-B checkpoint with its optimizer state, at each
@@ -272,8 +278,10 @@ class Checkpointer:
         raise stopped from None
 
     def load(self, path: Path) -> dict:
-        """Restore a checkpoint written by a run with the same number of processes, once its files
-        match the checksums they were written with (the main process reads them; every rank gets its verdict)."""
+        """Restore a checkpoint on a number of processes that divides its run's logical ranks (`logical_ranks_of`),
+        once its files match the checksums they were written with (the main process reads them; every rank gets
+        its verdict). On another process count than the one that wrote it, the random states of the logical ranks
+        are the loop's to set (`load_logical_rng`): Accelerate's per-process files belong to other processes."""
         acc = self.accelerator
         problem = _decided_on_main(acc, lambda: damage(path))
         if problem is not None:
@@ -282,12 +290,11 @@ class Checkpointer:
             error.same_on_every_rank = True
             raise error
         state = read_state(path)
+        logical_ranks_of(state, path, acc.num_processes)  # refuses a process count that cannot host them
         saved_world = int(state.get("world_size", acc.num_processes))
-        if saved_world != acc.num_processes:
-            raise UserError(
-                f"Checkpoint {path} was written by {saved_world} processes but this run has {acc.num_processes}; "
-                f"resume with --num_processes {saved_world} (a different count would change the data order and batch)."
-            )
+        if saved_world != acc.num_processes and any(Path(path).glob("pytorch_model_fsdp*")):
+            raise UserError(f"Checkpoint {path} holds the FSDP shards of {saved_world} processes, and resuming sharded "
+                            f"checkpoints on another process count is untested; resume with --num_processes {saved_world}.")
         try:
             acc.load_state(str(path))
         except Exception as err:  # noqa: BLE001 - name the checkpoint, never run what it holds
@@ -300,7 +307,8 @@ class Checkpointer:
                 ) from None
             raise UserError(f"Checkpoint {path} could not be loaded ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
                             "resume from an earlier one.") from None
-        self._verify_rng(path)
+        if int(state.get("world_size", acc.num_processes)) == acc.num_processes:
+            self._verify_rng(path)  # else Accelerate's files are other processes'; the loop sets them (load_logical_rng)
         self.last = Path(path)
         return state
 
@@ -320,6 +328,90 @@ class Checkpointer:
             raise UserError(f"Could not restore the random state from {rng_file} ({type(err).__name__}); the checkpoint is damaged.") from None
         if not ok:
             raise UserError(f"The random state in {rng_file} was not restored; the checkpoint is damaged or from another setup.")
+
+
+# ----------------------------------------------------------------------------- logical ranks (docs/distributed.md)
+
+LOGICAL_RNG_FILE = "logical_rank_{:05d}_rng.safetensors"  # torch's CPU and device generators, numpy's, python's
+
+
+def logical_ranks_of(state: dict, path: Path, processes: int, configured: int | None = None) -> int:
+    """The logical ranks of the run that wrote checkpoint `path` (trainer `state`), once `processes` can
+    host them (a divisor of them); else a one-sentence UserError naming the counts that would work.
+
+    A checkpoint written before logical ranks were recorded has one per process and resumes on that
+    count alone; `configured` (train.logical_ranks, when set) must agree with the checkpoint's."""
+    saved_world = int(state.get("world_size", processes))
+    if "logical_ranks" not in state:
+        if saved_world != processes:
+            raise UserError(
+                f"Checkpoint {path} was written by {saved_world} processes, before runs recorded their logical ranks, "
+                f"but this run has {processes}; resume with --num_processes {saved_world} (a different count would "
+                "change the data order and batch).")
+        ranks = saved_world
+    else:
+        ranks = int(state["logical_ranks"])
+    if configured is not None and configured != ranks:
+        raise UserError(f"Checkpoint {path} belongs to a run with {ranks} logical ranks, but train.logical_ranks="
+                        f"{configured}; a run keeps its logical ranks for life: resume with train.logical_ranks={ranks}, "
+                        "or start a new run.")
+    if ranks % processes:
+        import math
+
+        counts = [str(d) for d in range(1, ranks + 1) if ranks % d == 0]
+        listed = counts[0] if len(counts) == 1 else ", ".join(counts[:-1]) + f" or {counts[-1]}"
+        raise UserError(
+            f"Checkpoint {path} was started with {ranks} logical ranks (train.logical_ranks), which {processes} "
+            f"processes cannot share evenly; resume on {listed} processes, or start runs that may grow with "
+            f"train.logical_ranks={math.lcm(ranks, processes)}.")
+    return ranks
+
+
+def save_logical_rng(folder: Path, states: dict[int, dict]) -> None:
+    """Write each logical rank's generator states into `folder`, as tensors (`loop.HostedRanks.state_dict`:
+    {rank: {"cpu": ByteTensor, "cuda": ByteTensor or None, "numpy": np.random.get_state(),
+    "python": random.getstate()}})."""
+    import torch
+    from safetensors.torch import save_file
+
+    for rank, state in states.items():
+        _, keys, position, has_gauss, gauss = state["numpy"]
+        version, words, gauss_next = state["python"]
+        tensors = {
+            "cpu": state["cpu"].contiguous(),
+            "numpy_keys": torch.tensor(keys.astype("int64")),
+            "numpy_rest": torch.tensor([position, has_gauss, gauss], dtype=torch.float64),
+            "python_words": torch.tensor(words, dtype=torch.int64),
+            "python_rest": torch.tensor([version, gauss_next is not None, gauss_next or 0.0], dtype=torch.float64),
+        }
+        if state.get("cuda") is not None:
+            tensors["cuda"] = state["cuda"].contiguous()
+        save_file(tensors, str(Path(folder) / LOGICAL_RNG_FILE.format(rank)))
+
+
+def load_logical_rng(path: Path, ranks) -> dict[int, dict]:
+    """The generator states `save_logical_rng` wrote for `ranks` in checkpoint `path` (tensors only, nothing
+    unpickled); a file that is missing or unreadable is a one-sentence UserError."""
+    import numpy as np
+    from safetensors.torch import load_file
+
+    states = {}
+    for rank in ranks:
+        file = Path(path) / LOGICAL_RNG_FILE.format(rank)
+        try:
+            t = load_file(str(file))
+            position, has_gauss, gauss = t["numpy_rest"].tolist()
+            version, has_next, gauss_next = t["python_rest"].tolist()
+            states[rank] = {
+                "cpu": t["cpu"], "cuda": t.get("cuda"),
+                "numpy": ("MT19937", t["numpy_keys"].numpy().astype(np.uint32), int(position), int(has_gauss), gauss),
+                "python": (int(version), tuple(int(w) for w in t["python_words"].tolist()),
+                           gauss_next if has_next else None),
+            }
+        except Exception as err:  # noqa: BLE001 - any failure means the state of that logical rank is lost
+            raise UserError(f"Could not read the random state of logical rank {rank} from {file} "
+                            f"({type(err).__name__}); the checkpoint is damaged or incomplete.") from None
+    return states
 
 
 def _decided_on_main(accelerator, decide):

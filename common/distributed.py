@@ -40,13 +40,17 @@ def make_accelerator(
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
 
+    refuse_unfulfilled_launch()
     precision = default_mixed_precision(mixed_precision)
     if precision in ("bf16", "fp16") and not cuda_available():
         # bf16 autocast on CPU is correct but slower than fp32 on most CPUs, and
         # fp16 needs a GPU GradScaler: on CPU honour only an explicit bf16.
         precision = "bf16" if precision == "bf16" else "no"
     project = ProjectConfiguration(project_dir=str(project_dir) if project_dir else None)
-    return Accelerator(
+    asked = fsdp_request()
+    if asked is not None and not cuda_available():
+        refuse_cpu_fsdp_unless_possible(asked)
+    accelerator = Accelerator(
         cpu=not cuda_available(),
         mixed_precision=precision,
         gradient_accumulation_steps=gradient_accumulation_steps,
@@ -55,6 +59,210 @@ def make_accelerator(
         dataloader_config=DataLoaderConfiguration(dispatch_batches=False, split_batches=False),
         step_scheduler_with_optimizer=False,
     )
+    if asked is not None:
+        if not cuda_available():
+            _shard_on_cpu(accelerator, precision)
+        if accelerator.distributed_type.value != "FSDP":  # never train with DDP (or alone) when FSDP was asked for
+            raise _fsdp_refusal(f"Accelerate set up {accelerator.distributed_type.value} instead")
+    return accelerator
+
+
+# ----------------------------------------------------------------------------- FSDP (docs/distributed.md, "FSDP")
+
+FSDP_ON = "ACCELERATE_USE_FSDP"  # what `accelerate launch` sets for a config with `distributed_type: FSDP`
+
+
+def fsdp_request() -> str | None:
+    """How this process was asked to use FSDP (a phrase), or None when it was not.
+
+    `accelerate launch` passes an FSDP config to its processes as `ACCELERATE_USE_FSDP=true` and
+    `FSDP_*` variables. A launch can also ask for FSDP and lose it on the way: `python -m
+    vitmpp.common.launcher --config_file fsdp.yaml --num_processes 2` on a machine without GPUs
+    chooses the multi-process launcher with `--multi_gpu`, which Accelerate then prefers to the
+    config's FSDP, so no FSDP variable arrives. The launch's own arguments (the parent process's
+    command line) are read too, so that such a run is refused rather than trained with DDP.
+    """
+    if os.environ.get(FSDP_ON, "false").lower() == "true":
+        return f"fsdp_version {os.environ.get('FSDP_VERSION', '1')}"
+    words = _launch_words()
+    if not words:
+        return None
+    from accelerate.commands.launch import launch_command_parser
+
+    try:
+        launch, _ = launch_command_parser().parse_known_args(words)
+    except SystemExit:
+        return None
+    if launch.use_fsdp:
+        return "--use_fsdp"
+    if launch.cpu or launch.multi_gpu or launch.use_deepspeed or launch.use_megatron_lm:
+        return None
+    try:
+        from accelerate.commands.config.config_args import default_config_file, load_config_from_file
+
+        if launch.config_file is None and not os.path.isfile(default_config_file):
+            return None
+        config = load_config_from_file(launch.config_file)
+    except Exception:  # noqa: BLE001 - an unreadable config failed the launch already, or names no FSDP
+        return None
+    if str(getattr(config, "distributed_type", "")).split(".")[-1] == "FSDP":
+        return f"distributed_type FSDP in {launch.config_file or default_config_file}"
+    return None
+
+
+def _launch_words() -> list[str] | None:
+    """The launch options of the process that started this one: `accelerate launch ...`,
+    `python -m accelerate.commands.launch ...` or `python -m vitmpp.common.launcher ...`."""
+    words = _launcher_arguments()
+    if words:
+        return words
+    try:
+        with open(f"/proc/{os.getppid()}/cmdline", "rb") as handle:
+            parent = [w.decode(errors="replace") for w in handle.read().split(b"\0") if w]
+    except OSError:
+        return None
+    for i, word in enumerate(parent[:-1]):
+        if word == "-m" and parent[i + 1] in ("accelerate.commands.launch", "vitmpp.common.launcher"):
+            return parent[i + 2:]
+    return None
+
+
+def _fsdp_refusal(why: str):
+    import accelerate
+
+    from .errors import UserError
+
+    error = UserError(
+        f"FSDP cannot run in this launch ({why}); on CPU processes (torch {torch.__version__}, accelerate "
+        f"{accelerate.__version__}) it runs with fsdp_version 2 and at least 2 processes: `python -m vitmpp.common.launcher "
+        "--use_fsdp --config_file configs/accelerate/fsdp.yaml --num_processes 2 --mixed_precision no ...`; "
+        "or use DDP on CPU: `python -m vitmpp.common.launcher --multi_gpu --num_processes 2 ...`.")
+    error.same_on_every_rank = True
+    return error
+
+
+def refuse_cpu_fsdp_unless_possible(asked: str) -> None:
+    """Before the process group exists: refuse FSDP requests that cannot shard on CPU processes."""
+    if os.environ.get(FSDP_ON, "false").lower() != "true":
+        raise _fsdp_refusal(f"the launch asks for it with {asked}, but no FSDP setting reached the processes: on a "
+                            "machine without GPUs the launcher picked --multi_gpu; add --use_fsdp")
+    if os.environ.get("FSDP_VERSION", "1") != "2":
+        raise _fsdp_refusal(f"{asked}: only FSDP2 (fully_shard) is supported on CPU processes")
+    if int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        raise _fsdp_refusal("one process: there is nothing to shard across")
+
+
+def _shard_on_cpu(accelerator, precision: str) -> None:
+    """Make a CPU (gloo) process group run Accelerate's FSDP2 code paths.
+
+    Accelerate 1.15 turns a config's FSDP plugin into `DistributedType.FSDP` only for GPU-like
+    process groups (`AcceleratorState.__init__`); with `cpu=True` the state is `MULTI_CPU` and the
+    plugin is dropped without a word. torch's `fully_shard` itself runs on CPU tensors over gloo,
+    and every FSDP2 path Accelerate takes from here on (prepare, `clip_grad_norm_`, sharded
+    `save_state`/`load_state`, `get_state_dict`) is device-agnostic, so the state is promoted to
+    FSDP with the plugin made from the launch's `FSDP_*` variables. The promotion touches
+    Accelerate's shared state (both `AcceleratorState` and `PartialState`, which a later
+    `AcceleratorState()` copies from); should a later Accelerate not honour it, the check in
+    `make_accelerator` refuses the run instead of training with DDP.
+    """
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    if accelerator.distributed_type != DistributedType.MULTI_CPU:
+        return  # not a CPU process group: left to Accelerate (and to the check after this)
+    plugin = FullyShardedDataParallelPlugin()  # reads the FSDP_* variables of the launch
+    if plugin.fsdp_version != 2:
+        return
+    if precision != "no":
+        plugin.set_mixed_precision(precision)
+    state = AcceleratorState()
+    state.fsdp_plugin = plugin
+    state.distributed_type = DistributedType.FSDP
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    if not accelerator.is_fsdp2:
+        raise _fsdp_refusal("this Accelerate's state did not take FSDP2 on CPU processes")
+
+
+def sharding_summary(accelerator, model) -> str | None:
+    """One line on how FSDP split the prepared `model` (None without FSDP): a DTensor parameter holds
+    only this rank's shard (`to_local()`), so the line is the evidence that the run really shards."""
+    if accelerator.distributed_type.value != "FSDP":
+        return None
+    from torch.distributed.tensor import DTensor
+
+    params = list(model.parameters())
+    sharded = [p for p in params if isinstance(p, DTensor)]
+    local = sum(p.to_local().numel() for p in sharded)
+    total = sum(p.numel() for p in sharded)
+    return (f"FSDP{accelerator.state.fsdp_plugin.fsdp_version}: {len(sharded)} of {len(params)} parameter tensors "
+            f"sharded over {accelerator.num_processes} processes; rank {accelerator.process_index} holds {local:,} "
+            f"of their {total:,} elements")
+
+
+def gathered_state_dict(accelerator, model) -> dict:
+    """The prepared `model`'s full state dict: every rank must call this (under FSDP it gathers the
+    shards, a collective); the main process gets every tensor whole and on the CPU, the other ranks
+    may get an empty dict (FSDP2 gathers to rank 0 only). Refuses a state dict that still holds shards."""
+    state = accelerator.get_state_dict(model)
+    if accelerator.is_main_process:
+        from torch.distributed.tensor import DTensor
+
+        partial = [key for key, value in state.items() if isinstance(value, DTensor)]
+        if partial or not state:
+            raise RuntimeError(f"the gathered state dict is not whole ({len(partial)} DTensor entries, "
+                               f"{len(state)} in all); the export would hold shards")
+    return state
+
+
+def _launcher_arguments() -> list[str] | None:
+    """The `accelerate launch` arguments of the process that started this one, if it was that."""
+    try:
+        with open(f"/proc/{os.getppid()}/cmdline", "rb") as handle:
+            words = [w.decode(errors="replace") for w in handle.read().split(b"\0") if w]
+    except OSError:  # not Linux, or no permission: nothing to check against
+        return None
+    for i, word in enumerate(words[:-1]):
+        if os.path.basename(word) in ("accelerate", "accelerate-launch") or word.endswith("accelerate/commands/accelerate_cli.py"):
+            rest = words[i + 1:]
+            return rest[1:] if rest and rest[0] == "launch" else None
+    return None
+
+
+def refuse_unfulfilled_launch() -> None:
+    """Refuse to train alone when `accelerate launch` was asked for several processes but started one.
+
+    Accelerate's one-process launcher, which it picks whenever `--multi_gpu` is absent and
+    fewer than two GPUs are visible, starts one process even for `--num_processes 2`
+    (setting MASTER_PORT, but no LOCAL_RANK); training would go on with one rank and one
+    rank's share of the work, which a user learns only from the banner.
+    """
+    if "LOCAL_RANK" in os.environ or "ACCELERATE_DYNAMO_BACKEND" not in os.environ or "MASTER_PORT" not in os.environ:
+        return  # not Accelerate's one-process launcher, or one process was all it was asked for
+    words = _launch_words()
+    if not words:
+        return
+    from accelerate.commands.launch import launch_command_parser
+
+    try:
+        asked, _ = launch_command_parser().parse_known_args(words)
+    except SystemExit:
+        return
+    if (asked.num_processes or 1) > 1:
+        from .errors import UserError
+
+        raise UserError(
+            f"`accelerate launch --num_processes {asked.num_processes}` started 1 process: Accelerate starts several "
+            "only with --multi_gpu (on a machine without GPUs they form one gloo group on the CPU); run "
+            f"`accelerate launch --multi_gpu --num_processes {asked.num_processes} ...` or "
+            f"`VITMPP_NUM_PROCESSES={asked.num_processes} ./launch.sh ...`.")
+
+
+def full_tensor(value: torch.Tensor) -> torch.Tensor:
+    """A plain tensor for a DTensor (FSDP2's parameters, gradients and the gradient norm Accelerate's
+    `clip_grad_norm_` returns for them: a collective, so every rank must call it), else `value` itself."""
+    from torch.distributed.tensor import DTensor
+
+    return value.full_tensor() if isinstance(value, DTensor) else value
 
 
 def all_ranks_min(accelerator, values: torch.Tensor) -> torch.Tensor:

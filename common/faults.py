@@ -91,18 +91,50 @@ class KillWorker(Callback):
 
 
 class RecordSamples(Callback):
-    """Writes `debug-rank<r>.json`: the sample indices this rank read and a checksum of its final weights."""
+    """Writes `debug-rank<r>.json`: the sample indices this rank read (`samples`, in order), the same per
+    optimizer step and logical rank (`steps`: {step: {logical rank: indices in order}}, docs/distributed.md)
+    and a checksum of its final weights."""
 
     def __init__(self):
         self.seen: list[int] = []
+        self.pending: dict[int, list[int]] = {}
+        self.steps: dict[str, dict[str, list[int]]] = {}
+
+    def on_loader(self, loader, spec, epoch: int, start_batch: int):
+        return RecordedLoader(loader, getattr(spec, "rank", 0), self.pending)
 
     def on_batch(self, batch) -> None:
         self.seen.extend(batch.indices.tolist())
 
+    def after_step(self, step: int) -> None:
+        self.steps[str(step)] = {str(rank): indices for rank, indices in sorted(self.pending.items())}
+        self.pending.clear()
+
     def on_end(self, run, model, step: int) -> None:
         checksum = float(sum(p.detach().double().sum() for p in model.parameters()))
-        record = {"rank": run.rank, "world_size": run.world, "samples": self.seen, "weights_checksum": checksum}
+        record = {"rank": run.rank, "world_size": run.world, "logical_ranks": list(getattr(run, "hosted", [run.rank])),
+                  "samples": self.seen, "steps": self.steps, "weights_checksum": checksum}
         (run.run_dir / f"debug-rank{run.rank}.json").write_text(json.dumps(record))
+
+
+class RecordedLoader:
+    """A loader whose batches' indices are noted under the logical rank `rank` as the loop takes them."""
+
+    def __init__(self, loader, rank: int, pending: dict[int, list[int]]):
+        self.loader, self.rank, self.pending = loader, rank, pending
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for batch in self.loader:
+            self.pending.setdefault(self.rank, []).extend(batch.indices.tolist())
+            yield batch
+
+    def __getattr__(self, name):  # skipped_samples, retries, ...: the loader's
+        if name == "loader":
+            raise AttributeError(name)
+        return getattr(self.loader, name)
 
 
 class ExitAfterCalls:

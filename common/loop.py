@@ -12,7 +12,8 @@
     final checkpoint ─ stage.finish (export, results)
 
 A stage supplies only what is its own through the `Stage` methods; everything a
-run promises (exact resume, stop requests, non-finite skips, atomic checkpoints,
+run promises (exact resume, on any process count that divides the run's logical ranks
+(`HostedRanks`, docs/distributed.md), stop requests, non-finite skips, atomic checkpoints,
 interval logging, progress) is written once, here. The loop knows the data only by
 the loader contract (`vitmpp.datasets.spec`): the stage hands it a spec and the
 function that opens it, so `common` never imports a layer above it. `Callback`s observe the loop
@@ -31,10 +32,11 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from . import rundir
-from .checkpoint import Checkpointer
+from .checkpoint import Checkpointer, load_logical_rng, logical_ranks_of, read_state, save_logical_rng
 from .config import dump_yaml, flatten, to_dict
 from .console import Console, quiet_libraries
-from .distributed import ControlPlane, StopSignal, explain_failure, make_accelerator
+from .distributed import (ControlPlane, StopSignal, explain_failure, full_tensor, make_accelerator,
+                          sharding_summary)
 from .errors import ConfigError, Interrupted, UserError
 from .optim import NonFiniteGuard, Schedule, batch_geometry, build_scheduler, current_lr, make_schedule, peak_lr
 from .tracking import IntervalLog, Tracker, peak_flops
@@ -154,6 +156,7 @@ class Run:
     changed: list[str] = field(default_factory=list)  # keys that differ from the run folder's config (resume)
     tracker: Tracker | None = None  # TensorBoard, once the loop (or a stage that trains nothing) opened the records
     schedule: Schedule | None = None  # the run's length, set by the loop right after `Stage.setup`
+    logical_ranks: int | None = None  # the run's for life (train.logical_ranks, or its checkpoint's); None: one per process
 
     @property
     def rank(self) -> int:
@@ -168,16 +171,28 @@ class Run:
         return self.accelerator.device
 
     @property
+    def ranks(self) -> int:
+        """The run's logical ranks: its data streams and random states (docs/distributed.md, "Elastic resume")."""
+        return self.logical_ranks or self.world
+
+    @property
+    def hosted(self) -> range:
+        """The logical ranks this process hosts: itself alone unless the run has more logical ranks than processes."""
+        k = self.ranks // self.world
+        return range(self.rank * k, (self.rank + 1) * k)
+
+    @property
     def geometry(self):
         """Per-device batch and accumulation from `train.global_batch` (a one-sentence error if impossible)."""
-        return batch_geometry(self.cfg.train, self.world)
+        return batch_geometry(self.cfg.train, self.world, self.ranks)
 
     @property
     def peak_lr(self) -> float:
         return peak_lr(self.cfg.optim, self.geometry.global_batch)
 
-    def open_records(self, resumed_at: int | None) -> tuple[Tracker, rundir.MetricsLog | None]:
-        """config.yaml (+ its history), metrics.jsonl and TensorBoard; on resume, what came after `resumed_at` is dropped."""
+    def open_records(self, resumed_at: int | None, namespace: str = "train") -> tuple[Tracker, rundir.MetricsLog | None]:
+        """config.yaml (+ its history), metrics.jsonl and TensorBoard, whose scalars go under `namespace`
+        (`Stage.namespace`); on resume, what came after `resumed_at` is dropped."""
         metrics = None
         if self.accelerator.is_main_process:
             segment = rundir.record_config(self.run_dir, self.cfg, resumed_at or 0, self.resume_from)
@@ -185,7 +200,7 @@ class Run:
                 self.console.warn(f"continuing under changed keys {', '.join(self.changed)} (--allow-changes); "
                                   f"{segment} records the config of the steps from here")
             metrics = rundir.MetricsLog(self.run_dir, resumed_at)
-        tracker = self.tracker = Tracker(self.accelerator, "tensorboard", flatten(self.cfg), resumed_at)
+        tracker = self.tracker = Tracker(self.accelerator, "tensorboard", flatten(self.cfg), resumed_at, namespace)
         if resumed_at is None:
             tracker.text("config", "```\n" + dump_yaml(self.cfg) + "```", 0)
         return tracker, metrics
@@ -216,7 +231,9 @@ def open_run(cfg, run_dir: Path, resume: str | None, *, resumable_keys: Sequence
             resume_from = rundir.resolve_resume(run_dir, resume)
             changed = rundir.check_reuse(run_dir, cfg, resume, ignore=resumable_keys)
             rundir.refuse_changes(run_dir, cfg, changed, resume_from, allow_changes)
-            decision = {"note": note, "resume_from": resume_from, "changed": changed}
+            ranks = decide_logical_ranks(getattr(cfg.train, "logical_ranks", None), resume_from,
+                                         accelerator.num_processes)
+            decision = {"note": note, "resume_from": resume_from, "changed": changed, "logical_ranks": ranks}
         except Exception as err:  # noqa: BLE001 - the other ranks must learn of any failure, or they wait forever
             failure, decision = err, {"error": str(err) if isinstance(err, UserError) else None}
     decision = broadcast_object_list([decision])[0]
@@ -229,7 +246,26 @@ def open_run(cfg, run_dir: Path, resume: str | None, *, resumable_keys: Sequence
     if decision["note"]:
         console.warn(decision["note"])
     return Run(cfg, Path(run_dir), accelerator, console, decision["resume_from"], resume,
-               Callbacks([*fault_callbacks(cfg.debug), *callbacks]), changed=decision["changed"])
+               Callbacks([*fault_callbacks(cfg.debug), *callbacks]), changed=decision["changed"],
+               logical_ranks=decision["logical_ranks"])
+
+
+def decide_logical_ranks(configured: int | None, resume_from: Path | None, processes: int) -> int:
+    """The run's logical ranks: its checkpoint's when resuming (refused when `processes` cannot host them,
+    or when `configured` differs), else `configured` (train.logical_ranks), else one per process."""
+    if resume_from is not None:
+        try:
+            state = read_state(resume_from)
+        except (OSError, ValueError):  # Checkpointer.load names the damage
+            state = None
+        if state is not None:
+            return logical_ranks_of(state, resume_from, processes, configured)
+    ranks = configured or processes
+    if ranks % processes:
+        raise ConfigError(f"Key 'train.logical_ranks' is {ranks}, which {processes} processes cannot share evenly; "
+                          f"set a multiple of {processes} (a run that may grow later: a multiple of every process "
+                          "count it may run on), or null for one per process.")
+    return ranks
 
 
 @dataclass
@@ -253,6 +289,12 @@ class Stage(ABC):
 
     name = "train"  # the progress bar's label
     resumable_keys: tuple[str, ...] = ()  # config keys that may change on --resume
+
+    @property
+    def namespace(self) -> str:
+        """Where TensorBoard files the stage's scalars (`<namespace>/loss`, `system/<namespace>/...`): one
+        name per kind of stage, so that two kinds never share a chart. Defaults to `name`."""
+        return self.name
 
     @abstractmethod
     def setup(self, run: Run) -> Plan:
@@ -285,18 +327,112 @@ class Stage(ABC):
 # ----------------------------------------------------------------------------- one optimizer step
 
 
-class StepRunner:
-    """One optimizer step from `accumulation` micro-batches.
+class HostedRanks:
+    """The random generators of the logical ranks one process hosts (`Run.hosted`; docs/distributed.md).
 
-    Gradients are all-reduced only on the last micro-batch (`no_sync` before it);
-    the loss is divided by the accumulation so the gradient is the mean over the
-    global batch; the gradient norm is always computed (and clipped when asked);
-    finiteness is agreed across ranks before the step; the learning rate of the
-    step is set from the step number alone. Nothing here synchronises the host.
+    The process's own generators (torch's CPU generator, on a GPU its device's, numpy's and python's
+    global ones) are those of the first hosted logical rank; the states of the others are kept here
+    and swapped in around their forwards and backwards (`active`), so that every logical rank draws
+    its masks, drop-path, mixup and erasing from its own streams, whichever process hosts it. A
+    process hosting only itself (as many processes as logical ranks) swaps nothing.
+    """
+
+    def __init__(self, ranks: Sequence[int], device: torch.device):
+        self.ranks = list(ranks)
+        self.device = device
+        self.others: dict[int, tuple] = {}
+
+    def _get(self) -> dict:
+        import random
+
+        import numpy as np
+
+        cuda = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+        return {"cpu": torch.random.get_rng_state(), "cuda": cuda, "numpy": np.random.get_state(),
+                "python": random.getstate()}
+
+    def _set(self, state: dict) -> None:
+        import random
+
+        import numpy as np
+
+        torch.random.set_rng_state(state["cpu"])
+        if self.device.type == "cuda" and state.get("cuda") is not None:
+            torch.cuda.set_rng_state(state["cuda"], self.device)
+        np.random.set_state(state["numpy"])
+        random.setstate(state["python"])
+
+    def start(self, seed: int) -> None:
+        """A fresh run: give every logical rank a random stream of its own.
+
+        The process's generators stand, on every process alike, where `train.seed` and the model's
+        initialisation left them (the same initial weights everywhere, which FSDP needs). From there
+        logical rank 0 goes on as it is (a one-process run draws what it always drew), and logical
+        rank l > 0 starts from a seed made of (train.seed, l): otherwise every rank would draw the
+        same masks, drop-path and augmentations for its images, as MAE's reference code avoids by
+        seeding `seed + rank`.
+        """
+        own = self._get()
+        states = {}
+        for rank in self.ranks:
+            if rank == 0:
+                states[rank] = own
+                continue
+            self._seed(seed, rank)
+            states[rank] = self._get()
+        self._set(states[self.ranks[0]])
+        self.others = {rank: states[rank] for rank in self.ranks[1:]}
+
+    def _seed(self, seed: int, rank: int) -> None:
+        import random
+
+        import numpy as np
+
+        derived = int(np.random.SeedSequence([seed & 0xFFFFFFFF, rank, 0x10C4]).generate_state(1, np.uint64)[0] >> 1)
+        torch.manual_seed(derived)  # the CPU generator and every CUDA device's
+        np.random.seed(derived % 2**32)
+        random.seed(derived)
+
+    @contextmanager
+    def active(self, slot: int) -> Iterator[None]:
+        """Around the work of hosted logical rank number `slot` (0: the process's own; nothing to swap)."""
+        if slot == 0:
+            yield
+            return
+        rank, own = self.ranks[slot], self._get()
+        self._set(self.others[rank])
+        try:
+            yield
+        finally:
+            self.others[rank] = self._get()
+            self._set(own)
+
+    def state_dict(self) -> dict[int, dict]:
+        """{logical rank: {"cpu", "cuda" (None off a GPU), "numpy", "python": generator state}} of every
+        hosted logical rank, as of now."""
+        return {self.ranks[0]: self._get(), **self.others}
+
+    def load_state_dict(self, states: dict[int, dict]) -> None:
+        self._set(states[self.ranks[0]])
+        self.others = {rank: states[rank] for rank in self.ranks[1:]}
+
+
+class StepRunner:
+    """One optimizer step from `accumulation` micro-batches (of each hosted logical rank).
+
+    Gradients are all-reduced only on the last forward (`no_sync` before it); the loss is
+    divided by the forwards of the step (accumulation x hosted logical ranks) so the gradient
+    is the mean over the global batch; the gradient norm is always computed (and clipped when
+    asked); finiteness is agreed across ranks before the step; the learning rate of the step
+    is set from the step number alone. Nothing here synchronises the host.
+
+    A process hosting k logical ranks (`ranks`, a `HostedRanks`) takes its micro-batches k at a
+    time, one of each hosted logical rank in order, each under that rank's random state.
     """
 
     def __init__(self, accelerator, model, optimizer, scheduler, guard: NonFiniteGuard,
-                 accumulation: int, clip_grad: float | None, hooks: Callback | None = None):
+                 accumulation: int, clip_grad: float | None, hooks: Callback | None = None,
+                 ranks: HostedRanks | None = None):
         self.accelerator = accelerator
         self.model = model
         self.optimizer = optimizer
@@ -305,29 +441,83 @@ class StepRunner:
         self.accumulation = accumulation
         self.clip = clip_grad if clip_grad is not None else float("inf")
         self.hooks = hooks or Callback()
+        self.ranks = ranks
+        self.hosted = len(ranks.ranks) if ranks is not None else 1
 
     def run(self, step: int, forward, micro_batches):
-        """`forward(micro_batch) -> (loss, output)`; returns (step loss, grad norm, last output)."""
-        acc = self.accelerator
+        """`forward(micro_batch) -> (loss, output)`; returns (step loss, grad norm, last output of the
+        first hosted logical rank)."""
+        acc, hosted = self.accelerator, self.hosted
+        forwards = self.accumulation * hosted
         step_loss = torch.zeros((), device=acc.device)
         output = None
         for micro, batch in enumerate(micro_batches):
-            syncing = micro == self.accumulation - 1
-            with nullcontext() if syncing else acc.no_sync(self.model):
-                with acc.autocast():
-                    loss, output = forward(batch)
-                loss = self.hooks.on_loss(step, loss / self.accumulation)
-                acc.backward(loss)
+            syncing = micro == forwards - 1
+            with self.ranks.active(micro % hosted) if hosted > 1 else nullcontext():
+                with nullcontext() if syncing else acc.no_sync(self.model):
+                    with acc.autocast():
+                        loss, out = forward(batch)
+                    loss = self.hooks.on_loss(step, loss / forwards)
+                    acc.backward(loss)
+            if micro % hosted == 0:
+                output = out
             step_loss += loss.detach().float()
         grad_norm = acc.clip_grad_norm_(self.model.parameters(), self.clip)
         if grad_norm is None:  # some backends return nothing; compute it the plain way
             grads = [p.grad for p in self.model.parameters() if p.grad is not None]
             grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+        grad_norm = full_tensor(grad_norm)  # FSDP2: a DTensor, which plain collectives and logging cannot take
         finite = self.guard.agree(step_loss, grad_norm)  # the same decision on every rank
         self.scheduler.step_update(step)  # the lr of this step is a function of the step alone
         self.guard.step(self.optimizer, finite)
         self.optimizer.zero_grad(set_to_none=True)
         return step_loss, grad_norm.detach().float(), output
+
+
+class SaveLogicalRng(Callback):
+    """Writes the random states of the logical ranks this process hosts into every checkpoint
+    (`checkpoint.save_logical_rng`), between Accelerate's state and the completion mark."""
+
+    def __init__(self, ranks: HostedRanks):
+        self.ranks = ranks
+
+    def before_checkpoint_commit(self, partial: Path, step: int) -> None:
+        save_logical_rng(partial, self.ranks.state_dict())
+
+
+class HostedLoaders:
+    """The loaders of the logical ranks one process hosts, read in turn: one batch of each, in the order of
+    the ranks, per micro-step. Keeps the `Loader` contract's counts (summed) and the shard loader's
+    `retries` (a count of the process)."""
+
+    def __init__(self, loaders: Sequence[Any]):
+        self.loaders = list(loaders)
+
+    def __len__(self) -> int:
+        return sum(len(loader) for loader in self.loaders)
+
+    @property
+    def skipped_samples(self) -> int:
+        return sum(loader.skipped_samples for loader in self.loaders)
+
+    @property
+    def retries(self) -> float:
+        return getattr(self.loaders[0], "retries", float("nan"))
+
+    def __iter__(self):
+        iterators = [iter(loader) for loader in self.loaders]
+        try:
+            while True:
+                for iterator in iterators:
+                    batch = next(iterator, None)
+                    if batch is None:
+                        return
+                    yield batch
+        finally:  # end every loader's workers now, not when the iterators are collected
+            for iterator in iterators:
+                close = getattr(iterator, "close", None)
+                if close is not None:
+                    close()
 
 
 @contextmanager
@@ -365,7 +555,9 @@ def check_resume_point(state: dict, path: Path, schedule: Schedule, geometry) ->
                           "trains; set train.steps (or train.epochs) to at least that, or resume from an earlier checkpoint.")
     if "batch_in_epoch" not in state:  # written before the data position was saved
         return
-    saved = (state["epoch"], state["batch_in_epoch"] * state["per_device_batch"] * state["world_size"])
+    # batch_in_epoch counts the batches of one logical rank (of one process, before logical ranks were recorded)
+    ranks = state.get("logical_ranks", state["world_size"])
+    saved = (state["epoch"], state["batch_in_epoch"] * state["per_device_batch"] * ranks)
     epoch, step_in_epoch = divmod(step, schedule.steps_per_epoch)
     if saved != (epoch, step_in_epoch * geometry.global_batch):
         raise ConfigError(
@@ -401,33 +593,49 @@ class Loop:
         model = torch.compile(plan.model) if cfg.train.compile else plan.model
         self.model, self.optimizer = acc.prepare(model, plan.optimizer)
         self.control = ControlPlane(acc)
-        self.checkpointer = Checkpointer(acc, run.run_dir, cfg.log.keep_checkpoints, self.control, self.hooks)
+        self.ranks = HostedRanks(run.hosted, run.device)
+        # every checkpoint holds every logical rank's random state, whatever process hosts it (before the
+        # debug hooks, which may kill a save in progress)
+        self.checkpointer = Checkpointer(acc, run.run_dir, cfg.log.keep_checkpoints, self.control,
+                                         Callbacks([SaveLogicalRng(self.ranks), self.hooks]))
         self.guard = NonFiniteGuard(acc, self.optimizer, cfg.train.max_nonfinite_steps)
         self.runner = StepRunner(acc, self.model, self.optimizer, scheduler, self.guard, geometry.accumulation,
-                                 cfg.optim.clip_grad, self.hooks)
+                                 cfg.optim.clip_grad, self.hooks, ranks=self.ranks)
 
         # fresh or resumed: model, optimizer and RNGs from Accelerate's state, the rest from our JSON
         self.step, self.skipped_before, nonfinite_before, self.loader, self.output = 0, 0, 0, None, None
+        # The data-loading workers are part of each logical rank's sample stream (datasets/loader.py), so
+        # their number is fixed at the run's start like the logical ranks; a resume with another
+        # data.num_workers starts that many processes, each playing some of the run's logical workers.
+        self.data_workers = plan.loader.num_workers
         if run.resume_from is not None:
             state = self.checkpointer.load(run.resume_from)
             check_resume_point(state, run.resume_from, self.schedule, geometry)
+            self.data_workers = int(state.get("data_workers", self.data_workers))
+            if "logical_ranks" in state:  # else written by as many processes as now: Accelerate restored them
+                self.ranks.load_state_dict(load_logical_rng(run.resume_from, run.hosted))
             self.step, self.skipped_before, nonfinite_before = state["step"], state["skipped_samples"], state["nonfinite_steps"]
             stage.load_state_dict(state)
             self.console.print(f"resumed from {run.resume_from} at step {self.step}")
         elif run.resume is not None:
             self.console.print(f"no checkpoint in {rundir.checkpoints_dir(run.run_dir)}; starting from step 0")
         # a resumed run drops what the interrupted attempt logged after its checkpoint (all of it, without one)
-        self.tracker, metrics = run.open_records(self.step if run.resume is not None else None)
+        self.tracker, metrics = run.open_records(self.step if run.resume is not None else None, stage.namespace)
         self.log = IntervalLog(acc, self.tracker, self.console, self.guard, metrics=metrics,
                                total_steps=self.schedule.total_steps, steps_per_epoch=self.schedule.steps_per_epoch,
                                flops_per_image=flops, peak=peak, nonfinite_before=nonfinite_before)
         self.log.last_checkpoint = self.checkpointer.last
+        hosting = f"{geometry.hosted} logical ranks x " if geometry.hosted > 1 else ""
         self.console.print(
-            f"{plan.description}: {run.world} process(es) x {geometry.per_device_batch} images x "
+            f"{plan.description}: {run.world} process(es) x {hosting}{geometry.per_device_batch} images x "
             f"{geometry.accumulation} accumulation = global batch {geometry.global_batch}; "
             f"{self.schedule.total_steps} steps ({self.schedule.steps_per_epoch}/epoch), peak lr "
             f"{self.schedule.peak_lr:.3g}, precision {acc.mixed_precision}, device {run.device}")
         self.console.print(f"run directory: {run.run_dir}    watch: tensorboard --logdir {run.run_dir}")
+        if (sharding := sharding_summary(acc, self.model)) is not None:
+            self.console.print(sharding)
+        if run.resume_from is None:  # last: nothing above may draw from a generator the hosted ranks copy
+            self.ranks.start(self.cfg.train.seed)
 
     def fit(self) -> Any:
         cfg, schedule, hooks = self.cfg, self.schedule, self.hooks
@@ -463,19 +671,34 @@ class Loop:
             return result
 
     def open_epoch(self):
-        """This epoch's loader, from the batch the current step starts at; returns its iterator."""
+        """This epoch's loader, from the batch the current step starts at; returns its iterator.
+
+        A process hosting several logical ranks opens one loader per hosted rank (the stream of that
+        rank among all of them, with the run's logical workers) and reads them in turn (`HostedLoaders`);
+        their worker processes share `data.num_workers` (the loader's `max_worker_processes`)."""
         accumulation, steps_per_epoch = self.geometry.accumulation, self.schedule.steps_per_epoch
         epoch, step_in_epoch = divmod(self.step, steps_per_epoch)
-        spec = self.hooks.on_loader_spec(replace(self.plan.loader, batches_per_epoch=steps_per_epoch * accumulation))
         start_batch = step_in_epoch * accumulation
-        loader = self.plan.open_loader(spec, epoch=epoch, start_batch=start_batch)
-        self.loader = self.hooks.on_loader(loader, spec, epoch, start_batch)
+        hosted = self.run.hosted
+        loaders = []
+        for rank in hosted:
+            fields: dict[str, Any] = {"batches_per_epoch": steps_per_epoch * accumulation, "num_workers": self.data_workers}
+            options: dict[str, Any] = {}
+            if len(hosted) > 1:
+                fields.update(rank=rank, world_size=self.run.ranks)
+            if len(hosted) > 1 or self.data_workers != self.plan.loader.num_workers:
+                options["max_worker_processes"] = self.plan.loader.num_workers // len(hosted)
+            spec = self.hooks.on_loader_spec(replace(self.plan.loader, **fields))
+            loader = self.plan.open_loader(spec, epoch=epoch, start_batch=start_batch, **options)
+            loaders.append(self.hooks.on_loader(loader, spec, epoch, start_batch))
+        self.loader = loaders[0] if len(loaders) == 1 else HostedLoaders(loaders)
         return iter(self.loader)
 
     def train_step(self, batches) -> None:
-        """One optimizer step from the next `accumulation` micro-batches; values stay on the device."""
+        """One optimizer step from the next `accumulation` micro-batches (of each hosted logical rank);
+        values stay on the device."""
         def micro_batches():
-            for batch in self.log.timed(batches, self.geometry.accumulation):
+            for batch in self.log.timed(batches, self.geometry.accumulation * self.geometry.hosted):
                 self.hooks.on_batch(batch)
                 yield batch
 
@@ -486,7 +709,7 @@ class Loop:
                 self.step, lambda batch: self.stage.forward(model, batch), micro_batches())
         self.step += 1
         self.log.add(self.step, loss, grad_norm, current_lr(self.optimizer),
-                     self.geometry.per_device_batch * self.geometry.accumulation)
+                     self.geometry.per_device_batch * self.geometry.accumulation * self.geometry.hosted)
         self.console.update_bar(1)
 
     def skipped_samples(self) -> int:
@@ -496,7 +719,8 @@ class Loop:
     def flush_log(self) -> None:
         """The interval's one host sync: console line, TensorBoard scalars, metrics.jsonl rows."""
         with self.hooks.phase("log"):
-            scalars = self.log.flush({"data/skipped_samples": self.skipped_samples()})
+            scalars = self.log.flush({"skipped_samples": self.skipped_samples(),  # + retried shard reads (a NaN is not logged)
+                                      "retries": getattr(self.loader, "retries", float("nan"))})
         if scalars is not None:
             self.hooks.on_log(self.step, scalars)
 
@@ -512,7 +736,8 @@ class Loop:
             state = {
                 "step": self.step, "epoch": self.step // steps_per_epoch,
                 "batch_in_epoch": (self.step % steps_per_epoch) * geometry.accumulation,
-                "world_size": self.run.world, "global_batch": geometry.global_batch,
+                "world_size": self.run.world, "logical_ranks": self.run.ranks, "data_workers": self.data_workers,
+                "global_batch": geometry.global_batch,
                 "per_device_batch": geometry.per_device_batch, "accumulation": geometry.accumulation,
                 "skipped_samples": self.skipped_samples(), "nonfinite_steps": self.log.nonfinite_steps(),
                 "config_fingerprint": config_fingerprint(self.cfg), "stage": self.stage.name, "time": time.time(),

@@ -2,6 +2,7 @@
 and the guard that skips non-finite steps.
 
     global batch = per-device batch x processes x accumulation
+                 = per-device batch x logical ranks x accumulation   (train.logical_ranks, docs/distributed.md)
     steps per epoch = training samples // global batch; the LR is a function of the step alone
 """
 from __future__ import annotations
@@ -22,27 +23,46 @@ from .sections import OptimConfig, TrainConfig
 @dataclass(frozen=True)
 class BatchGeometry:
     global_batch: int
-    per_device_batch: int
-    accumulation: int
+    per_device_batch: int  # images per forward, of one logical rank
+    accumulation: int  # forwards per optimizer step, of one logical rank
     processes: int
+    logical_ranks: int = 0  # the run's data streams and random states (0: one per process)
+
+    @property
+    def ranks(self) -> int:
+        return self.logical_ranks or self.processes
+
+    @property
+    def hosted(self) -> int:
+        """Logical ranks per process: forwards per micro-step (1 when every process is its logical rank)."""
+        return self.ranks // self.processes
 
 
-def batch_geometry(train: TrainConfig, processes: int) -> BatchGeometry:
-    """global_batch = per_device_batch x processes x accumulation, or a one-sentence error."""
+def batch_geometry(train: TrainConfig, processes: int, logical_ranks: int | None = None) -> BatchGeometry:
+    """global_batch = per_device_batch x logical ranks x accumulation, or a one-sentence error.
+
+    Every logical rank reads per_device_batch images per forward; a process hosting k of them
+    runs k forwards per micro-step. Without logical ranks (or as many as processes) this is
+    global_batch = per_device_batch x processes x accumulation."""
+    ranks = logical_ranks or processes
+    if ranks % processes:
+        raise UserError(f"train.logical_ranks={ranks} cannot be shared evenly by {processes} processes; "
+                        f"set it to a multiple of {processes}, or null for one per process.")
+    what = f"{processes} processes" if ranks == processes else f"{ranks} logical ranks (train.logical_ranks)"
     per_device = train.per_device_batch
     if per_device is None:
-        if train.global_batch % processes:
+        if train.global_batch % ranks:
             raise UserError(
-                f"train.global_batch={train.global_batch} is not divisible by the {processes} processes; "
+                f"train.global_batch={train.global_batch} is not divisible by the {what}; "
                 "choose a multiple or set train.per_device_batch."
             )
-        per_device = train.global_batch // processes
-    if train.global_batch % (per_device * processes):
+        per_device = train.global_batch // ranks
+    if train.global_batch % (per_device * ranks):
         raise UserError(
             f"train.global_batch={train.global_batch} is not a multiple of train.per_device_batch={per_device} "
-            f"x {processes} processes; change one of them."
+            f"x {what}; change one of them."
         )
-    return BatchGeometry(train.global_batch, per_device, train.global_batch // (per_device * processes), processes)
+    return BatchGeometry(train.global_batch, per_device, train.global_batch // (per_device * ranks), processes, ranks)
 
 
 @dataclass(frozen=True)

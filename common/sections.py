@@ -58,6 +58,7 @@ class TrainConfig:
     compile: bool = param(False, help="torch.compile the model")
     max_nonfinite_steps: int = param(5, ge=1, help="stop after this many consecutive steps with a non-finite loss or gradient")
     peak_tflops: Optional[float] = param(None, gt=0, help="device peak (dense bf16 TFLOP/s) for MFU; null: looked up from the GPU name")
+    logical_ranks: Optional[int] = param(None, ge=1, help="data streams and random states of the run, fixed for its life; it may resume on any process count that divides it (null: the process count of its first start; docs/distributed.md)")
 
     def check(self) -> None:
         if self.steps is None and self.epochs is None:

@@ -38,6 +38,12 @@ the shards its block overlaps and skips other samples without decoding. Ranks
 with fewer samples (the last) are padded with repeats (index -1) so that all
 yield the same number of full batches.
 
+Streamed shards (http(s) URLs, `pipe:` commands) keep all of this: `read_shard` retries a
+failed transport by re-reading the shard from its start and passing over what it already
+yielded, so the raw samples, and everything above, are those of an undisturbed read; a
+shard that stays unreachable is a UserError, never skipped (docs/streaming.md). The
+retries reach the main process with the batches (`ShardLoader.retries`).
+
 Why not `webdataset.WebDataset`: its `split_by_node`/`split_by_worker` give ranks
 unequal counts (a DDP hang), `with_epoch` counts samples after errors so a resume
 cannot find its place, its resampling is seeded from pid and time, and its error
@@ -63,7 +69,7 @@ from vitmpp.common.distributed import (dead_worker_error, explain_failure, no_in
                                         worker_exit_detail)
 from vitmpp.common.errors import UserError
 
-from .manifest import Manifest, expand_shard_spec, is_url
+from .manifest import Manifest, expand_shard_spec, is_url, names_all_shards, shard_name
 from .samples import BadSample, RawSample, Tally, decode_sample, read_shard
 from .spec import Batch, Loader, LoaderSpec
 
@@ -91,7 +97,7 @@ class _Plan:
     epoch: int
     rank: int
     world_size: int
-    workers: int              # logical workers (>= 1; 1 when reading in the main process)
+    workers: int              # logical workers (>= 1); the DataLoader's processes may be fewer (_ShardStream.__iter__)
     shuffle_buffer: int
     start_batch: int
     batches_per_epoch: int
@@ -130,7 +136,7 @@ def _seeded_globals(seed: int, restore: bool):
 # ----------------------------------------------------------------------------- the worker side
 
 class _ShardStream(IterableDataset):
-    """Yields (images, labels, indices, skipped, notes) batches for one worker of one rank."""
+    """Yields (images, labels, indices, skipped, notes, retries) batches for one worker of one rank."""
 
     def __init__(self, plan: _Plan):
         super().__init__()
@@ -146,8 +152,28 @@ class _ShardStream(IterableDataset):
         worker = (physical + plan.start_batch) % plan.workers
         in_main = info is None
         if plan.training:
+            processes = info.num_workers if info is not None else 1
+            if processes != plan.workers:
+                return self._train_several(physical, processes, in_main)
             return self._train(worker, in_main)
         return self._evaluate(worker)
+
+    def _train_several(self, physical: int, processes: int, in_main: bool):
+        """Physical worker `physical` of `processes` (a divisor of the W logical workers; 1 in the main
+        process) plays every logical worker w with (w - k) % processes == physical, k the start batch.
+
+        The epoch's batch i is batch i // W of logical worker i % W; the DataLoader takes batch i from
+        its worker (i - k) % processes, so this worker yields batches k + physical, k + physical +
+        processes, ... from its logical workers' streams in turn: the same batches in the same order as
+        W worker processes would give (open_loader's `max_worker_processes`)."""
+        p = self.plan
+        streams = {w: self._train(w, in_main) for w in range(p.workers) if (w - p.start_batch) % processes == physical}
+        try:
+            for position in range(p.start_batch + physical, p.batches_per_epoch, processes):
+                yield next(streams[position % p.workers])
+        finally:
+            for stream in streams.values():
+                stream.close()
 
     # -- pieces shared by both modes
 
@@ -213,8 +239,9 @@ class _ShardStream(IterableDataset):
             raise TypeError(f"the loader's transform returned images of different shapes {shapes}; it must "
                             "produce a fixed size (crop or resize to img_size)") from None
         skipped, notes = tally.take()
+        retries, tally.retries = tally.retries, 0
         return (stacked, torch.tensor(labels, dtype=torch.int64), torch.tensor(indices, dtype=torch.int64),
-                torch.tensor(skipped, dtype=torch.int64), notes)
+                torch.tensor(skipped, dtype=torch.int64), notes, retries)
 
     # -- training
 
@@ -350,6 +377,9 @@ class _ShardStream(IterableDataset):
 # ----------------------------------------------------------------------------- the main-process side
 
 _WARNED: set = set()
+# streamed shard reads retried (datasets/samples.py), as the batches of every loader of this
+# process reported them: what `ShardLoader.retries` tells (the loop logs it)
+_RETRIES = [0]
 
 
 class ShardLoader:
@@ -378,6 +408,13 @@ class ShardLoader:
 
     def __len__(self) -> int:
         return self.batches_per_epoch - self.start_batch
+
+    @property
+    def retries(self) -> int:
+        """Streamed shard reads retried so far in this process: cumulative over every loader and
+        epoch of the process (a resumed run counts from 0 again), counted as their batches arrive;
+        a retry while skipping to `start_batch` arrives with the first batch."""
+        return _RETRIES[0]
 
     def _data_loader(self) -> DataLoader:
         kwargs = {}
@@ -417,7 +454,8 @@ class ShardLoader:
         with no_interrupts_in_children():  # the workers start here, and never see Ctrl-C
             batches = iter(self._data_loader())
         try:
-            for images, labels, indices, skipped, notes in batches:
+            for images, labels, indices, skipped, notes, retries in batches:
+                _RETRIES[0] += retries
                 self._account(int(skipped), indices, notes)
                 produced += 1
                 yield Batch(images, labels, indices, skipped)
@@ -426,7 +464,9 @@ class ShardLoader:
             text = str(err)
             if not text.startswith("Caught "):
                 raise
-            raise UserError(text.strip().splitlines()[-1].split("UserError: ", 1)[-1]) from None
+            # (its last line is "<module.Class>: sentence", the class UserError or a subclass such as
+            # samples.ShardUnreachable)
+            raise UserError(text.strip().splitlines()[-1].split(": ", 1)[-1]) from None
         except Exception as err:  # noqa: BLE001 - whatever a dead worker surfaces as, see _worker_death
             explained = _worker_death(err, batches, self._plan.rank)
             if explained is None:
@@ -498,7 +538,7 @@ def _select_shards(manifest: Manifest, split: str,
     info = manifest.split(split)
     all_urls = manifest.shard_urls(split)
     offsets = info.offsets
-    if isinstance(shards, str) and ((not is_url(shards) and os.path.isdir(shards)) or shards.endswith(".json")):
+    if names_all_shards(shards):  # a folder, _info.json, folder URL or pipe: command of the manifest
         chosen = list(range(len(all_urls)))
         urls = all_urls
     else:
@@ -506,7 +546,7 @@ def _select_shards(manifest: Manifest, split: str,
         by_name = {os.path.basename(f): k for k, f in enumerate(info.filenames)}
         chosen, urls_given = [], {}
         for name in names:
-            base = name.rstrip("/").rsplit("/", 1)[-1].split()[0] if is_url(name) else os.path.basename(name)
+            base = shard_name(name)
             if base not in by_name:
                 raise UserError(f"Shard '{name}' is not in split '{split}' of manifest '{manifest.source}'; "
                                 "name shards of that split (or the folder that holds them).")
@@ -519,12 +559,17 @@ def _select_shards(manifest: Manifest, split: str,
     return ([urls[k] for k in chosen], [info.shard_lengths[k] for k in chosen], [offsets[k] for k in chosen])
 
 
-def open_loader(spec: LoaderSpec, *, epoch: int = 0, start_batch: int = 0) -> Loader:
+def open_loader(spec: LoaderSpec, *, epoch: int = 0, start_batch: int = 0,
+                max_worker_processes: int | None = None) -> Loader:
     """The `Loader` over epoch `epoch` of `spec`, from batch `start_batch` on (module docstring).
 
     `start_batch` (training only): resume mid-epoch; the batches are exactly those of an
-    uninterrupted epoch from that batch on. Raises UserError before any batch when a local
-    shard is missing or the split is too small for one batch of every rank.
+    uninterrupted epoch from that batch on. `max_worker_processes` (training only): start at most
+    this many worker processes (the largest divisor of the logical workers, `spec.num_workers`, that
+    fits; 0: read in the main process), each playing several logical workers in turn: the batches
+    are the same, only fewer processes make them (a process hosting several logical ranks, loop.py).
+    Raises UserError before any batch when a local shard is missing or the split is too small for
+    one batch of every rank.
     """
     if epoch < 0 or start_batch < 0:
         raise ValueError(f"open_loader: epoch={epoch} and start_batch={start_batch} must not be negative")
@@ -583,6 +628,9 @@ def open_loader(spec: LoaderSpec, *, epoch: int = 0, start_batch: int = 0) -> Lo
         raise ValueError(f"start_batch={start_batch} is outside the epoch's {bpe} batches")
 
     workers = min(spec.num_workers, bpe)
+    processes = workers
+    if max_worker_processes is not None and spec.training and workers > 0:
+        processes = max((d for d in range(1, workers + 1) if workers % d == 0 and d <= max_worker_processes), default=0)
     plan = _Plan(
         urls=urls, lengths=lengths, offsets=offsets, keep=keep, num_classes=man.num_classes,
         transform=spec.transform, training=spec.training, batch_size=batch_size, seed=spec.seed, epoch=epoch,
@@ -592,4 +640,4 @@ def open_loader(spec: LoaderSpec, *, epoch: int = 0, start_batch: int = 0) -> Lo
         all_indices_head=(all_indices[:batch_size] if not spec.training else rank_indices),
         draft_side=getattr(spec.transform, "decode_min_side", None),
     )
-    return ShardLoader(plan, spec, num_samples, num_workers=workers)
+    return ShardLoader(plan, spec, num_samples, num_workers=processes)

@@ -18,7 +18,13 @@ extended with our own fields, which timm ignores:
 
 `read_manifest` accepts whatever names the shards: the folder, the `_info.json`
 path, a brace pattern or list of shard paths/URLs (the manifest is looked for next
-to the first one), or a `Manifest`.
+to the first one), or a `Manifest`. The same forms work over HTTP(S): the folder URL
+(`http://host/digits`, whose `_info.json` is the manifest), the `_info.json` URL, or shard
+URLs. A `pipe:` command names a file too: the manifest of `pipe:aws s3 cp
+s3://b/d/shard-{000000..000009}.tar -` is read with `aws s3 cp s3://b/d/_info.json -`
+(the first `.tar` name in the command replaced), and `pipe:aws s3 cp s3://b/d/_info.json -`
+names all the shards of that manifest (its shards are read with the same command, the file
+name replaced). See docs/streaming.md.
 """
 from __future__ import annotations
 
@@ -52,6 +58,52 @@ _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:")
 def is_url(text: str) -> bool:
     """True for `http://...`, `pipe:...` and other non-local shard names."""
     return bool(_SCHEME.match(text))
+
+
+# the file a `pipe:` command reads: the first word that ends in a shard or manifest name
+_PIPE_FILE = re.compile(r"""(?P<name>[^/\s'"=]+\.(?:tar|tgz|tar\.gz|json))(?=['"]?(?:\s|$))""")
+SHARD_SUFFIXES = (".tar", ".tgz", ".tar.gz")
+
+
+def _pipe_file(command: str) -> re.Match | None:
+    return _PIPE_FILE.search(command)
+
+
+def pipe_with_file(command: str, name: str) -> str:
+    """`command` (a `pipe:` shard or manifest command) reading file `name` of the same folder instead."""
+    match = _pipe_file(command)
+    if match is None:
+        raise UserError(f"Cannot tell which file the command '{command}' reads (no word ending in .tar or "
+                        "_info.json); name the shard file in it, as in pipe:aws s3 cp s3://bucket/shard-000000.tar -.")
+    return command[:match.start("name")] + name + command[match.end("name"):]
+
+
+def shard_name(location: str) -> str:
+    """The file name of a shard path, URL or `pipe:` command (what the manifest lists)."""
+    if location.startswith("pipe:"):
+        match = _pipe_file(location)
+        return match["name"] if match else location
+    if is_url(location):
+        from urllib.parse import urlsplit
+
+        return urlsplit(location).path.rstrip("/").rsplit("/", 1)[-1]
+    return os.path.basename(location)
+
+
+def names_all_shards(shards: Any) -> bool:
+    """True when `shards` names a whole manifest (a folder, an `_info.json`, a folder URL, a `pipe:`
+    command reading an `_info.json`) rather than a pattern or list of shards."""
+    if not isinstance(shards, (str, os.PathLike)):
+        return False
+    text = os.fspath(shards)
+    if not is_url(text):
+        return os.path.isdir(text) or text.endswith(".json")
+    if text.startswith("pipe:"):
+        return "::" not in text and shard_name(text).endswith(".json")
+    if "::" in text or "{" in text:
+        return False
+    name = shard_name(text)
+    return name.endswith(".json") or not name.endswith(SHARD_SUFFIXES)
 
 
 @dataclass
@@ -163,12 +215,16 @@ class Manifest:
 # ----------------------------------------------------------------------------- locating
 
 def _join(base: str, name: str) -> str:
+    if base.startswith("pipe:"):  # the base of a pipe: manifest is its command (_dirname)
+        return pipe_with_file(base, name)
     if is_url(base):
         return base.rstrip("/") + "/" + name
     return os.path.join(base, name)
 
 
 def _dirname(location: str) -> str:
+    if location.startswith("pipe:"):  # a command has no folder: _join swaps its file name
+        return location
     if is_url(location):
         return location.rsplit("/", 1)[0]
     return os.path.dirname(os.path.abspath(location))
@@ -183,10 +239,9 @@ def _read_bytes(location: str, limit: int, what: str) -> bytes:
                          "rewrite the shards with make_shards.")
 
     if is_url(location):
-        import webdataset as wds
+        from .samples import read_url_bytes  # (samples imports this module)
 
-        with wds.gopen(location) as stream:
-            raw = stream.read(limit + 1)
+        raw = read_url_bytes(location, limit + 1, what)  # HTTP and pipe: with the shard retry policy
         if len(raw) > limit:
             raise too_big("more than that")
         return raw
@@ -237,21 +292,19 @@ def expand_shard_spec(shards: str | Sequence[str]) -> list[str]:
 
 def locate_manifest(shards: str | os.PathLike | Sequence[str]) -> str:
     """Where the manifest for `shards` is: inside a folder, the path itself, or next to the first shard."""
-    if isinstance(shards, (str, os.PathLike)):
+    if names_all_shards(shards):
         text = os.fspath(shards)
         if not is_url(text) and os.path.isdir(text):
             return os.path.join(text, MANIFEST_NAME)
-        if text.endswith(".json"):
+        if text.startswith("pipe:") or shard_name(text).endswith(".json"):
             return text
+        return _join(text, MANIFEST_NAME)  # a folder URL
     names = expand_shard_spec(shards)
     if not names:
         raise UserError(f"The shard list {shards!r} is empty; name a shard folder, an _info.json or shard files.")
     first = names[0]
     if first.startswith("pipe:"):
-        raise UserError(
-            f"Cannot find the manifest for the pipe: shards '{first}'; read it from a local copy of its "
-            "_info.json (read_manifest(path)) and pass that as LoaderSpec(manifest=...)."
-        )
+        return pipe_with_file(first, MANIFEST_NAME)  # the same command, reading _info.json
     return _join(_dirname(first), MANIFEST_NAME)
 
 

@@ -91,6 +91,6 @@ class FinetuneConfig:
 # Keys (prefixes) that may change when a run is resumed: they do not alter what is trained (logging,
 # fault injection, the run's place and length, workers, where the shards live, abort thresholds, how
 # often and in what batches the validation split is evaluated). Any other change needs --allow-changes.
-RESUMABLE_KEYS = ("log.", "debug.", "run.", "train.steps", "train.epochs", "train.max_nonfinite_steps",
+RESUMABLE_KEYS = ("log.", "debug.", "run.", "train.steps", "train.epochs", "train.max_nonfinite_steps", "train.logical_ranks",
                   "train.peak_tflops", "data.num_workers", "data.shards", "data.max_skip_fraction", "knn.batch_size",
                   "eval_every", "eval_every_steps")

@@ -33,7 +33,8 @@ class PretrainDataConfig(DataConfig):
 @dataclass
 class PretrainLogConfig(LogConfig):
     image_every: int = param(200, ge=0, help="steps between the objective's pictures in TensorBoard (0: never)")
-    analysis_every: int = param(0, ge=0, help="steps between analysis figures: position-embedding similarity, "
+    analysis_every: int = param(0, ge=0, help="steps between the analysis figures in TensorBoard "
+                                              "(encoder/...): mean attention distance, position-embedding similarity, "
                                               "embedding filters, attention rollout (0: never)")
 
 
@@ -92,5 +93,5 @@ def _with_objective_section(name: str) -> type:
 # Keys (prefixes) that may change when a run is resumed: they do not alter what is computed (logging,
 # fault injection, the run's place and length, workers, where the shards live, abort thresholds).
 # Any other change needs --resume ... --allow-changes (see vitmpp.common.rundir).
-RESUMABLE_KEYS = ("log.", "debug.", "run.", "train.steps", "train.epochs", "train.max_nonfinite_steps",
+RESUMABLE_KEYS = ("log.", "debug.", "run.", "train.steps", "train.epochs", "train.max_nonfinite_steps", "train.logical_ranks",
                   "train.peak_tflops", "data.num_workers", "data.shards", "data.max_skip_fraction")

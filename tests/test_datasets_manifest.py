@@ -89,6 +89,7 @@ def test_a_label_file_of_the_wrong_length_is_refused(shards):
         read_manifest(shards).labels("train")
 
 
-def test_pipe_shards_need_the_manifest_given(shards):
-    with pytest.raises(UserError, match="manifest="):
+def test_a_pipe_manifest_that_cannot_be_read_names_the_command_it_ran(shards):
+    # pipe: shards find their manifest by running the same command on _info.json
+    with pytest.raises(UserError, match="Manifest command 'cat /nonexistent/_info.json' cannot be read"):
         read_manifest("pipe:cat /nonexistent/x-train-000000.tar")

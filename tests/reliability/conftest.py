@@ -4,7 +4,7 @@ given; a test asserts it).
 
 With VITMPP_RELIABILITY_REPORT=docs/reliability.md set, the session writes a table of
 every fault tried, how many times, and the outcome the run actually had (from the
-test results, not by hand):  VITMPP_RELIABILITY_REPORT=docs/reliability.md python -m pytest tests/reliability
+test results, not by hand):  VITMPP_RELIABILITY_REPORT=docs/reliability.md python -m pytest tests/reliability tests/distributed
 """
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ def pytest_sessionfinish(session, exitstatus):
         "",
         "Written by the fault-injection tests in `tests/reliability/` (real commands in subprocesses, real files, "
         "tiny models on the CPU), not by hand. Regenerate with",
-        "`VITMPP_RELIABILITY_REPORT=docs/reliability.md python -m pytest tests/reliability`.",
+        "`VITMPP_RELIABILITY_REPORT=docs/reliability.md python -m pytest tests/reliability tests/distributed`.",
         "",
         f"Last run: {time.strftime('%Y-%m-%d %H:%M %Z')}, {platform.machine()}, {os.cpu_count()} CPU cores, "
         f"Python {platform.python_version()}.",

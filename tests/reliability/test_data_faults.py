@@ -55,7 +55,7 @@ def test_training_skips_and_counts_damaged_samples(tmp_path, kind):
     run_dir = tmp_path / "runs" / "default-mpp"
     assert (run_dir / "encoder.safetensors").is_file()
     assert name in result.stderr, result.stderr[-2000:]  # the warning names the shard
-    skipped = tensorboard_scalars(run_dir, "data/skipped_samples")
+    skipped = tensorboard_scalars(run_dir, "system/pretrain/skipped_samples")
     assert skipped and max(skipped) > 0
 
 

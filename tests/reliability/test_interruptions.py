@@ -36,7 +36,7 @@ def assert_same_as_reference(run_dir, reference):
 
     events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
     events.Reload()
-    assert sorted(e.step for e in events.Scalars("train/loss")) == list(range(1, STEPS + 1))
+    assert sorted(e.step for e in events.Scalars("pretrain/loss")) == list(range(1, STEPS + 1))
 
 
 @pytest.mark.fault("SIGKILL to every process of a 2-process run, then --resume auto", expect="survived")
@@ -110,13 +110,18 @@ def test_signal_to_one_rank_stops_both(tmp_path, digits16):
     assert any(p.name.startswith("step-") for p in (run_dir / "checkpoints").iterdir())
 
 
-@pytest.mark.fault("resume with a different number of processes", expect="clear error")
-def test_resume_with_other_process_count_is_refused(tmp_path, digits16):
+@pytest.mark.fault("resume on a process count that does not divide the logical ranks (2 -> 3)", expect="clear error")
+def test_resume_on_a_process_count_that_cannot_share_the_logical_ranks_is_refused(tmp_path, digits16):
+    """2 logical ranks (the first start's 2 processes) resume on 1 or 2 processes, not on 3 (elastic
+    resume: tests/distributed/test_elastic_resume.py)."""
     run(accelerate_cmd("pretrain/main.py", processes=2) + TINY + ["train.steps=4", "debug.stop_at_step=2",
                                                                   f"data.shards={digits16}"], cwd=tmp_path)
-    result = run(accelerate_cmd("pretrain/main.py") + TINY + ["train.steps=4", f"data.shards={digits16}", "--resume", "auto"],
+    result = run(accelerate_cmd("pretrain/main.py", processes=3) + TINY + ["train.steps=4", f"data.shards={digits16}",
+                                                                           "--resume", "auto"],
                  cwd=tmp_path, check=False)
-    assert result.returncode != 0
-    assert "was written by 2 processes but this run has 1; resume with --num_processes 2" in result.stderr
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert ("was started with 2 logical ranks (train.logical_ranks), which 3 processes cannot share evenly; "
+            "resume on 1 or 2 processes, or start runs that may grow with train.logical_ranks=6") in result.stderr
+    assert "Traceback" not in result.stderr
     state = json.loads((tmp_path / "runs" / "default-mpp" / "checkpoints" / "step-0000002" / "trainer_state.json").read_text())
-    assert state["world_size"] == 2
+    assert (state["world_size"], state["logical_ranks"]) == (2, 2)
