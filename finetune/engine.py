@@ -329,8 +329,10 @@ def record_on_encoder(cfg: FinetuneConfig, run: Run, data: EvaluationData, resul
     record = {
         "run": str(run.run_dir.resolve()), "protocol": cfg.protocol, "label_fraction": cfg.data.label_fraction,
         "seed": cfg.train.seed, "split": cfg.data.val_split, "dataset": data.manifest.name, "shards": str(data.shards),
-        "img_size": data.img_size, "top1": results["best_top1"], "top5": results["best_top5"],
-        "last_top1": results["last_top1"], "train_images": results["train_images"],
+        # the last evaluation, not the best: the best over the run's evaluations is chosen on the very
+        # split it reports (results.json keeps both)
+        "img_size": data.img_size, "top1": results["last_top1"], "top5": results["last_top5"],
+        "best_top1": results["best_top1"], "train_images": results["train_images"],
         "val_images": results["val_images"], "epochs": results["epochs"],
     }
     if cfg.protocol == "knn":

@@ -119,12 +119,12 @@ def test_an_evaluation_run_adds_its_result_to_the_card(tmp_path, pretrained, dig
     results = json.loads((tmp_path / "runs" / "knn" / "results.json").read_text())
     assert f"model card: {pretrained / 'README.md'} (this result added)" in result.stdout
     (record,) = read_evaluations(pretrained)
-    assert record["protocol"] == "knn" and record["top1"] == results["best_top1"] and record["split"] == "validation"
+    assert record["protocol"] == "knn" and record["top1"] == results["last_top1"] and record["split"] == "validation"
     card = ModelCard.load(pretrained / "README.md")
-    assert f"| k-NN (k=20) | 1 | 0 | validation | {results['best_top1']:.2f} |" in card.text
-    assert card.data.eval_results[0].metric_value == round(results["best_top1"], 2)
+    assert f"| k-NN (k=20) | 1 | 0 | validation | {results['last_top1']:.2f} |" in card.text
+    assert card.data.eval_results[0].metric_value == round(results["last_top1"], 2)
     hf_card = (pretrained / "transformers" / "README.md").read_text()
-    assert f"{results['best_top1']:.2f}" in hf_card and "library_name: transformers" in hf_card
+    assert f"{results['last_top1']:.2f}" in hf_card and "library_name: transformers" in hf_card
 
 
 @pytest.mark.slow
