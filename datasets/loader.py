@@ -478,7 +478,13 @@ class ShardLoader:
             # handler, which then raises at a random later point when they exit.
             shutdown = getattr(batches, "_shutdown_workers", None)
             if shutdown is not None:
-                shutdown()
+                try:
+                    shutdown()
+                except RuntimeError as err:
+                    # torch's SIGCHLD handler reports another worker that died while the first death
+                    # (already explained above) was being handled: one sentence is enough
+                    if "DataLoader worker" not in str(err):
+                        raise
             del batches
         if produced != len(self):
             raise RuntimeError(f"the loader produced {produced} batches instead of {len(self)} (a bug in vitmpp)")

@@ -5,6 +5,7 @@ import json
 import os
 import random
 import signal
+import sys
 import time
 
 import pytest
@@ -116,9 +117,10 @@ def test_resume_on_a_process_count_that_cannot_share_the_logical_ranks_is_refuse
     resume: tests/distributed/test_elastic_resume.py)."""
     run(accelerate_cmd("pretrain/main.py", processes=2) + TINY + ["train.steps=4", "debug.stop_at_step=2",
                                                                   f"data.shards={digits16}"], cwd=tmp_path)
-    result = run(accelerate_cmd("pretrain/main.py", processes=3) + TINY + ["train.steps=4", f"data.shards={digits16}",
-                                                                           "--resume", "auto"],
-                 cwd=tmp_path, check=False)
+    three = [sys.executable, "-m", "vitmpp.common.launcher", "--num_processes", "3", "--num_machines", "1",
+             "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(29500 + os.getpid() % 1000),
+             str(ROOT / "pretrain" / "main.py")]  # the project's launcher: one sentence and exit 2 from 3 ranks
+    result = run(three + TINY + ["train.steps=4", f"data.shards={digits16}", "--resume", "auto"], cwd=tmp_path, check=False)
     assert result.returncode == 2, result.stderr[-3000:]
     assert ("was started with 2 logical ranks (train.logical_ranks), which 3 processes cannot share evenly; "
             "resume on 1 or 2 processes, or start runs that may grow with train.logical_ranks=6") in result.stderr
