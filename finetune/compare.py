@@ -14,8 +14,14 @@ per label fraction and seed, with the architecture of the first encoder. An enco
 (the floor for linear probes and kNN; it is not fine-tuned: that is `scratch`).
 
 Writes `results.csv` (one row per cell), `results.md` (mean ± std over seeds, and the
-share of the scratch -> supervised gap each self-supervised encoder closes) and
-`results.png` (grouped bars with error bars), and logs the table to TensorBoard.
+share of the scratch -> supervised gap each self-supervised encoder closes),
+`results.png` (grouped bars with error bars), `history.csv` (every evaluation of every
+cell: step, epoch, images seen, top-1, top-5) and `curves.png` (top-1 against images seen,
+mean over seeds, per encoder), and logs the table to TensorBoard.
+
+`--jobs N` runs N independent cells at once, each with its share of the CPU threads
+(`OMP_NUM_THREADS`), its output in `<output_dir>/logs/<cell>.log`: on a CPU machine several
+small cells side by side finish sooner than one after another.
 """
 from __future__ import annotations
 
@@ -46,11 +52,13 @@ class CompareConfig:
     protocols: list[str] = param(default_factory=lambda: ["linear", "finetune", "scratch", "knn"])
     label_fractions: list[float] = param(default_factory=lambda: [0.1, 1.0])
     seeds: list[int] = param(default_factory=lambda: [0, 1, 2])
-    recipes: dict[str, str] = param(default_factory=dict, help="protocol -> configs/finetune/*.yaml recipe")
+    recipes: dict[str, str] = param(default_factory=dict, help="protocol -> recipe file (configs/finetune/*.yaml); a relative path is looked up next to the compare config first, then in the working directory")
     overrides: list[str] = param(default_factory=list, help="key=value overrides applied to every cell")
     output_dir: str = param("runs/compare", help="where cells and results go")
     launcher: Optional[str] = param(None, help="command that runs a cell, e.g. 'accelerate launch --num_processes 8 -m vitmpp.finetune.main'; default: python -m vitmpp.finetune.main")
-    metric: str = param("best_top1", choices=("best_top1", "last_top1", "best_top5", "last_top5"))
+    metric: str = param("last_top1", choices=("last_top1", "last_top5", "best_top1", "best_top5"),
+                        help="what the table reports; best_* is chosen on the very split it reports (for model "
+                             "selection on a validation split, never a result)")
 
     def check(self) -> None:
         if not self.encoders:
@@ -74,7 +82,10 @@ class Cell:
 
     @property
     def name(self) -> str:
-        return f"{self.encoder}-{self.protocol}-f{self.label_fraction:g}-s{self.seed}"
+        """The cell's folder: `mpp-linear-f0.1-s0`, `scratch-f0.1-s0` (never a leading dash, which shell
+        tools read as an option)."""
+        what = self.protocol if self.encoder == "-" else f"{self.encoder}-{self.protocol}"
+        return f"{what}-f{self.label_fraction:g}-s{self.seed}"
 
 
 def encoders_for(cfg: CompareConfig, protocol: str) -> list[str]:
@@ -124,14 +135,33 @@ def _encoder_file(path: str) -> Path:
     return file
 
 
+def resolve_recipes(cfg: CompareConfig, config_path: str | os.PathLike) -> dict[str, str]:
+    """protocol -> recipe path: a relative path next to the compare config file (so a config works
+    from any working directory), else in the working directory; a missing recipe is one sentence."""
+    here = Path(config_path).resolve().parent
+    found = {}
+    for protocol, recipe in cfg.recipes.items():
+        candidates = [Path(recipe)] if Path(recipe).is_absolute() else [here / recipe, Path(recipe)]
+        match = next((c for c in candidates if c.is_file()), None)
+        if match is None:
+            raise UserError(f"Recipe '{recipe}' for protocol '{protocol}' (key recipes.{protocol} of {config_path}) "
+                            f"is neither next to that file ({here / recipe}) nor in the working directory; "
+                            "fix the path.")
+        found[protocol] = str(match)
+    return found
+
+
 def run_cell(cfg: CompareConfig, cell: Cell, encoder_paths: dict[str, str], cells_dir: Path,
-             allow_changes: bool = False) -> dict:
+             allow_changes: bool = False, recipes: dict[str, str] | None = None, log: Path | None = None,
+             threads: int | None = None) -> dict:
+    """Run one cell (or read its results.json when it is done). `log`: write the cell's output there
+    instead of this terminal (cells running side by side); `threads`: its OMP_NUM_THREADS."""
     folder = cells_dir / cell.name
     done = folder / "results.json"
     if done.is_file():
         return json.loads(done.read_text())
     launcher = shlex.split(cfg.launcher) if cfg.launcher else [sys.executable, "-m", "vitmpp.finetune.main"]
-    args = ["--config", cfg.recipes[cell.protocol], f"protocol={cell.protocol}",
+    args = ["--config", (recipes or cfg.recipes)[cell.protocol], f"protocol={cell.protocol}",
             f"data.label_fraction={cell.label_fraction}", f"train.seed={cell.seed}",
             f"run.output_dir={cells_dir}", f"run.name={cell.name}", *cfg.overrides, "--resume", "auto",
             *(["--allow-changes"] if allow_changes else [])]
@@ -139,12 +169,96 @@ def run_cell(cfg: CompareConfig, cell: Cell, encoder_paths: dict[str, str], cell
         args.append(f"encoder={encoder_paths[next(iter(encoder_paths))]}")
     else:
         args.append(f"encoder={encoder_paths[cell.encoder]}")
-    print(f"[compare] {cell.name}", flush=True)
-    result = subprocess.run([*launcher, *args], env={**os.environ, "VITMPP_NO_BAR": "1"})
+    env = {**os.environ, "VITMPP_NO_BAR": "1", **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+    print(f"[compare] {cell.name}" + (f" (log: {log})" if log else ""), flush=True)
+    if log is None:
+        result = subprocess.run([*launcher, *args], env=env)
+    else:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "w") as stream:
+            result = subprocess.run([*launcher, *args], env=env, stdout=stream, stderr=subprocess.STDOUT)
     if result.returncode != 0 or not done.is_file():
-        raise UserError(f"Cell {cell.name} failed (exit code {result.returncode}); its log is above, its folder is {folder}; "
+        where = f"its log is {log}" if log else "its log is above"
+        raise UserError(f"Cell {cell.name} failed (exit code {result.returncode}); {where}, its folder is {folder}; "
                         "fix the cause and rerun the same command to continue.")
-    return json.loads(done.read_text())
+    results = json.loads(done.read_text())
+    if log is not None:
+        print(f"[compare] {cell.name} done: last top-1 {results['last_top1']:.2f}", flush=True)
+    return results
+
+
+def run_cells(cfg: CompareConfig, todo: list[Cell], encoder_paths: dict[str, str], out: Path, *, jobs: int,
+              allow_changes: bool, recipes: dict[str, str]) -> list[dict]:
+    """Every cell's results, in the order of `todo`; `jobs` cells at a time. On a failure the cells
+    already running finish (each keeps its folder and log) and the failure is reported."""
+    cells_dir = out / "cells"
+    if jobs <= 1:
+        return [run_cell(cfg, cell, encoder_paths, cells_dir, allow_changes, recipes) for cell in todo]
+    from concurrent.futures import ThreadPoolExecutor
+
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        futures = [pool.submit(run_cell, cfg, cell, encoder_paths, cells_dir, allow_changes, recipes,
+                               out / "logs" / f"{cell.name}.log", threads) for cell in todo]
+        failures = []
+        for future in futures:
+            try:
+                future.result()
+            except UserError as err:
+                failures.append(err)
+                for other in futures:
+                    other.cancel()  # the ones not started yet
+        if failures:
+            raise failures[0]
+        return [future.result() for future in futures]
+
+
+HISTORY_COLUMNS = ["encoder", "protocol", "label_fraction", "seed", "step", "epoch", "images_seen", "top1", "top5"]
+
+
+def history_rows(grid: list[Cell], results: list[dict]) -> list[dict]:
+    """Every evaluation of every cell; images seen = epochs x the cell's training images."""
+    rows = []
+    for cell, result in zip(grid, results):
+        for point in result.get("history") or []:
+            rows.append({"encoder": cell.encoder, "protocol": cell.protocol, "label_fraction": cell.label_fraction,
+                         "seed": cell.seed, "step": point.get("step"), "epoch": point.get("epoch"),
+                         "images_seen": round(float(point.get("epoch") or 0) * int(result.get("train_images") or 0)),
+                         "top1": point.get("top1"), "top5": point.get("top5")})
+    return rows
+
+
+def plot_curves(cfg: CompareConfig, rows: list[dict], path: Path) -> None:
+    """Validation top-1 against images seen, one panel per (protocol, label fraction), a line per
+    encoder (mean over seeds at each evaluation)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = sorted({(r["protocol"], r["label_fraction"]) for r in rows},
+                    key=lambda g: (cfg.protocols.index(g[0]) if g[0] in cfg.protocols else 99, g[1]))
+    fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(4.2 * max(len(panels), 1) + 1.8, 3.6), squeeze=False)
+    for ax, (protocol, fraction) in zip(axes[0], panels):
+        points: dict[str, dict[int, list[tuple[float, float]]]] = {}
+        for r in rows:
+            if (r["protocol"], r["label_fraction"]) == (protocol, fraction):
+                points.setdefault(r["encoder"], {}).setdefault(int(r["step"]), []).append((r["images_seen"], r["top1"]))
+        for encoder, by_step in points.items():
+            steps = sorted(by_step)
+            xs = [statistics.fmean(x for x, _ in by_step[s]) for s in steps]
+            ys = [statistics.fmean(y for _, y in by_step[s]) for s in steps]
+            ax.plot(xs, ys, marker="o", markersize=3, label=encoder if encoder != "-" else "random init (scratch)")
+        ax.set_title(f"{protocol}, {fraction:g} labels", fontsize=10)
+        ax.set_xlabel("training images seen")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("validation top-1 (%)")
+    axes[0][-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=120)
+    plt.close(fig)
+    atomic_write(path, png.getvalue())
 
 
 def summarize(cfg: CompareConfig, rows: list[dict]) -> tuple[list[dict], str]:
@@ -218,9 +332,11 @@ def plot(cfg: CompareConfig, summary: list[dict], path: Path) -> None:
     atomic_write(path, png.getvalue())
 
 
-def write_csv(rows: list[dict], path: Path) -> None:
-    columns = ["encoder", "protocol", "label_fraction", "seed", "best_top1", "best_top5", "last_top1", "last_top5",
-               "epochs", "train_images", "wall_time_s"]
+RESULT_COLUMNS = ["encoder", "protocol", "label_fraction", "seed", "last_top1", "last_top5", "best_top1", "best_top5",
+                  "epochs", "train_images", "wall_time_s"]
+
+
+def write_csv(rows: list[dict], path: Path, columns: list[str] = RESULT_COLUMNS) -> None:
     text = io.StringIO(newline="")
     writer = csv.DictWriter(text, fieldnames=columns, extrasaction="ignore")
     writer.writeheader()
@@ -235,9 +351,15 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--overwrite", action="store_true",
                         help="allow a different config in an output folder that holds results (interrupted cells "
                              "continue under it)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="cells run at once, each with cores/jobs threads and its output in <output_dir>/logs/ "
+                             "(default 1: one after another, output here)")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_intermixed_args(argv)
+    if args.jobs < 1:
+        raise UserError(f"--jobs must be at least 1, got {args.jobs}.")
     cfg = load_config(CompareConfig, args.config, args.overrides)
+    recipes = resolve_recipes(cfg, args.config)
     out = Path(cfg.output_dir)
     check_location(out, output_key="output_dir")
     # held until this process ends; each cell's run locks its own folder
@@ -260,13 +382,15 @@ def main(argv: list[str] | None = None) -> Path:
     encoder_paths = {}
     for name, path in cfg.encoders.items():
         encoder_paths[name] = str(random_encoder(cfg, out)) if path == "random" else str(_encoder_file(path).parent)
-    rows = []
-    for cell in cells(cfg):
-        result = run_cell(cfg, cell, encoder_paths, out / "cells", allow_changes=args.overwrite)
-        rows.append({**{k: result[k] for k in result if not isinstance(result[k], (dict, list))},
-                     "encoder": cell.encoder, "protocol": cell.protocol, "label_fraction": cell.label_fraction,
-                     "seed": cell.seed})
+    grid = cells(cfg)
+    results = run_cells(cfg, grid, encoder_paths, out, jobs=args.jobs, allow_changes=args.overwrite, recipes=recipes)
+    rows = [{**{k: result[k] for k in result if not isinstance(result[k], (dict, list))},
+             "encoder": cell.encoder, "protocol": cell.protocol, "label_fraction": cell.label_fraction, "seed": cell.seed}
+            for cell, result in zip(grid, results)]
     write_csv(rows, out / "results.csv")
+    curve_rows = history_rows(grid, results)
+    write_csv(curve_rows, out / "history.csv", columns=HISTORY_COLUMNS)
+    plot_curves(cfg, curve_rows, out / "curves.png")
     summary, report = summarize(cfg, rows)
     atomic_write(out / "results.md", report)
     plot(cfg, summary, out / "results.png")
@@ -277,7 +401,8 @@ def main(argv: list[str] | None = None) -> Path:
         for s in summary:
             writer.add_scalar(f"compare/{s['protocol']}/f{s['label_fraction']:g}/{s['encoder']}", s["mean"], 0)
     print(report)
-    print(f"wrote {out / 'results.csv'}, {out / 'results.md'}, {out / 'results.png'}")
+    print(f"wrote {out / 'results.csv'}, {out / 'results.md'}, {out / 'results.png'}, {out / 'history.csv'}, "
+          f"{out / 'curves.png'}")
     return out
 
 

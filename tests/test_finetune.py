@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -127,6 +128,31 @@ def test_compare_grid_runs_scratch_once_and_never_finetunes_random():
     assert len(grid) == len(set(grid)) == 12 + 12 + 6 + 6
 
 
+def test_compare_cell_folders_never_start_with_a_dash_and_the_table_reports_last_top1():
+    from vitmpp.finetune.compare import CompareConfig, cells
+
+    cfg = CompareConfig(encoders={"mpp": "runs/mpp"}, protocols=["linear", "scratch"], label_fractions=[0.1], seeds=[0])
+    assert [c.name for c in cells(cfg)] == ["mpp-linear-f0.1-s0", "scratch-f0.1-s0"]
+    assert cfg.metric == "last_top1"  # the best evaluation is chosen on the split it would report
+
+
+def test_compare_recipes_are_found_next_to_the_config_from_any_working_directory(tmp_path, monkeypatch):
+    from vitmpp.common.config import load_config
+    from vitmpp.common.errors import UserError
+    from vitmpp.finetune.compare import CompareConfig, resolve_recipes
+
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(tmp_path)  # not the repository root
+    config = root / "configs" / "compare" / "digits.yaml"
+    recipes = resolve_recipes(load_config(CompareConfig, config, []), config)
+    assert recipes["linear"] == str(root / "configs" / "compare" / ".." / "finetune" / "linear_digits.yaml")
+    assert all(Path(path).is_file() for path in recipes.values())
+    (tmp_path / "mine.yaml").write_text("encoders: {mpp: runs/mpp}\nprotocols: [linear]\n"
+                                        "recipes: {linear: nowhere/linear.yaml}\n")
+    with pytest.raises(UserError, match="Recipe 'nowhere/linear.yaml' for protocol 'linear'"):
+        resolve_recipes(load_config(CompareConfig, tmp_path / "mine.yaml", []), tmp_path / "mine.yaml")
+
+
 @pytest.mark.slow
 def test_compare_runs_cells_and_resumes(tmp_path, pretrained, digits16):
     recipe = tmp_path / "recipe.yaml"
@@ -139,11 +165,19 @@ def test_compare_runs_cells_and_resumes(tmp_path, pretrained, digits16):
         f"recipes:\n  linear: {recipe}\n  knn: {recipe}\n"
         f"overrides: ['data.shards={digits16}']\noutput_dir: {tmp_path / 'out'}\n"
     )
-    first = run(COMPARE + ["--config", str(config)], cwd=tmp_path, timeout=900)
-    assert first.stdout.count("[compare]") == 8
+    first = run(COMPARE + ["--config", str(config), "--jobs", "2"], cwd=tmp_path, timeout=900)
+    started = [line for line in first.stdout.splitlines() if line.startswith("[compare]") and " done: " not in line]
+    assert len(started) == 8 and first.stdout.count(" done: last top-1 ") == 8  # two at a time, logs in files
     out = tmp_path / "out"
+    assert sorted(p.name for p in (out / "logs").iterdir()) == sorted(f"{c.split()[1]}.log" for c in started)
     rows = list(csv.DictReader(open(out / "results.csv")))
     assert len(rows) == 8 and {r["encoder"] for r in rows} == {"mpp", "random"}
+    # every evaluation of every cell, against images seen, and its figure
+    history = list(csv.DictReader(open(out / "history.csv")))
+    linear = [r for r in history if r["protocol"] == "linear"]
+    assert linear and all(int(r["images_seen"]) > 0 for r in linear)
+    assert {(r["encoder"], r["seed"]) for r in linear} == {("mpp", "0"), ("mpp", "1"), ("random", "0"), ("random", "1")}
+    assert (out / "curves.png").stat().st_size > 1000
     table = (out / "results.md").read_text()
     assert table.count("\n| mpp |") == 2 and table.count("\n| random |") == 2 and "± " in table
     assert (out / "results.png").stat().st_size > 1000
