@@ -286,11 +286,25 @@ def write_shards(
         raise UserError(f"Data set name '{name}' must be non-empty, not start with '_', and hold no dots, "
                         "slashes or spaces (it starts every shard's file name).")
     rng = np.random.default_rng([seed, 0x0D3])
+    stratified = f"a class-stratified --val-fraction {val_fraction:g} (seed {seed})"
     if data.fixed_splits is not None:
-        splits = {s: [items[i] for i in rng.permutation(len(items))] for s, items in data.fixed_splits.items()}
+        own = ("the tree's own split folders (train/, val/ or validation/, test/)" if source == "imagefolder"
+               else f"the data set's own {source} split")
+        made = {split: own for split in data.fixed_splits}
+        fixed = dict(data.fixed_splits)
+        if source == "imagefolder" and "validation" not in fixed and val_fraction > 0:
+            # a tree split into train/ and test/ only: validation is carved from train, so that choices
+            # are made on validation and test stays for the report
+            train_idx, val_idx = stratified_split([it.label for it in fixed["train"]], val_fraction, seed)
+            fixed = {"train": [fixed["train"][i] for i in train_idx],
+                     "validation": [fixed["train"][i] for i in val_idx],
+                     **{k: v for k, v in fixed.items() if k != "train"}}
+            made["validation"] = f"carved from train/ by {stratified}"
+        splits = {s: [items[i] for i in rng.permutation(len(items))] for s, items in fixed.items()}
     else:
         train_idx, val_idx = stratified_split([it.label for it in data.items], val_fraction, seed)
         splits = {"train": [data.items[i] for i in train_idx], "validation": [data.items[i] for i in val_idx]}
+        made = {"train": f"the rest after {stratified}", "validation": stratified}
     total = sum(len(v) for v in splits.values())
     if total == 0:
         raise UserError(f"Source {source} {('at ' + str(root)) if root else ''} holds no images; nothing to write.")
@@ -338,6 +352,7 @@ def write_shards(
                                "quality": QUALITY if fmt != "png" else None, "max_size": max_size,
                                "maxcount": maxcount, "val_fraction": val_fraction, "seed": seed,
                                "image_size": image_size, "count": count, "num_classes": num_classes},
+                    "splits_made_by": {split: made[split] for split in infos},
                     "num_skipped_inputs": len(skipped),
                     "skipped_inputs": skipped,
                 }},

@@ -28,7 +28,13 @@ repeat images nor move them to another label, and nothing blocks:
   to build a data set; a file link cannot loop), and the image is filed under the
   folder the link is in;
 - FIFOs, sockets and devices are never opened (reading a FIFO waits forever);
-- everything not read is listed with its reason in the manifest's skipped inputs.
+- everything not read is listed with its reason in the manifest's skipped inputs;
+- a tree already split keeps its splits: `train/`, `val/` (or `validation/`) and `test/`
+  directly under `--root`, each holding class folders, become the splits `train`,
+  `validation` and `test`, with one class list (every class needs training images); a
+  tree without `val/` gets its validation split carved from `train/` (`--val-fraction`);
+  split folders beside other folders, or holding images directly, are refused as
+  ambiguous.
 
 Images of every PIL mode become RGB through `pixels.to_rgb` (16-bit and float
 pixels scaled, alpha composited), never through a clipping `convert("RGB")`.
@@ -314,51 +320,112 @@ def _list_class(folder: Path, root: Path, real_root: str, skipped: list[dict]) -
     return files
 
 
+# Folders that name a split when they sit directly under --root (the ImageNet layout:
+# root/train/<class>/..., root/val/<class>/...), and the split each becomes.
+SPLIT_FOLDERS = {"train": "train", "val": "validation", "validation": "validation", "test": "test"}
+
+
+def _class_folders(folder: Path, root: Path, skipped: list[dict]) -> list[str]:
+    """The class folders directly under `folder` (non-hidden real folders, in name order); everything
+    else there is recorded in `skipped` with its reason (paths relative to `root`)."""
+    names: list[str] = []
+    with os.scandir(folder) as it:
+        entries = sorted(it, key=lambda e: e.name)
+    for entry in entries:
+        where = (Path(entry.path).relative_to(root)).as_posix()
+        if entry.is_dir(follow_symlinks=False):
+            if entry.name.startswith("."):
+                skipped.append({"path": where, "reason": "hidden folder, not a class"})
+            else:
+                names.append(entry.name)
+        elif entry.is_symlink() and entry.is_dir():
+            skipped.append({"path": where, "reason": "symlink to a folder, not followed (not a class)"})
+        else:
+            skipped.append({"path": where, "reason": "outside a class folder"})
+    return names
+
+
 def imagefolder_source(root: Path, max_size: int | None) -> SourceData:
-    """A class-per-folder tree under `root`, read exactly (module docstring)."""
+    """A class-per-folder tree under `root`, read exactly (module docstring); a tree already split
+    (root/train/<class>, root/val/<class>, root/test/<class>) keeps its splits."""
     root = Path(root)
     if not root.is_dir():
         what = "does not exist" if not root.exists() else "is not a folder"
         raise UserError(f"Image folder '{root}' given with --root {what}; pass a folder of class sub-folders.")
     real_root = os.path.realpath(root)
     skipped: list[dict] = []
-    class_names: list[str] = []
-    with os.scandir(root) as it:
-        entries = sorted(it, key=lambda e: e.name)
-    for entry in entries:
-        if entry.is_dir(follow_symlinks=False):
-            if entry.name.startswith("."):
-                skipped.append({"path": entry.name, "reason": "hidden folder, not a class"})
-            else:
-                class_names.append(entry.name)
-        elif entry.is_symlink() and entry.is_dir():
-            skipped.append({"path": entry.name, "reason": "symlink to a folder, not followed (not a class)"})
-        else:
-            skipped.append({"path": entry.name, "reason": "outside a class folder"})
-    if not class_names:
+    top = _class_folders(root, root, skipped)
+    if not top:
         linked = [s["path"] for s in skipped if s["reason"].startswith("symlink to a folder")]
         hint = (f"its {len(linked)} symlinked folders (e.g. '{linked[0]}') are not followed, so pass the folder they "
                 "lead to as --root" if linked else
                 "put each class's images in its own sub-folder (root/cat/1.jpg, root/dog/2.jpg)")
         raise UserError(f"Image folder '{root}' has no class sub-folders; {hint}.")
+    split_folders = _split_layout(root, top)
 
     def loader(path: Path) -> Callable[[], Loaded]:
         return lambda: open_image_file(path, keep_bytes=True, draft_side=max_size)
 
-    items, empty = [], []
-    for label, name in enumerate(class_names):
-        # every file is tried: an extension filter would hide mislabelled files instead of reporting them
-        files = _list_class(root / name, root, real_root, skipped)
-        if not files:
-            empty.append(name)
-        items += [Item(label, path.relative_to(root).as_posix(), loader(path)) for path in files]
+    # (split or None, the folder whose sub-folders are the classes)
+    parts = [(SPLIT_FOLDERS[f], root / f) for f in split_folders] if split_folders else [(None, root)]
+    classes_of = {folder: (top if split is None else _class_folders(folder, root, skipped)) for split, folder in parts}
+    class_names = sorted(set().union(*classes_of.values())) if split_folders else top
+    if split_folders:
+        stray = sorted(set(class_names) - set(classes_of[root / "train"]))
+        if stray:
+            raise UserError(f"Class folder '{stray[0]}' of '{root}' is in another split's folder but not in train/; "
+                            "every class needs training images (add them, or remove the folder).")
+    index = {name: label for label, name in enumerate(class_names)}
+    splits: dict[str | None, list[Item]] = {}
+    empty = []
+    for split, folder in parts:
+        items = []
+        for name in classes_of[folder]:
+            # every file is tried: an extension filter would hide mislabelled files instead of reporting them
+            files = _list_class(folder / name, root, real_root, skipped)
+            if not files:
+                empty.append((folder / name).relative_to(root).as_posix())
+            items += [Item(index[name], path.relative_to(root).as_posix(), loader(path)) for path in files]
+        splits[split] = items
     if empty:
         which = (f"Class folder '{empty[0]}' under '{root}' holds" if len(empty) == 1 else
                  f"Class folders {', '.join(repr(n) for n in empty)} under '{root}' hold")
         raise UserError(f"{which} no files; add images or remove it (every folder is a class, and a class "
                         "without images would take a label no sample has).")
     name = "".join(c if c.isalnum() or c == "_" else "_" for c in root.resolve().name) or "images"
-    return SourceData(name, class_names, items=items, skipped=skipped)
+    if not split_folders:
+        return SourceData(name, class_names, items=splits[None], skipped=skipped)
+    return SourceData(name, class_names, fixed_splits=splits, skipped=skipped)
+
+
+def _split_layout(root: Path, top: list[str]) -> list[str]:
+    """The split folders of an already split tree (train/ first), [] for a plain class-per-folder tree;
+    a tree that is neither is refused with one sentence."""
+    named = [f for f in top if f in SPLIT_FOLDERS]
+    if not named:
+        return []
+    others = [f for f in top if f not in SPLIT_FOLDERS]
+    holds_classes = {f: any(e.is_dir(follow_symlinks=False) and not e.name.startswith(".") for e in os.scandir(root / f))
+                     for f in named}
+    if others:
+        raise UserError(f"Image folder '{root}' mixes split folders ({', '.join(named)}) with other folders "
+                        f"('{others[0]}'); put every class under train/ (and val/, test/), or, if '{named[0]}' is "
+                        "really a class, rename it.")
+    if not any(holds_classes.values()):
+        raise UserError(f"Image folder '{root}' holds {', '.join(f + '/' for f in named)} with images directly inside, "
+                        "so it is unclear whether they are splits or classes; for splits put each class in its own "
+                        "folder (train/cat/1.jpg), for classes rename them.")
+    if not all(holds_classes.values()):
+        flat = next(f for f, has in holds_classes.items() if not has)
+        raise UserError(f"Image folder '{root}' looks split, but {flat}/ holds no class folders while "
+                        f"{next(f for f, has in holds_classes.items() if has)}/ does; give every split the same "
+                        "layout (split/class/image).")
+    if "val" in named and "validation" in named:
+        raise UserError(f"Image folder '{root}' has both val/ and validation/; keep one of them.")
+    if "train" not in named:
+        raise UserError(f"Image folder '{root}' has {', '.join(f + '/' for f in named)} but no train/; "
+                        "pretraining and fine-tuning read the train split.")
+    return sorted(named, key=lambda f: ("train", "val", "validation", "test").index(f))
 
 
 # ----------------------------------------------------------------------------- torchvision

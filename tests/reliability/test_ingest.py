@@ -124,6 +124,65 @@ def test_imagefolder_never_follows_folder_links_and_labels_every_image_by_its_re
     assert f"{len(skipped)} inputs skipped" in result.stdout
 
 
+def test_an_imagefolder_already_split_keeps_its_splits_with_one_class_list(tmp_path):
+    """The ImageNet layout (root/train/<class>, root/val/<class>, root/test/<class>): each image stays in
+    its split and is labelled by its class folder, with one class list across the splits."""
+    root = tmp_path / "tree"
+    numbers = {"train": image_tree(root / "train", {"cat": 6, "dog": 5}),
+               "validation": image_tree(root / "val", {"cat": 2, "dog": 3}),
+               "test": image_tree(root / "test", {"dog": 2})}  # a class may be missing from val/test
+    out = tmp_path / "shards"
+    result = make_shards(["--source", "imagefolder", "--root", str(root), "--out", str(out)], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    manifest = read_manifest(out)
+    assert manifest.class_names == ["cat", "dog"]
+    assert {split: manifest.split(split).num_samples for split in manifest.splits} == {"train": 11, "validation": 5,
+                                                                                      "test": 2}
+    made = json.loads((out / MANIFEST_NAME).read_text())["vitmpp"]["splits_made_by"]
+    assert set(made) == {"train", "validation", "test"} and all("own split folders" in how for how in made.values())
+    for split, per_class in numbers.items():  # every image where it was, with its class's label
+        batch_codes = {name: set() for name in manifest.class_names}
+        for batch in open_loader(spec_for(out, split=split, batch_size=4, transform=IDENTITY, training=False,
+                                          num_workers=0)):
+            for image, label, index in zip(batch.images, batch.labels.tolist(), batch.indices.tolist()):
+                if index >= 0:
+                    batch_codes[manifest.class_names[label]].add(int(image[0, 0, 0]))
+        # image_tree numbers images per tree from 0; blue codes the class within its own tree
+        assert {name: len(codes) for name, codes in batch_codes.items() if codes} == \
+            {name: len(n) for name, n in per_class.items()}
+
+
+def test_an_imagefolder_with_train_and_test_only_gets_validation_from_train(tmp_path):
+    root = tmp_path / "tree"
+    image_tree(root / "train", {"cat": 10, "dog": 10})
+    image_tree(root / "test", {"cat": 3, "dog": 3})
+    manifest = write_shards(tmp_path / "shards", "imagefolder", root=root, val_fraction=0.2, progress=False)
+    assert {split: manifest.split(split).num_samples for split in manifest.splits} == {"train": 16, "validation": 4,
+                                                                                      "test": 6}
+    made = json.loads((tmp_path / "shards" / MANIFEST_NAME).read_text())["vitmpp"]["splits_made_by"]
+    assert made["validation"].startswith("carved from train/ by a class-stratified --val-fraction 0.2")
+
+
+@pytest.mark.fault("ImageFolder whose layout is ambiguous (split folders beside classes, images directly in "
+                   "train/, a class only in val/)", expect="clear error")
+@pytest.mark.parametrize("layout, message", [
+    ({"train/cat": 3, "train/dog": 3, "bird": 3}, "mixes split folders (train) with other folders ('bird')"),
+    ({"train": 3, "val": 3}, "holds train/, val/ with images directly inside"),
+    ({"train/cat": 3, "val/cat": 2, "val/dog": 2}, "Class folder 'dog' of"),
+    ({"train/cat": 3, "val/cat": 2, "validation/cat": 2}, "has both val/ and validation/"),
+])
+def test_an_ambiguous_split_tree_is_refused_in_one_sentence(tmp_path, layout, message):
+    root = tmp_path / "tree"
+    for folder, n in layout.items():
+        (root / folder).mkdir(parents=True)
+        for k in range(n):
+            flat_image(k, 0).save(root / folder / f"{k}.png")
+    result = make_shards(["--source", "imagefolder", "--root", str(root), "--out", str(tmp_path / "shards")], tmp_path)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert not (tmp_path / "shards").exists()
+
+
 @pytest.mark.fault("FIFO, socket and a link to a FIFO inside an ImageFolder", expect="survived")
 def test_special_files_in_a_class_folder_are_skipped_without_being_opened(tmp_path):
     root = tmp_path / "tree"
