@@ -36,6 +36,19 @@ class PretrainLogConfig(LogConfig):
     analysis_every: int = param(0, ge=0, help="steps between the analysis figures in TensorBoard "
                                               "(encoder/...): mean attention distance, position-embedding similarity, "
                                               "embedding filters, attention rollout (0: never)")
+    knn_every: int = param(0, ge=0, help="steps between kNN monitor evaluations (DINO's kNN monitor; 0: never): the "
+                                         "encoder's class-token features of up to log.knn_images training images form "
+                                         "the memory bank, whose labels are the only labels used (the standard "
+                                         "protocol: 20 neighbours, cosine, temperature 0.07), and up to as many images "
+                                         "of the shards' 'validation' split are classified; logged as knn_top1/knn_top5 "
+                                         "(pretrain/knn_top1 in TensorBoard) and one console line. Every rank takes "
+                                         "part; skipped under FSDP and without a validation split. Off by default "
+                                         "outside the embedded demo (every 50 steps there): the bank is a seeded "
+                                         "random sample of the split, so on ImageNet-sized shards one evaluation "
+                                         "streams most training shards; set it to a few thousand steps there")
+    knn_images: int = param(2000, ge=1, help="images of the training split in the kNN monitor's memory bank (a seeded "
+                                             "random sample, the same at every evaluation), and the cap on the "
+                                             "validation images it classifies")
 
 
 def _objective_help() -> str:
@@ -55,7 +68,7 @@ class PretrainConfig:
     ))
     train: TrainConfig = field(default_factory=lambda: TrainConfig(global_batch=128, steps=200))
     log: PretrainLogConfig = field(default_factory=lambda: PretrainLogConfig(image_every=100, analysis_every=100,
-                                                                             checkpoint_every=100))
+                                                                             checkpoint_every=100, knn_every=50))
     run: RunConfig = field(default_factory=RunConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
 

@@ -5,22 +5,26 @@
 
 Between steps: the objective's own hook (`after_optimizer_step`, e.g. an EMA
 teacher), its pictures every `log.image_every` steps and the analysis figures
-every `log.analysis_every`. At the end: `encoder.safetensors` + `encoder.json`, the same
+every `log.analysis_every`, and a kNN accuracy on the validation split every
+`log.knn_every` (`knn_monitor`). At the end: `encoder.safetensors` + `encoder.json`, the same
 weights as a transformers folder (`transformers/`), and the model card `README.md`
 (vitmpp.models.hub; docs/export.md).
 """
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from vitmpp.common.distributed import gathered_state_dict
 from vitmpp.common.io import reported_writes
 from vitmpp.common.loop import Plan, Run, Stage, open_run, train
 from vitmpp.common.optim import build_optimizer
-from vitmpp.datasets import LoaderSpec, digits_shards, normalize_batch, open_loader, pretrain_transform, read_manifest
+from vitmpp.datasets import (LoaderSpec, digits_shards, eval_transform, normalize_batch, open_loader, pretrain_transform,
+                             read_manifest)
 from vitmpp.datasets.transforms import TINY_IMAGE
 from vitmpp.models import create_objective, encoder_from_config, flops_per_image, read_encoder_info, save_encoder
 from vitmpp.models.card import render_card
@@ -28,6 +32,8 @@ from vitmpp.models.hub import (CARD_NAME, TRANSFORMERS_DIR, card_facts, save_tra
                                transformers_incompatibility, write_card)
 
 from .config import RESUMABLE_KEYS, PretrainConfig
+
+KNN_VAL_SPLIT = "validation"  # the kNN monitor's queries: the split the evaluation stages score on
 
 
 class PretrainStage(Stage):
@@ -65,11 +71,38 @@ class PretrainStage(Stage):
                               f"from the export: python -m vitmpp.analyze --encoder {run.run_dir} --shards ... --out ...")
         self.mean = torch.tensor(cfg.data.mean, device=run.device).view(1, 3, 1, 1)
         self.std = torch.tensor(cfg.data.std, device=run.device).view(1, 3, 1, 1)
+        self.knn_specs = self.knn_monitor_specs(manifest)
         return Plan(self.objective, optimizer, loader, open_loader, split.num_samples,
                     f"pretraining {cfg.objective} on {self.shards} ({split.num_samples} images)")
 
     def flops_per_image(self, model: torch.nn.Module) -> float | None:
         return flops_per_image(model, self.cfg.model.img_size)
+
+    def knn_monitor_specs(self, manifest) -> tuple[LoaderSpec, LoaderSpec, int] | None:
+        """The kNN monitor's two eval loaders and its query count, or None (with a note) when it cannot run."""
+        cfg, run = self.cfg, self.run
+        if not cfg.log.knn_every:
+            return None
+        if self.sharded:
+            run.console.print("note: no kNN monitor under FSDP (the encoder is sharded); evaluate the export instead: "
+                              f"./launch.sh finetune protocol=knn encoder={run.run_dir}")
+            return None
+        if KNN_VAL_SPLIT not in manifest.splits:
+            run.console.print(f"note: no kNN monitor: the shards {self.shards} have no '{KNN_VAL_SPLIT}' split")
+            return None
+        return knn_monitor_specs(self.shards, manifest, cfg.data.train_split, cfg.log.knn_images, cfg.model.img_size,
+                                 seed=cfg.train.seed, rank=run.rank, world=run.world, num_workers=cfg.data.num_workers,
+                                 interpolation=cfg.data.interpolation, max_skip_fraction=cfg.data.max_skip_fraction)
+
+    def log_knn(self, step: int) -> None:
+        """kNN top-1/top-5 of the encoder as it is now; every rank takes part (the features are gathered)."""
+        run = self.run
+        started = time.perf_counter()
+        scores = knn_monitor(run.accelerator, self.objective.encoder, *self.knn_specs, self.mean, self.std)
+        seconds = time.perf_counter() - started
+        run.tracker.scalars({"knn_top1": scores["top1"], "knn_top5": scores["top5"]}, step=step)  # pretrain/knn_top1
+        run.console.print(f"step {step}: kNN top-1 {scores['top1']:.2f}  top-5 {scores['top5']:.2f}  "
+                          f"({scores['count']} validation images, {seconds:.1f}s)")
 
     def forward(self, model, batch):
         images = normalize_batch(batch.images.to(self.run.device, non_blocking=True), self.mean, self.std)
@@ -83,6 +116,8 @@ class PretrainStage(Stage):
         if due and self.run.accelerator.is_main_process:
             with self.run.callbacks.phase("pictures"):
                 self.log_pictures(step, *output)
+        if self.knn_specs is not None and step % log.knn_every == 0:
+            self.log_knn(step)
         return False
 
     def log_pictures(self, step: int, images: torch.Tensor, result) -> None:
@@ -150,6 +185,45 @@ class PretrainStage(Stage):
                        "(vitmpp.models.flops); the total is that count times the images seen.",
             }
         return facts
+
+
+def knn_monitor_specs(shards, manifest, train_split: str, images: int, img_size: int, *, seed: int = 0, rank: int = 0,
+                      world: int = 1, num_workers: int = 0, interpolation: str = "bicubic",
+                      max_skip_fraction: float = 0.1, batch_size: int = 256) -> tuple[LoaderSpec, LoaderSpec, int]:
+    """Eval loaders over at most `images` training images (the memory bank) and as many validation images
+    (the queries), each a seeded random sample, the same at every evaluation; and the query count."""
+    def sample(split: str) -> tuple[int, ...] | None:
+        total = manifest.split(split).num_samples
+        if total <= images:
+            return None
+        return tuple(np.sort(np.random.default_rng(seed).choice(total, size=images, replace=False)).tolist())
+
+    train_keep, val_keep = sample(train_split), sample(KNN_VAL_SPLIT)
+    common = dict(shards=shards, manifest=manifest, batch_size=batch_size, training=False, rank=rank,
+                  world_size=world, num_workers=num_workers, max_skip_fraction=max_skip_fraction,
+                  transform=eval_transform(img_size, interpolation=interpolation))
+    expected = len(val_keep) if val_keep is not None else manifest.split(KNN_VAL_SPLIT).num_samples
+    return (LoaderSpec(split=train_split, keep_indices=train_keep, **common),
+            LoaderSpec(split=KNN_VAL_SPLIT, keep_indices=val_keep, **common), expected)
+
+
+def knn_monitor(accelerator, encoder: torch.nn.Module, train_spec: LoaderSpec, val_spec: LoaderSpec, expected: int,
+                mean: torch.Tensor, std: torch.Tensor, k: int = 20, temperature: float = 0.07) -> dict[str, float]:
+    """DINO's kNN monitor: `encoder`'s class-token features (eval mode, no gradients; its train/eval mode
+    is restored) of the training sample vote, with their labels, for the validation sample's classes
+    (vitmpp.finetune.knn). Every rank must call it (the features are gathered)."""
+    from vitmpp.finetune.heads import pooled_features
+    from vitmpp.finetune.knn import knn_classify
+
+    was_training = encoder.training
+    encoder.eval()
+    try:
+        with torch.no_grad():
+            return knn_classify(accelerator, lambda x: pooled_features(encoder, x, "token"), open_loader(train_spec),
+                                open_loader(val_spec), mean, std, train_spec.manifest.num_classes, k, temperature,
+                                expected_val=expected)
+    finally:
+        encoder.train(was_training)
 
 
 def next_commands(run_dir: Path, cfg: PretrainConfig) -> list[str]:
