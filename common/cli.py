@@ -55,9 +55,30 @@ def stage_main(prog: str, doc: str, *, schema: str, command: str, epilog: str) -
             return None
         if args.allow_changes and args.resume is None:
             raise UserError("--allow-changes continues a run under a changed config; it needs --resume auto (or a checkpoint).")
-        return _imported(command)(cfg, args.config, args.resume, allow_changes=args.allow_changes)
+        try:
+            return _imported(command)(cfg, args.config, args.resume, allow_changes=args.allow_changes)
+        finally:
+            release_process_group()
 
     return main
+
+
+def release_process_group() -> None:
+    """Destroy the distributed process group, if this process made one, before the interpreter exits.
+
+    Left to interpreter shutdown, gloo's worker threads can be torn down while still joinable, and
+    the C++ runtime aborts the process ("terminate called without an active exception", SIGABRT) after
+    all its work is done, often enough on a loaded machine to turn a finished run (or a one-sentence
+    refusal) into a killed rank. Local to this process: no collective, so it is safe on an error path."""
+    import sys
+
+    dist = sys.modules.get("torch.distributed")
+    if dist is None or not dist.is_available() or not dist.is_initialized():
+        return
+    try:
+        dist.destroy_process_group()
+    except Exception:  # noqa: BLE001 - the process is ending; a failed teardown must not replace its outcome
+        pass
 
 
 def _imported(path: str) -> Any:

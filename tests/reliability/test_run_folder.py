@@ -16,7 +16,7 @@ import sys
 import pytest
 import yaml
 
-from engine_helpers import (TINY, accelerate_cmd, descendants, kill_tree, last_logged_step, metrics, python_cmd, run,
+from engine_helpers import (ROOT, TINY, accelerate_cmd, descendants, kill_tree, last_logged_step, metrics, python_cmd, run,
                             start, wait_for)
 
 pytestmark = pytest.mark.slow
@@ -184,7 +184,7 @@ def test_compare_locks_its_output_folder(tmp_path):
     out = tmp_path / "out"
     config = tmp_path / "compare.yaml"
     config.write_text(f"encoders: {{mpp: {encoder}}}\nprotocols: [knn]\nlabel_fractions: [1.0]\nseeds: [0]\n"
-                      f"recipes: {{knn: configs/finetune/knn_digits.yaml}}\noutput_dir: {out}\n")
+                      f"recipes: {{knn: {ROOT / 'configs/finetune/knn_digits.yaml'}}}\noutput_dir: {out}\n")
     compare = [sys.executable, "-m", "vitmpp.finetune.compare", "--config", str(config)]
     failing_cells = f"launcher={shutil.which('false')}"
     first = start(compare + [f"launcher={sys.executable} -c 'import time; time.sleep(600)'"], cwd=tmp_path)
