@@ -97,31 +97,26 @@ def fsdp_request() -> str | None:
         return "--use_fsdp"
     if launch.cpu or launch.multi_gpu or launch.use_deepspeed or launch.use_megatron_lm:
         return None
-    try:
-        from accelerate.commands.config.config_args import default_config_file, load_config_from_file
+    from .launcher import config_distributed_type
 
-        if launch.config_file is None and not os.path.isfile(default_config_file):
-            return None
-        config = load_config_from_file(launch.config_file)
-    except Exception:  # noqa: BLE001 - an unreadable config failed the launch already, or names no FSDP
-        return None
-    if str(getattr(config, "distributed_type", "")).split(".")[-1] == "FSDP":
-        return f"distributed_type FSDP in {launch.config_file or default_config_file}"
+    if config_distributed_type(launch.config_file) == "FSDP":
+        return f"distributed_type FSDP in {launch.config_file or 'the default Accelerate config'}"
     return None
 
 
 def _launch_words() -> list[str] | None:
-    """The launch options of the process that started this one: `accelerate launch ...`,
-    `python -m accelerate.commands.launch ...` or `python -m vitmpp.common.launcher ...`."""
-    words = _launcher_arguments()
-    if words:
-        return words
+    """The launch options of the process that started this one (read from its command line):
+    `accelerate launch ...`, `python -m accelerate.commands.launch ...` or `python -m
+    vitmpp.common.launcher ...`; None for any other parent, or where /proc cannot be read."""
     try:
         with open(f"/proc/{os.getppid()}/cmdline", "rb") as handle:
             parent = [w.decode(errors="replace") for w in handle.read().split(b"\0") if w]
-    except OSError:
+    except OSError:  # not Linux, or no permission: nothing to check against
         return None
     for i, word in enumerate(parent[:-1]):
+        if os.path.basename(word) in ("accelerate", "accelerate-launch") or word.endswith("accelerate/commands/accelerate_cli.py"):
+            rest = parent[i + 1:]
+            return rest[1:] if rest and rest[0] == "launch" else None
         if word == "-m" and parent[i + 1] in ("accelerate.commands.launch", "vitmpp.common.launcher"):
             return parent[i + 2:]
     return None
@@ -212,20 +207,6 @@ def gathered_state_dict(accelerator, model) -> dict:
             raise RuntimeError(f"the gathered state dict is not whole ({len(partial)} DTensor entries, "
                                f"{len(state)} in all); the export would hold shards")
     return state
-
-
-def _launcher_arguments() -> list[str] | None:
-    """The `accelerate launch` arguments of the process that started this one, if it was that."""
-    try:
-        with open(f"/proc/{os.getppid()}/cmdline", "rb") as handle:
-            words = [w.decode(errors="replace") for w in handle.read().split(b"\0") if w]
-    except OSError:  # not Linux, or no permission: nothing to check against
-        return None
-    for i, word in enumerate(words[:-1]):
-        if os.path.basename(word) in ("accelerate", "accelerate-launch") or word.endswith("accelerate/commands/accelerate_cli.py"):
-            rest = words[i + 1:]
-            return rest[1:] if rest and rest[0] == "launch" else None
-    return None
 
 
 def refuse_unfulfilled_launch() -> None:

@@ -52,7 +52,7 @@ def _cuda_device_count() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-def _config_distributed_type(config_file: str | None) -> str | None:
+def config_distributed_type(config_file: str | None) -> str | None:
     """`distributed_type` of the Accelerate config this launch reads (FSDP, MULTI_GPU, ...), if any:
     a config that chooses its own launcher (FSDP, DeepSpeed) must not get `--multi_gpu` added."""
     from accelerate.commands.config.config_args import default_config_file, load_config_from_file
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     args.quiet = False  # we want the child's return code, which only the non-quiet path carries
     wants_several = (args.num_processes or 1) > 1
     chose_a_launcher = (args.multi_gpu or args.use_fsdp or args.use_deepspeed or args.cpu or args.tpu
-                        or _config_distributed_type(args.config_file) not in (None, "NO", "MULTI_CPU"))
+                        or config_distributed_type(args.config_file) not in (None, "NO", "MULTI_CPU"))
     if wants_several and not chose_a_launcher and _cuda_device_count() == 0:
         # Accelerate would start one process; torchrun forms the group, and our scripts make
         # their Accelerator with cpu=True (common/distributed.py), so it is a gloo group
