@@ -47,8 +47,10 @@ def rollout_figure(images01: Tensor, maps: Tensor, columns: int = 4) -> Figure:
     return figure
 
 
-def mean_distance_figure(distances: Tensor, image_size: int | None = None) -> Figure:
-    """Mean attention distance [L, H] in pixels: one dot per head, network depth (layer) on the x-axis."""
+def mean_distance_figure(distances: Tensor, image_size: int | None = None, uniform: float | None = None) -> Figure:
+    """Mean attention distance [L, H] in pixels: one dot per head, network depth (layer) on the x-axis;
+    `uniform` (pixels): the distance uniform attention over the grid gives, drawn as a dashed line (a
+    head near it attends globally, one far below it locally, as in the ViT paper's Figure 7)."""
     values = distances.detach().double().cpu().numpy()
     layers, heads = values.shape
     figure = _new_figure(max(4.0, 0.45 * layers + 2.5), 3.6)
@@ -60,12 +62,14 @@ def mean_distance_figure(distances: Tensor, image_size: int | None = None) -> Fi
     ax.set_xlabel("network depth (layer)")
     ax.set_ylabel("mean attention distance (pixels)")
     ax.set_xticks(np.arange(1, layers + 1))
-    top = float(np.nanmax(values)) if values.size else 1.0
+    if uniform is not None:
+        ax.axhline(uniform, color="0.4", linestyle="--", linewidth=1, label="uniform attention")
+    top = max(float(np.nanmax(values)) if values.size else 1.0, uniform or 0.0)
     if image_size:
         top = max(top, 0.5 * image_size)  # keep the scale readable against the image size
     ax.set_ylim(0, 1.08 * top if top > 0 else 1.0)
     ax.grid(alpha=0.3)
-    if heads <= 16:
+    if heads <= 16 or uniform is not None:
         ax.legend(fontsize=6, ncol=2, loc="lower right", frameon=False)
     ax.set_title("Mean attention distance per head")
     return figure

@@ -147,7 +147,9 @@ def analysis_figures(analysis: Analysis) -> dict:
 
     figures = {
         "attention_rollout": rollout_figure(analysis.rollout_images01, analysis.rollout_maps),
-        "mean_attention_distance": mean_distance_figure(analysis.mean_distance, max(analysis.image_size)),
+        "mean_attention_distance": mean_distance_figure(
+            analysis.mean_distance, max(analysis.image_size),
+            uniform=_uniform_distance(tuple(analysis.geometry["grid_size"]), analysis.geometry["patch_size"])),
     }
     if analysis.position_similarity is not None:
         figures["position_embedding_similarity"] = position_similarity_figure(

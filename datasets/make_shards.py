@@ -1,12 +1,13 @@
 """Write a data set as webdataset shards plus an `_info.json` manifest.
 
     python -m vitmpp.datasets.make_shards --source digits --out data/digits
+    python -m vitmpp.datasets.make_shards --source mnist5k --out data/mnist5k   # pip install "vitmpp[mnist5k]"
     python -m vitmpp.datasets.make_shards --source imagefolder --root ~/photos --out data/photos \
         --format jpg --max-size 256
     python -m vitmpp.datasets.make_shards --source torchvision --dataset CIFAR10 --root ~/cifar --out data/cifar10
 
-Output (`--out`): `{name}-{split}-{000000..N}.tar` for the splits `train` and
-`validation`, each sample holding `{key}.{jpg|png|webp}` (RGB, or grey kept as it was;
+Output (`--out`): `{name}-{split}-{000000..N}.tar` for the splits `train`,
+`validation` and `test`, each sample holding `{key}.{jpg|png|webp}` (RGB, or grey kept as it was;
 other modes are converted by `pixels.to_rgb`), `{key}.cls` (the
 label as decimal text) and, for imagefolder, `{key}.json` (the file it came from); keys are the
 sample's index in its split (8 digits, no dots). Next to them `_labels-{split}.npy`
@@ -17,6 +18,14 @@ renamed to `--out` only when complete (the manifest last; `vitmpp.common.io.atom
 so an interrupted run leaves no folder that looks complete; an existing non-empty
 `--out` is refused unless `--overwrite`, and even then only if it holds nothing but
 shards.
+
+Three splits, each class-stratified and seeded: `test` (`--test-fraction`; for digits a fixed
+20% that no `--seed` moves, so every run of the project reports on the same images), then
+`validation` (`--val-fraction`) from the rest, and `train`. Choices (epochs, checkpoints,
+recipes) are made on `validation`; `test` is only reported; pretraining reads only `train`. A
+source's own test set (a torchvision data set's, an ImageFolder's `test/`) becomes `test`, and a
+missing validation or test split is carved from its `train`. The manifest says how each split
+was made (`splits_made_by`).
 
 A requested split is never silently missing: when `--val-fraction` is too small to put
 one image of any class into validation (or every image chosen for it was unreadable),
@@ -53,6 +62,7 @@ from PIL import Image
 from vitmpp.common.errors import UserError, cli_entry
 from vitmpp.common.io import atomic_dir, atomic_write_json
 
+from .packaged import mnist5k_source
 from .manifest import MANIFEST_NAME, Manifest, SplitInfo, read_manifest
 from .sources import (
     SOURCES,
@@ -61,7 +71,7 @@ from .sources import (
     SourceData,
     digits_source,
     imagefolder_source,
-    stratified_split,
+    split_three_ways,
     synthetic_source,
     torchvision_source,
 )
@@ -71,6 +81,7 @@ QUALITY = 95  # jpg and webp: visually lossless, ~3x smaller than PNG for photos
 MANIFEST_VERSION = 1
 DEFAULT_MAXCOUNT = 1000
 DEFAULT_VAL_FRACTION = 0.1
+DEFAULT_TEST_FRACTION = 0.1
 GENERATED_DEFAULTS = {"image_size": 32, "count": 1000, "num_classes": 10}
 # files a shard folder may hold; --overwrite refuses folders with anything else
 _OURS = (".tar", MANIFEST_NAME)
@@ -97,7 +108,7 @@ def cap_shorter_side(image: Image.Image, max_size: int | None) -> Image.Image:
     return image.resize(size, Image.Resampling.LANCZOS)
 
 
-def _check_args(source, fmt, max_size, maxcount, val_fraction, image_size, count, num_classes) -> None:
+def _check_args(source, fmt, max_size, maxcount, val_fraction, test_fraction, image_size, count, num_classes) -> None:
     if source not in SOURCES:
         raise UserError(f"Unknown --source '{source}'; choose one of {', '.join(SOURCES)}.")
     if fmt not in FORMATS:
@@ -108,9 +119,17 @@ def _check_args(source, fmt, max_size, maxcount, val_fraction, image_size, count
         raise UserError(f"--maxcount must be at least 1 sample per shard, got {maxcount}.")
     if not 0 <= val_fraction < 1:
         raise UserError(f"--val-fraction must be in [0, 1), got {val_fraction}.")
-    generated = source in ("digits", "synthetic")
+    if not 0 <= test_fraction < 1:
+        raise UserError(f"--test-fraction must be in [0, 1), got {test_fraction}.")
+    if val_fraction + test_fraction >= 1:
+        raise UserError(f"--val-fraction {val_fraction:g} and --test-fraction {test_fraction:g} leave nothing for "
+                        "training; make their sum smaller than 1.")
+    if source == "digits" and test_fraction != DIGITS_TEST_FRACTION:
+        raise UserError(f"The digits source has a fixed test split ({DIGITS_TEST_FRACTION:g} of every class, the "
+                        "same for every --seed, so that all reported numbers share it); leave --test-fraction out.")
+    generated = source in ("digits", "mnist5k", "synthetic")
     if image_size is not None and not generated:
-        raise UserError(f"--image-size applies to the digits and synthetic sources, not {source}; "
+        raise UserError(f"--image-size applies to the digits, mnist5k and synthetic sources, not {source}; "
                         "use --max-size to bound the size of real images.")
     if image_size is not None and not 4 <= image_size <= 4096:
         raise UserError(f"--image-size must be between 4 and 4096 pixels, got {image_size}.")
@@ -197,25 +216,28 @@ class SplitWarning(UserWarning):
     """A split that was asked for came out empty and was not written."""
 
 
-def _empty_validation(items: list[Item], val_fraction: float) -> str:
-    """Why --val-fraction gave no validation image, and the fraction (or class size) that would give one.
+def _empty_split(items: list[Item], fraction: float, split: str = "validation") -> str:
+    """Why --val-fraction (or --test-fraction) gave `split` no image, and the fraction (or class size) that
+    would give one.
 
-    A class of n images gives round(n x f) validation images and always keeps one for training."""
+    A class of n images gives round(n x f) images to the split and always keeps one for training."""
+    flag = "--val-fraction" if split == "validation" else "--test-fraction"
     largest = int(np.bincount([it.label for it in items]).max())
-    written = "so the shards have no validation split, which fine-tuning needs"
+    needs = "fine-tuning needs" if split == "validation" else "reported results need"
+    written = f"so the shards have no {split} split, which {needs}"
     if largest < 2:
-        return (f"--val-fraction {val_fraction:g} puts no image in the validation split (every class has a single "
-                f"image, which stays in training), {written}; add images, or pass --val-fraction 0 to say you "
+        return (f"{flag} {fraction:g} puts no image in the {split} split (every class has a single "
+                f"image, which stays in training), {written}; add images, or pass {flag} 0 to say you "
                 "want none.")
-    needed = max(2, math.floor(0.5 / val_fraction) + 1)
-    while round(needed * val_fraction) < 1:
+    needed = max(2, math.floor(0.5 / fraction) + 1)
+    while round(needed * fraction) < 1:
         needed += 1
-    fraction = math.ceil(50 / largest) / 100
-    while round(largest * fraction) < 1:
-        fraction += 0.01
-    return (f"--val-fraction {val_fraction:g} puts no image in the validation split (the largest class has "
-            f"{largest} images, and a class needs {needed} for one validation image at that fraction), {written}; "
-            f"pass --val-fraction {fraction:.2f} or more, or 0 to say you want none.")
+    smallest = math.ceil(50 / largest) / 100
+    while round(largest * smallest) < 1:
+        smallest += 0.01
+    return (f"{flag} {fraction:g} puts no image in the {split} split (the largest class has "
+            f"{largest} images, and a class needs {needed} for one {split} image at that fraction), {written}; "
+            f"pass {flag} {smallest:.2f} or more, or 0 to say you want none.")
 
 
 def _refuse_classes_without_samples(class_names: list[str], infos: dict, tmp: Path, skipped: list[dict],
@@ -243,6 +265,7 @@ def write_shards(
     max_size: int | None = None,
     maxcount: int = DEFAULT_MAXCOUNT,
     val_fraction: float = DEFAULT_VAL_FRACTION,
+    test_fraction: float | None = None,
     seed: int = 0,
     overwrite: bool = False,
     image_size: int | None = None,
@@ -256,15 +279,18 @@ def write_shards(
 
     `image_size` (default 32) applies to digits and synthetic, `count` (1000) and
     `num_classes` (10) to synthetic, `root` to imagefolder and torchvision, `dataset`
-    (a torchvision class name) to torchvision. `val_fraction` of every class goes to
-    the `validation` split (torchvision sets with their own test split keep it).
+    (a torchvision class name) to torchvision. `test_fraction` of every class goes to the
+    `test` split (None: 0.2 fixed for digits, else 0.1), `val_fraction` to `validation`
+    (sources with their own split folders keep them; see the module docstring).
     """
     from tqdm.auto import tqdm
 
-    _check_args(source, fmt, max_size, maxcount, val_fraction, image_size, count, num_classes)
+    if test_fraction is None:
+        test_fraction = DIGITS_TEST_FRACTION if source == "digits" else DEFAULT_TEST_FRACTION
+    _check_args(source, fmt, max_size, maxcount, val_fraction, test_fraction, image_size, count, num_classes)
     out = Path(out_dir).expanduser().absolute()
     _prepare_out(out, overwrite)
-    if source in ("digits", "synthetic"):
+    if source in ("digits", "mnist5k", "synthetic"):
         image_size = image_size or GENERATED_DEFAULTS["image_size"]
     if source == "synthetic":
         count = count or GENERATED_DEFAULTS["count"]
@@ -272,6 +298,8 @@ def write_shards(
 
     if source == "digits":
         data: SourceData = digits_source(image_size)
+    elif source == "mnist5k":
+        data = mnist5k_source(image_size)
     elif source == "synthetic":
         data = synthetic_source(count, image_size, num_classes, seed)
     elif source == "imagefolder":
@@ -287,29 +315,42 @@ def write_shards(
                         "slashes or spaces (it starts every shard's file name).")
     rng = np.random.default_rng([seed, 0x0D3])
     stratified = f"a class-stratified --val-fraction {val_fraction:g} (seed {seed})"
+    test_seed = DIGITS_TEST_SEED if source == "digits" else seed
+    by_test = (f"a class-stratified --test-fraction {test_fraction:g} (seed {test_seed}"
+               + (", fixed for every --seed)" if source == "digits" else ")"))
     if data.fixed_splits is not None:
         own = ("the tree's own split folders (train/, val/ or validation/, test/)" if source == "imagefolder"
                else f"the data set's own {source} split")
         made = {split: own for split in data.fixed_splits}
         fixed = dict(data.fixed_splits)
-        if source == "imagefolder" and "validation" not in fixed and val_fraction > 0:
-            # a tree split into train/ and test/ only: validation is carved from train, so that choices
-            # are made on validation and test stays for the report
-            train_idx, val_idx = stratified_split([it.label for it in fixed["train"]], val_fraction, seed)
-            fixed = {"train": [fixed["train"][i] for i in train_idx],
-                     "validation": [fixed["train"][i] for i in val_idx],
-                     **{k: v for k, v in fixed.items() if k != "train"}}
-            made["validation"] = f"carved from train/ by {stratified}"
+        # a missing validation or test split is carved from train, so that choices are made on
+        # validation and test stays for the report
+        carve_val = "validation" not in fixed and val_fraction > 0
+        carve_test = "test" not in fixed and test_fraction > 0
+        if carve_val or carve_test:
+            parts = split_three_ways([it.label for it in fixed["train"]], val_fraction if carve_val else 0.0,
+                                     test_fraction if carve_test else 0.0, seed)
+            carved = {k: [fixed["train"][i] for i in idx] for k, idx in parts.items() if idx or k == "train"}
+            fixed = {**{k: v for k, v in fixed.items() if k != "train"}, **carved}
+            for split in carved:
+                if split != "train":
+                    made[split] = (f"carved from {'train/' if source == 'imagefolder' else 'train'} by "
+                                   f"{stratified if split == 'validation' else by_test}")
+            made["train"] = f"{own}, less what was carved from it"
+        fixed = {k: fixed[k] for k in ("train", "validation", "test") if k in fixed}
         splits = {s: [items[i] for i in rng.permutation(len(items))] for s, items in fixed.items()}
     else:
-        train_idx, val_idx = stratified_split([it.label for it in data.items], val_fraction, seed)
-        splits = {"train": [data.items[i] for i in train_idx], "validation": [data.items[i] for i in val_idx]}
-        made = {"train": f"the rest after {stratified}", "validation": stratified}
+        parts = split_three_ways([it.label for it in data.items], val_fraction, test_fraction, seed, test_seed)
+        splits = {s: [data.items[i] for i in idx] for s, idx in parts.items() if s != "test" or test_fraction > 0}
+        made = {"train": f"the rest after {by_test} and {stratified}" if test_fraction > 0 else f"the rest after {stratified}",
+                "validation": f"{stratified} of what the test split left", "test": by_test}
     total = sum(len(v) for v in splits.values())
     if total == 0:
         raise UserError(f"Source {source} {('at ' + str(root)) if root else ''} holds no images; nothing to write.")
-    if data.fixed_splits is None and val_fraction > 0 and not splits["validation"]:
-        warnings.warn(_empty_validation(data.items, val_fraction), SplitWarning, stacklevel=2)
+    if data.fixed_splits is None:
+        for split, fraction in (("test", test_fraction), ("validation", val_fraction)):
+            if fraction > 0 and not splits[split]:
+                warnings.warn(_empty_split(data.items, fraction, split), SplitWarning, stacklevel=2)
 
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -350,7 +391,8 @@ def write_shards(
                     "writer": {"source": source, "root": str(root) if root is not None else None,
                                "dataset": dataset if source == "torchvision" else None, "format": fmt,
                                "quality": QUALITY if fmt != "png" else None, "max_size": max_size,
-                               "maxcount": maxcount, "val_fraction": val_fraction, "seed": seed,
+                               "maxcount": maxcount, "val_fraction": val_fraction,
+                               "test_fraction": test_fraction, "seed": seed,
                                "image_size": image_size, "count": count, "num_classes": num_classes},
                     "splits_made_by": {split: made[split] for split in infos},
                     "num_skipped_inputs": len(skipped),
@@ -384,9 +426,11 @@ def shards_complete(manifest: Manifest) -> bool:
 
 
 # the embedded set's shards: small (256) so that two ranks with two workers each have shards
-# to spread; 20% validation (359 images) for evaluation
+# to spread; 20% test (359 images, fixed), 20% validation (359 images) for choices, 1079 for training
 DIGITS_MAXCOUNT = 256
 DIGITS_VAL_FRACTION = 0.2
+DIGITS_TEST_FRACTION = 0.2  # 359 images, the same for every seed: the split every digits number is reported on
+DIGITS_TEST_SEED = 0
 
 
 def _reusable(out: Path, wanted: dict) -> bool:
@@ -420,7 +464,7 @@ def digits_shards(image_size: int, *, fmt: str = "png", seed: int = 0,
     name = f"digits-{image_size}px" + ("" if (fmt, seed) == ("png", 0) else f"-{fmt}-seed{seed}")
     out = root / name
     wanted = {"source": "digits", "image_size": image_size, "format": fmt, "seed": seed,
-              "maxcount": DIGITS_MAXCOUNT, "val_fraction": DIGITS_VAL_FRACTION}
+              "maxcount": DIGITS_MAXCOUNT, "val_fraction": DIGITS_VAL_FRACTION, "test_fraction": DIGITS_TEST_FRACTION}
     lock = root / f".{name}.lock"  # never removed: removing a lock file races with its next user
 
     def cannot_lock(err: OSError) -> UserError:
@@ -457,7 +501,7 @@ def digits_shards(image_size: int, *, fmt: str = "png", seed: int = 0,
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m vitmpp.datasets.make_shards",
-        description="Write images as webdataset shards with an _info.json manifest (train and validation splits).",
+        description="Write images as webdataset shards with an _info.json manifest (train, validation and test splits).",
     )
     p.add_argument("--source", required=True, choices=SOURCES, help="where the images come from")
     p.add_argument("--out", required=True, help="output folder (must not exist or be empty, unless --overwrite)")
@@ -468,9 +512,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--maxcount", type=int, default=DEFAULT_MAXCOUNT, help="samples per shard (default 1000)")
     p.add_argument("--val-fraction", type=float, default=DEFAULT_VAL_FRACTION,
                    help="fraction of every class put in the validation split (default 0.1)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the split, the write order and synthetic images")
+    p.add_argument("--test-fraction", type=float, default=None,
+                   help=f"fraction of every class put in the test split (default {DEFAULT_TEST_FRACTION}; digits: a fixed "
+                        f"{DIGITS_TEST_FRACTION}, the same for every --seed)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the splits, the write order and synthetic images")
     p.add_argument("--overwrite", action="store_true", help="replace the shards in an existing --out folder")
-    p.add_argument("--image-size", type=int, help="side of digits/synthetic images in pixels (default 32)")
+    p.add_argument("--image-size", type=int, help="side of digits/mnist5k/synthetic images in pixels (default 32)")
     p.add_argument("--count", type=int, help="number of synthetic images (default 1000)")
     p.add_argument("--num-classes", type=int, help="number of synthetic classes (default 10)")
     p.add_argument("--name", help="data set name, the prefix of every shard (default: from the source)")
@@ -485,7 +532,7 @@ def main(argv=None) -> int:
         warnings.simplefilter("always", SplitWarning)
         manifest = write_shards(
             args.out, args.source, root=args.root, fmt=args.format, max_size=args.max_size, maxcount=args.maxcount,
-            val_fraction=args.val_fraction, seed=args.seed, overwrite=args.overwrite, image_size=args.image_size,
+            val_fraction=args.val_fraction, test_fraction=args.test_fraction, seed=args.seed, overwrite=args.overwrite, image_size=args.image_size,
             count=args.count, num_classes=args.num_classes, name=args.name, progress=not args.quiet,
             dataset=args.dataset,
         )

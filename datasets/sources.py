@@ -32,7 +32,8 @@ repeat images nor move them to another label, and nothing blocks:
 - a tree already split keeps its splits: `train/`, `val/` (or `validation/`) and `test/`
   directly under `--root`, each holding class folders, become the splits `train`,
   `validation` and `test`, with one class list (every class needs training images); a
-  tree without `val/` gets its validation split carved from `train/` (`--val-fraction`);
+  tree without `val/` gets its validation split carved from `train/` (`--val-fraction`), one
+  without `test/` its test split (`--test-fraction`);
   split folders beside other folders, or holding images directly, are refused as
   ambiguous.
 
@@ -58,7 +59,7 @@ from vitmpp.common.errors import UserError
 
 from .pixels import UnknownScale, to_rgb
 
-SOURCES = ("digits", "synthetic", "imagefolder", "torchvision")
+SOURCES = ("digits", "mnist5k", "synthetic", "imagefolder", "torchvision")
 # PIL format name -> our member extension, for passing encoded files through unchanged
 PIL_FORMAT_EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 
@@ -451,10 +452,11 @@ def torchvision_source(dataset: str, root: Path | None) -> SourceData:
             raise UserError(f"torchvision {dataset} is not on disk under '{root}'; put its files there "
                             "(vitmpp never downloads data).") from None
 
+    # the data set's own test split stays `test` (what papers report on); validation is carved from train
     if "train" in params:
-        parts = {"train": load(train=True), "validation": load(train=False)}
+        parts = {"train": load(train=True), "test": load(train=False)}
     elif "split" in params:
-        parts = {"train": load(split="train"), "validation": load(split="test")}
+        parts = {"train": load(split="train"), "test": load(split="test")}
     else:
         parts = {"all": load()}
 
@@ -483,7 +485,7 @@ def torchvision_source(dataset: str, root: Path | None) -> SourceData:
         items = items_of(parts["all"], "all")
         return SourceData(name, classes or _classes_from(items), items=items)
     fixed = {split: items_of(ds, split) for split, ds in parts.items()}
-    return SourceData(name, classes or _classes_from(fixed["train"] + fixed["validation"]), fixed_splits=fixed)
+    return SourceData(name, classes or _classes_from(fixed["train"] + fixed["test"]), fixed_splits=fixed)
 
 
 def refuse_special_files(root: Path) -> None:
@@ -544,3 +546,21 @@ def stratified_split(labels: list[int], val_fraction: float, seed: int) -> tuple
     train = [train[i] for i in rng.permutation(len(train))]
     val = [val[i] for i in rng.permutation(len(val))]
     return train, val
+
+
+def split_three_ways(labels: list[int], val_fraction: float, test_fraction: float, seed: int,
+                     test_seed: int | None = None) -> dict[str, list[int]]:
+    """Indices of the `train`, `validation` and `test` splits, each class-stratified.
+
+    The test split is carved first (seeded by `test_seed`, default `seed`: a source whose test split
+    must not move with `--seed` passes a constant), then validation from the rest; both fractions are
+    of the whole class, so --val-fraction 0.2 --test-fraction 0.2 keeps about 60% for training. A
+    fraction of 0 gives no such split (and leaves the other split exactly as without it).
+    """
+    indices = list(range(len(labels)))
+    test: list[int] = []
+    if test_fraction > 0:
+        indices, test = stratified_split(labels, test_fraction, seed if test_seed is None else test_seed)
+    rest_labels = [labels[i] for i in indices]
+    train_pos, val_pos = stratified_split(rest_labels, val_fraction / (1.0 - test_fraction), seed)
+    return {"train": [indices[i] for i in train_pos], "validation": [indices[i] for i in val_pos], "test": test}

@@ -1,8 +1,25 @@
 """Compare encoders across evaluation protocols, label fractions and seeds, in one command.
 
-    python -m vitmpp.finetune.compare --config configs/compare/digits.yaml [key=value ...] [--overwrite]
+    python -m vitmpp.finetune.compare --config configs/compare/digits.yaml [key=value ...] [--overwrite] [--jobs N]
 
-Every cell (encoder x protocol x label fraction x seed) is one run of
+Selection on validation, reporting on test: every cell chooses what it chooses on the
+validation split and scores the test split (`finetune/engine.py`); the table reports a test
+metric (`metric`: test top-1/top-5 at the last evaluation, the default, or at the evaluation
+chosen on validation). No metric reads validation, and a cell without test scores (shards
+without a test split) stops the comparison with one sentence.
+
+Pretraining seeds: an encoder is one pretraining run (a folder), several (a list of folders),
+or made here: `pretraining.recipes` (name -> configs/pretrain/*.yaml) x `pretraining.seeds`
+are pretrained into `<output_dir>/pretrain/<name>-s<seed>` first (an interrupted one resumes).
+The table's mean ± std is over every pretraining run x label-subset seed.
+
+Compute: every row states the images it trained on: fine-tuning (`images_seen`) plus the
+encoder's pretraining (`pretrain_images`). `compute_matched_scratch: true` adds a scratch row
+trained for as many images as the most-pretrained encoder's pretraining plus fine-tuning, next
+to the scratch row with the fine-tuning budget alone: the table then answers both "same
+fine-tuning budget" and "same total compute".
+
+Every cell (encoder [x pretraining run] x protocol x label fraction x seed) is one run of
 `finetune/main.py` in its own process and run folder under `<output_dir>/cells/`; a
 cell whose results.json exists is skipped, so an interrupted comparison continues
 where it stopped. The output folder is locked while a comparison writes it (as a run
@@ -29,14 +46,15 @@ import argparse
 import csv
 import io
 import json
+import math
 import os
 import shlex
 import statistics
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 from vitmpp.common.config import load_config, param, save_config, to_dict
 from vitmpp.common.errors import ConfigError, UserError, cli_entry
@@ -46,9 +64,23 @@ from vitmpp.common.rundir import check_location, lock_run_folder
 from vitmpp.finetune.config import PROTOCOLS
 
 
+METRICS = ("test_last_top1", "test_last_top5", "test_selected_top1", "test_selected_top5")
+
+
+@dataclass
+class PretrainingPlan:
+    """Pretraining runs the comparison makes itself (one per recipe and seed)."""
+
+    recipes: dict[str, str] = param(default_factory=dict, help="encoder name -> pretraining recipe (configs/pretrain/*.yaml), relative to the compare config or the working directory")
+    seeds: list[int] = param(default_factory=lambda: [0], help="pretraining seeds: one run per recipe and seed")
+    overrides: list[str] = param(default_factory=list, help="key=value overrides applied to every pretraining run")
+    launcher: Optional[str] = param(None, help="command that runs a pretraining, e.g. 'accelerate launch -m vitmpp.pretrain.main'; default: python -m vitmpp.pretrain.main")
+
+
 @dataclass
 class CompareConfig:
-    encoders: dict[str, str] = param(default_factory=dict, help="name -> pretraining run folder (or encoder.safetensors); 'random' for a random encoder")
+    encoders: dict[str, Union[str, list[str]]] = param(default_factory=dict, help="name -> pretraining run folder (or encoder.safetensors), or a list of them (one per pretraining seed); 'random' for a random encoder")
+    pretraining: PretrainingPlan = field(default_factory=PretrainingPlan)
     protocols: list[str] = param(default_factory=lambda: ["linear", "finetune", "scratch", "knn"])
     label_fractions: list[float] = param(default_factory=lambda: [0.1, 1.0])
     seeds: list[int] = param(default_factory=lambda: [0, 1, 2])
@@ -56,13 +88,24 @@ class CompareConfig:
     overrides: list[str] = param(default_factory=list, help="key=value overrides applied to every cell")
     output_dir: str = param("runs/compare", help="where cells and results go")
     launcher: Optional[str] = param(None, help="command that runs a cell, e.g. 'accelerate launch --num_processes 8 -m vitmpp.finetune.main'; default: python -m vitmpp.finetune.main")
-    metric: str = param("last_top1", choices=("last_top1", "last_top5", "best_top1", "best_top5"),
-                        help="what the table reports; best_* is chosen on the very split it reports (for model "
-                             "selection on a validation split, never a result)")
+    metric: str = param("test_last_top1", choices=METRICS,
+                        help="what the table reports, always on the test split: at the last evaluation (test_last_*) or "
+                             "at the evaluation chosen on validation (test_selected_*); nothing is chosen on test")
+    compute_matched_scratch: bool = param(False, help="add a scratch row trained on as many images as pretraining plus "
+                                                      "fine-tuning of the most-pretrained encoder (needs train.steps in "
+                                                      "the scratch recipe)")
 
     def check(self) -> None:
-        if not self.encoders:
-            raise ConfigError("Key 'encoders' must name at least one encoder (name: run folder).")
+        if not self.encoders and not self.pretraining.recipes:
+            raise ConfigError("Key 'encoders' (or 'pretraining.recipes') must name at least one encoder (name: run folder).")
+        for name in self.pretraining.recipes:
+            if name in self.encoders:
+                raise ConfigError(f"Encoder '{name}' is named in both 'encoders' and 'pretraining.recipes'; keep one.")
+        for name, path in self.encoders.items():
+            if isinstance(path, list) and (not path or "random" in path):
+                raise ConfigError(f"Key 'encoders.{name}' must list one or more run folders ('random' stands alone).")
+        if self.compute_matched_scratch and "scratch" not in self.protocols:
+            raise ConfigError("Key 'compute_matched_scratch' adds a scratch row; add 'scratch' to 'protocols'.")
         for protocol in self.protocols:
             if protocol not in PROTOCOLS:
                 raise ConfigError(f"Key 'protocols' holds '{protocol}'; allowed: {', '.join(PROTOCOLS)}.")
@@ -73,42 +116,63 @@ class CompareConfig:
                 raise ConfigError(f"Key 'label_fractions' must hold numbers in (0, 1], got {fraction}.")
 
 
+SCRATCH, MATCHED = "-", "matched"  # the encoder names of the two scratch rows
+
+
 @dataclass(frozen=True)
 class Cell:
-    encoder: str  # "-" for scratch
+    encoder: str  # SCRATCH or MATCHED for the scratch rows
     protocol: str
     label_fraction: float
     seed: int
+    run: int = 0  # which pretraining run of the encoder
+    runs: int = 1  # how many the encoder has (the name shows `run` only when there are several)
 
     @property
     def name(self) -> str:
-        """The cell's folder: `mpp-linear-f0.1-s0`, `scratch-f0.1-s0` (never a leading dash, which shell
-        tools read as an option)."""
-        what = self.protocol if self.encoder == "-" else f"{self.encoder}-{self.protocol}"
+        """The cell's folder: `mpp-linear-f0.1-s0`, `mpp-p1-linear-f0.1-s0` (second pretraining run),
+        `scratch-f0.1-s0`, `scratch-matched-f0.1-s0` (never a leading dash, which shell tools read as an option)."""
+        if self.encoder == SCRATCH:
+            what = self.protocol
+        elif self.encoder == MATCHED:
+            what = f"{self.protocol}-matched"
+        else:
+            what = f"{self.encoder}{f'-p{self.run}' if self.runs > 1 else ''}-{self.protocol}"
         return f"{what}-f{self.label_fraction:g}-s{self.seed}"
 
 
-def encoders_for(cfg: CompareConfig, protocol: str) -> list[str]:
-    """The encoders a protocol is run on: scratch needs none ("-"); a random encoder is not
-    fine-tuned, because fine-tuning random weights is what `scratch` measures (with its own recipe)."""
+def encoder_runs(cfg: CompareConfig, out: Path) -> dict[str, list[str]]:
+    """name -> its pretraining run folders (or 'random'), those made by `pretraining` included."""
+    runs = {name: list(path) if isinstance(path, list) else [path] for name, path in cfg.encoders.items()}
+    for name in cfg.pretraining.recipes:
+        runs[name] = [str(out / "pretrain" / f"{name}-s{seed}") for seed in cfg.pretraining.seeds]
+    return runs
+
+
+def encoders_for(cfg: CompareConfig, protocol: str, runs: dict[str, list[str]]) -> list[str]:
+    """The encoders a protocol is run on: scratch needs none (SCRATCH, and MATCHED with
+    compute_matched_scratch); a random encoder is not fine-tuned, because fine-tuning random weights
+    is what `scratch` measures (with its own recipe)."""
     if protocol == "scratch":
-        return ["-"]
+        return [SCRATCH, MATCHED] if cfg.compute_matched_scratch else [SCRATCH]
     if protocol == "finetune":
-        return [name for name, path in cfg.encoders.items() if path != "random"]
-    return list(cfg.encoders)
+        return [name for name, paths in runs.items() if paths != ["random"]]
+    return list(runs)
 
 
-def cells(cfg: CompareConfig) -> list[Cell]:
+def cells(cfg: CompareConfig, runs: dict[str, list[str]]) -> list[Cell]:
     out = []
     for protocol in cfg.protocols:
-        for encoder in encoders_for(cfg, protocol):
-            for fraction in cfg.label_fractions:
-                for seed in cfg.seeds:
-                    out.append(Cell(encoder, protocol, fraction, seed))
+        for encoder in encoders_for(cfg, protocol, runs):
+            count = len(runs.get(encoder, [None]))
+            for run in range(count):
+                for fraction in cfg.label_fractions:
+                    for seed in cfg.seeds:
+                        out.append(Cell(encoder, protocol, fraction, seed, run, count))
     return out
 
 
-def random_encoder(cfg: CompareConfig, out: Path) -> Path:
+def random_encoder(runs: dict[str, list[str]], out: Path) -> Path:
     """A randomly initialised encoder with the first real encoder's architecture (seed 0)."""
     import torch
 
@@ -117,7 +181,7 @@ def random_encoder(cfg: CompareConfig, out: Path) -> Path:
     target = out / "random-encoder"
     if (target / "encoder.safetensors").is_file():
         return target
-    reference = next((p for n, p in cfg.encoders.items() if p != "random"), None)
+    reference = next((paths[0] for paths in runs.values() if paths != ["random"]), None)
     if reference is None:
         raise UserError("Encoder 'random' needs a real encoder in 'encoders' to copy its architecture from.")
     info = read_encoder_info(_encoder_file(reference))
@@ -135,25 +199,84 @@ def _encoder_file(path: str) -> Path:
     return file
 
 
-def resolve_recipes(cfg: CompareConfig, config_path: str | os.PathLike) -> dict[str, str]:
-    """protocol -> recipe path: a relative path next to the compare config file (so a config works
-    from any working directory), else in the working directory; a missing recipe is one sentence."""
+def pretraining_images(folder: str) -> int:
+    """Images the encoder in `folder` was pretrained on (steps x global batch, from encoder.json); 0 if unknown."""
+    from vitmpp.models import read_encoder_info
+
+    info = read_encoder_info(_encoder_file(folder))
+    return int(((info.get("extra") or {}).get("train") or {}).get("images_seen") or 0)
+
+
+def _resolve(recipe: str, key: str, config_path: str | os.PathLike) -> str:
+    """A recipe path next to the compare config file (so a config works from any working directory),
+    else in the working directory; a missing recipe is one sentence naming `key`."""
     here = Path(config_path).resolve().parent
-    found = {}
-    for protocol, recipe in cfg.recipes.items():
-        candidates = [Path(recipe)] if Path(recipe).is_absolute() else [here / recipe, Path(recipe)]
-        match = next((c for c in candidates if c.is_file()), None)
-        if match is None:
-            raise UserError(f"Recipe '{recipe}' for protocol '{protocol}' (key recipes.{protocol} of {config_path}) "
-                            f"is neither next to that file ({here / recipe}) nor in the working directory; "
-                            "fix the path.")
-        found[protocol] = str(match)
-    return found
+    candidates = [Path(recipe)] if Path(recipe).is_absolute() else [here / recipe, Path(recipe)]
+    match = next((c for c in candidates if c.is_file()), None)
+    if match is None:
+        raise UserError(f"Recipe '{recipe}' (key {key} of {config_path}) is neither next to that file "
+                        f"({here / recipe}) nor in the working directory; fix the path.")
+    return str(match)
 
 
-def run_cell(cfg: CompareConfig, cell: Cell, encoder_paths: dict[str, str], cells_dir: Path,
+def resolve_recipes(cfg: CompareConfig, config_path: str | os.PathLike) -> dict[str, str]:
+    """protocol -> recipe path (see `_resolve`)."""
+    return {protocol: _resolve(recipe, f"recipes.{protocol}", config_path) for protocol, recipe in cfg.recipes.items()}
+
+
+def matched_scratch_steps(cfg: CompareConfig, scratch_recipe: str, encoder_paths: dict[str, list[str]]) -> tuple[int, int]:
+    """(steps, pretraining images) of the compute-matched scratch row: the scratch recipe's own steps
+    plus as many steps as the most-pretrained encoder's pretraining images fill at its global batch."""
+    from vitmpp.finetune.config import FinetuneConfig
+
+    recipe = load_config(FinetuneConfig, scratch_recipe, cfg.overrides)
+    if recipe.train.steps is None:
+        raise UserError(f"compute_matched_scratch needs train.steps in the scratch recipe {scratch_recipe} (it sets "
+                        "train.epochs); set train.steps there.")
+    pretrained = max((pretraining_images(p) for name, paths in encoder_paths.items() if name != "random" for p in paths),
+                     default=0)
+    return recipe.train.steps + math.ceil(pretrained / recipe.train.global_batch), pretrained
+
+
+def _run_logged(what: str, command: list[str], done: Path, folder: Path, log: Path | None,
+                threads: int | None) -> None:
+    """Run one cell or pretraining, its output here or in `log`; a failure is one sentence."""
+    env = {**os.environ, "VITMPP_NO_BAR": "1", **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+    print(f"[compare] {what}" + (f" (log: {log})" if log else ""), flush=True)
+    if log is None:
+        result = subprocess.run(command, env=env)
+    else:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "w") as stream:
+            result = subprocess.run(command, env=env, stdout=stream, stderr=subprocess.STDOUT)
+    if result.returncode != 0 or not done.is_file():
+        where = f"its log is {log}" if log else "its log is above"
+        raise UserError(f"{what} failed (exit code {result.returncode}); {where}, its folder is {folder}; "
+                        "fix the cause and rerun the same command to continue.")
+
+
+def pretrain(cfg: CompareConfig, out: Path, recipes: dict[str, str], *, jobs: int) -> None:
+    """Make the encoders of `pretraining` that are not there yet (an interrupted one resumes)."""
+    launcher = (shlex.split(cfg.pretraining.launcher) if cfg.pretraining.launcher
+                else [sys.executable, "-m", "vitmpp.pretrain.main"])
+    tasks = []
+    for name, recipe in recipes.items():
+        for seed in cfg.pretraining.seeds:
+            run_name = f"{name}-s{seed}"
+            folder = out / "pretrain" / run_name
+            done = folder / "encoder.safetensors"
+            if done.is_file():
+                continue
+            command = [*launcher, "--config", recipe, f"train.seed={seed}", f"run.output_dir={out / 'pretrain'}",
+                       f"run.name={run_name}", *cfg.pretraining.overrides, "--resume", "auto"]
+            tasks.append((f"pretraining {run_name}", command, done, folder, f"pretrain-{run_name}"))
+    run_parallel([lambda log, threads, t=t: _run_logged(t[0], t[1], t[2], t[3], log, threads) for t in tasks],
+                 [t[4] for t in tasks], out, jobs=jobs)
+
+
+def run_cell(cfg: CompareConfig, cell: Cell, encoder_paths: dict[str, list[str]], cells_dir: Path,
              allow_changes: bool = False, recipes: dict[str, str] | None = None, log: Path | None = None,
-             threads: int | None = None) -> dict:
+             threads: int | None = None, matched_steps: int | None = None) -> dict:
     """Run one cell (or read its results.json when it is done). `log`: write the cell's output there
     instead of this terminal (cells running side by side); `threads`: its OMP_NUM_THREADS."""
     folder = cells_dir / cell.name
@@ -165,41 +288,34 @@ def run_cell(cfg: CompareConfig, cell: Cell, encoder_paths: dict[str, str], cell
             f"data.label_fraction={cell.label_fraction}", f"train.seed={cell.seed}",
             f"run.output_dir={cells_dir}", f"run.name={cell.name}", *cfg.overrides, "--resume", "auto",
             *(["--allow-changes"] if allow_changes else [])]
-    if cell.protocol == "scratch":
-        args.append(f"encoder={encoder_paths[next(iter(encoder_paths))]}")
+    if cell.protocol == "scratch":  # the architecture of the first real encoder
+        args.append(f"encoder={next(paths[0] for name, paths in encoder_paths.items() if name != 'random')}")
+        if cell.encoder == MATCHED:
+            args.append(f"train.steps={matched_steps}")
     else:
-        args.append(f"encoder={encoder_paths[cell.encoder]}")
-    env = {**os.environ, "VITMPP_NO_BAR": "1", **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
-    print(f"[compare] {cell.name}" + (f" (log: {log})" if log else ""), flush=True)
-    if log is None:
-        result = subprocess.run([*launcher, *args], env=env)
-    else:
-        log.parent.mkdir(parents=True, exist_ok=True)
-        with open(log, "w") as stream:
-            result = subprocess.run([*launcher, *args], env=env, stdout=stream, stderr=subprocess.STDOUT)
-    if result.returncode != 0 or not done.is_file():
-        where = f"its log is {log}" if log else "its log is above"
-        raise UserError(f"Cell {cell.name} failed (exit code {result.returncode}); {where}, its folder is {folder}; "
-                        "fix the cause and rerun the same command to continue.")
+        args.append(f"encoder={encoder_paths[cell.encoder][cell.run]}")
+    _run_logged(f"Cell {cell.name}", [*launcher, *args], done, folder, log, threads)
     results = json.loads(done.read_text())
+    if results.get(cfg.metric) is None:
+        raise UserError(f"Cell {cell.name} has no {cfg.metric}: its shards ({folder / 'config.yaml'}, key data.shards) "
+                        "have no test split, and the comparison reports only test numbers; rewrite them with "
+                        "make_shards, which writes one.")
     if log is not None:
-        print(f"[compare] {cell.name} done: last top-1 {results['last_top1']:.2f}", flush=True)
+        print(f"[compare] {cell.name} done: {cfg.metric.replace('_', ' ')} {results[cfg.metric]:.2f}", flush=True)
     return results
 
 
-def run_cells(cfg: CompareConfig, todo: list[Cell], encoder_paths: dict[str, str], out: Path, *, jobs: int,
-              allow_changes: bool, recipes: dict[str, str]) -> list[dict]:
-    """Every cell's results, in the order of `todo`; `jobs` cells at a time. On a failure the cells
-    already running finish (each keeps its folder and log) and the failure is reported."""
-    cells_dir = out / "cells"
+def run_parallel(tasks: list, names: list[str], out: Path, *, jobs: int) -> list:
+    """Call every task(log, threads), `jobs` at a time (then each with its share of the cores and its output
+    in <out>/logs/<name>.log), else one after another with output here. On a failure the tasks already
+    running finish and the first failure is raised."""
     if jobs <= 1:
-        return [run_cell(cfg, cell, encoder_paths, cells_dir, allow_changes, recipes) for cell in todo]
+        return [task(None, None) for task in tasks]
     from concurrent.futures import ThreadPoolExecutor
 
     threads = max(1, (os.cpu_count() or 1) // jobs)
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        futures = [pool.submit(run_cell, cfg, cell, encoder_paths, cells_dir, allow_changes, recipes,
-                               out / "logs" / f"{cell.name}.log", threads) for cell in todo]
+        futures = [pool.submit(task, out / "logs" / f"{name}.log", threads) for task, name in zip(tasks, names)]
         failures = []
         for future in futures:
             try:
@@ -213,18 +329,34 @@ def run_cells(cfg: CompareConfig, todo: list[Cell], encoder_paths: dict[str, str
         return [future.result() for future in futures]
 
 
-HISTORY_COLUMNS = ["encoder", "protocol", "label_fraction", "seed", "step", "epoch", "images_seen", "top1", "top5"]
+def run_cells(cfg: CompareConfig, todo: list[Cell], encoder_paths: dict[str, list[str]], out: Path, *, jobs: int,
+              allow_changes: bool, recipes: dict[str, str], matched_steps: int | None = None) -> list[dict]:
+    """Every cell's results, in the order of `todo`; `jobs` cells at a time."""
+    cells_dir = out / "cells"
+    tasks = [lambda log, threads, cell=cell: run_cell(cfg, cell, encoder_paths, cells_dir, allow_changes, recipes,
+                                                      log, threads, matched_steps) for cell in todo]
+    return run_parallel(tasks, [cell.name for cell in todo], out, jobs=jobs)
+
+
+HISTORY_COLUMNS = ["encoder", "pretrain_run", "protocol", "label_fraction", "seed", "step", "epoch", "images_seen",
+                   "val_top1", "val_top5"]
+
+
+def label(encoder: str) -> str:
+    return {SCRATCH: "(random init)", MATCHED: "(random init, compute-matched)"}.get(encoder, encoder)
 
 
 def history_rows(grid: list[Cell], results: list[dict]) -> list[dict]:
-    """Every evaluation of every cell; images seen = epochs x the cell's training images."""
+    """Every evaluation of every cell, on validation (the split curves may be looked at while choosing);
+    images seen = epochs x the cell's training images."""
     rows = []
     for cell, result in zip(grid, results):
         for point in result.get("history") or []:
-            rows.append({"encoder": cell.encoder, "protocol": cell.protocol, "label_fraction": cell.label_fraction,
-                         "seed": cell.seed, "step": point.get("step"), "epoch": point.get("epoch"),
+            rows.append({"encoder": cell.encoder, "pretrain_run": cell.run, "protocol": cell.protocol,
+                         "label_fraction": cell.label_fraction, "seed": cell.seed, "step": point.get("step"),
+                         "epoch": point.get("epoch"),
                          "images_seen": round(float(point.get("epoch") or 0) * int(result.get("train_images") or 0)),
-                         "top1": point.get("top1"), "top5": point.get("top5")})
+                         "val_top1": point.get("top1"), "val_top5": point.get("top5")})
     return rows
 
 
@@ -243,12 +375,12 @@ def plot_curves(cfg: CompareConfig, rows: list[dict], path: Path) -> None:
         points: dict[str, dict[int, list[tuple[float, float]]]] = {}
         for r in rows:
             if (r["protocol"], r["label_fraction"]) == (protocol, fraction):
-                points.setdefault(r["encoder"], {}).setdefault(int(r["step"]), []).append((r["images_seen"], r["top1"]))
+                points.setdefault(r["encoder"], {}).setdefault(int(r["step"]), []).append((r["images_seen"], r["val_top1"]))
         for encoder, by_step in points.items():
             steps = sorted(by_step)
             xs = [statistics.fmean(x for x, _ in by_step[s]) for s in steps]
             ys = [statistics.fmean(y for _, y in by_step[s]) for s in steps]
-            ax.plot(xs, ys, marker="o", markersize=3, label=encoder if encoder != "-" else "random init (scratch)")
+            ax.plot(xs, ys, marker="o", markersize=3, label=label(encoder))
         ax.set_title(f"{protocol}, {fraction:g} labels", fontsize=10)
         ax.set_xlabel("training images seen")
         ax.grid(alpha=0.3)
@@ -261,38 +393,49 @@ def plot_curves(cfg: CompareConfig, rows: list[dict], path: Path) -> None:
     atomic_write(path, png.getvalue())
 
 
-def summarize(cfg: CompareConfig, rows: list[dict]) -> tuple[list[dict], str]:
-    """Mean ± std over seeds per (encoder, protocol, fraction), and the markdown report."""
-    groups: dict[tuple, list[float]] = {}
+def summarize(cfg: CompareConfig, rows: list[dict], runs: dict[str, list[str]]) -> tuple[list[dict], str]:
+    """Mean ± std over pretraining runs x seeds per (encoder, protocol, fraction), and the markdown report."""
+    groups: dict[tuple, list[dict]] = {}
     for row in rows:
-        groups.setdefault((row["encoder"], row["protocol"], row["label_fraction"]), []).append(row[cfg.metric])
+        groups.setdefault((row["encoder"], row["protocol"], row["label_fraction"]), []).append(row)
     summary = []
-    for (encoder, protocol, fraction), values in groups.items():
+    for (encoder, protocol, fraction), members in groups.items():
+        values = [m[cfg.metric] for m in members]
         std = statistics.stdev(values) if len(values) > 1 else 0.0
         summary.append({"encoder": encoder, "protocol": protocol, "label_fraction": fraction,
-                        "mean": statistics.fmean(values), "std": std, "seeds": len(values)})
+                        "mean": statistics.fmean(values), "std": std, "cells": len(values),
+                        "pretrain_runs": len({m["pretrain_run"] for m in members}),
+                        "pretrain_images": max(m["pretrain_images"] for m in members),
+                        "images_seen": max(m["images_seen"] for m in members)})
     fractions = sorted({s["label_fraction"] for s in summary})
-    lines = [f"# Comparison ({cfg.metric.replace('_', ' ')}, %, mean ± std over seeds {', '.join(map(str, cfg.seeds))})", ""]
-    header = "| encoder | protocol | " + " | ".join(f"{f:g} labels" for f in fractions) + " |"
-    lines += [header, "|" + "---|" * (2 + len(fractions))]
+    many = max((len(paths) for paths in runs.values()), default=1)
+    over = (f"{many} pretraining runs x seeds {', '.join(map(str, cfg.seeds))}" if many > 1
+            else f"seeds {', '.join(map(str, cfg.seeds))}")
+    lines = [f"# Comparison ({cfg.metric.replace('_', ' ')} on the test split, %, mean ± std over {over})", "",
+             "Choices (best evaluation, recipes) are made on the validation split; the test split only reports. "
+             "Training images: pretraining + this protocol (steps x global batch; k-NN trains nothing).", ""]
+    header = "| encoder | protocol | " + " | ".join(f"{f:g} labels" for f in fractions) + " | training images |"
+    lines += [header, "|" + "---|" * (3 + len(fractions))]
     lookup = {(s["encoder"], s["protocol"], s["label_fraction"]): s for s in summary}
     for protocol in cfg.protocols:
-        for encoder in encoders_for(cfg, protocol):
-            cells_text = []
+        for encoder in encoders_for(cfg, protocol, runs):
+            cells_text, images = [], ""
             for fraction in fractions:
                 s = lookup.get((encoder, protocol, fraction))
                 cells_text.append(f"{s['mean']:.2f} ± {s['std']:.2f}" if s else "")
-            lines.append(f"| {encoder if encoder != '-' else '(random init)'} | {protocol} | " + " | ".join(cells_text) + " |")
+                if s:
+                    images = f"{s['pretrain_images']:,} + {s['images_seen']:,}"
+            lines.append(f"| {label(encoder)} | {protocol} | " + " | ".join(cells_text) + f" | {images} |")
     # share of the scratch -> supervised gap each SSL encoder closes (fine-tuning)
-    ssl = [n for n in cfg.encoders if n not in ("supervised", "random")]
-    if "supervised" in cfg.encoders and "scratch" in cfg.protocols and "finetune" in cfg.protocols and ssl:
+    ssl = [n for n in runs if n not in ("supervised", "random")]
+    if "supervised" in runs and "scratch" in cfg.protocols and "finetune" in cfg.protocols and ssl:
         lines += ["", "## Share of the scratch → supervised gap closed by fine-tuning", "",
                   "| encoder | " + " | ".join(f"{f:g} labels" for f in fractions) + " |",
                   "|" + "---|" * (1 + len(fractions))]
         for name in ssl:
             shares = []
             for fraction in fractions:
-                scratch = lookup.get(("-", "scratch", fraction))
+                scratch = lookup.get((SCRATCH, "scratch", fraction))
                 sup = lookup.get(("supervised", "finetune", fraction))
                 mine = lookup.get((name, "finetune", fraction))
                 if scratch and sup and mine and abs(sup["mean"] - scratch["mean"]) > 1e-9:
@@ -319,10 +462,9 @@ def plot(cfg: CompareConfig, summary: list[dict], path: Path) -> None:
     for i, encoder in enumerate(encoders):
         means = [lookup[(encoder, *g)]["mean"] if (encoder, *g) in lookup else np.nan for g in groups]
         stds = [lookup[(encoder, *g)]["std"] if (encoder, *g) in lookup else 0 for g in groups]
-        ax.bar(x + (i - (len(encoders) - 1) / 2) * width, means, width, yerr=stds, capsize=3,
-               label=encoder if encoder != "-" else "random init (scratch)")
+        ax.bar(x + (i - (len(encoders) - 1) / 2) * width, means, width, yerr=stds, capsize=3, label=label(encoder))
     ax.set_xticks(x, [f"{p}\n{f:g} labels" for p, f in groups])
-    ax.set_ylabel(f"{cfg.metric.replace('_', ' ')} (%)")
+    ax.set_ylabel(f"{cfg.metric.replace('_', ' ')} (%, test split)")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: never over a bar
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
@@ -332,8 +474,9 @@ def plot(cfg: CompareConfig, summary: list[dict], path: Path) -> None:
     atomic_write(path, png.getvalue())
 
 
-RESULT_COLUMNS = ["encoder", "protocol", "label_fraction", "seed", "last_top1", "last_top5", "best_top1", "best_top5",
-                  "epochs", "train_images", "wall_time_s"]
+RESULT_COLUMNS = ["encoder", "pretrain_run", "protocol", "label_fraction", "seed", "test_last_top1", "test_last_top5",
+                  "test_selected_top1", "test_selected_top5", "selected_step", "val_last_top1", "val_best_top1",
+                  "epochs", "train_images", "images_seen", "pretrain_images", "total_images", "wall_time_s", "encoder_path"]
 
 
 def write_csv(rows: list[dict], path: Path, columns: list[str] = RESULT_COLUMNS) -> None:
@@ -379,19 +522,36 @@ def main(argv: list[str] | None = None) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, saved)
 
-    encoder_paths = {}
-    for name, path in cfg.encoders.items():
-        encoder_paths[name] = str(random_encoder(cfg, out)) if path == "random" else str(_encoder_file(path).parent)
-    grid = cells(cfg)
-    results = run_cells(cfg, grid, encoder_paths, out, jobs=args.jobs, allow_changes=args.overwrite, recipes=recipes)
-    rows = [{**{k: result[k] for k in result if not isinstance(result[k], (dict, list))},
-             "encoder": cell.encoder, "protocol": cell.protocol, "label_fraction": cell.label_fraction, "seed": cell.seed}
-            for cell, result in zip(grid, results)]
+    runs = encoder_runs(cfg, out)
+    if cfg.pretraining.recipes:
+        pretrain(cfg, out, {name: _resolve(recipe, f"pretraining.recipes.{name}", args.config)
+                            for name, recipe in cfg.pretraining.recipes.items()}, jobs=args.jobs)
+    encoder_paths = {name: [str(random_encoder(runs, out))] if paths == ["random"]
+                     else [str(_encoder_file(p).parent) for p in paths] for name, paths in runs.items()}
+    matched_steps = None
+    if cfg.compute_matched_scratch:
+        matched_steps, pretrained = matched_scratch_steps(cfg, recipes["scratch"], encoder_paths)
+        print(f"[compare] compute-matched scratch: {matched_steps} steps (its recipe's own plus {pretrained:,} "
+              "pretraining images)", flush=True)
+    grid = cells(cfg, runs)
+    results = run_cells(cfg, grid, encoder_paths, out, jobs=args.jobs, allow_changes=args.overwrite, recipes=recipes,
+                        matched_steps=matched_steps)
+    pretrained_on = {(name, i): (0 if name == "random" else pretraining_images(path))
+                     for name, paths in encoder_paths.items() for i, path in enumerate(paths)}
+    rows = []
+    for cell, result in zip(grid, results):
+        pretrain_images = pretrained_on.get((cell.encoder, cell.run), 0)
+        rows.append({**{k: result[k] for k in result if not isinstance(result[k], (dict, list))},
+                     "encoder": cell.encoder, "pretrain_run": cell.run, "protocol": cell.protocol,
+                     "label_fraction": cell.label_fraction, "seed": cell.seed,
+                     "encoder_path": encoder_paths[cell.encoder][cell.run] if cell.encoder in encoder_paths else "",
+                     "pretrain_images": pretrain_images,
+                     "total_images": pretrain_images + int(result.get("images_seen") or 0)})
     write_csv(rows, out / "results.csv")
     curve_rows = history_rows(grid, results)
     write_csv(curve_rows, out / "history.csv", columns=HISTORY_COLUMNS)
     plot_curves(cfg, curve_rows, out / "curves.png")
-    summary, report = summarize(cfg, rows)
+    summary, report = summarize(cfg, rows, runs)
     atomic_write(out / "results.md", report)
     plot(cfg, summary, out / "results.png")
     from torch.utils.tensorboard import SummaryWriter

@@ -4,11 +4,18 @@
 What the stage adds to the loop: the classifier (frozen encoder + BatchNorm/linear head
 for `linear`, the whole encoder + head for `finetune`, fresh weights for `scratch`), its
 optimizer (LARS for the probe, AdamW with layer decay otherwise), mixup/cutmix/erasing on
-the device, and an evaluation on the validation split every `eval_every` epochs (or
-`eval_every_steps`), each followed by a checkpoint.
+the device, and an evaluation every `eval_every` epochs (or `eval_every_steps`), each followed
+by a checkpoint.
+
+Selection on validation, reporting on test: every evaluation scores the validation split and
+the test split; only validation is shown while training and only validation chooses (the best
+evaluation, best.safetensors). results.json reports test top-1/top-5 at the last evaluation
+(`test_last_*`) and at the evaluation chosen on validation (`test_selected_*`); nothing is
+chosen on test. Shards without a test split (older shards, `data.test_split: null`) report
+validation only, and say so.
 
 Writes into the run directory: config.yaml, tensorboard/, checkpoints/, metrics.jsonl,
-best.safetensors (weights at the best top-1), results.json. The result is also recorded in the
+best.safetensors (weights at the best validation top-1), results.json. The result is also recorded in the
 evaluated encoder's folder (evaluations.json) and its model card (`record_on_encoder`).
 """
 from __future__ import annotations
@@ -128,6 +135,7 @@ class EvaluationData:
         self.shards = cfg.data.shards or digits_shards(self.img_size)
         self.manifest = read_manifest(self.shards)
         self.val_split = self.manifest.split(cfg.data.val_split)
+        self.test_split = self._test_split(cfg, run)
         self.keep = None
         if cfg.data.label_fraction < 1:
             self.keep = balanced_subset(self.manifest.labels(cfg.data.train_split), cfg.data.label_fraction, cfg.train.seed)
@@ -141,7 +149,29 @@ class EvaluationData:
                       training=False, rank=run.rank, world_size=run.world, num_workers=cfg.data.num_workers,
                       max_skip_fraction=cfg.data.max_skip_fraction)
         self.val_spec = LoaderSpec(split=cfg.data.val_split, **common)
+        self.test_spec = LoaderSpec(split=cfg.data.test_split, **common) if self.test_split is not None else None
         self.train_eval_spec = LoaderSpec(split=cfg.data.train_split, keep_indices=_as_tuple(self.keep), **common)
+
+    def _test_split(self, cfg: FinetuneConfig, run: Run):
+        """The manifest's test split, or None (with one console line saying what that means)."""
+        if cfg.data.test_split is None:
+            return None
+        if cfg.data.test_split == cfg.data.val_split:
+            raise UserError(f"data.test_split and data.val_split are both '{cfg.data.val_split}': results would be "
+                            "reported on the split they were chosen on; name another split, or set data.test_split=null.")
+        if cfg.data.test_split not in self.manifest.splits:
+            run.console.warn(f"the shards {self.shards} have no '{cfg.data.test_split}' split, so results report "
+                             f"'{cfg.data.val_split}' only, the split choices are made on; rewrite them with "
+                             "make_shards (it writes a test split), or set data.test_split=null to silence this.")
+            return None
+        return self.manifest.split(cfg.data.test_split)
+
+    def queries(self) -> dict:
+        """{split name: (loader spec, sample count)} of the evaluated splits: validation, then test."""
+        splits = {"validation": (self.val_spec, self.val_split.num_samples)}
+        if self.test_split is not None:
+            splits["test"] = (self.test_spec, self.test_split.num_samples)
+        return splits
 
     def _warn_unseen_classes(self, cfg: FinetuneConfig, run: Run) -> None:
         """Validation classes that training never shows are scored as errors whatever the encoder
@@ -164,8 +194,9 @@ class EvaluationData:
                          f"'{train_split}'.")
 
     def summary(self, cfg: FinetuneConfig, world: int) -> str:
+        test = f", {self.test_split.num_samples} test images" if self.test_split is not None else ", no test split"
         return (f"{cfg.protocol}: encoder {self.encoder_path or cfg.model.name}, {self.num_train} training images "
-                f"(label fraction {cfg.data.label_fraction}), {self.val_split.num_samples} validation images, "
+                f"(label fraction {cfg.data.label_fraction}), {self.val_split.num_samples} validation images{test}, "
                 f"{self.manifest.num_classes} classes, {world} process(es)")
 
 
@@ -219,15 +250,19 @@ class FinetuneStage(Stage):
             return False
         model.eval()
         run, data = self.run, self.data
-        scores = evaluate(run.accelerator, model, open_loader(data.val_spec), data.mean, data.std,
-                          data.val_split.num_samples)
+        scored = {split: evaluate(run.accelerator, model, open_loader(spec), data.mean, data.std, count)
+                  for split, (spec, count) in data.queries().items()}
+        scores = scored["validation"]
         epoch_done = step / run.schedule.steps_per_epoch
-        self.history.append({"epoch": round(epoch_done, 2), "step": step, "top1": scores["top1"],
-                             "top5": scores["top5"], "count": scores["count"]})
-        run.tracker.scalars({"top1": scores["top1"], "top5": scores["top5"]}, step=step)  # linear/top1, ...
+        row = {"epoch": round(epoch_done, 2), "step": step, "top1": scores["top1"], "top5": scores["top5"],
+               "count": scores["count"]}
+        if "test" in scored:  # kept for the report at the end; never shown, logged or compared while training
+            row.update(test_top1=scored["test"]["top1"], test_top5=scored["test"]["top5"], test_count=scored["test"]["count"])
+        self.history.append(row)
+        run.tracker.scalars({"top1": scores["top1"], "top5": scores["top5"]}, step=step)  # linear/top1, ... (validation)
         best = max(self.history, key=lambda row: row["top1"])
-        run.console.print(f"step {step}/{run.schedule.total_steps} (epoch {epoch_done:.1f}): top-1 {scores['top1']:.2f}  "
-                          f"top-5 {scores['top5']:.2f}  (best {best['top1']:.2f} at step {best['step']})")
+        run.console.print(f"step {step}/{run.schedule.total_steps} (epoch {epoch_done:.1f}): validation top-1 "
+                          f"{scores['top1']:.2f}  top-5 {scores['top5']:.2f}  (best {best['top1']:.2f} at step {best['step']})")
         if best is self.history[-1]:
             _save_weights(run.accelerator, model, run.run_dir / "best.safetensors")
         return True  # a checkpoint after every evaluation keeps history and best.safetensors in step
@@ -248,14 +283,11 @@ class FinetuneStage(Stage):
 
     def finish(self, step: int, model) -> dict:
         run, data = self.run, self.data
-        best = max(self.history, key=lambda row: row["top1"])
-        results = _results(self.cfg, data.encoder_path, data.info, best, self.history[-1],
-                           epochs=run.schedule.epochs, started=self.started, num_train=data.num_train,
-                           history=self.history)
+        results = _results(self.cfg, data, self.history, epochs=run.schedule.epochs, started=self.started,
+                           images_seen=run.schedule.total_steps * run.geometry.global_batch)
         if run.accelerator.is_main_process:
             atomic_write_json(run.run_dir / "results.json", results)
-        run.console.print(f"done: best top-1 {best['top1']:.2f} (step {best['step']}), last {self.history[-1]['top1']:.2f}; "
-                          f"results: {run.run_dir / 'results.json'}")
+        run.console.print(f"done: {_result_line(results)}; results: {run.run_dir / 'results.json'}")
         record_on_encoder(self.cfg, run, data, results)
         return results
 
@@ -285,7 +317,7 @@ def run(cfg: FinetuneConfig, run_dir: Path, resume: str | None = None, callbacks
     finished = run_dir / "results.json"
     if resume is not None and finished.is_file():
         results = json.loads(finished.read_text())
-        evaluation.console.print(f"{run_dir} is already finished: top-1 {results['best_top1']:.2f}")
+        evaluation.console.print(f"{run_dir} is already finished: {_result_line(results)}")
         return results
     if cfg.protocol == "knn":
         return run_knn(cfg, evaluation)
@@ -294,25 +326,28 @@ def run(cfg: FinetuneConfig, run_dir: Path, resume: str | None = None, callbacks
 
 def run_knn(cfg: FinetuneConfig, run: Run) -> dict:
     """k-NN on frozen features: nothing trains, so no loop; results.json and one TensorBoard point."""
-    from .knn import knn_classify
+    from .knn import knn_classify_splits
 
     started = time.time()
     data = EvaluationData(cfg, run)
     run.console.print(data.summary(cfg, run.world))
     model = build_model(cfg, data.encoder_path, data.manifest.num_classes, data.img_size).to(run.device)
     encoder = model.encoder
-    metrics = knn_classify(run.accelerator, lambda x: pooled_features(encoder, x, cfg.model.linear_pool),
-                           open_loader(data.train_eval_spec), open_loader(data.val_spec), data.mean, data.std,
-                           data.manifest.num_classes, cfg.knn.k, cfg.knn.temperature,
-                           expected_val=data.val_split.num_samples)
-    results = _results(cfg, data.encoder_path, data.info, metrics, metrics, epochs=0, started=started,
-                       num_train=data.num_train)
+    scored = knn_classify_splits(run.accelerator, lambda x: pooled_features(encoder, x, cfg.model.linear_pool),
+                                 open_loader(data.train_eval_spec),
+                                 {split: (open_loader(spec), count) for split, (spec, count) in data.queries().items()},
+                                 data.mean, data.std, data.manifest.num_classes, cfg.knn.k, cfg.knn.temperature)
+    metrics = scored["validation"]
+    row = {"epoch": 0, "step": 0, "top1": metrics["top1"], "top5": metrics["top5"], "count": metrics["count"]}
+    if "test" in scored:
+        row.update(test_top1=scored["test"]["top1"], test_top5=scored["test"]["top5"], test_count=scored["test"]["count"])
+    results = _results(cfg, data, [row], epochs=0, started=started, images_seen=0)  # a bank is no training
     tracker, _ = run.open_records(None, cfg.protocol)
     if run.accelerator.is_main_process:
         atomic_write_json(run.run_dir / "results.json", results)
-    tracker.scalars({"top1": metrics["top1"], "top5": metrics["top5"]}, step=0)  # knn/top1, knn/top5
+    tracker.scalars({"top1": metrics["top1"], "top5": metrics["top5"]}, step=0)  # knn/top1, knn/top5 (validation)
     tracker.close()
-    run.console.print(f"knn (k={cfg.knn.k}): top-1 {metrics['top1']:.2f}  top-5 {metrics['top5']:.2f}")
+    run.console.print(f"knn (k={cfg.knn.k}): {_result_line(results)}")
     record_on_encoder(cfg, run, data, results)
     return results
 
@@ -328,12 +363,13 @@ def record_on_encoder(cfg: FinetuneConfig, run: Run, data: EvaluationData, resul
         return  # a weights file outside an export folder has no card to add to
     record = {
         "run": str(run.run_dir.resolve()), "protocol": cfg.protocol, "label_fraction": cfg.data.label_fraction,
-        "seed": cfg.train.seed, "split": cfg.data.val_split, "dataset": data.manifest.name, "shards": str(data.shards),
-        # the last evaluation, not the best: the best over the run's evaluations is chosen on the very
-        # split it reports (results.json keeps both)
-        "img_size": data.img_size, "top1": results["last_top1"], "top5": results["last_top5"],
-        "best_top1": results["best_top1"], "train_images": results["train_images"],
-        "val_images": results["val_images"], "epochs": results["epochs"],
+        "seed": cfg.train.seed, "dataset": data.manifest.name, "shards": str(data.shards), "img_size": data.img_size,
+        # the last evaluation on test (validation only when the shards have none): nothing was chosen on it
+        **({"split": cfg.data.test_split, "top1": results["test_last_top1"], "top5": results["test_last_top5"],
+            "test_selected_top1": results["test_selected_top1"], "test_images": results["test_images"]}
+           if results["test_last_top1"] is not None else
+           {"split": cfg.data.val_split, "top1": results["val_last_top1"], "top5": results["val_last_top5"]}),
+        "train_images": results["train_images"], "val_images": results["val_images"], "epochs": results["epochs"],
     }
     if cfg.protocol == "knn":
         record["k"] = cfg.knn.k
@@ -397,18 +433,38 @@ def _save_weights(accelerator, model, path: Path) -> None:
             save_file({k.replace("_orig_mod.", ""): v.contiguous() for k, v in state.items()}, str(tmp))
 
 
-def _results(cfg, encoder_path, info, best, last, *, epochs, started, num_train, history=None) -> dict:
+def _results(cfg: FinetuneConfig, data: EvaluationData, history: list[dict], *, epochs, started, images_seen: int) -> dict:
+    """results.json: validation at the last and the best evaluation (choices are made there), test at the
+    last evaluation and at the one chosen on validation top-1 (None without a test split)."""
+    last = history[-1]
+    chosen = max(history, key=lambda row: row["top1"])  # the first of equal bests: earlier is cheaper
+    has_test = "test_top1" in last
     return {
         "protocol": cfg.protocol,
-        "encoder": str(encoder_path) if encoder_path else None,
-        "encoder_info": info,
+        "encoder": str(data.encoder_path) if data.encoder_path else None,
+        "encoder_info": data.info,
         "label_fraction": cfg.data.label_fraction,
-        "train_images": num_train,
-        "val_images": int(best.get("count", 0)) if isinstance(best, dict) else 0,
+        "train_images": data.num_train,
+        "val_images": int(last.get("count", 0)),
+        "test_images": int(last["test_count"]) if has_test else 0,
         "seed": cfg.train.seed,
         "epochs": epochs,
-        "best_top1": best["top1"], "best_top5": best["top5"],
-        "last_top1": last["top1"], "last_top5": last["top5"],
-        "history": history or [],
+        "images_seen": images_seen,  # training images this run went through (steps x global batch)
+        "val_last_top1": last["top1"], "val_last_top5": last["top5"],
+        "val_best_top1": chosen["top1"], "val_best_top5": chosen["top5"], "selected_step": chosen["step"],
+        "test_last_top1": last["test_top1"] if has_test else None,
+        "test_last_top5": last["test_top5"] if has_test else None,
+        "test_selected_top1": chosen["test_top1"] if has_test else None,
+        "test_selected_top5": chosen["test_top5"] if has_test else None,
+        "history": history,
         "wall_time_s": round(time.time() - started, 1),
     }
+
+
+def _result_line(results: dict) -> str:
+    """One line for the console: test at the last and the validation-chosen evaluation, else validation."""
+    if results.get("test_last_top1") is not None:
+        return (f"test top-1 {results['test_last_top1']:.2f} (last), {results['test_selected_top1']:.2f} (at step "
+                f"{results['selected_step']}, chosen on validation: {results['val_best_top1']:.2f})")
+    return (f"validation top-1 {results['val_last_top1']:.2f} (last), best {results['val_best_top1']:.2f} at step "
+            f"{results['selected_step']} (no test split: both are from the split choices are made on)")

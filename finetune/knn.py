@@ -46,12 +46,24 @@ def knn_predict(train_feats, train_labels, query_feats, num_classes: int, k: int
 
 def knn_classify(accelerator, features, train_loader, val_loader, mean, std, num_classes: int, k: int,
                  temperature: float, expected_val: int) -> dict[str, float]:
+    """kNN top-1/top-5 (%) of one query split against the memory bank of `train_loader`."""
+    return knn_classify_splits(accelerator, features, train_loader, {"validation": (val_loader, expected_val)},
+                               mean, std, num_classes, k, temperature)["validation"]
+
+
+def knn_classify_splits(accelerator, features, train_loader, queries: dict, mean, std, num_classes: int, k: int,
+                        temperature: float) -> dict[str, dict[str, float]]:
+    """kNN top-1/top-5 (%) of every query split ({name: (loader, expected count)}) against one memory bank,
+    whose features are extracted once."""
     train_feats, train_labels = extract(accelerator, features, train_loader, mean, std)
-    val_feats, val_labels = extract(accelerator, features, val_loader, mean, std)
-    if val_feats.shape[0] != expected_val:
-        raise RuntimeError(f"kNN evaluation saw {val_feats.shape[0]} validation samples, expected {expected_val}")
-    scores = knn_predict(train_feats, train_labels, val_feats, num_classes, k, temperature)
-    top5 = scores.topk(min(5, num_classes), dim=1).indices
-    correct = top5 == val_labels[:, None]
-    return {"top1": 100.0 * correct[:, 0].float().mean().item(), "top5": 100.0 * correct.any(1).float().mean().item(),
-            "count": int(val_feats.shape[0])}
+    results = {}
+    for name, (loader, expected) in queries.items():
+        query_feats, query_labels = extract(accelerator, features, loader, mean, std)
+        if query_feats.shape[0] != expected:
+            raise RuntimeError(f"kNN evaluation saw {query_feats.shape[0]} {name} samples, expected {expected}")
+        scores = knn_predict(train_feats, train_labels, query_feats, num_classes, k, temperature)
+        top5 = scores.topk(min(5, num_classes), dim=1).indices
+        correct = top5 == query_labels[:, None]
+        results[name] = {"top1": 100.0 * correct[:, 0].float().mean().item(),
+                         "top5": 100.0 * correct.any(1).float().mean().item(), "count": int(query_feats.shape[0])}
+    return results

@@ -212,8 +212,8 @@ def _evaluation_section(facts: dict) -> list[str]:
                   f"`python finetune/main.py encoder={facts.get('path') or facts.get('folder')}`.", ""]
     else:
         lines += ["Results recorded by evaluation runs that used these weights: top-1 and top-5 (%) of each "
-                  "run's last evaluation, on the split shown (not the best of its evaluations, which would be "
-                  "chosen on that same split):", "",
+                  "run's last evaluation, on the split shown: the test split, never used to choose anything "
+                  "(validation only where the shards had no test split):", "",
                   "| protocol | label fraction | seed | split | top-1 | top-5 | training images | epochs | run |",
                   "|---|---:|---:|---|---:|---:|---:|---:|---|"]
         for r in sorted(records, key=lambda r: (str(r.get("protocol")), r.get("label_fraction", 1), r.get("seed", 0))):

@@ -100,6 +100,18 @@ def test_mean_distance_figure_has_one_dot_per_head_at_its_layer():
     assert sorted(map(tuple, dots.tolist())) == sorted((layer + 1, float(4 * layer + h))
                                                        for layer in range(3) for h in range(4))
     assert "pixels" in ax.get_ylabel() and "layer" in ax.get_xlabel()
+    assert not [line for line in ax.get_lines() if line.get_label() == "uniform attention"]
+
+
+def test_mean_distance_figure_draws_the_uniform_attention_reference():
+    from vitmpp.analyze.report import _uniform_distance
+
+    uniform = _uniform_distance((4, 4), (8, 8))  # a 32 px image in 8 px patches
+    figure = mean_distance_figure(torch.full((2, 3), 5.0, dtype=torch.float64), image_size=32, uniform=uniform)
+    (ax,) = figure.axes
+    (line,) = [line for line in ax.get_lines() if line.get_label() == "uniform attention"]
+    assert np.allclose(line.get_ydata(), uniform) and 10 < uniform < 20  # ~16 px between two random patch centres
+    assert ax.get_ylim()[1] >= uniform
 
 
 def test_figures_render_and_save(tmp_path):

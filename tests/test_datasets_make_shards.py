@@ -18,7 +18,7 @@ from datasets_helpers import spec_for
 from vitmpp.common.errors import UserError
 from vitmpp.datasets import digits_shards, open_loader, read_manifest, write_shards
 from vitmpp.datasets import make_shards as make_shards_module
-from vitmpp.datasets.sources import digits_source, stratified_split
+from vitmpp.datasets.sources import digits_source, split_three_ways
 
 IDENTITY = MaybePILToTensor()
 
@@ -29,10 +29,9 @@ def digits_png(tmp_path_factory):
 
 
 def expected_digit_images(val_fraction=0.1, seed=0, image_size=32):
-    """The writer's order, rebuilt: index k of a split is source item order[k]."""
+    """The writer's order, rebuilt: index k of a split is source item order[k] (digits: a fixed 20% test split)."""
     source = digits_source(image_size)
-    train, val = stratified_split([it.label for it in source.items], val_fraction, seed)
-    return source, {"train": train, "validation": val}
+    return source, split_three_ways([it.label for it in source.items], val_fraction, 0.2, seed, test_seed=0)
 
 
 def load_all(root, split):
@@ -52,7 +51,7 @@ def test_digits_round_trip_png_is_exact(digits_png):
     assert sum(info.num_samples for info in manifest.splits.values()) == 1797
     assert manifest.num_classes == 10 and manifest.image_size == 32
     source, order = expected_digit_images()
-    for split in ("train", "validation"):
+    for split in ("train", "validation", "test"):
         loaded = load_all(manifest.base, split)
         assert sorted(loaded) == list(range(manifest.split(split).num_samples))
         assert [loaded[i][1] for i in sorted(loaded)] == manifest.labels(split)
@@ -66,7 +65,7 @@ def test_digits_round_trip_jpeg_within_tolerance(tmp_path):
     manifest = write_shards(tmp_path / "dj", "digits", fmt="jpg", progress=False)
     source, order = expected_digit_images()
     total, errors = 0, []
-    for split in ("train", "validation"):
+    for split in ("train", "validation", "test"):
         for index, (image, label) in load_all(manifest.base, split).items():
             item = source.items[order[split][index]]
             assert label == item.label
@@ -77,10 +76,34 @@ def test_digits_round_trip_jpeg_within_tolerance(tmp_path):
     assert max(errors) < 1.5 and np.mean(errors) < 1.0  # quality 95: about half a grey level per pixel
 
 
-def test_stratified_split_keeps_class_proportions(digits_png):
-    train = np.bincount(digits_png.labels("train"), minlength=10)
-    val = np.bincount(digits_png.labels("validation"), minlength=10)
-    assert np.all(np.abs(val - 0.1 * (train + val)) <= 1)
+def test_stratified_splits_keep_class_proportions(digits_png):
+    train, val, test = (np.bincount(digits_png.labels(split), minlength=10) for split in ("train", "validation", "test"))
+    whole = train + val + test
+    assert np.all(np.abs(val - 0.1 * whole) <= 1) and np.all(np.abs(test - 0.2 * whole) <= 1)
+
+
+def test_the_digits_test_split_is_the_same_for_every_seed(digits_png, tmp_path):
+    other = write_shards(tmp_path / "seed5", "digits", seed=5, maxcount=300, progress=False)
+    assert other.split("test").num_samples == digits_png.split("test").num_samples == 359
+    # the write order is seeded; the members are what must agree
+    ours = {tuple(np.asarray(img).ravel()) for img, _ in load_all(digits_png.base, "test").values()}
+    theirs = {tuple(np.asarray(img).ravel()) for img, _ in load_all(other.base, "test").values()}
+    assert ours == theirs
+    assert load_all(other.base, "validation").keys() and other.labels("validation") != digits_png.labels("validation")
+    with pytest.raises(UserError, match="fixed test split"):
+        write_shards(tmp_path / "x", "digits", test_fraction=0.3, progress=False)
+
+
+def test_three_fractions_of_a_pool_and_the_manifest_says_how(tmp_path):
+    manifest = write_shards(tmp_path / "s", "synthetic", count=200, num_classes=4, val_fraction=0.1,
+                            test_fraction=0.2, seed=3, progress=False)
+    counts = {split: manifest.split(split).num_samples for split in manifest.splits}
+    assert counts == {"train": 140, "validation": 20, "test": 40}  # both fractions of the whole: 5 and 10 per class
+    made = manifest.extra["vitmpp"]["splits_made_by"]
+    assert made["test"] == "a class-stratified --test-fraction 0.2 (seed 3)"
+    assert "--val-fraction 0.1" in made["validation"] and "--test-fraction 0.2" in made["train"]
+    with pytest.raises(UserError, match="leave nothing for training"):
+        write_shards(tmp_path / "y", "synthetic", count=20, val_fraction=0.5, test_fraction=0.5, progress=False)
 
 
 def test_timm_reads_our_shards(digits_png):
@@ -257,7 +280,7 @@ def test_imagefolder_skips_and_lists_bad_files(image_tree, tmp_path):
 def test_max_size_bounds_the_shorter_side(image_tree, tmp_path):
     manifest = write_shards(tmp_path / "small", "imagefolder", root=image_tree, max_size=20, val_fraction=0,
                             progress=False)
-    assert list(manifest.splits) == ["train"]  # no validation split when val_fraction is 0
+    assert list(manifest.splits) == ["test", "train"]  # no validation split when val_fraction is 0
     shapes = set()
     for batch in open_loader(spec_for(manifest.base, manifest=manifest, split="train", batch_size=1,
                                       transform=IDENTITY, training=False, num_workers=0)):
@@ -280,10 +303,14 @@ def test_torchvision_set_on_disk_keeps_its_own_split(tmp_path):
         write_idx(raw / f"{prefix}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28)))
         write_idx(raw / f"{prefix}-labels-idx1-ubyte", np.arange(n) % 10)
     manifest = write_shards(tmp_path / "mnist", "torchvision", dataset="MNIST", root=tmp_path / "tv",
-                            progress=False)
-    assert manifest.split("train").num_samples == 30 and manifest.split("validation").num_samples == 12
+                            val_fraction=0.34, progress=False)
+    # its own test set is `test`; validation is carved from its train set
+    counts = {split: manifest.split(split).num_samples for split in manifest.splits}
+    assert counts == {"train": 20, "validation": 10, "test": 12}  # 3 training images per class: 1 to validation
     assert manifest.num_classes == 10 and manifest.class_names[0].startswith("0")
-    assert sorted(manifest.labels("validation")) == sorted((np.arange(12) % 10).tolist())
+    assert sorted(manifest.labels("test")) == sorted((np.arange(12) % 10).tolist())
+    made = manifest.extra["vitmpp"]["splits_made_by"]
+    assert made["test"] == "the data set's own torchvision split" and made["validation"].startswith("carved from train")
     with pytest.raises(UserError, match="not on disk under"):
         write_shards(tmp_path / "cifar", "torchvision", dataset="CIFAR10", root=tmp_path / "nothing", progress=False)
     with pytest.raises(UserError, match="not a torchvision data set"):

@@ -85,9 +85,22 @@ def test_linear_probe_trains_only_the_head(tmp_path, pretrained, digits16):
     assert set(after) - {f"encoder.{k}" for k in before} == {"head.weight", "head.bias", "norm.running_mean",
                                                              "norm.running_var", "norm.num_batches_tracked"}
     results = json.loads((out / "results.json").read_text())
-    assert results["protocol"] == "linear" and results["val_images"] == 359 and results["epochs"] == 1
-    for key in ("best_top1", "best_top5", "last_top1", "last_top5", "wall_time_s", "encoder_info", "seed", "label_fraction"):
+    assert results["protocol"] == "linear" and results["val_images"] == results["test_images"] == 359
+    assert results["epochs"] == 1 and results["images_seen"] == (1079 // 32) * 32
+    for key in ("wall_time_s", "encoder_info", "seed", "label_fraction", "val_last_top5", "test_last_top5"):
         assert key in results
+    assert_selected_on_validation_and_reported_on_test(results)
+
+
+def assert_selected_on_validation_and_reported_on_test(results):
+    """The chosen evaluation is the best on validation, and the test numbers are read at it, whatever
+    test would have preferred; last is the last."""
+    history = results["history"]
+    assert len(history) >= 1 and all({"top1", "test_top1"} <= set(row) for row in history)
+    chosen = max(history, key=lambda row: row["top1"])
+    assert results["selected_step"] == chosen["step"] and results["val_best_top1"] == chosen["top1"]
+    assert results["test_selected_top1"] == chosen["test_top1"] and results["test_selected_top5"] == chosen["test_top5"]
+    assert results["test_last_top1"] == history[-1]["test_top1"] and results["val_last_top1"] == history[-1]["top1"]
 
 
 @pytest.mark.slow
@@ -101,7 +114,7 @@ def test_finetune_at_higher_resolution_learns(tmp_path, pretrained, digits32):
                                           "regularization.reprob=0", "regularization.label_smoothing=0",
                                           "model.drop_path_rate=0", "run.name=ft32"], cwd=tmp_path)
     losses = [row["loss"] for row in metrics(tmp_path / "runs" / "ft32")]
-    assert len(losses) == 2 * (1438 // 32)
+    assert len(losses) == 2 * (1079 // 32)
     assert sum(losses[-10:]) / 10 < sum(losses[:10]) / 10 - 0.05, losses
     assert json.loads((tmp_path / "runs" / "ft32" / "results.json").read_text())["encoder_info"]["img_size"] == 16
 
@@ -112,15 +125,16 @@ def test_two_process_evaluation_counts_each_sample_once(tmp_path, pretrained, di
                                                                      f"data.shards={digits16}", "run.name=two"],
         cwd=tmp_path)
     results = json.loads((tmp_path / "runs" / "two" / "results.json").read_text())
-    assert results["val_images"] == 359  # 359 is odd: one rank's share is padded and the padding dropped
+    # 359 is odd: one rank's share is padded and the padding dropped, on both held-out splits
+    assert results["val_images"] == results["test_images"] == 359
 
 
 def test_compare_grid_runs_scratch_once_and_never_finetunes_random():
-    from vitmpp.finetune.compare import CompareConfig, cells
+    from vitmpp.finetune.compare import CompareConfig, cells, encoder_runs
 
     cfg = CompareConfig(encoders={"mpp": "runs/mpp", "random": "random"},
                         protocols=["linear", "knn", "finetune", "scratch"], label_fractions=[0.1, 1.0], seeds=[0, 1, 2])
-    grid = cells(cfg)
+    grid = cells(cfg, encoder_runs(cfg, Path("out")))
     by_protocol = {p: {(c.encoder, c.label_fraction, c.seed) for c in grid if c.protocol == p} for p in cfg.protocols}
     assert len(by_protocol["linear"]) == len(by_protocol["knn"]) == 2 * 2 * 3
     assert {e for e, _, _ in by_protocol["finetune"]} == {"mpp"} and len(by_protocol["finetune"]) == 6
@@ -128,12 +142,43 @@ def test_compare_grid_runs_scratch_once_and_never_finetunes_random():
     assert len(grid) == len(set(grid)) == 12 + 12 + 6 + 6
 
 
-def test_compare_cell_folders_never_start_with_a_dash_and_the_table_reports_last_top1():
-    from vitmpp.finetune.compare import CompareConfig, cells
+def test_compare_cell_folders_never_start_with_a_dash_and_the_table_reports_test():
+    from vitmpp.finetune.compare import CompareConfig, cells, encoder_runs
 
     cfg = CompareConfig(encoders={"mpp": "runs/mpp"}, protocols=["linear", "scratch"], label_fractions=[0.1], seeds=[0])
-    assert [c.name for c in cells(cfg)] == ["mpp-linear-f0.1-s0", "scratch-f0.1-s0"]
-    assert cfg.metric == "last_top1"  # the best evaluation is chosen on the split it would report
+    assert [c.name for c in cells(cfg, encoder_runs(cfg, Path("out")))] == ["mpp-linear-f0.1-s0", "scratch-f0.1-s0"]
+    assert cfg.metric == "test_last_top1"
+
+
+def test_compare_cannot_express_selection_on_the_split_it_reports(tmp_path):
+    """Every metric the table can report is a test number, and none of them is a best over test: asking for
+    a best, or for validation, is refused before anything runs."""
+    from vitmpp.common.config import load_config
+    from vitmpp.common.errors import ConfigError
+    from vitmpp.finetune.compare import METRICS, CompareConfig
+
+    assert all(m.startswith("test_") and "best" not in m for m in METRICS)
+    config = tmp_path / "compare.yaml"
+    config.write_text("encoders: {mpp: runs/mpp}\nprotocols: [linear]\nrecipes: {linear: x.yaml}\n")
+    for metric in ("best_top1", "last_top1", "val_best_top1", "val_last_top1", "test_best_top1"):
+        with pytest.raises(ConfigError, match="metric"):
+            load_config(CompareConfig, config, [f"metric={metric}"])
+    # and the value a test_selected_* metric reads is chosen on validation (tested on a real run above)
+
+
+def test_compare_grid_over_pretraining_runs_and_compute_matched_scratch():
+    from vitmpp.finetune.compare import CompareConfig, PretrainingPlan, cells, encoder_runs, label
+
+    cfg = CompareConfig(encoders={"sup": "runs/sup"}, pretraining=PretrainingPlan(recipes={"mpp": "mpp.yaml"}, seeds=[0, 1, 2]),
+                        protocols=["linear", "scratch"], label_fractions=[0.1], seeds=[0, 1],
+                        compute_matched_scratch=True)
+    runs = encoder_runs(cfg, Path("out"))
+    assert runs["mpp"] == [str(Path("out") / "pretrain" / f"mpp-s{s}") for s in (0, 1, 2)]
+    names = [c.name for c in cells(cfg, runs)]
+    assert "mpp-p2-linear-f0.1-s1" in names and "sup-linear-f0.1-s0" in names
+    assert "scratch-f0.1-s0" in names and "scratch-matched-f0.1-s1" in names
+    assert len(names) == len(set(names)) == (3 + 1) * 2 + 2 * 2
+    assert label("matched") == "(random init, compute-matched)"
 
 
 def test_compare_recipes_are_found_next_to_the_config_from_any_working_directory(tmp_path, monkeypatch):
@@ -149,40 +194,57 @@ def test_compare_recipes_are_found_next_to_the_config_from_any_working_directory
     assert all(Path(path).is_file() for path in recipes.values())
     (tmp_path / "mine.yaml").write_text("encoders: {mpp: runs/mpp}\nprotocols: [linear]\n"
                                         "recipes: {linear: nowhere/linear.yaml}\n")
-    with pytest.raises(UserError, match="Recipe 'nowhere/linear.yaml' for protocol 'linear'"):
+    with pytest.raises(UserError, match="Recipe 'nowhere/linear.yaml' \\(key recipes.linear of"):
         resolve_recipes(load_config(CompareConfig, tmp_path / "mine.yaml", []), tmp_path / "mine.yaml")
 
 
 @pytest.mark.slow
-def test_compare_runs_cells_and_resumes(tmp_path, pretrained, digits16):
+def test_compare_pretrains_seeds_reports_test_and_resumes(tmp_path, digits16):
+    """The comparison makes its own pretraining runs (two seeds), runs its cells two at a time, reports test
+    numbers with the images every row trained on, adds a compute-matched scratch row, and continues."""
+    pretrain_recipe = tmp_path / "pretrain.yaml"
+    pretrain_recipe.write_text("train:\n  steps: 3\n")
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text("train:\n  global_batch: 32\n  epochs: 1\ndata:\n  num_workers: 0\n  auto_augment: null\n"
-                      "regularization:\n  mixup: 0.0\n  cutmix: 0.0\n")
+    recipe.write_text("train:\n  global_batch: 32\n  steps: 4\ndata:\n  num_workers: 0\n  auto_augment: null\n"
+                      "regularization:\n  mixup: 0.0\n  cutmix: 0.0\neval_every_steps: 2\n")
     config = tmp_path / "compare.yaml"
     config.write_text(
-        f"encoders:\n  mpp: {pretrained}\n  random: random\n"
-        "protocols: [linear, knn]\nlabel_fractions: [0.2]\nseeds: [0, 1]\n"
-        f"recipes:\n  linear: {recipe}\n  knn: {recipe}\n"
+        "encoders:\n  random: random\n"
+        f"pretraining:\n  recipes: {{mpp: {pretrain_recipe}}}\n  seeds: [0, 1]\n"
+        f"  overrides: {[*TINY, f'data.shards={digits16}']}\n"
+        "protocols: [linear, knn, scratch]\nlabel_fractions: [0.2]\nseeds: [0]\ncompute_matched_scratch: true\n"
+        f"recipes:\n  linear: {recipe}\n  knn: {recipe}\n  scratch: {recipe}\n"
         f"overrides: ['data.shards={digits16}']\noutput_dir: {tmp_path / 'out'}\n"
     )
     first = run(COMPARE + ["--config", str(config), "--jobs", "2"], cwd=tmp_path, timeout=900)
-    started = [line for line in first.stdout.splitlines() if line.startswith("[compare]") and " done: " not in line]
-    assert len(started) == 8 and first.stdout.count(" done: last top-1 ") == 8  # two at a time, logs in files
     out = tmp_path / "out"
-    assert sorted(p.name for p in (out / "logs").iterdir()) == sorted(f"{c.split()[1]}.log" for c in started)
+    assert sorted(p.name for p in (out / "pretrain").iterdir()) == ["mpp-s0", "mpp-s1"]
+    assert "compute-matched scratch: 7 steps (its recipe's own plus 96 pretraining images)" in first.stdout  # 4 + 96/32
+    started = [line.split()[1] for line in first.stdout.splitlines()
+               if line.startswith("[compare] ") and " done: " not in line and "(log:" in line]
+    assert len(started) == 2 + 8 and first.stdout.count(" done: test last top1 ") == 8  # two at a time, logs in files
+    assert sorted(p.name for p in (out / "logs").iterdir()) == sorted(
+        ["pretrain-mpp-s0.log", "pretrain-mpp-s1.log"] + [f"{name}.log" for name in started if name != "pretraining"])
     rows = list(csv.DictReader(open(out / "results.csv")))
-    assert len(rows) == 8 and {r["encoder"] for r in rows} == {"mpp", "random"}
-    # every evaluation of every cell, against images seen, and its figure
+    assert len(rows) == 8 and {(r["encoder"], r["pretrain_run"]) for r in rows if r["protocol"] == "linear"} == {
+        ("mpp", "0"), ("mpp", "1"), ("random", "0")}
+    for r in rows:
+        assert float(r["test_last_top1"]) >= 0 and int(r["total_images"]) == int(r["pretrain_images"]) + int(r["images_seen"])
+    by_cell = {(r["encoder"], r["protocol"]): r for r in rows}
+    assert by_cell[("matched", "scratch")]["images_seen"] == str(7 * 32) and by_cell[("-", "scratch")]["images_seen"] == str(4 * 32)
+    assert by_cell[("random", "linear")]["pretrain_images"] == "0" and by_cell[("mpp", "knn")]["pretrain_images"] == "96"
+    # every evaluation of every cell, on validation, against images seen, and its figure
     history = list(csv.DictReader(open(out / "history.csv")))
     linear = [r for r in history if r["protocol"] == "linear"]
-    assert linear and all(int(r["images_seen"]) > 0 for r in linear)
-    assert {(r["encoder"], r["seed"]) for r in linear} == {("mpp", "0"), ("mpp", "1"), ("random", "0"), ("random", "1")}
+    assert linear and all(int(r["images_seen"]) > 0 for r in linear) and "test_top1" not in history[0]
     assert (out / "curves.png").stat().st_size > 1000
     table = (out / "results.md").read_text()
-    assert table.count("\n| mpp |") == 2 and table.count("\n| random |") == 2 and "± " in table
+    assert "test last top1 on the test split" in table and "2 pretraining runs" in table
+    assert "| mpp | linear |" in table and "| (random init, compute-matched) | scratch |" in table
+    assert "| 96 + 128 |" in table  # pretraining + linear-probe images
     assert (out / "results.png").stat().st_size > 1000
     second = run(COMPARE + ["--config", str(config)], cwd=tmp_path)
-    assert "[compare]" not in second.stdout  # every cell was already done
+    assert "[compare] " not in second.stdout.replace("[compare] compute-matched", "")  # every run was already done
     changed = run(COMPARE + ["--config", str(config), "seeds=[5]"], cwd=tmp_path, check=False)
     assert changed.returncode == 2 and "different config (keys seeds)" in changed.stderr
 

@@ -23,8 +23,8 @@ FACTS = {
     "eval_crop_pct": 1.0, "uses_labels": False,
     "data": {"shards": "/data/digits-16px", "name": "digits", "source": "/data/digits-16px/_info.json",
              "num_classes": 10, "image_size": 16, "train_split": "train",
-             "splits": {"train": 1438, "validation": 359}},
-    "train": {"steps": 40, "global_batch": 32, "images_seen": 1280, "world_size": 1, "epochs": 1280 / 1438},
+             "splits": {"train": 1079, "validation": 359, "test": 359}},
+    "train": {"steps": 40, "global_batch": 32, "images_seen": 1280, "world_size": 1, "epochs": 1280 / 1079},
     "compute": {"flops_per_image": 1.5e6, "total_flops": 1.5e6 * 1280, "how": "counted"},
 }
 
@@ -47,7 +47,7 @@ def test_card_is_a_hub_model_card_built_from_the_records(tmp_path):
     assert "base_model" not in data and "metrics" not in data  # nothing evaluated yet, nothing fine-tuned from
     text = card.text
     assert "arXiv:2010.11929" in text and "appendix B.1.2" in text and "An Image is Worth 16x16 Words" in text
-    assert "| train | 1,438 | pretraining |" in text and "| images seen | 1,280 (steps x global batch) |" in text
+    assert "| train | 1,079 | pretraining |" in text and "| test | 359 |" in text and "| images seen | 1,280 (steps x global batch) |" in text
     assert "```yaml\nobjective: mpp" in text and "No evaluation of these weights" in text
     # the timm snippet the card shows runs as printed
     snippet = re.search(r"```python\n(.*?)```", text, re.S).group(1)
@@ -119,12 +119,14 @@ def test_an_evaluation_run_adds_its_result_to_the_card(tmp_path, pretrained, dig
     results = json.loads((tmp_path / "runs" / "knn" / "results.json").read_text())
     assert f"model card: {pretrained / 'README.md'} (this result added)" in result.stdout
     (record,) = read_evaluations(pretrained)
-    assert record["protocol"] == "knn" and record["top1"] == results["last_top1"] and record["split"] == "validation"
+    # the test split's number: nothing was chosen on it
+    assert record["protocol"] == "knn" and record["top1"] == results["test_last_top1"] and record["split"] == "test"
     card = ModelCard.load(pretrained / "README.md")
-    assert f"| k-NN (k=20) | 1 | 0 | validation | {results['last_top1']:.2f} |" in card.text
-    assert card.data.eval_results[0].metric_value == round(results["last_top1"], 2)
+    assert f"| k-NN (k=20) | 1 | 0 | test | {results['test_last_top1']:.2f} |" in card.text
+    assert card.data.eval_results[0].metric_value == round(results["test_last_top1"], 2)
+    assert card.data.eval_results[0].dataset_split == "test"
     hf_card = (pretrained / "transformers" / "README.md").read_text()
-    assert f"{results['last_top1']:.2f}" in hf_card and "library_name: transformers" in hf_card
+    assert f"{results['test_last_top1']:.2f}" in hf_card and "library_name: transformers" in hf_card
 
 
 @pytest.mark.slow

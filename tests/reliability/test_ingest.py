@@ -256,7 +256,7 @@ def test_a_validation_fraction_that_selects_nothing_is_said_with_the_fraction_th
     out = tmp_path / "shards"
 
     result = make_shards(["--source", "imagefolder", "--root", str(root), "--out", str(out),
-                          "--val-fraction", "0.05"], tmp_path)
+                          "--val-fraction", "0.05", "--test-fraction", "0"], tmp_path)
 
     assert result.returncode == 0, result.stderr[-3000:]
     warning = [line for line in result.stderr.splitlines() if line.startswith("warning: ")]
