@@ -220,11 +220,11 @@ def test_compare_pretrains_seeds_reports_test_and_resumes(tmp_path, digits16):
     out = tmp_path / "out"
     assert sorted(p.name for p in (out / "pretrain").iterdir()) == ["mpp-s0", "mpp-s1"]
     assert "compute-matched scratch: 7 steps (its recipe's own plus 96 pretraining images)" in first.stdout  # 4 + 96/32
-    started = [line.split()[1] for line in first.stdout.splitlines()
+    started = [line.split()[1:3] for line in first.stdout.splitlines()
                if line.startswith("[compare] ") and " done: " not in line and "(log:" in line]
     assert len(started) == 2 + 8 and first.stdout.count(" done: test last top1 ") == 8  # two at a time, logs in files
     assert sorted(p.name for p in (out / "logs").iterdir()) == sorted(
-        ["pretrain-mpp-s0.log", "pretrain-mpp-s1.log"] + [f"{name}.log" for name in started if name != "pretraining"])
+        f"pretrain-{name}.log" if what == "pretraining" else f"{name}.log" for what, name in started)
     rows = list(csv.DictReader(open(out / "results.csv")))
     assert len(rows) == 8 and {(r["encoder"], r["pretrain_run"]) for r in rows if r["protocol"] == "linear"} == {
         ("mpp", "0"), ("mpp", "1"), ("random", "0")}
