@@ -125,19 +125,20 @@ class Cell:
     protocol: str
     label_fraction: float
     seed: int
-    run: int = 0  # which pretraining run of the encoder
-    runs: int = 1  # how many the encoder has (the name shows `run` only when there are several)
+    run: int = 0  # which pretraining run of the encoder (its index in the encoder's list)
+    tag: str = ""  # the run in the folder name: "p<seed>" for runs made by `pretraining`, "p<index>" in a list
 
     @property
     def name(self) -> str:
-        """The cell's folder: `mpp-linear-f0.1-s0`, `mpp-p1-linear-f0.1-s0` (second pretraining run),
-        `scratch-f0.1-s0`, `scratch-matched-f0.1-s0` (never a leading dash, which shell tools read as an option)."""
+        """The cell's folder: `mpp-linear-f0.1-s0`, `mpp-p1-linear-f0.1-s0` (pretraining seed 1, or the second
+        of a list), `scratch-f0.1-s0`, `scratch-matched-f0.1-s0` (never a leading dash, which shell tools read
+        as an option). A pretraining seed keeps its name when seeds are added, so finished cells are reused."""
         if self.encoder == SCRATCH:
             what = self.protocol
         elif self.encoder == MATCHED:
             what = f"{self.protocol}-matched"
         else:
-            what = f"{self.encoder}{f'-p{self.run}' if self.runs > 1 else ''}-{self.protocol}"
+            what = f"{self.encoder}{f'-{self.tag}' if self.tag else ''}-{self.protocol}"
         return f"{what}-f{self.label_fraction:g}-s{self.seed}"
 
 
@@ -166,9 +167,13 @@ def cells(cfg: CompareConfig, runs: dict[str, list[str]]) -> list[Cell]:
         for encoder in encoders_for(cfg, protocol, runs):
             count = len(runs.get(encoder, [None]))
             for run in range(count):
+                if encoder in cfg.pretraining.recipes:
+                    tag = f"p{cfg.pretraining.seeds[run]}"
+                else:
+                    tag = f"p{run}" if count > 1 else ""
                 for fraction in cfg.label_fractions:
                     for seed in cfg.seeds:
-                        out.append(Cell(encoder, protocol, fraction, seed, run, count))
+                        out.append(Cell(encoder, protocol, fraction, seed, run, tag))
     return out
 
 
@@ -352,7 +357,7 @@ def history_rows(grid: list[Cell], results: list[dict]) -> list[dict]:
     rows = []
     for cell, result in zip(grid, results):
         for point in result.get("history") or []:
-            rows.append({"encoder": cell.encoder, "pretrain_run": cell.run, "protocol": cell.protocol,
+            rows.append({"encoder": cell.encoder, "pretrain_run": cell.tag, "protocol": cell.protocol,
                          "label_fraction": cell.label_fraction, "seed": cell.seed, "step": point.get("step"),
                          "epoch": point.get("epoch"),
                          "images_seen": round(float(point.get("epoch") or 0) * int(result.get("train_images") or 0)),
@@ -542,7 +547,7 @@ def main(argv: list[str] | None = None) -> Path:
     for cell, result in zip(grid, results):
         pretrain_images = pretrained_on.get((cell.encoder, cell.run), 0)
         rows.append({**{k: result[k] for k in result if not isinstance(result[k], (dict, list))},
-                     "encoder": cell.encoder, "pretrain_run": cell.run, "protocol": cell.protocol,
+                     "encoder": cell.encoder, "pretrain_run": cell.tag, "protocol": cell.protocol,
                      "label_fraction": cell.label_fraction, "seed": cell.seed,
                      "encoder_path": encoder_paths[cell.encoder][cell.run] if cell.encoder in encoder_paths else "",
                      "pretrain_images": pretrain_images,

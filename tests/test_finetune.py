@@ -176,6 +176,10 @@ def test_compare_grid_over_pretraining_runs_and_compute_matched_scratch():
     assert runs["mpp"] == [str(Path("out") / "pretrain" / f"mpp-s{s}") for s in (0, 1, 2)]
     names = [c.name for c in cells(cfg, runs)]
     assert "mpp-p2-linear-f0.1-s1" in names and "sup-linear-f0.1-s0" in names
+    # one pretraining seed is named by its seed, so cells done before more seeds were added are reused
+    one = CompareConfig(pretraining=PretrainingPlan(recipes={"mpp": "mpp.yaml"}, seeds=[1]), protocols=["linear"],
+                        label_fractions=[0.1], seeds=[0])
+    assert [c.name for c in cells(one, encoder_runs(one, Path("out")))] == ["mpp-p1-linear-f0.1-s0"]
     assert "scratch-f0.1-s0" in names and "scratch-matched-f0.1-s1" in names
     assert len(names) == len(set(names)) == (3 + 1) * 2 + 2 * 2
     assert label("matched") == "(random init, compute-matched)"
@@ -227,7 +231,7 @@ def test_compare_pretrains_seeds_reports_test_and_resumes(tmp_path, digits16):
         f"pretrain-{name}.log" if what == "pretraining" else f"{name}.log" for what, name in started)
     rows = list(csv.DictReader(open(out / "results.csv")))
     assert len(rows) == 8 and {(r["encoder"], r["pretrain_run"]) for r in rows if r["protocol"] == "linear"} == {
-        ("mpp", "0"), ("mpp", "1"), ("random", "0")}
+        ("mpp", "p0"), ("mpp", "p1"), ("random", "")}
     for r in rows:
         assert float(r["test_last_top1"]) >= 0 and int(r["total_images"]) == int(r["pretrain_images"]) + int(r["images_seen"])
     by_cell = {(r["encoder"], r["protocol"]): r for r in rows}
