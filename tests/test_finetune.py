@@ -257,3 +257,15 @@ def test_no_argument_default_says_what_to_run_first(tmp_path):
     result = run(python_cmd("finetune/main.py"), cwd=tmp_path, check=False, cache=tmp_path / "cache")
     assert result.returncode == 2
     assert "run `accelerate launch pretrain/main.py` first" in result.stderr
+
+
+@pytest.mark.parametrize("config", sorted((Path(__file__).resolve().parents[1] / "configs" / "compare").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_every_shipped_compare_config_loads_and_finds_its_recipes(config):
+    from vitmpp.common.config import load_config
+    from vitmpp.finetune.compare import CompareConfig, _resolve, resolve_recipes
+
+    cfg = load_config(CompareConfig, config, [])
+    assert cfg.metric.startswith("test_") and set(resolve_recipes(cfg, config)) == set(cfg.protocols)
+    for name, recipe in cfg.pretraining.recipes.items():
+        assert Path(_resolve(recipe, f"pretraining.recipes.{name}", config)).is_file()
