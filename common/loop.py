@@ -155,6 +155,7 @@ class Run:
     callbacks: Callbacks = field(default_factory=Callbacks)
     changed: list[str] = field(default_factory=list)  # keys that differ from the run folder's config (resume)
     tracker: Tracker | None = None  # TensorBoard, once the loop (or a stage that trains nothing) opened the records
+    metrics: rundir.MetricsLog | None = None  # metrics.jsonl (main process), opened with the tracker
     schedule: Schedule | None = None  # the run's length, set by the loop right after `Stage.setup`
     logical_ranks: int | None = None  # the run's for life (train.logical_ranks, or its checkpoint's); None: one per process
 
@@ -199,7 +200,7 @@ class Run:
             if self.changed and self.resume_from is not None:
                 self.console.warn(f"continuing under changed keys {', '.join(self.changed)} (--allow-changes); "
                                   f"{segment} records the config of the steps from here")
-            metrics = rundir.MetricsLog(self.run_dir, resumed_at)
+            metrics = self.metrics = rundir.MetricsLog(self.run_dir, resumed_at)
         tracker = self.tracker = Tracker(self.accelerator, "tensorboard", flatten(self.cfg), resumed_at, namespace)
         if resumed_at is None:
             tracker.text("config", "```\n" + dump_yaml(self.cfg) + "```", 0)

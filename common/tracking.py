@@ -21,7 +21,9 @@ from .optim import NonFiniteGuard
 # learns goes under the stage's own namespace (`pretrain/loss`, `pretrain/lr`, `linear/top1`:
 # a probe's loss of ~70 and lr of ~10 never share an axis with pretraining's ~2 and 1e-3,
 # and the loss is each group's first chart), and how the run runs (throughput, data, health)
-# goes under `system/<stage>/...`, a group that sorts after every stage's.
+# goes under `system/<stage>/...`, a group that sorts after every stage's. A stage may file a few
+# scalars under a group of their own (`Tracker.scalars(..., group=)`): pretraining's online
+# evaluation is `eval/knn_top1`, `eval/loss`, a group that sorts, and opens, first.
 SYSTEM_GROUP = "system"
 SYSTEM_SCALARS = frozenset({"grad_norm", "epoch", "images_per_sec", "data_wait_fraction", "mfu", "skipped_samples",
                             "retries", "nonfinite_steps"})
@@ -81,9 +83,10 @@ class Tracker:
         with self._writing():
             self.writer.file_writer.add_summary(session_start)
 
-    def scalars(self, values: dict[str, float], step: int) -> dict[str, float]:
-        """Write `values` (by name: `loss`, `top1`, `images_per_sec`, ...) under this stage's tags; returns them by tag."""
-        tagged = {self.tag(name): value for name, value in values.items()}
+    def scalars(self, values: dict[str, float], step: int, group: str | None = None) -> dict[str, float]:
+        """Write `values` (by name: `loss`, `top1`, `images_per_sec`, ...) under this stage's tags, or as
+        `<group>/<name>` when a `group` is given (a run's online evaluation: `eval/knn_top1`); returns them by tag."""
+        tagged = {(f"{group}/{name}" if group else self.tag(name)): value for name, value in values.items()}
         with self._writing():
             self.accelerator.log(tagged, step=step)
         return tagged

@@ -323,6 +323,8 @@ def run_parallel(tasks: list, names: list[str], out: Path, *, jobs: int) -> list
         futures = [pool.submit(task, out / "logs" / f"{name}.log", threads) for task, name in zip(tasks, names)]
         failures = []
         for future in futures:
+            if future.cancelled():  # not started after an earlier failure
+                continue
             try:
                 future.result()
             except UserError as err:

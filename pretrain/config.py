@@ -36,19 +36,30 @@ class PretrainLogConfig(LogConfig):
     analysis_every: int = param(0, ge=0, help="steps between the analysis figures in TensorBoard "
                                               "(encoder/...): mean attention distance, position-embedding similarity, "
                                               "embedding filters, attention rollout (0: never)")
-    knn_every: int = param(0, ge=0, help="steps between kNN monitor evaluations (DINO's kNN monitor; 0: never): the "
-                                         "encoder's class-token features of up to log.knn_images training images form "
-                                         "the memory bank, whose labels are the only labels used (the standard "
-                                         "protocol: 20 neighbours, cosine, temperature 0.07), and up to as many images "
-                                         "of the shards' 'validation' split are classified; logged as knn_top1/knn_top5 "
-                                         "(pretrain/knn_top1 in TensorBoard) and one console line. Every rank takes "
-                                         "part; skipped under FSDP and without a validation split. Off by default "
-                                         "outside the embedded demo (every 50 steps there): the bank is a seeded "
-                                         "random sample of the split, so on ImageNet-sized shards one evaluation "
-                                         "streams most training shards; set it to a few thousand steps there")
-    knn_images: int = param(2000, ge=1, help="images of the training split in the kNN monitor's memory bank (a seeded "
-                                             "random sample, the same at every evaluation), and the cap on the "
-                                             "validation images it classifies")
+
+
+@dataclass
+class PretrainEvalConfig:
+    """Online evaluation while pretraining runs (`eval/...` in TensorBoard and metrics.jsonl)."""
+
+    every: int = param(0, ge=0, help="steps between online evaluations (0: never): a kNN top-1/top-5 of the encoder's "
+                                     "class-token features on the shards' 'validation' split against a memory bank of "
+                                     "training images (their labels are the only labels used), and the objective's "
+                                     "loss on the validation split; logged as eval/knn_top1, eval/knn_top5, eval/loss "
+                                     "(TensorBoard and metrics.jsonl) and one console line, which prints its cost. "
+                                     "Skipped, with a note, under FSDP and without a validation split. Measured on a "
+                                     "2-core CPU: ~5% of the steps' time in the embedded default (every 50 steps, "
+                                     "bank 400), 3-5.5% in the digits recipes (every 100, whole bank); "
+                                     "docs/training.md")
+    knn_images: int = param(2000, ge=1, help="training images in the kNN memory bank (a seeded random sample, the "
+                                             "same at every evaluation; all when the split is smaller), and the cap on "
+                                             "the validation images kNN classifies (likewise sampled)")
+    pool: str = param("token", choices=("token", "avg"), help="kNN features: the class token (as protocol=knn and "
+                                                             "the linear probe by default) or the mean of the patch tokens")
+    k: int = param(20, ge=1, help="kNN neighbours (Wu et al. 2018, DINO: 20), as protocol=knn")
+    temperature: float = param(0.07, gt=0, help="kNN votes weighted by exp(cosine similarity / temperature)")
+    loss_images: int = param(0, ge=0, help="validation images of eval/loss (a seeded random sample; 0: all); its "
+                                           "masks are drawn from a fixed seed, the same at every evaluation")
 
 
 def _objective_help() -> str:
@@ -68,7 +79,11 @@ class PretrainConfig:
     ))
     train: TrainConfig = field(default_factory=lambda: TrainConfig(global_batch=128, steps=200))
     log: PretrainLogConfig = field(default_factory=lambda: PretrainLogConfig(image_every=100, analysis_every=100,
-                                                                             checkpoint_every=100, knn_every=50))
+                                                                             checkpoint_every=100))
+    # Every 50 steps on a 400-image bank and 128 loss images: ~5% of the steps' time, measured (the whole
+    # bank and all 359 validation images: ~8-12%); docs/training.md.
+    eval: PretrainEvalConfig = field(default_factory=lambda: PretrainEvalConfig(every=50, knn_images=400,
+                                                                               loss_images=128))
     run: RunConfig = field(default_factory=RunConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
 
@@ -104,7 +119,8 @@ def _with_objective_section(name: str) -> type:
 
 
 # Keys (prefixes) that may change when a run is resumed: they do not alter what is computed (logging,
-# fault injection, the run's place and length, workers, where the shards live, abort thresholds).
+# online evaluation (it draws from its own random state), fault injection, the run's place and length,
+# workers, where the shards live, abort thresholds).
 # Any other change needs --resume ... --allow-changes (see vitmpp.common.rundir).
-RESUMABLE_KEYS = ("log.", "debug.", "run.", "train.steps", "train.epochs", "train.max_nonfinite_steps", "train.logical_ranks",
+RESUMABLE_KEYS = ("log.", "eval.", "debug.", "run.", "train.steps", "train.epochs", "train.max_nonfinite_steps", "train.logical_ranks",
                   "train.peak_tflops", "data.num_workers", "data.shards", "data.max_skip_fraction")

@@ -5,14 +5,18 @@
 
 Between steps: the objective's own hook (`after_optimizer_step`, e.g. an EMA
 teacher), its pictures every `log.image_every` steps and the analysis figures
-every `log.analysis_every`, and a kNN accuracy on the validation split every
-`log.knn_every` (`knn_monitor`). At the end: `encoder.safetensors` + `encoder.json`, the same
-weights as a transformers folder (`transformers/`), and the model card `README.md`
-(vitmpp.models.hub; docs/export.md).
+every `log.analysis_every`, and every `eval.every` steps the online evaluation
+(`evaluate_online`): kNN top-1/top-5 on the validation split and the objective's
+validation loss, as `eval/...` in TensorBoard and metrics.jsonl. At the end:
+`encoder.safetensors` + `encoder.json`, the same weights as a transformers folder
+(`transformers/`), and the model card `README.md` (vitmpp.models.hub; docs/export.md).
 """
 from __future__ import annotations
 
+import math
 import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +35,15 @@ from vitmpp.models.card import render_card
 from vitmpp.models.hub import (CARD_NAME, TRANSFORMERS_DIR, card_facts, save_transformers,
                                transformers_incompatibility, write_card)
 
-from .config import RESUMABLE_KEYS, PretrainConfig
+from .config import RESUMABLE_KEYS, PretrainConfig, PretrainEvalConfig
 
-KNN_VAL_SPLIT = "validation"  # the kNN monitor's queries: the split the evaluation stages score on
+EVAL_SPLIT = "validation"  # the online evaluation's queries: the split the evaluation stages choose on
+EVAL_GROUP = "eval"  # its TensorBoard group and metrics.jsonl prefix: eval/knn_top1, eval/knn_top5, eval/loss
+# The evaluation reads the same samples through a deterministic transform every time: when all of them fit in
+# this many bytes (uint8, counted whole although each rank keeps only its share), the first evaluation keeps
+# the decoded batches and the later ones reuse them. On the digits an evaluation that decoded (with loader
+# workers) took 2.3 s, one that did not 0.7 s; ImageNet-sized samples are decoded every time.
+EVAL_CACHE_BYTES = 256 * 2**20
 
 
 class PretrainStage(Stage):
@@ -71,38 +81,53 @@ class PretrainStage(Stage):
                               f"from the export: python -m vitmpp.analyze --encoder {run.run_dir} --shards ... --out ...")
         self.mean = torch.tensor(cfg.data.mean, device=run.device).view(1, 3, 1, 1)
         self.std = torch.tensor(cfg.data.std, device=run.device).view(1, 3, 1, 1)
-        self.knn_specs = self.knn_monitor_specs(manifest)
+        self.eval_specs = self.online_eval_specs(manifest)
+        self.eval_clock: tuple[int, float] | None = None  # (step, time) the steps before the next evaluation began
         return Plan(self.objective, optimizer, loader, open_loader, split.num_samples,
                     f"pretraining {cfg.objective} on {self.shards} ({split.num_samples} images)")
 
     def flops_per_image(self, model: torch.nn.Module) -> float | None:
         return flops_per_image(model, self.cfg.model.img_size)
 
-    def knn_monitor_specs(self, manifest) -> tuple[LoaderSpec, LoaderSpec, int] | None:
-        """The kNN monitor's two eval loaders and its query count, or None (with a note) when it cannot run."""
+    def online_eval_specs(self, manifest) -> "EvalSpecs | None":
+        """The online evaluation's loaders (`eval_specs`), or None (with a note) when it is off or cannot run."""
         cfg, run = self.cfg, self.run
-        if not cfg.log.knn_every:
+        if not cfg.eval.every:
             return None
         if self.sharded:
-            run.console.print("note: no kNN monitor under FSDP (the encoder is sharded); evaluate the export instead: "
-                              f"./launch.sh finetune protocol=knn encoder={run.run_dir}")
+            run.console.print("note: no online evaluation under FSDP (the encoder is sharded); evaluate the export "
+                              f"instead: ./launch.sh finetune protocol=knn encoder={run.run_dir}")
             return None
-        if KNN_VAL_SPLIT not in manifest.splits:
-            run.console.print(f"note: no kNN monitor: the shards {self.shards} have no '{KNN_VAL_SPLIT}' split")
+        if EVAL_SPLIT not in manifest.splits:
+            run.console.print(f"note: no online evaluation: the shards {self.shards} have no '{EVAL_SPLIT}' split")
             return None
-        return knn_monitor_specs(self.shards, manifest, cfg.data.train_split, cfg.log.knn_images, cfg.model.img_size,
-                                 seed=cfg.train.seed, rank=run.rank, world=run.world, num_workers=cfg.data.num_workers,
-                                 interpolation=cfg.data.interpolation, max_skip_fraction=cfg.data.max_skip_fraction)
+        return eval_specs(self.shards, manifest, cfg.data.train_split, cfg.eval, cfg.model.img_size,
+                          loss_batch=run.geometry.per_device_batch, seed=cfg.train.seed, rank=run.rank,
+                          world=run.world, num_workers=cfg.data.num_workers, interpolation=cfg.data.interpolation,
+                          max_skip_fraction=cfg.data.max_skip_fraction)
 
-    def log_knn(self, step: int) -> None:
-        """kNN top-1/top-5 of the encoder as it is now; every rank takes part (the features are gathered)."""
-        run = self.run
+    def log_evaluation(self, step: int) -> None:
+        """The online evaluation of the model as it is now: TensorBoard, a metrics.jsonl row, one console line.
+        Every rank takes part (`evaluate_online`)."""
+        cfg, run = self.cfg, self.run
         started = time.perf_counter()
-        scores = knn_monitor(run.accelerator, self.objective.encoder, *self.knn_specs, self.mean, self.std)
+        scores = evaluate_online(run.accelerator, self.objective, self.eval_specs, self.mean, self.std,
+                                 k=cfg.eval.k, temperature=cfg.eval.temperature, pool=cfg.eval.pool, seed=cfg.train.seed)
         seconds = time.perf_counter() - started
-        run.tracker.scalars({"knn_top1": scores["top1"], "knn_top5": scores["top5"]}, step=step)  # pretrain/knn_top1
-        run.console.print(f"step {step}: kNN top-1 {scores['top1']:.2f}  top-5 {scores['top5']:.2f}  "
-                          f"({scores['count']} validation images, {seconds:.1f}s)")
+        cost = ""
+        if self.eval_clock is not None and self.eval_clock[0] < step:  # its cost against the steps since the last
+            since, budget = self.eval_clock[0], started - self.eval_clock[1]
+            cost = f" = {100 * seconds / budget:.1f}% of the {budget:.1f}s of steps {since + 1}-{step}"
+        tagged = run.tracker.scalars({name: scores[name] for name in ("knn_top1", "knn_top5", "loss")}, step=step,
+                                     group=EVAL_GROUP)
+        if run.metrics is not None:  # a row of its own beside the step's loss row: {"step", "eval/knn_top1", ...}
+            row = {tag: value if math.isfinite(value) else None for tag, value in tagged.items()}
+            run.metrics.append([{"step": step, **row, f"{EVAL_GROUP}/knn_count": scores["knn_count"],
+                                 f"{EVAL_GROUP}/loss_count": scores["loss_count"]}])
+        run.console.print(f"step {step}: eval kNN top-1 {scores['knn_top1']:.2f}  top-5 {scores['knn_top5']:.2f}  "
+                          f"validation loss {scores['loss']:.4f}  ({scores['knn_count']} validation images, bank "
+                          f"{scores['bank']}; {seconds:.2f}s{cost})")
+        self.eval_clock = (step, time.perf_counter())
 
     def forward(self, model, batch):
         images = normalize_batch(batch.images.to(self.run.device, non_blocking=True), self.mean, self.std)
@@ -116,8 +141,12 @@ class PretrainStage(Stage):
         if due and self.run.accelerator.is_main_process:
             with self.run.callbacks.phase("pictures"):
                 self.log_pictures(step, *output)
-        if self.knn_specs is not None and step % log.knn_every == 0:
-            self.log_knn(step)
+        if self.eval_specs is not None:
+            if self.eval_clock is None:  # the first step of this process: the clock of the first cost starts here
+                self.eval_clock = (step, time.perf_counter())
+            if step % self.cfg.eval.every == 0:
+                with self.run.callbacks.phase("eval"):
+                    self.log_evaluation(step)
         return False
 
     def log_pictures(self, step: int, images: torch.Tensor, result) -> None:
@@ -187,43 +216,138 @@ class PretrainStage(Stage):
         return facts
 
 
-def knn_monitor_specs(shards, manifest, train_split: str, images: int, img_size: int, *, seed: int = 0, rank: int = 0,
-                      world: int = 1, num_workers: int = 0, interpolation: str = "bicubic",
-                      max_skip_fraction: float = 0.1, batch_size: int = 256) -> tuple[LoaderSpec, LoaderSpec, int]:
-    """Eval loaders over at most `images` training images (the memory bank) and as many validation images
-    (the queries), each a seeded random sample, the same at every evaluation; and the query count."""
-    def sample(split: str) -> tuple[int, ...] | None:
+@dataclass(frozen=True)
+class EvalSpecs:
+    """What one online evaluation reads: the kNN memory bank (training split), the kNN queries and the
+    loss images (validation split), how many real samples each holds, and whether their decoded
+    batches are kept for the next evaluation (`batches`)."""
+
+    bank: LoaderSpec
+    queries: LoaderSpec
+    loss: LoaderSpec
+    bank_count: int
+    queries_count: int
+    loss_count: int
+    keep_batches: bool = False
+    kept: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def batches(self, name: str):
+        """The batches of loader `name` ('bank', 'queries', 'loss'): a fresh loader, or the batches the
+        first evaluation read (the same ones: the samples and the transform are fixed)."""
+        spec = getattr(self, name)
+        if not self.keep_batches:
+            return open_loader(spec)
+        if name not in self.kept:
+            self.kept[name] = list(open_loader(spec))
+        return self.kept[name]
+
+
+def eval_specs(shards, manifest, train_split: str, cfg: PretrainEvalConfig, img_size: int, *, loss_batch: int = 256,
+               seed: int = 0, rank: int = 0, world: int = 1, num_workers: int = 0, interpolation: str = "bicubic",
+               max_skip_fraction: float = 0.1, batch_size: int = 256) -> EvalSpecs:
+    """Eval loaders (every sample once over the ranks, padding marked -1) over a seeded random sample of
+    `cfg.knn_images` training images (the bank) and as many validation images (the queries), and of
+    `cfg.loss_images` validation images (0: all) for the loss; the same samples at every evaluation.
+    `loss_batch`: images per rank per forward of the objective (the training per-device batch fits)."""
+    def sample(split: str, images: int) -> tuple[int, ...] | None:
         total = manifest.split(split).num_samples
-        if total <= images:
+        if not images or total <= images:
             return None
         return tuple(np.sort(np.random.default_rng(seed).choice(total, size=images, replace=False)).tolist())
 
-    train_keep, val_keep = sample(train_split), sample(KNN_VAL_SPLIT)
-    common = dict(shards=shards, manifest=manifest, batch_size=batch_size, training=False, rank=rank,
-                  world_size=world, num_workers=num_workers, max_skip_fraction=max_skip_fraction,
+    def count(split: str, keep) -> int:
+        return len(keep) if keep is not None else manifest.split(split).num_samples
+
+    bank_keep, query_keep = sample(train_split, cfg.knn_images), sample(EVAL_SPLIT, cfg.knn_images)
+    loss_keep = sample(EVAL_SPLIT, cfg.loss_images)
+    common = dict(shards=shards, manifest=manifest, training=False, rank=rank, world_size=world,
+                  num_workers=num_workers, max_skip_fraction=max_skip_fraction,
                   transform=eval_transform(img_size, interpolation=interpolation))
-    expected = len(val_keep) if val_keep is not None else manifest.split(KNN_VAL_SPLIT).num_samples
-    return (LoaderSpec(split=train_split, keep_indices=train_keep, **common),
-            LoaderSpec(split=KNN_VAL_SPLIT, keep_indices=val_keep, **common), expected)
+    counts = dict(bank_count=count(train_split, bank_keep), queries_count=count(EVAL_SPLIT, query_keep),
+                  loss_count=count(EVAL_SPLIT, loss_keep))
+    keep = sum(counts.values()) * 3 * img_size**2 <= EVAL_CACHE_BYTES
+    if keep:  # decoded once: in this process (starting loader workers took longer than decoding the digits)
+        common["num_workers"] = 0
+    return EvalSpecs(bank=LoaderSpec(split=train_split, keep_indices=bank_keep, batch_size=batch_size, **common),
+                     queries=LoaderSpec(split=EVAL_SPLIT, keep_indices=query_keep, batch_size=batch_size, **common),
+                     loss=LoaderSpec(split=EVAL_SPLIT, keep_indices=loss_keep, batch_size=loss_batch, **common),
+                     keep_batches=keep, **counts)
 
 
-def knn_monitor(accelerator, encoder: torch.nn.Module, train_spec: LoaderSpec, val_spec: LoaderSpec, expected: int,
-                mean: torch.Tensor, std: torch.Tensor, k: int = 20, temperature: float = 0.07) -> dict[str, float]:
-    """DINO's kNN monitor: `encoder`'s class-token features (eval mode, no gradients; its train/eval mode
-    is restored) of the training sample vote, with their labels, for the validation sample's classes
-    (vitmpp.finetune.knn). Every rank must call it (the features are gathered)."""
+@contextmanager
+def _own_rng(device: torch.device):
+    """Inside: torch's generators of the host and of `device` may be reseeded at will; afterwards they are
+    as before, so an evaluation never moves the training's random stream (exact resume)."""
+    devices = []
+    if device.type == "cuda":
+        devices = [device.index if device.index is not None else torch.cuda.current_device()]
+    with torch.random.fork_rng(devices=devices):
+        yield
+
+
+def _seed_torch(seed: int, device: torch.device) -> None:
+    torch.random.default_generator.manual_seed(seed)
+    if device.type == "cuda":
+        torch.cuda.manual_seed(seed)
+
+
+def evaluate_online(accelerator, objective: torch.nn.Module, specs: EvalSpecs, mean: torch.Tensor, std: torch.Tensor,
+                    *, k: int = 20, temperature: float = 0.07, pool: str = "token", seed: int = 0) -> dict[str, float]:
+    """The online evaluation of `objective` (unwrapped, whole on every rank; eval mode and no gradients
+    inside, its train/eval mode restored):
+
+    - kNN (vitmpp.finetune.knn, as protocol=knn): the encoder's class-token features of the bank and of
+      the queries are extracted by every rank for its share and gathered to every rank (`accelerator.gather`),
+      so every rank holds all of them and computes the same votes; `knn_top1`, `knn_top5` in %.
+    - the objective's own loss on `specs.loss` (supervised: its cross-entropy), sharded: each rank
+      forwards its share (padding, index -1, dropped) with masks drawn from (`seed`, rank, batch number),
+      and the sums are reduced; `loss` is the mean over images (each batch's loss weighted by its images).
+      The masks are the same at every evaluation of a run on the same number of processes.
+
+    Every rank must call it (gathers). Returns also `knn_count` and `loss_count` (validation images
+    scored, each once over the ranks: checked) and `bank` (memory-bank images)."""
     from vitmpp.finetune.heads import pooled_features
     from vitmpp.finetune.knn import knn_classify
 
-    was_training = encoder.training
-    encoder.eval()
+    encoder, device = objective.encoder, accelerator.device
+    was_training = objective.training
+    objective.eval()
     try:
-        with torch.no_grad():
-            return knn_classify(accelerator, lambda x: pooled_features(encoder, x, "token"), open_loader(train_spec),
-                                open_loader(val_spec), mean, std, train_spec.manifest.num_classes, k, temperature,
-                                expected_val=expected)
+        with torch.no_grad(), _own_rng(device):
+            knn = knn_classify(accelerator, lambda x: pooled_features(encoder, x, pool), specs.batches("bank"),
+                               specs.batches("queries"), mean, std, specs.bank.manifest.num_classes, k, temperature,
+                               expected_val=specs.queries_count)
+            loss, loss_count = _validation_loss(accelerator, objective, specs.batches("loss"), mean, std,
+                                                specs.loss_count, seed)
     finally:
-        encoder.train(was_training)
+        objective.train(was_training)
+    return {"knn_top1": knn["top1"], "knn_top5": knn["top5"], "knn_count": knn["count"], "loss": loss,
+            "loss_count": loss_count, "bank": specs.bank_count}
+
+
+def _validation_loss(accelerator, objective, loader, mean, std, expected: int, seed: int) -> tuple[float, int]:
+    """The objective's loss over `loader`'s real samples, each counted once over the ranks: (mean, count).
+    Each batch's masks are drawn from (seed, rank, batch), whatever the loader did with the global generators."""
+    device, rank = accelerator.device, accelerator.process_index
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    indices = []
+    for number, batch in enumerate(loader):
+        keep = batch.indices >= 0
+        indices.append(batch.indices.to(device))  # padding too: every rank gathers tensors of one shape
+        if not keep.any():
+            continue
+        images = normalize_batch(batch.images[keep].to(device, non_blocking=True), mean, std)
+        _seed_torch(int(np.random.SeedSequence([seed, rank, number]).generate_state(1)[0]), device)
+        with accelerator.autocast():
+            output = objective(images, batch.labels[keep].to(device))
+        total += output.loss.double() * int(keep.sum())
+    seen = accelerator.gather(torch.cat(indices)) if indices else torch.zeros(0, dtype=torch.long, device=device)
+    seen = seen[seen >= 0]
+    count = int(torch.unique(seen).numel())
+    if count != expected or seen.numel() != expected:
+        raise RuntimeError(f"validation loss saw {seen.numel()} samples for {count} distinct ones, expected {expected}")
+    total = accelerator.reduce(total, "sum") if accelerator.num_processes > 1 else total
+    return float(total) / count, count
 
 
 def next_commands(run_dir: Path, cfg: PretrainConfig) -> list[str]:
@@ -233,7 +357,9 @@ def next_commands(run_dir: Path, cfg: PretrainConfig) -> list[str]:
     name = shlex.quote(str(run_dir))
     data = f" data.shards={shlex.quote(cfg.data.shards)}" if cfg.data.shards else ""
     overrides = f" {shlex.quote(f'overrides=[data.shards={cfg.data.shards}]')}" if cfg.data.shards else ""
-    encoders = shlex.quote(f"encoders={{{cfg.objective}: {run_dir}, random: random}}")
+    # this encoder against a random one and scratch, in place of the recipes the config pretrains itself
+    encoders = (shlex.quote(f"encoders={{{cfg.objective}: {run_dir}, random: random}}") + " "
+                + shlex.quote("pretraining.recipes={}"))
     return [
         f"next, a linear probe:  ./launch.sh finetune encoder={name}{data}",
         f"or the comparison:     python -m vitmpp.finetune.compare --config configs/compare/digits.yaml {encoders} "

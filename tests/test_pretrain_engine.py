@@ -64,7 +64,7 @@ def test_default_command_runs_end_to_end(tmp_path):
     finetune_main(shlex.split(last[0].split("./launch.sh finetune", 1)[1]) + ["--print-config"])
     words = shlex.split(last[1].split("python -m vitmpp.finetune.compare", 1)[1])
     compare = load_config(CompareConfig, ROOT / words[1], words[2:])
-    assert compare.encoders == {"mpp": "runs/default-mpp", "random": "random"}
+    assert compare.encoders == {"mpp": "runs/default-mpp", "random": "random"} and compare.pretraining.recipes == {}
 
 
 @pytest.mark.parametrize("objective", [name for name in objective_names() if name != "mpp"])

@@ -1,6 +1,7 @@
 """What `tensorboard --logdir runs` shows: stage-namespaced scalar tags (a pretraining run and a
-linear probe in one logdir share no chart), the config in each run's own event file (no
-timestamp-named sub-runs), and objective pictures whose columns are labelled inside the image."""
+linear probe in one logdir share no chart; pretraining's online evaluation in its own `eval`
+group), the config in each run's own event file (no timestamp-named sub-runs), and objective
+pictures whose columns are labelled inside the image."""
 from __future__ import annotations
 
 import math
@@ -37,8 +38,8 @@ def test_scalar_tags_put_the_stage_first_and_the_system_series_in_a_later_group(
     assert scalar_tag("pretrain", "images_per_sec") == "system/pretrain/images_per_sec"
     assert scalar_tag("linear", "skipped_samples") == "system/linear/skipped_samples"
     assert scalar_tag("pretrain", "retries") == "system/pretrain/retries"
-    # TensorBoard sorts its groups by name: the system group comes after every stage's
-    assert all(SYSTEM_GROUP > stage for stage in ("pretrain", "linear", "finetune", "scratch", "knn"))
+    # TensorBoard sorts its groups by name: the system group comes after every stage's (and eval's)
+    assert all(SYSTEM_GROUP > stage for stage in ("pretrain", "linear", "finetune", "scratch", "knn", "eval"))
 
 
 # ----------------------------------------------------------------------------- pictures
@@ -90,7 +91,8 @@ def test_a_picture_without_column_labels_is_the_bare_grid():
 @pytest.mark.slow
 def test_pretraining_and_linear_probe_in_one_logdir(tmp_path, digits16):
     run(python_cmd("pretrain/main.py") + TINY + ["train.steps=2", f"data.shards={digits16}", "run.name=pre",
-                                                 "log.image_every=2"], cwd=tmp_path)
+                                                 "log.image_every=2", "eval.every=2", "eval.knn_images=100"],
+        cwd=tmp_path)
     pretrain_dir = tmp_path / "runs" / "pre"
     run(python_cmd("finetune/main.py") + ["train.global_batch=32", "data.num_workers=0", "log.log_every=1",
                                           "train.steps=2", "protocol=linear", f"encoder={pretrain_dir}",
@@ -100,12 +102,15 @@ def test_pretraining_and_linear_probe_in_one_logdir(tmp_path, digits16):
     pretrain_tags, probe_tags = set(pretrain.Tags()["scalars"]), set(probe.Tags()["scalars"])
     assert {"pretrain/loss", "pretrain/lr", "system/pretrain/images_per_sec", "system/pretrain/skipped_samples",
             "system/pretrain/nonfinite_steps", "system/pretrain/grad_norm"} <= pretrain_tags
+    assert {"eval/knn_top1", "eval/knn_top5", "eval/loss"} <= pretrain_tags  # the online evaluation
     assert {"linear/loss", "linear/lr", "linear/top1", "linear/top5", "system/linear/images_per_sec"} <= probe_tags
-    assert all(t.startswith(("pretrain/", "system/pretrain/")) for t in pretrain_tags), pretrain_tags
+    assert all(t.startswith(("pretrain/", "system/pretrain/", "eval/")) for t in pretrain_tags), pretrain_tags
     assert all(t.startswith(("linear/", "system/linear/")) for t in probe_tags), probe_tags
     assert not pretrain_tags & probe_tags
-    # the loss is the first chart of the first group TensorBoard shows for each run
-    assert min(pretrain_tags) == "pretrain/loss" and min(probe_tags) == "linear/loss"
+    # the loss is the first chart of the first group TensorBoard shows for each run; a pretraining run
+    # that evaluates opens with its kNN accuracy (eval/ sorts first) and the loss group beside it
+    assert min(pretrain_tags) == "eval/knn_top1" and min(probe_tags) == "linear/loss"
+    assert min(t for t in pretrain_tags if not t.startswith("eval/")) == "pretrain/loss"
 
     # the config is the HPARAMS tab's session of each run, in the run's own event file
     for acc in (pretrain, probe):

@@ -149,7 +149,7 @@ def test_fsdp_config_alone_shards_on_cpu_and_draws_the_pictures_it_can(tmp_path,
     result = run(fsdp_cmd(105, use_fsdp=False) + TINY + ["train.steps=2", f"data.shards={digits16}", "run.name=asked",
                                                          "log.image_every=1", "log.analysis_every=1"], cwd=tmp_path)
     assert "FSDP2: " in result.stdout and "no analysis figures in TensorBoard under FSDP" in result.stdout
-    assert "no kNN monitor under FSDP" in result.stdout  # the embedded default's log.knn_every is skipped too
+    assert "no online evaluation under FSDP" in result.stdout  # the embedded default's eval.every is skipped too
     assert_sharded(tmp_path / "runs" / "asked" / "checkpoints" / "step-0000002")
 
 
