@@ -81,10 +81,9 @@ def write_photo_folder(root: Path, count: int, size: tuple[int, int], seed: int 
 def repeat_shards(source: Path, out: Path, times: int) -> Path:
     """A shard folder whose train split lists every shard of `source` `times` times (symbolic links).
 
-    The engine builds a new loader, with new workers, every epoch; an epoch of
-    several passes over a small generated set keeps a short GPU run from spending
-    its time restarting workers. The loader shuffles shards and samples, so the
-    passes differ. Only the train split is kept (no labels sidecar: pretraining
+    An epoch of several passes over a small generated set keeps a short GPU run's
+    epochs long (the loader keeps its workers across epochs, but each epoch starts with
+    an empty prefetch queue). The loader shuffles shards and samples, so the passes differ. Only the train split is kept (no labels sidecar: pretraining
     does not read it).
     """
     source, out = Path(source).absolute(), Path(out)
@@ -116,7 +115,29 @@ def shards_from_folder(root: Path, out: Path, max_size: int | None = None, maxco
     out = Path(out)
     if not (out / "_info.json").exists():
         write_shards(out, "imagefolder", root=root, fmt="jpg", max_size=max_size, maxcount=maxcount,
-                     val_fraction=0.0, progress=False)
+                     val_fraction=0.0, test_fraction=0.0, progress=False)
+    return out
+
+
+def folder_from_shards(shards: Path, out: Path) -> Path:
+    """An ImageFolder tree of the very JPEG bytes of a shard folder's train split (made once), so that
+    ImageFolder + DataLoader can be measured on e.g. `--max-size` shards' images."""
+    from vitmpp.datasets import read_manifest
+    from vitmpp.datasets.samples import Tally, read_shard
+
+    out = Path(out)
+    done = out / ".complete"
+    if done.exists():
+        return out
+    manifest = read_manifest(str(shards))
+    info = manifest.split("train")
+    tally = Tally()
+    for url, offset, length in zip(manifest.shard_urls("train"), info.offsets, info.shard_lengths):
+        for raw in read_shard(url, offset, length, None, tally):
+            folder = out / f"class_{int(raw.members['cls'])}"
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / f"{raw.index:08d}.jpg").write_bytes(raw.members["jpg"])
+    done.write_text("")
     return out
 
 
@@ -127,7 +148,7 @@ def synthetic_shards(out: Path, count: int, image_size: int, maxcount: int = 256
     out = Path(out)
     if not (out / "_info.json").exists():
         write_shards(out, "synthetic", fmt="jpg", image_size=image_size, count=count, maxcount=maxcount,
-                     val_fraction=0.0, progress=False)
+                     val_fraction=0.0, test_fraction=0.0, progress=False)
     return out
 
 

@@ -7,12 +7,19 @@
   already in memory): ImageNet-like 500 x 375 JPEGs -> 224, the same after
   `make_shards --max-size`, and 32 px images -> 32; plus the levers measured on
   the same bytes (PIL draft decoding, resize with a reducing gap);
-* worker scaling of our loader.
+* worker scaling of our loader;
+* decode-only workers (`LoaderSpec(augment_on="device")`, issue 15): per core, the decode
+  (simplejpeg, and PIL without the `fast` extra) + box draw + region packing against the PIL
+  transform path on the same bytes, full-size and `--max-size` shards, with the tar parsing
+  (our lean reader against tarfile) and the batched crop's cost on this CPU; then whole
+  loaders, 2 workers: worker CPU per image of the PIL path, the decode-only path and
+  ImageFolder + DataLoader with the same transform, on both kinds of shards.
 
 Goals (issue 7): loader / ImageFolder >= 1.0 per core; >= 300 images/s/core at
 224 from full JPEGs, >= 1,000 from pre-resized shards, >= 3,000 at 32 px;
-worker scaling >= 0.9 x N. An H100 at 50% MFU eats ~8,400 MAE-B images/s,
-~530/s per core of a 16-core host.
+worker scaling >= 0.9 x N. Issue 15, decode-only: >= 600 images/s/core from 500 x 375
+JPEG shards, >= 1,200 from pre-resized ones, shard loader >= 1.0 x ImageFolder. An H100
+at 50% MFU eats ~8,400 MAE-B images/s, ~530/s per core of a 16-core host.
 """
 from __future__ import annotations
 
@@ -25,9 +32,12 @@ import numpy as np
 import torch
 
 from vitmpp.datasets import LoaderSpec, open_loader, pretrain_transform, read_manifest
-from vitmpp.datasets.samples import Tally, decode_sample, read_shard
+from vitmpp.datasets.device_augment import CropFlip, crop_flip_batch, pack_regions
+from vitmpp.datasets import loader as loader_module
+from vitmpp.datasets.loader import close_idle_workers
+from vitmpp.datasets.samples import Tally, decode_array, decode_sample, read_shard, use_fast_jpeg
 
-from .data import folder_bytes, shards_from_folder, synthetic_shards, write_photo_folder
+from .data import folder_bytes, folder_from_shards, shards_from_folder, synthetic_shards, write_photo_folder
 from .harness import Row, Settings, fmt_ratio, median, speed_ratio, verdict
 
 H100_NEED_PER_CORE = 530  # images/s per core of a 16-core host feeding an H100 at 50% MFU (MAE-B)
@@ -46,7 +56,8 @@ def cpu_seconds() -> float:
 
 
 def epoch_seconds(make_iter, batches: int) -> tuple[float, float]:
-    """(wall, CPU) seconds to pull `batches` batches from a fresh iterator, worker start-up and exit included."""
+    """(wall, CPU) seconds to pull `batches` batches from a fresh iterator, worker start-up and exit included
+    (the shard loader's kept workers are ended after every epoch, so each epoch starts its own)."""
     import gc
 
     cpu, start = cpu_seconds(), time.perf_counter()
@@ -58,14 +69,45 @@ def epoch_seconds(make_iter, batches: int) -> tuple[float, float]:
             break
     wall = time.perf_counter() - start
     del iterator
-    gc.collect()  # the workers are joined (and their CPU time reaped) when the iterator goes
+    gc.collect()
+    close_idle_workers()  # the workers are joined (and their CPU time reaped): ours are kept for a next pass
     return wall, cpu_seconds() - cpu
 
 
-def our_loader(shards: Path, transform, batch: int, workers: int, batches: int, epoch: int = 0):
+def our_loader(shards: Path, transform, batch: int, workers: int, batches: int, epoch: int = 0,
+               augment_on: str = "cpu"):
     spec = LoaderSpec(shards=str(shards), manifest=read_manifest(shards), batch_size=batch, transform=transform,
-                      training=True, num_workers=workers, shuffle_buffer=4 * batch, batches_per_epoch=batches)
+                      training=True, num_workers=workers, shuffle_buffer=4 * batch, batches_per_epoch=batches,
+                      augment_on=augment_on)
     return open_loader(spec, epoch=epoch)
+
+
+def split_cpu_seconds() -> tuple[float, float]:
+    """(this process, its finished children) CPU seconds: the main process and the loader workers apart."""
+    import resource
+
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime, children.ru_utime + children.ru_stime
+
+
+def epoch_split_seconds(make_iter, batches: int) -> tuple[float, float, int]:
+    """(main-process CPU s, worker CPU s, images delivered) to pull up to `batches` batches from a fresh
+    iterator, worker start and exit included (workers reaped); an ImageFolder epoch may hold fewer."""
+    import gc
+
+    main, workers = split_cpu_seconds()
+    n = images = 0
+    iterator = make_iter()
+    for batch in iterator:
+        n += 1
+        images += len(batch[0])
+        if n == batches:
+            break
+    del iterator
+    gc.collect()
+    close_idle_workers()
+    main_after, workers_after = split_cpu_seconds()
+    return main_after - main, workers_after - workers, images
 
 
 def imagefolder_loader(root: Path, transform, batch: int, workers: int):
@@ -153,9 +195,18 @@ def loader_rows(settings: Settings) -> list[Row]:
     torch.set_num_threads(1)  # the per-core rows: PIL is single-threaded, so should torch be
     paths = prepare(settings)
     rows: list[Row] = []
-    rows += _versus_imagefolder(settings, paths)
-    rows += _per_core(settings, paths)
-    rows += _worker_scaling(settings, paths)
+    # These rows measure whole epochs, worker start included: the shard loader's kept workers are
+    # ended after every epoch (close_idle_workers) and must not start the next epoch ahead meanwhile.
+    run_ahead, loader_module.RUN_AHEAD = loader_module.RUN_AHEAD, False
+    try:
+        rows += _versus_imagefolder(settings, paths)
+        rows += _per_core(settings, paths)
+        rows += _worker_scaling(settings, paths)
+        rows += _decode_only_per_core(settings, paths)
+        rows += _decode_only_loaders(settings, paths)
+        rows += _short_epochs(settings, paths)
+    finally:
+        loader_module.RUN_AHEAD = run_ahead
     return rows
 
 
@@ -274,4 +325,234 @@ def _worker_scaling(settings: Settings, paths: dict) -> list[Row]:
                         "shortfall is cores taken by other processes); "
                         f"{os.cpu_count()} cores on this machine; {verdict(efficiency, 0.9)}",
                         {"seconds": {str(k): v for k, v in seconds.items()}, "cpu": {str(k): v for k, v in cpu.items()}}))
+    return rows
+
+
+# ----------------------------------------------------------------------------- decode-only workers (issue 15)
+
+DECODE_ONLY_GOALS = {"full": 600, "resized": 1200}  # images/s per core, issue 15
+
+
+def decode_only_seconds(raws: list, crop_flip: CropFlip, draft_side: int | None, batch: int) -> float:
+    """CPU seconds per image of a decode-only worker on this thread, bytes in memory: decode to an array,
+    draw the box and flip, pack each batch's regions (what `augment_on="device"` leaves to the CPU)."""
+    start = time.thread_time()
+    for k in range(0, len(raws), batch):
+        images = [decode_array(raw, 0, draft_side)[0] for raw in raws[k:k + batch]]
+        boxes = [crop_flip.draw(image.shape[1], image.shape[0])[:4] for image in images]
+        pack_regions(images, boxes)
+    return (time.thread_time() - start) / len(raws)
+
+
+def device_crop_seconds(raws: list, crop_flip: CropFlip, draft_side: int | None, batch: int) -> float:
+    """CPU seconds per image of the batched crop + flip (`crop_flip_batch`) run on this CPU, one thread:
+    what the device does instead of the workers (on a GPU it costs no host CPU)."""
+    batches = []
+    for k in range(0, len(raws) - batch + 1, batch):
+        images = [decode_array(raw, 0, draft_side)[0] for raw in raws[k:k + batch]]
+        boxes = [crop_flip.draw(image.shape[1], image.shape[0])[:4] for image in images]
+        regions, rois = pack_regions(images, boxes)
+        batches.append((torch.from_numpy(regions), torch.from_numpy(rois), torch.rand(len(images)) < 0.5))
+    start = time.thread_time()
+    for regions, rois, flips in batches:
+        crop_flip_batch(regions, rois, flips, crop_flip.size)
+    return (time.thread_time() - start) / max(1, len(batches) * batch)
+
+
+def tar_seconds(shards: Path, lean: bool) -> float:
+    """CPU seconds per sample to read the members of the train shards and group them by key
+    (no decoding): our lean reader (tarmembers.py) or tarfile through webdataset."""
+    from webdataset.handlers import reraise_exception
+    from webdataset.tariterators import tar_file_iterator
+
+    from vitmpp.datasets.samples import _samples
+    from vitmpp.datasets.tarmembers import read_members
+
+    manifest = read_manifest(str(shards))
+    urls = manifest.shard_urls("train")
+    start, count = time.thread_time(), 0
+    for url in urls:
+        with open(url, "rb") as stream:
+            files = read_members(stream, url) if lean else (
+                dict(f, __url__=url) for f in tar_file_iterator(stream, handler=reraise_exception))
+            count += sum(1 for _ in _samples(files))
+    return (time.thread_time() - start) / max(1, count)
+
+
+def _decode_only_per_core(settings: Settings, paths: dict) -> list[Row]:
+    limit = min(settings.photo_count, 640)
+    rounds = min(settings.rounds, 3)
+    crop = settings.photo_crop
+    batch = settings.loader_batch
+    standard = pretrain_transform(crop)
+    crop_flip, draft = CropFlip.of(standard), standard.decode_min_side
+    fast = use_fast_jpeg(True)  # whether simplejpeg (the `fast` extra) is installed here
+    kinds = {"full": raw_samples(paths["photo_shards"], limit), "resized": raw_samples(paths["resized_shards"], limit)}
+    w, h = settings.photo_size
+    title = {"full": f"{w}x{h} JPEG -> {crop}", "resized": f"--max-size {settings.max_size} -> {crop}"}
+
+    def decode_only(raws, with_fast: bool) -> float:
+        use_fast_jpeg(with_fast)
+        try:
+            return decode_only_seconds(raws, crop_flip, draft, batch)
+        finally:
+            use_fast_jpeg(True)
+
+    cases = []  # (kind, name, measure)
+    for kind, raws in kinds.items():
+        cases.append((kind, "PIL transform", lambda raws=raws: per_core_seconds(raws, standard, draft)))
+        if fast:
+            cases.append((kind, "decode-only (simplejpeg)", lambda raws=raws: decode_only(raws, True)))
+        cases.append((kind, "decode-only (PIL decode)", lambda raws=raws: decode_only(raws, False)))
+        cases.append((kind, "device crop+flip on this CPU", lambda raws=raws: device_crop_seconds(raws, crop_flip, draft, batch)))
+    cases.append(("tar", "tar parsing, lean reader", lambda: tar_seconds(paths["photo_shards"], lean=True)))
+    cases.append(("tar", "tar parsing, tarfile (webdataset)", lambda: tar_seconds(paths["photo_shards"], lean=False)))
+    seconds: list[list[float]] = [[] for _ in cases]
+    order = list(range(len(cases)))
+    random.seed(0)
+    torch.manual_seed(0)
+    for r in range(rounds):
+        for k in (order if r % 2 == 0 else order[::-1]):
+            seconds[k].append(cases[k][2]())
+    rows = []
+    by_name = {}
+    for (kind, name, _), series in zip(cases, seconds):
+        by_name[(kind, name)] = series
+        if kind == "tar":
+            rows.append(Row("decode+RRC+flip per core", name, 1e6 * median(series), "us/sample",
+                            f"members read and grouped by key, no decode; {settings.photo_count} 500x375 JPEG samples "
+                            f"(3 members each); {rounds} rounds (min {1e6 * min(series):.0f}, max {1e6 * max(series):.0f})",
+                            {"seconds": series}))
+            continue
+        rate = 1 / median(series)
+        goal = DECODE_ONLY_GOALS[kind] if name.startswith("decode-only") else None
+        what = {"PIL transform": "today's worker: PIL decode + timm RRC (bicubic) + flip",
+                "decode-only (simplejpeg)": "worker of augment_on=device: simplejpeg decode + box/flip draw + region packing",
+                "decode-only (PIL decode)": "the same without the `fast` extra: PIL decode",
+                "device crop+flip on this CPU": f"crop_flip_batch (roi_align + flip) on batches of {batch}, one thread: the "
+                                                "device's work, here on the CPU"}[name]
+        rows.append(Row("decode+RRC+flip per core", f"{title[kind]}: {name}", rate, "img/s/core",
+                        f"{what}; images per CPU-second of one thread; {len(kinds[kind])} images x {rounds} rounds "
+                        f"(min {1 / max(series):.0f}, max {1 / min(series):.0f})"
+                        + (f"; {verdict(rate, goal)}" if goal else ""), {"rates": [1 / x for x in series], "goal": goal}))
+    best = "decode-only (simplejpeg)" if fast else "decode-only (PIL decode)"
+    for kind in kinds:
+        ratio = speed_ratio(by_name[(kind, best)], by_name[(kind, "PIL transform")])
+        rows.append(Row("decode+RRC+flip per core", f"{title[kind]}: {best} / PIL transform", ratio[0], "x",
+                        f"worker CPU per image, same rounds; {fmt_ratio(ratio)}", {"rounds": list(ratio)}))
+    ratio = speed_ratio(by_name[("tar", "tar parsing, lean reader")], by_name[("tar", "tar parsing, tarfile (webdataset)")])
+    rows.append(Row("decode+RRC+flip per core", "tar parsing: lean reader / tarfile", ratio[0], "x",
+                    f"same rounds; {fmt_ratio(ratio)}", {"rounds": list(ratio)}))
+    return rows
+
+
+def _decode_only_loaders(settings: Settings, paths: dict) -> list[Row]:
+    """Whole loaders, max workers: CPU per image of the workers (and of the main process apart)."""
+    transform = pretrain_transform(settings.photo_crop)
+    batch = settings.loader_batch
+    batches = max(1, settings.photo_count // batch)
+    workers = max(settings.loader_workers)
+    folders = {"full": paths["photos"],
+               "resized": folder_from_shards(paths["resized_shards"], Path(settings.scratch) /
+                                             f"photos-from-max{settings.max_size}-{settings.photo_count}")}
+    shards = {"full": paths["photo_shards"], "resized": paths["resized_shards"]}
+    w, h = settings.photo_size
+    title = {"full": f"{w}x{h} JPEGs", "resized": f"--max-size {settings.max_size}"}
+    candidates = []
+    for kind in ("full", "resized"):
+        candidates.append((kind, "shard loader, PIL transform",
+                           lambda e, k=kind: our_loader(shards[k], transform, batch, workers, batches, epoch=e)))
+        candidates.append((kind, "shard loader, decode-only",
+                           lambda e, k=kind: our_loader(shards[k], transform, batch, workers, batches, epoch=e,
+                                                        augment_on="device")))
+        candidates.append((kind, "ImageFolder+DataLoader, PIL transform",
+                           lambda e, k=kind: imagefolder_loader(folders[k], transform, batch, workers)))
+    main_cpu: list[list[float]] = [[] for _ in candidates]
+    worker_cpu: list[list[float]] = [[] for _ in candidates]
+    delivered: list[int] = [0 for _ in candidates]
+    order = list(range(len(candidates)))
+    for r in range(min(settings.rounds, 3) + 1):  # round 0 warms the page cache and is dropped
+        for k in (order if r % 2 == 0 else order[::-1]):
+            main_s, worker_s, images = epoch_split_seconds(lambda: candidates[k][2](r), batches)
+            if r:
+                main_cpu[k].append(main_s / images)
+                worker_cpu[k].append(worker_s / images)
+                delivered[k] = images
+    rows, by_name = [], {}
+    for (kind, name, _), mains, works, images in zip(candidates, main_cpu, worker_cpu, delivered):
+        by_name[(kind, name)] = works
+        per_image = median(works)
+        rate = 1 / per_image if per_image > 0 else float("nan")
+        note = (f"{workers} workers, batch {batch}, {images} images per epoch (worker start included); worker CPU "
+                f"{1000 * per_image:.2f} ms/image, main process {1000 * median(mains):.2f} ms/image"
+                + (" (the batched crop on this CPU: on a GPU, device time)" if "decode-only" in name else ""))
+        if "decode-only" in name:
+            note += f"; {verdict(rate, DECODE_ONLY_GOALS[kind])}"
+        rows.append(Row("data loader", f"{title[kind]}: {name} (images per worker CPU-second)", rate, "img/s/core", note,
+                        {"worker_cpu_per_image": works, "main_cpu_per_image": mains, "workers": workers}))
+    for kind in ("full", "resized"):
+        for ours in ("shard loader, PIL transform", "shard loader, decode-only"):
+            ratio = speed_ratio(by_name[(kind, ours)], by_name[(kind, "ImageFolder+DataLoader, PIL transform")])
+            rows.append(Row("data loader", f"{title[kind]}: {ours} / ImageFolder (worker CPU)", ratio[0], "x",
+                            f"same rounds; {fmt_ratio(ratio)}; {verdict(ratio[0], 1.0)}", {"rounds": list(ratio)}))
+    return rows
+
+
+# ----------------------------------------------------------------------------- short epochs (issue 13)
+
+STEP_SECONDS = 0.05  # a stand-in for the step's compute between batches
+
+
+def short_epoch_overhead(spec, epochs: int) -> tuple[float, float, int]:
+    """(seconds per step beyond STEP_SECONDS, data wait per step, steps) over `epochs` epochs, one loader
+    per epoch as the training loop opens them, STEP_SECONDS of sleep per batch."""
+    steps, waited = 0, 0.0
+    started = time.perf_counter()
+    for epoch in range(epochs):
+        batches = iter(open_loader(spec, epoch=epoch))
+        while True:
+            asked = time.perf_counter()
+            try:
+                next(batches)
+            except StopIteration:
+                break
+            waited += time.perf_counter() - asked
+            steps += 1
+            time.sleep(STEP_SECONDS)
+        del batches
+    wall = time.perf_counter() - started
+    close_idle_workers()
+    return wall / steps - STEP_SECONDS, waited / steps, steps
+
+
+def _short_epochs(settings: Settings, paths: dict) -> list[Row]:
+    """A linear probe on 10% of the labels has epochs of one batch: what opening a loader per epoch costs per
+    step, with workers started every epoch (before) and kept across epochs, starting the next ahead (now)."""
+    shards = paths["small_shards"]
+    manifest = read_manifest(str(shards))
+    n = manifest.split("train").num_samples
+    batch = 64 if not settings.quick else 4
+    workers = max(settings.loader_workers) or 1
+    keep = tuple(range(0, n, 10))  # 10% of the samples: len(keep) // batch steps per epoch
+    epochs = 60 if not settings.quick else 3
+    rows = []
+    for label, keep_indices, count in (("10% of the samples", keep, epochs), ("all samples", None, max(1, epochs // 10))):
+        spec = LoaderSpec(shards=str(shards), manifest=manifest, batch_size=batch, transform=pretrain_transform(32),
+                          training=True, num_workers=workers, keep_indices=keep_indices)
+        results = {}
+        for arm, pools, ahead in (("kept", loader_module.MAX_IDLE_POOLS, True), ("restarted", 0, False)):
+            saved = loader_module.MAX_IDLE_POOLS, loader_module.RUN_AHEAD
+            loader_module.MAX_IDLE_POOLS, loader_module.RUN_AHEAD = pools, ahead
+            try:
+                results[arm] = short_epoch_overhead(spec, count)
+            finally:
+                loader_module.MAX_IDLE_POOLS, loader_module.RUN_AHEAD = saved
+        per_epoch = results["kept"][2] // count
+        for arm, (overhead, waited, steps) in results.items():
+            what = ("workers kept across epochs, the next epoch started ahead" if arm == "kept"
+                    else "workers started every epoch (before issue 13)")
+            rows.append(Row("data loader", f"epochs of {per_epoch} batch(es) ({label}): {arm} workers", 1000 * overhead,
+                            "ms/step", f"{what}; wall time per step beyond a {1000 * STEP_SECONDS:.0f} ms step, data wait "
+                            f"{1000 * waited:.1f} ms/step; {steps} steps of {batch} 32 px images, {workers} workers",
+                            {"data_wait_per_step": waited, "steps": steps}))
     return rows

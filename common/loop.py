@@ -659,7 +659,7 @@ class Loop:
                     if checkpoint_now or (self.step % cfg.log.checkpoint_every == 0 and self.step < schedule.total_steps):
                         self.save(periodic=True)
                 self.skipped_before, self.loader = self.skipped_samples(), None
-                del batches  # the epoch's workers end before the next epoch's start
+                del batches  # the epoch's loader ends before the next one opens (its workers serve the next, loader.py)
 
             if self.checkpointer.last is None or self.checkpointer.last.name != f"step-{self.step:07d}":
                 self.save()
@@ -689,6 +689,14 @@ class Loop:
                 fields.update(rank=rank, world_size=self.run.ranks)
             if len(hosted) > 1 or self.data_workers != self.plan.loader.num_workers:
                 options["max_worker_processes"] = self.plan.loader.num_workers // len(hosted)
+            data = getattr(self.cfg, "data", None)
+            if getattr(data, "augment_on", "cpu") != "cpu":  # data.augment_on=device: the batch made on the run's device
+                fields.update(augment_on=data.augment_on, device=self.run.device)
+            if getattr(data, "views_per_image", 1) != 1:  # k crops per decoded image (epochs count the crops)
+                if self.geometry.per_device_batch % data.views_per_image:
+                    raise ConfigError(f"Key 'data.views_per_image' is {data.views_per_image}, which does not divide the "
+                                      f"per-process batch of {self.geometry.per_device_batch}; choose a divisor of it.")
+                fields.update(views_per_image=data.views_per_image)
             spec = self.hooks.on_loader_spec(replace(self.plan.loader, **fields))
             loader = self.plan.open_loader(spec, epoch=epoch, start_batch=start_batch, **options)
             loaders.append(self.hooks.on_loader(loader, spec, epoch, start_batch))

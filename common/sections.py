@@ -107,6 +107,8 @@ class DataConfig:
     crop_scale: tuple[float, float] = param((0.2, 1.0), help="RandomResizedCrop area range for training (MAE: 0.2-1.0)")
     hflip: float = param(0.5, ge=0, le=1, help="horizontal flip probability for training")
     interpolation: str = param("bicubic", choices=("bicubic", "bilinear", "nearest"))
+    augment_on: str = param("cpu", choices=("cpu", "device"), help="where the training crop + flip run: cpu (each loader worker, PIL, data.interpolation) or device (workers only decode and draw the same boxes; one batched area-averaging bilinear crop + flip on the training device, datasets/device_augment.py); device needs MAE's RandomResizedCrop + flip transform (pretraining, linear probing)")
+    views_per_image: int = param(1, ge=1, help="training crops (and, for masked objectives, masks) per decoded image, each one sample of the global batch: a step decodes global_batch / k images; epochs and the learning-rate scaling (base_lr x global_batch / base_batch) count samples, i.e. views, so k changes neither the steps nor the lr, only how many distinct images an epoch decodes (1/k)")
     max_skip_fraction: float = param(0.1, ge=0, le=1, help="abort when more than this fraction of samples fail to decode")
 
     def check(self) -> None:

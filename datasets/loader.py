@@ -7,8 +7,15 @@
         x = normalize_batch(batch.images.to(device), mean, std)
 
 Build the spec once per run and open a new loader for every epoch (and on resume, with
-`start_batch`): the epoch is part of every seed, and workers are never kept alive
-between epochs. The spec holds the manifest, so opening a loader never re-reads it.
+`start_batch`): the epoch is part of every seed. The spec holds the manifest, so opening a
+loader never re-reads it. Worker processes outlive the epoch: a pass that delivered all its
+batches hands its workers to the next loader of the same plan in this process (the next epoch,
+the next evaluation), which tells them its epoch and start batch through shared memory
+(`_Pool`); what they yield is a function of those alone, so reused workers give the same
+batches as fresh ones. They start that next pass (epoch + 1 from batch 0; an evaluation's same
+pass) as soon as the last batch is delivered, so an epoch of a few batches does not begin
+with a wait (`RUN_AHEAD`). A pass stopped early, or by an error, ends its workers;
+`close_idle_workers()` ends the kept ones (it runs at exit).
 
 Training (`training=True`): the stream of every (rank, worker) is a pure function
 of (seed, epoch, rank, worker):
@@ -38,6 +45,11 @@ the shards its block overlaps and skips other samples without decoding. Ranks
 with fewer samples (the last) are padded with repeats (index -1) so that all
 yield the same number of full batches.
 
+With `augment_on="device"` (LoaderSpec) the workers decode and draw the crop boxes and flips
+of step 3 exactly as the transform would, and the main process makes the images in one batched
+op on the spec's device (datasets/device_augment.py): the same raw samples, boxes and flips,
+only the resampling differs.
+
 Streamed shards (http(s) URLs, `pipe:` commands) keep all of this: `read_shard` retries a
 failed transport by re-reading the shard from its start and passing over what it already
 yielded, so the raw samples, and everything above, are those of an undisturbed read; a
@@ -52,13 +64,14 @@ grouping, the shuffle buffer) arranged so the guarantees above hold exactly.
 """
 from __future__ import annotations
 
+import atexit
 import itertools
 import math
 import os
 import random
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Iterator
 
 import numpy as np
@@ -69,8 +82,9 @@ from vitmpp.common.distributed import (dead_worker_error, explain_failure, no_in
                                         worker_exit_detail)
 from vitmpp.common.errors import UserError
 
+from .device_augment import CropFlip, crop_flip_batch, pack_regions
 from .manifest import Manifest, expand_shard_spec, is_url, names_all_shards, shard_name
-from .samples import BadSample, RawSample, Tally, decode_sample, read_shard
+from .samples import BadSample, RawSample, Tally, decode_array, decode_sample, read_shard
 from .spec import Batch, Loader, LoaderSpec
 
 # the skip fraction is checked only once this many samples have passed (too noisy before)
@@ -104,6 +118,8 @@ class _Plan:
     rank_indices: np.ndarray  # evaluation: this rank's real global indices, ascending
     all_indices_head: np.ndarray  # evaluation: first real indices of the split (padding for empty ranks)
     draft_side: int | None
+    crop_flip: CropFlip | None = None  # augment_on="device": workers decode and draw boxes (device_augment.py)
+    views: int = 1  # training: crops per decoded image, each a sample of the batch (LoaderSpec.views_per_image)
 
     def worker_batches(self, worker: int) -> int:
         return self.batches_per_epoch // self.workers + (worker < self.batches_per_epoch % self.workers)
@@ -136,16 +152,22 @@ def _seeded_globals(seed: int, restore: bool):
 # ----------------------------------------------------------------------------- the worker side
 
 class _ShardStream(IterableDataset):
-    """Yields (images, labels, indices, skipped, notes, retries) batches for one worker of one rank."""
+    """Yields (images, labels, indices, skipped, notes, retries, crops) batches for one worker of one rank.
 
-    def __init__(self, plan: _Plan):
+    `position`: where a worker pool's pass starts, [epoch, start_batch] in memory shared with
+    the workers (`_Pool`), read as each pass starts; None: the plan's own."""
+
+    def __init__(self, plan: _Plan, position=None):
         super().__init__()
-        self.plan = plan
+        self.base_plan = self.plan = plan
+        self.position = position
         self._fallback = None
 
     def __iter__(self):
         info = get_worker_info()
         physical = info.id if info is not None else 0
+        if self.position is not None:
+            self.plan = replace(self.base_plan, epoch=int(self.position[0]), start_batch=int(self.position[1]))
         plan = self.plan
         # After a resume at batch k, the DataLoader starts its round-robin at worker 0, which
         # must produce batch k: physical worker p plays logical worker (p + k) % W.
@@ -178,8 +200,9 @@ class _ShardStream(IterableDataset):
     # -- pieces shared by both modes
 
     def _decode(self, raw: RawSample, tally: Tally):
+        decode = decode_array if self.plan.crop_flip is not None else decode_sample
         try:
-            image, label = decode_sample(raw, self.plan.num_classes, self.plan.draft_side)
+            image, label = decode(raw, self.plan.num_classes, self.plan.draft_side)
         except BadSample as err:
             tally.note(raw.url, "sample", f"shard {raw.url}: sample {raw.members.get('__key__')} skipped ({err})")
             return None
@@ -227,6 +250,15 @@ class _ShardStream(IterableDataset):
         good = [d for d in decoded if d is not None]
         if not good:
             good = [self._fallback_sample()]
+        views = self.plan.views
+        if views > 1:  # every decoded image k times in a row: k samples, each with its own crop (and flip)
+            decoded = [item for item in decoded for _ in range(views)]
+            indices = [index for index in indices for _ in range(views)]
+        skipped, notes = tally.take()
+        retries, tally.retries = tally.retries, 0
+        tail = (torch.tensor(indices, dtype=torch.int64), torch.tensor(skipped, dtype=torch.int64), notes, retries)
+        if self.plan.crop_flip is not None:
+            return self._regions(decoded, good, tail)
         images, labels = [], []
         for position, item in enumerate(decoded):
             image, label = item if item is not None else good[position % len(good)]
@@ -238,10 +270,23 @@ class _ShardStream(IterableDataset):
             shapes = sorted({tuple(t.shape) for t in images})
             raise TypeError(f"the loader's transform returned images of different shapes {shapes}; it must "
                             "produce a fixed size (crop or resize to img_size)") from None
-        skipped, notes = tally.take()
-        retries, tally.retries = tally.retries, 0
-        return (stacked, torch.tensor(labels, dtype=torch.int64), torch.tensor(indices, dtype=torch.int64),
-                torch.tensor(skipped, dtype=torch.int64), notes, retries)
+        return (stacked, torch.tensor(labels, dtype=torch.int64), *tail, None)
+
+    def _regions(self, decoded: list, good: list, tail: tuple):
+        """augment_on="device": the crop boxes and flips drawn as the transform draws them, in the same
+        order, and the pixels they need (device_augment.py); the main process makes the images."""
+        crop_flip = self.plan.crop_flip
+        images, labels, boxes, flips = [], [], [], []
+        for position, item in enumerate(decoded):
+            image, label = item if item is not None else good[position % len(good)]
+            i, j, h, w, flip = crop_flip.draw(image.shape[1], image.shape[0])
+            images.append(image)
+            labels.append(label)
+            boxes.append((i, j, h, w))
+            flips.append(flip)
+        regions, rois = pack_regions(images, boxes)
+        return (torch.from_numpy(regions), torch.tensor(labels, dtype=torch.int64), *tail,
+                (torch.from_numpy(rois), torch.tensor(flips, dtype=torch.bool)))
 
     # -- training
 
@@ -280,23 +325,24 @@ class _ShardStream(IterableDataset):
         W = p.workers
         total = p.worker_batches(worker)
         done = p.start_batch // W + (worker < p.start_batch % W)  # this worker's batches among the first k
+        per_batch = p.batch_size // p.views  # raw samples (decoded images) per batch
         source = self._raw_stream(worker, tally)
         # Exactly the raw samples this worker's batches use (a bad sample is replaced, never
         # topped up from the stream): the buffer then drains at the end of the epoch instead of
         # reading ahead into the next pass, so one epoch covers the data about once.
-        stream = itertools.islice(source, total * p.batch_size)
-        buffer = min(p.shuffle_buffer, total * p.batch_size)
+        stream = itertools.islice(source, total * per_batch)
+        buffer = min(p.shuffle_buffer, total * per_batch)
         if buffer > 1:
             rng = random.Random(_seed(p.seed, p.epoch, p.rank, worker, 0x5B0F))
             stream = wds.filters.shuffle(buffer, max(1, buffer // 4), rng=rng)(stream)
         stream = iter(stream)
         try:
-            for _ in range(done * p.batch_size):  # resume: skip raw samples, decode nothing
+            for _ in range(done * per_batch):  # resume: skip raw samples, decode nothing
                 next(stream)
             # losses met while skipping were counted before the resume; keep only the notes
             tally.skipped = 0
             for j in range(done, total):
-                raws = [next(stream) for _ in range(p.batch_size)]
+                raws = [next(stream) for _ in range(per_batch)]
                 with _seeded_globals(_seed(p.seed, p.epoch, p.rank, worker, j, 0xA06), restore=in_main):
                     batch = self._assemble(raws, tally, [True] * len(raws))
                 yield batch  # outside the seeded state: the caller's own draws must not come from it
@@ -399,6 +445,7 @@ class ShardLoader:
         self.batches_per_epoch = plan.batches_per_epoch
         self.start_batch = plan.start_batch
         self.num_workers = num_workers
+        self.device = spec.device if spec.device is not None else torch.device("cpu")  # augment_on="device"
         self.pin_memory = spec.pin_memory
         self.prefetch_factor = spec.prefetch_factor
         self.max_skip_fraction = spec.max_skip_fraction
@@ -416,18 +463,25 @@ class ShardLoader:
         a retry while skipping to `start_batch` arrives with the first batch."""
         return _RETRIES[0]
 
-    def _data_loader(self) -> DataLoader:
-        kwargs = {}
-        if self.num_workers > 0:
-            kwargs["prefetch_factor"] = self.prefetch_factor
-        return DataLoader(
-            _ShardStream(self._plan), batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
-            persistent_workers=False,
-            # DataLoader draws its base seed from this generator instead of the global RNG, so
-            # creating a loader never shifts the training process's random stream (exact resume);
-            # the workers seed their own randomness per batch.
-            generator=torch.Generator().manual_seed(self._plan.seed), **kwargs,
-        )
+    def _batches(self):
+        """(iterator over the workers' batches, the worker pool serving it or None when reading in this process)."""
+        if self.num_workers == 0:
+            loader = DataLoader(_ShardStream(self._plan), batch_size=None, num_workers=0, pin_memory=self.pin_memory,
+                                generator=torch.Generator().manual_seed(self._plan.seed))  # (see _Pool)
+            return iter(loader), None
+        key = _pool_key(self._plan, self.num_workers, self.pin_memory, self.prefetch_factor)
+        kept = _take_pool(key)
+        if kept is not None:
+            try:
+                return kept.start(self._plan.epoch, self._plan.start_batch), kept
+            except Exception:  # noqa: BLE001 - a kept worker that died while idle: start afresh
+                kept.close()
+        pool = _Pool(key, self._plan, self.num_workers, self.pin_memory, self.prefetch_factor)
+        try:
+            return pool.start(self._plan.epoch, self._plan.start_batch), pool
+        except BaseException:
+            pool.close()
+            raise
 
     def _account(self, skipped: int, indices: torch.Tensor, notes) -> None:
         for url, message in notes:
@@ -437,7 +491,7 @@ class ShardLoader:
                 _WARNED.add((url, message))
                 warnings.warn(message, ShardWarning, stacklevel=3)
         self.skipped_samples += skipped
-        self._delivered += int((indices >= 0).sum())
+        self._delivered += int((indices >= 0).sum()) // self._plan.views  # images, as skipped_samples counts
         seen = self.skipped_samples + self._delivered
         if (self.skipped_samples and seen >= MIN_SAMPLES_FOR_SKIP_CHECK
                 and self.skipped_samples > self.max_skip_fraction * seen):
@@ -451,13 +505,26 @@ class ShardLoader:
 
     def __iter__(self) -> Iterator[Batch]:
         self.skipped_samples, self._delivered, produced = 0, 0, 0
-        with no_interrupts_in_children():  # the workers start here, and never see Ctrl-C
-            batches = iter(self._data_loader())
+        batches, pool = self._batches()
+        handed_back = False
         try:
-            for images, labels, indices, skipped, notes, retries in batches:
+            while produced < len(self):
+                try:
+                    images, labels, indices, skipped, notes, retries, crops = next(batches)
+                except StopIteration:
+                    break
                 _RETRIES[0] += retries
                 self._account(int(skipped), indices, notes)
                 produced += 1
+                if crops is not None:  # augment_on="device": the batched crop + flip, here (device_augment.py)
+                    device = self.device
+                    images = crop_flip_batch(images.to(device, non_blocking=True), crops[0].to(device, non_blocking=True),
+                                             crops[1].to(device, non_blocking=True), self._plan.crop_flip.size)
+                if produced == len(self) and pool is not None:
+                    # the pass is all here: its workers go back to the pool now, and start the next pass
+                    # while this last batch is trained on (`batches` is not read again)
+                    handed_back = True
+                    _give_back(pool, self._plan.epoch)
                 yield Batch(images, labels, indices, skipped)
         except UserError as err:
             # a worker's UserError arrives wrapped with its traceback: keep the sentence
@@ -473,21 +540,143 @@ class ShardLoader:
                 raise
             raise explained from None
         finally:
-            # Stop the workers now, also on an error or an early break: a traceback that keeps
-            # this frame alive would otherwise keep their pids registered with torch's SIGCHLD
-            # handler, which then raises at a random later point when they exit.
-            shutdown = getattr(batches, "_shutdown_workers", None)
-            if shutdown is not None:
-                try:
-                    shutdown()
-                except RuntimeError as err:
-                    # torch's SIGCHLD handler reports another worker that died while the first death
-                    # (already explained above) was being handled: one sentence is enough
-                    if "DataLoader worker" not in str(err):
-                        raise
+            if pool is None:
+                _shutdown(batches)
+            elif not handed_back:  # stopped early, or an error: these workers end
+                pool.close()
             del batches
         if produced != len(self):
             raise RuntimeError(f"the loader produced {produced} batches instead of {len(self)} (a bug in vitmpp)")
+
+
+def _shutdown(batches) -> None:
+    """Stop the workers of a DataLoader iterator now, also on an error or an early break: a traceback that
+    keeps it alive would otherwise keep their pids registered with torch's SIGCHLD handler, which then
+    raises at a random later point when they exit."""
+    shutdown = getattr(batches, "_shutdown_workers", None)
+    if shutdown is not None:
+        try:
+            shutdown()
+        except RuntimeError as err:
+            # torch's SIGCHLD handler reports another worker that died while the first death
+            # (already explained above) was being handled: one sentence is enough
+            if "DataLoader worker" not in str(err):
+                raise
+
+
+# ----------------------------------------------------------------------------- worker pools
+
+# Finished pools kept for the next pass with the same plan (the next epoch, the next evaluation),
+# most recently used last; beyond this many the oldest is closed.
+MAX_IDLE_POOLS = 4
+_IDLE_POOLS: list = []
+# a forked child (a loader worker, a process of a test or launcher) inherits its parent's pools, whose
+# workers are not its children: it keeps them untouched, never using, closing or collecting them
+_INHERITED: list = []
+
+
+def _forget_inherited_pools() -> None:
+    _INHERITED.extend(_IDLE_POOLS)
+    _IDLE_POOLS.clear()
+
+
+os.register_at_fork(after_in_child=_forget_inherited_pools)
+
+
+class _Pool:
+    """Worker processes that serve every pass (epoch, start batch) of one plan: one DataLoader with
+    persistent workers, whose stream reads the pass's position from memory shared with them as the
+    pass starts. A pass is a pure function of the plan and the position, as with fresh workers
+    (they seed everything they draw per batch), so reusing them changes no batch; it saves starting
+    processes, which for short epochs (a linear probe on 10% of the labels) cost more than the epoch."""
+
+    def __init__(self, key: tuple, plan: _Plan, processes: int, pin_memory: bool, prefetch_factor: int):
+        import multiprocessing
+
+        self.key = key
+        self.training = plan.training
+        self.ahead: tuple[int, int] | None = None  # the position of a pass started before it was asked for
+        self.pid = os.getpid()  # the process whose children the workers are
+        self.position = multiprocessing.Array("q", 2, lock=False)  # epoch, start batch
+        self.loader = DataLoader(
+            _ShardStream(plan, self.position), batch_size=None, num_workers=processes, pin_memory=pin_memory,
+            persistent_workers=True, prefetch_factor=prefetch_factor,
+            # DataLoader draws its base seed from this generator instead of the global RNG, so
+            # creating a loader never shifts the training process's random stream (exact resume);
+            # the workers seed their own randomness per batch.
+            generator=torch.Generator().manual_seed(plan.seed),
+        )
+        self.iterator = None
+
+    def start(self, epoch: int, start_batch: int):
+        """The DataLoader iterator of a pass from (epoch, start_batch): the workers start on the first pass
+        (never seeing Ctrl-C); later passes reset the same ones (torch drains what a stopped pass left).
+        A pass already running ahead from this position is the one returned."""
+        ahead, self.ahead = self.ahead, None
+        if ahead == (epoch, start_batch) and self.iterator is not None:
+            return self.iterator
+        self.position[0], self.position[1] = epoch, start_batch
+        with no_interrupts_in_children():
+            self.iterator = iter(self.loader)
+        return self.iterator
+
+    def run_ahead(self, epoch: int) -> None:
+        """Start the pass most likely asked for next, so that its first batches are ready when it is:
+        training, the next epoch from its start; evaluation, the same pass again (the next evaluation).
+        Its batches are those of that position whenever it is asked for; asked for another, the workers
+        finish the batch in hand and switch (at most one batch per worker of wasted work)."""
+        position = (epoch + 1, 0) if self.training else (epoch, 0)
+        self.start(*position)
+        self.ahead = position
+
+    def close(self) -> None:
+        if self.iterator is not None and self.pid == os.getpid():
+            iterator, self.iterator, self.loader._iterator = self.iterator, None, None
+            _shutdown(iterator)
+
+
+def _pool_key(plan: _Plan, processes: int, pin_memory: bool, prefetch_factor: int) -> tuple:
+    """What must be equal for a pool to serve a plan: all of it but the position (the transform by identity)."""
+    def array(a):
+        return None if a is None else (a.dtype.str, a.shape, a.tobytes())
+
+    return (tuple(plan.urls), tuple(plan.lengths), tuple(plan.offsets), array(plan.keep), plan.num_classes,
+            id(plan.transform), plan.training, plan.batch_size, plan.seed, plan.rank, plan.world_size, plan.workers,
+            plan.shuffle_buffer, plan.batches_per_epoch, array(plan.rank_indices), array(plan.all_indices_head),
+            plan.draft_side, plan.crop_flip is not None, plan.views, processes, pin_memory, prefetch_factor)
+
+
+def _take_pool(key: tuple) -> _Pool | None:
+    for k, pool in enumerate(_IDLE_POOLS):
+        if pool.key == key:
+            return _IDLE_POOLS.pop(k)
+    return None
+
+
+# kept pools start the pass likely asked for next (`_Pool.run_ahead`); off: they wait for the ask
+RUN_AHEAD = True
+
+
+def _give_back(pool: _Pool, epoch: int) -> None:
+    _IDLE_POOLS.append(pool)
+    while len(_IDLE_POOLS) > MAX_IDLE_POOLS:
+        _IDLE_POOLS.pop(0).close()
+    if RUN_AHEAD and pool in _IDLE_POOLS:
+        try:
+            pool.run_ahead(epoch)
+        except Exception:  # noqa: BLE001 - a worker died: the pool is of no further use
+            _IDLE_POOLS.remove(pool)
+            pool.close()
+
+
+def close_idle_workers() -> None:
+    """End the worker processes kept for later passes (at exit, and for measurements of worker CPU time)."""
+    while _IDLE_POOLS:
+        _IDLE_POOLS.pop().close()
+
+
+# before torch's own exit handler (registered earlier, so run later) makes worker shutdown a no-op
+atexit.register(close_idle_workers)
 
 
 # how long a worker whose pipe broke may take to finish dying (it closes its files first, then exits)
@@ -612,6 +801,9 @@ def open_loader(spec: LoaderSpec, *, epoch: int = 0, start_batch: int = 0,
     if num_samples == 0 or not urls:
         raise UserError(f"Split '{split}' of '{man.source}' has no samples to load; check the shards or keep_indices.")
 
+    views = spec.views_per_image
+    if views > 1 and not spec.training:
+        raise ValueError("views_per_image applies to training loaders only")
     if spec.training:
         bpe = (spec.batches_per_epoch if spec.batches_per_epoch is not None
                else num_samples // (batch_size * world_size))
@@ -633,6 +825,15 @@ def open_loader(spec: LoaderSpec, *, epoch: int = 0, start_batch: int = 0,
     if not 0 <= start_batch <= bpe:
         raise ValueError(f"start_batch={start_batch} is outside the epoch's {bpe} batches")
 
+    crop_flip = None
+    if spec.augment_on == "device":
+        if not spec.training:
+            raise ValueError("augment_on='device' applies to training loaders only")
+        crop_flip = CropFlip.of(spec.transform)
+        if crop_flip is None:
+            raise UserError(f"Key 'data.augment_on' is 'device', but the training transform is not "
+                            f"RandomResizedCrop + flip alone (it is {_describe_transform(spec.transform)}); "
+                            "set data.augment_on=cpu for this stage.")
     workers = min(spec.num_workers, bpe)
     processes = workers
     if max_worker_processes is not None and spec.training and workers > 0:
@@ -644,6 +845,13 @@ def open_loader(spec: LoaderSpec, *, epoch: int = 0, start_batch: int = 0,
         shuffle_buffer=spec.shuffle_buffer if spec.training else 0, start_batch=start_batch,
         batches_per_epoch=bpe, rank_indices=rank_indices,
         all_indices_head=(all_indices[:batch_size] if not spec.training else rank_indices),
-        draft_side=getattr(spec.transform, "decode_min_side", None),
+        draft_side=getattr(spec.transform, "decode_min_side", None), crop_flip=crop_flip, views=views,
     )
     return ShardLoader(plan, spec, num_samples, num_workers=processes)
+
+
+def _describe_transform(transform) -> str:
+    steps = getattr(transform, "transforms", None)
+    if steps:
+        return " + ".join(type(t).__name__ for t in steps)
+    return type(transform).__name__

@@ -11,7 +11,8 @@ every loader behaves (`Loader`). This is the one place the contract is written d
 A spec says everything about *what* is read and the geometry, and nothing about the
 *position*: the epoch and the batch to start at are arguments of `open_loader`
 (vitmpp.datasets.loader), so a training loop builds its spec once (reading the
-manifest once) and opens one loader per epoch. The spec lives apart from the loader's
+manifest once) and opens one loader per epoch (the worker processes carry over from one
+epoch's loader to the next). The spec lives apart from the loader's
 implementation so that code which only needs the contract (an engine, a stand-in loader
 in a benchmark) reads a short module.
 """
@@ -29,7 +30,8 @@ from .manifest import Manifest
 class Batch(NamedTuple):
     """One batch of one rank (`Loader.__iter__`)."""
 
-    images: torch.Tensor   # uint8 [B, 3, H, W]: normalise on the device (transforms.normalize_batch)
+    images: torch.Tensor   # uint8 [B, 3, H, W]: normalise on the device (transforms.normalize_batch); already
+    #                        on LoaderSpec.device with augment_on="device"
     labels: torch.Tensor   # int64 [B]
     indices: torch.Tensor  # int64 [B], global sample index in the split, -1 for padding/fill
     skipped: torch.Tensor  # int64 scalar: samples this worker skipped since its previous batch
@@ -97,6 +99,20 @@ class LoaderSpec:
     split (a tuple). `max_skip_fraction`: the fraction of samples that may fail to decode
     before the epoch stops with a UserError.
 
+    `augment_on` (training only): "cpu" runs `transform` in the workers; "device" has the workers
+    only decode and draw the crop boxes and flips (the very draws of `transform`, which must be
+    RandomResizedCrop + flip alone, as `pretrain_transform` makes it) and makes the batch's crop
+    and flip in one batched op on `device` (default the CPU) in the main process, so the
+    batches' `images` are on `device` (datasets/device_augment.py).
+
+    `views_per_image` k (training only): every decoded image gives k consecutive samples of
+    the batch, each with its own crop and flip (its own draws); `batch_size` (a multiple of k)
+    counts the views, so a batch holds batch_size / k images. An epoch still counts samples:
+    the default is samples / (batch_size x world_size) batches, i.e. the same steps as with
+    k = 1, made from 1/k of the images (each k times), so k cuts the decoding per step k-fold
+    at equal compute. `indices` and `labels` repeat per view; `skipped` and
+    `skipped_samples` count images.
+
     Raises ValueError for an impossible geometry; problems of the data itself (a missing
     shard, too few samples) are UserErrors of `open_loader`.
     """
@@ -117,6 +133,9 @@ class LoaderSpec:
     pin_memory: bool = False
     max_skip_fraction: float = 0.1
     prefetch_factor: int = 2
+    augment_on: str = "cpu"
+    device: torch.device | str | None = None
+    views_per_image: int = 1
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: normalise the inputs once, here
@@ -138,3 +157,10 @@ class LoaderSpec:
                              f"prefetch_factor={self.prefetch_factor} >= 1")
         if not 0 <= self.max_skip_fraction <= 1:
             raise ValueError(f"max_skip_fraction must be in [0, 1], got {self.max_skip_fraction}")
+        if self.views_per_image < 1 or self.batch_size % self.views_per_image:
+            raise ValueError(f"LoaderSpec: batch_size={self.batch_size} must be a multiple of "
+                             f"views_per_image={self.views_per_image} (>= 1)")
+        if self.augment_on not in ("cpu", "device"):
+            raise ValueError(f"LoaderSpec: augment_on must be 'cpu' or 'device', got {self.augment_on!r}")
+        if self.device is not None:
+            set_(self, "device", torch.device(self.device))

@@ -360,3 +360,52 @@ def test_finetune_transform_survives_zero_bit_posterize():
     augment.ops[0].prob = 1.0
     out = transform(Image.new("RGB", (16, 16), (200, 100, 50)))
     assert out.dtype == torch.uint8 and int(out.max()) == 0
+
+
+# ----------------------------------------------------------------------------- workers kept across epochs
+
+def _pool_pids() -> list[set[int]]:
+    from vitmpp.datasets import loader as loader_module
+
+    return [{w.pid for w in pool.iterator._workers} for pool in loader_module._IDLE_POOLS]
+
+
+def test_workers_are_kept_across_epochs_and_give_the_batches_of_fresh_ones(uneven):
+    """Epochs 1 and 2 come from passes the kept workers started ahead; a resume asks for another."""
+    from vitmpp.datasets.loader import close_idle_workers
+
+    close_idle_workers()
+    spec = spec_for(uneven, split="train", batch_size=3, transform=pretrain_transform(16, scale=(0.3, 1.0)),
+                    training=True, seed=5, num_workers=2, shuffle_buffer=12, batches_per_epoch=7)
+    try:
+        epochs = {}
+        for epoch in range(3):
+            epochs[epoch] = list(open_loader(spec, epoch=epoch))
+            assert len(_pool_pids()) == 1
+            if epoch == 0:
+                pids = _pool_pids()[0]
+            assert _pool_pids()[0] == pids  # the same two processes served every epoch
+        resumed = list(open_loader(spec, epoch=1, start_batch=4))
+        evaluation_spec = dataclasses.replace(spec, training=False, split="validation")
+        evaluation = [b.indices for b in open_loader(evaluation_spec)]
+        assert _pool_pids()[0] == pids and len(_pool_pids()) == 2  # evaluation has its own pool
+        again = [b.indices for b in open_loader(evaluation_spec)]  # the pass its workers started ahead
+        assert len(again) == len(evaluation) and all(torch.equal(a, b) for a, b in zip(evaluation, again))
+        close_idle_workers()
+        assert _pool_pids() == []
+        for epoch, batches in epochs.items():  # fresh workers, epoch by epoch
+            fresh = list(open_loader(spec, epoch=epoch))
+            close_idle_workers()
+            assert all(torch.equal(a.images, b.images) and torch.equal(a.indices, b.indices)
+                       for a, b in zip(batches, fresh))
+        assert all(torch.equal(a.images, b.images) for a, b in zip(epochs[1][4:], resumed))
+        assert sorted(i for b in evaluation for i in b.tolist() if i >= 0) == list(range(13))
+        # a pass stopped before its last batch ends its workers; another spec gets its own
+        for _ in open_loader(spec, epoch=0):
+            break
+        assert _pool_pids() == []
+        list(open_loader(dataclasses.replace(spec, seed=6)))
+        list(open_loader(spec))
+        assert len(_pool_pids()) == 2
+    finally:
+        close_idle_workers()
