@@ -94,7 +94,7 @@ def test_bad_input_is_one_sentence_and_exit_2(problem, exported, digits32, tmp_p
     elif problem == "shards":
         args["--shards"] = str(tmp_path / "no-shards")
     elif problem == "split":
-        extra = ["--split", "test"]
+        extra = ["--split", "holdout"]
     else:
         extra = ["--num-images", "0"]
     with pytest.raises(SystemExit) as exit_info:
@@ -103,7 +103,7 @@ def test_bad_input_is_one_sentence_and_exit_2(problem, exported, digits32, tmp_p
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
     expected = {"encoder": "No encoder at", "shards": f"Shards '{tmp_path / 'no-shards'}' do not exist",
-                "split": "no split 'test'",
+                "split": "no split 'holdout'",
                 "num_images": "--num-images"}[problem]
     assert expected in err
     assert not (tmp_path / "out").exists()

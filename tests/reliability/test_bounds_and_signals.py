@@ -216,7 +216,9 @@ def test_a_second_ctrl_c_stops_at_once_without_a_traceback(tmp_path, digits16):
 @pytest.mark.fault("Ctrl-C to launch.sh with 2 processes (accelerate launch)", expect="survived")
 def test_ctrl_c_to_launch_sh_with_two_processes_exits_130_without_a_traceback(tmp_path, digits16):
     run_dir = tmp_path / "runs" / "launched"
-    proc = start([str(ROOT / "launch.sh"), "pretrain", *COMMON, "data.num_workers=1", "debug.step_delay_s=0.3",
+    # 1 s per step: the 5 steps left after step 3 outlast the signal's way through launch.sh, the launcher
+    # and two ranks on a loaded machine (at 0.3 s the run could finish first: exit 0)
+    proc = start([str(ROOT / "launch.sh"), "pretrain", *COMMON, "data.num_workers=1", "debug.step_delay_s=1.0",
                   f"data.shards={digits16}", "run.name=launched", "run.output_dir=" + str(tmp_path / "runs")],
                  cwd=tmp_path, VITMPP_NUM_PROCESSES="2", VITMPP_GPUS_PER_NODE="0")
     out, err = interrupt(proc, run_dir, after_step=3)
