@@ -52,6 +52,7 @@ import shlex
 import statistics
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
@@ -243,11 +244,21 @@ def matched_scratch_steps(cfg: CompareConfig, scratch_recipe: str, encoder_paths
     return recipe.train.steps + math.ceil(pretrained / recipe.train.global_batch), pretrained
 
 
+_SAY = threading.Lock()
+
+
+def _say(line: str) -> None:
+    """One whole line to stdout: cells running side by side (threads) never interleave their lines."""
+    with _SAY:
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
+
+
 def _run_logged(what: str, command: list[str], done: Path, folder: Path, log: Path | None,
                 threads: int | None) -> None:
     """Run one cell or pretraining, its output here or in `log`; a failure is one sentence."""
     env = {**os.environ, "VITMPP_NO_BAR": "1", **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
-    print(f"[compare] {what}" + (f" (log: {log})" if log else ""), flush=True)
+    _say(f"[compare] {what}" + (f" (log: {log})" if log else ""))
     if log is None:
         result = subprocess.run(command, env=env)
     else:
@@ -306,7 +317,7 @@ def run_cell(cfg: CompareConfig, cell: Cell, encoder_paths: dict[str, list[str]]
                         "have no test split, and the comparison reports only test numbers; rewrite them with "
                         "make_shards, which writes one.")
     if log is not None:
-        print(f"[compare] {cell.name} done: {cfg.metric.replace('_', ' ')} {results[cfg.metric]:.2f}", flush=True)
+        _say(f"[compare] {cell.name} done: {cfg.metric.replace('_', ' ')} {results[cfg.metric]:.2f}")
     return results
 
 
