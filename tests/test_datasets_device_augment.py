@@ -181,8 +181,8 @@ def smooth(height: int, width: int) -> np.ndarray:
 def test_decode_array_gives_pil_s_pixels(monkeypatch, fast):
     if not fast:
         monkeypatch.setattr(samples_module, "_SIMPLEJPEG", [None])  # without the `fast` extra
-    elif samples_module._simplejpeg() is None:
-        pytest.skip("simplejpeg (the `fast` extra) is not installed")
+    else:  # the dev extra installs simplejpeg: its absence is a broken install, not a reason to pass
+        assert samples_module._simplejpeg() is not None, "simplejpeg (in the dev and fast extras) is not installed"
     picture = smooth(300, 400)
     cases = {
         "rgb": jpeg(picture), "progressive": jpeg(picture, progressive=True),
