@@ -20,6 +20,8 @@
 # SIGTERM/SIGUSR1 to this script reach the training processes, which save a checkpoint
 # at the next step and exit 0; rerun with --resume auto. Ctrl-C does the same and exits
 # 130; a second Ctrl-C stops at once (only the steps since the last checkpoint are lost).
+# Started in the background by a script (`./launch.sh ... &` without job control), it inherits
+# SIGINT ignored, which bash cannot trap: stop such a run with SIGTERM.
 # Under SLURM, SIGUSR1 (sbatch --requeue --signal=USR1@120) also requeues the job
 # (scontrol requeue, from the first node), which then continues with --resume auto.
 set -euo pipefail

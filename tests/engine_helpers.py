@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -66,9 +67,17 @@ def max_weight_difference(a: Path, b: Path) -> float:
 
 
 def start(cmd: list[str], *, cwd: Path, cache: Path | None = None, **extra_env: str) -> subprocess.Popen:
-    """Start a command in its own process group (so a test can signal or kill all of it)."""
+    """Start a command in its own process group (so a test can signal or kill all of it), with SIGINT at
+    its default, as a terminal's foreground job has it."""
     return subprocess.Popen(cmd, cwd=cwd, env=env(cache, **extra_env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+                            text=True, start_new_session=True, preexec_fn=_sigint_as_in_a_terminal)
+
+
+def _sigint_as_in_a_terminal() -> None:
+    # pytest started in the background by a non-interactive shell (`busy-tests.sh > log &`) inherits
+    # SIGINT ignored, and so would every command it starts; bash cannot trap a signal that was ignored
+    # when it started, so launch.sh would sleep through the test's Ctrl-C and finish with exit 0.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def wait_for(predicate, timeout: float, process: subprocess.Popen | None = None, interval: float = 0.05) -> None:
