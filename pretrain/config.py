@@ -48,8 +48,8 @@ class PretrainEvalConfig:
                                      "loss on the validation split; logged as eval/knn_top1, eval/knn_top5, eval/loss "
                                      "(TensorBoard and metrics.jsonl) and one console line, which prints its cost. "
                                      "Skipped, with a note, under FSDP and without a validation split. Measured on a "
-                                     "2-core CPU: ~5% of the steps' time in the embedded default (every 50 steps, "
-                                     "bank 400), 3-5.5% in the digits recipes (every 100, whole bank); "
+                                     "2-core CPU: 3-6.6% of the steps' time in the embedded default and the digits "
+                                     "recipes (every 100 steps, whole bank); "
                                      "docs/training.md")
     knn_images: int = param(2000, ge=1, help="training images in the kNN memory bank (a seeded random sample, the "
                                              "same at every evaluation; all when the split is smaller), and the cap on "
