@@ -115,6 +115,17 @@ class CompareConfig:
         for fraction in self.label_fractions:
             if not 0 < fraction <= 1:
                 raise ConfigError(f"Key 'label_fractions' must hold numbers in (0, 1], got {fraction}.")
+        # a repeated value would name two cells alike (one result counted twice, or two runs in one folder)
+        for key, values in (("seeds", self.seeds), ("label_fractions", self.label_fractions),
+                            *([("pretraining.seeds", self.pretraining.seeds)] if self.pretraining.recipes else []),
+                            ("protocols", self.protocols),
+                            *((f"encoders.{name}", paths) for name, paths in self.encoders.items()
+                              if isinstance(paths, list))):
+            if not values:
+                raise ConfigError(f"Key '{key}' is empty; give it at least one value.")
+            repeated = sorted({str(v) for v in values if list(values).count(v) > 1})
+            if repeated:
+                raise ConfigError(f"Key '{key}' repeats {', '.join(repeated)}; give each value once.")
 
 
 SCRATCH, MATCHED = "-", "matched"  # the encoder names of the two scratch rows
@@ -297,8 +308,22 @@ def run_cell(cfg: CompareConfig, cell: Cell, encoder_paths: dict[str, list[str]]
     instead of this terminal (cells running side by side); `threads`: its OMP_NUM_THREADS."""
     folder = cells_dir / cell.name
     done = folder / "results.json"
+    encoder = None if cell.protocol == "scratch" else encoder_paths[cell.encoder][cell.run]
     if done.is_file():
-        return json.loads(done.read_text())
+        finished = json.loads(done.read_text())
+        # a cell is found by its folder name; one finished with another encoder (a reordered list) or, for
+        # the compute-matched row, another step count (more pretraining) would be reported as this one
+        if encoder is not None and Path(_encoder_file(encoder)).resolve() != Path(finished.get("encoder") or "").resolve():
+            raise UserError(f"Cell {cell.name} in {folder} was run with encoder {finished.get('encoder')}, not "
+                            f"{encoder}; delete that folder to rerun it, or keep the encoder lists in their order.")
+        if cell.encoder == MATCHED and matched_steps is not None:
+            import yaml
+
+            steps = ((yaml.safe_load((folder / "config.yaml").read_text()) or {}).get("train") or {}).get("steps")
+            if steps != matched_steps:
+                raise UserError(f"Cell {cell.name} in {folder} trained {steps} steps, but compute-matched scratch "
+                                f"now needs {matched_steps}; delete that folder to rerun it.")
+        return finished
     launcher = shlex.split(cfg.launcher) if cfg.launcher else [sys.executable, "-m", "vitmpp.finetune.main"]
     args = ["--config", (recipes or cfg.recipes)[cell.protocol], f"protocol={cell.protocol}",
             f"data.label_fraction={cell.label_fraction}", f"train.seed={cell.seed}",
@@ -309,7 +334,7 @@ def run_cell(cfg: CompareConfig, cell: Cell, encoder_paths: dict[str, list[str]]
         if cell.encoder == MATCHED:
             args.append(f"train.steps={matched_steps}")
     else:
-        args.append(f"encoder={encoder_paths[cell.encoder][cell.run]}")
+        args.append(f"encoder={encoder}")
     _run_logged(f"Cell {cell.name}", [*launcher, *args], done, folder, log, threads)
     results = json.loads(done.read_text())
     if results.get(cfg.metric) is None:
@@ -321,6 +346,10 @@ def run_cell(cfg: CompareConfig, cell: Cell, encoder_paths: dict[str, list[str]]
     return results
 
 
+class _NotStarted(Exception):
+    """A queued task that did not start because an earlier one failed or Ctrl-C came."""
+
+
 def run_parallel(tasks: list, names: list[str], out: Path, *, jobs: int) -> list:
     """Call every task(log, threads), `jobs` at a time (then each with its share of the cores and its output
     in <out>/logs/<name>.log), else one after another with output here. On a failure the tasks already
@@ -330,21 +359,39 @@ def run_parallel(tasks: list, names: list[str], out: Path, *, jobs: int) -> list
     from concurrent.futures import ThreadPoolExecutor
 
     threads = max(1, (os.cpu_count() or 1) // jobs)
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
-        futures = [pool.submit(task, out / "logs" / f"{name}.log", threads) for task, name in zip(tasks, names)]
-        failures = []
+    stop = threading.Event()  # set by the first failure or Ctrl-C: no queued task starts after it
+
+    def guarded(task, log):
+        if stop.is_set():
+            raise _NotStarted
+        try:
+            return task(log, threads)
+        except BaseException:
+            # set here, in the task's own thread, before the pool hands that thread the next task: the
+            # main thread would learn of the failure (or Ctrl-C, which ends the running cells' processes
+            # too) only after that next task had started
+            stop.set()
+            raise
+
+    pool = ThreadPoolExecutor(max_workers=jobs)
+    futures = [pool.submit(guarded, task, out / "logs" / f"{name}.log") for task, name in zip(tasks, names)]
+    failures = []
+    try:
         for future in futures:
-            if future.cancelled():  # not started after an earlier failure
-                continue
             try:
                 future.result()
-            except UserError as err:
+            except _NotStarted:
+                continue
+            except Exception as err:  # a failed cell (or an unreadable results.json)
                 failures.append(err)
-                for other in futures:
-                    other.cancel()  # the ones not started yet
-        if failures:
-            raise failures[0]
-        return [future.result() for future in futures]
+    except BaseException:  # Ctrl-C here: the running cells' processes stop with it; start nothing more
+        stop.set()
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
+    if failures:
+        raise failures[0]
+    return [future.result() for future in futures]
 
 
 def run_cells(cfg: CompareConfig, todo: list[Cell], encoder_paths: dict[str, list[str]], out: Path, *, jobs: int,

@@ -253,6 +253,35 @@ def test_compare_pretrains_seeds_reports_test_and_resumes(tmp_path, digits16):
     assert changed.returncode == 2 and "different config (keys seeds)" in changed.stderr
 
 
+@pytest.mark.fault("Ctrl-C to `compare --jobs 2` with queued runs", expect="survived")
+def test_ctrl_c_to_a_parallel_compare_starts_nothing_more(tmp_path):
+    """Ctrl-C (SIGINT to the process group) while two of four pretrainings run: the two stop and none of
+    the queued ones starts (before, leaving the thread pool waited for every queued run to finish)."""
+    import os
+    import signal
+
+    from engine_helpers import start, wait_for
+
+    recipes = {}
+    for name in "abcd":
+        (tmp_path / f"{name}.yaml").write_text("train:\n  steps: 3\n")
+        recipes[name] = str(tmp_path / f"{name}.yaml")
+    (tmp_path / "linear.yaml").write_text("train:\n  steps: 3\n")
+    sleeper = f"{sys.executable} -c 'import time; time.sleep(30)'"  # a pretraining that takes its time
+    config = tmp_path / "compare.yaml"
+    config.write_text(f"pretraining:\n  recipes: {json.dumps(recipes)}\n  seeds: [0]\n  launcher: \"{sleeper}\"\n"
+                      f"protocols: [linear]\nrecipes: {{linear: {tmp_path / 'linear.yaml'}}}\n"
+                      f"output_dir: {tmp_path / 'out'}\n")
+    proc = start(COMPARE + ["--config", str(config), "--jobs", "2"], cwd=tmp_path)
+    wait_for(lambda: len(list((tmp_path / "out" / "logs").glob("*.log"))) == 2 if (tmp_path / "out" / "logs").is_dir()
+             else False, 120, proc)
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=60)  # the queued two would sleep 2 x 30 s more
+    assert proc.returncode == 130, err[-3000:]
+    assert out.count("[compare] pretraining ") == 2, out
+    assert sorted(p.name for p in (tmp_path / "out" / "logs").iterdir()) == ["pretrain-a-s0.log", "pretrain-b-s0.log"]
+
+
 def test_no_argument_default_says_what_to_run_first(tmp_path):
     result = run(python_cmd("finetune/main.py"), cwd=tmp_path, check=False, cache=tmp_path / "cache")
     assert result.returncode == 2
@@ -269,3 +298,34 @@ def test_every_shipped_compare_config_loads_and_finds_its_recipes(config):
     assert cfg.metric.startswith("test_") and set(resolve_recipes(cfg, config)) == set(cfg.protocols)
     for name, recipe in cfg.pretraining.recipes.items():
         assert Path(_resolve(recipe, f"pretraining.recipes.{name}", config)).is_file()
+
+
+def test_compare_refuses_repeated_or_empty_lists_and_a_cell_of_another_encoder(tmp_path):
+    """A repeated seed would name two cells alike (one result counted twice); a finished cell found by its
+    folder name but run with another encoder (the list reordered) is not reported as this one."""
+    from vitmpp.common.config import load_config
+    from vitmpp.common.errors import ConfigError, UserError
+    from vitmpp.finetune.compare import Cell, CompareConfig, run_cell
+
+    config = tmp_path / "compare.yaml"
+    config.write_text("encoders: {mpp: [runs/a, runs/b]}\nprotocols: [linear]\nrecipes: {linear: x.yaml}\n")
+    for override, message in (("seeds=[0,1,1]", "Key 'seeds' repeats 1"), ("label_fractions=[]", "'label_fractions' is empty"),
+                              ("encoders={mpp: [runs/a, runs/a]}", "Key 'encoders.mpp' repeats runs/a"),
+                              ("pretraining={recipes: {mae: m.yaml}, seeds: [2, 2]}", "'pretraining.seeds' repeats 2")):
+        with pytest.raises(ConfigError, match=message):
+            load_config(CompareConfig, config, [override])
+    cfg = load_config(CompareConfig, config, [])
+
+    for name in ("a", "b"):
+        (tmp_path / "runs" / name).mkdir(parents=True)
+        (tmp_path / "runs" / name / "encoder.safetensors").write_bytes(b"")
+    cell = Cell("mpp", "linear", 0.1, 0, run=0, tag="p0")
+    folder = tmp_path / "cells" / cell.name
+    folder.mkdir(parents=True)
+    (folder / "results.json").write_text(json.dumps({"encoder": str(tmp_path / "runs" / "a" / "encoder.safetensors"),
+                                                     "test_last_top1": 50.0}))
+    paths = {"mpp": [str(tmp_path / "runs" / "a"), str(tmp_path / "runs" / "b")]}
+    assert run_cell(cfg, cell, paths, tmp_path / "cells")["test_last_top1"] == 50.0  # its own encoder: reused
+    paths["mpp"].reverse()  # the list reordered: run 0 is now b
+    with pytest.raises(UserError, match=f"Cell {cell.name} in .* was run with encoder .*runs/a/encoder.safetensors"):
+        run_cell(cfg, cell, paths, tmp_path / "cells")
