@@ -6,7 +6,9 @@
         config-history/      segment-001-from-step-0000000.yaml, segment-002-from-step-0000400.yaml, ...
         tensorboard/         TensorBoard events
         checkpoints/         see vitmpp.common.checkpoint
-        metrics.jsonl        one line per optimizer step (loss, lr, grad norm)
+        metrics.jsonl        one line per optimizer step (loss, lr, grad norm), and one per online
+                             evaluation (eval/*), written as it runs: it can precede the loss rows of
+                             its interval that are not flushed yet; read rows by their step
         encoder.safetensors, encoder.json   (pretraining, at the end)
 
 One writer: `lock_run_folder` takes a POSIX record lock (`fcntl.lockf`) on `lock`
