@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# GPU check of issue 7: one prepared script, < 8 minutes on one H100 (its parts' time limits add up to
-# 465 s, plus ~30 s of set-up), nothing fetched from the network.
+# GPU check of issue 7: one prepared script, < 9 minutes on one H100 (its parts' time limits add up to
+# 510 s, plus ~30 s of set-up), nothing fetched from the network.
 #
 #   bash benchmarks/gpu_check.sh              # on the GPU machine, from the repository root
 #   bash benchmarks/gpu_check.sh --cpu-smoke  # here: the same code paths, tiny sizes, on the CPU
@@ -16,7 +16,10 @@
 #      transformers ViTMAE peer; memory per image, largest batch, activation checkpointing
 #      (python -m vitmpp.benchmarks --device cuda --rows objectives,attention,peer,memory);
 #   2. the data rows on this host's cores and end to end through pretrain/main.py
-#      (--rows loader,end_to_end), on images it generates itself;
+#      (--rows loader,end_to_end), on images it generates itself; then JPEGs decoded on the GPU
+#      (data.decode=gpu, LoaderSpec(decode_on="device"), issue 15): images/s delivered by a loader
+#      decoding with nvJPEG against the worker-decode loader, and their pixel difference on the same
+#      batches (the boxes are the same: any difference is the decoders');
 #   3. photo-like JPEG shards for the pretraining runs, generated on every core;
 #   4. the host-sync audit of the real training loop, CUDA tensors only;
 #   5. a 200-step MAE ViT-B/16 bf16 pretraining through pretrain/main.py on generated
@@ -117,7 +120,8 @@ cat "$OUT/env.txt" | tee -a "$LOG"
 
 if [ "$MODE" = gpu ]; then
   DEVICE=(--device cuda); RESULTS="$OUT/results-cuda.json"
-  T_MODEL=200; T_DATA=120; T_SYNC=45; T_PRETRAIN=100
+  T_MODEL=200; T_DATA=120; T_DECODE=45; T_SYNC=45; T_PRETRAIN=100
+  DECODE=(cuda 1024 256)  # device, photos (those of the loader rows, made once), batch
   PHOTOS=2048; REPEAT=25; SIZE=341x256; WORKERS=$(( $(nproc) > 3 ? $(nproc) - 2 : 1 ))
   PRETRAIN=(--config configs/pretrain/mae_vit_b16.yaml train.global_batch=256 train.per_device_batch=256
             train.steps=200 train.epochs=null optim.warmup_steps=20 optim.warmup_epochs=null
@@ -127,7 +131,8 @@ if [ "$MODE" = gpu ]; then
   SYNC_FLAGS=(--device-only)
 else
   DEVICE=(--device cpu --quick); RESULTS="$OUT/results-cpu-smoke.json"
-  T_MODEL=120; T_DATA=120; T_SYNC=120; T_PRETRAIN=180
+  T_MODEL=120; T_DATA=120; T_DECODE=60; T_SYNC=120; T_PRETRAIN=180
+  DECODE=(cpu 8 4)
   PHOTOS=64; REPEAT=4; SIZE=64x48; WORKERS=1
   PRETRAIN=(objective=mae model.name=vit_pico_patch4_32 model.img_size=32 mae.decoder_embed_dim=32
             mae.decoder_depth=1 mae.decoder_num_heads=2 train.global_batch=16 train.steps=24
@@ -223,6 +228,50 @@ part "model rows" "$T_MODEL" "$PY" -m vitmpp.benchmarks "${DEVICE[@]}" --rows ob
 # ---- 2. data rows and end to end
 part "data rows" "$T_DATA" "$PY" -m vitmpp.benchmarks "${DEVICE[@]}" --rows loader,end_to_end \
   --scratch "$WORK/bench" --out "$WORK/results-data.json"
+
+# JPEGs decoded on the device in one nvJPEG call per batch (decode_on="device") against the decode-only
+# workers (decode_on="worker"), 224 px crops of 500 x 375 photo-like JPEGs: images/s delivered (an epoch
+# after a warm-up one, workers kept) and the pixel difference on the same batches (same boxes and flips)
+cat >"$WORK/gpu_decode.py" <<'EOF'
+import sys, time
+from pathlib import Path
+
+import torch
+
+from vitmpp.benchmarks.data import shards_from_folder, write_photo_folder
+from vitmpp.datasets import LoaderSpec, open_loader, pretrain_transform, read_manifest
+from vitmpp.datasets.loader import close_idle_workers
+
+device, count, batch, workers, scratch = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), Path(sys.argv[5])
+photos = write_photo_folder(scratch / f"photos-500x375-{count}", count, (500, 375))  # the loader rows' own
+shards = shards_from_folder(photos, scratch / f"photo-shards-{count}")
+manifest, transform = read_manifest(shards), pretrain_transform(224)
+
+
+def epochs(decode_on):
+    spec = LoaderSpec(shards=str(shards), manifest=manifest, batch_size=batch, transform=transform, training=True,
+                      num_workers=workers, shuffle_buffer=2 * batch, batches_per_epoch=count // batch,
+                      augment_on="device", device=device, decode_on=decode_on)
+    list(open_loader(spec, epoch=0))  # warm-up: worker start, CUDA and nvJPEG set-up
+    start = time.perf_counter()
+    batches = [(b.indices, b.images) for b in open_loader(spec, epoch=1)]
+    if device == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    close_idle_workers()
+    print(f"decode on the {decode_on}: {len(batches) * batch / seconds:,.0f} images/s delivered "
+          f"({len(batches)} batches of {batch}, {workers} workers, device {device})", flush=True)
+    return batches
+
+
+worker, on_device = epochs("worker"), epochs("device")
+same = all(torch.equal(a[0], b[0]) for a, b in zip(worker, on_device))
+difference = torch.cat([(a[1].float() - b[1].float()).abs().flatten() for a, b in zip(worker, on_device)])
+print(f"same samples: {same}; pixel difference device vs worker decode: max {difference.max():.0f}, "
+      f"mean {difference.mean():.3f}, share > 1 level {(difference > 1).float().mean():.2%}", flush=True)
+sys.exit(0 if same and difference.mean() < 2 else 1)  # a wrong box or flip differs by tens of levels
+EOF
+part "gpu decode" "$T_DECODE" "$PY" "$WORK/gpu_decode.py" "${DECODE[@]}" "$WORKERS" "$WORK/bench"
 
 "$PY" - "$RESULTS" "$WORK/results-model.json" "$WORK/results-data.json" <<'EOF' || true
 import json, sys

@@ -692,6 +692,11 @@ class Loop:
             data = getattr(self.cfg, "data", None)
             if getattr(data, "augment_on", "cpu") != "cpu":  # data.augment_on=device: the batch made on the run's device
                 fields.update(augment_on=data.augment_on, device=self.run.device)
+            if getattr(data, "decode", "cpu") == "gpu":  # JPEGs decoded by nvJPEG on the run's device, in this process
+                if self.run.device.type != "cuda":
+                    raise ConfigError(f"Key 'data.decode' is 'gpu', but this run has no CUDA device (device "
+                                      f"{self.run.device}); set data.decode=cpu.")
+                fields.update(decode_on="device")
             if getattr(data, "views_per_image", 1) != 1:  # k crops per decoded image (epochs count the crops)
                 if self.geometry.per_device_batch % data.views_per_image:
                     raise ConfigError(f"Key 'data.views_per_image' is {data.views_per_image}, which does not divide the "

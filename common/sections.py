@@ -108,6 +108,7 @@ class DataConfig:
     hflip: float = param(0.5, ge=0, le=1, help="horizontal flip probability for training")
     interpolation: str = param("bicubic", choices=("bicubic", "bilinear", "nearest"))
     augment_on: str = param("cpu", choices=("cpu", "device"), help="where the training crop + flip run: cpu (each loader worker, PIL, data.interpolation) or device (workers only decode and draw the same boxes; one batched area-averaging bilinear crop + flip on the training device, datasets/device_augment.py); device needs MAE's RandomResizedCrop + flip transform (pretraining, linear probing)")
+    decode: str = param("cpu", choices=("cpu", "gpu"), help="where training JPEGs are decoded: cpu (the loader workers) or gpu (needs augment_on=device and a CUDA device: the workers read only the headers of 8-bit YCbCr/grey JPEGs and draw the same crop boxes and flips from their sizes, so batches and resume stay exact; each batch's JPEGs are decoded in one nvJPEG call, torchvision.io.decode_jpeg, on the training device, and one it cannot decode is skipped and counted as a damaged sample; other images, e.g. PNG or CMYK JPEGs, are decoded in the workers as with cpu; docs/benchmarks.md)")
     views_per_image: int = param(1, ge=1, help="training crops (and, for masked objectives, masks) per decoded image, each one sample of the global batch: a step decodes global_batch / k images; epochs and the learning-rate scaling (base_lr x global_batch / base_batch) count samples, i.e. views, so k changes neither the steps nor the lr, only how many distinct images an epoch decodes (1/k)")
     max_skip_fraction: float = param(0.1, ge=0, le=1, help="abort when more than this fraction of samples fail to decode")
 
@@ -115,6 +116,10 @@ class DataConfig:
         lo, hi = self.crop_scale
         if not 0 < lo <= hi <= 1:
             raise ConfigError(f"Key 'data.crop_scale' must be two numbers 0 < lo <= hi <= 1, got {list(self.crop_scale)}.")
+        if self.decode == "gpu" and self.augment_on != "device":
+            raise ConfigError(f"Key 'data.decode' is 'gpu', which needs data.augment_on=device (the crop and flip of "
+                              f"images decoded on the GPU run there), but data.augment_on is '{self.augment_on}'; "
+                              "set data.augment_on=device or data.decode=cpu.")
         std = getattr(self, "std", None)  # each stage adds its mean/std (fixed, or null: the encoder's)
         if std is not None and any(s <= 0 for s in std):
             raise ConfigError(f"Key 'data.std' must be positive, got {list(std)}.")

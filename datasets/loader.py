@@ -48,7 +48,11 @@ yield the same number of full batches.
 With `augment_on="device"` (LoaderSpec) the workers decode and draw the crop boxes and flips
 of step 3 exactly as the transform would, and the main process makes the images in one batched
 op on the spec's device (datasets/device_augment.py): the same raw samples, boxes and flips,
-only the resampling differs.
+only the resampling differs. With `decode_on="device"` as well, the workers do not decode the
+JPEGs the device can (they read only their headers' sizes, which the boxes are drawn on, by the
+same draws): the main process decodes each batch's JPEGs in one call on the device and merges
+them with the images the workers decoded (PNG, ...); a JPEG the device cannot decode is skipped
+there, its samples repeats of good ones (index -1), counted and noted as a worker's would be.
 
 Streamed shards (http(s) URLs, `pipe:` commands) keep all of this: `read_shard` retries a
 failed transport by re-reading the shard from its start and passing over what it already
@@ -82,9 +86,9 @@ from vitmpp.common.distributed import (dead_worker_error, explain_failure, no_in
                                         worker_exit_detail)
 from vitmpp.common.errors import UserError
 
-from .device_augment import CropFlip, crop_flip_batch, pack_regions
+from .device_augment import CropFlip, EncodedBatch, crop_flip_batch, decode_regions, encode_regions, pack_regions
 from .manifest import Manifest, expand_shard_spec, is_url, names_all_shards, shard_name
-from .samples import BadSample, RawSample, Tally, decode_array, decode_sample, read_shard
+from .samples import BadSample, RawSample, Tally, decode_array, decode_sample, read_for_device, read_shard
 from .spec import Batch, Loader, LoaderSpec
 
 # the skip fraction is checked only once this many samples have passed (too noisy before)
@@ -120,6 +124,7 @@ class _Plan:
     draft_side: int | None
     crop_flip: CropFlip | None = None  # augment_on="device": workers decode and draw boxes (device_augment.py)
     views: int = 1  # training: crops per decoded image, each a sample of the batch (LoaderSpec.views_per_image)
+    decode_on_device: bool = False  # decode_on="device": workers send JPEG bytes, the main process decodes them
 
     def worker_batches(self, worker: int) -> int:
         return self.batches_per_epoch // self.workers + (worker < self.batches_per_epoch % self.workers)
@@ -200,7 +205,10 @@ class _ShardStream(IterableDataset):
     # -- pieces shared by both modes
 
     def _decode(self, raw: RawSample, tally: Tally):
-        decode = decode_array if self.plan.crop_flip is not None else decode_sample
+        if self.plan.crop_flip is None:
+            decode = decode_sample
+        else:  # decode-only workers: an array, or with decode_on="device" a JPEG's bytes and header size
+            decode = read_for_device if self.plan.decode_on_device else decode_array
         try:
             image, label = decode(raw, self.plan.num_classes, self.plan.draft_side)
         except BadSample as err:
@@ -274,7 +282,9 @@ class _ShardStream(IterableDataset):
 
     def _regions(self, decoded: list, good: list, tail: tuple):
         """augment_on="device": the crop boxes and flips drawn as the transform draws them, in the same
-        order, and the pixels they need (device_augment.py); the main process makes the images."""
+        order, and the pixels they need (device_augment.py); the main process makes the images. With
+        decode_on="device" a JPEG is an `EncodedJpeg`, whose `shape` is the decoded array's: the same
+        draws, and the bytes travel instead of the pixels (`encode_regions`)."""
         crop_flip = self.plan.crop_flip
         images, labels, boxes, flips = [], [], [], []
         for position, item in enumerate(decoded):
@@ -284,9 +294,12 @@ class _ShardStream(IterableDataset):
             labels.append(label)
             boxes.append((i, j, h, w))
             flips.append(flip)
+        labels, flips = torch.tensor(labels, dtype=torch.int64), torch.tensor(flips, dtype=torch.bool)
+        if self.plan.decode_on_device:
+            encoded, rois = encode_regions(images, boxes)
+            return (encoded, labels, *tail, (rois, flips))
         regions, rois = pack_regions(images, boxes)
-        return (torch.from_numpy(regions), torch.tensor(labels, dtype=torch.int64), *tail,
-                (torch.from_numpy(rois), torch.tensor(flips, dtype=torch.bool)))
+        return (torch.from_numpy(regions), labels, *tail, (torch.from_numpy(rois), flips))
 
     # -- training
 
@@ -452,6 +465,8 @@ class ShardLoader:
         self.skipped_samples = 0
         self.bad_shards: list[str] = []
         self._delivered = 0
+        self._fallback = None  # decode_on="device": the images for a batch none of whose samples decoded
+        self._noted: set = set()  # decode_on="device": shards already noted for a JPEG the device could not decode
 
     def __len__(self) -> int:
         return self.batches_per_epoch - self.start_batch
@@ -503,6 +518,52 @@ class ShardLoader:
                 "Rewrite them with make_shards or raise data.max_skip_fraction."
             )
 
+    def _decode_on_device(self, encoded: EncodedBatch, labels, indices, skipped, notes, crops):
+        """decode_on="device": the batch's images [B, 3, size, size] on the device from a worker's
+        `EncodedBatch` (device_augment.decode_regions, then the batched crop + flip). The samples of a
+        JPEG the device cannot decode become repeats of good samples of the batch (index -1), the rule
+        of the workers (`_assemble`), and the JPEG is counted in `skipped` and noted (once per shard)."""
+        device, size = self.device, self._plan.crop_flip.size
+        rois, flips = crops
+        regions, failed = decode_regions(encoded, device)
+        images = crop_flip_batch(regions, rois.to(device, non_blocking=True), flips.to(device, non_blocking=True), size)
+        if not failed:
+            return images, labels, indices, skipped, notes
+        failed_regions = encoded.jpeg_regions[failed]
+        bad = torch.isin(rois[:, 0].long(), failed_regions)
+        lost = sum(int((indices[rois[:, 0].long() == r] >= 0).any()) for r in failed_regions.tolist())
+        notes = tuple(notes)
+        for k in failed:
+            url, key = encoded.names[k]
+            message = f"shard {url}: sample {key} skipped (its JPEG cannot be decoded on {device})"
+            if (url, "device") not in self._noted:
+                self._noted.add((url, "device"))
+                notes += ((url, message),)
+        good = (~bad).nonzero().flatten()
+        positions = bad.nonzero().flatten()
+        indices = indices.clone()
+        indices[positions] = -1
+        if len(good):
+            take = torch.arange(len(bad))
+            take[positions] = good[positions % len(good)]
+            images, labels = images[take.to(device)], labels[take]
+        else:  # no sample of the batch decoded: the first decodable sample of the shards, whole (as _assemble)
+            image, label = self._fallback_image()
+            images = image.expand(len(bad), -1, -1, -1).clone()
+            labels = torch.full_like(labels, label)
+        return images, labels, indices, skipped + lost, notes
+
+    def _fallback_image(self) -> tuple[torch.Tensor, int]:
+        """([1, 3, size, size] on the device, label): the first sample of the shards that decodes in a
+        worker's way, resized whole (no crop, no flip), for a batch none of whose JPEGs decoded (rare)."""
+        if self._fallback is None:
+            array, label = _ShardStream(replace(self._plan, decode_on_device=False))._fallback_sample()
+            regions, rois = pack_regions([array], [(0, 0, array.shape[0], array.shape[1])])
+            image = crop_flip_batch(torch.from_numpy(regions).to(self.device), torch.from_numpy(rois),
+                                    torch.zeros(1, dtype=torch.bool), self._plan.crop_flip.size)
+            self._fallback = (image, label)
+        return self._fallback
+
     def __iter__(self) -> Iterator[Batch]:
         self.skipped_samples, self._delivered, produced = 0, 0, 0
         batches, pool = self._batches()
@@ -514,6 +575,10 @@ class ShardLoader:
                 except StopIteration:
                     break
                 _RETRIES[0] += retries
+                if isinstance(images, EncodedBatch):  # decode_on="device": decode, crop and flip here
+                    images, labels, indices, skipped, notes = self._decode_on_device(
+                        images, labels, indices, skipped, notes, crops)
+                    crops = None
                 self._account(int(skipped), indices, notes)
                 produced += 1
                 if crops is not None:  # augment_on="device": the batched crop + flip, here (device_augment.py)
@@ -643,7 +708,8 @@ def _pool_key(plan: _Plan, processes: int, pin_memory: bool, prefetch_factor: in
     return (tuple(plan.urls), tuple(plan.lengths), tuple(plan.offsets), array(plan.keep), plan.num_classes,
             id(plan.transform), plan.training, plan.batch_size, plan.seed, plan.rank, plan.world_size, plan.workers,
             plan.shuffle_buffer, plan.batches_per_epoch, array(plan.rank_indices), array(plan.all_indices_head),
-            plan.draft_side, plan.crop_flip is not None, plan.views, processes, pin_memory, prefetch_factor)
+            plan.draft_side, plan.crop_flip is not None, plan.views, plan.decode_on_device, processes, pin_memory,
+            prefetch_factor)
 
 
 def _take_pool(key: tuple) -> _Pool | None:
@@ -846,6 +912,7 @@ def open_loader(spec: LoaderSpec, *, epoch: int = 0, start_batch: int = 0,
         batches_per_epoch=bpe, rank_indices=rank_indices,
         all_indices_head=(all_indices[:batch_size] if not spec.training else rank_indices),
         draft_side=getattr(spec.transform, "decode_min_side", None), crop_flip=crop_flip, views=views,
+        decode_on_device=spec.decode_on == "device",
     )
     return ShardLoader(plan, spec, num_samples, num_workers=processes)
 

@@ -556,3 +556,96 @@ def decode_array(raw: RawSample, num_classes: int, draft_side: int | None) -> tu
         return fast, label
     image, label = decode_sample(raw, num_classes, draft_side)
     return np.asarray(image), label
+
+
+# ----------------------------------------------------------------------------- JPEGs left to the device
+
+@dataclass(eq=False)  # compared by identity: the views of one image share its region (device_augment.py)
+class EncodedJpeg:
+    """A JPEG a decode-only worker leaves encoded for the device (`LoaderSpec(decode_on="device")`):
+    its bytes and what its header says, so that the crop boxes are drawn without decoding it."""
+
+    data: bytes
+    height: int  # the full size, as the header states it
+    width: int
+    scale: int   # the draft reduction the worker would decode it at (1, 2, 4 or 8; `_draft_scale`)
+    url: str     # where it came from, for the note when the device cannot decode it
+    key: str
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """The shape of the array `decode_array` would give: PIL's draft size, ceil(side / scale)."""
+        return -(-self.height // self.scale), -(-self.width // self.scale), 3
+
+
+# Read by hand, not by PIL's lazy Image.open: PIL's header does not say the frame type (arithmetic-coded
+# and lossless frames, which nvJPEG refuses) nor whether 3 components are stored as RGB (Adobe transform
+# 0), and it does not check that the file is whole; opening it also costs more than this walk.
+# SOF markers: baseline, extended sequential and progressive Huffman-coded frames, which nvJPEG and
+# libjpeg-turbo both decode; every other frame type (lossless, hierarchical, arithmetic-coded) is PIL's
+_SOF_DEVICE = {0xC0, 0xC1, 0xC2}
+_SOF_OTHER = {0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+def device_jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """(height, width) of a JPEG the device may decode, read from its header alone; None for any other.
+
+    It must be an 8-bit Huffman-coded YCbCr or grey JPEG (libjpeg's colour-space rules: JFIF, Adobe
+    transform, component ids) that ends with its EOI marker (a truncated file is then decoded, and
+    refused, in the worker as before), within PIL's decompression-bomb limit (above it PIL warns or
+    refuses, in the worker)."""
+    if not (data.startswith(b"\xff\xd8") and data.endswith(b"\xff\xd9")):
+        return None
+    frame, jfif, adobe_transform = None, False, None
+    pos, end = 2, len(data)
+    while True:
+        if pos + 4 > end or data[pos] != 0xFF:
+            return None
+        marker = data[pos + 1]
+        if marker == 0xFF:  # a fill byte before a marker
+            pos += 1
+            continue
+        if 0xD0 <= marker <= 0xD7 or marker == 0x01:  # markers without a segment
+            pos += 2
+            continue
+        length = int.from_bytes(data[pos + 2:pos + 4], "big")
+        if marker in (0xD8, 0xD9) or length < 2 or pos + 2 + length > end:
+            return None
+        if marker == 0xDA:  # start of scan: the header is over
+            break
+        segment = data[pos + 4:pos + 2 + length]
+        if marker in _SOF_OTHER or (marker in _SOF_DEVICE and (frame is not None or len(segment) < 6)):
+            return None
+        if marker in _SOF_DEVICE:
+            frame = segment
+        elif marker == 0xE0 and segment.startswith(b"JFIF\0"):
+            jfif = True
+        elif marker == 0xEE and segment.startswith(b"Adobe") and len(segment) >= 12:
+            adobe_transform = segment[11]
+        pos += 2 + length
+    if frame is None:
+        return None
+    precision, height, width, components = frame[0], int.from_bytes(frame[1:3], "big"), int.from_bytes(frame[3:5], "big"), frame[5]
+    if precision != 8 or components not in (1, 3) or not height or not width:
+        return None
+    if components == 3 and not jfif:  # stored as RGB rather than YCbCr (libjpeg's jdapimin.c rules)
+        ids = frame[6:15:3]  # the three components' ids (each component: id, sampling, table)
+        if adobe_transform == 0 or (adobe_transform is None and ids == b"RGB"):
+            return None
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and height * width > limit:
+        return None
+    return height, width
+
+
+def read_for_device(raw: RawSample, num_classes: int, draft_side: int | None) -> tuple[EncodedJpeg | np.ndarray, int]:
+    """`decode_array` for the decode-only workers of `decode_on="device"`: a JPEG the device may decode
+    (`device_jpeg_size`) stays encoded (an `EncodedJpeg`, its header read, no pixel decoded); every
+    other image is decoded here exactly as `decode_array` does (so it is skipped, or not, as there)."""
+    data, label = _image_and_label(raw, num_classes)
+    size = device_jpeg_size(data)
+    if size is None:
+        return decode_array(raw, num_classes, draft_side)
+    height, width = size
+    return EncodedJpeg(data, height, width, _draft_scale(width, height, draft_side), raw.url,
+                       str(raw.members.get("__key__"))), label

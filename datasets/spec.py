@@ -31,7 +31,7 @@ class Batch(NamedTuple):
     """One batch of one rank (`Loader.__iter__`)."""
 
     images: torch.Tensor   # uint8 [B, 3, H, W]: normalise on the device (transforms.normalize_batch); already
-    #                        on LoaderSpec.device with augment_on="device"
+    #                        on LoaderSpec.device with augment_on="device" (and decode_on="device")
     labels: torch.Tensor   # int64 [B]
     indices: torch.Tensor  # int64 [B], global sample index in the split, -1 for padding/fill
     skipped: torch.Tensor  # int64 scalar: samples this worker skipped since its previous batch
@@ -105,6 +105,14 @@ class LoaderSpec:
     and flip in one batched op on `device` (default the CPU) in the main process, so the
     batches' `images` are on `device` (datasets/device_augment.py).
 
+    `decode_on` (with augment_on="device"): "worker" decodes every image in the workers; "device"
+    leaves the JPEGs the device can decode (8-bit Huffman-coded YCbCr or grey, whole:
+    `samples.device_jpeg_size`) undecoded in the workers, which read only their headers' sizes and
+    draw the same boxes and flips from them, and decodes each batch's JPEGs in one
+    `torchvision.io.decode_jpeg` call on `device` in the main process (nvJPEG on CUDA, libjpeg-turbo
+    on the CPU); other images (PNG, ...) are decoded in the workers and merged into the same batch.
+    Any device works; `data.decode=gpu` asks for a CUDA one.
+
     `views_per_image` k (training only): every decoded image gives k consecutive samples of
     the batch, each with its own crop and flip (its own draws); `batch_size` (a multiple of k)
     counts the views, so a batch holds batch_size / k images. An epoch still counts samples:
@@ -136,6 +144,7 @@ class LoaderSpec:
     augment_on: str = "cpu"
     device: torch.device | str | None = None
     views_per_image: int = 1
+    decode_on: str = "worker"
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: normalise the inputs once, here
@@ -162,5 +171,10 @@ class LoaderSpec:
                              f"views_per_image={self.views_per_image} (>= 1)")
         if self.augment_on not in ("cpu", "device"):
             raise ValueError(f"LoaderSpec: augment_on must be 'cpu' or 'device', got {self.augment_on!r}")
+        if self.decode_on not in ("worker", "device"):
+            raise ValueError(f"LoaderSpec: decode_on must be 'worker' or 'device', got {self.decode_on!r}")
+        if self.decode_on == "device" and self.augment_on != "device":
+            raise ValueError("LoaderSpec: decode_on='device' needs augment_on='device' (the crop and flip of JPEGs "
+                             "decoded on the device run there)")
         if self.device is not None:
             set_(self, "device", torch.device(self.device))
