@@ -15,7 +15,9 @@ the next evaluation), which tells them its epoch and start batch through shared 
 batches as fresh ones. They start that next pass (epoch + 1 from batch 0; an evaluation's same
 pass) as soon as the last batch is delivered, so an epoch of a few batches does not begin
 with a wait (`RUN_AHEAD`). A pass stopped early, or by an error, ends its workers;
-`close_idle_workers()` ends the kept ones (it runs at exit).
+`close_idle_workers()` ends the kept ones (it runs at exit). A kept pool's workers are withdrawn
+from torch's SIGCHLD watch while idle, so one killed then (the OOM killer) is replaced when the
+pool is next taken instead of raising from whatever line the main process was on.
 
 Training (`training=True`): the stream of every (rank, worker) is a pure function
 of (seed, epoch, rank, worker):
@@ -676,7 +678,11 @@ class _Pool:
     def start(self, epoch: int, start_batch: int):
         """The DataLoader iterator of a pass from (epoch, start_batch): the workers start on the first pass
         (never seeing Ctrl-C); later passes reset the same ones (torch drains what a stopped pass left).
-        A pass already running ahead from this position is the one returned."""
+        A pass already running ahead from this position is the one returned. Raises RuntimeError when a
+        worker died while the pool was idle (the caller closes it and starts afresh)."""
+        if self.iterator is not None and not all(w.is_alive() for w in self.iterator._workers):
+            raise RuntimeError("a kept data-loading worker died while its pool was idle")
+        self.watch(True)
         ahead, self.ahead = self.ahead, None
         if ahead == (epoch, start_batch) and self.iterator is not None:
             return self.iterator
@@ -684,6 +690,22 @@ class _Pool:
         with no_interrupts_in_children():
             self.iterator = iter(self.loader)
         return self.iterator
+
+    def watch(self, on: bool) -> None:
+        """Register (on) or withdraw the workers' pids with torch's SIGCHLD handler, which raises in the
+        main thread, at whatever it is doing, when a registered worker dies. A pool in use is watched; an
+        idle one is not, so that a kept worker killed while training runs on (say by the OOM killer) is
+        not a traceback from a random line but is found when the pool is next taken (`start`)."""
+        from torch.utils.data._utils import signal_handling  # torch's own registry (private, torch >= 1.x)
+
+        iterator = self.iterator
+        if iterator is None or getattr(iterator, "_worker_pids_set", False) == on:
+            return
+        if on:
+            signal_handling._set_worker_pids(id(iterator), tuple(w.pid for w in iterator._workers))
+        else:
+            signal_handling._remove_worker_pids(id(iterator))
+        iterator._worker_pids_set = on  # what its own shutdown reads to withdraw them (or not)
 
     def run_ahead(self, epoch: int) -> None:
         """Start the pass most likely asked for next, so that its first batches are ready when it is:
@@ -733,6 +755,8 @@ def _give_back(pool: _Pool, epoch: int) -> None:
         except Exception:  # noqa: BLE001 - a worker died: the pool is of no further use
             _IDLE_POOLS.remove(pool)
             pool.close()
+    if pool in _IDLE_POOLS:
+        pool.watch(False)  # idle: a worker's death is found when the pool is taken (`_Pool.start`)
 
 
 def close_idle_workers() -> None:
