@@ -13,7 +13,12 @@
   transform path on the same bytes, full-size and `--max-size` shards, with the tar parsing
   (our lean reader against tarfile) and the batched crop's cost on this CPU; then whole
   loaders, 2 workers: worker CPU per image of the PIL path, the decode-only path and
-  ImageFolder + DataLoader with the same transform, on both kinds of shards.
+  ImageFolder + DataLoader with the same transform, on both kinds of shards;
+* JPEGs decoded on the device (`LoaderSpec(decode_on="device")`, `data.decode=gpu`): per core,
+  the header-only worker (header parse + box/flip draw + packing of the bytes; the decode itself
+  moves to the device) beside the decode-only rows, and the main process's side run on this CPU
+  (the batched `decode_jpeg` (libjpeg-turbo here), region cut and crop + flip; on a GPU that is
+  nvJPEG and device time, measured by benchmarks/gpu_check.sh part 2, not here).
 
 Goals (issue 7): loader / ImageFolder >= 1.0 per core; >= 300 images/s/core at
 224 from full JPEGs, >= 1,000 from pre-resized shards, >= 3,000 at 32 px;
@@ -32,10 +37,10 @@ import numpy as np
 import torch
 
 from vitmpp.datasets import LoaderSpec, open_loader, pretrain_transform, read_manifest
-from vitmpp.datasets.device_augment import CropFlip, crop_flip_batch, pack_regions
+from vitmpp.datasets.device_augment import CropFlip, crop_flip_batch, decode_regions, encode_regions, pack_regions
 from vitmpp.datasets import loader as loader_module
 from vitmpp.datasets.loader import close_idle_workers
-from vitmpp.datasets.samples import Tally, decode_array, decode_sample, read_shard, use_fast_jpeg
+from vitmpp.datasets.samples import Tally, decode_array, decode_sample, read_for_device, read_shard, use_fast_jpeg
 
 from .data import folder_bytes, folder_from_shards, shards_from_folder, synthetic_shards, write_photo_folder
 from .harness import Row, Settings, fmt_ratio, median, speed_ratio, verdict
@@ -330,7 +335,9 @@ def _worker_scaling(settings: Settings, paths: dict) -> list[Row]:
 
 # ----------------------------------------------------------------------------- decode-only workers (issue 15)
 
-DECODE_ONLY_GOALS = {"full": 600, "resized": 1200}  # images/s per core, issue 15
+DECODE_ONLY_GOALS = {"full": 600, "resized": 1200}  # images/s per core, issue 15 (worker side)
+HEADER_ONLY = "header-only (decode on device)"  # the worker of decode_on="device"
+DEVICE_DECODE = "device decode+crop+flip on this CPU"  # its main process's side, run on the CPU
 
 
 def decode_only_seconds(raws: list, crop_flip: CropFlip, draft_side: int | None, batch: int) -> float:
@@ -357,6 +364,53 @@ def device_crop_seconds(raws: list, crop_flip: CropFlip, draft_side: int | None,
     for regions, rois, flips in batches:
         crop_flip_batch(regions, rois, flips, crop_flip.size)
     return (time.thread_time() - start) / max(1, len(batches) * batch)
+
+
+HEADER_ONLY_PASSES = 10  # one pass over 640 images is ~20 ms of CPU here: too short to time on a shared machine
+
+
+def header_only_seconds(raws: list, crop_flip: CropFlip, draft_side: int | None, batch: int,
+                        passes: int = HEADER_ONLY_PASSES) -> float:
+    """CPU seconds per image of a worker of `decode_on="device"` on this thread, bytes in memory: read each
+    JPEG's header (`read_for_device`: no pixel decoded; any other image would be decoded as before), draw
+    the box and flip on its size, pack each batch's bytes (`encode_regions`); `passes` times over `raws`.
+    The decode is left out: it moves to the device (`device_decode_seconds` runs it on this CPU)."""
+    start = time.thread_time()
+    for _ in range(passes):
+        for k in range(0, len(raws), batch):
+            images = [read_for_device(raw, 0, draft_side)[0] for raw in raws[k:k + batch]]
+            boxes = [crop_flip.draw(image.shape[1], image.shape[0])[:4] for image in images]
+            encode_regions(images, boxes)
+    return (time.thread_time() - start) / (passes * len(raws))
+
+
+def device_decode_seconds(raws: list, crop_flip: CropFlip, draft_side: int | None, batch: int,
+                          crop_share: list | None = None) -> float:
+    """CPU seconds per image of the main process's side of `decode_on="device"` run on this CPU, one thread:
+    the batched `decode_jpeg` (libjpeg-turbo on the CPU), the draft averaging and region cut
+    (`decode_regions`), then `crop_flip_batch`, on batches the header-only workers made (untimed). What a
+    machine without a GPU would pay; on a GPU it is nvJPEG and device time. `crop_share` gets the seconds
+    per image of `crop_flip_batch` alone."""
+    batches = []
+    for k in range(0, len(raws) - batch + 1, batch):
+        images = [read_for_device(raw, 0, draft_side)[0] for raw in raws[k:k + batch]]
+        draws = [crop_flip.draw(image.shape[1], image.shape[0]) for image in images]
+        encoded, rois = encode_regions(images, [d[:4] for d in draws])
+        batches.append((encoded, rois, torch.tensor([d[4] for d in draws], dtype=torch.bool)))
+    cpu = torch.device("cpu")
+    crop_seconds = 0.0
+    start = time.thread_time()
+    for encoded, rois, flips in batches:
+        regions, failed = decode_regions(encoded, cpu)
+        if failed:
+            raise RuntimeError(f"{len(failed)} JPEGs of the benchmark shards failed to decode on the CPU")
+        cut = time.thread_time()
+        crop_flip_batch(regions, rois, flips, crop_flip.size)
+        crop_seconds += time.thread_time() - cut
+    images = max(1, len(batches) * batch)
+    if crop_share is not None:
+        crop_share.append(crop_seconds / images)
+    return (time.thread_time() - start) / images
 
 
 def tar_seconds(shards: Path, lean: bool) -> float:
@@ -398,6 +452,7 @@ def _decode_only_per_core(settings: Settings, paths: dict) -> list[Row]:
         finally:
             use_fast_jpeg(True)
 
+    crop_share: dict[str, list[float]] = {kind: [] for kind in kinds}  # DEVICE_DECODE: crop_flip_batch's part
     cases = []  # (kind, name, measure)
     for kind, raws in kinds.items():
         cases.append((kind, "PIL transform", lambda raws=raws: per_core_seconds(raws, standard, draft)))
@@ -405,6 +460,9 @@ def _decode_only_per_core(settings: Settings, paths: dict) -> list[Row]:
             cases.append((kind, "decode-only (simplejpeg)", lambda raws=raws: decode_only(raws, True)))
         cases.append((kind, "decode-only (PIL decode)", lambda raws=raws: decode_only(raws, False)))
         cases.append((kind, "device crop+flip on this CPU", lambda raws=raws: device_crop_seconds(raws, crop_flip, draft, batch)))
+        cases.append((kind, HEADER_ONLY, lambda raws=raws: header_only_seconds(raws, crop_flip, draft, batch)))
+        cases.append((kind, DEVICE_DECODE, lambda raws=raws, kind=kind: device_decode_seconds(
+            raws, crop_flip, draft, batch, crop_share[kind])))
     cases.append(("tar", "tar parsing, lean reader", lambda: tar_seconds(paths["photo_shards"], lean=True)))
     cases.append(("tar", "tar parsing, tarfile (webdataset)", lambda: tar_seconds(paths["photo_shards"], lean=False)))
     seconds: list[list[float]] = [[] for _ in cases]
@@ -425,21 +483,37 @@ def _decode_only_per_core(settings: Settings, paths: dict) -> list[Row]:
                             {"seconds": series}))
             continue
         rate = 1 / median(series)
-        goal = DECODE_ONLY_GOALS[kind] if name.startswith("decode-only") else None
+        goal = DECODE_ONLY_GOALS[kind] if name.startswith(("decode-only", "header-only")) else None
         what = {"PIL transform": "today's worker: PIL decode + timm RRC (bicubic) + flip",
                 "decode-only (simplejpeg)": "worker of augment_on=device: simplejpeg decode + box/flip draw + region packing",
                 "decode-only (PIL decode)": "the same without the `fast` extra: PIL decode",
                 "device crop+flip on this CPU": f"crop_flip_batch (roi_align + flip) on batches of {batch}, one thread: the "
-                                                "device's work, here on the CPU"}[name]
+                                                "device's work, here on the CPU",
+                HEADER_ONLY: "worker of decode_on=device (data.decode=gpu): JPEG header parse + box/flip draw + packing "
+                             "of the bytes (encode_regions); worker-side only: the decode itself moves to the device",
+                DEVICE_DECODE: f"main-process side of decode_on=device run on this CPU, batches of {batch}, one thread: "
+                               "batched torchvision decode_jpeg (libjpeg-turbo) + region cut (decode_regions) + "
+                               f"crop_flip_batch (that crop alone {1000 * median(crop_share[kind] or [0.0]):.2f} ms/image); "
+                               "what a CPU-only main process would pay; on a GPU this is nvJPEG (device time), measured by "
+                               "benchmarks/gpu_check.sh part 2, not here"}[name]
+        if name == HEADER_ONLY:
+            what += f"; {HEADER_ONLY_PASSES} passes over the images per round"
+        extra = {"rates": [1 / x for x in series], "goal": goal}
+        if name == DEVICE_DECODE:
+            extra.update(seconds_per_image=series, crop_flip_seconds_per_image=crop_share[kind])
         rows.append(Row("decode+RRC+flip per core", f"{title[kind]}: {name}", rate, "img/s/core",
-                        f"{what}; images per CPU-second of one thread; {len(kinds[kind])} images x {rounds} rounds "
-                        f"(min {1 / max(series):.0f}, max {1 / min(series):.0f})"
-                        + (f"; {verdict(rate, goal)}" if goal else ""), {"rates": [1 / x for x in series], "goal": goal}))
+                        f"{what}; images per CPU-second of one thread ({1000 * median(series):.3f} ms/image); "
+                        f"{len(kinds[kind])} images x {rounds} rounds (min {1 / max(series):.0f}, max {1 / min(series):.0f})"
+                        + (f"; {verdict(rate, goal)}" if goal else ""), extra))
     best = "decode-only (simplejpeg)" if fast else "decode-only (PIL decode)"
     for kind in kinds:
         ratio = speed_ratio(by_name[(kind, best)], by_name[(kind, "PIL transform")])
         rows.append(Row("decode+RRC+flip per core", f"{title[kind]}: {best} / PIL transform", ratio[0], "x",
                         f"worker CPU per image, same rounds; {fmt_ratio(ratio)}", {"rounds": list(ratio)}))
+        ratio = speed_ratio(by_name[(kind, HEADER_ONLY)], by_name[(kind, best)])
+        rows.append(Row("decode+RRC+flip per core", f"{title[kind]}: {HEADER_ONLY} / {best}", ratio[0], "x",
+                        f"worker CPU per image, same rounds (the decode moved to the device); {fmt_ratio(ratio)}",
+                        {"rounds": list(ratio)}))
     ratio = speed_ratio(by_name[("tar", "tar parsing, lean reader")], by_name[("tar", "tar parsing, tarfile (webdataset)")])
     rows.append(Row("decode+RRC+flip per core", "tar parsing: lean reader / tarfile", ratio[0], "x",
                     f"same rounds; {fmt_ratio(ratio)}", {"rounds": list(ratio)}))

@@ -3,7 +3,9 @@ whose correctness the numbers rest on (ratios, attention switch, activation byte
 in-memory loader, the reducing-gap crop). No timing is asserted anywhere."""
 from __future__ import annotations
 
+import io
 import json
+import math
 import subprocess
 import sys
 
@@ -13,11 +15,16 @@ import torch
 from PIL import Image
 
 from vitmpp.benchmarks.harness import Row, Settings, speed_ratio, verdict
-from vitmpp.benchmarks.loader import ReducingGapRandomResizedCrop
+from vitmpp.benchmarks.data import photo_like
+from vitmpp.benchmarks.loader import (DEVICE_DECODE, HEADER_ONLY, ReducingGapRandomResizedCrop, device_decode_seconds,
+                                      header_only_seconds)
 from vitmpp.benchmarks.memory import saved_activation_bytes
 from vitmpp.benchmarks.objectives import attention_kernels
 from vitmpp.benchmarks.run_pretrain import InMemoryLoader
 from vitmpp.benchmarks.steps import attention_modules, build_objective, fixed_batch, set_fused_attention
+from vitmpp.datasets import pretrain_transform
+from vitmpp.datasets.device_augment import CropFlip
+from vitmpp.datasets.samples import RawSample
 from vitmpp.models import objective_names
 
 from engine_helpers import env
@@ -43,6 +50,15 @@ def test_quick_run_prints_every_row(tmp_path):
     assert len(steps) == 3 and all(r["extra"]["mfu"] is None and r["extra"]["flops_per_image"] > 0 for r in steps)
     # the scaling row really ran two processes
     assert next(r for r in record["rows"] if r["section"] == "scaling")["value"] > 0
+    # decode_on="device": the header-only worker and the main process's side on this CPU, for both kinds of shards
+    for name in (HEADER_ONLY, DEVICE_DECODE):
+        rows = [r for r in record["rows"] if r["section"] == "decode+RRC+flip per core" and r["name"].endswith(f": {name}")]
+        assert len(rows) == 2, name
+        for row in rows:
+            assert math.isfinite(row["value"]) and row["value"] > 0, row
+            assert all(math.isfinite(rate) and rate > 0 for rate in row["extra"]["rates"]), row
+    assert sum(r["name"].endswith(f"{HEADER_ONLY} / decode-only (simplejpeg)") or
+               r["name"].endswith(f"{HEADER_ONLY} / decode-only (PIL decode)") for r in record["rows"]) == 2
 
 
 def test_unknown_row_is_a_one_sentence_error(tmp_path):
@@ -117,6 +133,25 @@ def test_reducing_gap_crop_is_identity_on_a_full_image_crop():
     np.testing.assert_array_equal(out, pixels.transpose(2, 0, 1))
     flipped = ReducingGapRandomResizedCrop(24, scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip=1.0)(Image.fromarray(pixels, "RGB"))
     np.testing.assert_array_equal(flipped, pixels[:, ::-1].transpose(2, 0, 1))
+
+
+@pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities of TorchVision")  # decode_jpeg (0.29)
+def test_decode_on_device_rows_measure_positive_finite_seconds():
+    """The two rows of decode_on="device": the header-only worker and the main process's batched decode +
+    region cut + crop on this CPU, on a few photo-like JPEGs in memory (no timing asserted)."""
+    raws = []
+    for k in range(6):
+        out = io.BytesIO()
+        photo_like(k, (100, 75)).save(out, format="JPEG", quality=90)
+        raws.append(RawSample(k, "mem", {"__key__": f"{k:04d}", "jpg": out.getvalue(), "cls": b"0"}))
+    transform = pretrain_transform(32)
+    crop_flip = CropFlip.of(transform)
+    header = header_only_seconds(raws, crop_flip, transform.decode_min_side, batch=4, passes=2)
+    crop_share: list = []
+    device = device_decode_seconds(raws, crop_flip, transform.decode_min_side, batch=4, crop_share=crop_share)
+    assert math.isfinite(header) and header > 0
+    assert math.isfinite(device) and device > 0
+    assert len(crop_share) == 1 and 0 <= crop_share[0] <= device
 
 
 def test_row_records_are_plain_json():
