@@ -64,10 +64,21 @@ def _finish(nodes) -> list[tuple[int, str, str]]:
     return done
 
 
+def _without_torchs_exit_barrier_race(err: str) -> str:
+    """`err` less torch's own report of a race in its elastic agents' exit barrier: after a run that
+    succeeded everywhere, the agent that hosts the rendezvous store (node 0) may leave the barrier and
+    close the store while another node's agent still waits on it; that agent logs "Error waiting on
+    exit barrier" with a traceback and still exits 0 (seen once on a loaded 2-core machine). Only the
+    agent's own log lines go; anything else stays."""
+    if "Error waiting on exit barrier" not in err:
+        return err
+    return "\n".join(line for line in err.splitlines() if "torch/distributed/elastic/agent/server/api.py" not in line)
+
+
 def _check_equal_to_single_machine(tmp_path, run_dir, single, results) -> None:
     for code, out, err in results:
         assert code == 0, (out[-2000:], err[-3000:])
-        assert "Traceback" not in err, err[-3000:]
+        assert "Traceback" not in _without_torchs_exit_barrier_race(err), err[-3000:]
     # the node with the global main process reports the run; the other trains silently
     assert sum("4 process(es) x 8 images" in out for _, out, _ in results) == 1
     # every node wrote the embedded data into its own cache (a per-node disk)
