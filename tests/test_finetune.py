@@ -253,35 +253,6 @@ def test_compare_pretrains_seeds_reports_test_and_resumes(tmp_path, digits16):
     assert changed.returncode == 2 and "different config (keys seeds)" in changed.stderr
 
 
-@pytest.mark.fault("Ctrl-C to `compare --jobs 2` with queued runs", expect="survived")
-def test_ctrl_c_to_a_parallel_compare_starts_nothing_more(tmp_path):
-    """Ctrl-C (SIGINT to the process group) while two of four pretrainings run: the two stop and none of
-    the queued ones starts (before, leaving the thread pool waited for every queued run to finish)."""
-    import os
-    import signal
-
-    from engine_helpers import start, wait_for
-
-    recipes = {}
-    for name in "abcd":
-        (tmp_path / f"{name}.yaml").write_text("train:\n  steps: 3\n")
-        recipes[name] = str(tmp_path / f"{name}.yaml")
-    (tmp_path / "linear.yaml").write_text("train:\n  steps: 3\n")
-    sleeper = f"{sys.executable} -c 'import time; time.sleep(30)'"  # a pretraining that takes its time
-    config = tmp_path / "compare.yaml"
-    config.write_text(f"pretraining:\n  recipes: {json.dumps(recipes)}\n  seeds: [0]\n  launcher: \"{sleeper}\"\n"
-                      f"protocols: [linear]\nrecipes: {{linear: {tmp_path / 'linear.yaml'}}}\n"
-                      f"output_dir: {tmp_path / 'out'}\n")
-    proc = start(COMPARE + ["--config", str(config), "--jobs", "2"], cwd=tmp_path)
-    wait_for(lambda: len(list((tmp_path / "out" / "logs").glob("*.log"))) == 2 if (tmp_path / "out" / "logs").is_dir()
-             else False, 120, proc)
-    os.killpg(proc.pid, signal.SIGINT)
-    out, err = proc.communicate(timeout=60)  # the queued two would sleep 2 x 30 s more
-    assert proc.returncode == 130, err[-3000:]
-    assert out.count("[compare] pretraining ") == 2, out
-    assert sorted(p.name for p in (tmp_path / "out" / "logs").iterdir()) == ["pretrain-a-s0.log", "pretrain-b-s0.log"]
-
-
 def test_no_argument_default_says_what_to_run_first(tmp_path):
     result = run(python_cmd("finetune/main.py"), cwd=tmp_path, check=False, cache=tmp_path / "cache")
     assert result.returncode == 2

@@ -245,6 +245,30 @@ def test_ctrl_c_forwarded_by_torchrun_stops_every_rank_with_a_checkpoint(tmp_pat
     assert checkpoints(run_dir)[-1] == f"step-{stopped_at:07d}"
 
 
+@pytest.mark.fault("Ctrl-C to `compare --jobs 2` with queued runs", expect="survived")
+def test_ctrl_c_to_a_parallel_compare_starts_nothing_more(tmp_path):
+    """Ctrl-C (SIGINT to the process group) while two of four pretrainings run: the two stop and none of
+    the queued ones starts (before, leaving the thread pool waited for every queued run to finish)."""
+    recipes = {}
+    for name in "abcd":
+        (tmp_path / f"{name}.yaml").write_text("train:\n  steps: 3\n")
+        recipes[name] = str(tmp_path / f"{name}.yaml")
+    (tmp_path / "linear.yaml").write_text("train:\n  steps: 3\n")
+    sleeper = f"{sys.executable} -c 'import time; time.sleep(30)'"  # a pretraining that takes its time
+    config = tmp_path / "compare.yaml"
+    config.write_text(f"pretraining:\n  recipes: {json.dumps(recipes)}\n  seeds: [0]\n  launcher: \"{sleeper}\"\n"
+                      f"protocols: [linear]\nrecipes: {{linear: {tmp_path / 'linear.yaml'}}}\n"
+                      f"output_dir: {tmp_path / 'out'}\n")
+    proc = start([sys.executable, "-m", "vitmpp.finetune.compare"] + ["--config", str(config), "--jobs", "2"], cwd=tmp_path)
+    wait_for(lambda: len(list((tmp_path / "out" / "logs").glob("*.log"))) == 2 if (tmp_path / "out" / "logs").is_dir()
+             else False, 120, proc)
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=60)  # the queued two would sleep 2 x 30 s more
+    assert proc.returncode == 130, err[-3000:]
+    assert out.count("[compare] pretraining ") == 2, out
+    assert sorted(p.name for p in (tmp_path / "out" / "logs").iterdir()) == ["pretrain-a-s0.log", "pretrain-b-s0.log"]
+
+
 # ----------------------------------------------------------------------------- dead workers under load
 
 
@@ -270,6 +294,42 @@ class KilledAfterCalls(ExitAfterCalls):
         if self.count > self.calls and get_worker_info() is not None:
             os.kill(os.getpid(), signal.SIGKILL)
         return self.transform(image)
+
+
+def kept_worker_pids() -> list[set[int]]:
+    """The worker pids of every idle pool the loader keeps for a later pass."""
+    from vitmpp.datasets import loader as loader_module
+
+    return [{w.pid for w in pool.iterator._workers} for pool in loader_module._IDLE_POOLS]
+
+
+@pytest.mark.fault("a kept (idle) data-loading worker SIGKILLed while the main process does other work",
+                   expect="survived")
+def test_a_kept_worker_killed_while_idle_is_replaced_not_a_traceback_at_a_random_line(tmp_path):
+    """Torch raises from its SIGCHLD handler, in whatever the main thread is doing, when a watched worker
+    dies: an idle pool is not watched, and taking it again finds the death and starts fresh workers,
+    which give the same batches."""
+    import torch
+
+    from vitmpp.datasets.loader import close_idle_workers
+
+    write_tiny_shards(tmp_path, [10, 10], extra_splits={"validation": [9, 4]})
+    close_idle_workers()
+    spec = spec_for(tmp_path, split="validation", batch_size=3, transform=IDENTITY, training=False, num_workers=2)
+    try:
+        first = [b.indices for b in open_loader(spec)]
+        (pids,) = kept_worker_pids()
+        os.kill(min(pids), signal.SIGKILL)
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline:  # the main process at work; another child's SIGCHLD on the way
+            subprocess.run([sys.executable, "-c", "pass"], check=True)
+            sum(range(100_000))
+        again = [b.indices for b in open_loader(spec)]
+        assert len(again) == len(first) and all(torch.equal(a, b) for a, b in zip(first, again))
+        (replaced,) = kept_worker_pids()
+        assert not replaced & pids  # fresh workers
+    finally:
+        close_idle_workers()
 
 
 @pytest.mark.fault("a data-loading worker dies on a busy CPU (10 tries each: exit 1, SIGKILL)", expect="clear error")
