@@ -235,22 +235,23 @@ def decode_jpegs(files: list[torch.Tensor], device: torch.device) -> list[torch.
         return list(decode_jpeg(files, mode=ImageReadMode.RGB, device=device))
     except torch.OutOfMemoryError:
         raise
-    except RuntimeError:
-        pass
-    places = [device] if device.type == "cpu" else [device, torch.device("cpu")]
-    out: list[torch.Tensor | None] = []
-    for file in files:
-        image = None
-        for place in places:
-            try:
-                image = decode_jpeg(file, mode=ImageReadMode.RGB, device=place).to(device)
-                break
-            except torch.OutOfMemoryError:
-                raise
-            except RuntimeError:
-                continue
-        out.append(image)
-    return out
+    except RuntimeError:  # one bad file failed the whole call: decode them one by one to find it
+        places = [device] if device.type == "cpu" else [device, torch.device("cpu")]
+        return [_decode_one(file, places, device) for file in files]
+
+
+def _decode_one(file: torch.Tensor, places: list[torch.device], device: torch.device) -> torch.Tensor | None:
+    """`file` decoded on the first of `places` that can, moved to `device`; None when none can."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    for place in places:
+        try:
+            return decode_jpeg(file, mode=ImageReadMode.RGB, device=place).to(device)
+        except torch.OutOfMemoryError:
+            raise
+        except RuntimeError:
+            continue
+    return None
 
 
 def _reduce(image: torch.Tensor, scale: int) -> torch.Tensor:

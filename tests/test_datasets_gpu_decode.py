@@ -295,11 +295,11 @@ def test_data_decode_gpu_needs_augment_on_device(tmp_path):
     assert "data.decode" in line and "data.augment_on=device" in line and "data.decode=cpu" in line, line
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="refused only where the run has no CUDA device")
 def test_data_decode_gpu_needs_a_cuda_device(tmp_path, digits16):
+    # ACCELERATE_USE_CPU: a run on the CPU also where a GPU exists, so the refusal is tried on every machine
     result = run(python_cmd("pretrain/main.py") + TINY + ["train.steps=1", "data.decode=gpu", "data.augment_on=device",
                                                           f"data.shards={digits16}"], cwd=tmp_path, check=False,
-                 timeout=300)
+                 timeout=300, ACCELERATE_USE_CPU="1")
     assert result.returncode == 2
     line = one_error_line(result.stderr)
     assert line == ("error: Key 'data.decode' is 'gpu', but this run has no CUDA device (device cpu); "
