@@ -5,12 +5,16 @@
 Selection on validation, reporting on test: every cell chooses what it chooses on the
 validation split and scores the test split (`finetune/engine.py`); the table reports a test
 metric (`metric`: test top-1/top-5 at the last evaluation, the default, or at the evaluation
-chosen on validation). No metric reads validation, and a cell without test scores (shards
-without a test split) stops the comparison with one sentence.
+chosen on validation), and a cell without test scores (shards without a test split) stops the
+comparison with one sentence. Choosing a recipe is the one use of validation scores: `metric:
+val_last_top1` (or `val_best_top1`) makes the table a validation table, titled so, to pick
+recipes on; report the chosen recipe with a test metric (configs/compare/mnist5k_tune.yaml).
 
 Pretraining seeds: an encoder is one pretraining run (a folder), several (a list of folders),
 or made here: `pretraining.recipes` (name -> configs/pretrain/*.yaml) x `pretraining.seeds`
 are pretrained into `<output_dir>/pretrain/<name>-s<seed>` first (an interrupted one resumes).
+A recipe entry may carry its own overrides after the file, "mpp_digits.yaml mpp.target=mean_color",
+so variants of one recipe compare side by side without a file each.
 The table's mean ± std is over every pretraining run x label-subset seed.
 
 Compute: every row states the images it trained on: fine-tuning (`images_seen`) plus the
@@ -65,14 +69,20 @@ from vitmpp.common.rundir import check_location, lock_run_folder
 from vitmpp.finetune.config import PROTOCOLS
 
 
-METRICS = ("test_last_top1", "test_last_top5", "test_selected_top1", "test_selected_top5")
+METRICS = ("test_last_top1", "test_last_top5", "test_selected_top1", "test_selected_top5",
+           "val_last_top1", "val_best_top1")
+
+
+def metric_split(metric: str) -> str:
+    """The split a table metric is scored on: 'test', or 'validation' (a table for choosing recipes)."""
+    return "validation" if metric.startswith("val_") else "test"
 
 
 @dataclass
 class PretrainingPlan:
     """Pretraining runs the comparison makes itself (one per recipe and seed)."""
 
-    recipes: dict[str, str] = param(default_factory=dict, help="encoder name -> pretraining recipe (configs/pretrain/*.yaml), relative to the compare config or the working directory")
+    recipes: dict[str, str] = param(default_factory=dict, help="encoder name -> pretraining recipe (configs/pretrain/*.yaml), relative to the compare config or the working directory, optionally followed by its own key=value overrides")
     seeds: list[int] = param(default_factory=lambda: [0], help="pretraining seeds: one run per recipe and seed")
     overrides: list[str] = param(default_factory=list, help="key=value overrides applied to every pretraining run")
     launcher: Optional[str] = param(None, help="command that runs a pretraining, e.g. 'accelerate launch -m vitmpp.pretrain.main'; default: python -m vitmpp.pretrain.main")
@@ -90,8 +100,9 @@ class CompareConfig:
     output_dir: str = param("runs/compare", help="where cells and results go")
     launcher: Optional[str] = param(None, help="command that runs a cell, e.g. 'accelerate launch --num_processes 8 -m vitmpp.finetune.main'; default: python -m vitmpp.finetune.main")
     metric: str = param("test_last_top1", choices=METRICS,
-                        help="what the table reports, always on the test split: at the last evaluation (test_last_*) or "
-                             "at the evaluation chosen on validation (test_selected_*); nothing is chosen on test")
+                        help="what the table reports: test top-1/top-5 at the last evaluation (test_last_*) or at "
+                             "the evaluation chosen on validation (test_selected_*); nothing is chosen on test. "
+                             "val_last_top1 / val_best_top1: a validation table, for choosing recipes")
     compute_matched_scratch: bool = param(False, help="add a scratch row trained on as many images as pretraining plus "
                                                       "fine-tuning of the most-pretrained encoder (needs train.steps in "
                                                       "the scratch recipe)")
@@ -102,6 +113,11 @@ class CompareConfig:
         for name in self.pretraining.recipes:
             if name in self.encoders:
                 raise ConfigError(f"Encoder '{name}' is named in both 'encoders' and 'pretraining.recipes'; keep one.")
+        for name, recipe in self.pretraining.recipes.items():
+            bad = [t for t in shlex.split(recipe)[1:] if "=" not in t]
+            if not shlex.split(recipe) or bad:
+                raise ConfigError(f"Key 'pretraining.recipes.{name}' must be a recipe file optionally followed by "
+                                  f"key=value overrides, got '{recipe}'.")
         for name, path in self.encoders.items():
             if isinstance(path, list) and (not path or "random" in path):
                 raise ConfigError(f"Key 'encoders.{name}' must list one or more run folders ('random' stands alone).")
@@ -282,12 +298,13 @@ def _run_logged(what: str, command: list[str], done: Path, folder: Path, log: Pa
                         "fix the cause and rerun the same command to continue.")
 
 
-def pretrain(cfg: CompareConfig, out: Path, recipes: dict[str, str], *, jobs: int) -> None:
-    """Make the encoders of `pretraining` that are not there yet (an interrupted one resumes)."""
+def pretrain(cfg: CompareConfig, out: Path, recipes: dict[str, tuple[str, list[str]]], *, jobs: int) -> None:
+    """Make the encoders of `pretraining` that are not there yet (an interrupted one resumes).
+    `recipes`: name -> (recipe file, that entry's own overrides, applied after the shared ones)."""
     launcher = (shlex.split(cfg.pretraining.launcher) if cfg.pretraining.launcher
                 else [sys.executable, "-m", "vitmpp.pretrain.main"])
     tasks = []
-    for name, recipe in recipes.items():
+    for name, (recipe, own_overrides) in recipes.items():
         for seed in cfg.pretraining.seeds:
             run_name = f"{name}-s{seed}"
             folder = out / "pretrain" / run_name
@@ -295,7 +312,7 @@ def pretrain(cfg: CompareConfig, out: Path, recipes: dict[str, str], *, jobs: in
             if done.is_file():
                 continue
             command = [*launcher, "--config", recipe, f"train.seed={seed}", f"run.output_dir={out / 'pretrain'}",
-                       f"run.name={run_name}", *cfg.pretraining.overrides, "--resume", "auto"]
+                       f"run.name={run_name}", *cfg.pretraining.overrides, *own_overrides, "--resume", "auto"]
             tasks.append((f"pretraining {run_name}", command, done, folder, f"pretrain-{run_name}"))
     run_parallel([lambda log, threads, t=t: _run_logged(t[0], t[1], t[2], t[3], log, threads) for t in tasks],
                  [t[4] for t in tasks], out, jobs=jobs)
@@ -337,7 +354,7 @@ def run_cell(cfg: CompareConfig, cell: Cell, encoder_paths: dict[str, list[str]]
         args.append(f"encoder={encoder}")
     _run_logged(f"Cell {cell.name}", [*launcher, *args], done, folder, log, threads)
     results = json.loads(done.read_text())
-    if results.get(cfg.metric) is None:
+    if results.get(cfg.metric) is None and metric_split(cfg.metric) == "test":
         raise UserError(f"Cell {cell.name} has no {cfg.metric}: its shards ({folder / 'config.yaml'}, key data.shards) "
                         "have no test split, and the comparison reports only test numbers; rewrite them with "
                         "make_shards, which writes one.")
@@ -476,8 +493,12 @@ def summarize(cfg: CompareConfig, rows: list[dict], runs: dict[str, list[str]]) 
     many = max((len(paths) for paths in runs.values()), default=1)
     over = (f"{many} pretraining runs x seeds {', '.join(map(str, cfg.seeds))}" if many > 1
             else f"seeds {', '.join(map(str, cfg.seeds))}")
-    lines = [f"# Comparison ({cfg.metric.replace('_', ' ')} on the test split, %, mean ± std over {over})", "",
-             "Choices (best evaluation, recipes) are made on the validation split; the test split only reports. "
+    split = metric_split(cfg.metric)
+    lines = [f"# Comparison ({cfg.metric.replace('_', ' ')} on the {split} split, %, mean ± std over {over})", "",
+             ("Choices (best evaluation, recipes) are made on the validation split; the test split only reports. "
+              if split == "test" else
+              "A validation table: choose a recipe here, then report it on test (a test_* metric); these numbers "
+              "are not results. ") +
              "Training images: pretraining + this protocol (steps x global batch; k-NN trains nothing).", ""]
     header = "| encoder | protocol | " + " | ".join(f"{f:g} labels" for f in fractions) + " | training images |"
     lines += [header, "|" + "---|" * (3 + len(fractions))]
@@ -529,7 +550,7 @@ def plot(cfg: CompareConfig, summary: list[dict], path: Path) -> None:
         stds = [lookup[(encoder, *g)]["std"] if (encoder, *g) in lookup else 0 for g in groups]
         ax.bar(x + (i - (len(encoders) - 1) / 2) * width, means, width, yerr=stds, capsize=3, label=label(encoder))
     ax.set_xticks(x, [f"{p}\n{f:g} labels" for p, f in groups])
-    ax.set_ylabel(f"{cfg.metric.replace('_', ' ')} (%, test split)")
+    ax.set_ylabel(f"{cfg.metric.replace('_', ' ')} (%, {metric_split(cfg.metric)} split)")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: never over a bar
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
@@ -589,8 +610,9 @@ def main(argv: list[str] | None = None) -> Path:
 
     runs = encoder_runs(cfg, out)
     if cfg.pretraining.recipes:
-        pretrain(cfg, out, {name: _resolve(recipe, f"pretraining.recipes.{name}", args.config)
-                            for name, recipe in cfg.pretraining.recipes.items()}, jobs=args.jobs)
+        pretrain(cfg, out, {name: (_resolve(shlex.split(entry)[0], f"pretraining.recipes.{name}", args.config),
+                                   shlex.split(entry)[1:])
+                            for name, entry in cfg.pretraining.recipes.items()}, jobs=args.jobs)
     encoder_paths = {name: [str(random_encoder(runs, out))] if paths == ["random"]
                      else [str(_encoder_file(p).parent) for p in paths] for name, paths in runs.items()}
     matched_steps = None

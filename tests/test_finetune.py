@@ -151,19 +151,43 @@ def test_compare_cell_folders_never_start_with_a_dash_and_the_table_reports_test
 
 
 def test_compare_cannot_express_selection_on_the_split_it_reports(tmp_path):
-    """Every metric the table can report is a test number, and none of them is a best over test: asking for
-    a best, or for validation, is refused before anything runs."""
+    """Every test metric the table can report is a last or a chosen-on-validation number, never a best over
+    test; asking for one is refused before anything runs. The validation metrics (for choosing a recipe)
+    title their table as validation, not as results."""
     from vitmpp.common.config import load_config
     from vitmpp.common.errors import ConfigError
-    from vitmpp.finetune.compare import METRICS, CompareConfig
+    from vitmpp.finetune.compare import METRICS, CompareConfig, metric_split, summarize
 
-    assert all(m.startswith("test_") and "best" not in m for m in METRICS)
+    assert all("best" not in m for m in METRICS if metric_split(m) == "test")
+    assert {m for m in METRICS if metric_split(m) == "validation"} == {"val_last_top1", "val_best_top1"}
     config = tmp_path / "compare.yaml"
     config.write_text("encoders: {mpp: runs/mpp}\nprotocols: [linear]\nrecipes: {linear: x.yaml}\n")
-    for metric in ("best_top1", "last_top1", "val_best_top1", "val_last_top1", "test_best_top1"):
+    for metric in ("best_top1", "last_top1", "test_best_top1", "test_best_top5"):
         with pytest.raises(ConfigError, match="metric"):
             load_config(CompareConfig, config, [f"metric={metric}"])
+    row = {"encoder": "mpp", "protocol": "linear", "label_fraction": 0.1, "pretrain_run": "", "pretrain_images": 0,
+           "images_seen": 64, "test_last_top1": 50.0, "val_last_top1": 70.0}
+    for metric, title, value in (("test_last_top1", "on the test split", "50.00"),
+                                 ("val_last_top1", "on the validation split", "70.00")):
+        cfg = load_config(CompareConfig, config, [f"metric={metric}", "seeds=[0]"])
+        _, table = summarize(cfg, [row], {"mpp": ["runs/mpp"]})
+        assert title in table.splitlines()[0] and f"| {value} ± 0.00 |" in table
     # and the value a test_selected_* metric reads is chosen on validation (tested on a real run above)
+
+
+def test_compare_pretraining_recipe_entries_carry_their_own_overrides(tmp_path):
+    from vitmpp.common.config import load_config
+    from vitmpp.common.errors import ConfigError
+    from vitmpp.finetune.compare import CompareConfig
+
+    config = tmp_path / "compare.yaml"
+    config.write_text("pretraining: {recipes: {mpp: mpp.yaml, mpp_mean: 'mpp.yaml mpp.target=mean_color'}}\n"
+                      "protocols: [linear]\nrecipes: {linear: x.yaml}\n")
+    assert load_config(CompareConfig, config, []).pretraining.recipes["mpp_mean"] == "mpp.yaml mpp.target=mean_color"
+    config.write_text("pretraining: {recipes: {mpp_mean: 'mpp.yaml mean_color'}}\nprotocols: [linear]\n"
+                      "recipes: {linear: x.yaml}\n")
+    with pytest.raises(ConfigError, match="pretraining.recipes.mpp_mean' must be a recipe file optionally followed by key=value"):
+        load_config(CompareConfig, config, [])
 
 
 def test_compare_grid_over_pretraining_runs_and_compute_matched_scratch():
@@ -207,14 +231,14 @@ def test_compare_pretrains_seeds_reports_test_and_resumes(tmp_path, digits16):
     """The comparison makes its own pretraining runs (two seeds), runs its cells two at a time, reports test
     numbers with the images every row trained on, adds a compute-matched scratch row, and continues."""
     pretrain_recipe = tmp_path / "pretrain.yaml"
-    pretrain_recipe.write_text("train:\n  steps: 3\n")
+    pretrain_recipe.write_text("train:\n  steps: 2\n")  # the entry's own override makes it 3
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("train:\n  global_batch: 32\n  steps: 4\ndata:\n  num_workers: 0\n  auto_augment: null\n"
                       "regularization:\n  mixup: 0.0\n  cutmix: 0.0\neval_every_steps: 2\n")
     config = tmp_path / "compare.yaml"
     config.write_text(
         "encoders:\n  random: random\n"
-        f"pretraining:\n  recipes: {{mpp: {pretrain_recipe}}}\n  seeds: [0, 1]\n"
+        f"pretraining:\n  recipes: {{mpp: '{pretrain_recipe} train.steps=3'}}\n  seeds: [0, 1]\n"
         f"  overrides: {[*TINY, f'data.shards={digits16}']}\n"
         "protocols: [linear, knn, scratch]\nlabel_fractions: [0.2]\nseeds: [0]\ncompute_matched_scratch: true\n"
         f"recipes:\n  linear: {recipe}\n  knn: {recipe}\n  scratch: {recipe}\n"
