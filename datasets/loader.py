@@ -134,6 +134,20 @@ class _Plan:
 
 # ----------------------------------------------------------------------------- seeding
 
+def fill_sources(bad) -> list[int] | None:
+    """The one rule by which a batch keeps its size when samples fail: position p of the batch holds
+    its own sample when good, else that of the good position good[p % len(good)] (good: the good
+    positions in order). `bad`: one bool per sample of the batch (views counted); None when no
+    sample is good. The workers (`_ShardStream._assemble`) and the device decode
+    (`ShardLoader._decode_on_device`) both fill by it, so a batch does not depend on where a
+    sample failed."""
+    bad = [bool(b) for b in bad]
+    good = [p for p, b in enumerate(bad) if not b]
+    if not good:
+        return None
+    return [good[p % len(good)] if b else p for p, b in enumerate(bad)]
+
+
 def _seed(*parts: int) -> int:
     """A 63-bit seed from integers (numpy's SeedSequence mixes them well)."""
     return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(2, np.uint64)[0] >> 1)
@@ -257,21 +271,20 @@ class _ShardStream(IterableDataset):
             else:
                 decoded.append(item)
                 indices.append(raw.index if is_real else -1)
-        good = [d for d in decoded if d is not None]
-        if not good:
-            good = [self._fallback_sample()]
         views = self.plan.views
         if views > 1:  # every decoded image k times in a row: k samples, each with its own crop (and flip)
             decoded = [item for item in decoded for _ in range(views)]
             indices = [index for index in indices for _ in range(views)]
+        sources = fill_sources([item is None for item in decoded])
+        filled = ([decoded[s] for s in sources] if sources is not None
+                  else [self._fallback_sample()] * len(decoded))
         skipped, notes = tally.take()
         retries, tally.retries = tally.retries, 0
         tail = (torch.tensor(indices, dtype=torch.int64), torch.tensor(skipped, dtype=torch.int64), notes, retries)
         if self.plan.crop_flip is not None:
-            return self._regions(decoded, good, tail)
+            return self._regions(filled, tail)
         images, labels = [], []
-        for position, item in enumerate(decoded):
-            image, label = item if item is not None else good[position % len(good)]
+        for image, label in filled:
             images.append(self._to_tensor(image))
             labels.append(label)
         try:
@@ -282,15 +295,14 @@ class _ShardStream(IterableDataset):
                             "produce a fixed size (crop or resize to img_size)") from None
         return (stacked, torch.tensor(labels, dtype=torch.int64), *tail, None)
 
-    def _regions(self, decoded: list, good: list, tail: tuple):
+    def _regions(self, filled: list, tail: tuple):
         """augment_on="device": the crop boxes and flips drawn as the transform draws them, in the same
         order, and the pixels they need (device_augment.py); the main process makes the images. With
         decode_on="device" a JPEG is an `EncodedJpeg`, whose `shape` is the decoded array's: the same
         draws, and the bytes travel instead of the pixels (`encode_regions`)."""
         crop_flip = self.plan.crop_flip
         images, labels, boxes, flips = [], [], [], []
-        for position, item in enumerate(decoded):
-            image, label = item if item is not None else good[position % len(good)]
+        for image, label in filled:
             i, j, h, w, flip = crop_flip.draw(image.shape[1], image.shape[0])
             images.append(image)
             labels.append(label)
@@ -541,13 +553,11 @@ class ShardLoader:
             if (url, "device") not in self._noted:
                 self._noted.add((url, "device"))
                 notes += ((url, message),)
-        good = (~bad).nonzero().flatten()
-        positions = bad.nonzero().flatten()
         indices = indices.clone()
-        indices[positions] = -1
-        if len(good):
-            take = torch.arange(len(bad))
-            take[positions] = good[positions % len(good)]
+        indices[bad] = -1
+        sources = fill_sources(bad.tolist())  # bad is on the CPU (from the rois): no device sync
+        if sources is not None:
+            take = torch.tensor(sources, dtype=torch.int64)
             images, labels = images[take.to(device)], labels[take]
         else:  # no sample of the batch decoded: the first decodable sample of the shards, whole (as _assemble)
             image, label = self._fallback_image()

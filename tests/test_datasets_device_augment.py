@@ -18,6 +18,7 @@ from datasets_helpers import replace_member, spec_for, truncate_shard, write_tin
 from vitmpp.common.errors import UserError
 from vitmpp.datasets import eval_transform, finetune_transform, open_loader, pretrain_transform
 from vitmpp.datasets import samples as samples_module
+from vitmpp.datasets.loader import fill_sources
 from vitmpp.datasets.device_augment import CropFlip, crop_flip_batch, pack_regions
 from vitmpp.datasets.samples import BadSample, RawSample, decode_array, decode_sample
 
@@ -161,7 +162,16 @@ def test_damaged_samples_are_skipped_and_counted_as_on_the_cpu_path(tmp_path):
             warnings.simplefilter("ignore")
             batches = list(loader)
         counts[mode] = (loader.skipped_samples, [b.indices.tolist() for b in batches])
+        for b in batches:  # a failed sample holds the label of the good sample the one fill rule names
+            sources = fill_sources((b.indices < 0).tolist())
+            assert sources is not None and b.labels.tolist() == [b.labels[s].item() for s in sources]
     assert counts["cpu"] == counts["device"] and counts["cpu"][0] > 1
+    assert any(-1 in indices for indices in counts["cpu"][1])
+
+
+def test_the_fill_rule_takes_good_positions_in_turn():
+    assert fill_sources([False, True, False, True, True]) == [0, 2, 2, 2, 0]
+    assert fill_sources([False, False]) == [0, 1] and fill_sources([True, True]) is None
 
 
 # ----------------------------------------------------------------------------- decoding
