@@ -39,6 +39,7 @@ from .distributed import (ControlPlane, StopSignal, explain_failure, full_tensor
                           sharding_summary)
 from .errors import ConfigError, Interrupted, UserError
 from .optim import NonFiniteGuard, Schedule, batch_geometry, build_scheduler, current_lr, make_schedule, peak_lr
+from .seeding import generator_state, seed_generators, set_generator_state
 from .tracking import IntervalLog, Tracker, peak_flops
 
 # ----------------------------------------------------------------------------- hooks
@@ -344,24 +345,10 @@ class HostedRanks:
         self.others: dict[int, tuple] = {}
 
     def _get(self) -> dict:
-        import random
-
-        import numpy as np
-
-        cuda = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
-        return {"cpu": torch.random.get_rng_state(), "cuda": cuda, "numpy": np.random.get_state(),
-                "python": random.getstate()}
+        return generator_state(self.device)
 
     def _set(self, state: dict) -> None:
-        import random
-
-        import numpy as np
-
-        torch.random.set_rng_state(state["cpu"])
-        if self.device.type == "cuda" and state.get("cuda") is not None:
-            torch.cuda.set_rng_state(state["cuda"], self.device)
-        np.random.set_state(state["numpy"])
-        random.setstate(state["python"])
+        set_generator_state(state, self.device)
 
     def start(self, seed: int) -> None:
         """A fresh run: give every logical rank a random stream of its own.
@@ -385,14 +372,10 @@ class HostedRanks:
         self.others = {rank: states[rank] for rank in self.ranks[1:]}
 
     def _seed(self, seed: int, rank: int) -> None:
-        import random
-
         import numpy as np
 
-        derived = int(np.random.SeedSequence([seed & 0xFFFFFFFF, rank, 0x10C4]).generate_state(1, np.uint64)[0] >> 1)
-        torch.manual_seed(derived)  # the CPU generator and every CUDA device's
-        np.random.seed(derived % 2**32)
-        random.seed(derived)
+        seed_generators(int(np.random.SeedSequence([seed & 0xFFFFFFFF, rank, 0x10C4]).generate_state(1, np.uint64)[0] >> 1),
+                        self.device)
 
     @contextmanager
     def active(self, slot: int) -> Iterator[None]:
@@ -692,6 +675,8 @@ class Loop:
             data = getattr(self.cfg, "data", None)
             if getattr(data, "augment_on", "cpu") != "cpu":  # data.augment_on=device: the batch made on the run's device
                 fields.update(augment_on=data.augment_on, device=self.run.device)
+            if getattr(data, "loader", "shards") == "dali":  # DALI's batches are made on the run's device (docs/dali.md)
+                fields.update(device=self.run.device)
             if getattr(data, "decode", "cpu") == "gpu":  # JPEGs decoded by nvJPEG on the run's device, in this process
                 if self.run.device.type != "cuda":
                     raise ConfigError(f"Key 'data.decode' is 'gpu', but this run has no CUDA device (device "

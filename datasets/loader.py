@@ -87,6 +87,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from vitmpp.common.distributed import (dead_worker_error, explain_failure, no_interrupts_in_children,
                                         worker_exit_detail)
 from vitmpp.common.errors import UserError
+from vitmpp.common.seeding import restored_generators, seed_generators
 
 from .device_augment import CropFlip, EncodedBatch, crop_flip_batch, decode_regions, encode_regions, pack_regions
 from .manifest import Manifest, expand_shard_spec, is_url, names_all_shards, shard_name
@@ -157,17 +158,9 @@ def _seed(*parts: int) -> int:
 def _seeded_globals(seed: int, restore: bool):
     """Seed torch's CPU generator, `random` and `np.random` (what timm/torchvision
     transforms draw from); restore them afterwards when running in the main process."""
-    saved = (torch.random.get_rng_state(), random.getstate(), np.random.get_state()) if restore else None
-    torch.random.default_generator.manual_seed(seed)
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    try:
+    with restored_generators(enabled=restore):
+        seed_generators(seed)
         yield
-    finally:
-        if saved is not None:
-            torch.random.set_rng_state(saved[0])
-            random.setstate(saved[1])
-            np.random.set_state(saved[2])
 
 
 # ----------------------------------------------------------------------------- the worker side

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,8 +26,9 @@ from vitmpp.common.distributed import gathered_state_dict
 from vitmpp.common.io import reported_writes
 from vitmpp.common.loop import Plan, Run, Stage, open_run, train
 from vitmpp.common.optim import build_optimizer
-from vitmpp.datasets import (LoaderSpec, digits_shards, eval_transform, normalize_batch, open_loader, pretrain_transform,
-                             read_manifest)
+from vitmpp.common.seeding import restored_generators, seed_generators
+from vitmpp.datasets import (LoaderSpec, digits_shards, eval_transform, normalize_batch, open_dali_loader, open_loader,
+                             pretrain_transform, read_manifest)
 from vitmpp.datasets.transforms import TINY_IMAGE
 from vitmpp.models import create_objective, encoder_from_config, flops_per_image, read_encoder_info, save_encoder
 from vitmpp.models.card import render_card
@@ -83,7 +83,8 @@ class PretrainStage(Stage):
         self.std = torch.tensor(cfg.data.std, device=run.device).view(1, 3, 1, 1)
         self.eval_specs = self.online_eval_specs(manifest)
         self.eval_clock: tuple[int, float] | None = None  # (step, time) the steps before the next evaluation began
-        return Plan(self.objective, optimizer, loader, open_loader, split.num_samples,
+        opener = open_dali_loader if cfg.data.loader == "dali" else open_loader  # evaluation keeps open_loader
+        return Plan(self.objective, optimizer, loader, opener, split.num_samples,
                     f"pretraining {cfg.objective} on {self.shards} ({split.num_samples} images)")
 
     def flops_per_image(self, model: torch.nn.Module) -> float | None:
@@ -274,23 +275,6 @@ def eval_specs(shards, manifest, train_split: str, cfg: PretrainEvalConfig, img_
                      keep_batches=keep, **counts)
 
 
-@contextmanager
-def _own_rng(device: torch.device):
-    """Inside: torch's generators of the host and of `device` may be reseeded at will; afterwards they are
-    as before, so an evaluation never moves the training's random stream (exact resume)."""
-    devices = []
-    if device.type == "cuda":
-        devices = [device.index if device.index is not None else torch.cuda.current_device()]
-    with torch.random.fork_rng(devices=devices):
-        yield
-
-
-def _seed_torch(seed: int, device: torch.device) -> None:
-    torch.random.default_generator.manual_seed(seed)
-    if device.type == "cuda":
-        torch.cuda.manual_seed(seed)
-
-
 def evaluate_online(accelerator, objective: torch.nn.Module, specs: EvalSpecs, mean: torch.Tensor, std: torch.Tensor,
                     *, k: int = 20, temperature: float = 0.07, pool: str = "token", seed: int = 0) -> dict[str, float]:
     """The online evaluation of `objective` (unwrapped, whole on every rank; eval mode and no gradients
@@ -313,7 +297,7 @@ def evaluate_online(accelerator, objective: torch.nn.Module, specs: EvalSpecs, m
     was_training = objective.training
     objective.eval()
     try:
-        with torch.no_grad(), _own_rng(device):
+        with torch.no_grad(), restored_generators(device):
             knn = knn_classify(accelerator, lambda x: pooled_features(encoder, x, pool), specs.batches("bank"),
                                specs.batches("queries"), mean, std, specs.bank.manifest.num_classes, k, temperature,
                                expected_val=specs.queries_count)
@@ -337,7 +321,7 @@ def _validation_loss(accelerator, objective, loader, mean, std, expected: int, s
         if not keep.any():
             continue
         images = normalize_batch(batch.images[keep].to(device, non_blocking=True), mean, std)
-        _seed_torch(int(np.random.SeedSequence([seed, rank, number]).generate_state(1)[0]), device)
+        seed_generators(int(np.random.SeedSequence([seed, rank, number]).generate_state(1)[0]), device)
         with accelerator.autocast():
             output = objective(images, batch.labels[keep].to(device))
         total += output.loss.double() * int(keep.sum())
