@@ -257,6 +257,32 @@ def resolve_recipes(cfg: CompareConfig, config_path: str | os.PathLike) -> dict[
     return {protocol: _resolve(recipe, f"recipes.{protocol}", config_path) for protocol, recipe in cfg.recipes.items()}
 
 
+# keys whose lists only choose cells: a value added to one adds cells and changes none
+_GRID_LISTS = ("seeds", "label_fractions", "protocols", "pretraining.seeds")
+
+
+def only_grown(before: dict, after: dict, changed: list[str]) -> bool:
+    """True when the `changed` keys (config.diff_keys of the saved config and this one) only add to
+    the grid: values added to seeds, label_fractions, protocols or pretraining.seeds, or a new
+    encoder or pretraining recipe. Then every finished cell is what it was, so no --overwrite is needed."""
+    from vitmpp.common.config import flatten
+
+    old, new = flatten(before), flatten(after)
+    for key in changed:
+        if key in _GRID_LISTS:
+            if not set(map(str, old.get(key) or [])) <= set(map(str, new.get(key) or [])):
+                return False
+        elif not (key.startswith(("encoders.", "pretraining.recipes.")) and key not in old):
+            return False
+    return True
+
+
+def resolve_pretraining(cfg: CompareConfig, config_path: str | os.PathLike) -> dict[str, tuple[str, list[str]]]:
+    """encoder name -> (pretraining recipe path (see `_resolve`), that entry's own overrides)."""
+    return {name: (_resolve(shlex.split(entry)[0], f"pretraining.recipes.{name}", config_path), shlex.split(entry)[1:])
+            for name, entry in cfg.pretraining.recipes.items()}
+
+
 def matched_scratch_steps(cfg: CompareConfig, scratch_recipe: str, encoder_paths: dict[str, list[str]]) -> tuple[int, int]:
     """(steps, pretraining images) of the compute-matched scratch row: the scratch recipe's own steps
     plus as many steps as the most-pretrained encoder's pretraining images fill at its global batch."""
@@ -601,8 +627,11 @@ def main(argv: list[str] | None = None) -> Path:
 
         from vitmpp.common.config import diff_keys
 
-        changed = diff_keys(yaml.safe_load(saved.read_text()) or {}, to_dict(cfg))
-        if changed:
+        before = yaml.safe_load(saved.read_text()) or {}
+        changed = diff_keys(before, to_dict(cfg))
+        if changed and only_grown(before, to_dict(cfg), changed):
+            print(f"[compare] the grid grew ({', '.join(changed)}); the finished cells are kept", flush=True)
+        elif changed:
             raise UserError(f"Output folder '{out}' holds a comparison with a different config (keys {', '.join(changed)}); "
                             "choose another output_dir or pass --overwrite.")
     out.mkdir(parents=True, exist_ok=True)
@@ -610,9 +639,7 @@ def main(argv: list[str] | None = None) -> Path:
 
     runs = encoder_runs(cfg, out)
     if cfg.pretraining.recipes:
-        pretrain(cfg, out, {name: (_resolve(shlex.split(entry)[0], f"pretraining.recipes.{name}", args.config),
-                                   shlex.split(entry)[1:])
-                            for name, entry in cfg.pretraining.recipes.items()}, jobs=args.jobs)
+        pretrain(cfg, out, resolve_pretraining(cfg, args.config), jobs=args.jobs)
     encoder_paths = {name: [str(random_encoder(runs, out))] if paths == ["random"]
                      else [str(_encoder_file(p).parent) for p in paths] for name, paths in runs.items()}
     matched_steps = None

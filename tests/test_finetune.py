@@ -175,6 +175,21 @@ def test_compare_cannot_express_selection_on_the_split_it_reports(tmp_path):
     # and the value a test_selected_* metric reads is chosen on validation (tested on a real run above)
 
 
+def test_compare_keeps_its_cells_without_overwrite_when_the_grid_only_grows():
+    from vitmpp.common.config import diff_keys
+    from vitmpp.finetune.compare import only_grown
+
+    before = {"seeds": [0], "pretraining": {"recipes": {"mpp": "mpp.yaml"}, "seeds": [0]}, "output_dir": "o",
+              "overrides": ["data.shards=a"]}
+    for after, grown in (
+            ({**before, "seeds": [0, 1, 2]}, True),
+            ({**before, "pretraining": {"recipes": {"mpp": "mpp.yaml", "mae": "mae.yaml"}, "seeds": [0, 1]}}, True),
+            ({**before, "seeds": [1]}, False),  # a seed dropped: not growth (--overwrite says it is meant)
+            ({**before, "pretraining": {"recipes": {"mpp": "mpp.yaml lr=1"}, "seeds": [0]}}, False),  # a changed recipe
+            ({**before, "overrides": ["data.shards=b"]}, False)):
+        assert only_grown(before, after, diff_keys(before, after)) is grown, after
+
+
 def test_compare_pretraining_recipe_entries_carry_their_own_overrides(tmp_path):
     from vitmpp.common.config import load_config
     from vitmpp.common.errors import ConfigError
@@ -287,12 +302,14 @@ def test_no_argument_default_says_what_to_run_first(tmp_path):
                          ids=lambda p: p.name)
 def test_every_shipped_compare_config_loads_and_finds_its_recipes(config):
     from vitmpp.common.config import load_config
-    from vitmpp.finetune.compare import CompareConfig, _resolve, resolve_recipes
+    from vitmpp.finetune.compare import CompareConfig, metric_split, resolve_pretraining, resolve_recipes
 
     cfg = load_config(CompareConfig, config, [])
-    assert cfg.metric.startswith("test_") and set(resolve_recipes(cfg, config)) == set(cfg.protocols)
-    for name, recipe in cfg.pretraining.recipes.items():
-        assert Path(_resolve(recipe, f"pretraining.recipes.{name}", config)).is_file()
+    # a results table reports test; only a recipe-choosing config (*_tune.yaml) shows validation
+    assert metric_split(cfg.metric) == ("validation" if config.stem.endswith("_tune") else "test")
+    assert set(resolve_recipes(cfg, config)) == set(cfg.protocols)
+    for name, (recipe, overrides) in resolve_pretraining(cfg, config).items():
+        assert Path(recipe).is_file() and all("=" in o for o in overrides)
 
 
 def test_compare_refuses_repeated_or_empty_lists_and_a_cell_of_another_encoder(tmp_path):
