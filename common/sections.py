@@ -111,6 +111,7 @@ class DataConfig:
     decode: str = param("cpu", choices=("cpu", "gpu"), help="where training JPEGs are decoded: cpu (the loader workers) or gpu (needs augment_on=device and a CUDA device: the workers read only the headers of 8-bit YCbCr/grey JPEGs and draw the same crop boxes and flips from their sizes, so batches and resume stay exact; each batch's JPEGs are decoded in one nvJPEG call, torchvision.io.decode_jpeg, on the training device, and one it cannot decode is skipped and counted as a damaged sample; other images, e.g. PNG or CMYK JPEGs, are decoded in the workers as with cpu; docs/benchmarks.md)")
     views_per_image: int = param(1, ge=1, help="training crops (and, for masked objectives, masks) per decoded image, each one sample of the global batch: a step decodes global_batch / k images; epochs and the learning-rate scaling (base_lr x global_batch / base_batch) count samples, i.e. views, so k changes neither the steps nor the lr, only how many distinct images an epoch decodes (1/k)")
     max_skip_fraction: float = param(0.1, ge=0, le=1, help="abort when more than this fraction of samples fail to decode")
+    loader: str = param("shards", choices=("shards", "dali"), help="the training loader: shards (the default: every guarantee of datasets/loader.py) or dali (optional extra, pip install -e '.[dali]', a CUDA GPU: NVIDIA DALI's webdataset reader, nvJPEG decode and RandomResizedCrop + flip on the GPU; the order stays a pure function of (seed, epoch, rank) and resume stays exact by replaying the epoch's first batches, but a damaged sample stops the run instead of being skipped, shards must be local, and the crops differ from the shard loader's; evaluation always uses the shard loader; docs/dali.md)")
 
     def check(self) -> None:
         lo, hi = self.crop_scale
@@ -120,6 +121,19 @@ class DataConfig:
             raise ConfigError(f"Key 'data.decode' is 'gpu', which needs data.augment_on=device (the crop and flip of "
                               f"images decoded on the GPU run there), but data.augment_on is '{self.augment_on}'; "
                               "set data.augment_on=device or data.decode=cpu.")
+        if self.loader == "dali":
+            if self.augment_on != "cpu" or self.decode != "cpu":
+                raise ConfigError(f"Key 'data.loader' is 'dali', which decodes, crops and flips in DALI's own GPU "
+                                  f"pipeline, but data.augment_on is '{self.augment_on}' and data.decode is "
+                                  f"'{self.decode}'; set both to cpu (their defaults) or data.loader=shards.")
+            if self.views_per_image != 1:
+                raise ConfigError(f"Key 'data.loader' is 'dali', which makes one crop per decoded image, but "
+                                  f"data.views_per_image is {self.views_per_image}; set data.views_per_image=1 "
+                                  "or data.loader=shards.")
+            if getattr(self, "label_fraction", 1.0) < 1:  # the fine-tuning stages' class-balanced subset
+                raise ConfigError(f"Key 'data.loader' is 'dali', which reads whole shards, but data.label_fraction "
+                                  f"is {self.label_fraction} (a subset of the samples); set data.label_fraction=1 "
+                                  "or data.loader=shards.")
         std = getattr(self, "std", None)  # each stage adds its mean/std (fixed, or null: the encoder's)
         if std is not None and any(s <= 0 for s in std):
             raise ConfigError(f"Key 'data.std' must be positive, got {list(std)}.")

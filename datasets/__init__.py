@@ -13,6 +13,7 @@ __getattr__, __dir__, __all__ = lazy_exports(__name__, {
     "IMAGENET_MEAN": "timm.data:IMAGENET_DEFAULT_MEAN",
     "IMAGENET_STD": "timm.data:IMAGENET_DEFAULT_STD",
     "ShardLoader": ".loader", "ShardWarning": ".loader", "open_loader": ".loader",
+    "open_dali_loader": ".dali_loader",  # the optional DALI training loader (data.loader=dali, docs/dali.md)
     "Manifest": ".manifest", "SplitInfo": ".manifest", "read_manifest": ".manifest",
     "Batch": ".spec", "Loader": ".spec", "LoaderSpec": ".spec",
     "eval_transform": ".transforms", "finetune_transform": ".transforms", "normalize_batch": ".transforms",

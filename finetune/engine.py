@@ -39,6 +39,7 @@ from vitmpp.datasets import (
     eval_transform,
     finetune_transform,
     normalize_batch,
+    open_dali_loader,
     open_loader,
     pretrain_transform,
     read_manifest,
@@ -233,7 +234,8 @@ class FinetuneStage(Stage):
             shuffle_buffer=cfg.data.shuffle_buffer, keep_indices=_as_tuple(data.keep),
             pin_memory=run.device.type == "cuda", max_skip_fraction=cfg.data.max_skip_fraction)
         run.console.print(data.summary(cfg, run.world))
-        return Plan(model, optimizer, loader, open_loader, data.num_train, f"{cfg.protocol} on {data.shards}")
+        opener = open_dali_loader if cfg.data.loader == "dali" else open_loader  # evaluation keeps open_loader
+        return Plan(model, optimizer, loader, opener, data.num_train, f"{cfg.protocol} on {data.shards}")
 
     def forward(self, model, batch):
         device = self.run.device
