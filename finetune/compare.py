@@ -263,8 +263,8 @@ _GRID_LISTS = ("seeds", "label_fractions", "protocols", "pretraining.seeds")
 
 def only_grown(before: dict, after: dict, changed: list[str]) -> bool:
     """True when the `changed` keys (config.diff_keys of the saved config and this one) only add to
-    the grid: values added to seeds, label_fractions, protocols or pretraining.seeds, or a new
-    encoder or pretraining recipe. Then every finished cell is what it was, so no --overwrite is needed."""
+    (or reorder) the grid: values added to seeds, label_fractions, protocols or pretraining.seeds, or
+    a new encoder or pretraining recipe. Then every finished cell is what it was, so no --overwrite is needed."""
     from vitmpp.common.config import flatten
 
     old, new = flatten(before), flatten(after)
@@ -630,7 +630,8 @@ def main(argv: list[str] | None = None) -> Path:
         before = yaml.safe_load(saved.read_text()) or {}
         changed = diff_keys(before, to_dict(cfg))
         if changed and only_grown(before, to_dict(cfg), changed):
-            print(f"[compare] the grid grew ({', '.join(changed)}); the finished cells are kept", flush=True)
+            print(f"[compare] only the grid changed ({', '.join(changed)}: cells added or reordered); the finished cells "
+                  "are kept", flush=True)
         elif changed:
             raise UserError(f"Output folder '{out}' holds a comparison with a different config (keys {', '.join(changed)}); "
                             "choose another output_dir or pass --overwrite.")
