@@ -790,7 +790,7 @@ def _worker_death(error: Exception, batches, rank: int) -> UserError | None:
         return None
     for _ in range(3):
         try:
-            return _dead_worker_error(batches, rank) or _in_torch_words(error, rank)
+            return _dead_worker_error(batches, rank, error) or _in_torch_words(error, rank)
         except RuntimeError as again:  # torch's SIGCHLD handler, raising inside the check
             error = again
     return _in_torch_words(error, rank)
@@ -801,9 +801,10 @@ def _in_torch_words(error: Exception, rank: int) -> UserError | None:
     return explain_failure(error, rank) if isinstance(error, RuntimeError) else None
 
 
-def _dead_worker_error(batches, rank: int) -> UserError | None:
+def _dead_worker_error(batches, rank: int, error: Exception | None = None) -> UserError | None:
     """The sentence for the first worker of `batches` that has ended (reaped, so that torch's
-    SIGCHLD handler stops reporting it), or None when every worker is still alive."""
+    SIGCHLD handler stops reporting it), or None when every worker is still alive. `error`: the
+    latest failure seen, whose words stand in when the worker's exit status was lost (below)."""
     import multiprocessing.connection
 
     # torch's multiprocessing.Process objects of this iterator (none when reading in the main process)
@@ -814,6 +815,12 @@ def _dead_worker_error(batches, rank: int) -> UserError | None:
     for worker in workers:
         if worker.sentinel in ended:
             worker.join()
+            if worker.exitcode is None:
+                # reaped, but the status not kept: torch's SIGCHLD handler raised inside an earlier
+                # join, after its waitpid took the status and before multiprocessing stored it (seen
+                # on a busy CPU); that handler's RuntimeError carries the status in torch's words
+                return _in_torch_words(error, rank) or dead_worker_error(
+                    rank, f"DataLoader worker (pid {worker.pid}) ended, its exit status lost to a signal handler")
             return dead_worker_error(rank, worker_exit_detail(worker.pid, worker.exitcode))
     return None
 

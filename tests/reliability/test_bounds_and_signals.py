@@ -332,6 +332,35 @@ def test_a_kept_worker_killed_while_idle_is_replaced_not_a_traceback_at_a_random
         close_idle_workers()
 
 
+def _sleep_forever():
+    time.sleep(600)
+
+
+@pytest.mark.fault("a killed worker's exit status is reaped before the loader asks for it", expect="clear error")
+def test_a_dead_worker_whose_status_was_reaped_elsewhere_is_still_one_sentence():
+    """Seen once under busy-tests.sh: torch's SIGCHLD handler raised inside the loader's join of a killed
+    worker after waitpid had taken its status, so the retried join found exitcode None. Here the worker
+    is really SIGKILLed and really reaped behind multiprocessing's back; the sentence then comes from
+    torch's words for the death (its handler's RuntimeError), or names the pid when there are none."""
+    import multiprocessing
+    from types import SimpleNamespace
+
+    from vitmpp.datasets.loader import _dead_worker_error
+
+    for torch_error, expected in (
+            (RuntimeError("DataLoader worker (pid 1) is killed by signal: Killed. "), "out-of-memory killer"),
+            (ConnectionResetError(104, "Connection reset by peer"), "exit status lost to a signal handler")):
+        worker = multiprocessing.get_context("fork").Process(target=_sleep_forever, daemon=True)
+        worker.start()
+        os.kill(worker.pid, signal.SIGKILL)
+        os.waitpid(worker.pid, 0)  # the status taken, as the racing handler took it
+        found = _dead_worker_error(SimpleNamespace(_workers=[worker]), 0, torch_error)
+        assert worker.exitcode is None and isinstance(found, UserError)
+        text = str(found)
+        assert text.startswith("A data-loading worker of rank 0 died (DataLoader worker (pid") and expected in text
+        assert "\n" not in text
+
+
 @pytest.mark.fault("a data-loading worker dies on a busy CPU (10 tries each: exit 1, SIGKILL)", expect="clear error")
 @pytest.mark.parametrize("death, advice", [(ExitAfterCalls, "own output above"), (KilledAfterCalls, "out-of-memory")])
 def test_a_dead_worker_is_one_sentence_on_a_busy_cpu(tmp_path, death, advice):
