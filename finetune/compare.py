@@ -279,8 +279,8 @@ def only_grown(before: dict, after: dict, changed: list[str]) -> bool:
 
 def resolve_pretraining(cfg: CompareConfig, config_path: str | os.PathLike) -> dict[str, tuple[str, list[str]]]:
     """encoder name -> (pretraining recipe path (see `_resolve`), that entry's own overrides)."""
-    return {name: (_resolve(shlex.split(entry)[0], f"pretraining.recipes.{name}", config_path), shlex.split(entry)[1:])
-            for name, entry in cfg.pretraining.recipes.items()}
+    words = {name: shlex.split(entry) for name, entry in cfg.pretraining.recipes.items()}
+    return {name: (_resolve(w[0], f"pretraining.recipes.{name}", config_path), w[1:]) for name, w in words.items()}
 
 
 def matched_scratch_steps(cfg: CompareConfig, scratch_recipe: str, encoder_paths: dict[str, list[str]]) -> tuple[int, int]:

@@ -5,6 +5,7 @@ GPU one, with a CPU decode and crop), so it runs on machines without a GPU; the 
 is not exercised here."""
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import sys
 import tarfile
@@ -189,8 +190,7 @@ def test_a_corrupt_image_stops_with_a_user_error_naming_shard_and_member(tmp_pat
     member = damage_png(shard, 2)
     spec = spec_for(tmp_path, batch_size=4, transform=pretrain_transform(8), training=True, seed=0)
     with pytest.raises(UserError) as err:
-        for _ in cpu_loader(spec):
-            pass
+        list(cpu_loader(spec))
     text = str(err.value)
     assert f"'{member}'" in text and f"'{shard}'" in text, text
     assert "data.loader=shards" in text and "make_shards" in text and "\n" not in text
@@ -219,13 +219,18 @@ def test_what_the_backend_cannot_do_is_refused_in_one_sentence(coded):
 
 
 @needs_dali
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal of a machine without CUDA")
-def test_public_path_refuses_without_cuda_in_one_sentence(coded):
+def test_public_path_refuses_without_cuda_in_one_sentence(coded, monkeypatch):
+    """Refused on every machine: a run on the CPU device (as ACCELERATE_USE_CPU makes it), and a machine
+    whose torch sees no CUDA (this one; elsewhere torch is told so)."""
     spec = spec_for(coded, batch_size=4, transform=pretrain_transform(8), training=True)
+    sentence = "Key 'data.loader' is 'dali', which decodes and crops on a CUDA GPU, but this run has none ({}); set data.loader=shards."
+    with pytest.raises(UserError) as err:
+        open_dali_loader(dataclasses.replace(spec, device="cpu"))
+    assert str(err.value) == sentence.format("device cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(UserError) as err:
         open_dali_loader(spec)
-    assert str(err.value) == ("Key 'data.loader' is 'dali', which decodes and crops on a CUDA GPU, but this run has "
-                              "none (no CUDA device); set data.loader=shards.")
+    assert str(err.value) == sentence.format("no CUDA device")
 
 
 def test_without_dali_installed_the_error_says_how_to_install(coded, monkeypatch):
