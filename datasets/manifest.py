@@ -32,7 +32,9 @@ import io
 import json
 import os
 import re
+import shlex
 import stat
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -70,12 +72,57 @@ def _pipe_file(command: str) -> re.Match | None:
 
 
 def pipe_with_file(command: str, name: str) -> str:
-    """`command` (a `pipe:` shard or manifest command) reading file `name` of the same folder instead."""
+    """`command` (a `pipe:` shard or manifest command: the user's) reading file `name` of the same
+    folder instead.
+
+    `name` is data (a manifest lists it) and the result runs under /bin/sh, so the name never
+    enters the command as shell text: it goes in as one single-quoted literal (`shlex.quote`,
+    inside which sh interprets nothing), the user's own quotes closed around it first, so the
+    command receives exactly the characters of the name whatever they are (docs/security.md)."""
     match = _pipe_file(command)
     if match is None:
         raise UserError(f"Cannot tell which file the command '{command}' reads (no word ending in .tar or "
                         "_info.json); name the shard file in it, as in pipe:aws s3 cp s3://bucket/shard-000000.tar -.")
-    return command[:match.start("name")] + name + command[match.end("name"):]
+    start, end = match.span("name")
+    quoted = shlex.quote(name)
+    open_quote = _open_quote(command[:start])
+    if open_quote and quoted != name:  # close the user's quote, add the literal, reopen it
+        quoted = open_quote + quoted + open_quote
+    return command[:start] + quoted + command[end:]
+
+
+def _open_quote(text: str) -> str:
+    """The quote (`'` or `"`) left open at the end of shell text `text`, or "" (POSIX sh rules:
+    nothing escapes inside '...'; a backslash escapes the next character elsewhere)."""
+    quote, k = "", 0
+    while k < len(text):
+        char = text[k]
+        if char == "\\" and quote != "'":
+            k += 2
+            continue
+        if quote == "" and char in "'\"":
+            quote = char
+        elif char == quote:
+            quote = ""
+        k += 1
+    return quote
+
+
+def unsafe_file_name(name: str) -> str | None:
+    """Why `name` (listed by a manifest) cannot be a shard's file name, or None: a scheme (`pipe:`
+    would make it a command), an absolute path or `..` (outside the folder), a control character
+    (newline, NUL: no shard is named so, and a message could not show it), or text that is not UTF-8."""
+    if is_url(name):
+        return "it has a URL scheme"
+    if os.path.isabs(name) or ".." in Path(name).parts:
+        return "it reaches outside the shard folder"
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        return "it holds a control character"
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return "it is not UTF-8 text"
+    return None
 
 
 def shard_name(location: str) -> str:
@@ -86,7 +133,7 @@ def shard_name(location: str) -> str:
     if is_url(location):
         from urllib.parse import urlsplit
 
-        return urlsplit(location).path.rstrip("/").rsplit("/", 1)[-1]
+        return urllib.parse.unquote(urlsplit(location).path.rstrip("/").rsplit("/", 1)[-1])
     return os.path.basename(location)
 
 
@@ -217,8 +264,8 @@ class Manifest:
 def _join(base: str, name: str) -> str:
     if base.startswith("pipe:"):  # the base of a pipe: manifest is its command (_dirname)
         return pipe_with_file(base, name)
-    if is_url(base):
-        return base.rstrip("/") + "/" + name
+    if is_url(base):  # a name is a path, not URL text: '#', '?', '%' and spaces are quoted
+        return base.rstrip("/") + "/" + urllib.parse.quote(name, safe="/")
     return os.path.join(base, name)
 
 
@@ -402,11 +449,14 @@ def parse_manifest(data: Any, *, root: str, source: str) -> Manifest:
             raise bad(f"split '{key}' lists {len(filenames)} filenames but {len(lengths)} shard_lengths")
         if sum(lengths) != num_samples:
             raise bad(f"split '{key}' has num_samples {num_samples} but its shard_lengths sum to {sum(lengths)}")
-        for name in filenames + ([info["labels_file"]] if info.get("labels_file") else []):
-            # Names come from a file that may not be ours: a scheme (pipe: runs a shell
-            # command), an absolute path or '..' would reach outside the shard folder.
-            if is_url(name) or os.path.isabs(name) or ".." in Path(name).parts:
-                raise bad(f"split '{key}' names '{name}', which is not a plain relative file name")
+        labels_file = info.get("labels_file")
+        if labels_file is not None and not isinstance(labels_file, str):
+            raise bad(f"split '{key}' has a 'labels_file' that is not a string")
+        for name in filenames + ([labels_file] if labels_file else []):
+            # names come from a file that may not be ours (docs/security.md)
+            why = unsafe_file_name(name)
+            if why:
+                raise bad(f"split '{key}' names {_escaped(name)}, which is not a plain relative file name ({why})")
         shard_bytes = info.get("shard_bytes")
         if shard_bytes is not None:
             if not isinstance(shard_bytes, list):
@@ -416,7 +466,7 @@ def parse_manifest(data: Any, *, root: str, source: str) -> Manifest:
                 raise bad(f"split '{key}' lists {len(shard_bytes)} shard_bytes for {len(filenames)} shards")
         splits[key] = SplitInfo(
             name=str(info.get("name", key)), num_samples=num_samples, filenames=filenames,
-            shard_lengths=lengths, labels_file=info.get("labels_file"), shard_bytes=shard_bytes,
+            shard_lengths=lengths, labels_file=labels_file, shard_bytes=shard_bytes,
         )
     class_names = data.get("class_names") or []
     if not isinstance(class_names, list):
@@ -447,6 +497,12 @@ def _count(value: Any, what: str, bad, kind: str = "a non-negative integer") -> 
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise bad(f"{what} is {_show(value)}, not {kind}")
     return value
+
+
+def _escaped(name: str) -> str:
+    """`name` quoted on one line, control characters escaped (`'x\\ny.tar'`)."""
+    text = repr(name)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _show(value: Any) -> str:

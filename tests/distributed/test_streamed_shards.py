@@ -8,11 +8,8 @@ free port) and `pipe:cat`, and compare its losses with the same run over the loc
 from __future__ import annotations
 
 import shutil
-import socket
-import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -64,35 +61,6 @@ def local_losses(tmp_path_factory, digits16):
     tmp = tmp_path_factory.mktemp("local")
     pretrain(tmp, str(digits16))
     return losses(tmp / "runs" / "default-mpp")
-
-
-@pytest.fixture
-def http_server(tmp_path):
-    """`python -m http.server` on 127.0.0.1 (a free port) serving a folder: start(root) -> base URL."""
-    started = []
-
-    def start(root: Path) -> str:
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        proc = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
-                                 "--directory", str(root)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        started.append(proc)
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                urllib.request.urlopen(url + "/", timeout=2).close()
-                return url
-            except OSError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise
-                time.sleep(0.1)
-
-    yield start
-    for proc in started:
-        proc.terminate()
-        proc.wait(timeout=10)
 
 
 def batches(shards, manifest=None, *, start_batch=0, num_workers=0):
