@@ -159,6 +159,9 @@ class Run:
     metrics: rundir.MetricsLog | None = None  # metrics.jsonl (main process), opened with the tracker
     schedule: Schedule | None = None  # the run's length, set by the loop right after `Stage.setup`
     logical_ranks: int | None = None  # the run's for life (train.logical_ranks, or its checkpoint's); None: one per process
+    run_id: str | None = None  # the run folder's identity (rundir.run_id), which its checkpoints carry
+    allow_changes: bool = False  # --allow-changes: a changed key, another run's checkpoint or other data may be resumed
+    notes: list[str] = field(default_factory=list)  # what --allow-changes let through, for the config history
 
     @property
     def rank(self) -> int:
@@ -197,7 +200,9 @@ class Run:
         (`Stage.namespace`); on resume, what came after `resumed_at` is dropped."""
         metrics = None
         if self.accelerator.is_main_process:
-            segment = rundir.record_config(self.run_dir, self.cfg, resumed_at or 0, self.resume_from)
+            segment = rundir.record_config(self.run_dir, self.cfg, resumed_at or 0, self.resume_from, self.notes)
+            for note in self.notes:
+                self.console.warn(f"{note}; {segment} records it")
             if self.changed and self.resume_from is not None:
                 self.console.warn(f"continuing under changed keys {', '.join(self.changed)} (--allow-changes); "
                                   f"{segment} records the config of the steps from here")
@@ -233,9 +238,11 @@ def open_run(cfg, run_dir: Path, resume: str | None, *, resumable_keys: Sequence
             resume_from = rundir.resolve_resume(run_dir, resume)
             changed = rundir.check_reuse(run_dir, cfg, resume, ignore=resumable_keys)
             rundir.refuse_changes(run_dir, cfg, changed, resume_from, allow_changes)
+            origin = rundir.check_checkpoint_origin(run_dir, resume_from, allow_changes)
             ranks = decide_logical_ranks(getattr(cfg.train, "logical_ranks", None), resume_from,
                                          accelerator.num_processes)
-            decision = {"note": note, "resume_from": resume_from, "changed": changed, "logical_ranks": ranks}
+            decision = {"note": note, "resume_from": resume_from, "changed": changed, "logical_ranks": ranks,
+                        "run_id": rundir.claim_run_id(run_dir), "notes": [origin] if origin else []}
         except Exception as err:  # noqa: BLE001 - the other ranks must learn of any failure, or they wait forever
             failure, decision = err, {"error": str(err) if isinstance(err, UserError) else None}
     decision = broadcast_object_list([decision])[0]
@@ -249,7 +256,8 @@ def open_run(cfg, run_dir: Path, resume: str | None, *, resumable_keys: Sequence
         console.warn(decision["note"])
     return Run(cfg, Path(run_dir), accelerator, console, decision["resume_from"], resume,
                Callbacks([*fault_callbacks(cfg.debug), *callbacks]), changed=decision["changed"],
-               logical_ranks=decision["logical_ranks"])
+               logical_ranks=decision["logical_ranks"], run_id=decision["run_id"], allow_changes=allow_changes,
+               notes=decision["notes"])
 
 
 def decide_logical_ranks(configured: int | None, resume_from: Path | None, processes: int) -> int:
@@ -522,13 +530,6 @@ def guarded_loop(rank: int, console: Console):
         console.close_bar()
 
 
-def config_fingerprint(cfg: Any) -> str:
-    import hashlib
-    import json
-
-    return hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def check_resume_point(state: dict, path: Path, schedule: Schedule, geometry) -> None:
     """The loop continues from a checkpoint's step with this config's geometry; refuse when that step is
     past the run's end, or when it would read the data elsewhere than the checkpoint stopped (its epoch
@@ -549,6 +550,26 @@ def check_resume_point(state: dict, path: Path, schedule: Schedule, geometry) ->
             f"but with global batch {geometry.global_batch} and {schedule.steps_per_epoch} steps per epoch its step "
             f"{step} would continue {step_in_epoch * geometry.global_batch} images into epoch {epoch}; resume with "
             f"train.global_batch={state['global_batch']} and the same training data, or start a new run.")
+
+
+def check_same_data(state: dict, path: Path, identity: dict | None, allow: bool) -> str | None:
+    """Refuse to resume a checkpoint onto other data than it was trained on (`LoaderSpec.identity`:
+    data set, split, shard names, counts and sizes; not where the shards are), unless `allow`
+    (--allow-changes): then return a note for the config history."""
+    saved = state.get("data")
+    if saved is None or identity is None or saved == identity:  # (a checkpoint of an older version has none)
+        return None
+
+    def told(data: dict) -> str:
+        kept = f", {data['kept']} of them kept" if "kept" in data else ""
+        return (f"split '{data.get('split')}' of '{data.get('name')}' ({data.get('samples')} samples in "
+                f"{data.get('shards')} shards{kept}, digest {data.get('digest')})")
+
+    what = f"Checkpoint {path} was trained on {told(saved)}, but data.shards now names {told(identity)}"
+    if allow:
+        return f"{what}; continued on it under --allow-changes"
+    raise UserError(f"{what}; point data.shards at the shards the run was trained on (the same shards in another "
+                    "place are fine), or pass --allow-changes to continue on these.")
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -592,9 +613,13 @@ class Loop:
         # their number is fixed at the run's start like the logical ranks; a resume with another
         # data.num_workers starts that many processes, each playing some of the run's logical workers.
         self.data_workers = plan.loader.num_workers
+        self.data_identity = plan.loader.identity() if hasattr(plan.loader, "identity") else None
         if run.resume_from is not None:
             state = self.checkpointer.load(run.resume_from)
             check_resume_point(state, run.resume_from, self.schedule, geometry)
+            note = check_same_data(state, run.resume_from, self.data_identity, run.allow_changes)
+            if note:
+                run.notes.append(note)
             self.data_workers = int(state.get("data_workers", self.data_workers))
             if "logical_ranks" in state:  # else written by as many processes as now: Accelerate restored them
                 self.ranks.load_state_dict(load_logical_rng(run.resume_from, run.hosted))
@@ -739,7 +764,8 @@ class Loop:
                 "global_batch": geometry.global_batch,
                 "per_device_batch": geometry.per_device_batch, "accumulation": geometry.accumulation,
                 "skipped_samples": self.skipped_samples(), "nonfinite_steps": self.log.nonfinite_steps(),
-                "config_fingerprint": config_fingerprint(self.cfg), "stage": self.stage.name, "time": time.time(),
+                "config_fingerprint": rundir.config_fingerprint(self.cfg), "stage": self.stage.name, "time": time.time(),
+                "run_id": self.run.run_id, "run_dir": str(self.run.run_dir.resolve()), "data": self.data_identity,
                 **self.stage.state_dict(),
             }
             path = self.log.last_checkpoint = self.checkpointer.save(self.step, state)

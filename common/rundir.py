@@ -30,6 +30,13 @@ already holds one is refused (with the keys that differ, if the config changed);
 (anything but a stage's `RESUMABLE_KEYS`: logging, debugging, worker counts, the
 shards' location, the run's length) is refused unless `--allow-changes` is given.
 
+A run has an identity (`run.json`: a random id written when the folder is first used), which
+every checkpoint carries: a checkpoint written by another run (copied into `checkpoints/`,
+or named by `--resume PATH` in another run's folder) is refused in one sentence naming both
+runs, or continued from under `--allow-changes`, which the new config segment records.
+Checkpoints written before the id carry only their config's fingerprint: one that matches
+no segment of this run's history is resumed with a warning.
+
 The config history is never rewritten: each segment of a run (the first start and
 every resume under a config that differs from the one before) is one file in
 `config-history/`, written once. `segment-<k>-from-step-<s>.yaml` is the config
@@ -45,13 +52,15 @@ import atexit
 import contextlib
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import socket
 import sys
 import time
+import uuid
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import yaml
 
@@ -65,6 +74,7 @@ CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 LOCK_FILE = "lock"
 HISTORY_DIR = "config-history"
+RUN_FILE = "run.json"
 
 _HELD: dict[Path, int] = {}  # run folders this process holds (resolved path -> open lock file, kept till exit)
 
@@ -264,6 +274,75 @@ def refuse_changes(run_dir: Path, config: Any, changed: list[str], resume_from: 
                     f"({HISTORY_DIR}/ keeps which steps ran under which config).")
 
 
+# ----------------------------------------------------------------------------- which run a checkpoint is of
+
+
+def config_fingerprint(config: Any) -> str:
+    """A short digest of a config's values (what checkpoints carry to tell configs apart)."""
+    text = json.dumps(to_dict(config) if not isinstance(config, dict) else config, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def run_id(run_dir: Path) -> str | None:
+    """The id of the run in `run_dir` (`run.json`), or None when the folder has none yet."""
+    path = Path(run_dir) / RUN_FILE
+    try:
+        record = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        raise UserError(f"{path} is not the JSON a run writes; restore it from a copy of the run folder, or delete "
+                        "it to let the run take a new identity.") from None
+    value = record.get("id") if isinstance(record, dict) else None
+    if not isinstance(value, str) or not value:
+        raise UserError(f"{path} holds no run id; restore it from a copy of the run folder, or delete it to let "
+                        "the run take a new identity.")
+    return value
+
+
+def claim_run_id(run_dir: Path) -> str:
+    """The run's id, made (a random UUID, kept in `run.json` for the folder's life) if it has none."""
+    existing = run_id(run_dir)
+    if existing is not None:
+        return existing
+    record = {"id": uuid.uuid4().hex, "created": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "host": socket.gethostname(),
+              "folder": str(Path(run_dir).resolve())}
+    with reported_writes(str(Path(run_dir) / RUN_FILE), MetricsLog.ADVICE, run_dir):
+        atomic_write(Path(run_dir) / RUN_FILE, json.dumps(record, indent=2) + "\n")
+    return record["id"]
+
+
+def check_checkpoint_origin(run_dir: Path, resume_from: Path | None, allow: bool) -> str | None:
+    """Refuse a checkpoint that another run wrote (its `run_id` is not this folder's), unless `allow`
+    (`--allow-changes`): then return a note for the config history. None: it is this run's own.
+
+    A checkpoint without a `run_id` (an older version's) is compared by config fingerprint with
+    this run's config history; matching none, it is resumed with a warning."""
+    if resume_from is None:
+        return None
+    try:
+        state = ckpt.read_state(resume_from)
+    except (OSError, ValueError):  # Checkpointer.load names the damage
+        return None
+    ours, theirs = run_id(run_dir), state.get("run_id")
+    if theirs is None:
+        known = {config_fingerprint(yaml.safe_load(path.read_text()) or {}) for path in config_history(run_dir)}
+        if state.get("config_fingerprint") not in known and known:
+            Console(is_main=True).warn(f"checkpoint {resume_from} was written by an older version that did not "
+                                       f"record its run, and under a config none of {Path(run_dir) / HISTORY_DIR}/ "
+                                       "holds; make sure it is this run's")
+        return None
+    if theirs == ours:
+        return None
+    where = state.get("run_dir") or str(Path(resume_from).resolve().parent.parent)
+    mine = f"not by the run in {run_dir} (id {ours[:8]})" if ours else f"and {run_dir} holds no run of its own yet"
+    told = f"Checkpoint {resume_from} was written by another run (the run in {where}, id {theirs[:8]}), {mine}"
+    if allow:
+        return f"{told}; continued from it under --allow-changes"
+    raise UserError(f"{told}; resume that run in its own folder, or pass --allow-changes to continue this run "
+                    f"from it ({HISTORY_DIR}/ records it).")
+
+
 # ----------------------------------------------------------------------------- the config and its history
 
 
@@ -272,9 +351,12 @@ def config_history(run_dir: Path) -> list[Path]:
     return sorted((Path(run_dir) / HISTORY_DIR).glob("segment-*.yaml"))
 
 
-def record_config(run_dir: Path, config: Any, from_step: int, resumed_from: Path | None = None) -> Path | None:
+def record_config(run_dir: Path, config: Any, from_step: int, resumed_from: Path | None = None,
+                  notes: Sequence[str] = ()) -> Path | None:
     """Make `config` the run's current config (`config.yaml`), first adding it to the history as a new
-    segment from `from_step` unless it is the latest segment's already; returns the new segment or None.
+    segment from `from_step` unless it is the latest segment's already and there are no `notes` (what
+    was accepted under --allow-changes besides keys: another run's checkpoint, other data); returns
+    the new segment or None.
 
     A run folder made before the history existed has its config.yaml kept as segment 1 first."""
     run_dir = Path(run_dir)
@@ -286,13 +368,14 @@ def record_config(run_dir: Path, config: Any, from_step: int, resumed_from: Path
     latest = yaml.safe_load(history[-1].read_text()) if history else None
     changed = diff_keys(latest, to_dict(config)) if latest is not None else []
     segment = None
-    if latest is None or changed:
+    if latest is None or changed or notes:
         if resumed_from is not None:
             origin = f"resumed from {resumed_from}"
         else:
             origin = "started" if from_step == 0 and not history else f"restarted from step {from_step}"
         host = f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')} by process {os.getpid()} on host {socket.gethostname()}"
         header = f"{origin} {host}" + (f"; changed keys: {', '.join(changed)}" if changed else "")
+        header += "".join(f"\n# {note}" for note in notes)
         segment = _write_segment(run_dir, len(history) + 1, from_step, dump_yaml(config), header)
     write_config(run_dir, config)
     return segment

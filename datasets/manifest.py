@@ -28,6 +28,7 @@ name replaced). See docs/streaming.md.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -246,6 +247,20 @@ class Manifest:
                                 f"{info.num_samples} integers; rewrite the shards with make_shards.")
             self._labels[split] = labels.astype(np.int64)
         return self._labels[split]
+
+    def identity(self, split: str, names: Sequence[str] | None = None) -> dict:
+        """What identifies the samples of `split` (of its shards `names`, file names as listed, when
+        only some are read): the data set's name, the split, and how many samples in how many shards,
+        with a digest of every shard's file name, sample count and size. The same shards in another
+        place have the same identity; another data set, split or shard has another."""
+        info = self.split(split)
+        keep = set(names) if names is not None else None
+        sizes = info.shard_bytes or [None] * len(info.filenames)
+        rows = [[name, length, size] for name, length, size in zip(info.filenames, info.shard_lengths, sizes)
+                if keep is None or os.path.basename(name) in keep]
+        digest = hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16]
+        return {"name": self.name, "split": split, "samples": sum(row[1] for row in rows), "shards": len(rows),
+                "digest": digest}
 
     def to_json(self) -> dict:
         data = {

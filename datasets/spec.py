@@ -18,13 +18,15 @@ in a benchmark) reads a short module.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from dataclasses import dataclass
 from typing import Callable, Iterator, NamedTuple, Protocol, Sequence, runtime_checkable
 
 import torch
 
-from .manifest import Manifest
+from .manifest import Manifest, expand_shard_spec, names_all_shards, shard_name
 
 
 class Batch(NamedTuple):
@@ -145,6 +147,18 @@ class LoaderSpec:
     device: torch.device | str | None = None
     views_per_image: int = 1
     decode_on: str = "worker"
+
+    def identity(self) -> dict:
+        """What identifies the data this spec reads (`Manifest.identity` of the shards in play, and a
+        digest of `keep_indices`): checkpoints carry it, so that a resume onto other data is told."""
+        names = None
+        if not names_all_shards(self.shards):
+            names = [shard_name(name) for name in expand_shard_spec(self.shards)]
+        identity = self.manifest.identity(self.split, names)
+        if self.keep_indices is not None:
+            kept = hashlib.sha256(json.dumps(list(self.keep_indices)).encode()).hexdigest()[:16]
+            identity.update(kept=len(self.keep_indices), kept_digest=kept)
+        return identity
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: normalise the inputs once, here
