@@ -94,8 +94,6 @@ from .manifest import Manifest, expand_shard_spec, is_url, names_all_shards, sha
 from .samples import BadSample, RawSample, Tally, decode_array, decode_sample, read_for_device, read_shard
 from .spec import Batch, Loader, LoaderSpec
 
-# the skip fraction is checked only once this many samples have passed (too noisy before)
-MIN_SAMPLES_FOR_SKIP_CHECK = 20
 
 
 class ShardWarning(UserWarning):
@@ -334,8 +332,11 @@ class _ShardStream(IterableDataset):
                 yield raw
             empty_in_a_row = 0 if produced else empty_in_a_row + 1
             if empty_in_a_row > limit:
-                raise UserError(f"Worker {worker} of rank {p.rank} read {empty_in_a_row} shards in a row without "
-                                f"a usable sample (e.g. {p.urls[shard]}); check or rewrite the shards.")
+                why = next((message for url, message in reversed(tally.notes) if url == p.urls[shard]), None)
+                reads = (f"read shard {p.urls[shard]} {empty_in_a_row} times" if len(p.urls) == 1 else
+                         f"read {empty_in_a_row} shards in a row (the last {p.urls[shard]})")
+                raise UserError(f"Worker {worker} of rank {p.rank} {reads} without a usable sample"
+                                f"{f' ({why})' if why else ''}; check or rewrite the shards.")
 
     def _train(self, worker: int, in_main: bool):
         import webdataset as wds
@@ -514,14 +515,20 @@ class ShardLoader:
                 warnings.warn(message, ShardWarning, stacklevel=3)
         self.skipped_samples += skipped
         self._delivered += int((indices >= 0).sum()) // self._plan.views  # images, as skipped_samples counts
-        seen = self.skipped_samples + self._delivered
-        if (self.skipped_samples and seen >= MIN_SAMPLES_FOR_SKIP_CHECK
-                and self.skipped_samples > self.max_skip_fraction * seen):
+        # Judged on the epoch, as the limit says: stop once the skipped samples are more than the
+        # fraction of all the epoch reads here (each batch takes batch_size / views images, skipped
+        # ones included), never on a running estimate that early bad luck can push over it.
+        p = self._plan
+        reads = len(self) * (p.batch_size // p.views)
+        if not p.training:  # this rank's real samples from the start batch on (padding is not read)
+            reads = max(0, len(p.rank_indices) - p.start_batch * p.batch_size)
+        if self.skipped_samples and self.skipped_samples > self.max_skip_fraction * reads:
             shards = ", ".join(self.bad_shards[:5]) + (f" and {len(self.bad_shards) - 5} more"
                                                        if len(self.bad_shards) > 5 else "")
             raise UserError(
-                f"{self.skipped_samples} of {seen} samples of split '{self.split}' could not be read "
-                f"(more than max_skip_fraction={self.max_skip_fraction}); damaged shards: {shards or 'unknown'}. "
+                f"{self.skipped_samples} samples of split '{self.split}' could not be read, more than "
+                f"max_skip_fraction={self.max_skip_fraction} of the {reads} this epoch reads on rank "
+                f"{self._plan.rank}; damaged shards: {shards or 'unknown'}. "
                 "Rewrite them with make_shards or raise data.max_skip_fraction."
             )
 

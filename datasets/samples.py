@@ -41,6 +41,7 @@ from __future__ import annotations
 import io
 import os
 import random
+import re
 import select
 import signal
 import stat
@@ -62,6 +63,13 @@ from .tarmembers import NotLean, read_members
 IMAGE_MEMBERS = ("jpg", "jpeg", "png", "webp")
 ALLOWED_MEMBERS = set(IMAGE_MEMBERS) | {"cls", "json"}
 PIL_FORMATS = ["JPEG", "PNG", "WEBP"]
+_LABEL = re.compile(r"-?[0-9]+", re.ASCII)
+# What a shard's first bytes show when it is something else than a tar (a server's error or login
+# page, a zip): said as such instead of "unreadable". A tar has no magic of its own at the start,
+# and compressed tars (gzip, bz2, xz, zstd) are read as tars, so only these are named.
+_NOT_TAR = ((re.compile(rb"\s*<(!doctype|html|\?xml|head|body|error)", re.IGNORECASE), "an HTML or XML page"),
+            (re.compile(rb"PK\x03\x04"), "a zip archive"), (re.compile(rb"\s*[{\[]"), "a JSON document"),
+            (re.compile(rb"%PDF-"), "a PDF"), (re.compile(rb"\x89PNG|\xff\xd8\xff"), "a single image"))
 
 
 class BadSample(Exception):
@@ -118,6 +126,62 @@ def _samples(files: Iterator[dict]) -> Iterator[tuple[dict, bool]]:
         current[suffix] = f["data"]
     if current is not None:
         yield current, current["__key__"] in seen
+
+
+class NotATar(ValueError):
+    """A shard whose first bytes show it is another kind of file (`_NOT_TAR`)."""
+
+
+class _Replay:
+    """A stream whose first bytes, read ahead to see what it is, are given back first."""
+
+    def __init__(self, head: bytes, stream):
+        self.head, self.stream = head, stream
+
+    def read(self, size: int = -1) -> bytes:
+        if not self.head:
+            return self.stream.read(size)
+        if size is None or size < 0:
+            data, self.head = self.head + self.stream.read(), b""
+            return data
+        data, self.head = self.head[:size], self.head[size:]
+        return data
+
+    def close(self) -> None:
+        self.stream.close()
+
+
+def _tar_header(block: bytes) -> bool:
+    """Whether `block` is a tar header: its checksum field (octal, at 148) is the sum of its bytes
+    with that field read as spaces."""
+    if len(block) < 512:
+        return False
+    field_text = block[148:156].replace(b"\x00", b" ").strip()
+    try:
+        recorded = int(field_text or b"x", 8)
+    except ValueError:
+        return False
+    return recorded == sum(block[:148]) + 8 * 32 + sum(block[156:512])
+
+
+def check_tar_start(stream):
+    """`stream`, unchanged to its reader, after its first bytes were checked for being a tar;
+    NotATar when they show another kind of file (an HTML page with status 200, a zip)."""
+    head = b""
+    while len(head) < 512:
+        data = stream.read(512 - len(head))
+        if not data:
+            break
+        head += data
+    for pattern, kind in _NOT_TAR:
+        if pattern.match(head) and not _tar_header(head):  # (a tar's first member may be named '<x>.jpg')
+            stream.close()
+            shown = head[:40].decode("utf-8", "replace").strip().splitlines()[0][:40] if head.strip() else ""
+            raise NotATar(f"it is {kind}, not a tar" + (f": it starts {shown!r}" if shown else ""))
+    if getattr(stream, "seekable", lambda: False)():  # a local file: the lean reader seeks in it
+        stream.seek(0)
+        return stream
+    return _Replay(head, stream)
 
 
 def _open_local(url: str):
@@ -202,8 +266,13 @@ class _HttpStream:
             self.response = urllib.request.urlopen(url, timeout=STALL_TIMEOUT_S)
         except urllib.error.HTTPError as err:
             err.close()
-            final = 400 <= err.code < 500 and err.code not in RETRIED_HTTP
-            raise StreamFailed(f"the server answered HTTP {err.code} {err.reason}", final=final) from None
+            # a 3xx here is a redirect urllib gave up on (a loop, too many): the same on every attempt
+            final = 300 <= err.code < 500 and err.code not in RETRIED_HTTP
+            reason = "its redirects loop" if 300 <= err.code < 400 else (str(err.reason).splitlines() or [""])[0]
+            raise StreamFailed(f"the server answered HTTP {err.code}: {reason}", final=final) from None
+        except (http.client.InvalidURL, ValueError, UnicodeError) as err:  # a space, a control character, non-ASCII
+            raise StreamFailed(f"the URL is not one HTTP can send ({_describe(err)}); percent-encode spaces, "
+                               "control and non-ASCII characters", final=True) from None
         except (urllib.error.URLError, *self._errors) as err:
             raise StreamFailed(_describe(err)) from None
         self.expected = self.response.length  # None for a chunked body (http.client checks those itself)
@@ -402,7 +471,7 @@ def read_shard(url: str, offset: int, length: int, wanted: Callable[[int], bool]
         try:
             if attempts is not None:
                 attempts.attempt()
-            stream = open_stream(url) if is_url(url) else _open_local(url)
+            stream = check_tar_start(open_stream(url) if is_url(url) else _open_local(url))
             try:
                 if lean:
                     files = read_members(stream, url)
@@ -464,12 +533,14 @@ def _image_and_label(raw: RawSample, num_classes: int) -> tuple[bytes, int]:
         raise BadSample("no image member")
     if "cls" not in members:
         raise BadSample("no cls member")
-    try:
-        label = int(members["cls"].decode("ascii").strip())
-    except (UnicodeDecodeError, ValueError):
-        raise BadSample("cls is not an integer") from None
+    text = members["cls"].decode("utf-8", "replace").strip()
+    # decimal digits only: Python's int() would also take '0_3', '+3', ' ３ ' (full-width) silently
+    if not _LABEL.fullmatch(text):
+        shown = repr(text) if len(text) <= 20 else repr(text[:17]) + "..."
+        raise BadSample(f"its label (cls) is {shown}, not a class number")
+    label = int(text)
     if num_classes > 0 and not 0 <= label < num_classes:
-        raise BadSample(f"label {label} outside [0, {num_classes})")
+        raise BadSample(f"its label (cls) is {label}, outside the manifest's classes 0..{num_classes - 1}")
     return members[image_key], label
 
 

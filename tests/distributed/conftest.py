@@ -53,8 +53,9 @@ def pytest_sessionfinish(session, exitstatus):
 class FlakyHandler(SimpleHTTPRequestHandler):
     """Serves `server.root`; `server.plan(path, n)` (n: this path's request count, from 1) says how
     to answer: None (normally), an HTTP status to send instead, "drop" (the headers with the
-    whole Content-Length, a fifth of the body, then the connection closed) or "vanish" (the
-    connection closed without a word)."""
+    whole Content-Length, a fifth of the body, then the connection closed), "vanish" (the
+    connection closed without a word), "loop" (a redirect to itself) or "html" (a login page,
+    status 200)."""
 
     def __init__(self, request, client_address, server):
         super().__init__(request, client_address, server, directory=str(server.root))
@@ -71,6 +72,15 @@ class FlakyHandler(SimpleHTTPRequestHandler):
             return super().do_GET()
         if action == "vanish":
             self.close_connection = True
+            return None
+        if action in ("loop", "html"):  # a redirect to itself; an HTML page with status 200
+            body = b"<!DOCTYPE html><html><body>Sign in to continue</body></html>" if action == "html" else b""
+            self.send_response(HTTPStatus.FOUND if action == "loop" else HTTPStatus.OK)
+            if action == "loop":
+                self.send_header("Location", self.path)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
             return None
         if action == "drop":
             body = (server.root / self.path.lstrip("/")).read_bytes()
