@@ -30,8 +30,10 @@ A section may list keys that are alternatives to each other in
 them, the default of the other is dropped.
 
 Constraints are attached with `param(default, help=..., gt=/ge=/lt=/le=, choices=)`;
-checks that involve several keys go in a `check(self)` method on the dataclass,
-which raises `ConfigError`.
+on a list or tuple they hold for each item (Adam's betas: `ge=0, lt=1`). Beyond them
+every integer must fit in 64 bits (`INT64`: torch and numpy hold them so) and every
+number must be finite. Checks that involve several keys go in a `check(self)` method
+on the dataclass, which raises `ConfigError`.
 """
 from __future__ import annotations
 
@@ -56,6 +58,9 @@ T = TypeVar("T")
 
 _NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 _MISSING = dataclasses.MISSING
+# The integers a config may hold: what torch and numpy keep them in (a larger step, size or count is an
+# OverflowError deep inside a library, not a value anyone means); keys add tighter bounds with le=.
+INT64 = (-(2**63), 2**63 - 1)
 
 
 def param(
@@ -69,7 +74,7 @@ def param(
     choices: Sequence[Any] | None = None,
     default_factory: Any = _MISSING,
 ) -> Any:
-    """A dataclass field with a help text and an allowed range or set of values."""
+    """A dataclass field with a help text and an allowed range or set of values (of each item, for a list)."""
     meta = {"help": help, "gt": gt, "ge": ge, "lt": lt, "le": le, "choices": choices}
     if default_factory is not _MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
@@ -325,6 +330,7 @@ class _Builder:
         self.valid_keys = schema_keys(schema)
 
     def where(self, key: str) -> str:
+        key = key.split("[", 1)[0]  # an item (optim.betas[1]) comes from where its list came from
         source = self.sources.get(key)
         if source is None:
             # a nested key inherits the source of its section
@@ -417,10 +423,10 @@ class _Builder:
             if origin is tuple and args and args[-1] is not Ellipsis:
                 if len(value) != len(args):
                     raise self.fail_type(key, value, tp)
-                items = [self.convert(a, v, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value))]
+                items = [self.convert(a, v, f"{key}[{i}]", meta) for i, (a, v) in enumerate(zip(args, value))]
             else:
                 item_tp = args[0] if args else Any
-                items = [self.convert(item_tp, v, f"{key}[{i}]") for i, v in enumerate(value)]
+                items = [self.convert(item_tp, v, f"{key}[{i}]", meta) for i, v in enumerate(value)]
             return tuple(items) if (origin is tuple or tp is tuple) else items
         if origin is dict or tp is dict:
             if not isinstance(value, Mapping):
@@ -435,20 +441,29 @@ class _Builder:
                 raise self.fail_type(key, value, tp)
             return value
         if tp is int:
-            if isinstance(value, str) and _NUMBER.match(value.strip()) and float(value) == int(float(value)):
-                value = int(float(value))
+            if isinstance(value, str) and _NUMBER.match(value.strip()):
+                number = float(value)  # "1e5" (YAML 1.1 reads no exponent without a dot)
+                if math.isfinite(number) and number.is_integer():
+                    value = int(number)
             if isinstance(value, bool) or not isinstance(value, int):
                 if isinstance(value, float) and value.is_integer():
                     value = int(value)
                 else:
                     raise self.fail_type(key, value, tp)
-            return self.check_range(key, value, meta)
+            self.check_range(key, value, meta)  # first: the key's own bounds say more than 64 bits do
+            if not INT64[0] <= value <= INT64[1]:
+                raise ConfigError(f"Key '{key}' in {self.where(key)} must fit in 64 bits (-2**63 to 2**63 - 1), "
+                                  f"got {_show(value)}.")
+            return value
         if tp is float:
             if isinstance(value, str) and _NUMBER.match(value.strip()):
                 value = float(value)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise self.fail_type(key, value, tp)
-            value = float(value)
+            try:
+                value = float(value)
+            except OverflowError:  # an integer beyond any float (10**400)
+                value = math.inf if value > 0 else -math.inf
             if not math.isfinite(value):
                 raise ConfigError(f"Key '{key}' in {self.where(key)} must be a finite number, got {value}.")
             return self.check_range(key, value, meta)
@@ -482,11 +497,11 @@ class _Builder:
                 for name, op in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<="))
                 if meta.get(name) is not None
             )
-            raise ConfigError(f"Key '{key}' in {self.where(key)} must be {allowed}, got {value}.")
+            raise ConfigError(f"Key '{key}' in {self.where(key)} must be {allowed}, got {_show(value)}.")
         choices = meta.get("choices")
         if choices and value not in choices:
             raise ConfigError(
-                f"Key '{key}' in {self.where(key)} must be one of {', '.join(map(str, choices))}; got {value}."
+                f"Key '{key}' in {self.where(key)} must be one of {', '.join(map(str, choices))}; got {_show(value)}."
             )
         return value
 
@@ -549,7 +564,8 @@ def load_config(
         _mark_sources(data, f"{path}", "", sources)
     for key, value in parse_overrides(overrides):
         _set_dotted(data, key, value)
-        sources[key] = f"the override '{key}={value}'" if not isinstance(value, (dict, list)) else f"the override of '{key}'"
+        shown = str(value) if len(str(value)) <= 60 else str(value)[:57] + "..."  # 10**400 stays one short sentence
+        sources[key] = f"the override '{key}={shown}'" if not isinstance(value, (dict, list)) else f"the override of '{key}'"
         if isinstance(value, Mapping):
             _mark_sources(value, sources[key], key + ".", sources)
     schema = resolve_schema(schema, data)

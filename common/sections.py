@@ -12,21 +12,35 @@ from typing import Optional
 from .config import param
 from .errors import ConfigError
 
+# Upper bounds of sizes and lengths: far above any recipe, below what overflows a library's arithmetic or
+# asks for memory no machine has (each is what the value would cost, not a guess at taste).
+SEED_MAX = 2**32 - 1  # numpy's seeds (np.random.seed, which accelerate's set_seed calls) are 32-bit
+MAX_BATCH = 2**20  # images per step: 16x the largest published batch (65,536); each one is held in memory
+MAX_STEPS = 10**9  # optimizer steps: ~1,000x the longest recipe (MAE's 1,600 ImageNet epochs: ~500k)
+MAX_EPOCHS = 10**6  # epochs (x steps per epoch must stay a number the schedule can round)
+MAX_LR = 1e4  # learning rates and weight decay: LARS' peaks reach ~2,560 (40 x 16,384 / 256); optimizers hold them in float32
+MAX_WORKERS = 1024  # loader processes per training process: more exhausts any process table
+MAX_SAMPLES = 10**9  # images an evaluation samples: ~700x ImageNet's training split
+# sides of an image or patch in pixels: 4x the largest ViT inputs (SAM's 1024); a side's square of position
+# embeddings (and its square of attention) is what a larger one asks memory for
+MAX_IMAGE_SIDE = 4096
+MAX_DELAY_S = 86_400.0  # fault-injection sleeps: a day; time.sleep overflows near 2**63 ns
+
 
 @dataclass
 class OptimConfig:
     __alternatives__ = (("lr", "base_lr"), ("warmup_steps", "warmup_epochs"))
     name: str = param("adamw", help="timm optimizer name (adam, adamw, lamb, lars, sgd, ...)")
-    lr: Optional[float] = param(None, gt=0, help="absolute peak learning rate; when null, base_lr x global_batch / base_batch")
-    base_lr: Optional[float] = param(1.5e-4, gt=0, help="peak learning rate at a global batch of base_batch (linear scaling rule)")
-    base_batch: int = param(256, ge=1, help="global batch that base_lr refers to")
-    min_lr: float = param(0.0, ge=0, help="learning rate at the end of the cosine decay")
-    weight_decay: float = param(0.05, ge=0, help="decoupled weight decay (not applied to biases, norms, position embeddings, tokens)")
-    betas: tuple[float, float] = param((0.9, 0.95), help="Adam betas")
-    eps: float = param(1e-8, gt=0)
+    lr: Optional[float] = param(None, gt=0, le=MAX_LR, help="absolute peak learning rate; when null, base_lr x global_batch / base_batch")
+    base_lr: Optional[float] = param(1.5e-4, gt=0, le=MAX_LR, help="peak learning rate at a global batch of base_batch (linear scaling rule)")
+    base_batch: int = param(256, ge=1, le=MAX_BATCH, help="global batch that base_lr refers to")
+    min_lr: float = param(0.0, ge=0, le=MAX_LR, help="learning rate at the end of the cosine decay")
+    weight_decay: float = param(0.05, ge=0, le=MAX_LR, help="decoupled weight decay (not applied to biases, norms, position embeddings, tokens)")
+    betas: tuple[float, float] = param((0.9, 0.95), ge=0, lt=1, help="Adam betas (each in [0, 1), as torch requires)")
+    eps: float = param(1e-8, gt=0, le=1, help="Adam's stabiliser of the update's denominator (recipes: 1e-8 to 1e-6)")
     momentum: float = param(0.9, ge=0, lt=1, help="momentum for sgd/lars")
-    warmup_steps: Optional[int] = param(None, ge=0, help="linear warmup length in optimizer steps")
-    warmup_epochs: Optional[float] = param(None, ge=0, help="linear warmup length in epochs (used when warmup_steps is null)")
+    warmup_steps: Optional[int] = param(None, ge=0, le=MAX_STEPS, help="linear warmup length in optimizer steps")
+    warmup_epochs: Optional[float] = param(None, ge=0, le=MAX_EPOCHS, help="linear warmup length in epochs (used when warmup_steps is null)")
     clip_grad: Optional[float] = param(None, gt=0, help="clip the global gradient norm to this value")
     layer_decay: Optional[float] = param(None, gt=0, le=1, help="layer-wise lr decay (fine-tuning)")
 
@@ -49,16 +63,16 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     __alternatives__ = (("steps", "epochs"),)
-    global_batch: int = param(128, ge=1, help="images per optimizer step over all processes")
-    per_device_batch: Optional[int] = param(None, ge=1, help="images per process per forward; accumulation makes up the rest (null: global_batch / processes)")
-    steps: Optional[int] = param(None, ge=1, help="training length in optimizer steps (or give epochs)")
-    epochs: Optional[float] = param(None, gt=0, help="training length in epochs of the training split")
-    seed: int = param(0, ge=0)
+    global_batch: int = param(128, ge=1, le=MAX_BATCH, help="images per optimizer step over all processes")
+    per_device_batch: Optional[int] = param(None, ge=1, le=MAX_BATCH, help="images per process per forward; accumulation makes up the rest (null: global_batch / processes)")
+    steps: Optional[int] = param(None, ge=1, le=MAX_STEPS, help="training length in optimizer steps (or give epochs)")
+    epochs: Optional[float] = param(None, gt=0, le=MAX_EPOCHS, help="training length in epochs of the training split")
+    seed: int = param(0, ge=0, le=SEED_MAX, help="seeds every random generator (numpy's limit: 32 bits)")
     mixed_precision: str = param("auto", choices=("auto", "no", "bf16", "fp16"), help="auto: bf16 on GPU, fp32 on CPU")
     compile: bool = param(False, help="torch.compile the model")
-    max_nonfinite_steps: int = param(5, ge=1, help="stop after this many consecutive steps with a non-finite loss or gradient")
+    max_nonfinite_steps: int = param(5, ge=1, le=MAX_STEPS, help="stop after this many consecutive steps with a non-finite loss or gradient")
     peak_tflops: Optional[float] = param(None, gt=0, help="device peak (dense bf16 TFLOP/s) for MFU; null: looked up from the GPU name")
-    logical_ranks: Optional[int] = param(None, ge=1, help="data streams and random states of the run, fixed for its life; it may resume on any process count that divides it (null: the process count of its first start; docs/distributed.md)")
+    logical_ranks: Optional[int] = param(None, ge=1, le=MAX_BATCH, help="data streams and random states of the run, fixed for its life; it may resume on any process count that divides it (null: the process count of its first start; docs/distributed.md)")
 
     def check(self) -> None:
         if self.steps is None and self.epochs is None:
@@ -89,8 +103,8 @@ class DebugConfig:
 
     inject_nonfinite_steps: list[int] = param(default_factory=list, help="optimizer steps whose loss is made NaN")
     inject_nonfinite_rank: Optional[int] = param(None, ge=0, help="only on this rank (null: every rank)")
-    checkpoint_delay_s: float = param(0.0, ge=0, help="sleep inside checkpoint saves (to test kills during a save)")
-    step_delay_s: float = param(0.0, ge=0, help="sleep after every step (to give signal tests time)")
+    checkpoint_delay_s: float = param(0.0, ge=0, le=MAX_DELAY_S, help="sleep inside checkpoint saves (to test kills during a save)")
+    step_delay_s: float = param(0.0, ge=0, le=MAX_DELAY_S, help="sleep after every step (to give signal tests time)")
     stop_at_step: Optional[int] = param(None, ge=1, help="behave as if preempted after this step (checkpoint, exit 0)")
     record_samples: bool = param(False, help="write each rank's sample indices and final weight checksum to debug-rank<r>.json")
     kill_worker_after_samples: Optional[int] = param(None, ge=0, help="data-loading workers exit hard after transforming this many samples")
@@ -102,14 +116,14 @@ class DataConfig:
 
     shards: Optional[str] = param(None, help="folder with _info.json, or a shard pattern; null: the embedded digits data (written to the cache on first use)")
     train_split: str = param("train")
-    num_workers: int = param(2, ge=0, help="data-loading worker processes per training process")
-    shuffle_buffer: int = param(1000, ge=1, help="samples in each worker's shuffle buffer")
+    num_workers: int = param(2, ge=0, le=MAX_WORKERS, help="data-loading worker processes per training process")
+    shuffle_buffer: int = param(1000, ge=1, le=MAX_BATCH, help="samples (held in memory, as a batch's are) in each worker's shuffle buffer")
     crop_scale: tuple[float, float] = param((0.2, 1.0), help="RandomResizedCrop area range for training (MAE: 0.2-1.0)")
     hflip: float = param(0.5, ge=0, le=1, help="horizontal flip probability for training")
     interpolation: str = param("bicubic", choices=("bicubic", "bilinear", "nearest"))
     augment_on: str = param("cpu", choices=("cpu", "device"), help="where the training crop + flip run: cpu (each loader worker, PIL, data.interpolation) or device (workers only decode and draw the same boxes; one batched area-averaging bilinear crop + flip on the training device, datasets/device_augment.py); device needs MAE's RandomResizedCrop + flip transform (pretraining, linear probing)")
     decode: str = param("cpu", choices=("cpu", "gpu"), help="where training JPEGs are decoded: cpu (the loader workers) or gpu (needs augment_on=device and a CUDA device: the workers read only the headers of 8-bit YCbCr/grey JPEGs and draw the same crop boxes and flips from their sizes, so batches and resume stay exact; each batch's JPEGs are decoded in one nvJPEG call, torchvision.io.decode_jpeg, on the training device, and one it cannot decode is skipped and counted as a damaged sample; other images, e.g. PNG or CMYK JPEGs, are decoded in the workers as with cpu; docs/benchmarks.md)")
-    views_per_image: int = param(1, ge=1, help="training crops (and, for masked objectives, masks) per decoded image, each one sample of the global batch: a step decodes global_batch / k images; epochs and the learning-rate scaling (base_lr x global_batch / base_batch) count samples, i.e. views, so k changes neither the steps nor the lr, only how many distinct images an epoch decodes (1/k)")
+    views_per_image: int = param(1, ge=1, le=MAX_BATCH, help="training crops (and, for masked objectives, masks) per decoded image, each one sample of the global batch: a step decodes global_batch / k images; epochs and the learning-rate scaling (base_lr x global_batch / base_batch) count samples, i.e. views, so k changes neither the steps nor the lr, only how many distinct images an epoch decodes (1/k)")
     max_skip_fraction: float = param(0.1, ge=0, le=1, help="abort when more than this fraction of samples fail to decode")
     loader: str = param("shards", choices=("shards", "dali"), help="the training loader: shards (the default: every guarantee of datasets/loader.py) or dali (optional extra, pip install -e '.[dali]', a CUDA GPU: NVIDIA DALI's webdataset reader, nvJPEG decode and RandomResizedCrop + flip on the GPU; the order stays a pure function of (seed, epoch, rank) and resume stays exact by replaying the epoch's first batches, but a damaged sample stops the run instead of being skipped, shards must be local, and the crops differ from the shard loader's; evaluation always uses the shard loader; docs/dali.md)")
 

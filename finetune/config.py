@@ -17,7 +17,8 @@ from typing import Optional
 
 from vitmpp.common.config import param
 from vitmpp.common.errors import ConfigError
-from vitmpp.common.sections import DataConfig, DebugConfig, LogConfig, OptimConfig, RunConfig, TrainConfig
+from vitmpp.common.sections import (MAX_BATCH, MAX_IMAGE_SIDE, DataConfig, DebugConfig, LogConfig, OptimConfig,
+                                    RunConfig, TrainConfig)
 
 PROTOCOLS = ("linear", "finetune", "scratch", "knn")
 
@@ -50,7 +51,7 @@ class RegularizationConfig:
 @dataclass
 class HeadModelConfig:
     name: Optional[str] = param(None, help="architecture for scratch when no encoder is given (a vitmpp encoder name)")
-    img_size: Optional[int] = param(None, ge=8, help="input size; null: the encoder's (larger interpolates position embeddings)")
+    img_size: Optional[int] = param(None, ge=8, le=MAX_IMAGE_SIDE, help="input size; null: the encoder's (larger interpolates position embeddings)")
     drop_path_rate: float = param(0.1, ge=0, lt=1, help="stochastic depth (finetune/scratch)")
     global_pool: str = param("avg", choices=("token", "avg"), help="finetune/scratch pooling (MAE: avg); linear and knn use linear_pool")
     linear_pool: str = param("token", choices=("token", "avg"), help="features for linear and knn (MAE linear probe: the class token)")
@@ -58,9 +59,9 @@ class HeadModelConfig:
 
 @dataclass
 class KNNConfig:
-    k: int = param(20, ge=1, help="neighbours (Wu et al. 2018, DINO: 20)")
+    k: int = param(20, ge=1, le=MAX_BATCH, help="neighbours (Wu et al. 2018, DINO: 20)")
     temperature: float = param(0.07, gt=0, help="votes weighted by exp(similarity / temperature)")
-    batch_size: int = param(256, ge=1)
+    batch_size: int = param(256, ge=1, le=MAX_BATCH)
 
 
 @dataclass

@@ -42,6 +42,7 @@ from timm.models._manipulate import checkpoint_seq
 
 from vitmpp.common.config import param
 from vitmpp.common.errors import ConfigError, UserError
+from vitmpp.common.sections import MAX_IMAGE_SIDE
 
 # ----------------------------------------------------------------------------- variants
 
@@ -298,8 +299,8 @@ class EncoderConfig:
     """The `model` section of stage configs: which encoder to build."""
 
     name: str = param("vit_pico_patch4_32", help="encoder variant (timm name such as vit_base_patch16_224, or a tiny vit_pico/nano/micro one)")
-    img_size: int = param(32, gt=0, help="input resolution in pixels (square)")
-    patch_size: int | None = param(None, help="patch size in pixels; null: the variant's")
+    img_size: int = param(32, gt=0, le=MAX_IMAGE_SIDE, help="input resolution in pixels (square)")
+    patch_size: int | None = param(None, ge=1, le=MAX_IMAGE_SIDE, help="patch size in pixels; null: the variant's")
     drop_path_rate: float = param(0.0, ge=0, lt=1, help="stochastic depth rate")
     global_pool: str = param("token", choices=("token", "avg"), help="feature pooling: class token or mean of patch tokens")
     grad_checkpointing: bool = param(False, help="activation checkpointing of the blocks (timm set_grad_checkpointing)")

@@ -55,10 +55,11 @@ NORM_PIX_EPS = 1e-6  # MAE's epsilon under the per-patch variance
 @dataclass
 class MAEConfig:
     mask_ratio: float = param(0.75, gt=0, lt=1, help="fraction of patches masked per image")
-    decoder_embed_dim: int = param(512, gt=0, help="decoder width")
-    decoder_depth: int = param(8, ge=1, help="decoder blocks")
-    decoder_num_heads: int = param(16, ge=1, help="decoder attention heads")
-    decoder_mlp_ratio: float = param(4.0, gt=0, help="decoder MLP width / decoder width")
+    # upper bounds: 4-8x the largest ViT's (ViT-22B: width 6144, 48 blocks, 48 heads); each is allocated
+    decoder_embed_dim: int = param(512, gt=0, le=2**15, help="decoder width")
+    decoder_depth: int = param(8, ge=1, le=256, help="decoder blocks")
+    decoder_num_heads: int = param(16, ge=1, le=256, help="decoder attention heads")
+    decoder_mlp_ratio: float = param(4.0, gt=0, le=64, help="decoder MLP width / decoder width")
     norm_pix_loss: bool = param(True, help="normalise each target patch by its mean and variance")
     init_encoder: bool = param(True, help="apply MAE's initialisation to the encoder too; false keeps its weights (e.g. to continue from an exported encoder)")
 

@@ -56,6 +56,7 @@ from torchvision.utils import make_grid
 
 from vitmpp.common.config import param
 from vitmpp.common.errors import ConfigError, UserError
+from vitmpp.common.sections import MAX_IMAGE_SIDE
 
 from .encoder import encode_patch_tokens, patch_size_of
 from .objective import (
@@ -72,7 +73,7 @@ from .patches import patchify
 @dataclass
 class SimMIMConfig:
     mask_ratio: float = param(0.6, gt=0, lt=1, help="fraction of mask patches masked per image, rounded up (paper: 0.6)")
-    mask_patch_size: int = param(32, gt=0, help="side of a mask patch in pixels, a multiple of the ViT patch size (paper: 32)")
+    mask_patch_size: int = param(32, gt=0, le=MAX_IMAGE_SIDE, help="side of a mask patch in pixels, a multiple of the ViT patch size (paper: 32)")
 
     def check(self, patch_size: int | None = None, img_size: tuple[int, int] | None = None) -> None:
         """The keys alone are checked by their ranges; with the encoder's patch and image size, their fit."""

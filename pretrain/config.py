@@ -19,7 +19,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from vitmpp.common.config import from_dict, param, to_dict
 from vitmpp.common.errors import ConfigError
-from vitmpp.common.sections import DataConfig, DebugConfig, LogConfig, OptimConfig, RunConfig, TrainConfig
+from vitmpp.common.sections import MAX_BATCH, MAX_SAMPLES, DataConfig, DebugConfig, LogConfig, OptimConfig, RunConfig, TrainConfig
 from vitmpp.models import EncoderConfig
 from vitmpp.models.objective import objective_class, objective_names, objective_summary
 
@@ -51,14 +51,14 @@ class PretrainEvalConfig:
                                      "2-core CPU: 3-6.6% of the steps' time in the embedded default and the digits "
                                      "recipes (every 100 steps, whole bank); "
                                      "docs/training.md")
-    knn_images: int = param(2000, ge=1, help="training images in the kNN memory bank (a seeded random sample, the "
+    knn_images: int = param(2000, ge=1, le=MAX_SAMPLES, help="training images in the kNN memory bank (a seeded random sample, the "
                                              "same at every evaluation; all when the split is smaller), and the cap on "
                                              "the validation images kNN classifies (likewise sampled)")
     pool: str = param("token", choices=("token", "avg"), help="kNN features: the class token (as protocol=knn and "
                                                              "the linear probe by default) or the mean of the patch tokens")
-    k: int = param(20, ge=1, help="kNN neighbours (Wu et al. 2018, DINO: 20), as protocol=knn")
+    k: int = param(20, ge=1, le=MAX_BATCH, help="kNN neighbours (Wu et al. 2018, DINO: 20), as protocol=knn")
     temperature: float = param(0.07, gt=0, help="kNN votes weighted by exp(cosine similarity / temperature)")
-    loss_images: int = param(0, ge=0, help="validation images of eval/loss (a seeded random sample; 0: all); its "
+    loss_images: int = param(0, ge=0, le=MAX_SAMPLES, help="validation images of eval/loss (a seeded random sample; 0: all); its "
                                            "masks are drawn from a fixed seed, the same at every evaluation")
 
 
