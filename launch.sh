@@ -4,7 +4,7 @@
 #
 #   ./launch.sh pretrain CONFIG [key=value ...] [--resume auto]
 #   ./launch.sh finetune CONFIG [key=value ...] [--resume auto]
-#   ./launch.sh compare  CONFIG [--out DIR]
+#   ./launch.sh compare  CONFIG [--jobs N] [--overwrite] [key=value ...]
 #   ./launch.sh shards   --source digits --out DIR [...]     (python -m vitmpp.datasets.make_shards)
 #   ./launch.sh analyze  --encoder RUN --shards DIR --out DIR
 #   ./launch.sh demo                                          (shards -> pretrain -> linear probe, on digits)
@@ -17,8 +17,9 @@
 # Under SLURM with several nodes: --num_machines, --machine_rank, --main_process_ip and
 # --main_process_port come from SLURM_NNODES, SLURM_NODEID, SLURM_JOB_NODELIST and
 # MASTER_PORT (default 29500). Run one launch.sh per node (`srun --ntasks-per-node=1`).
-# SIGTERM/SIGUSR1 to this script reach the training processes, which save a checkpoint
-# at the next step and exit 0; rerun with --resume auto. Ctrl-C does the same and exits
+# SIGTERM/SIGUSR1 to this script, or to every process of the job (systemd, SLURM's scancel),
+# reach the training processes, which save a checkpoint at the next step and exit 0; rerun
+# with --resume auto. Ctrl-C does the same and exits
 # 130; a second Ctrl-C stops at once (only the steps since the last checkpoint are lost).
 # Started in the background by a script (`./launch.sh ... &` without job control), it inherits
 # SIGINT ignored, which bash cannot trap: stop such a run with SIGTERM.
@@ -34,9 +35,9 @@ if [[ "${1:-}" == "--dry-run" ]]; then
   shift
 fi
 
-usage() {
+usage() {  # usage [STATUS]: 0 when asked for (--help), 2 (the default) after a wrong command line
   sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
-  exit 2
+  exit "${1:-2}"
 }
 
 count_gpus() {
@@ -65,9 +66,28 @@ first_slurm_host() {
   fi
 }
 
+# A numeric environment variable that is set (empty too) must be a whole number in MIN..MAX: bash's own
+# arithmetic would stop on "abc" with "unbound variable", read "08" as octal, or pass "1.5" on to accelerate.
+check_number() {  # NAME MIN MAX WHAT
+  local name="$1" min="$2" max="$3" what="$4" value
+  [[ -v "$name" ]] || return 0
+  value="${!name}"
+  if [[ ! "$value" =~ ^(0|[1-9][0-9]{0,8})$ ]] || (( 10#$value < min || 10#$value > max )); then
+    echo "error: $name='${value//[$'\n\r']/ }' must be $what; fix it, or unset it for the default." >&2
+    exit 2
+  fi
+}
+
 # The `accelerate launch` flags for this machine (and cluster), as an array.
 accelerate_flags() {
   local gpus nodes procs
+  check_number VITMPP_NUM_PROCESSES 1 999999999 "a whole number of processes, 1 or more"
+  check_number VITMPP_GPUS_PER_NODE 0 999999999 "a whole number of GPUs, 0 or more"
+  check_number SLURM_GPUS_ON_NODE 0 999999999 "a whole number of GPUs, 0 or more"
+  check_number SLURM_NNODES 1 999999999 "a whole number of nodes, 1 or more"
+  check_number SLURM_JOB_NUM_NODES 1 999999999 "a whole number of nodes, 1 or more"
+  check_number SLURM_NODEID 0 999999999 "a whole number, 0 or more (this node's index)"
+  check_number MASTER_PORT 1 65535 "a port number from 1 to 65535"
   gpus="$(count_gpus)"
   nodes="${SLURM_NNODES:-${SLURM_JOB_NUM_NODES:-1}}"
   flags=(--num_machines "$nodes" --dynamo_backend no)
@@ -80,6 +100,11 @@ accelerate_flags() {
   fi
   [[ "$procs" -gt 1 ]] && flags+=(--multi_gpu)
   if [[ "$nodes" -gt 1 ]]; then
+    if [[ -z "${SLURM_JOB_NODELIST:-}" || "${SLURM_NODEID:-0}" -ge "$nodes" ]]; then
+      echo "error: $nodes nodes need SLURM_JOB_NODELIST (their host names) and SLURM_NODEID below $nodes" \
+           "(got '${SLURM_JOB_NODELIST:-}' and '${SLURM_NODEID:-0}'); run launch.sh under srun, or set both." >&2
+      exit 2
+    fi
     flags+=(--machine_rank "${SLURM_NODEID:-0}"
             --main_process_ip "$(first_slurm_host)" --main_process_port "${MASTER_PORT:-29500}"
             --rdzv_backend static)
@@ -173,12 +198,25 @@ requeue_slurm_job() {
   fi
 }
 
+# The launcher starts with SIGTERM and SIGUSR1 blocked: torch's elastic agent in it would answer one of
+# its own by signalling the ranks again and exiting 143, whatever they did. systemd (KillMode=control-group)
+# and SLURM (scancel, the time limit) signal every process of the job, so only this script passes the
+# signal on (forward_signal); the ranks unblock both (StopSignal), checkpoint and exit 0, and so does the
+# launcher. (--dry-run prints the plain command.)
+shielded_launcher='import os, signal, sys
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGUSR1})
+os.execvp(sys.executable, [sys.executable, "-m", "vitmpp.common.launcher", *sys.argv[1:]])'
+
 launch() {
   local script="$1"
   shift
   accelerate_flags
   child_is_launcher=1
-  run python -m vitmpp.common.launcher "${flags[@]}" "$script" "$@"
+  if [[ "$dry_run" -eq 1 ]]; then
+    run python -m vitmpp.common.launcher "${flags[@]}" "$script" "$@"
+  else
+    run python -c "$shielded_launcher" "${flags[@]}" "$script" "$@"
+  fi
   child_is_launcher=0
 }
 
@@ -230,7 +268,7 @@ case "$command" in
     run python -m pytest -q "$@"
     ;;
   -h | --help | help)
-    usage
+    usage 0
     ;;
   *)
     echo "error: unknown command '$command'; use pretrain, finetune, compare, shards, analyze, demo or test." >&2

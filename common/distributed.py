@@ -46,6 +46,12 @@ def make_accelerator(
         # bf16 autocast on CPU is correct but slower than fp32 on most CPUs, and
         # fp16 needs a GPU GradScaler: on CPU honour only an explicit bf16.
         precision = "bf16" if precision == "bf16" else "no"
+        if precision == "no":
+            from .console import Console
+
+            Console(is_main=int(os.environ.get("RANK", "0")) == 0).warn(
+                "train.mixed_precision=fp16 needs a GPU (its loss scaler); this run trains in full precision (fp32) "
+                "on the CPU; set train.mixed_precision=no (or bf16) to say so")
     project = ProjectConfiguration(project_dir=str(project_dir) if project_dir else None)
     asked = fsdp_request()
     if asked is not None and not cuda_available():
@@ -261,9 +267,11 @@ class StopSignal:
     The loop checks `requested` at step boundaries, agrees with the other ranks via
     `ControlPlane.any`, saves one checkpoint and exits: 0 after SIGTERM/SIGUSR1, 130 (what
     a shell reports for Ctrl-C) after SIGINT, so that a script around the run stops too.
-    The first signal puts back the default action of all three, so a second one (Ctrl-C
-    again) ends the process at once, even in the middle of a long step that runs no
-    Python; only the steps since the last checkpoint are lost.
+    The first signal puts back the default action of SIGINT, so Ctrl-C again ends the process
+    at once, even in the middle of a long step that runs no Python; only the steps since the
+    last checkpoint are lost. A repeated SIGTERM or SIGUSR1 changes nothing: a stop of the whole
+    run sends several at once (SLURM or systemd to every process, the launcher forwarding its own),
+    and schedulers end a run that outstays them with SIGKILL.
     """
 
     SIGNALS: Sequence[int] = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
@@ -272,12 +280,15 @@ class StopSignal:
         self.requested = False
         self.signal_name: str | None = None
         self._previous = {}
+        self._mask: set | None = None
 
     def _handle(self, signum, frame) -> None:  # noqa: ARG002
+        if self.requested:  # (SIGINT is at its default action by now)
+            return
         self.requested = True
         self.signal_name = signal.Signals(signum).name
-        for other in self._previous:
-            signal.signal(other, signal.SIG_DFL)
+        if signal.SIGINT in self._previous:
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
         if signum == signal.SIGINT and int(os.environ.get("RANK", "0")) == 0:
             # os.write: print() could be the very call this handler interrupted
             os.write(2, b"\ninterrupted: stopping with a checkpoint after this step; "
@@ -294,9 +305,16 @@ class StopSignal:
                 self._previous[signum] = signal.signal(signum, self._handle)
             except ValueError:  # not the main thread (e.g. under some test runners)
                 pass
+        if self._previous:
+            # launch.sh starts the launcher with SIGTERM/SIGUSR1 blocked, which its ranks inherit; one that
+            # arrived before this point is delivered now
+            self._mask = signal.pthread_sigmask(signal.SIG_UNBLOCK, self._previous)
         return self
 
     def uninstall(self) -> None:
+        if self._mask is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, self._mask)
+            self._mask = None
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous.clear()
@@ -304,15 +322,41 @@ class StopSignal:
 
 @contextmanager
 def no_interrupts_in_children():
-    """Block SIGINT while processes are started here (DataLoader workers): they inherit the mask and
-    never see Ctrl-C, which a terminal sends to the whole process group and torch's elastic agent
-    to the rank's group. A worker that died of it would turn this process's clean stop into a
-    crash. A Ctrl-C that arrives meanwhile is delivered here when the block ends."""
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    """Block the stop signals (SIGTERM, SIGUSR1, SIGINT) while processes are started here (DataLoader
+    workers): they inherit the mask, and `leave_stop_signals_to_parent` (their `worker_init_fn`) keeps
+    it. A terminal's Ctrl-C, `timeout`, `kill -- -PGID`, systemd (KillMode=control-group) and SLURM
+    (scancel, the time limit) signal every process of the run, torch's elastic agent each rank's
+    process group; a worker that died of it would turn this process's clean stop into a crash. A
+    signal that arrives meanwhile is delivered here when the block ends."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, StopSignal.SIGNALS)
     try:
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def leave_stop_signals_to_parent(worker_id: int | None = None) -> None:  # noqa: ARG001 - a worker_init_fn
+    """In a data-loading worker: drop the stop signals, which its main process acts on (checkpoint, then
+    it ends its workers itself). Only SIGTERM from the parent, torch's `terminate()` of a worker that did
+    not end when asked, still ends it, with exit 0 as torch's own SIGTERM handler has it.
+
+    The signals stay blocked and a thread takes them (a Python handler is not told the sender), so
+    processes the worker starts (a `pipe:` shard command, in a session of its own) inherit the block:
+    a signal to every process of the run does not cut their read short either; they end when the
+    worker closes their output or kills them."""
+    import threading
+
+    signals = set(StopSignal.SIGNALS)
+    signal.pthread_sigmask(signal.SIG_BLOCK, signals)  # already so when started under no_interrupts_in_children
+    parent = os.getppid()
+
+    def drop() -> None:
+        while True:
+            info = signal.sigwaitinfo(signals)
+            if info.si_signo == signal.SIGTERM and info.si_pid == parent:
+                os._exit(0)
+
+    threading.Thread(target=drop, name="vitmpp-stop-signals", daemon=True).start()
 
 
 def dead_worker_error(rank: int, detail: str):

@@ -17,12 +17,15 @@ of the same folder is refused with the holder's host, pid and start time, which 
 holder writes into the file (and marks "ended" when it exits normally). The kernel
 drops the lock when its holder dies (SIGKILL, the OOM killer, a lost node's lease on
 NFS), so a lock left by a dead run is taken over by the next one, which says so (its
-record lacks the mark). A record lock rather than `flock`: forked data-loading
-workers do not inherit it, so a killed run's orphaned workers cannot keep its folder
-locked. Its one trap, that closing any descriptor of the file drops the process's
-lock, is why only this module opens it, once per process. Only the main process of
-a multi-process run takes it. The file is never deleted (deleting a lock file races
-with its next taker).
+record lacks the mark). That is known on the holder's host only: many network filesystems
+keep record locks per host, so a record of another host without the mark may be a run alive
+there; it is refused, naming that run, until the user has made sure it stopped and names it
+in $VITMPP_TAKE_OVER_LOCK (`host:pid`, as the message prints it). A record lock rather
+than `flock`: forked data-loading workers do not inherit it, so a killed run's orphaned
+workers cannot keep its folder locked. Its one trap, that closing any descriptor of the
+file drops the process's lock, is why only this module opens it, once per process. Only
+the main process of a multi-process run takes it. The file is never deleted (deleting a
+lock file races with its next taker).
 
 A run directory is never silently reused: starting a new run in a directory that
 already holds one is refused (with the keys that differ, if the config changed);
@@ -76,6 +79,7 @@ LOCK_FILE = "lock"
 HISTORY_DIR = "config-history"
 RUN_FILE = "run.json"
 
+TAKE_OVER_ENV = "VITMPP_TAKE_OVER_LOCK"  # host:pid of another host's run the user knows has stopped
 _HELD: dict[Path, int] = {}  # run folders this process holds (resolved path -> open lock file, kept till exit)
 
 
@@ -136,13 +140,24 @@ def lock_run_folder(run_dir: Path, *, output_key: str = "run.output_dir", name_k
         raise UserError(f"Run folder '{run_dir}' is in use by {who}; wait for that run to end (or stop it), "
                         f"or choose another {name_key}.") from None
     previous = _holder(fd)  # every holder that exits normally marks its record "ended": one without died
-    me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    here = socket.gethostname()
+    taken = "which died holding it"
+    if previous and "ended" not in previous and previous.get("host") not in (None, here):
+        # our lock says nothing about a process on another host: only the user can tell that it stopped
+        holder = f"{previous.get('host')}:{previous.get('pid')}"
+        if os.environ.get(TAKE_OVER_ENV) != holder:
+            os.close(fd)  # drops our lock, leaves the record as it is
+            raise UserError(f"Run folder '{run_dir}' is locked by {_describe(previous)}, and this host ({here}) "
+                            "cannot tell whether that process is still running; make sure that run has stopped, then "
+                            f"rerun with {TAKE_OVER_ENV}={holder}, or choose another {name_key}.") from None
+        taken = f"which {TAKE_OVER_ENV} says has stopped"
+    me = {"host": here, "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
           "command": " ".join(sys.argv)[:500]}
     _write_holder(fd, me)
     _HELD[key] = fd
     atexit.register(lambda: _write_holder(fd, {**me, "ended": time.strftime("%Y-%m-%d %H:%M:%S %Z")}))
     if previous and "ended" not in previous:
-        return f"run folder {run_dir} was locked by {_describe(previous)}, which died holding it; taken over"
+        return f"run folder {run_dir} was locked by {_describe(previous)}, {taken}; taken over"
     return None
 
 

@@ -84,8 +84,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from vitmpp.common.distributed import (dead_worker_error, explain_failure, no_interrupts_in_children,
-                                        worker_exit_detail)
+from vitmpp.common.distributed import (dead_worker_error, explain_failure, leave_stop_signals_to_parent,
+                                        no_interrupts_in_children, worker_exit_detail)
 from vitmpp.common.errors import UserError
 from vitmpp.common.seeding import restored_generators, seed_generators
 
@@ -678,6 +678,8 @@ class _Pool:
         self.loader = DataLoader(
             _ShardStream(plan, self.position), batch_size=None, num_workers=processes, pin_memory=pin_memory,
             persistent_workers=True, prefetch_factor=prefetch_factor,
+            # the stop signals are the main process's: a signal to the whole run must not kill the workers
+            worker_init_fn=leave_stop_signals_to_parent,
             # DataLoader draws its base seed from this generator instead of the global RNG, so
             # creating a loader never shifts the training process's random stream (exact resume);
             # the workers seed their own randomness per batch.
@@ -687,9 +689,10 @@ class _Pool:
 
     def start(self, epoch: int, start_batch: int):
         """The DataLoader iterator of a pass from (epoch, start_batch): the workers start on the first pass
-        (never seeing Ctrl-C); later passes reset the same ones (torch drains what a stopped pass left).
-        A pass already running ahead from this position is the one returned. Raises RuntimeError when a
-        worker died while the pool was idle (the caller closes it and starts afresh)."""
+        (never acting on a stop signal: `no_interrupts_in_children`); later passes reset the same ones
+        (torch drains what a stopped pass left). A pass already running ahead from this position is the one
+        returned. Raises RuntimeError when a worker died while the pool was idle (the caller closes it and
+        starts afresh)."""
         if self.iterator is not None and not all(w.is_alive() for w in self.iterator._workers):
             raise RuntimeError("a kept data-loading worker died while its pool was idle")
         self.watch(True)

@@ -40,6 +40,10 @@ share of the scratch -> supervised gap each self-supervised encoder closes),
 cell: step, epoch, images seen, top-1, top-5) and `curves.png` (top-1 against images seen,
 mean over seeds, per encoder), and logs the table to TensorBoard.
 
+SIGTERM or SIGUSR1 (preemption) stops the comparison as they stop a pretraining: the running
+cells are passed the signal (they checkpoint and stop), nothing more starts, one line says how
+many cells finished (they are kept) and to run the same command again, and the exit status is 0.
+
 `--jobs N` runs N independent cells at once, each with its share of the CPU threads
 (`OMP_NUM_THREADS`), its output in `<output_dir>/logs/<cell>.log`: on a CPU machine several
 small cells side by side finish sooner than one after another.
@@ -47,12 +51,14 @@ small cells side by side finish sooner than one after another.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import io
 import json
 import math
 import os
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
@@ -298,6 +304,21 @@ def matched_scratch_steps(cfg: CompareConfig, scratch_recipe: str, encoder_paths
 
 
 _SAY = threading.Lock()
+_STOP = threading.Event()  # set by SIGTERM/SIGUSR1: the running cells are told, and nothing more starts
+_STOPPED_BY: list[str] = []  # the signal's name
+_RUNNING: set[subprocess.Popen] = set()  # the cells' (and pretrainings') processes now running
+
+
+class _Stopped(Exception):
+    """The comparison was stopped (a signal to it, or a cell that a signal stopped before its results)."""
+
+
+def _on_stop_signal(signum: int, frame) -> None:
+    _STOPPED_BY.append(signal.Signals(signum).name)
+    _STOP.set()
+    for process in list(_RUNNING):  # (list(): one step under the GIL, while threads add and remove)
+        with contextlib.suppress(OSError):
+            process.send_signal(signum)
 
 
 def _say(line: str) -> None:
@@ -311,17 +332,32 @@ def _run_logged(what: str, command: list[str], done: Path, folder: Path, log: Pa
                 threads: int | None) -> None:
     """Run one cell or pretraining, its output here or in `log`; a failure is one sentence."""
     env = {**os.environ, "VITMPP_NO_BAR": "1", **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+    if _STOP.is_set():
+        raise _Stopped
     _say(f"[compare] {what}" + (f" (log: {log})" if log else ""))
-    if log is None:
-        result = subprocess.run(command, env=env)
-    else:
+    if log is not None:
         log.parent.mkdir(parents=True, exist_ok=True)
-        with open(log, "w") as stream:
-            result = subprocess.run(command, env=env, stdout=stream, stderr=subprocess.STDOUT)
-    if result.returncode != 0 or not done.is_file():
-        where = f"its log is {log}" if log else "its log is above"
-        raise UserError(f"{what} failed (exit code {result.returncode}); {where}, its folder is {folder}; "
-                        "fix the cause and rerun the same command to continue.")
+    with open(log, "w") if log else contextlib.nullcontext() as stream:
+        with subprocess.Popen(command, env=env, stdout=stream, stderr=subprocess.STDOUT if stream else None) as process:
+            _RUNNING.add(process)
+            try:
+                if _STOP.is_set():  # the signal came between the start and the line above: pass it on here
+                    process.send_signal(signal.SIGTERM)
+                returncode = process.wait()
+            except BaseException:  # Ctrl-C: as subprocess.run does
+                process.kill()
+                raise
+            finally:
+                _RUNNING.discard(process)
+    if returncode == 0 and done.is_file():
+        return
+    # a cell exits 0 without results only when a signal stopped it (it checkpointed); the signal may have
+    # reached the cell alone (launch.sh passes one to compare's children)
+    if _STOP.is_set() or returncode == 0:
+        raise _Stopped
+    where = f"its log is {log}" if log else "its log is above"
+    raise UserError(f"{what} failed (exit code {returncode}); {where}, its folder is {folder}; "
+                    "fix the cause and rerun the same command to continue.")
 
 
 def pretrain(cfg: CompareConfig, out: Path, recipes: dict[str, tuple[str, list[str]]], *, jobs: int) -> None:
@@ -432,8 +468,8 @@ def run_parallel(tasks: list, names: list[str], out: Path, *, jobs: int) -> list
         pool.shutdown(wait=False, cancel_futures=True)
         raise
     pool.shutdown()
-    if failures:
-        raise failures[0]
+    if failures:  # a stop first: the cells it ended failed because of it
+        raise next((f for f in failures if isinstance(f, _Stopped)), failures[0])
     return [future.result() for future in futures]
 
 
@@ -613,6 +649,8 @@ def main(argv: list[str] | None = None) -> Path:
     args = parser.parse_intermixed_args(argv)
     if args.jobs < 1:
         raise UserError(f"--jobs must be at least 1, got {args.jobs}.")
+    for signum in (signal.SIGTERM, signal.SIGUSR1):  # preemption, as for pretraining: stop, keep, exit 0
+        signal.signal(signum, _on_stop_signal)
     cfg = load_config(CompareConfig, args.config, args.overrides)
     recipes = resolve_recipes(cfg, args.config)
     out = Path(cfg.output_dir)
@@ -639,18 +677,25 @@ def main(argv: list[str] | None = None) -> Path:
     save_config(cfg, saved)
 
     runs = encoder_runs(cfg, out)
-    if cfg.pretraining.recipes:
-        pretrain(cfg, out, resolve_pretraining(cfg, args.config), jobs=args.jobs)
-    encoder_paths = {name: [str(random_encoder(runs, out))] if paths == ["random"]
-                     else [str(_encoder_file(p).parent) for p in paths] for name, paths in runs.items()}
-    matched_steps = None
-    if cfg.compute_matched_scratch:
-        matched_steps, pretrained = matched_scratch_steps(cfg, recipes["scratch"], encoder_paths)
-        print(f"[compare] compute-matched scratch: {matched_steps} steps (its recipe's own plus {pretrained:,} "
-              "pretraining images)", flush=True)
     grid = cells(cfg, runs)
-    results = run_cells(cfg, grid, encoder_paths, out, jobs=args.jobs, allow_changes=args.overwrite, recipes=recipes,
-                        matched_steps=matched_steps)
+    try:
+        if cfg.pretraining.recipes:
+            pretrain(cfg, out, resolve_pretraining(cfg, args.config), jobs=args.jobs)
+        encoder_paths = {name: [str(random_encoder(runs, out))] if paths == ["random"]
+                         else [str(_encoder_file(p).parent) for p in paths] for name, paths in runs.items()}
+        matched_steps = None
+        if cfg.compute_matched_scratch:
+            matched_steps, pretrained = matched_scratch_steps(cfg, recipes["scratch"], encoder_paths)
+            print(f"[compare] compute-matched scratch: {matched_steps} steps (its recipe's own plus {pretrained:,} "
+                  "pretraining images)", flush=True)
+        results = run_cells(cfg, grid, encoder_paths, out, jobs=args.jobs, allow_changes=args.overwrite,
+                            recipes=recipes, matched_steps=matched_steps)
+    except _Stopped:
+        finished = sum((out / "cells" / cell.name / "results.json").is_file() for cell in grid)
+        by = _STOPPED_BY[0] if _STOPPED_BY else "a signal to a running cell"
+        print(f"[compare] stopped by {by}: {finished} of {len(grid)} cells finished and are kept in {out / 'cells'}; "
+              "run the same command again to continue (finished cells are not run again)", file=sys.stderr, flush=True)
+        return out
     pretrained_on = {(name, i): (0 if name == "random" else pretraining_images(path))
                      for name, paths in encoder_paths.items() for i, path in enumerate(paths)}
     rows = []

@@ -6,6 +6,11 @@ export folder: encoder.json, config.yaml, evaluations.json). The format is the H
 YAML front matter (`library_name`, `license`, `tags`, `datasets`, `metrics`,
 `model-index` for recorded results) and markdown.
 
+Names the run records (the run folder, the data set, split names, paths) are data, not markup:
+the body shows them escaped (`_text`, `_code`) and the code snippets quote them (`_py`, shell
+quoting), so a `|`, a newline, a backtick or `<script>` in a name neither breaks the card nor
+reaches it as HTML; the YAML front matter holds them as they are (yaml.safe_dump quotes them).
+
 `license` is `other` with `license_name: unspecified`: who may use pretrained weights
 depends on the data they were trained on, which vitmpp cannot know; the card says so and
 whoever publishes the weights sets it. `base_model` is absent: vitmpp pretrains from
@@ -13,6 +18,10 @@ random initialisation.
 """
 from __future__ import annotations
 
+import html
+import json
+import re
+import shlex
 from typing import Any
 
 import yaml
@@ -58,6 +67,40 @@ _SELF_SUPERVISED = {"mpp", "mae", "simmim"}
 def render_card(facts: dict) -> str:
     """The README.md text for `facts` (see `vitmpp.models.hub.card_facts` for the keys)."""
     return _front_matter(facts) + "\n" + "\n".join(_body(facts)).rstrip() + "\n"
+
+
+# ----------------------------------------------------------------------------- names as data
+
+_LINE_BREAKS = re.compile(r"[\r\n\v\f\x1c-\x1e\x85\u2028\u2029]+")
+
+
+def _text(value: Any) -> str:
+    """`value` as Markdown text that shows it as written: on one line, `<`, `>`, `&` HTML-escaped,
+    Markdown's punctuation (`|` included, for tables) backslash-escaped."""
+    text = html.escape(" ".join(str(value).split()), quote=False)
+    return re.sub(r"([\\`*_\[\]|~])", r"\\\1", text)
+
+
+def _code(value: Any, table: bool = False) -> str:
+    """`value` as an inline code span: on one line, fenced by more backticks than it holds; in a `table`
+    cell `|` escaped (GFM splits cells on it even in code). Code spans show `<`, `&` as written, never as HTML."""
+    text = _LINE_BREAKS.sub(" ", str(value))
+    text = text.replace("|", "\\|") if table else text
+    fence = "`" * (max(map(len, re.findall("`+", text)), default=0) + 1)
+    pad = " " if text[:1] in ("`", " ") or text[-1:] in ("`", " ") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
+
+
+def _py(value: Any) -> str:
+    """`value` as a Python string literal (JSON's quoting is Python's): no name can end the string,
+    or the line, and so the code block."""
+    return json.dumps(str(value), ensure_ascii=False)
+
+
+def _block(language: str, lines: list[str]) -> list[str]:
+    """A fenced code block whose fence is longer than any run of backticks in it (so none closes it)."""
+    fence = "`" * max(3, max((len(r) for line in lines for r in re.findall("`+", line)), default=0) + 1)
+    return [fence + language, *lines, fence]
 
 
 # ----------------------------------------------------------------------------- front matter
@@ -110,46 +153,48 @@ def _body(facts: dict) -> list[str]:
     paper = OBJECTIVES.get(objective)
     extra = info.get("extra") or {}
     title = paper["title"] if paper else objective
-    lines = [f"# {facts.get('folder') or info.get('name')}: a ViT encoder pretrained with {title}", ""]
-    lines += [f"A `{info.get('name')}` Vision Transformer encoder ({_count(info.get('num_params'))} parameters) "
-              f"pretrained with vitmpp's `{objective}` objective for "
+    lines = [f"# {_text(facts.get('folder') or info.get('name'))}: a ViT encoder pretrained with {_text(title)}", ""]
+    lines += [f"A {_code(info.get('name'))} Vision Transformer encoder ({_count(info.get('num_params'))} parameters) "
+              f"pretrained with vitmpp's {_code(objective)} objective for "
               f"{_int(info.get('step'))} steps. Everything below was generated from the run's own records.", ""]
     lines += _model_section(info)
     lines += ["## Pretraining objective", ""]
     if paper:
-        lines += [f"`{objective}`: {paper['what']}", "",
+        lines += [f"{_code(objective)}: {paper['what']}", "",
                   f"Paper: {paper['paper']}, [arXiv:{paper['arxiv']}](https://arxiv.org/abs/{paper['arxiv']}).", ""]
     else:
-        lines += [f"`{objective}` (no paper is associated with it in vitmpp).", ""]
+        lines += [f"{_code(objective)} (no paper is associated with it in vitmpp).", ""]
     lines += _data_section(extra)
     lines += _training_section(info, extra)
     lines += _evaluation_section(facts)
     lines += _usage_section(facts)
     if facts.get("config_yaml"):
         lines += ["## Configuration", "", "The resolved configuration of the pretraining run (`config.yaml`):", "",
-                  "```yaml", facts["config_yaml"].rstrip(), "```", ""]
+                  *_block("yaml", facts["config_yaml"].rstrip().splitlines()), ""]
     lines += ["## License", "",
               "Not stated: the terms under which these weights may be used depend on the data they were trained on. "
               "Set `license` in the front matter before publishing them.", ""]
     lines += ["## Provenance", "",
-              f"Exported {info.get('created', 'at an unrecorded time')} with timm {info.get('timm_version', '?')} and "
-              f"torch {info.get('torch_version', '?')} (`{info.get('format', 'vitmpp-encoder')}`).", ""]
+              f"Exported {_text(info.get('created', 'at an unrecorded time'))} with timm "
+              f"{_text(info.get('timm_version', '?'))} and torch {_text(info.get('torch_version', '?'))} "
+              f"({_code(info.get('format', 'vitmpp-encoder'))}).", ""]
     return lines
 
 
 def _model_section(info: dict) -> list[str]:
     rows = [
-        ("architecture", f"`{info.get('name')}`" + (f" (timm: `{info['timm_name']}`)" if info.get("timm_name") else
-                                                    " (a vitmpp variant of timm's VisionTransformer)")),
+        ("architecture", _code(info.get("name"), True) + (
+            f" (timm: {_code(info['timm_name'], True)})" if info.get("timm_name")
+            else " (a vitmpp variant of timm's VisionTransformer)")),
         ("parameters", _count(info.get("num_params"))),
-        ("image size", f"{info.get('img_size')} px"),
-        ("patch size", f"{info.get('patch_size')} px"),
-        ("width / depth / heads", f"{info.get('embed_dim')} / {info.get('depth')} / {info.get('num_heads')}"),
-        ("MLP ratio", f"{info.get('mlp_ratio')}"),
+        ("image size", f"{_text(info.get('img_size'))} px"),
+        ("patch size", f"{_text(info.get('patch_size'))} px"),
+        ("width / depth / heads", " / ".join(_text(info.get(k)) for k in ("embed_dim", "depth", "num_heads"))),
+        ("MLP ratio", _text(info.get("mlp_ratio"))),
         ("class token", "yes" if info.get("class_token", True) else "no"),
-        ("pooling", f"`{info.get('global_pool')}`"),
+        ("pooling", _code(info.get("global_pool"), True)),
         ("position embedding", {"sincos": "fixed 2D sin-cos (MAE)", "learned": "learned"}.get(
-            info.get("pos_embed"), str(info.get("pos_embed")))),
+            info.get("pos_embed"), _text(info.get("pos_embed")))),
     ]
     return ["## Encoder", "", "| | |", "|---|---|", *[f"| {k} | {v} |" for k, v in rows], ""]
 
@@ -159,21 +204,22 @@ def _data_section(extra: dict) -> list[str]:
     lines = ["## Data", ""]
     shards = data.get("shards") or extra.get("shards")
     if shards:
-        lines.append(f"Shards: `{shards}`.")
+        lines.append(f"Shards: {_code(shards)}.")
     if not data:
         lines += ["", "The export records no manifest facts (it predates them).", ""]
         return lines
-    lines.append(f"Manifest: `{data.get('name')}` (`{data.get('source')}`), {data.get('num_classes')} classes"
-                 + (f", images {data['image_size']} px." if data.get("image_size") else "."))
+    lines.append(f"Manifest: {_code(data.get('name'))} ({_code(data.get('source'))}), "
+                 f"{_text(data.get('num_classes'))} classes"
+                 + (f", images {_text(data['image_size'])} px." if data.get("image_size") else "."))
     splits = data.get("splits") or {}
     if splits:
         lines += ["", "| split | images | used |", "|---|---:|---|"]
         for name, count in splits.items():
             used = "pretraining" if name == data.get("train_split") else ""
-            lines.append(f"| {name} | {_int(count)} | {used} |")
+            lines.append(f"| {_text(name)} | {_int(count)} | {used} |")
     lines.append("")
     if data.get("train_split"):
-        lines += [f"Pretraining read only the `{data['train_split']}` split"
+        lines += [f"Pretraining read only the {_code(data['train_split'])} split"
                   + (" (labels used)." if extra.get("uses_labels") else " (labels not used)."), ""]
     return lines
 
@@ -209,7 +255,8 @@ def _evaluation_section(facts: dict) -> list[str]:
     if not records:
         lines += ["No evaluation of these weights has been recorded yet. A linear probe, k-NN or fine-tuning run "
                   "of vitmpp that uses this folder as its encoder adds its result here, e.g. "
-                  f"`python finetune/main.py encoder={facts.get('path') or facts.get('folder')}`.", ""]
+                  + _code(f"python finetune/main.py encoder={shlex.quote(str(facts.get('path') or facts.get('folder')))}")
+                  + ".", ""]
     else:
         lines += ["Results recorded by evaluation runs that used these weights: top-1 and top-5 (%) of each "
                   "run's last evaluation, on the split shown: the test split, never used to choose anything "
@@ -217,9 +264,9 @@ def _evaluation_section(facts: dict) -> list[str]:
                   "| protocol | label fraction | seed | split | top-1 | top-5 | training images | epochs | run |",
                   "|---|---:|---:|---|---:|---:|---:|---:|---|"]
         for r in sorted(records, key=lambda r: (str(r.get("protocol")), r.get("label_fraction", 1), r.get("seed", 0))):
-            lines.append(f"| {_protocol(r)} | {r.get('label_fraction', 1):g} | {r.get('seed', 0)} | "
-                         f"{r.get('split', '?')} | {_pct(r.get('top1'))} | {_pct(r.get('top5'))} | "
-                         f"{_int(r.get('train_images'))} | {r.get('epochs', '')} | `{r.get('run', '')}` |")
+            lines.append(f"| {_text(_protocol(r))} | {r.get('label_fraction', 1):g} | {_text(r.get('seed', 0))} | "
+                         f"{_text(r.get('split', '?'))} | {_pct(r.get('top1'))} | {_pct(r.get('top5'))} | "
+                         f"{_int(r.get('train_images'))} | {_text(r.get('epochs', ''))} | {_code(r.get('run', ''), True)} |")
         lines.append("")
     older = facts.get("older_evaluations") or 0
     if older:
@@ -237,39 +284,39 @@ def _usage_section(facts: dict) -> list[str]:
     run_path = path
     if not transformers:
         kwargs = _timm_kwargs(info)
+        weights = _py(f"{run_path}/encoder.safetensors")
         lines += ["With timm (`encoder.safetensors` holds a headless `VisionTransformer` state dict):", "",
-                  "```python", "import timm, torch", "from safetensors.torch import load_file", "",
-                  f"encoder = timm.models.VisionTransformer({kwargs})",
-                  f"encoder.load_state_dict(load_file(\"{run_path}/encoder.safetensors\"))",
-                  f"features = encoder.eval().forward_features(torch.randn(1, 3, {size}, {size}))"
-                  "  # [1, tokens, width]",
-                  "```", ""]
+                  *_block("python", ["import timm, torch", "from safetensors.torch import load_file", "",
+                                     f"encoder = timm.models.VisionTransformer({kwargs})",
+                                     f"encoder.load_state_dict(load_file({weights}))",
+                                     f"features = encoder.eval().forward_features(torch.randn(1, 3, {size!r}, {size!r}))"
+                                     "  # [1, tokens, width]"]), ""]
         if info.get("timm_name"):
-            lines += ["or through timm's factory, with a new head of K classes:", "", "```python",
-                      f"model = timm.create_model(\"{info['timm_name']}\", pretrained=True, num_classes=K,",
-                      f"    pretrained_cfg_overlay=dict(file=\"{run_path}/encoder.safetensors\", num_classes=0))",
-                      "```", ""]
+            lines += ["or through timm's factory, with a new head of K classes:", "",
+                      *_block("python", [f"model = timm.create_model({_py(info['timm_name'])}, pretrained=True, "
+                                         "num_classes=K,",
+                                         f"    pretrained_cfg_overlay=dict(file={weights}, num_classes=0))"]), ""]
         lines += ["or with vitmpp (which also resamples position embeddings for another image size): "
-                  f"`vitmpp.models.load_encoder(\"{run_path}\")`.", ""]
+                  + _code(f"vitmpp.models.load_encoder({_py(run_path)})") + ".", ""]
     if transformers or facts.get("transformers"):
         pool = ("`pooler_output` is the class-token feature (the pooler is the identity)" if info.get("global_pool") == "token"
                 else "timm pools by averaging: use `last_hidden_state[:, 1:].mean(1)`")
         lines += ["With transformers (a `ViTModel`; `last_hidden_state` equals timm's `forward_features`; " + pool + "):",
-                  "", "```python", "import torch", "from PIL import Image",
-                  "from transformers import AutoImageProcessor, AutoModel", "",
-                  f"processor = AutoImageProcessor.from_pretrained(\"{hf_path}\")",
-                  f"model = AutoModel.from_pretrained(\"{hf_path}\").eval()",
-                  f"image = Image.new(\"RGB\", ({size}, {size}))",
-                  "with torch.no_grad():",
-                  "    outputs = model(**processor(images=image, return_tensors=\"pt\"))",
-                  "features = outputs.pooler_output  # [1, width]", "```", "",
-                  f"`ViTForImageClassification.from_pretrained(\"{hf_path}\", num_labels=K)` adds a new head for "
-                  "fine-tuning.", ""]
+                  "", *_block("python", ["import torch", "from PIL import Image",
+                                         "from transformers import AutoImageProcessor, AutoModel", "",
+                                         f"processor = AutoImageProcessor.from_pretrained({_py(hf_path)})",
+                                         f"model = AutoModel.from_pretrained({_py(hf_path)}).eval()",
+                                         f"image = Image.new(\"RGB\", ({size!r}, {size!r}))",
+                                         "with torch.no_grad():",
+                                         "    outputs = model(**processor(images=image, return_tensors=\"pt\"))",
+                                         "features = outputs.pooler_output  # [1, width]"]), "",
+                  _code(f"ViTForImageClassification.from_pretrained({_py(hf_path)}, num_labels=K)")
+                  + " adds a new head for fine-tuning.", ""]
     elif facts.get("transformers_refusal"):
-        lines += [f"No transformers export: {facts['transformers_refusal']}.", ""]
+        lines += [f"No transformers export: {_text(facts['transformers_refusal'])}.", ""]
     else:
         lines += ["A transformers folder can be written with "
-                  f"`python -m vitmpp.models.export {run_path} --to transformers OUT`.", ""]
+                  + _code(f"python -m vitmpp.models.export {shlex.quote(run_path)} --to transformers OUT") + ".", ""]
     return lines
 
 
@@ -285,7 +332,8 @@ def _timm_kwargs(info: dict) -> str:
         kwargs["class_token"] = False
     kwargs["num_classes"] = 0
     kwargs["global_pool"] = info.get("global_pool", "token")
-    return ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+    # a key that is not a Python name (encoder.json is a file anyone can edit) is passed as one, quoted
+    return ", ".join(f"{k}={v!r}" if str(k).isidentifier() else f"**{{{str(k)!r}: {v!r}}}" for k, v in kwargs.items())
 
 
 def _protocol(record: dict) -> str:
