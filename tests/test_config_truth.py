@@ -88,3 +88,23 @@ def test_a_section_of_another_objective_is_an_error(capsys):
         load_config(PretrainConfig, None, ["objective=mae", "mpp.corrupt_ratio=0.15"])
     with pytest.raises(ConfigError, match=r"Key 'objective' must be one of .*did you mean 'mae'"):
         load_config(PretrainConfig, None, ["objective=maee"])
+
+
+def test_defaults_the_docs_state_are_the_schemas():
+    """A default written in README or docs/ ("the default `log.analysis_every=250`") is the default a
+    run without arguments uses (issue 27, item 14): docs drift is caught here, not by a user."""
+    from vitmpp.common.config import flatten, load_config, to_dict
+    from vitmpp.finetune.config import FinetuneConfig
+    from vitmpp.pretrain.config import PretrainConfig
+
+    defaults = [flatten(to_dict(load_config(schema, None, []))) for schema in (PretrainConfig, FinetuneConfig)]
+    pattern = re.compile(r"default\s+`([a-z_]+(?:\.[a-z_]+)+)=([^`]+)`")
+    stated = []
+    for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        text = " ".join(path.read_text().split())
+        stated += [(path.name, key, value) for key, value in pattern.findall(text)]
+    assert stated, "no documented default found: the pattern no longer matches the docs"
+    for name, key, value in stated:
+        actual = [d[key] for d in defaults if key in d]
+        assert actual, f"{name} states a default for '{key}', which neither stage has"
+        assert any(str(a) == value or yaml.safe_load(value) == a for a in actual), (name, key, value, actual)
