@@ -216,6 +216,29 @@ class SplitWarning(UserWarning):
     """A split that was asked for came out empty and was not written."""
 
 
+class SmallSplitWarning(UserWarning):
+    """A validation or test split too small for its numbers to mean much (MIN_EVAL_IMAGES)."""
+
+
+# Below this many images an accuracy measured on a split moves by more than +-10 points (95%, at 50%
+# accuracy: 1.96 x sqrt(0.25 / n)) by chance alone, more than most differences between recipes.
+MIN_EVAL_IMAGES = 100
+
+
+def _small_split(count: int, total: int, split: str) -> str:
+    """Why a validation or test split of `count` images (of the `total` its fraction is taken of) gives
+    numbers that are noise, and the fraction that would give MIN_EVAL_IMAGES."""
+    flag = "--val-fraction" if split == "validation" else "--test-fraction"
+    spread = 100 * 1.96 * math.sqrt(0.25 / count)
+    use = "every choice made on it (recipe, checkpoint) is" if split == "validation" else "a result on it is"
+    needed = math.ceil(100 * (MIN_EVAL_IMAGES + 2) / total) / 100  # (+2: each class rounds its share)
+    fix = (f"pass {flag} {needed:.2f} for about {MIN_EVAL_IMAGES}" if needed < 0.5
+           else f"the {total} images are too few for a {split} split of {MIN_EVAL_IMAGES}: read differences "
+                f"smaller than that as noise")
+    return (f"The {split} split has {count} images: an accuracy measured on it moves by up to ±{spread:.0f} points "
+            f"by chance (95%), so {use} mostly noise; {fix}.")
+
+
 def _empty_split(items: list[Item], fraction: float, split: str = "validation") -> str:
     """Why --val-fraction (or --test-fraction) gave `split` no image, and the fraction (or class size) that
     would give one.
@@ -351,6 +374,9 @@ def write_shards(
         for split, fraction in (("test", test_fraction), ("validation", val_fraction)):
             if fraction > 0 and not splits[split]:
                 warnings.warn(_empty_split(data.items, fraction, split), SplitWarning, stacklevel=2)
+            elif fraction > 0 and len(splits[split]) < MIN_EVAL_IMAGES:
+                warnings.warn(_small_split(len(splits[split]), len(data.items), split), SmallSplitWarning,
+                              stacklevel=2)
 
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -530,6 +556,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", SplitWarning)
+        warnings.simplefilter("always", SmallSplitWarning)
         manifest = write_shards(
             args.out, args.source, root=args.root, fmt=args.format, max_size=args.max_size, maxcount=args.maxcount,
             val_fraction=args.val_fraction, test_fraction=args.test_fraction, seed=args.seed, overwrite=args.overwrite, image_size=args.image_size,
@@ -537,7 +564,7 @@ def main(argv=None) -> int:
             dataset=args.dataset,
         )
     for w in caught:  # ours as one line, like an error; anything else as Python shows it
-        if issubclass(w.category, SplitWarning):
+        if issubclass(w.category, (SplitWarning, SmallSplitWarning)):
             print(f"warning: {w.message}", file=sys.stderr)
         else:
             warnings.showwarning(w.message, w.category, w.filename, w.lineno)
