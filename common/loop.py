@@ -562,8 +562,9 @@ def check_same_data(state: dict, path: Path, identity: dict | None, allow: bool)
 
     def told(data: dict) -> str:
         kept = f", {data['kept']} of them kept" if "kept" in data else ""
+        shards = data.get("shards")
         return (f"split '{data.get('split')}' of '{data.get('name')}' ({data.get('samples')} samples in "
-                f"{data.get('shards')} shards{kept}, digest {data.get('digest')})")
+                f"{shards} shard{'' if shards == 1 else 's'}{kept}, digest {data.get('digest')})")
 
     what = f"Checkpoint {path} was trained on {told(saved)}, but data.shards now names {told(identity)}"
     if allow:

@@ -20,7 +20,9 @@ evaluated encoder's folder (evaluations.json) and its model card (`record_on_enc
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import time
 from pathlib import Path
 
@@ -31,6 +33,7 @@ from torch import nn
 
 from vitmpp.common.io import atomic_file, atomic_write_json
 from vitmpp.common.loop import Plan, Run, Stage, open_run, train
+from vitmpp.common.rundir import check_reuse
 from vitmpp.common.optim import build_optimizer
 from vitmpp.common.errors import UserError
 from vitmpp.datasets import (
@@ -64,7 +67,7 @@ def resolve_encoder(cfg: FinetuneConfig) -> Path | None:
     if path.is_dir():
         path = path / "encoder.safetensors"
     if not path.is_file():
-        if cfg.encoder is None:
+        if cfg.encoder is None or Path(cfg.encoder) == DEFAULT_ENCODER:
             raise UserError(
                 f"There is no pretrained encoder at {path} yet; run `accelerate launch pretrain/main.py` first, "
                 "or pass encoder=PATH."
@@ -306,17 +309,35 @@ def run_dir_for(cfg: FinetuneConfig, config_path: str | None) -> Path:
     return Path(cfg.run.output_dir) / f"{cfg.protocol}-{encoder}-f{cfg.data.label_fraction:g}-s{cfg.train.seed}"
 
 
+def canonical_encoder(cfg: FinetuneConfig) -> FinetuneConfig:
+    """`cfg` with `encoder` spelled one way for one encoder: null (the default) as runs/default-mpp, a
+    run's encoder.safetensors as its folder, without './' or a trailing '/'. The run folder and its
+    config then agree whichever documented spelling was used (README's `./launch.sh finetune` and the
+    `encoder=runs/default-mpp` the end of pretraining prints are one probe)."""
+    if cfg.encoder is None and cfg.protocol == "scratch" and cfg.model.name is not None:
+        return cfg  # scratch without an encoder
+    path = Path(os.path.normpath(cfg.encoder)) if cfg.encoder is not None else DEFAULT_ENCODER
+    if path.name == "encoder.safetensors" and (path.parent / "encoder.json").is_file():
+        path = path.parent
+    return dataclasses.replace(cfg, encoder=str(path))
+
+
 def command(cfg: FinetuneConfig, config_path: str | None, resume: str | None, allow_changes: bool = False) -> dict:
     """What `finetune/main.py` runs once its command line is parsed."""
+    cfg = canonical_encoder(cfg)
     return run(cfg, run_dir_for(cfg, config_path), resume=resume, allow_changes=allow_changes)
 
 
 def run(cfg: FinetuneConfig, run_dir: Path, resume: str | None = None, callbacks=(), allow_changes: bool = False) -> dict:
     """Run one protocol as `cfg` says, in `run_dir`; returns the results written to results.json."""
     stage = FinetuneStage(cfg)
+    finished = run_dir / "results.json"
+    if resume is None and finished.is_file() and not check_reuse(run_dir, cfg, "auto", ignore=stage.resumable_keys):
+        results = json.loads(finished.read_text())  # the same evaluation, already done: its results, not a refusal
+        print(f"{run_dir} is already finished: {_result_line(results)} (choose another run.name to run it again)")
+        return results
     evaluation = open_run(cfg, run_dir, resume, resumable_keys=stage.resumable_keys, allow_changes=allow_changes,
                           callbacks=callbacks)
-    finished = run_dir / "results.json"
     if resume is not None and finished.is_file():
         results = json.loads(finished.read_text())
         evaluation.console.print(f"{run_dir} is already finished: {_result_line(results)}")
