@@ -390,6 +390,11 @@ def export_encoder(accelerator, model, cfg: PretrainConfig, run_dir: Path, step:
                 weights[key[len(prefix):]] = value
         encoder = encoder_from_config(cfg.model)
         encoder.load_state_dict(weights)
+        trained = accelerator.unwrap_model(model)
+        trained_pos = getattr(getattr(getattr(trained, "_orig_mod", trained), "encoder", None), "pos_embed", None)
+        if trained_pos is not None and encoder.pos_embed is not None and not trained_pos.requires_grad:
+            # a table the objective fixed (MAE's sin-cos): the export records it as such, not as learned
+            encoder.pos_embed.requires_grad_(False)
         extra = {"mean": list(cfg.data.mean), "std": list(cfg.data.std), "shards": str(shards), **(facts or {})}
         refusal = transformers_incompatibility(encoder)
         if refusal is not None:
