@@ -124,6 +124,11 @@ class CompareConfig:
             if not shlex.split(recipe) or bad:
                 raise ConfigError(f"Key 'pretraining.recipes.{name}' must be a recipe file optionally followed by "
                                   f"key=value overrides, got '{recipe}'.")
+        for protocol, recipe in self.recipes.items():
+            bad = [t for t in shlex.split(recipe)[1:] if "=" not in t]
+            if not shlex.split(recipe) or bad:
+                raise ConfigError(f"Key 'recipes.{protocol}' must be a recipe file optionally followed by "
+                                  f"key=value overrides, got '{recipe}'.")
         for name, path in self.encoders.items():
             if isinstance(path, list) and (not path or "random" in path):
                 raise ConfigError(f"Key 'encoders.{name}' must list one or more run folders ('random' stands alone).")
@@ -259,8 +264,48 @@ def _resolve(recipe: str, key: str, config_path: str | os.PathLike) -> str:
 
 
 def resolve_recipes(cfg: CompareConfig, config_path: str | os.PathLike) -> dict[str, str]:
-    """protocol -> recipe path (see `_resolve`)."""
-    return {protocol: _resolve(recipe, f"recipes.{protocol}", config_path) for protocol, recipe in cfg.recipes.items()}
+    """protocol -> recipe path (see `_resolve`); the entry's own overrides are `recipe_overrides`'."""
+    return {protocol: _resolve(shlex.split(recipe)[0], f"recipes.{protocol}", config_path)
+            for protocol, recipe in cfg.recipes.items()}
+
+
+def recipe_overrides(cfg: CompareConfig, protocol: str) -> list[str]:
+    """The key=value overrides a `recipes` entry carries after its file ("knn.yaml train.epochs=null"),
+    applied after the shared `overrides`."""
+    return shlex.split(cfg.recipes.get(protocol, ""))[1:]
+
+
+def cell_arguments(cfg: CompareConfig, cell: Cell, encoder_paths: dict[str, list[str]], cells_dir: Path,
+                   recipe: str, matched_steps: int | None) -> list[str]:
+    """The finetune command line of one cell (without --resume): recipe, cell keys, shared then own overrides."""
+    args = ["--config", recipe, f"protocol={cell.protocol}", f"data.label_fraction={cell.label_fraction}",
+            f"train.seed={cell.seed}", f"run.output_dir={cells_dir}", f"run.name={cell.name}", *cfg.overrides,
+            *recipe_overrides(cfg, cell.protocol)]
+    if cell.protocol == "scratch":  # the architecture of the first real encoder
+        args.append(f"encoder={next(paths[0] for name, paths in encoder_paths.items() if name != 'random')}")
+        if cell.encoder == MATCHED and matched_steps is not None:
+            args.append(f"train.steps={matched_steps}")
+    else:
+        args.append(f"encoder={encoder_paths[cell.encoder][cell.run]}")
+    return args
+
+
+def check_cells(cfg: CompareConfig, grid: list[Cell], encoder_paths: dict[str, list[str]], cells_dir: Path,
+                recipes: dict[str, str], matched_steps: int | None) -> None:
+    """Resolve and validate every cell's config before the first cell runs: a recipe that the shared
+    overrides break is one sentence naming the cell and its recipe file, not a failure halfway."""
+    from vitmpp.finetune.config import FinetuneConfig
+
+    for cell in grid:
+        args = cell_arguments(cfg, cell, encoder_paths, cells_dir, recipes[cell.protocol], matched_steps)
+        try:
+            load_config(FinetuneConfig, args[1], args[2:])
+        except ConfigError as err:
+            own = " or that entry's own overrides" if recipe_overrides(cfg, cell.protocol) else ""
+            raise UserError(f"Cell {cell.name} (protocol {cell.protocol}, recipe {args[1]}) cannot run: "
+                            f"{str(err).rstrip('.')}. Nothing has run; fix the recipe, compare's overrides{own}, or "
+                            f"give that recipe its own, as in recipes: {{{cell.protocol}: \"{Path(args[1]).name} "
+                            "key=value\"}.") from None
 
 
 # keys whose lists only choose cells: a value added to one adds cells and changes none
@@ -294,7 +339,7 @@ def matched_scratch_steps(cfg: CompareConfig, scratch_recipe: str, encoder_paths
     plus as many steps as the most-pretrained encoder's pretraining images fill at its global batch."""
     from vitmpp.finetune.config import FinetuneConfig
 
-    recipe = load_config(FinetuneConfig, scratch_recipe, cfg.overrides)
+    recipe = load_config(FinetuneConfig, scratch_recipe, [*cfg.overrides, *recipe_overrides(cfg, "scratch")])
     if recipe.train.steps is None:
         raise UserError(f"compute_matched_scratch needs train.steps in the scratch recipe {scratch_recipe} (it sets "
                         "train.epochs); set train.steps there.")
@@ -404,16 +449,9 @@ def run_cell(cfg: CompareConfig, cell: Cell, encoder_paths: dict[str, list[str]]
                                 f"now needs {matched_steps}; delete that folder to rerun it.")
         return finished
     launcher = shlex.split(cfg.launcher) if cfg.launcher else [sys.executable, "-m", "vitmpp.finetune.main"]
-    args = ["--config", (recipes or cfg.recipes)[cell.protocol], f"protocol={cell.protocol}",
-            f"data.label_fraction={cell.label_fraction}", f"train.seed={cell.seed}",
-            f"run.output_dir={cells_dir}", f"run.name={cell.name}", *cfg.overrides, "--resume", "auto",
+    recipe = recipes[cell.protocol] if recipes else shlex.split(cfg.recipes[cell.protocol])[0]
+    args = [*cell_arguments(cfg, cell, encoder_paths, cells_dir, recipe, matched_steps), "--resume", "auto",
             *(["--allow-changes"] if allow_changes else [])]
-    if cell.protocol == "scratch":  # the architecture of the first real encoder
-        args.append(f"encoder={next(paths[0] for name, paths in encoder_paths.items() if name != 'random')}")
-        if cell.encoder == MATCHED:
-            args.append(f"train.steps={matched_steps}")
-    else:
-        args.append(f"encoder={encoder}")
     _run_logged(f"Cell {cell.name}", [*launcher, *args], done, folder, log, threads)
     results = json.loads(done.read_text())
     if results.get(cfg.metric) is None and metric_split(cfg.metric) == "test":
@@ -699,6 +737,8 @@ def main(argv: list[str] | None = None) -> Path:
 
     runs = encoder_runs(cfg, out)
     grid = cells(cfg, runs)
+    # before any pretraining or cell runs (the encoder folders need not exist yet to check a config)
+    check_cells(cfg, grid, runs, out / "cells", recipes, None)
     try:
         if cfg.pretraining.recipes:
             pretrain(cfg, out, resolve_pretraining(cfg, args.config), jobs=args.jobs)
