@@ -467,15 +467,26 @@ class _NotStarted(Exception):
     """A queued task that did not start because an earlier one failed or Ctrl-C came."""
 
 
+def choose_threads(jobs: int, cores: int, load: float) -> int:
+    """CPU threads per cell: the cores that other work leaves free (the 1-minute load average taken
+    off), shared among `jobs` cells, at least one. Torch's default (every core) on a machine that is
+    busy already oversubscribes it, and small cells then run many times slower (docs/benchmarks.md)."""
+    free = max(1, round(cores - load))
+    return max(1, min(cores, free) // max(1, jobs))
+
+
 def run_parallel(tasks: list, names: list[str], out: Path, *, jobs: int) -> list:
     """Call every task(log, threads), `jobs` at a time (then each with its share of the cores and its output
     in <out>/logs/<name>.log), else one after another with output here. On a failure the tasks already
     running finish and the first failure is raised."""
+    threads = choose_threads(jobs, os.cpu_count() or 1, os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0)
+    if tasks:
+        _say(f"[compare] {min(jobs, len(tasks))} at a time, {threads} CPU thread(s) each (OMP_NUM_THREADS; "
+             f"{os.cpu_count()} cores, load {os.getloadavg()[0] if hasattr(os, 'getloadavg') else 0:.1f})")
     if jobs <= 1:
-        return [task(None, None) for task in tasks]
+        return [task(None, threads) for task in tasks]
     from concurrent.futures import ThreadPoolExecutor
 
-    threads = max(1, (os.cpu_count() or 1) // jobs)
     stop = threading.Event()  # set by the first failure or Ctrl-C: no queued task starts after it
 
     def guarded(task, log):

@@ -46,3 +46,15 @@ def test_a_gap_within_noise_is_not_divided(tmp_path):
             row(SCRATCH, "scratch", 0.1, 79.5)]
     _, table = summarize(cfg, rows, {"mpp": ["runs/mpp"], "supervised": ["runs/sup"]})
     assert "%" not in table.split("| mpp |")[-1].splitlines()[0] and "gap +1.5" in table, table
+
+
+def test_threads_are_chosen_for_every_job_count(tmp_path, capsys):
+    from vitmpp.finetune.compare import choose_threads, run_parallel
+
+    assert choose_threads(1, 2, 0.0) == 2 and choose_threads(2, 2, 0.0) == 1
+    assert choose_threads(1, 2, 2.0) == 1  # two busy processes already: one thread, not torch's two
+    assert choose_threads(4, 16, 3.6) == 3 and choose_threads(8, 2, 0.0) == 1
+    seen = []
+    run_parallel([lambda log, threads: seen.append(threads)] * 2, ["a", "b"], tmp_path, jobs=1)
+    assert len(seen) == 2 and all(isinstance(t, int) and t >= 1 for t in seen)  # --jobs 1 sets threads too
+    assert "CPU thread(s) each" in capsys.readouterr().out
