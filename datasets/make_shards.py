@@ -341,6 +341,7 @@ def write_shards(
     test_seed = DIGITS_TEST_SEED if source == "digits" else seed
     by_test = (f"a class-stratified --test-fraction {test_fraction:g} (seed {test_seed}"
                + (", fixed for every --seed)" if source == "digits" else ")"))
+    used_val, used_test = val_fraction, test_fraction  # what the manifest records: the fractions that made a split
     if data.fixed_splits is not None:
         own = ("the tree's own split folders (train/, val/ or validation/, test/)" if source == "imagefolder"
                else f"the data set's own {source} split")
@@ -350,6 +351,7 @@ def write_shards(
         # validation and test stays for the report
         carve_val = "validation" not in fixed and val_fraction > 0
         carve_test = "test" not in fixed and test_fraction > 0
+        used_val, used_test = (val_fraction if carve_val else None), (test_fraction if carve_test else None)
         if carve_val or carve_test:
             parts = split_three_ways([it.label for it in fixed["train"]], val_fraction if carve_val else 0.0,
                                      test_fraction if carve_test else 0.0, seed)
@@ -417,8 +419,8 @@ def write_shards(
                     "writer": {"source": source, "root": str(root) if root is not None else None,
                                "dataset": dataset if source == "torchvision" else None, "format": fmt,
                                "quality": QUALITY if fmt != "png" else None, "max_size": max_size,
-                               "maxcount": maxcount, "val_fraction": val_fraction,
-                               "test_fraction": test_fraction, "seed": seed,
+                               "maxcount": maxcount, "val_fraction": used_val,
+                               "test_fraction": used_test, "seed": seed,
                                "image_size": image_size, "count": count, "num_classes": num_classes},
                     "splits_made_by": {split: made[split] for split in infos},
                     "num_skipped_inputs": len(skipped),

@@ -315,7 +315,8 @@ _GRID_LISTS = ("seeds", "label_fractions", "protocols", "pretraining.seeds")
 def only_grown(before: dict, after: dict, changed: list[str]) -> bool:
     """True when the `changed` keys (config.diff_keys of the saved config and this one) only add to
     (or reorder) the grid: values added to seeds, label_fractions, protocols or pretraining.seeds, or
-    a new encoder or pretraining recipe. Then every finished cell is what it was, so no --overwrite is needed."""
+    a new encoder or pretraining recipe, or compute_matched_scratch turned on or off (its row's cells
+    alone). Then every finished cell is what it was, so no --overwrite is needed."""
     from vitmpp.common.config import flatten
 
     old, new = flatten(before), flatten(after)
@@ -323,6 +324,8 @@ def only_grown(before: dict, after: dict, changed: list[str]) -> bool:
         if key in _GRID_LISTS:
             if not set(map(str, old.get(key) or [])) <= set(map(str, new.get(key) or [])):
                 return False
+        elif key == "compute_matched_scratch":
+            continue  # adds or drops the compute-matched row's own cells; no other cell changes
         elif not (key.startswith(("encoders.", "pretraining.recipes.")) and key not in old):
             return False
     return True

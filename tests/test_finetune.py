@@ -186,7 +186,9 @@ def test_compare_keeps_its_cells_without_overwrite_when_the_grid_only_grows():
             ({**before, "pretraining": {"recipes": {"mpp": "mpp.yaml", "mae": "mae.yaml"}, "seeds": [0, 1]}}, True),
             ({**before, "seeds": [1]}, False),  # a seed dropped: not growth (--overwrite says it is meant)
             ({**before, "pretraining": {"recipes": {"mpp": "mpp.yaml lr=1"}, "seeds": [0]}}, False),  # a changed recipe
-            ({**before, "overrides": ["data.shards=b"]}, False)):
+            ({**before, "overrides": ["data.shards=b"]}, False),
+            ({**before, "compute_matched_scratch": True}, True),  # a row added (issue 27, item 15)
+            ({**before, "compute_matched_scratch": True, "overrides": ["data.shards=b"]}, False)):
         assert only_grown(before, after, diff_keys(before, after)) is grown, after
 
 

@@ -34,3 +34,21 @@ def test_a_tiny_validation_split_is_warned_with_the_fraction_that_would_not_be(t
     assert "warning: The validation split" not in enough.stderr, enough.stderr
     # the test split (20% of 600) is above the limit and is not warned about
     assert "warning: The test split" not in small.stderr
+
+
+def test_a_pre_split_tree_records_no_fraction_it_did_not_use(tmp_path):
+    import json
+
+    for split, n in (("train", 20), ("val", 6), ("test", 6)):
+        image_folder(tmp_path / "tree" / split, n)
+    run(MAKE_SHARDS + ["--source", "imagefolder", "--root", str(tmp_path / "tree"), "--out", str(tmp_path / "s")],
+        cwd=tmp_path)
+    writer = json.loads((tmp_path / "s" / "_info.json").read_text())["vitmpp"]["writer"]
+    assert writer["val_fraction"] is None and writer["test_fraction"] is None, writer
+    # a tree without test/: its test split is carved with --test-fraction, which is then recorded
+    for split, n in (("train", 20), ("val", 6)):
+        image_folder(tmp_path / "tree2" / split, n)
+    run(MAKE_SHARDS + ["--source", "imagefolder", "--root", str(tmp_path / "tree2"), "--out", str(tmp_path / "s2")],
+        cwd=tmp_path)
+    writer = json.loads((tmp_path / "s2" / "_info.json").read_text())["vitmpp"]["writer"]
+    assert writer["val_fraction"] is None and writer["test_fraction"] == 0.1, writer
