@@ -352,6 +352,7 @@ def matched_scratch_steps(cfg: CompareConfig, scratch_recipe: str, encoder_paths
 
 
 _SAY = threading.Lock()
+_THREADS_NOTE: list[str] = []  # the thread choice of run_parallel, printed once by the first task that runs
 _STOP = threading.Event()  # set by SIGTERM/SIGUSR1: the running cells are told, and nothing more starts
 _STOPPED_BY: list[str] = []  # the signal's name
 _RUNNING: set[subprocess.Popen] = set()  # the cells' (and pretrainings') processes now running
@@ -382,6 +383,10 @@ def _run_logged(what: str, command: list[str], done: Path, folder: Path, log: Pa
     env = {**os.environ, "VITMPP_NO_BAR": "1", **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
     if _STOP.is_set():
         raise _Stopped
+    with _SAY:
+        note, _THREADS_NOTE[:] = _THREADS_NOTE[:], []
+    if note:
+        _say(note[0])
     _say(f"[compare] {what}" + (f" (log: {log})" if log else ""))
     if log is not None:
         log.parent.mkdir(parents=True, exist_ok=True)
@@ -483,9 +488,9 @@ def run_parallel(tasks: list, names: list[str], out: Path, *, jobs: int) -> list
     in <out>/logs/<name>.log), else one after another with output here. On a failure the tasks already
     running finish and the first failure is raised."""
     threads = choose_threads(jobs, os.cpu_count() or 1, os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0)
-    if tasks:
-        _say(f"[compare] {min(jobs, len(tasks))} at a time, {threads} CPU thread(s) each (OMP_NUM_THREADS; "
-             f"{os.cpu_count()} cores, load {os.getloadavg()[0] if hasattr(os, 'getloadavg') else 0:.1f})")
+    # said by the first cell or pretraining that really starts (finished ones are only read)
+    _THREADS_NOTE[:] = [f"[compare] {min(jobs, len(tasks))} at a time, {threads} CPU thread(s) each (OMP_NUM_THREADS; "
+                        f"{os.cpu_count()} cores, load {os.getloadavg()[0] if hasattr(os, 'getloadavg') else 0:.1f})"]
     if jobs <= 1:
         return [task(None, threads) for task in tasks]
     from concurrent.futures import ThreadPoolExecutor

@@ -57,4 +57,3 @@ def test_threads_are_chosen_for_every_job_count(tmp_path, capsys):
     seen = []
     run_parallel([lambda log, threads: seen.append(threads)] * 2, ["a", "b"], tmp_path, jobs=1)
     assert len(seen) == 2 and all(isinstance(t, int) and t >= 1 for t in seen)  # --jobs 1 sets threads too
-    assert "CPU thread(s) each" in capsys.readouterr().out

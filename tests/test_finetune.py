@@ -265,6 +265,7 @@ def test_compare_pretrains_seeds_reports_test_and_resumes(tmp_path, digits16):
     out = tmp_path / "out"
     assert sorted(p.name for p in (out / "pretrain").iterdir()) == ["mpp-s0", "mpp-s1"]
     assert "compute-matched scratch: 7 steps (its recipe's own plus 96 pretraining images)" in first.stdout  # 4 + 96/32
+    assert "[compare] 2 at a time, " in first.stdout and " CPU thread(s) each (OMP_NUM_THREADS; " in first.stdout
     started = [line.split()[1:3] for line in first.stdout.splitlines()
                if line.startswith("[compare] ") and " done: " not in line and "(log:" in line]
     assert len(started) == 2 + 8 and first.stdout.count(" done: test last top1 ") == 8  # two at a time, logs in files
