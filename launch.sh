@@ -198,25 +198,16 @@ requeue_slurm_job() {
   fi
 }
 
-# The launcher starts with SIGTERM and SIGUSR1 blocked: torch's elastic agent in it would answer one of
-# its own by signalling the ranks again and exiting 143, whatever they did. systemd (KillMode=control-group)
-# and SLURM (scancel, the time limit) signal every process of the job, so only this script passes the
-# signal on (forward_signal); the ranks unblock both (StopSignal), checkpoint and exit 0, and so does the
-# launcher. (--dry-run prints the plain command.)
-shielded_launcher='import os, signal, sys
-signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGUSR1})
-os.execvp(sys.executable, [sys.executable, "-m", "vitmpp.common.launcher", *sys.argv[1:]])'
-
 launch() {
   local script="$1"
   shift
   accelerate_flags
   child_is_launcher=1
-  if [[ "$dry_run" -eq 1 ]]; then
-    run python -m vitmpp.common.launcher "${flags[@]}" "$script" "$@"
-  else
-    run python -c "$shielded_launcher" "${flags[@]}" "$script" "$@"
-  fi
+  # only this script passes SIGTERM/SIGUSR1 on (forward_signal): the launcher holds them
+  # (common/launcher.py HOLD_STOP_SIGNALS); --dry-run prints the plain command
+  local hold=(--hold-stop-signals)
+  [[ "$dry_run" -eq 1 ]] && hold=()
+  run python -m vitmpp.common.launcher ${hold[@]+"${hold[@]}"} "${flags[@]}" "$script" "$@"
   child_is_launcher=0
 }
 

@@ -65,9 +65,20 @@ def config_distributed_type(config_file: str | None) -> str | None:
         return None
 
 
+# launch.sh's first argument: it passes SIGTERM and SIGUSR1 on to the ranks itself, so the launcher
+# starts with them blocked (the ranks inherit the block and lift it, common/distributed.py StopSignal).
+# torch's elastic agent would answer one of its own by signalling the ranks again and exiting 143,
+# whatever they did; systemd (KillMode=control-group) and SLURM (scancel, the time limit) signal it too.
+HOLD_STOP_SIGNALS = "--hold-stop-signals"
+
+
 def main(argv: list[str] | None = None) -> int:
     from accelerate.commands.launch import launch_command, launch_command_parser
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == [HOLD_STOP_SIGNALS]:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGUSR1})
+        argv = argv[1:]
     args = launch_command_parser().parse_args(argv)
     args.quiet = False  # we want the child's return code, which only the non-quiet path carries
     wants_several = (args.num_processes or 1) > 1
