@@ -33,7 +33,7 @@ import torch
 
 from . import rundir
 from .checkpoint import Checkpointer, load_logical_rng, logical_ranks_of, read_state, save_logical_rng
-from .config import dump_yaml, flatten, to_dict
+from .config import dump_yaml, flatten
 from .console import Console, quiet_libraries
 from .distributed import (ControlPlane, StopSignal, explain_failure, full_tensor, make_accelerator,
                           sharding_summary)

@@ -471,7 +471,7 @@ def parse_manifest(data: Any, *, root: str, source: str) -> Manifest:
             # names come from a file that may not be ours (docs/security.md)
             why = unsafe_file_name(name)
             if why:
-                raise bad(f"split '{key}' names {_escaped(name)}, which is not a plain relative file name ({why})")
+                raise bad(f"split '{key}' names {_show(name, 80)}, which is not a plain relative file name ({why})")
         shard_bytes = info.get("shard_bytes")
         if shard_bytes is not None:
             if not isinstance(shard_bytes, list):
@@ -514,12 +514,7 @@ def _count(value: Any, what: str, bad, kind: str = "a non-negative integer") -> 
     return value
 
 
-def _escaped(name: str) -> str:
-    """`name` quoted on one line, control characters escaped (`'x\\ny.tar'`)."""
-    text = repr(name)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
-def _show(value: Any) -> str:
+def _show(value: Any, width: int = 40) -> str:
+    """`value` as Python writes it, on one line (control characters escaped: `'x\\ny.tar'`), cut to `width`."""
     text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
+    return text if len(text) <= width else text[:width - 3] + "..."

@@ -119,16 +119,12 @@ class CompareConfig:
         for name in self.pretraining.recipes:
             if name in self.encoders:
                 raise ConfigError(f"Encoder '{name}' is named in both 'encoders' and 'pretraining.recipes'; keep one.")
-        for name, recipe in self.pretraining.recipes.items():
-            bad = [t for t in shlex.split(recipe)[1:] if "=" not in t]
-            if not shlex.split(recipe) or bad:
-                raise ConfigError(f"Key 'pretraining.recipes.{name}' must be a recipe file optionally followed by "
-                                  f"key=value overrides, got '{recipe}'.")
-        for protocol, recipe in self.recipes.items():
-            bad = [t for t in shlex.split(recipe)[1:] if "=" not in t]
-            if not shlex.split(recipe) or bad:
-                raise ConfigError(f"Key 'recipes.{protocol}' must be a recipe file optionally followed by "
-                                  f"key=value overrides, got '{recipe}'.")
+        for section, entries in (("pretraining.recipes", self.pretraining.recipes), ("recipes", self.recipes)):
+            for name, entry in entries.items():
+                words = shlex.split(entry)
+                if not words or any("=" not in word for word in words[1:]):
+                    raise ConfigError(f"Key '{section}.{name}' must be a recipe file optionally followed by "
+                                      f"key=value overrides, got '{entry}'.")
         for name, path in self.encoders.items():
             if isinstance(path, list) and (not path or "random" in path):
                 raise ConfigError(f"Key 'encoders.{name}' must list one or more run folders ('random' stands alone).")

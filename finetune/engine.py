@@ -59,9 +59,14 @@ DEFAULT_ENCODER = Path("runs") / "default-mpp"
 
 # ----------------------------------------------------------------------------- inputs
 
+def _scratch_without_encoder(cfg: FinetuneConfig) -> bool:
+    """Scratch training of an architecture named by model.name: no encoder is read."""
+    return cfg.encoder is None and cfg.protocol == "scratch" and cfg.model.name is not None
+
+
 def resolve_encoder(cfg: FinetuneConfig) -> Path | None:
     """The encoder.safetensors to evaluate (None for scratch without an encoder)."""
-    if cfg.encoder is None and cfg.protocol == "scratch" and cfg.model.name is not None:
+    if _scratch_without_encoder(cfg):
         return None
     path = Path(cfg.encoder) if cfg.encoder is not None else DEFAULT_ENCODER
     if path.is_dir():
@@ -314,8 +319,8 @@ def canonical_encoder(cfg: FinetuneConfig) -> FinetuneConfig:
     run's encoder.safetensors as its folder, without './' or a trailing '/'. The run folder and its
     config then agree whichever documented spelling was used (README's `./launch.sh finetune` and the
     `encoder=runs/default-mpp` the end of pretraining prints are one probe)."""
-    if cfg.encoder is None and cfg.protocol == "scratch" and cfg.model.name is not None:
-        return cfg  # scratch without an encoder
+    if _scratch_without_encoder(cfg):
+        return cfg
     path = Path(os.path.normpath(cfg.encoder)) if cfg.encoder is not None else DEFAULT_ENCODER
     if path.name == "encoder.safetensors" and (path.parent / "encoder.json").is_file():
         path = path.parent

@@ -126,3 +126,19 @@ def kill_tree(process: subprocess.Popen, sig) -> None:
             os.kill(pid, sig)
         except ProcessLookupError:
             pass
+
+
+def error_lines(stderr: str) -> list[str]:
+    """The `error: ...` lines a command printed."""
+    return [line for line in stderr.splitlines() if line.startswith("error")]
+
+
+def printed_lines(stderr: str) -> list[str]:
+    """Every non-blank line (a refusal must be one sentence and nothing else)."""
+    return [line for line in stderr.splitlines() if line.strip()]
+
+
+def files_of(run_dir) -> dict[str, bytes]:
+    """Every file in a run folder but the lock, with its bytes (to show a refused command changed nothing)."""
+    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*"))
+            if p.is_file() and p.name != "lock"}

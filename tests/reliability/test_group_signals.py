@@ -5,6 +5,7 @@ for a signal to its main process alone (README, "preemption"), then resume to th
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -56,10 +57,8 @@ def signal_all(proc, sig, how: str) -> None:
         os.killpg(proc.pid, sig)
         return
     for pid in [proc.pid, *descendants(proc.pid)]:
-        try:
+        with contextlib.suppress(ProcessLookupError):  # (one that ended since it was listed)
             os.kill(pid, sig)
-        except ProcessLookupError:
-            pass
 
 
 def stop_midway(proc, run_dir, sig, how: str, after_step: int = 3) -> tuple[str, str]:

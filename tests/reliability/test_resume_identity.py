@@ -12,20 +12,11 @@ import shutil
 import pytest
 import yaml
 
-from engine_helpers import TINY, metrics, python_cmd, run
+from engine_helpers import TINY, files_of, metrics, printed_lines, python_cmd, run
 
 pytestmark = pytest.mark.slow
 
 PRETRAIN = python_cmd("pretrain/main.py")
-
-
-def error_lines(stderr: str) -> list[str]:
-    return [line for line in stderr.splitlines() if line.strip()]
-
-
-def files_of(run_dir) -> dict[str, bytes]:
-    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*"))
-            if p.is_file() and p.name != "lock"}
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +42,7 @@ def test_a_checkpoint_copied_from_another_run_is_refused_naming_both(tmp_path, t
     before = files_of(a)
     refused = run(command + ["--resume", "auto"], cwd=tmp_path, check=False)
     assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
-    lines = error_lines(refused.stderr)
+    lines = printed_lines(refused.stderr)
     assert len(lines) == 1 and lines[0].startswith("error: "), refused.stderr
     root = two_runs[0].resolve()
     assert f"written by another run (the run in {root / 'runs' / 'b'}, id " in lines[0], lines[0]
@@ -75,7 +66,7 @@ def test_resume_path_into_another_runs_folder_is_refused(tmp_path, two_runs):
     before = files_of(a)
     refused = run(command + ["--resume", str(b / "checkpoints" / "step-0000003")], cwd=tmp_path, check=False)
     assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
-    lines = error_lines(refused.stderr)
+    lines = printed_lines(refused.stderr)
     assert len(lines) == 1 and f"written by another run (the run in {two_runs[0].resolve() / 'runs' / 'b'}" in lines[0], lines
     assert files_of(a) == before
     # its own checkpoint by path still resumes
@@ -110,7 +101,7 @@ def test_resuming_onto_other_data_is_refused_and_moved_shards_resume_exactly(tmp
 
     refused = run(command + ["run.name=r", f"data.shards={small}", "--resume", "auto"], cwd=tmp_path, check=False)
     assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
-    lines = [line for line in error_lines(refused.stderr) if line.startswith("error")]
+    lines = [line for line in printed_lines(refused.stderr) if line.startswith("error")]
     assert len(lines) == 1, refused.stderr
     total = json.loads((digits16 / "_info.json").read_text())["splits"]["train"]["num_samples"]
     fewer = json.loads((small / "_info.json").read_text())["splits"]["train"]["num_samples"]

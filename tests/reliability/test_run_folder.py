@@ -16,22 +16,12 @@ import sys
 import pytest
 import yaml
 
-from engine_helpers import (ROOT, TINY, accelerate_cmd, descendants, kill_tree, last_logged_step, metrics, python_cmd, run,
-                            start, wait_for)
+from engine_helpers import (ROOT, TINY, accelerate_cmd, descendants, error_lines, files_of, kill_tree, last_logged_step,
+                            metrics, python_cmd, run, start, wait_for)
 
 pytestmark = pytest.mark.slow
 
 PRETRAIN = python_cmd("pretrain/main.py")
-
-
-def error_lines(stderr: str) -> list[str]:
-    return [line for line in stderr.splitlines() if line.startswith("error")]
-
-
-def files_of(run_dir) -> dict[str, bytes]:
-    """Every file in a run folder but the lock, with its bytes (to show a refused command changed nothing)."""
-    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*"))
-            if p.is_file() and p.name != "lock"}
 
 
 @pytest.fixture(scope="module")

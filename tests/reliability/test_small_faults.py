@@ -23,7 +23,7 @@ import pytest
 import torch
 import yaml
 
-from engine_helpers import ROOT, env, run, start, wait_for
+from engine_helpers import ROOT, printed_lines, run, start, wait_for
 
 # ----------------------------------------------------------------------------- model card
 
@@ -146,10 +146,6 @@ def failing_cell() -> str:
     return "-c 'raise SystemExit(1)'"
 
 
-def error_lines(stderr: str) -> list[str]:
-    return [line for line in stderr.splitlines() if line.strip()]
-
-
 @pytest.mark.fault("a run-folder lock whose record names a run on another host (no 'ended' mark)",
                    expect="clear error")
 def test_a_lock_of_another_host_is_refused_until_the_user_says_that_run_stopped(tmp_path):
@@ -162,7 +158,7 @@ def test_a_lock_of_another_host_is_refused_until_the_user_says_that_run_stopped(
 
     refused = run(compare, cwd=tmp_path, check=False)
     assert refused.returncode == 2
-    (line,) = error_lines(refused.stderr)
+    (line,) = printed_lines(refused.stderr)
     assert line.startswith(f"error: Run folder '{out}' is locked by process 4242 on host node-elsewhere"), line
     assert f"this host ({socket.gethostname()}) cannot tell whether that process is still running" in line
     assert "make sure that run has stopped, then rerun with VITMPP_TAKE_OVER_LOCK=node-elsewhere:4242" in line
@@ -241,7 +237,7 @@ def test_sigterm_to_compare_says_what_is_kept_and_exits_0(tmp_path):
             os.kill(sleeper, signal.SIGKILL)  # (an orphaned cell would hold the pipes open)
         out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0 and not left_behind, err
-    assert error_lines(err) == [f"[compare] stopped by SIGTERM: 1 of 2 cells finished and are kept in {cells}; "
+    assert printed_lines(err) == [f"[compare] stopped by SIGTERM: 1 of 2 cells finished and are kept in {cells}; "
                                 "run the same command again to continue (finished cells are not run again)"], err
     kept = (cells / "mpp-knn-f1-s0" / "results.json").read_bytes()
     assert json.loads((tmp_path / "out" / "lock").read_text()).get("ended")
