@@ -43,7 +43,6 @@ import io
 import math
 import os
 import re
-import stat
 import types
 import typing
 from pathlib import Path
@@ -52,7 +51,7 @@ from typing import Any, Iterable, Literal, Mapping, Sequence, TypeVar, Union
 import yaml
 
 from .errors import ConfigError
-from .io import atomic_write
+from .io import UnreadableFile, atomic_write, read_regular_file
 
 T = TypeVar("T")
 
@@ -155,42 +154,16 @@ def _load_bounded(text: str) -> Any:
 def _read_config_text(path: Path) -> str:
     """The text of a config file: a regular file (a FIFO would block the read forever) of sane size."""
     try:
-        info = os.stat(path)
-    except FileNotFoundError:
-        raise ConfigError(f"Config file '{path}' does not exist; pass an existing YAML file to --config.") from None
-    except OSError as err:
-        raise ConfigError(f"Config file '{path}' cannot be read ({err.strerror}); pass a readable YAML file.") from None
-    if not stat.S_ISREG(info.st_mode):
-        raise ConfigError(f"Config file '{path}' is {_file_kind(info.st_mode)}, not a regular file; "
-                          "pass a YAML file to --config.")
-    if info.st_size > MAX_CONFIG_BYTES:
-        raise ConfigError(f"Config file '{path}' is {info.st_size:,} bytes, more than the {MAX_CONFIG_BYTES:,} a "
-                          "config may be; pass a YAML recipe (see configs/), not a data file.")
-    try:
-        # O_NONBLOCK: should the path have become a FIFO since the stat, opening it does not wait for a writer
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-        with open(fd, "rb") as f:
-            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-                raise ConfigError(f"Config file '{path}' is not a regular file; pass a YAML file to --config.")
-            raw = f.read(MAX_CONFIG_BYTES + 1)
-    except OSError as err:
-        raise ConfigError(f"Config file '{path}' cannot be read ({err.strerror}); pass a readable YAML file.") from None
-    if len(raw) > MAX_CONFIG_BYTES:
-        raise ConfigError(f"Config file '{path}' is more than the {MAX_CONFIG_BYTES:,} bytes a config may be; "
-                          "pass a YAML recipe (see configs/), not a data file.")
+        raw = read_regular_file(path, limit=MAX_CONFIG_BYTES)
+    except UnreadableFile as err:
+        advice = ("pass an existing YAML file to --config" if err.missing else
+                  "pass a YAML recipe (see configs/), not a data file" if "bytes" in err.reason else
+                  "pass a readable YAML file to --config")
+        raise ConfigError(f"Config file '{path}' {err.reason}; {advice}.") from None
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as err:
         raise ConfigError(f"Config file '{path}' is not UTF-8 text (byte {err.start}); pass a YAML file.") from None
-
-
-def _file_kind(mode: int) -> str:
-    for test, kind in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
-                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-                       (stat.S_ISSOCK, "a socket")):
-        if test(mode):
-            return kind
-    return "a special file"
 
 
 def read_yaml(path: str | os.PathLike) -> dict:

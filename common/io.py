@@ -10,6 +10,11 @@ full disk leaves the old file or nothing, never a truncated one.
     atomic_write_json(path, data)         one JSON file (sorted keys, indented)
     with atomic_dir(final) as tmp: ...    a whole folder, renamed into place at the end
     with reported_writes(what, advice): ...   a write the storage refuses becomes one sentence
+
+and every file vitmpp reads that a user or a data set supplies (configs, manifests, label
+files, images being ingested) through one reader that never blocks on a special file:
+
+    read_regular_file(path, limit=...)    bytes, or UnreadableFile(reason) for the caller's sentence
 """
 from __future__ import annotations
 
@@ -18,12 +23,68 @@ import json
 import os
 import re
 import shutil
+import stat
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
 from .errors import UserError
+
+
+class UnreadableFile(Exception):
+    """A file `read_regular_file` would not or could not read. `reason` completes a sentence about
+    the file ("is a FIFO, not a regular file"); `missing` is set when it does not exist,
+    so the caller can say what to pass instead."""
+
+    def __init__(self, reason: str, *, missing: bool = False):
+        super().__init__(reason)
+        self.reason = reason
+        self.missing = missing
+
+
+def special_kind(mode: int) -> str | None:
+    """'a FIFO', 'a socket', ... for a mode that is not a regular file; None for one."""
+    for test, kind in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
+                       (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISLNK, "a symbolic link")):
+        if test(mode):
+            return kind
+    return None if stat.S_ISREG(mode) else "a special file"
+
+
+def read_regular_file(path: str | os.PathLike, *, limit: int | None = None) -> bytes:
+    """The bytes of `path`, at most `limit` of them; UnreadableFile otherwise.
+
+    The path is checked to be a regular file before it is opened and again through the open
+    descriptor: opening a FIFO waits for a writer forever and a device may never end, and the
+    path may have been swapped between the two looks (O_NONBLOCK keeps the open itself from
+    waiting). The size is checked from the stat and again from what was read, since a file
+    can grow while it is read."""
+
+    def too_big(size: str) -> UnreadableFile:
+        return UnreadableFile(f"is {size} bytes, more than the {limit:,} it may be")
+
+    try:
+        info = os.stat(path)
+        kind = special_kind(info.st_mode)
+        if kind is not None:
+            raise UnreadableFile(f"is {kind}, not a regular file")
+        if limit is not None and info.st_size > limit:
+            raise too_big(f"{info.st_size:,}")
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as f:
+            kind = special_kind(os.fstat(fd).st_mode)
+            if kind is not None:
+                raise UnreadableFile(f"is {kind}, not a regular file")
+            raw = f.read() if limit is None else f.read(limit + 1)
+    except FileNotFoundError:
+        raise UnreadableFile("does not exist", missing=True) from None
+    except OSError as err:
+        raise UnreadableFile(f"cannot be read ({err.strerror or err})") from None
+    if limit is not None and len(raw) > limit:
+        raise too_big("more than that")
+    return raw
 
 
 _UMASK = os.umask(0)

@@ -34,7 +34,6 @@ import json
 import os
 import re
 import shlex
-import stat
 import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +42,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from vitmpp.common.errors import UserError
+from vitmpp.common.io import UnreadableFile, read_regular_file
 
 MANIFEST_NAME = "_info.json"
 # Bounds checked before anything is allocated from what a manifest says: a manifest of a million
@@ -295,40 +295,22 @@ def _dirname(location: str) -> str:
 def _read_bytes(location: str, limit: int, what: str) -> bytes:
     """The bytes of a manifest or label file, refused (UserError) when larger than `limit` or, for a
     local path, not a regular file: reading a FIFO would wait forever for a writer."""
-
-    def too_big(size: str) -> UserError:
-        return UserError(f"{what} '{location}' is {size} bytes, more than the {limit:,} it can be; "
-                         "rewrite the shards with make_shards.")
-
     if is_url(location):
         from .samples import read_url_bytes  # (samples imports this module)
 
         raw = read_url_bytes(location, limit + 1, what)  # HTTP and pipe: with the shard retry policy
         if len(raw) > limit:
-            raise too_big("more than that")
+            raise UserError(f"{what} '{location}' is more than the {limit:,} bytes it may be; "
+                            "rewrite the shards with make_shards.")
         return raw
-    info = os.stat(location)  # FileNotFoundError: the caller says what to do
-    if not stat.S_ISREG(info.st_mode):
-        raise UserError(f"{what} '{location}' is not a regular file ({_kind(info.st_mode)}); "
-                        "point to a folder written by make_shards.")
-    if info.st_size > limit:
-        raise too_big(f"{info.st_size:,}")
-    # O_NONBLOCK: should the path have become a FIFO since the stat, opening it does not wait
-    with open(os.open(location, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
-        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-            raise UserError(f"{what} '{location}' is not a regular file; point to a folder written by make_shards.")
-        raw = f.read(limit + 1)
-    if len(raw) > limit:
-        raise too_big("more than that")
-    return raw
-
-
-def _kind(mode: int) -> str:
-    for test, kind in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
-                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
-        if test(mode):
-            return kind
-    return "a special file"
+    try:
+        return read_regular_file(location, limit=limit)
+    except UnreadableFile as err:
+        if err.missing:
+            raise FileNotFoundError(location) from None  # the caller says what to do
+        advice = ("rewrite the shards with make_shards" if "bytes" in err.reason else
+                  "point to a folder written by make_shards")
+        raise UserError(f"{what} '{location}' {err.reason}; {advice}.") from None
 
 
 def _depth(data: Any) -> int:

@@ -56,6 +56,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from vitmpp.common.errors import UserError
+from vitmpp.common.io import UnreadableFile, read_regular_file, special_kind
 
 from .pixels import UnknownScale, to_rgb
 
@@ -217,30 +218,12 @@ def synthetic_source(count: int, image_size: int, num_classes: int, seed: int) -
 
 # ----------------------------------------------------------------------------- files
 
-def special_kind(mode: int) -> str | None:
-    """'a FIFO', 'a socket', ... for a file mode that is neither a regular file nor a folder."""
-    for test, kind in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
-                       (stat.S_ISBLK, "a block device")):
-        if test(mode):
-            return kind
-    return None
-
-
-def read_regular_file(path: Path) -> bytes:
-    """The bytes of `path`, checked to be a regular file before it is opened (and again after,
-    through the descriptor): opening a FIFO waits for a writer forever, a device may not end."""
+def read_image_bytes(path: Path) -> bytes:
+    """The bytes of an input image, or SkipInput with the reason (a FIFO, a device, unreadable)."""
     try:
-        kind = special_kind(os.stat(path).st_mode)
-        if kind is not None:
-            raise SkipInput(f"{kind}, not a regular file")
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
-        with os.fdopen(fd, "rb") as f:
-            kind = special_kind(os.fstat(fd).st_mode)
-            if kind is not None:
-                raise SkipInput(f"{kind}, not a regular file")
-            return f.read()
-    except OSError as err:
-        raise SkipInput(f"unreadable: {err.strerror or err}") from None
+        return read_regular_file(path)
+    except UnreadableFile as err:
+        raise SkipInput(err.reason.removeprefix("is ")) from None
 
 
 def open_image_file(path: Path, *, keep_bytes: bool, draft_side: int | None = None) -> Loaded:
@@ -248,7 +231,7 @@ def open_image_file(path: Path, *, keep_bytes: bool, draft_side: int | None = No
 
     The file's bytes are kept (passed through to the shard) only when they decode to the
     same RGB pixels in any reader: RGB or grey, without a transparent colour."""
-    data = read_regular_file(path)
+    data = read_image_bytes(path)
     try:
         with Image.open(io.BytesIO(data)) as img:
             fmt = img.format

@@ -97,7 +97,7 @@ def test_a_fifo_manifest_is_refused_without_opening_it(tmp_path, shards):
                  check=False, timeout=120)
     assert result.returncode == 2
     line = one_error_line(result.stderr)
-    assert str(shards / MANIFEST_NAME) in line and "not a regular file (a FIFO)" in line
+    assert str(shards / MANIFEST_NAME) in line and "is a FIFO, not a regular file" in line
 
 
 @pytest.mark.fault("_info.json nested 5,000 levels deep, or 1 TiB (sparse)", expect="clear error")
