@@ -14,13 +14,15 @@ from .report import analysis_figures, analyze_encoder
 TRAINING_ROLLOUT_IMAGES = 8
 TRAINING_FILTERS = 28
 
-# The figures' TensorBoard tags while pretraining, by figure name: one `encoder` group, in an
-# order (TensorBoard sorts by tag) that puts the mean-distance plot on the first screen.
+# The figures' names in TensorBoard while pretraining, by figure name: one `encoder` group of pictures
+# (`<stage>_encoder/<name>`, common.tracking.picture_tag), in an order (TensorBoard sorts by tag) that
+# puts the mean-distance plot first.
+TRAINING_GROUP = "encoder"
 TRAINING_TAGS = {
-    "mean_attention_distance": "encoder/attention_distance",
-    "attention_rollout": "encoder/attention_rollout",
-    "embedding_filters": "encoder/patch_filters",
-    "position_embedding_similarity": "encoder/position_similarity",
+    "mean_attention_distance": "attention_distance",
+    "attention_rollout": "attention_rollout",
+    "embedding_filters": "patch_filters",
+    "position_embedding_similarity": "position_similarity",
 }
 
 

@@ -24,9 +24,21 @@ from .optim import NonFiniteGuard
 # goes under `system/<stage>/...`, a group that sorts after every stage's. A stage may file a few
 # scalars under a group of their own (`Tracker.scalars(..., group=)`): pretraining's online
 # evaluation is `eval/knn_top1`, `eval/loss`, a group that sorts, and opens, first.
+#
+# TensorBoard opens on TIME SERIES, which sorts every tag (scalars and images together, by name,
+# numbers in names compared as numbers), groups them by the first component and expands the first
+# two groups only (tensorboard 2.21's webfiles: `slice(0,2)` over the sorted groups). Pictures
+# therefore go under `<stage>_<kind>/...` (`pretrain_batch/mpp`, `pretrain_encoder/...`): those
+# groups sort right after the stage's own and before `system`, so the two groups a user sees
+# expanded are the curves (`eval` and `pretrain`, or `pretrain` and `system`), never the pictures.
 SYSTEM_GROUP = "system"
 SYSTEM_SCALARS = frozenset({"grad_norm", "epoch", "images_per_sec", "data_wait_fraction", "mfu", "skipped_samples",
                             "retries", "nonfinite_steps"})
+
+
+def picture_tag(namespace: str, kind: str, name: str) -> str:
+    """The TensorBoard tag of a picture of a stage: `pretrain_batch/mpp`, `pretrain_encoder/attention_distance`."""
+    return f"{namespace}_{kind}/{name}"
 
 
 def scalar_tag(namespace: str, name: str) -> str:
@@ -68,6 +80,9 @@ class Tracker:
 
     def tag(self, name: str) -> str:
         return scalar_tag(self.namespace, name)
+
+    def picture_tag(self, kind: str, name: str) -> str:
+        return picture_tag(self.namespace, kind, name)
 
     def hparams(self, config_flat: dict) -> None:
         """The config as the HPARAMS tab's session of this run, in the run's own event file.

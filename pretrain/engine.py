@@ -156,15 +156,15 @@ class PretrainStage(Stage):
             # four images: the grid, under a header naming its columns, and the encoder's figures below
             # it fit TensorBoard's first screen; the caption (TEXT tab) says the rest
             visual = self.objective.visualize(images, result, max_images=4)
-            tracker.image(f"batch/{self.cfg.objective}", visual.labelled(), step)
-            tracker.text("batch/caption", visual.caption, step)
+            tracker.image(tracker.picture_tag("batch", self.cfg.objective), visual.labelled(), step)
+            tracker.text(tracker.picture_tag("batch", "caption"), visual.caption, step)
         if log.analysis_every and step % log.analysis_every == 0 and not self.sharded:
             # the analyze command's figures (ViT paper's Figure 7, rollout) as the encoder trains: one small forward
-            from vitmpp.analyze.training import TRAINING_TAGS, training_figures
+            from vitmpp.analyze.training import TRAINING_GROUP, TRAINING_TAGS, training_figures
 
             images01 = self.objective.to_unit_range(images[:8])
             for name, figure in training_figures(self.objective.encoder, images[:8], images01).items():
-                tracker.image(TRAINING_TAGS[name], figure, step)
+                tracker.image(tracker.picture_tag(TRAINING_GROUP, TRAINING_TAGS[name]), figure, step)
 
     def state_dict(self) -> dict:
         return {"objective": self.cfg.objective}

@@ -43,8 +43,8 @@ def test_default_command_runs_end_to_end(tmp_path):
         tags |= set(acc.Tags()["scalars"])
         image_tags |= set(acc.Tags()["images"])
         images += sum(len(acc.Images(t)) for t in acc.Tags()["images"])
-    assert {"encoder/attention_distance", "encoder/attention_rollout", "encoder/patch_filters",
-            "encoder/position_similarity", "batch/mpp"} <= image_tags
+    assert {"pretrain_encoder/attention_distance", "pretrain_encoder/attention_rollout",
+            "pretrain_encoder/patch_filters", "pretrain_encoder/position_similarity", "pretrain_batch/mpp"} <= image_tags
     expected = {"pretrain/loss", "pretrain/lr", "system/pretrain/grad_norm", "system/pretrain/images_per_sec",
                 "system/pretrain/data_wait_fraction", "system/pretrain/skipped_samples", "system/pretrain/epoch",
                 "system/pretrain/nonfinite_steps"}

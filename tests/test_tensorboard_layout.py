@@ -5,6 +5,7 @@ pictures whose columns are labelled inside the image."""
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,22 @@ from vitmpp.common.tracking import SYSTEM_GROUP, scalar_tag
 from vitmpp.models.objective import Visualization, label_columns, objective_names
 
 HPARAMS_TAG = "_hparams_/session_start_info"
+
+
+def natural_key(tag: str) -> list:
+    """TensorBoard's tag order: characters compared one by one, a run of digits as one number."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", tag)]
+
+
+def time_series_first_screen(scalar_tags: set[str], image_tags: set[str]) -> list[tuple[str, set[str]]]:
+    """The groups TIME SERIES (the dashboard TensorBoard opens on) shows expanded, as tensorboard 2.21's
+    webfiles build them: every tag sorted (`natural_key`), grouped by its first component in that order,
+    the first two groups expanded. Returns (group, the kinds of cards in it) for those two."""
+    groups: dict[str, set[str]] = {}
+    kinds = {**{tag: "images" for tag in image_tags}, **{tag: "scalars" for tag in scalar_tags}}
+    for tag in sorted(kinds, key=natural_key):
+        groups.setdefault(tag.split("/", 1)[0], set()).add(kinds[tag])
+    return list(groups.items())[:2]
 
 
 def events(run_dir: Path):
@@ -111,13 +128,21 @@ def test_pretraining_and_linear_probe_in_one_logdir(tmp_path, digits16):
     # that evaluates opens with its kNN accuracy (eval/ sorts first) and the loss group beside it
     assert min(pretrain_tags) == "eval/knn_top1" and min(probe_tags) == "linear/loss"
     assert min(t for t in pretrain_tags if not t.startswith("eval/")) == "pretrain/loss"
+    # TIME SERIES, the dashboard TensorBoard opens on, mixes pictures and curves in one tag order and
+    # expands two groups: they are the curves (the pictures' groups sort after the stage's own)
+    assert time_series_first_screen(pretrain_tags, set(pretrain.Tags()["images"])) == [
+        ("eval", {"scalars"}), ("pretrain", {"scalars"})]
+    # without the online evaluation the loss group still comes first, the objective's picture beside it
+    no_eval = {t for t in pretrain_tags if not t.startswith("eval/")}
+    assert time_series_first_screen(no_eval, set(pretrain.Tags()["images"]))[0] == ("pretrain", {"scalars"})
+    assert time_series_first_screen(probe_tags, set()) == [("linear", {"scalars"}), ("system", {"scalars"})]
 
     # the config is the HPARAMS tab's session of each run, in the run's own event file
     for acc in (pretrain, probe):
         assert HPARAMS_TAG in acc.PluginTagToContent("hparams")
 
     # the objective's picture: the 16 px grid of 4 columns, enlarged, under a header of labels
-    (image,) = pretrain.Images("batch/mpp")
+    (image,) = pretrain.Images("pretrain_batch/mpp")
     bare = 4 * 17 + 1, 4 * 17 + 1  # 4 rows (images) x 4 columns of 16 px tiles, 1 px padding
     factor = math.ceil(96 / 16)  # tiles enlarged to at least 96 px
     assert image.width == factor * bare[1]
