@@ -21,13 +21,26 @@ from torch import Tensor
 from vitmpp.common.errors import UserError
 from vitmpp.common.io import atomic_write
 
-from .render import SIMILARITY_CMAP, filter_tiles, rollout_pairs, similarity_tiles
+from .render import ROLLOUT_CMAP, SIMILARITY_CMAP, filter_tiles, rollout_pairs, similarity_tiles
+
+# Font sizes (points at 100 dpi): TensorBoard shows a figure at its pixel size, and a card is
+# ~350 px wide, so labels below 8 pt are unreadable there without zooming.
+TITLE_FONT, LABEL_FONT, TICK_FONT = 10, 9, 8
 
 
 def _new_figure(width: float, height: float) -> Figure:
     figure = Figure(figsize=(width, height), dpi=100, layout="constrained")
     FigureCanvasAgg(figure)
     return figure
+
+
+def _label(ax, title: str, xlabel: str | None = None, ylabel: str | None = None) -> None:
+    ax.set_title(title, fontsize=TITLE_FONT)
+    if xlabel:
+        ax.set_xlabel(xlabel, fontsize=LABEL_FONT)
+    if ylabel:
+        ax.set_ylabel(ylabel, fontsize=LABEL_FONT)
+    ax.tick_params(labelsize=TICK_FONT)
 
 
 def _as_hwc(image_chw: Tensor) -> np.ndarray:
@@ -43,7 +56,10 @@ def rollout_figure(images01: Tensor, maps: Tensor, columns: int = 4) -> Figure:
     ax = figure.subplots()
     ax.imshow(_as_hwc(image), interpolation="nearest")
     ax.set_axis_off()
-    ax.set_title("Attention rollout (Abnar & Zuidema 2020): image | class-token map", fontsize=9)
+    _label(ax, "Attention rollout (Abnar & Zuidema 2020): image | class-token map")
+    bar = figure.colorbar(ScalarMappable(Normalize(0, 1), cmap=ROLLOUT_CMAP), ax=ax, shrink=0.6)
+    bar.set_label("attention, share of the image's peak", fontsize=LABEL_FONT)
+    bar.ax.tick_params(labelsize=TICK_FONT)
     return figure
 
 
@@ -59,8 +75,7 @@ def mean_distance_figure(distances: Tensor, image_size: int | None = None, unifo
     for h in range(heads):
         ax.scatter(np.arange(1, layers + 1), values[:, h], s=14, color=colours[h],
                    label=f"head {h + 1}" if heads <= 16 else None)
-    ax.set_xlabel("network depth (layer)")
-    ax.set_ylabel("mean attention distance (pixels)")
+    _label(ax, "Mean attention distance per head", "network depth (layer)", "mean attention distance (pixels)")
     ax.set_xticks(np.arange(1, layers + 1))
     if uniform is not None:
         ax.axhline(uniform, color="0.4", linestyle="--", linewidth=1, label="uniform attention")
@@ -70,8 +85,7 @@ def mean_distance_figure(distances: Tensor, image_size: int | None = None, unifo
     ax.set_ylim(0, 1.08 * top if top > 0 else 1.0)
     ax.grid(alpha=0.3)
     if heads <= 16 or uniform is not None:
-        ax.legend(fontsize=6, ncol=2, loc="lower right", frameon=False)
-    ax.set_title("Mean attention distance per head")
+        ax.legend(fontsize=TICK_FONT, ncol=2, loc="lower right", frameon=False)
     return figure
 
 
@@ -85,13 +99,12 @@ def position_similarity_figure(similarity: Tensor, grid_size: tuple[int, int]) -
     height, width = image.shape[-2:]
     # tick at the centre of each tile (make_grid puts `padding` pixels before every tile)
     tile_h, tile_w = (height - 2) / gh, (width - 2) / gw
-    ax.set_xticks([2 + tile_w * (c + 0.5) - 1 for c in range(gw)], [str(c + 1) for c in range(gw)], fontsize=6)
-    ax.set_yticks([2 + tile_h * (r + 0.5) - 1 for r in range(gh)], [str(r + 1) for r in range(gh)], fontsize=6)
-    ax.set_xlabel("input patch column")
-    ax.set_ylabel("input patch row")
-    figure.colorbar(ScalarMappable(Normalize(-1, 1), cmap=SIMILARITY_CMAP), ax=ax, shrink=0.8,
-                    label="cosine similarity")
-    ax.set_title("Position embedding similarity")
+    ax.set_xticks([2 + tile_w * (c + 0.5) - 1 for c in range(gw)], [str(c + 1) for c in range(gw)])
+    ax.set_yticks([2 + tile_h * (r + 0.5) - 1 for r in range(gh)], [str(r + 1) for r in range(gh)])
+    _label(ax, "Position embedding similarity", "input patch column", "input patch row")
+    bar = figure.colorbar(ScalarMappable(Normalize(-1, 1), cmap=SIMILARITY_CMAP), ax=ax, shrink=0.8)
+    bar.set_label("cosine similarity", fontsize=LABEL_FONT)
+    bar.ax.tick_params(labelsize=TICK_FONT)
     return figure
 
 
@@ -118,8 +131,8 @@ def embedding_filters_figure(filters: Tensor, explained_variance_ratio: list[flo
         if explained_variance_ratio is not None:
             label += f" {100 * explained_variance_ratio[k]:.1f}%"
         ax.text(label_room + c * tile_w + (tile_w - label_room) / 2, r * tile_h + label_room * 0.55, label,
-                ha="center", va="center", fontsize=6)
-    ax.set_title("RGB embedding filters (principal components)", fontsize=9)
+                ha="center", va="center", fontsize=TICK_FONT - 1)
+    _label(ax, "RGB embedding filters (principal components)")
     return figure
 
 

@@ -91,7 +91,9 @@ def rollout_overlays(images01: Tensor, maps: Tensor, alpha: float = 0.6) -> Tens
     """Heat maps [B, gh, gw] upsampled (bilinear) onto images [B, 3, H, W] in [0, 1]: [B, 3, H, W] in [0, 1].
 
     Each map is scaled to its own maximum: the picture shows where an image's
-    attention goes, not how peaked it is.
+    attention goes, not how peaked it is. The image under it is shown in grey (luma,
+    ITU-R BT.601 weights): the heat map's colours then never blend with an image's own
+    warm colours, which made it unreadable on photos.
     """
     images01 = images01.detach().float().cpu().clamp(0, 1)
     maps = maps.detach().float().cpu()
@@ -99,9 +101,10 @@ def rollout_overlays(images01: Tensor, maps: Tensor, alpha: float = 0.6) -> Tens
     upsampled = F.interpolate(maps[:, None], size=(height, width), mode="bilinear", align_corners=False)[:, 0]
     peak = upsampled.amax(dim=(1, 2), keepdim=True).clamp_min(1e-12)
     heat = colorize(upsampled / peak, ROLLOUT_CMAP)
-    # the image darkened where attention is low, plus the colour of the heat map
+    grey = (0.299 * images01[:, 0:1] + 0.587 * images01[:, 1:2] + 0.114 * images01[:, 2:3]).expand_as(images01)
+    # the grey image darkened where attention is low, plus the colour of the heat map
     weight = (upsampled / peak)[:, None]
-    return ((1 - alpha) * images01 * (0.35 + 0.65 * weight) + alpha * heat).clamp(0, 1)
+    return ((1 - alpha) * grey * (0.35 + 0.65 * weight) + alpha * heat).clamp(0, 1)
 
 
 def rollout_pairs(images01: Tensor, maps: Tensor, columns: int = 4, min_pixels: int = 64) -> Tensor:

@@ -250,3 +250,15 @@ def test_rotary_attention_is_refused_rather_than_silently_wrong():
     assert not supports_attention(encoder)
     with pytest.raises(UserError, match="AttentionRope"):
         attention_weights(encoder, random_images(1))
+
+
+def test_a_rollout_overlay_keeps_the_heat_maps_colours_whatever_the_images_colours():
+    # a warm photo (orange) and a grey image of the same brightness get the same overlay: the image
+    # under the heat map is shown in grey, so the map's colours never mix with the image's own
+    from vitmpp.analyze.render import rollout_overlays
+
+    orange = torch.tensor([1.0, 0.5, 0.0])[None, :, None, None].expand(1, 3, 16, 16)
+    luma = 0.299 * 1.0 + 0.587 * 0.5
+    grey = torch.full((1, 3, 16, 16), luma)
+    maps = torch.rand(1, 4, 4, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(rollout_overlays(orange, maps), rollout_overlays(grey, maps), atol=1e-6)
