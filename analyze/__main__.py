@@ -5,6 +5,7 @@ position_embedding_similarity.png, embedding_filters.png and summary.json to
 --out; with --logdir, also logs them to TensorBoard (tags "analysis/...", at the
 encoder's training step).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,24 +23,43 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m vitmpp.analyze",
         description="Attention rollout, mean attention distance, position-embedding similarity and patch-embedding "
-                    "filters of an exported encoder (the ViT paper's Figure 7), as PNGs and summary.json.",
+        "filters of an exported encoder (the ViT paper's Figure 7), as PNGs and summary.json.",
     )
-    p.add_argument("--encoder", required=True,
-                   help="export folder (encoder.safetensors + encoder.json) or the .safetensors file")
-    p.add_argument("--shards", required=True,
-                   help="shard folder (with _info.json), its _info.json, or a brace pattern of shards")
+    p.add_argument(
+        "--encoder", required=True, help="export folder (encoder.safetensors + encoder.json) or the .safetensors file"
+    )
+    p.add_argument(
+        "--shards", required=True, help="shard folder (with _info.json), its _info.json, or a brace pattern of shards"
+    )
     p.add_argument("--out", required=True, help="folder for the PNG figures and summary.json")
-    p.add_argument("--split", default=None, help="split to read (default: the split the named shards belong to, "
-                                                 "else 'validation' if present, else 'train')")
-    p.add_argument("--num-images", type=int, default=128,
-                   help="images to average the mean attention distance over (default 128, as the ViT paper)")
-    p.add_argument("--num-rollout-images", type=int, default=16,
-                   help="images shown with their attention rollout (default 16)")
-    p.add_argument("--num-filters", type=int, default=28,
-                   help="principal components of the embedding filters to show (default 28, as the paper)")
+    p.add_argument(
+        "--split",
+        default=None,
+        help="split to read (default: the split the named shards belong to, "
+        "else 'validation' if present, else 'train')",
+    )
+    p.add_argument(
+        "--num-images",
+        type=int,
+        default=128,
+        help="images to average the mean attention distance over (default 128, as the ViT paper)",
+    )
+    p.add_argument(
+        "--num-rollout-images", type=int, default=16, help="images shown with their attention rollout (default 16)"
+    )
+    p.add_argument(
+        "--num-filters",
+        type=int,
+        default=28,
+        help="principal components of the embedding filters to show (default 28, as the paper)",
+    )
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
-    p.add_argument("--img-size", type=int, default=None,
-                   help="input resolution (default: the encoder's; position embeddings are resampled)")
+    p.add_argument(
+        "--img-size",
+        type=int,
+        default=None,
+        help="input resolution (default: the encoder's; position embeddings are resampled)",
+    )
     p.add_argument("--num-workers", type=int, default=2, help="loader worker processes (default 2)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--logdir", default=None, help="also log the figures to TensorBoard in this folder")
@@ -59,8 +79,9 @@ def _choose_split(manifest, shards: str, requested: str | None) -> str:
         for name, info in manifest.splits.items():
             if first in info.filenames:
                 return name
-        raise UserError(f"Shard '{first}' is not listed in '{manifest.source}'; "
-                        "name shards of that folder or the folder itself.")
+        raise UserError(
+            f"Shard '{first}' is not listed in '{manifest.source}'; name shards of that folder or the folder itself."
+        )
     for name in ("validation", "train"):
         if name in manifest.splits:
             return name
@@ -86,8 +107,12 @@ def _device(name: str) -> torch.device:
 def _check_args(args) -> None:
     from .report import FIGURE_FILES, SUMMARY_NAME
 
-    for flag, value in (("--num-images", args.num_images), ("--num-rollout-images", args.num_rollout_images),
-                        ("--num-filters", args.num_filters), ("--batch-size", args.batch_size)):
+    for flag, value in (
+        ("--num-images", args.num_images),
+        ("--num-rollout-images", args.num_rollout_images),
+        ("--num-filters", args.num_filters),
+        ("--batch-size", args.batch_size),
+    ):
         if value < 1:
             raise UserError(f"{flag} must be at least 1, got {value}.")
     if args.num_workers < 0:
@@ -98,8 +123,10 @@ def _check_args(args) -> None:
     if not args.overwrite:
         earlier = [name for name in [SUMMARY_NAME, *FIGURE_FILES.values()] if (out / name).exists()]
         if earlier:
-            raise UserError(f"{out} already holds an analysis ({earlier[0]}); pass --overwrite to replace it "
-                            "or choose another --out.")
+            raise UserError(
+                f"{out} already holds an analysis ({earlier[0]}); pass --overwrite to replace it "
+                "or choose another --out."
+            )
 
 
 @cli_entry
@@ -125,9 +152,17 @@ def main(argv=None) -> int:
 
     manifest = read_manifest(args.shards)
     split = _choose_split(manifest, args.shards, args.split)
-    loader = open_loader(LoaderSpec(shards=args.shards, manifest=manifest, split=split, batch_size=args.batch_size,
-                                    transform=eval_transform(img_size), training=False,
-                                    num_workers=args.num_workers))
+    loader = open_loader(
+        LoaderSpec(
+            shards=args.shards,
+            manifest=manifest,
+            split=split,
+            batch_size=args.batch_size,
+            transform=eval_transform(img_size),
+            training=False,
+            num_workers=args.num_workers,
+        )
+    )
 
     def batches():
         for batch in loader:
@@ -137,8 +172,13 @@ def main(argv=None) -> int:
             images = batch.images[real].to(device)
             yield normalize_batch(images, mean, std), images.float() / 255.0
 
-    analysis = analyze_encoder(encoder, batches(), num_images=args.num_images,
-                               num_rollout_images=args.num_rollout_images, num_filters=args.num_filters)
+    analysis = analyze_encoder(
+        encoder,
+        batches(),
+        num_images=args.num_images,
+        num_rollout_images=args.num_rollout_images,
+        num_filters=args.num_filters,
+    )
     writer = None
     if args.logdir is not None:
         from torch.utils.tensorboard import SummaryWriter
@@ -146,18 +186,29 @@ def main(argv=None) -> int:
         writer = SummaryWriter(log_dir=args.logdir)
     try:
         summary = write_analysis(
-            analysis, args.out, writer=writer, step=int(info.get("step") or 0),
-            encoder={"path": str(args.encoder), "name": info.get("name"), "objective": info.get("objective"),
-                     "step": info.get("step"), "depth": len(encoder.blocks),
-                     "num_heads": int(encoder.blocks[0].attn.num_heads), "embed_dim": int(encoder.embed_dim)},
+            analysis,
+            args.out,
+            writer=writer,
+            step=int(info.get("step") or 0),
+            encoder={
+                "path": str(args.encoder),
+                "name": info.get("name"),
+                "objective": info.get("objective"),
+                "step": info.get("step"),
+                "depth": len(encoder.blocks),
+                "num_heads": int(encoder.blocks[0].attn.num_heads),
+                "embed_dim": int(encoder.embed_dim),
+            },
             data={"shards": str(args.shards), "split": split, "mean": list(mean), "std": list(std)},
         )
     finally:
         if writer is not None:
             writer.close()
     per_layer = ", ".join(f"{v:.1f}" for v in summary["mean_attention_distance"]["per_layer"])
-    print(f"analysed {analysis.num_images} images of split '{split}'; mean attention distance per layer (px): "
-          f"{per_layer}; wrote {len(summary['figures'])} figures and {SUMMARY_NAME} to {args.out}")
+    print(
+        f"analysed {analysis.num_images} images of split '{split}'; mean attention distance per layer (px): "
+        f"{per_layer}; wrote {len(summary['figures'])} figures and {SUMMARY_NAME} to {args.out}"
+    )
     return 0
 
 

@@ -16,10 +16,11 @@ undo; recomputing costs one extra `qkv` projection, only while analysing.
 Shapes: B images, L blocks, H heads, N = prefix tokens (class token, registers) +
 patch tokens; attention matrices are [B, H, N, N] with rows (queries) summing to 1.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Callable, Iterator, Sequence
 
 import torch
 from timm.layers import Attention
@@ -106,8 +107,9 @@ def record_attention(
     """
     blocks = getattr(encoder, "blocks", None)
     if blocks is None or len(blocks) == 0:
-        raise UserError(f"{type(encoder).__name__} has no transformer blocks to analyse; "
-                        "pass a timm VisionTransformer.")
+        raise UserError(
+            f"{type(encoder).__name__} has no transformer blocks to analyse; pass a timm VisionTransformer."
+        )
     for index, block in enumerate(blocks):
         check_attention_module(block.attn, f"blocks[{index}].attn")
     recorder = AttentionRecorder(len(blocks), keep_on)
@@ -153,6 +155,7 @@ def attention_weights(encoder: nn.Module, images: Tensor) -> Tensor:
 
 
 # ----------------------------------------------------------------------------- rollout
+
 
 def rollout_step(rollout: Tensor | None, attention: Tensor, residual: bool = True) -> Tensor:
     """One layer of attention rollout: Â @ rollout, Â = row_normalise(mean_h attention + I); [B, N, N].
@@ -207,12 +210,14 @@ def rollout_maps(rollout: Tensor, grid_size: tuple[int, int], num_prefix_tokens:
 
 # ----------------------------------------------------------------------------- mean attention distance
 
+
 def patch_distances(grid_size: tuple[int, int], patch_size: tuple[int, int] | int) -> Tensor:
     """Pixel distances between patch centres: float64 [gh·gw, gh·gw], patches in row-major order."""
     gh, gw = grid_size
     ph, pw = (patch_size, patch_size) if isinstance(patch_size, int) else patch_size
-    rows, cols = torch.meshgrid(torch.arange(gh, dtype=torch.float64), torch.arange(gw, dtype=torch.float64),
-                                indexing="ij")
+    rows, cols = torch.meshgrid(
+        torch.arange(gh, dtype=torch.float64), torch.arange(gw, dtype=torch.float64), indexing="ij"
+    )
     # patch centres sit at ((r + 1/2) ph, (c + 1/2) pw); the 1/2 cancels in differences
     centres = torch.stack([rows.flatten() * ph, cols.flatten() * pw], dim=-1)
     return torch.cdist(centres, centres)

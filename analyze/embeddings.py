@@ -3,6 +3,7 @@
 Both read weights only (no images), so they are cheap enough to compute during
 pretraining. They reproduce the ViT paper's Figure 7, left and centre.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -26,9 +27,11 @@ def patch_position_embeddings(encoder: nn.Module) -> Tensor:
     gh, gw = (int(g) for g in encoder.patch_embed.grid_size)
     table = pos_embed.detach().reshape(-1, pos_embed.shape[-1])
     if table.shape[0] < gh * gw:
-        raise UserError(f"The position embedding has {table.shape[0]} rows for a {gh}x{gw} patch grid; "
-                        "the encoder is inconsistent, re-export it.")
-    return table[-gh * gw:].float()
+        raise UserError(
+            f"The position embedding has {table.shape[0]} rows for a {gh}x{gw} patch grid; "
+            "the encoder is inconsistent, re-export it."
+        )
+    return table[-gh * gw :].float()
 
 
 def position_similarity(encoder_or_embeddings: nn.Module | Tensor) -> Tensor:
@@ -63,7 +66,7 @@ def similarity_by_offset(similarity: Tensor, grid_size: tuple[int, int]) -> dict
     neighbours = (d_rows + d_cols) == 1
     same_line = ((d_rows == 0) | (d_cols == 0)) & ~eye
     others = ~((d_rows == 0) | (d_cols == 0))
-    squared = d_rows ** 2 + d_cols ** 2
+    squared = d_rows**2 + d_cols**2
     farthest = squared == squared.max()
     sim = similarity.double()
 
@@ -109,8 +112,10 @@ def embedding_filters(encoder: nn.Module, num_components: int = 28) -> Embedding
     proj = getattr(getattr(encoder, "patch_embed", None), "proj", None)
     weight = getattr(proj, "weight", None)
     if weight is None or weight.dim() != 4:
-        raise UserError("The encoder has no convolutional patch embedding (patch_embed.proj); "
-                        "embedding filters need a timm VisionTransformer.")
+        raise UserError(
+            "The encoder has no convolutional patch embedding (patch_embed.proj); "
+            "embedding filters need a timm VisionTransformer."
+        )
     if num_components < 1:
         raise ValueError(f"num_components must be positive, got {num_components}")
     dim, channels, ph, pw = weight.shape
@@ -121,6 +126,6 @@ def embedding_filters(encoder: nn.Module, num_components: int = 28) -> Embedding
     components = vh[:k]
     peaks = components.gather(1, components.abs().argmax(dim=1, keepdim=True))
     components = components * torch.where(peaks < 0, -1.0, 1.0).to(components.dtype)
-    variance = singular ** 2
+    variance = singular**2
     ratio = variance[:k] / variance.sum().clamp_min(1e-300)
     return EmbeddingFilters(components.float().reshape(k, channels, ph, pw), [float(v) for v in ratio])

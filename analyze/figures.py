@@ -5,6 +5,7 @@ so nothing here depends on (or changes) the process's pyplot backend; they are
 saved as PNG (`save_figure`) or turned into arrays for TensorBoard
 (`figure_to_array`).
 """
+
 from __future__ import annotations
 
 import io
@@ -73,8 +74,13 @@ def mean_distance_figure(distances: Tensor, image_size: int | None = None, unifo
     ax = figure.subplots()
     colours = [f"C{h % 10}" for h in range(heads)]
     for h in range(heads):
-        ax.scatter(np.arange(1, layers + 1), values[:, h], s=14, color=colours[h],
-                   label=f"head {h + 1}" if heads <= 16 else None)
+        ax.scatter(
+            np.arange(1, layers + 1),
+            values[:, h],
+            s=14,
+            color=colours[h],
+            label=f"head {h + 1}" if heads <= 16 else None,
+        )
     _label(ax, "Mean attention distance per head", "network depth (layer)", "mean attention distance (pixels)")
     ax.set_xticks(np.arange(1, layers + 1))
     if uniform is not None:
@@ -108,8 +114,9 @@ def position_similarity_figure(similarity: Tensor, grid_size: tuple[int, int]) -
     return figure
 
 
-def embedding_filters_figure(filters: Tensor, explained_variance_ratio: list[float] | None = None,
-                             columns: int = 7) -> Figure:
+def embedding_filters_figure(
+    filters: Tensor, explained_variance_ratio: list[float] | None = None, columns: int = 7
+) -> Figure:
     """Principal components of the patch-embedding filters [K, C, P, P], one tile each, labelled
     with its rank and share of the variance."""
     count = len(filters)
@@ -130,8 +137,14 @@ def embedding_filters_figure(filters: Tensor, explained_variance_ratio: list[flo
         label = f"PC{k + 1}"
         if explained_variance_ratio is not None:
             label += f" {100 * explained_variance_ratio[k]:.1f}%"
-        ax.text(label_room + c * tile_w + (tile_w - label_room) / 2, r * tile_h + label_room * 0.55, label,
-                ha="center", va="center", fontsize=TICK_FONT - 1)
+        ax.text(
+            label_room + c * tile_w + (tile_w - label_room) / 2,
+            r * tile_h + label_room * 0.55,
+            label,
+            ha="center",
+            va="center",
+            fontsize=TICK_FONT - 1,
+        )
     _label(ax, "RGB embedding filters (principal components)")
     return figure
 
@@ -150,5 +163,6 @@ def save_figure(figure: Figure, path: str | os.PathLike) -> Path:
     try:
         return atomic_write(path, png.getvalue())
     except OSError as err:
-        raise UserError(f"Could not write {path}: {err.strerror or err}; "
-                        "check the folder is writable and has space.") from None
+        raise UserError(
+            f"Could not write {path}: {err.strerror or err}; check the folder is writable and has space."
+        ) from None

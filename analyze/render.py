@@ -4,6 +4,7 @@ These are cheap (no matplotlib figure is drawn: colour maps are lookup tables an
 the tiling is torchvision's `make_grid`), so the pretraining engine can log them
 often. `figures.py` puts the same tiles into labelled matplotlib figures.
 """
+
 from __future__ import annotations
 
 import functools

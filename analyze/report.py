@@ -1,10 +1,12 @@
 """The full analysis of an encoder over a set of images, its figures and `summary.json`."""
+
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -113,8 +115,9 @@ def analyze_encoder(
                 encoder.forward_features(x)
             batch_distance = torch.stack(reducer.distance_sums)  # [L, H], summed over the batch
             distance_total = batch_distance if distance_total is None else distance_total + batch_distance
-            maps = rollout_maps(reducer.rollout, geometry["grid_size"], geometry["num_prefix_tokens"],
-                                geometry["has_class_token"]).cpu()
+            maps = rollout_maps(
+                reducer.rollout, geometry["grid_size"], geometry["num_prefix_tokens"], geometry["has_class_token"]
+            ).cpu()
             map_sum = maps.sum(0) if map_sum is None else map_sum + maps.sum(0)
             room = num_rollout_images - sum(len(m) for m in shown_maps)
             if room > 0:
@@ -148,14 +151,18 @@ def analysis_figures(analysis: Analysis) -> dict:
     figures = {
         "attention_rollout": rollout_figure(analysis.rollout_images01, analysis.rollout_maps),
         "mean_attention_distance": mean_distance_figure(
-            analysis.mean_distance, max(analysis.image_size),
-            uniform=_uniform_distance(tuple(analysis.geometry["grid_size"]), analysis.geometry["patch_size"])),
+            analysis.mean_distance,
+            max(analysis.image_size),
+            uniform=_uniform_distance(tuple(analysis.geometry["grid_size"]), analysis.geometry["patch_size"]),
+        ),
     }
     if analysis.position_similarity is not None:
         figures["position_embedding_similarity"] = position_similarity_figure(
-            analysis.position_similarity, analysis.geometry["grid_size"])
-    figures["embedding_filters"] = embedding_filters_figure(analysis.filters.filters,
-                                                            analysis.filters.explained_variance_ratio)
+            analysis.position_similarity, analysis.geometry["grid_size"]
+        )
+    figures["embedding_filters"] = embedding_filters_figure(
+        analysis.filters.filters, analysis.filters.explained_variance_ratio
+    )
     return figures
 
 
@@ -179,32 +186,34 @@ def analysis_summary(analysis: Analysis, **about: Any) -> dict:
     gh, gw = analysis.geometry["grid_size"]
     patch = analysis.geometry["patch_size"]
     summary: dict[str, Any] = dict(about)
-    summary.update({
-        "num_images": analysis.num_images,
-        "image_size": list(analysis.image_size),
-        "patch_size": list(patch),
-        "grid_size": [gh, gw],
-        "num_prefix_tokens": analysis.geometry["num_prefix_tokens"],
-        "mean_attention_distance": {
-            "unit": "pixels",
-            "prefix_tokens": "excluded as queries and keys; each query's weights renormalised over patches",
-            "per_layer": _rounded(distance.mean(dim=1)),
-            "per_layer_min": _rounded(distance.min(dim=1).values),
-            "per_layer_max": _rounded(distance.max(dim=1).values),
-            "per_head": _rounded(distance),
-            # what uniform attention over the grid would give, for scale
-            "uniform_attention": _rounded(float(_uniform_distance((gh, gw), patch))),
-        },
-        "attention_rollout": {
-            "num_images_shown": len(analysis.rollout_maps),
-            "token": "class token" if analysis.geometry["has_class_token"] else "mean of patch tokens",
-            "mean_map": _rounded(analysis.mean_rollout_map, 6),
-        },
-        "embedding_filters": {
-            "num_components": len(analysis.filters.filters),
-            "explained_variance_ratio": _rounded(analysis.filters.explained_variance_ratio),
-        },
-    })
+    summary.update(
+        {
+            "num_images": analysis.num_images,
+            "image_size": list(analysis.image_size),
+            "patch_size": list(patch),
+            "grid_size": [gh, gw],
+            "num_prefix_tokens": analysis.geometry["num_prefix_tokens"],
+            "mean_attention_distance": {
+                "unit": "pixels",
+                "prefix_tokens": "excluded as queries and keys; each query's weights renormalised over patches",
+                "per_layer": _rounded(distance.mean(dim=1)),
+                "per_layer_min": _rounded(distance.min(dim=1).values),
+                "per_layer_max": _rounded(distance.max(dim=1).values),
+                "per_head": _rounded(distance),
+                # what uniform attention over the grid would give, for scale
+                "uniform_attention": _rounded(float(_uniform_distance((gh, gw), patch))),
+            },
+            "attention_rollout": {
+                "num_images_shown": len(analysis.rollout_maps),
+                "token": "class token" if analysis.geometry["has_class_token"] else "mean of patch tokens",
+                "mean_map": _rounded(analysis.mean_rollout_map, 6),
+            },
+            "embedding_filters": {
+                "num_components": len(analysis.filters.filters),
+                "explained_variance_ratio": _rounded(analysis.filters.explained_variance_ratio),
+            },
+        }
+    )
     if analysis.position_similarity is not None:
         summary["position_embedding_similarity"] = {
             "mean_cosine": _rounded(similarity_by_offset(analysis.position_similarity, (gh, gw))),
@@ -219,8 +228,7 @@ def _uniform_distance(grid_size: tuple[int, int], patch_size: tuple[int, int]) -
     return float(patch_distances(grid_size, patch_size).mean())
 
 
-def write_analysis(analysis: Analysis, out_dir: str | os.PathLike, writer=None, step: int = 0,
-                   **about: Any) -> dict:
+def write_analysis(analysis: Analysis, out_dir: str | os.PathLike, writer=None, step: int = 0, **about: Any) -> dict:
     """Save the figures as PNGs and `summary.json` in `out_dir`; with a TensorBoard `writer`
     (`SummaryWriter`), also log each figure as image "analysis/<name>" and the per-layer
     mean attention distances as scalars. Returns the summary."""
@@ -244,6 +252,7 @@ def write_analysis(analysis: Analysis, out_dir: str | os.PathLike, writer=None, 
     try:
         atomic_write_json(out / SUMMARY_NAME, summary)
     except OSError as err:
-        raise UserError(f"Could not write {out / SUMMARY_NAME}: {err.strerror or err}; "
-                        "check the folder is writable and has space.") from None
+        raise UserError(
+            f"Could not write {out / SUMMARY_NAME}: {err.strerror or err}; check the folder is writable and has space."
+        ) from None
     return summary

@@ -1,4 +1,5 @@
 """The analysis figures as the pretraining engine logs them to TensorBoard while it trains."""
+
 from __future__ import annotations
 
 import torch
@@ -54,14 +55,16 @@ def training_figures(
         weight = encoder.patch_embed.proj.weight
         x = images_normalised[:count].to(device=weight.device, dtype=weight.dtype)
         shown = images01[:count] if images01 is not None else images_for_display(x)
-        analysis = analyze_encoder(encoder, [(x, shown)], num_images=count, num_rollout_images=count,
-                                   num_filters=TRAINING_FILTERS)
+        analysis = analyze_encoder(
+            encoder, [(x, shown)], num_images=count, num_rollout_images=count, num_filters=TRAINING_FILTERS
+        )
         figures = analysis_figures(analysis)
     else:
         figures = {}
         if getattr(encoder, "pos_embed", None) is not None:
             figures["position_embedding_similarity"] = position_similarity_figure(
-                position_similarity(encoder).cpu(), encoder_geometry(encoder)["grid_size"])
+                position_similarity(encoder).cpu(), encoder_geometry(encoder)["grid_size"]
+            )
         filters = embedding_filters(encoder, TRAINING_FILTERS)
         figures["embedding_filters"] = embedding_filters_figure(filters.filters, filters.explained_variance_ratio)
     return {name: _as_image(figure) for name, figure in figures.items()}

@@ -5,6 +5,7 @@ Prints the results table and writes it as JSON (default `benchmarks/results-<dev
 Rows, in order (`--rows` picks some): objectives (step throughput, FLOPs, MFU on GPU), peer
 (transformers ViTMAE), attention (fused vs unfused), memory, loader, end_to_end, scaling.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,20 +35,33 @@ def row_functions():
     from .pretrain_runs import end_to_end_rows, scaling_rows
 
     return {
-        "objectives": objective_rows, "peer": peer_rows, "attention": attention_rows, "memory": memory_rows,
-        "loader": loader_rows, "end_to_end": end_to_end_rows, "scaling": scaling_rows,
+        "objectives": objective_rows,
+        "peer": peer_rows,
+        "attention": attention_rows,
+        "memory": memory_rows,
+        "loader": loader_rows,
+        "end_to_end": end_to_end_rows,
+        "scaling": scaling_rows,
     }
 
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="python -m vitmpp.benchmarks", description=__doc__.split("\n\n")[1])
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--quick", action="store_true", help="tiny sizes, every row once: a smoke test (numbers mean nothing)")
+    parser.add_argument(
+        "--quick", action="store_true", help="tiny sizes, every row once: a smoke test (numbers mean nothing)"
+    )
     parser.add_argument("--out", help="JSON results file (default benchmarks/results-<device>[-quick].json)")
     parser.add_argument("--rows", help=f"comma-separated subset of {','.join(ROWS)}")
-    parser.add_argument("--threads", type=int, help="torch threads for the model rows (default: all cores; 1 with --quick)")
-    parser.add_argument("--peak-tflops", type=float, help="dense bf16 peak for MFU (default: looked up from the GPU name)")
-    parser.add_argument("--scratch", help="folder for generated images, shards and runs (default: a temporary one, removed)")
+    parser.add_argument(
+        "--threads", type=int, help="torch threads for the model rows (default: all cores; 1 with --quick)"
+    )
+    parser.add_argument(
+        "--peak-tflops", type=float, help="dense bf16 peak for MFU (default: looked up from the GPU name)"
+    )
+    parser.add_argument(
+        "--scratch", help="folder for generated images, shards and runs (default: a temporary one, removed)"
+    )
     return parser.parse_args(argv)
 
 
@@ -82,25 +96,39 @@ def main(argv: list[str] | None = None) -> int:
     own_scratch = args.scratch is None
     scratch = Path(args.scratch or tempfile.mkdtemp(prefix="vitmpp-bench-"))
     scratch.mkdir(parents=True, exist_ok=True)
-    settings = Settings.for_run(args.device, args.quick, str(scratch), threads=args.threads, peak_tflops=args.peak_tflops)
-    out = Path(args.out) if args.out else Path(__file__).resolve().parent / (
-        f"results-{args.device}{'-quick' if args.quick else ''}.json")
+    settings = Settings.for_run(
+        args.device, args.quick, str(scratch), threads=args.threads, peak_tflops=args.peak_tflops
+    )
+    out = (
+        Path(args.out)
+        if args.out
+        else Path(__file__).resolve().parent / (f"results-{args.device}{'-quick' if args.quick else ''}.json")
+    )
     functions = row_functions()
     rows: list[Row] = []
     failures: list[str] = []
     started = time.time()
-    header = (f"vitmpp benchmarks on {device_name(args.device)}; torch {torch.__version__}; "
-              f"{'quick smoke run (tiny sizes, numbers mean nothing)' if args.quick else 'full run'}; "
-              f"{settings.threads} torch threads for the model rows")
+    header = (
+        f"vitmpp benchmarks on {device_name(args.device)}; torch {torch.__version__}; "
+        f"{'quick smoke run (tiny sizes, numbers mean nothing)' if args.quick else 'full run'}; "
+        f"{settings.threads} torch threads for the model rows"
+    )
     print(header, flush=True)
 
     def write(final: bool) -> None:
         # after every group of rows, so a run stopped by a time limit still leaves what it measured
         record = {
-            "device": args.device, "device_name": device_name(args.device), "quick": args.quick,
-            "torch": torch.__version__, "threads": settings.threads, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-            "settings": {k: v for k, v in vars(settings).items() if k != "scratch"}, "complete": final,
-            "seconds": round(time.time() - started, 1), "failed_rows": failures, "rows": [r.as_dict() for r in rows],
+            "device": args.device,
+            "device_name": device_name(args.device),
+            "quick": args.quick,
+            "torch": torch.__version__,
+            "threads": settings.threads,
+            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+            "settings": {k: v for k, v in vars(settings).items() if k != "scratch"},
+            "complete": final,
+            "seconds": round(time.time() - started, 1),
+            "failed_rows": failures,
+            "rows": [r.as_dict() for r in rows],
         }
         out.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(out, json.dumps(record, indent=1, default=str))
@@ -114,7 +142,15 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as err:  # noqa: BLE001 - one broken row must not hide the others
                 traceback.print_exc()
                 failures.append(name)
-                new = [Row(name, "FAILED", None, "", f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}")]
+                new = [
+                    Row(
+                        name,
+                        "FAILED",
+                        None,
+                        "",
+                        f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}",
+                    )
+                ]
             for row in new:
                 row.extra["row_seconds"] = round(time.time() - t0, 1)
             print_table(new)

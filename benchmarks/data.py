@@ -8,6 +8,7 @@ every loader). They are written once as an ImageFolder tree; the shards are made
 from that tree by `make_shards`, which keeps JPEG files byte for byte, so both
 loaders read the very same JPEGs.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,8 +37,14 @@ def photo_like(index: int, size: tuple[int, int], seed: int = 0) -> Image.Image:
     field = np.asarray(Image.fromarray(coarse, "RGB").resize((w, h), Image.Resampling.BICUBIC), dtype=np.float32)
     # mid-frequency texture: a finer grid, and edges from a few random discs
     fine = rng.uniform(-40, 40, size=(h // 12 + 1, w // 12 + 1, 1)).astype(np.float32)
-    fine = np.asarray(Image.fromarray(((fine[..., 0] + 40) * 3).astype(np.uint8), "L").resize((w, h), Image.Resampling.BILINEAR),
-                      dtype=np.float32)[..., None] / 3 - 40
+    fine = (
+        np.asarray(
+            Image.fromarray(((fine[..., 0] + 40) * 3).astype(np.uint8), "L").resize((w, h), Image.Resampling.BILINEAR),
+            dtype=np.float32,
+        )[..., None]
+        / 3
+        - 40
+    )
     yy, xx = np.mgrid[0:h, 0:w]
     for _ in range(6):
         cx, cy, r = rng.uniform(0, w), rng.uniform(0, h), rng.uniform(0.05, 0.3) * min(w, h)
@@ -83,8 +90,8 @@ def repeat_shards(source: Path, out: Path, times: int) -> Path:
 
     An epoch of several passes over a small generated set keeps a short GPU run's
     epochs long (the loader keeps its workers across epochs, but each epoch starts with
-    an empty prefetch queue). The loader shuffles shards and samples, so the passes differ. Only the train split is kept (no labels sidecar: pretraining
-    does not read it).
+    an empty prefetch queue). The loader shuffles shards and samples, so the passes differ.
+    Only the train split is kept (no labels sidecar: pretraining does not read it).
     """
     source, out = Path(source).absolute(), Path(out)
     if (out / "_info.json").exists():
@@ -99,8 +106,12 @@ def repeat_shards(source: Path, out: Path, times: int) -> Path:
             if not link.exists():
                 link.symlink_to(source / name)
             names.append(link.name)
-    split = {"name": "train", "num_samples": train["num_samples"] * times, "filenames": names,
-             "shard_lengths": list(train["shard_lengths"]) * times}
+    split = {
+        "name": "train",
+        "num_samples": train["num_samples"] * times,
+        "filenames": names,
+        "shard_lengths": list(train["shard_lengths"]) * times,
+    }
     if train.get("shard_bytes"):
         split["shard_bytes"] = list(train["shard_bytes"]) * times
     info["splits"] = {"train": split}
@@ -114,8 +125,17 @@ def shards_from_folder(root: Path, out: Path, max_size: int | None = None, maxco
 
     out = Path(out)
     if not (out / "_info.json").exists():
-        write_shards(out, "imagefolder", root=root, fmt="jpg", max_size=max_size, maxcount=maxcount,
-                     val_fraction=0.0, test_fraction=0.0, progress=False)
+        write_shards(
+            out,
+            "imagefolder",
+            root=root,
+            fmt="jpg",
+            max_size=max_size,
+            maxcount=maxcount,
+            val_fraction=0.0,
+            test_fraction=0.0,
+            progress=False,
+        )
     return out
 
 
@@ -147,8 +167,17 @@ def synthetic_shards(out: Path, count: int, image_size: int, maxcount: int = 256
 
     out = Path(out)
     if not (out / "_info.json").exists():
-        write_shards(out, "synthetic", fmt="jpg", image_size=image_size, count=count, maxcount=maxcount,
-                     val_fraction=0.0, test_fraction=0.0, progress=False)
+        write_shards(
+            out,
+            "synthetic",
+            fmt="jpg",
+            image_size=image_size,
+            count=count,
+            maxcount=maxcount,
+            val_fraction=0.0,
+            test_fraction=0.0,
+            progress=False,
+        )
     return out
 
 
@@ -164,7 +193,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vitmpp.benchmarks.data", description=main.__doc__)
     parser.add_argument("--out", required=True, help="folder for the images and shards")
     parser.add_argument("--count", type=int, default=2048, help="distinct images")
-    parser.add_argument("--size", default="341x256", help="image width x height (341x256: ImageNet after --max-size 256)")
+    parser.add_argument(
+        "--size", default="341x256", help="image width x height (341x256: ImageNet after --max-size 256)"
+    )
     parser.add_argument("--repeat", type=int, default=1, help="passes over the images per epoch")
     args = parser.parse_args(argv)
     w, h = (int(v) for v in args.size.lower().split("x"))

@@ -15,6 +15,7 @@ Two measures:
 The largest batch = (memory - fixed) / per image, with fixed = 16 bytes per
 parameter (fp32 weights, gradients and AdamW's two moments) where not measured.
 """
+
 from __future__ import annotations
 
 import torch
@@ -23,8 +24,8 @@ from .harness import Row, Settings, alternate, fmt_ratio, speed_ratio
 from .objectives import OBJECTIVES
 from .steps import autocast, build_objective, fixed_batch, make_step
 
-GPU_BYTES = 80e9          # an 80 GB card (H100)
-USABLE = 0.92             # what the allocator can use of it (CUDA context, fragmentation)
+GPU_BYTES = 80e9  # an 80 GB card (H100)
+USABLE = 0.92  # what the allocator can use of it (CUDA context, fragmentation)
 FIXED_BYTES_PER_PARAM = 16
 
 
@@ -72,16 +73,22 @@ def memory_rows(settings: Settings) -> list[Row]:
     for name in OBJECTIVES:
         per_image = {}
         for ckpt in (False, True):
-            model = build_objective(name, enc, img, mae_decoder=settings.mae_decoder, grad_checkpointing=ckpt,
-                                    device=settings.device)
+            model = build_objective(
+                name, enc, img, mae_decoder=settings.mae_decoder, grad_checkpointing=ckpt, device=settings.device
+            )
             saved = {b: saved_activation_bytes(model, *probes[b], "bf16") for b in (small, large)}
             per_image[ckpt] = (saved[large] - saved[small]) / (large - small)
         params = sum(p.numel() for p in model.parameters())
         fixed = FIXED_BYTES_PER_PARAM * params
-        extra = {"saved_bytes_per_image": per_image[False], "saved_bytes_per_image_ckpt": per_image[True],
-                 "params": params}
-        note = (f"{enc} @{img}px, bf16 autocast: autograd keeps {per_image[False] / 2**20:.1f} MiB/image, "
-                f"{per_image[True] / 2**20:.1f} MiB with activation checkpointing; {params / 1e6:.1f}M params")
+        extra = {
+            "saved_bytes_per_image": per_image[False],
+            "saved_bytes_per_image_ckpt": per_image[True],
+            "params": params,
+        }
+        note = (
+            f"{enc} @{img}px, bf16 autocast: autograd keeps {per_image[False] / 2**20:.1f} MiB/image, "
+            f"{per_image[True] / 2**20:.1f} MiB with activation checkpointing; {params / 1e6:.1f}M params"
+        )
         largest = int((GPU_BYTES * USABLE - fixed) // per_image[False])
         largest_ckpt = int((GPU_BYTES * USABLE - fixed) // per_image[True])
         if settings.device == "cuda":
@@ -89,27 +96,42 @@ def memory_rows(settings: Settings) -> list[Row]:
             torch.cuda.empty_cache()
             measured = {}
             for ckpt in (False, True):
-                model = build_objective(name, enc, img, mae_decoder=settings.mae_decoder, grad_checkpointing=ckpt,
-                                        device="cuda")
+                model = build_objective(
+                    name, enc, img, mae_decoder=settings.mae_decoder, grad_checkpointing=ckpt, device="cuda"
+                )
                 small, large = (16, 64) if not settings.quick else (4, 8)
                 peaks = [_cuda_peak(model, b, img, settings.precision) for b in (small, large)]
                 slope = (peaks[1] - peaks[0]) / (large - small)
                 intercept = peaks[0] - slope * small
                 total = torch.cuda.get_device_properties(0).total_memory
-                measured[ckpt] = {"bytes_per_image": slope, "fixed_bytes": intercept,
-                                  "largest_batch": int((total * 0.97 - intercept) // slope), "device_bytes": total}
+                measured[ckpt] = {
+                    "bytes_per_image": slope,
+                    "fixed_bytes": intercept,
+                    "largest_batch": int((total * 0.97 - intercept) // slope),
+                    "device_bytes": total,
+                }
                 del model
                 torch.cuda.empty_cache()
             extra["cuda"] = measured
             largest, largest_ckpt = measured[False]["largest_batch"], measured[True]["largest_batch"]
-            note += (f"; CUDA allocator peak: {measured[False]['bytes_per_image'] / 2**20:.1f} MiB/image "
-                     f"({measured[True]['bytes_per_image'] / 2**20:.1f} checkpointed), fixed "
-                     f"{measured[False]['fixed_bytes'] / 2**30:.2f} GiB")
+            note += (
+                f"; CUDA allocator peak: {measured[False]['bytes_per_image'] / 2**20:.1f} MiB/image "
+                f"({measured[True]['bytes_per_image'] / 2**20:.1f} checkpointed), fixed "
+                f"{measured[False]['fixed_bytes'] / 2**30:.2f} GiB"
+            )
         else:
             note += f"; largest batch estimated for {GPU_BYTES / 1e9:.0f} GB ({USABLE:.0%} usable)"
         rows.append(Row("memory", f"{name}: MiB per image", per_image[False] / 2**20, "MiB", note, extra))
-        rows.append(Row("memory", f"{name}: largest batch on 80 GB", largest, "images",
-                        f"activation checkpointing: {largest_ckpt} images", {"with_checkpointing": largest_ckpt}))
+        rows.append(
+            Row(
+                "memory",
+                f"{name}: largest batch on 80 GB",
+                largest,
+                "images",
+                f"activation checkpointing: {largest_ckpt} images",
+                {"with_checkpointing": largest_ckpt},
+            )
+        )
     rows.append(_checkpointing_speed(settings))
     return rows
 
@@ -119,13 +141,27 @@ def _checkpointing_speed(settings: Settings) -> Row:
     enc, img = settings.small_encoder, settings.small_img_size
     images, labels = fixed_batch(settings.batch, img, settings.device)
     plain = build_objective("mae", enc, img, mae_decoder=settings.mae_decoder, device=settings.device)
-    ckpt = build_objective("mae", enc, img, mae_decoder=settings.mae_decoder, grad_checkpointing=True,
-                           device=settings.device)
+    ckpt = build_objective(
+        "mae", enc, img, mae_decoder=settings.mae_decoder, grad_checkpointing=True, device=settings.device
+    )
     ckpt.load_state_dict(plain.state_dict())
-    seconds = alternate({"plain": make_step(plain, images, labels, precision=settings.precision),
-                         "ckpt": make_step(ckpt, images, labels, precision=settings.precision)},
-                        rounds=settings.rounds, calls=settings.steps, warmup=settings.warmup, device=settings.device)
+    seconds = alternate(
+        {
+            "plain": make_step(plain, images, labels, precision=settings.precision),
+            "ckpt": make_step(ckpt, images, labels, precision=settings.precision),
+        },
+        rounds=settings.rounds,
+        calls=settings.steps,
+        warmup=settings.warmup,
+        device=settings.device,
+    )
     ratio = speed_ratio(seconds["ckpt"], seconds["plain"])
-    return Row("memory", "activation checkpointing: speed with / without", ratio[0], "x",
-               f"mae {enc} @{img}px, batch {settings.batch}, {settings.precision}; {fmt_ratio(ratio)} "
-               "(below 1: the price of recomputing each block's forward in the backward)", {"seconds": seconds})
+    return Row(
+        "memory",
+        "activation checkpointing: speed with / without",
+        ratio[0],
+        "x",
+        f"mae {enc} @{img}px, batch {settings.batch}, {settings.precision}; {fmt_ratio(ratio)} "
+        "(below 1: the price of recomputing each block's forward in the backward)",
+        {"seconds": seconds},
+    )

@@ -8,6 +8,7 @@ runs with the options `steps.build_objective` gives it (recorded in the row). Th
 ratio MAE/supervised is set against their FLOP ratio (the goal: speed ratio >= 0.9 x FLOP
 ratio).
 """
+
 from __future__ import annotations
 
 import torch
@@ -40,13 +41,15 @@ def objective_rows(settings: Settings) -> list[Row]:
         tag = " +compile" if compiled else ""
         steps, flops, options = {}, {}, {}
         for name in OBJECTIVES:
-            model = build_objective(name, settings.encoder, settings.img_size, mae_decoder=settings.mae_decoder,
-                                    device=settings.device)
+            model = build_objective(
+                name, settings.encoder, settings.img_size, mae_decoder=settings.mae_decoder, device=settings.device
+            )
             flops[name] = flops_per_image(model, settings.img_size)
             options[name] = model.options()
             steps[name] = make_step(model, images, labels, precision=settings.precision, compile_model=compiled)
-        seconds = alternate(steps, rounds=settings.rounds, calls=settings.steps, warmup=settings.warmup,
-                            device=settings.device)
+        seconds = alternate(
+            steps, rounds=settings.rounds, calls=settings.steps, warmup=settings.warmup, device=settings.device
+        )
         for name in OBJECTIVES:
             per_step = median(seconds[name])
             ips = settings.batch / per_step
@@ -56,29 +59,62 @@ def objective_rows(settings: Settings) -> list[Row]:
             if mfu is not None:
                 note += f"; MFU {mfu:.1%} of {peak / 1e12:.0f} TFLOP/s"
             note += f"; spread {spread(seconds[name]):.0%}"
-            rows.append(Row("objective step", f"{name}{tag}", ips, "img/s", note, {
-                "seconds_per_step": seconds[name], "flops_per_image": flops[name], "mfu": mfu,
-                "achieved_tflops": achieved / 1e12, "encoder": settings.encoder, "img_size": settings.img_size,
-                "batch": settings.batch, "precision": settings.precision, "compile": compiled,
-                "options": options[name],
-            }))
+            rows.append(
+                Row(
+                    "objective step",
+                    f"{name}{tag}",
+                    ips,
+                    "img/s",
+                    note,
+                    {
+                        "seconds_per_step": seconds[name],
+                        "flops_per_image": flops[name],
+                        "mfu": mfu,
+                        "achieved_tflops": achieved / 1e12,
+                        "encoder": settings.encoder,
+                        "img_size": settings.img_size,
+                        "batch": settings.batch,
+                        "precision": settings.precision,
+                        "compile": compiled,
+                        "options": options[name],
+                    },
+                )
+            )
             if mfu is not None:
-                rows.append(Row("MFU", f"{name}{tag}", 100 * mfu, "%", f"{size}; peak {peak / 1e12:.0f} TFLOP/s dense bf16"))
+                rows.append(
+                    Row("MFU", f"{name}{tag}", 100 * mfu, "%", f"{size}; peak {peak / 1e12:.0f} TFLOP/s dense bf16")
+                )
         mae_vs_mpp = speed_ratio(seconds["mae"], seconds["mpp"])
-        rows.append(Row("objective step", f"MAE/MPP step speed{tag}", mae_vs_mpp[0], "x",
-                        f"MAE images/s / MPP images/s, {fmt_ratio(mae_vs_mpp)}; FLOP ratio MPP/MAE "
-                        f"{flops['mpp'] / flops['mae']:.2f}", {"rounds": list(mae_vs_mpp)}))
+        rows.append(
+            Row(
+                "objective step",
+                f"MAE/MPP step speed{tag}",
+                mae_vs_mpp[0],
+                "x",
+                f"MAE images/s / MPP images/s, {fmt_ratio(mae_vs_mpp)}; FLOP ratio MPP/MAE "
+                f"{flops['mpp'] / flops['mae']:.2f}",
+                {"rounds": list(mae_vs_mpp)},
+            )
+        )
         mae_vs_sup = speed_ratio(seconds["mae"], seconds["supervised"])
         flop_ratio = flops["supervised"] / flops["mae"]
         share = mae_vs_sup[0] / flop_ratio
-        rows.append(Row("objective step", f"MAE/supervised speed vs FLOP ratio{tag}", share, "of FLOP ratio",
-                        f"speed ratio {fmt_ratio(mae_vs_sup)} vs FLOP ratio {flop_ratio:.2f}; "
-                        f"{verdict(share, FLOP_RATIO_SHARE)}",
-                        {"speed_ratio": list(mae_vs_sup), "flop_ratio": flop_ratio}))
+        rows.append(
+            Row(
+                "objective step",
+                f"MAE/supervised speed vs FLOP ratio{tag}",
+                share,
+                "of FLOP ratio",
+                f"speed ratio {fmt_ratio(mae_vs_sup)} vs FLOP ratio {flop_ratio:.2f}; "
+                f"{verdict(share, FLOP_RATIO_SHARE)}",
+                {"speed_ratio": list(mae_vs_sup), "flop_ratio": flop_ratio},
+            )
+        )
     return rows
 
 
 # ----------------------------------------------------------------------------- attention path
+
 
 class AttentionKernels(TorchDispatchMode):
     """Counts the attention kernels and softmaxes a forward dispatches."""
@@ -126,24 +162,42 @@ def attention_rows(settings: Settings) -> list[Row]:
     size = f"{encoder} @{img}px, batch {settings.batch}, {settings.precision}"
     for name in OBJECTIVES:
         fused = build_objective(name, encoder, img, mae_decoder=settings.mae_decoder, device=settings.device)
-        unfused = build_objective(name, encoder, img, mae_decoder=settings.mae_decoder, device=settings.device,
-                                  fused_attn=False)
+        unfused = build_objective(
+            name, encoder, img, mae_decoder=settings.mae_decoder, device=settings.device, fused_attn=False
+        )
         unfused.load_state_dict(fused.state_dict())
         layers = attention_modules(fused)
         kernels = attention_kernels(fused, images, labels, settings.precision)
         sdpa_calls = sum(v for k, v in kernels.items() if "scaled_dot_product" in k)
         flash = flash_usable(fused, images, labels)
         seconds = alternate(
-            {"fused": make_step(fused, images, labels, precision=settings.precision),
-             "unfused": make_step(unfused, images, labels, precision=settings.precision)},
-            rounds=settings.rounds, calls=settings.steps, warmup=settings.warmup, device=settings.device)
+            {
+                "fused": make_step(fused, images, labels, precision=settings.precision),
+                "unfused": make_step(unfused, images, labels, precision=settings.precision),
+            },
+            rounds=settings.rounds,
+            calls=settings.steps,
+            warmup=settings.warmup,
+            device=settings.device,
+        )
         ratio = speed_ratio(seconds["fused"], seconds["unfused"])
         kernel_text = ", ".join(f"{k} x{v}" for k, v in sorted(kernels.items()))
         flash_text = "" if flash is None else f"; flash backend alone: {'runs' if flash else 'REFUSED'}"
-        rows.append(Row(
-            "attention", f"{name}: fused/unfused speed", ratio[0], "x",
-            f"{size}; {fmt_ratio(ratio)}; {sdpa_calls}/{len(layers)} attention layers ran SDPA ({kernel_text})"
-            f"{flash_text}",
-            {"kernels": kernels, "layers": len(layers), "all_fused": sdpa_calls == len(layers), "flash": flash,
-             "seconds": seconds}))
+        rows.append(
+            Row(
+                "attention",
+                f"{name}: fused/unfused speed",
+                ratio[0],
+                "x",
+                f"{size}; {fmt_ratio(ratio)}; {sdpa_calls}/{len(layers)} attention layers ran SDPA ({kernel_text})"
+                f"{flash_text}",
+                {
+                    "kernels": kernels,
+                    "layers": len(layers),
+                    "all_fused": sdpa_calls == len(layers),
+                    "flash": flash,
+                    "seconds": seconds,
+                },
+            )
+        )
     return rows

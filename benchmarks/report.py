@@ -1,7 +1,8 @@
 """Render a results JSON of `python -m vitmpp.benchmarks` as a Markdown table (for docs/benchmarks.md).
 
-    python -m vitmpp.benchmarks.report benchmarks/results-cpu.json
+python -m vitmpp.benchmarks.report benchmarks/results-cpu.json
 """
+
 from __future__ import annotations
 
 import json

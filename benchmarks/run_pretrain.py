@@ -16,6 +16,7 @@ logging, checkpoints) through `vitmpp.pretrain.engine.pretrain`, with one loop c
   `on_loader`): the same run without any data loading, the denominator of the end-to-end
   ratio.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -76,8 +77,12 @@ class PerfRecorder(Callback):
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m vitmpp.benchmarks.run_pretrain")
     parser.add_argument("--perf-out", required=True, help="JSON lines file for the interval scalars (rank 0)")
-    parser.add_argument("--synthetic", type=int, metavar="IMG_SIZE",
-                        help="in-memory batches of IMG_SIZE px (model.img_size) instead of the shard loader")
+    parser.add_argument(
+        "--synthetic",
+        type=int,
+        metavar="IMG_SIZE",
+        help="in-memory batches of IMG_SIZE px (model.img_size) instead of the shard loader",
+    )
     parser.add_argument("rest", nargs=argparse.REMAINDER, help="-- then pretrain/main.py's arguments")
     args = parser.parse_args(argv)
     rest = args.rest[1:] if args.rest[:1] == ["--"] else args.rest
@@ -87,8 +92,12 @@ def main(argv: list[str] | None = None) -> None:
     from vitmpp.pretrain.engine import pretrain, run_dir_for
 
     cfg, stage_args = parse_stage_command(PretrainConfig, rest, prog="python -m vitmpp.benchmarks.run_pretrain --")
-    pretrain(cfg, run_dir_for(cfg, stage_args.config), resume=stage_args.resume,
-             callbacks=[PerfRecorder(args.perf_out, args.synthetic)])
+    pretrain(
+        cfg,
+        run_dir_for(cfg, stage_args.config),
+        resume=stage_args.resume,
+        callbacks=[PerfRecorder(args.perf_out, args.synthetic)],
+    )
 
 
 if __name__ == "__main__":

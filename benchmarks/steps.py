@@ -4,10 +4,11 @@ forward (autocast when bf16) -> loss.backward() -> fused AdamW step -> zero_grad
 on one fixed, already normalised batch that lives on the device: these rows
 measure the model and the optimizer, not the data (the data rows do that).
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import nullcontext
-from typing import Callable
 
 import torch
 from torch import nn
@@ -21,9 +22,17 @@ from vitmpp.models.objective import objective_class
 NUM_CLASSES = 1000  # the supervised head of the speed rows: ImageNet's classes
 
 
-def build_objective(name: str, encoder: str, img_size: int, *, mae_decoder: dict | None = None,
-                    grad_checkpointing: bool = False, fused_attn: bool = True, device: str = "cpu",
-                    num_classes: int = NUM_CLASSES) -> nn.Module:
+def build_objective(
+    name: str,
+    encoder: str,
+    img_size: int,
+    *,
+    mae_decoder: dict | None = None,
+    grad_checkpointing: bool = False,
+    fused_attn: bool = True,
+    device: str = "cpu",
+    num_classes: int = NUM_CLASSES,
+) -> nn.Module:
     """Registered objective `name` around a fresh `encoder` (the same architecture for every objective).
 
     Its options: for MAE, `mae_decoder` (the benchmark's decoder; None: the paper's); for every
@@ -32,8 +41,9 @@ def build_objective(name: str, encoder: str, img_size: int, *, mae_decoder: dict
     (`Objective.embedded_options`). `model.options()` tells which were used.
     """
     if name == "mae":
-        model = create_objective(name, create_encoder(encoder, img_size=img_size), num_classes=num_classes,
-                                 **dict(mae_decoder or {}))
+        model = create_objective(
+            name, create_encoder(encoder, img_size=img_size), num_classes=num_classes, **dict(mae_decoder or {})
+        )
     else:
         try:
             model = create_objective(name, create_encoder(encoder, img_size=img_size), num_classes=num_classes)
@@ -80,8 +90,15 @@ def make_optimizer(model: nn.Module) -> torch.optim.Optimizer:
     return build_optimizer(model, OptimConfig(name="adamw", lr=1.5e-4, base_lr=None), lr=1.5e-4)
 
 
-def make_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, precision: str,
-              compile_model: bool = False, optimizer: torch.optim.Optimizer | None = None) -> Callable[[], None]:
+def make_step(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    precision: str,
+    compile_model: bool = False,
+    optimizer: torch.optim.Optimizer | None = None,
+) -> Callable[[], None]:
     """A function running one training step of `model` on the fixed batch."""
     optimizer = optimizer or make_optimizer(model)
     forward = torch.compile(model) if compile_model else model

@@ -24,6 +24,7 @@ command line after `--`) with a `SyncAudit` loop callback and reports, as JSON, 
 syncs inside optimizer steps (must be none) and those at logging intervals,
 checkpoints and pictures (allowed).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,8 +42,16 @@ from vitmpp.common.errors import cli_entry
 from vitmpp.common.loop import Callback
 
 _SCALAR = {"_local_scalar_dense", "item"}
-_DATA_DEPENDENT = {"nonzero", "masked_select", "_unique", "_unique2", "unique_dim", "unique_consecutive",
-                   "nonzero_static_fallback", "argwhere"}
+_DATA_DEPENDENT = {
+    "nonzero",
+    "masked_select",
+    "_unique",
+    "_unique2",
+    "unique_dim",
+    "unique_consecutive",
+    "nonzero_static_fallback",
+    "argwhere",
+}
 _METHODS = ("tolist", "numpy", "cpu")
 
 
@@ -63,7 +72,8 @@ def _data_layer_dir() -> str:
 
 
 def _where() -> tuple[str, bool]:
-    """'file:line in function' of the nearest caller outside torch and this module; whether the data layer is on the stack."""
+    """'file:line in function' of the nearest caller outside torch and this module, and whether
+    the data layer is on the stack."""
     frames = traceback.extract_stack()[:-2]
     data_layer = _data_layer_dir()
     in_loader = any(f.filename.startswith(data_layer) for f in frames)
@@ -201,8 +211,12 @@ class SyncAudit(Callback):
                 self._allowed_depth -= 1
 
     def report(self) -> dict:
-        return {"steps": self.steps, "in_steps": self.in_steps, "at_intervals": self.at_intervals,
-                "loader": self.loader}
+        return {
+            "steps": self.steps,
+            "in_steps": self.in_steps,
+            "at_intervals": self.at_intervals,
+            "loader": self.loader,
+        }
 
 
 def audit_pretrain(overrides: list[str], device_only: bool = False) -> dict:
@@ -235,10 +249,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     rest = args.rest[1:] if args.rest[:1] == ["--"] else args.rest
     report = audit_pretrain(rest, device_only=args.device_only)
-    summary = {"steps": report["steps"], "syncs_in_steps": len(report["in_steps"]),
-               "syncs_at_log_intervals": len(report["at_intervals"]), "loader_host_reads": report["loader"],
-               "in_steps": sorted({f"{op} at {where}" for op, where in report["in_steps"]}),
-               "at_intervals": sorted({f"{op} at {where}" for op, where in report["at_intervals"]})}
+    summary = {
+        "steps": report["steps"],
+        "syncs_in_steps": len(report["in_steps"]),
+        "syncs_at_log_intervals": len(report["at_intervals"]),
+        "loader_host_reads": report["loader"],
+        "in_steps": sorted({f"{op} at {where}" for op, where in report["in_steps"]}),
+        "at_intervals": sorted({f"{op} at {where}" for op, where in report["at_intervals"]}),
+    }
     text = json.dumps(summary, indent=1)
     if args.out:
         with open(args.out, "w") as f:

@@ -5,10 +5,12 @@
 `parse_stage_command` is the same parsing for code that runs a stage itself (the
 benchmarks, which add their own loop callbacks).
 """
+
 from __future__ import annotations
 
 import argparse
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from .config import describe, dump_yaml, load_config
 from .errors import UserError, cli_entry
@@ -18,12 +20,18 @@ def stage_parser(prog: str, description: str = "", epilog: str = "") -> argparse
     parser = argparse.ArgumentParser(prog=prog, description=description, epilog=epilog)
     parser.add_argument("--config", help="YAML recipe (see configs/); default: the embedded digits demo")
     parser.add_argument("--resume", help="'auto' (newest complete checkpoint of this run) or a checkpoint folder")
-    parser.add_argument("--allow-changes", action="store_true",
-                        help="with --resume: continue under changed keys that alter the computation (optimizer, model, "
-                             "data, batch, seeds); the run folder's config-history/ records which steps ran under which")
+    parser.add_argument(
+        "--allow-changes",
+        action="store_true",
+        help="with --resume: continue under changed keys that alter the computation (optimizer, model, "
+        "data, batch, seeds); the run folder's config-history/ records which steps ran under which",
+    )
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    parser.add_argument("--help-config", action="store_true",
-                        help="list every config key with the value this command line would use, and exit")
+    parser.add_argument(
+        "--help-config",
+        action="store_true",
+        help="list every config key with the value this command line would use, and exit",
+    )
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     return parser
 
@@ -54,7 +62,9 @@ def stage_main(prog: str, doc: str, *, schema: str, command: str, epilog: str) -
             print(dump_yaml(cfg), end="")
             return None
         if args.allow_changes and args.resume is None:
-            raise UserError("--allow-changes continues a run under a changed config; it needs --resume auto (or a checkpoint).")
+            raise UserError(
+                "--allow-changes continues a run under a changed config; it needs --resume auto (or a checkpoint)."
+            )
         try:
             return _imported(command)(cfg, args.config, args.resume, allow_changes=args.allow_changes)
         finally:

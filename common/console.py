@@ -3,6 +3,7 @@
 A tqdm bar shows progress with the latest loss and images/s; one summary line is
 written per logging interval (through `tqdm.write`, so it does not break the bar).
 """
+
 from __future__ import annotations
 
 import logging
@@ -48,8 +49,14 @@ class Console:
 
     def start_bar(self, total: int, initial: int = 0, desc: str = "train") -> None:
         if self.is_main:
-            self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, file=sys.stdout,
-                            disable=os.environ.get("VITMPP_NO_BAR") == "1")
+            self.bar = tqdm(
+                total=total,
+                initial=initial,
+                desc=desc,
+                dynamic_ncols=True,
+                file=sys.stdout,
+                disable=os.environ.get("VITMPP_NO_BAR") == "1",
+            )
 
     def update_bar(self, steps: int = 1, **postfix) -> None:
         if self.bar is not None:

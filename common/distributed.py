@@ -1,11 +1,12 @@
 """Process-group helpers shared by the engines: making the Accelerator, agreeing
 on flags across ranks, and turning preemption signals into a clean stop."""
+
 from __future__ import annotations
 
 import os
 import signal
+from collections.abc import Sequence
 from contextlib import contextmanager
-from typing import Sequence
 
 import torch
 
@@ -51,7 +52,8 @@ def make_accelerator(
 
             Console(is_main=int(os.environ.get("RANK", "0")) == 0).warn(
                 "train.mixed_precision=fp16 needs a GPU (its loss scaler); this run trains in full precision (fp32) "
-                "on the CPU; set train.mixed_precision=no (or bf16) to say so")
+                "on the CPU; set train.mixed_precision=no (or bf16) to say so"
+            )
     project = ProjectConfiguration(project_dir=str(project_dir) if project_dir else None)
     asked = fsdp_request()
     if asked is not None and not cuda_available():
@@ -120,11 +122,13 @@ def _launch_words() -> list[str] | None:
     except OSError:  # not Linux, or no permission: nothing to check against
         return None
     for i, word in enumerate(parent[:-1]):
-        if os.path.basename(word) in ("accelerate", "accelerate-launch") or word.endswith("accelerate/commands/accelerate_cli.py"):
-            rest = parent[i + 1:]
+        if os.path.basename(word) in ("accelerate", "accelerate-launch") or word.endswith(
+            "accelerate/commands/accelerate_cli.py"
+        ):
+            rest = parent[i + 1 :]
             return rest[1:] if rest and rest[0] == "launch" else None
         if word == "-m" and parent[i + 1] in ("accelerate.commands.launch", "vitmpp.common.launcher"):
-            return parent[i + 2:]
+            return parent[i + 2 :]
     return None
 
 
@@ -135,9 +139,11 @@ def _fsdp_refusal(why: str):
 
     error = UserError(
         f"FSDP cannot run in this launch ({why}); on CPU processes (torch {torch.__version__}, accelerate "
-        f"{accelerate.__version__}) it runs with fsdp_version 2 and at least 2 processes: `python -m vitmpp.common.launcher "
-        "--use_fsdp --config_file configs/accelerate/fsdp.yaml --num_processes 2 --mixed_precision no ...`; "
-        "or use DDP on CPU: `python -m vitmpp.common.launcher --multi_gpu --num_processes 2 ...`.")
+        f"{accelerate.__version__}) it runs with fsdp_version 2 and at least 2 processes: "
+        "`python -m vitmpp.common.launcher --use_fsdp --config_file configs/accelerate/fsdp.yaml "
+        "--num_processes 2 --mixed_precision no ...`; "
+        "or use DDP on CPU: `python -m vitmpp.common.launcher --multi_gpu --num_processes 2 ...`."
+    )
     error.same_on_every_rank = True
     return error
 
@@ -145,8 +151,10 @@ def _fsdp_refusal(why: str):
 def refuse_cpu_fsdp_unless_possible(asked: str) -> None:
     """Before the process group exists: refuse FSDP requests that cannot shard on CPU processes."""
     if os.environ.get(FSDP_ON, "false").lower() != "true":
-        raise _fsdp_refusal(f"the launch asks for it with {asked}, but no FSDP setting reached the processes: on a "
-                            "machine without GPUs the launcher picked --multi_gpu; add --use_fsdp")
+        raise _fsdp_refusal(
+            f"the launch asks for it with {asked}, but no FSDP setting reached the processes: on a "
+            "machine without GPUs the launcher picked --multi_gpu; add --use_fsdp"
+        )
     if os.environ.get("FSDP_VERSION", "1") != "2":
         raise _fsdp_refusal(f"{asked}: only FSDP2 (fully_shard) is supported on CPU processes")
     if int(os.environ.get("WORLD_SIZE", "1")) < 2:
@@ -195,9 +203,11 @@ def sharding_summary(accelerator, model) -> str | None:
     sharded = [p for p in params if isinstance(p, DTensor)]
     local = sum(p.to_local().numel() for p in sharded)
     total = sum(p.numel() for p in sharded)
-    return (f"FSDP{accelerator.state.fsdp_plugin.fsdp_version}: {len(sharded)} of {len(params)} parameter tensors "
-            f"sharded over {accelerator.num_processes} processes; rank {accelerator.process_index} holds {local:,} "
-            f"of their {total:,} elements")
+    return (
+        f"FSDP{accelerator.state.fsdp_plugin.fsdp_version}: {len(sharded)} of {len(params)} parameter tensors "
+        f"sharded over {accelerator.num_processes} processes; rank {accelerator.process_index} holds {local:,} "
+        f"of their {total:,} elements"
+    )
 
 
 def gathered_state_dict(accelerator, model) -> dict:
@@ -210,8 +220,10 @@ def gathered_state_dict(accelerator, model) -> dict:
 
         partial = [key for key, value in state.items() if isinstance(value, DTensor)]
         if partial or not state:
-            raise RuntimeError(f"the gathered state dict is not whole ({len(partial)} DTensor entries, "
-                               f"{len(state)} in all); the export would hold shards")
+            raise RuntimeError(
+                f"the gathered state dict is not whole ({len(partial)} DTensor entries, "
+                f"{len(state)} in all); the export would hold shards"
+            )
     return state
 
 
@@ -241,7 +253,8 @@ def refuse_unfulfilled_launch() -> None:
             f"`accelerate launch --num_processes {asked.num_processes}` started 1 process: Accelerate starts several "
             "only with --multi_gpu (on a machine without GPUs they form one gloo group on the CPU); run "
             f"`accelerate launch --multi_gpu --num_processes {asked.num_processes} ...` or "
-            f"`VITMPP_NUM_PROCESSES={asked.num_processes} ./launch.sh ...`.")
+            f"`VITMPP_NUM_PROCESSES={asked.num_processes} ./launch.sh ...`."
+        )
 
 
 def full_tensor(value: torch.Tensor) -> torch.Tensor:
@@ -291,15 +304,18 @@ class StopSignal:
             signal.signal(signal.SIGINT, signal.SIG_DFL)
         if signum == signal.SIGINT and int(os.environ.get("RANK", "0")) == 0:
             # os.write: print() could be the very call this handler interrupted
-            os.write(2, b"\ninterrupted: stopping with a checkpoint after this step; "
-                        b"press Ctrl-C again to stop at once and lose the steps since the last checkpoint\n")
+            os.write(
+                2,
+                b"\ninterrupted: stopping with a checkpoint after this step; "
+                b"press Ctrl-C again to stop at once and lose the steps since the last checkpoint\n",
+            )
 
     @property
     def interrupted(self) -> bool:
         """The run was asked to stop by Ctrl-C (SIGINT) rather than by a scheduler."""
         return self.signal_name == "SIGINT"
 
-    def install(self) -> "StopSignal":
+    def install(self) -> StopSignal:
         for signum in self.SIGNALS:
             try:
                 self._previous[signum] = signal.signal(signum, self._handle)
@@ -366,9 +382,11 @@ def dead_worker_error(rank: int, detail: str):
 
     # SIGKILL is what the kernel's OOM killer sends; any other death means the worker's own
     # code failed, and its traceback (printed by the worker) names the cause.
-    cause = ("this is usually the kernel's out-of-memory killer: lower data.num_workers or the batch size"
-             if "signal: Killed" in detail else
-             "the worker's own output above names the cause; fix it")
+    cause = (
+        "this is usually the kernel's out-of-memory killer: lower data.num_workers or the batch size"
+        if "signal: Killed" in detail
+        else "the worker's own output above names the cause; fix it"
+    )
     return UserError(f"A data-loading worker of rank {rank} died ({detail}); {cause}, then rerun with --resume auto.")
 
 
@@ -393,9 +411,15 @@ def explain_failure(error: BaseException, rank: int):
     # handler, "... exited unexpectedly ..." when the batch queue finds the worker gone.
     if "DataLoader worker" in text and ("exited unexpectedly" in text or "killed by signal" in text):
         return dead_worker_error(rank, text.split(". ")[0])
-    if "Connection closed by peer" in text or "Connection reset by peer" in text or "NCCL communicator was aborted" in text:
-        return UserError(f"Rank {rank} lost contact with another process of this run, which failed first; "
-                         "its message above names the cause.")
+    if (
+        "Connection closed by peer" in text
+        or "Connection reset by peer" in text
+        or "NCCL communicator was aborted" in text
+    ):
+        return UserError(
+            f"Rank {rank} lost contact with another process of this run, which failed first; "
+            "its message above names the cause."
+        )
     return None
 
 

@@ -4,12 +4,14 @@ A `UserError` is a problem with what the user gave us (a config key, a file, a
 shard, an argument). It is printed as one sentence, without a traceback, and the
 process exits with status 2. Anything else is a bug and keeps its traceback.
 """
+
 from __future__ import annotations
 
 import functools
 import os
 import sys
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130  # what a shell reports for Ctrl-C (128 + SIGINT)

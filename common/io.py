@@ -16,6 +16,7 @@ files, images being ingested) through one reader that never blocks on a special 
 
     read_regular_file(path, limit=...)    bytes, or UnreadableFile(reason) for the caller's sentence
 """
+
 from __future__ import annotations
 
 import errno
@@ -25,9 +26,10 @@ import re
 import shutil
 import stat
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from .errors import UserError
 
@@ -45,9 +47,14 @@ class UnreadableFile(Exception):
 
 def special_kind(mode: int) -> str | None:
     """'a FIFO', 'a socket', ... for a mode that is not a regular file; None for one."""
-    for test, kind in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
-                       (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
-                       (stat.S_ISBLK, "a block device"), (stat.S_ISLNK, "a symbolic link")):
+    for test, kind in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISLNK, "a symbolic link"),
+    ):
         if test(mode):
             return kind
     return None if stat.S_ISREG(mode) else "a special file"

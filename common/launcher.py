@@ -21,6 +21,7 @@ Accelerate offers no setting for the first two (checked against accelerate 1.15'
 `commands/launch.py`: `simple_launcher`, `multi_gpu_launcher`), hence this module; it uses
 only Accelerate's public launch entry points (`launch_command_parser`, `launch_command`).
 """
+
 from __future__ import annotations
 
 import logging
@@ -82,8 +83,14 @@ def main(argv: list[str] | None = None) -> int:
     args = launch_command_parser().parse_args(argv)
     args.quiet = False  # we want the child's return code, which only the non-quiet path carries
     wants_several = (args.num_processes or 1) > 1
-    chose_a_launcher = (args.multi_gpu or args.use_fsdp or args.use_deepspeed or args.cpu or args.tpu
-                        or config_distributed_type(args.config_file) not in (None, "NO", "MULTI_CPU"))
+    chose_a_launcher = (
+        args.multi_gpu
+        or args.use_fsdp
+        or args.use_deepspeed
+        or args.cpu
+        or args.tpu
+        or config_distributed_type(args.config_file) not in (None, "NO", "MULTI_CPU")
+    )
     if wants_several and not chose_a_launcher and _cuda_device_count() == 0:
         # Accelerate would start one process; torchrun forms the group, and our scripts make
         # their Accelerator with cpu=True (common/distributed.py), so it is a gloo group
@@ -104,8 +111,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         rank, failure = error.get_first_failure()
         if failure.exitcode not in (2, 130):  # 2: a usage error the rank printed; 130: Ctrl-C
-            print(f"error: rank {rank} {_describe(failure.exitcode)}; the other ranks were stopped "
-                  "(their output above says more; continue with --resume auto).", file=sys.stderr)
+            print(
+                f"error: rank {rank} {_describe(failure.exitcode)}; the other ranks were stopped "
+                "(their output above says more; continue with --resume auto).",
+                file=sys.stderr,
+            )
         return _exit_status(failure.exitcode)
     return 0
 

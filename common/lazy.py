@@ -8,13 +8,17 @@ the loader, which took up to 18 s on a cold disk.
 Written here rather than taken from scientific-python's `lazy_loader` because it is
 the dozen lines below and the project keeps its dependency list short.
 """
+
 from __future__ import annotations
 
 import importlib
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 
-def lazy_exports(package: str, where: dict[str, str]) -> tuple[Callable[[str], Any], Callable[[], list[str]], list[str]]:
+def lazy_exports(
+    package: str, where: dict[str, str]
+) -> tuple[Callable[[str], Any], Callable[[], list[str]], list[str]]:
     """(`__getattr__`, `__dir__`, `__all__`) for `package`.
 
     `where`: exported name -> submodule path, relative to the package (".loader") or

@@ -5,6 +5,7 @@ and the guard that skips non-finite steps.
                  = per-device batch x logical ranks x accumulation   (train.logical_ranks, docs/distributed.md)
     steps per epoch = training samples // global batch; the LR is a function of the step alone
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -17,8 +18,8 @@ from .distributed import all_ranks_min
 from .errors import UserError
 from .sections import OptimConfig, TrainConfig
 
-
 # ----------------------------------------------------------------------------- batch geometry
+
 
 @dataclass(frozen=True)
 class BatchGeometry:
@@ -46,8 +47,10 @@ def batch_geometry(train: TrainConfig, processes: int, logical_ranks: int | None
     global_batch = per_device_batch x processes x accumulation."""
     ranks = logical_ranks or processes
     if ranks % processes:
-        raise UserError(f"train.logical_ranks={ranks} cannot be shared evenly by {processes} processes; "
-                        f"set it to a multiple of {processes}, or null for one per process.")
+        raise UserError(
+            f"train.logical_ranks={ranks} cannot be shared evenly by {processes} processes; "
+            f"set it to a multiple of {processes}, or null for one per process."
+        )
     what = f"{processes} processes" if ranks == processes else f"{ranks} logical ranks (train.logical_ranks)"
     per_device = train.per_device_batch
     if per_device is None:
@@ -166,6 +169,7 @@ def current_lr(optimizer: torch.optim.Optimizer) -> float:
 
 # ----------------------------------------------------------------------------- non-finite steps
 
+
 class NonFiniteGuard:
     """Skip an optimizer step on all ranks when the loss or gradient norm is not finite.
 
@@ -211,7 +215,11 @@ class NonFiniteGuard:
     def raise_if_exceeded(self, step: int, last_checkpoint: Path | None) -> int:
         total, streak = self.read()
         if streak >= self.max_consecutive:
-            where = f"the last good checkpoint {last_checkpoint} is intact" if last_checkpoint else "no checkpoint was written yet"
+            where = (
+                f"the last good checkpoint {last_checkpoint} is intact"
+                if last_checkpoint
+                else "no checkpoint was written yet"
+            )
             raise UserError(
                 f"The loss or gradient was not finite for {streak} consecutive steps (up to step {step}), "
                 f"so training stopped; {where}; lower optim.lr or enable optim.clip_grad, then --resume auto."

@@ -9,11 +9,12 @@ reads and restores them:
 Why not `torch.random.fork_rng` alone: it leaves numpy's and Python's generators out, and the
 loader's transforms draw from those.
 """
+
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -26,8 +27,12 @@ def _cuda(device: torch.device | None) -> torch.device | None:
 def generator_state(device: torch.device | None = None) -> dict:
     """{"cpu", "cuda" (None off CUDA), "numpy", "python"}: every generator's state."""
     cuda = _cuda(device)
-    return {"cpu": torch.random.get_rng_state(), "cuda": torch.cuda.get_rng_state(cuda) if cuda else None,
-            "numpy": np.random.get_state(), "python": random.getstate()}
+    return {
+        "cpu": torch.random.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state(cuda) if cuda else None,
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
 
 
 def set_generator_state(state: dict, device: torch.device | None = None) -> None:

@@ -1,6 +1,7 @@
 """What a run reports: TensorBoard (scalars, images, text), the per-interval summary line
 with throughput and MFU, and the device peaks MFU is measured against.
 """
+
 from __future__ import annotations
 
 import math
@@ -12,7 +13,6 @@ import torch
 
 from .io import reported_writes, write_failure
 from .optim import NonFiniteGuard
-
 
 # ----------------------------------------------------------------------------- TensorBoard
 
@@ -32,8 +32,18 @@ from .optim import NonFiniteGuard
 # groups sort right after the stage's own and before `system`, so the two groups a user sees
 # expanded are the curves (`eval` and `pretrain`, or `pretrain` and `system`), never the pictures.
 SYSTEM_GROUP = "system"
-SYSTEM_SCALARS = frozenset({"grad_norm", "epoch", "images_per_sec", "data_wait_fraction", "mfu", "skipped_samples",
-                            "retries", "nonfinite_steps"})
+SYSTEM_SCALARS = frozenset(
+    {
+        "grad_norm",
+        "epoch",
+        "images_per_sec",
+        "data_wait_fraction",
+        "mfu",
+        "skipped_samples",
+        "retries",
+        "nonfinite_steps",
+    }
+)
 
 
 def picture_tag(namespace: str, kind: str, name: str) -> str:
@@ -62,8 +72,9 @@ class Tracker:
 
     ADVICE = "the checkpoints written so far are intact; free disk space and continue with --resume auto"
 
-    def __init__(self, accelerator, project: str, config_flat: dict | None, resume_step: int | None,
-                 namespace: str = "train"):
+    def __init__(
+        self, accelerator, project: str, config_flat: dict | None, resume_step: int | None, namespace: str = "train"
+    ):
         self.accelerator = accelerator
         self.namespace = namespace
         self.where = Path(accelerator.logging_dir or ".") / project
@@ -187,9 +198,20 @@ class IntervalLog:
     console line.
     """
 
-    def __init__(self, accelerator, tracker: "Tracker", console, guard: NonFiniteGuard, *,
-                 metrics=None, total_steps: int, steps_per_epoch: int, flops_per_image: float | None = None,
-                 peak: float | None = None, nonfinite_before: int = 0):
+    def __init__(
+        self,
+        accelerator,
+        tracker: Tracker,
+        console,
+        guard: NonFiniteGuard,
+        *,
+        metrics=None,
+        total_steps: int,
+        steps_per_epoch: int,
+        flops_per_image: float | None = None,
+        peak: float | None = None,
+        nonfinite_before: int = 0,
+    ):
         self.accelerator = accelerator
         self.tracker = tracker
         self.console = console
@@ -232,18 +254,25 @@ class IntervalLog:
         images_per_sec *= world  # every rank reads its own share: global throughput
         step, (loss, norm), lr = self.pending[-1][0], values[-1], self.pending[-1][3]
         scalars = {
-            "loss": loss, "grad_norm": norm, "lr": lr, "epoch": step / self.steps_per_epoch,
-            "images_per_sec": images_per_sec, "data_wait_fraction": wait_fraction,
-            "nonfinite_steps": nonfinite, **(extra or {}),
+            "loss": loss,
+            "grad_norm": norm,
+            "lr": lr,
+            "epoch": step / self.steps_per_epoch,
+            "images_per_sec": images_per_sec,
+            "data_wait_fraction": wait_fraction,
+            "nonfinite_steps": nonfinite,
+            **(extra or {}),
         }
         if self.flops and self.peak:
             scalars["mfu"] = self.flops * images_per_sec / world / self.peak
         written = self.tracker.scalars({k: v for k, v in scalars.items() if math.isfinite(v)}, step=step)
         if self.metrics is not None:
-            self.metrics.append([
-                {"step": s, "loss": _finite_or_none(l), "grad_norm": _finite_or_none(n), "lr": r}
-                for (s, _, _, r), (l, n) in zip(self.pending, values)
-            ])
+            self.metrics.append(
+                [
+                    {"step": s, "loss": _finite_or_none(loss), "grad_norm": _finite_or_none(norm), "lr": r}
+                    for (s, _, _, r), (loss, norm) in zip(self.pending, values)
+                ]
+            )
         mfu = f" | mfu {scalars['mfu']:.1%}" if "mfu" in scalars else ""
         skipped = f" | skipped samples {int(scalars['skipped_samples'])}" if "skipped_samples" in scalars else ""
         self.console.print(
