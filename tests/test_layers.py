@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SUBPACKAGES = ("common", "datasets", "models", "analyze", "finetune", "pretrain", "benchmarks")
+SUBPACKAGES = ("common", "datasets", "models", "evaluate", "analyze", "finetune", "pretrain", "experiments", "benchmarks")
 LINT_IMPORTS = "import sys; from importlinter.cli import lint_imports_command; sys.exit(lint_imports_command())"
 
 
