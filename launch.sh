@@ -234,7 +234,7 @@ case "$command" in
   compare)
     args=()
     while IFS= read -r -d '' item; do args+=("$item"); done < <(with_config "$@")
-    run python -m vitmpp.finetune.compare ${args[@]+"${args[@]}"}
+    run python -m vitmpp.experiments.compare ${args[@]+"${args[@]}"}
     ;;
   shards)
     run python -m vitmpp.datasets.make_shards "$@"

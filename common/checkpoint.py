@@ -50,6 +50,11 @@ CHECKSUM = "sha256"
 _NAME = re.compile(r"^step-(\d{7,})$")
 
 
+def checkpoints_dir(run_dir: str | os.PathLike) -> Path:
+    """The run folder's `checkpoints/` (the layout above; the run folder itself: vitmpp.common.rundir)."""
+    return Path(run_dir) / "checkpoints"
+
+
 def checkpoint_name(step: int) -> str:
     return f"step-{step:07d}"
 
@@ -215,8 +220,6 @@ class Checkpointer:
     def __init__(self, accelerator, run_dir: Path, keep_last: int, control, hooks=None):
         """`control`: a `ControlPlane` (agrees on failures across ranks); `hooks`: a loop `Callback`
         whose `before_checkpoint_commit(partial, step)` runs between the state and its completion mark."""
-        from .rundir import checkpoints_dir
-
         self.accelerator = accelerator
         self.root = checkpoints_dir(run_dir)
         self.keep_last = keep_last

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .loop import Callback
+from .callbacks import Callback
 
 
 def fault_callbacks(debug) -> list[Callback]:

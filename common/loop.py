@@ -32,58 +32,20 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from . import rundir
-from .checkpoint import Checkpointer, load_logical_rng, logical_ranks_of, read_state, save_logical_rng
+from .callbacks import Callback
+from .checkpoint import (Checkpointer, checkpoints_dir, load_logical_rng, logical_ranks_of, read_state,
+                         save_logical_rng)
 from .config import dump_yaml, flatten
 from .console import Console, quiet_libraries
 from .distributed import (ControlPlane, StopSignal, explain_failure, full_tensor, make_accelerator,
                           sharding_summary)
 from .errors import ConfigError, Interrupted, UserError
+from .faults import fault_callbacks
 from .optim import NonFiniteGuard, Schedule, batch_geometry, build_scheduler, current_lr, make_schedule, peak_lr
 from .seeding import generator_state, seed_generators, set_generator_state
 from .tracking import IntervalLog, Tracker, peak_flops
 
 # ----------------------------------------------------------------------------- hooks
-
-
-class Callback:
-    """Public hooks into the loop; every default does nothing. Override what you need."""
-
-    def on_loader_spec(self, spec):
-        """The training loader's spec before each epoch's loader is opened; return it (or a changed copy)."""
-        return spec
-
-    def on_loader(self, loader, spec, epoch: int, start_batch: int):
-        """Each epoch's loader; return it, or a stand-in that keeps the `vitmpp.datasets.Loader` contract."""
-        return loader
-
-    def on_batch(self, batch) -> None:
-        """Each micro-batch as it leaves the loader (before it moves to the device)."""
-
-    def on_loss(self, step: int, loss: torch.Tensor) -> torch.Tensor:
-        """Each micro-batch's loss before backward, for optimizer step `step + 1`; return it (or another)."""
-        return loss
-
-    def after_step(self, step: int) -> None:
-        """After optimizer step `step` (1-based) and its logging."""
-
-    def stop_reason(self, step: int) -> str | None:
-        """A reason to stop cleanly after step `step` (checkpoint, exit 0), or None."""
-        return None
-
-    def before_checkpoint_commit(self, partial: Path, step: int) -> None:
-        """Inside a checkpoint save: the state is written to `partial`, not yet marked complete."""
-
-    def on_log(self, step: int, scalars: dict[str, float]) -> None:
-        """The scalars of each logging interval, as written to TensorBoard."""
-
-    @contextmanager
-    def phase(self, name: str) -> Iterator[None]:
-        """Around each phase of the loop: `step` (forward, backward, optimizer), `log` (the interval's host
-        sync), `stage` (Stage.after_step), `checkpoint`, `finish`; a stage may add its own (`pictures`)."""
-        yield
-
-    def on_end(self, run: "Run", model: torch.nn.Module, step: int) -> None:
-        """After the stage finished (not after a stop request)."""
 
 
 class Callbacks(Callback):
@@ -222,8 +184,6 @@ def open_run(cfg, run_dir: Path, resume: str | None, *, resumable_keys: Sequence
     stops with the same one-sentence error, or none does. The loop's callbacks are those
     `cfg.debug` asks for (fault injection), then `callbacks`."""
     from accelerate.utils import broadcast_object_list, set_seed
-
-    from .faults import fault_callbacks  # faults are loop callbacks: imported here, not at the top
 
     rundir.check_location(run_dir, cfg.run.name)
     quiet_libraries()
@@ -628,7 +588,7 @@ class Loop:
             stage.load_state_dict(state)
             self.console.print(f"resumed from {run.resume_from} at step {self.step}")
         elif run.resume is not None:
-            self.console.print(f"no checkpoint in {rundir.checkpoints_dir(run.run_dir)}; starting from step 0")
+            self.console.print(f"no checkpoint in {checkpoints_dir(run.run_dir)}; starting from step 0")
         # a resumed run drops what the interrupted attempt logged after its checkpoint (all of it, without one)
         self.tracker, metrics = run.open_records(self.step if run.resume is not None else None, stage.namespace)
         self.log = IntervalLog(acc, self.tracker, self.console, self.guard, metrics=metrics,

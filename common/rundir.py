@@ -89,10 +89,6 @@ def cache_dir() -> Path:
     return Path(os.environ.get("VITMPP_CACHE", Path.home() / ".cache" / "vitmpp"))
 
 
-def checkpoints_dir(run_dir: Path) -> Path:
-    return Path(run_dir) / "checkpoints"
-
-
 # ----------------------------------------------------------------------------- where, and one writer
 
 
@@ -201,7 +197,7 @@ def resolve_resume(run_dir: Path, resume: str | None) -> Path | None:
     if resume is None:
         return None
     if resume == "auto":
-        return _newest_intact(checkpoints_dir(run_dir))
+        return _newest_intact(ckpt.checkpoints_dir(run_dir))
     path = Path(resume)
     if not path.is_dir():
         raise UserError(f"Checkpoint '{resume}' given to --resume does not exist; pass a checkpoints/step-XXXXXXX folder or 'auto'.")
@@ -258,7 +254,7 @@ def check_reuse(run_dir: Path, config: Any, resume: str | None, ignore: Iterable
     saved = yaml.safe_load(saved_file.read_text()) or {}
     changed = diff_keys(saved, to_dict(config), ignore=ignore)
     if resume is None:
-        checkpoints = ckpt.list_checkpoints(checkpoints_dir(run_dir))
+        checkpoints = ckpt.list_checkpoints(ckpt.checkpoints_dir(run_dir))
         if changed:
             shown = ", ".join(changed[:6]) + (" ..." if len(changed) > 6 else "")
             raise UserError(

@@ -47,11 +47,13 @@ from vitmpp.datasets import (
     pretrain_transform,
     read_manifest,
 )
+from vitmpp.evaluate.accuracy import accuracy
+from vitmpp.evaluate.heads import LinearProbe, make_classifier, pooled_features
+from vitmpp.evaluate.knn import knn_classify_splits
 from vitmpp.models import create_encoder, load_encoder, read_encoder_info
 from vitmpp.models.hub import record_evaluation
 
 from .config import RESUMABLE_KEYS, FinetuneConfig
-from .heads import LinearProbe, make_classifier, pooled_features
 from .subset import balanced_subset
 
 DEFAULT_ENCODER = Path("runs") / "default-mpp"
@@ -102,34 +104,6 @@ def build_model(cfg: FinetuneConfig, encoder_path: Path | None, num_classes: int
     else:
         encoder = create_encoder(cfg.model.name, img_size=img_size, **overrides)
     return make_classifier(encoder, num_classes, cfg.model.global_pool)
-
-
-# ----------------------------------------------------------------------------- evaluation
-
-@torch.no_grad()
-def evaluate(accelerator, predict, loader, mean, std, expected: int) -> dict[str, float]:
-    """Top-1/top-5 over the split, each sample counted once across ranks.
-
-    The loader pads the last rank with repeats marked index -1; those are dropped
-    after the gather, and the count is checked against the manifest.
-    """
-    device = accelerator.device
-    rows = []
-    for batch in loader:
-        images = normalize_batch(batch.images.to(device, non_blocking=True), mean, std)
-        labels = batch.labels.to(device)
-        with accelerator.autocast():
-            logits = predict(images)
-        top5 = logits.float().topk(min(5, logits.shape[1]), dim=1).indices
-        correct = top5 == labels[:, None]
-        rows.append(torch.stack([batch.indices.to(device), correct[:, 0].long(), correct.any(dim=1).long()], dim=1))
-    table = torch.cat(rows) if rows else torch.zeros((0, 3), dtype=torch.long, device=device)
-    table = accelerator.gather(table)
-    table = table[table[:, 0] >= 0]
-    count = int(torch.unique(table[:, 0]).numel())
-    if count != expected or table.shape[0] != expected:
-        raise RuntimeError(f"evaluation saw {table.shape[0]} predictions for {count} distinct samples, expected {expected}")
-    return {"top1": 100.0 * table[:, 1].float().mean().item(), "top5": 100.0 * table[:, 2].float().mean().item(), "count": count}
 
 
 # ----------------------------------------------------------------------------- the stage
@@ -260,7 +234,7 @@ class FinetuneStage(Stage):
             return False
         model.eval()
         run, data = self.run, self.data
-        scored = {split: evaluate(run.accelerator, model, open_loader(spec), data.mean, data.std, count)
+        scored = {split: accuracy(run.accelerator, model, open_loader(spec), data.mean, data.std, count)
                   for split, (spec, count) in data.queries().items()}
         scores = scored["validation"]
         epoch_done = step / run.schedule.steps_per_epoch
@@ -354,8 +328,6 @@ def run(cfg: FinetuneConfig, run_dir: Path, resume: str | None = None, callbacks
 
 def run_knn(cfg: FinetuneConfig, run: Run) -> dict:
     """k-NN on frozen features: nothing trains, so no loop; results.json and one TensorBoard point."""
-    from .knn import knn_classify_splits
-
     started = time.time()
     data = EvaluationData(cfg, run)
     run.console.print(data.summary(cfg, run.world))

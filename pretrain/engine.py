@@ -6,7 +6,7 @@
 Between steps: the objective's own hook (`after_optimizer_step`, e.g. an EMA
 teacher), its pictures every `log.image_every` steps and the analysis figures
 every `log.analysis_every`, and every `eval.every` steps the online evaluation
-(`evaluate_online`): kNN top-1/top-5 on the validation split and the objective's
+(`vitmpp.evaluate.online`): kNN top-1/top-5 on the validation split and the objective's
 validation loss, as `eval/...` in TensorBoard and metrics.jsonl. At the end:
 `encoder.safetensors` + `encoder.json`, the same weights as a transformers folder
 (`transformers/`), and the model card `README.md` (vitmpp.models.hub; docs/export.md).
@@ -15,35 +15,27 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from vitmpp.common.distributed import gathered_state_dict
 from vitmpp.common.io import reported_writes
 from vitmpp.common.loop import Plan, Run, Stage, open_run, train
 from vitmpp.common.optim import build_optimizer
-from vitmpp.common.seeding import restored_generators, seed_generators
-from vitmpp.datasets import (LoaderSpec, digits_shards, eval_transform, normalize_batch, open_dali_loader, open_loader,
+from vitmpp.datasets import (LoaderSpec, digits_shards, normalize_batch, open_dali_loader, open_loader,
                              pretrain_transform, read_manifest)
 from vitmpp.datasets.transforms import TINY_IMAGE
+from vitmpp.evaluate.online import EVAL_SPLIT, EvalSpecs, eval_specs, evaluate_online
 from vitmpp.models import create_objective, encoder_from_config, flops_per_image, read_encoder_info, save_encoder
 from vitmpp.models.card import render_card
 from vitmpp.models.hub import (CARD_NAME, TRANSFORMERS_DIR, card_facts, save_transformers,
                                transformers_incompatibility, write_card)
 
-from .config import RESUMABLE_KEYS, PretrainConfig, PretrainEvalConfig
+from .config import RESUMABLE_KEYS, PretrainConfig
 
-EVAL_SPLIT = "validation"  # the online evaluation's queries: the split the evaluation stages choose on
 EVAL_GROUP = "eval"  # its TensorBoard group and metrics.jsonl prefix: eval/knn_top1, eval/knn_top5, eval/loss
-# The evaluation reads the same samples through a deterministic transform every time: when all of them fit in
-# this many bytes (uint8, counted whole although each rank keeps only its share), the first evaluation keeps
-# the decoded batches and the later ones reuse them. On the digits an evaluation that decoded (with loader
-# workers) took 2.3 s, one that did not 0.7 s; ImageNet-sized samples are decoded every time.
-EVAL_CACHE_BYTES = 256 * 2**20
 
 
 class PretrainStage(Stage):
@@ -102,7 +94,8 @@ class PretrainStage(Stage):
         if EVAL_SPLIT not in manifest.splits:
             run.console.print(f"note: no online evaluation: the shards {self.shards} have no '{EVAL_SPLIT}' split")
             return None
-        return eval_specs(self.shards, manifest, cfg.data.train_split, cfg.eval, cfg.model.img_size,
+        return eval_specs(self.shards, manifest, cfg.data.train_split, cfg.model.img_size,
+                          knn_images=cfg.eval.knn_images, loss_images=cfg.eval.loss_images,
                           loss_batch=run.geometry.per_device_batch, seed=cfg.train.seed, rank=run.rank,
                           world=run.world, num_workers=cfg.data.num_workers, interpolation=cfg.data.interpolation,
                           max_skip_fraction=cfg.data.max_skip_fraction)
@@ -217,123 +210,6 @@ class PretrainStage(Stage):
         return facts
 
 
-@dataclass(frozen=True)
-class EvalSpecs:
-    """What one online evaluation reads: the kNN memory bank (training split), the kNN queries and the
-    loss images (validation split), how many real samples each holds, and whether their decoded
-    batches are kept for the next evaluation (`batches`)."""
-
-    bank: LoaderSpec
-    queries: LoaderSpec
-    loss: LoaderSpec
-    bank_count: int
-    queries_count: int
-    loss_count: int
-    keep_batches: bool = False
-    kept: dict = field(default_factory=dict, compare=False, repr=False)
-
-    def batches(self, name: str):
-        """The batches of loader `name` ('bank', 'queries', 'loss'): a fresh loader, or the batches the
-        first evaluation read (the same ones: the samples and the transform are fixed)."""
-        spec = getattr(self, name)
-        if not self.keep_batches:
-            return open_loader(spec)
-        if name not in self.kept:
-            self.kept[name] = list(open_loader(spec))
-        return self.kept[name]
-
-
-def eval_specs(shards, manifest, train_split: str, cfg: PretrainEvalConfig, img_size: int, *, loss_batch: int = 256,
-               seed: int = 0, rank: int = 0, world: int = 1, num_workers: int = 0, interpolation: str = "bicubic",
-               max_skip_fraction: float = 0.1, batch_size: int = 256) -> EvalSpecs:
-    """Eval loaders (every sample once over the ranks, padding marked -1) over a seeded random sample of
-    `cfg.knn_images` training images (the bank) and as many validation images (the queries), and of
-    `cfg.loss_images` validation images (0: all) for the loss; the same samples at every evaluation.
-    `loss_batch`: images per rank per forward of the objective (the training per-device batch fits)."""
-    def sample(split: str, images: int) -> tuple[int, ...] | None:
-        total = manifest.split(split).num_samples
-        if not images or total <= images:
-            return None
-        return tuple(np.sort(np.random.default_rng(seed).choice(total, size=images, replace=False)).tolist())
-
-    def count(split: str, keep) -> int:
-        return len(keep) if keep is not None else manifest.split(split).num_samples
-
-    bank_keep, query_keep = sample(train_split, cfg.knn_images), sample(EVAL_SPLIT, cfg.knn_images)
-    loss_keep = sample(EVAL_SPLIT, cfg.loss_images)
-    common = dict(shards=shards, manifest=manifest, training=False, rank=rank, world_size=world,
-                  num_workers=num_workers, max_skip_fraction=max_skip_fraction,
-                  transform=eval_transform(img_size, interpolation=interpolation))
-    counts = dict(bank_count=count(train_split, bank_keep), queries_count=count(EVAL_SPLIT, query_keep),
-                  loss_count=count(EVAL_SPLIT, loss_keep))
-    keep = sum(counts.values()) * 3 * img_size**2 <= EVAL_CACHE_BYTES
-    if keep:  # decoded once: in this process (starting loader workers took longer than decoding the digits)
-        common["num_workers"] = 0
-    return EvalSpecs(bank=LoaderSpec(split=train_split, keep_indices=bank_keep, batch_size=batch_size, **common),
-                     queries=LoaderSpec(split=EVAL_SPLIT, keep_indices=query_keep, batch_size=batch_size, **common),
-                     loss=LoaderSpec(split=EVAL_SPLIT, keep_indices=loss_keep, batch_size=loss_batch, **common),
-                     keep_batches=keep, **counts)
-
-
-def evaluate_online(accelerator, objective: torch.nn.Module, specs: EvalSpecs, mean: torch.Tensor, std: torch.Tensor,
-                    *, k: int = 20, temperature: float = 0.07, pool: str = "token", seed: int = 0) -> dict[str, float]:
-    """The online evaluation of `objective` (unwrapped, whole on every rank; eval mode and no gradients
-    inside, its train/eval mode restored):
-
-    - kNN (vitmpp.finetune.knn, as protocol=knn): the encoder's class-token features of the bank and of
-      the queries are extracted by every rank for its share and gathered to every rank (`accelerator.gather`),
-      so every rank holds all of them and computes the same votes; `knn_top1`, `knn_top5` in %.
-    - the objective's own loss on `specs.loss` (supervised: its cross-entropy), sharded: each rank
-      forwards its share (padding, index -1, dropped) with masks drawn from (`seed`, rank, batch number),
-      and the sums are reduced; `loss` is the mean over images (each batch's loss weighted by its images).
-      The masks are the same at every evaluation of a run on the same number of processes.
-
-    Every rank must call it (gathers). Returns also `knn_count` and `loss_count` (validation images
-    scored, each once over the ranks: checked) and `bank` (memory-bank images)."""
-    from vitmpp.finetune.heads import pooled_features
-    from vitmpp.finetune.knn import knn_classify
-
-    encoder, device = objective.encoder, accelerator.device
-    was_training = objective.training
-    objective.eval()
-    try:
-        with torch.no_grad(), restored_generators(device):
-            knn = knn_classify(accelerator, lambda x: pooled_features(encoder, x, pool), specs.batches("bank"),
-                               specs.batches("queries"), mean, std, specs.bank.manifest.num_classes, k, temperature,
-                               expected_val=specs.queries_count)
-            loss, loss_count = _validation_loss(accelerator, objective, specs.batches("loss"), mean, std,
-                                                specs.loss_count, seed)
-    finally:
-        objective.train(was_training)
-    return {"knn_top1": knn["top1"], "knn_top5": knn["top5"], "knn_count": knn["count"], "loss": loss,
-            "loss_count": loss_count, "bank": specs.bank_count}
-
-
-def _validation_loss(accelerator, objective, loader, mean, std, expected: int, seed: int) -> tuple[float, int]:
-    """The objective's loss over `loader`'s real samples, each counted once over the ranks: (mean, count).
-    Each batch's masks are drawn from (seed, rank, batch), whatever the loader did with the global generators."""
-    device, rank = accelerator.device, accelerator.process_index
-    total = torch.zeros((), dtype=torch.float64, device=device)
-    indices = []
-    for number, batch in enumerate(loader):
-        keep = batch.indices >= 0
-        indices.append(batch.indices.to(device))  # padding too: every rank gathers tensors of one shape
-        if not keep.any():
-            continue
-        images = normalize_batch(batch.images[keep].to(device, non_blocking=True), mean, std)
-        seed_generators(int(np.random.SeedSequence([seed, rank, number]).generate_state(1)[0]), device)
-        with accelerator.autocast():
-            output = objective(images, batch.labels[keep].to(device))
-        total += output.loss.double() * int(keep.sum())
-    seen = accelerator.gather(torch.cat(indices)) if indices else torch.zeros(0, dtype=torch.long, device=device)
-    seen = seen[seen >= 0]
-    count = int(torch.unique(seen).numel())
-    if count != expected or seen.numel() != expected:
-        raise RuntimeError(f"validation loss saw {seen.numel()} samples for {count} distinct ones, expected {expected}")
-    total = accelerator.reduce(total, "sum") if accelerator.num_processes > 1 else total
-    return float(total) / count, count
-
-
 def next_commands(run_dir: Path, cfg: PretrainConfig) -> list[str]:
     """The last lines of a pretraining run: how to evaluate the encoder it wrote."""
     import shlex
@@ -346,7 +222,7 @@ def next_commands(run_dir: Path, cfg: PretrainConfig) -> list[str]:
                 + shlex.quote("pretraining.recipes={}"))
     return [
         f"next, a linear probe:  ./launch.sh finetune encoder={name}{data}",
-        f"or the comparison:     python -m vitmpp.finetune.compare --config configs/compare/digits.yaml {encoders} "
+        f"or the comparison:     python -m vitmpp.experiments.compare --config configs/compare/digits.yaml {encoders} "
         f"output_dir={shlex.quote(f'runs/compare/{run_dir.name}')}{overrides}",
     ]
 

@@ -23,7 +23,7 @@ def write_config(tmp_path, knn_entry: str):
 
 def test_a_shared_override_that_breaks_a_recipe_is_refused_before_anything_runs(tmp_path):
     config = write_config(tmp_path, str(FINETUNE / "knn_digits.yaml"))
-    result = subprocess.run([sys.executable, "-m", "vitmpp.finetune.compare", "--config", str(config)], cwd=tmp_path,
+    result = subprocess.run([sys.executable, "-m", "vitmpp.experiments.compare", "--config", str(config)], cwd=tmp_path,
                             env=env(cache=tmp_path / "cache"), capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
@@ -34,7 +34,7 @@ def test_a_shared_override_that_breaks_a_recipe_is_refused_before_anything_runs(
 
 def test_an_evaluation_recipe_entry_carries_its_own_overrides(tmp_path):
     from vitmpp.common.config import load_config
-    from vitmpp.finetune.compare import CompareConfig, cells, check_cells, encoder_runs, resolve_recipes
+    from vitmpp.experiments.grid import CompareConfig, cells, check_cells, encoder_runs, resolve_recipes
 
     config = write_config(tmp_path, f"{FINETUNE / 'knn_digits.yaml'} train.epochs=null")
     cfg = load_config(CompareConfig, config, [])

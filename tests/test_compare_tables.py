@@ -3,7 +3,8 @@ cell, 'all labels' for a fraction of 1.0, and no share of a scratch -> supervise
 from __future__ import annotations
 
 from vitmpp.common.config import load_config
-from vitmpp.finetune.compare import SCRATCH, CompareConfig, labels_title, summarize
+from vitmpp.experiments.grid import SCRATCH, CompareConfig
+from vitmpp.experiments.report import labels_title, summarize
 
 
 def row(encoder, protocol, fraction, value, seed=0):
@@ -49,7 +50,7 @@ def test_a_gap_within_noise_is_not_divided(tmp_path):
 
 
 def test_threads_are_chosen_for_every_job_count(tmp_path, capsys):
-    from vitmpp.finetune.compare import choose_threads, run_parallel
+    from vitmpp.experiments.runner import choose_threads, run_parallel
 
     assert choose_threads(1, 2, 0.0) == 2 and choose_threads(2, 2, 0.0) == 1
     assert choose_threads(1, 2, 2.0) == 1  # two busy processes already: one thread, not torch's two

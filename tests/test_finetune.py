@@ -12,7 +12,7 @@ import torch
 
 from engine_helpers import TINY, accelerate_cmd, metrics, python_cmd, run
 
-COMPARE = [sys.executable, "-m", "vitmpp.finetune.compare"]
+COMPARE = [sys.executable, "-m", "vitmpp.experiments.compare"]
 FT_TINY = ["train.global_batch=32", "data.num_workers=0", "log.log_every=5", "train.epochs=1"]
 
 
@@ -25,7 +25,7 @@ def pretrained(tmp_path_factory, digits16):
 
 
 def test_heads_start_at_zero():
-    from vitmpp.finetune.heads import LinearProbe, make_classifier
+    from vitmpp.evaluate.heads import LinearProbe, make_classifier
     from vitmpp.models import create_encoder
 
     probe = LinearProbe(create_encoder("vit_pico_patch4_16"), 10)
@@ -38,7 +38,7 @@ def test_heads_start_at_zero():
 def test_layer_decay_scales():
     from vitmpp.common.optim import build_optimizer
     from vitmpp.common.sections import OptimConfig
-    from vitmpp.finetune.heads import make_classifier
+    from vitmpp.evaluate.heads import make_classifier
     from vitmpp.models import create_encoder
 
     model = make_classifier(create_encoder("vit_nano_patch4_32"), 10, "avg")  # depth 4
@@ -130,7 +130,7 @@ def test_two_process_evaluation_counts_each_sample_once(tmp_path, pretrained, di
 
 
 def test_compare_grid_runs_scratch_once_and_never_finetunes_random():
-    from vitmpp.finetune.compare import CompareConfig, cells, encoder_runs
+    from vitmpp.experiments.grid import CompareConfig, cells, encoder_runs
 
     cfg = CompareConfig(encoders={"mpp": "runs/mpp", "random": "random"},
                         protocols=["linear", "knn", "finetune", "scratch"], label_fractions=[0.1, 1.0], seeds=[0, 1, 2])
@@ -143,7 +143,7 @@ def test_compare_grid_runs_scratch_once_and_never_finetunes_random():
 
 
 def test_compare_cell_folders_never_start_with_a_dash_and_the_table_reports_test():
-    from vitmpp.finetune.compare import CompareConfig, cells, encoder_runs
+    from vitmpp.experiments.grid import CompareConfig, cells, encoder_runs
 
     cfg = CompareConfig(encoders={"mpp": "runs/mpp"}, protocols=["linear", "scratch"], label_fractions=[0.1], seeds=[0])
     assert [c.name for c in cells(cfg, encoder_runs(cfg, Path("out")))] == ["mpp-linear-f0.1-s0", "scratch-f0.1-s0"]
@@ -156,7 +156,8 @@ def test_compare_cannot_express_selection_on_the_split_it_reports(tmp_path):
     title their table as validation, not as results."""
     from vitmpp.common.config import load_config
     from vitmpp.common.errors import ConfigError
-    from vitmpp.finetune.compare import METRICS, CompareConfig, metric_split, summarize
+    from vitmpp.experiments.grid import METRICS, CompareConfig, metric_split
+    from vitmpp.experiments.report import summarize
 
     assert all("best" not in m for m in METRICS if metric_split(m) == "test")
     assert {m for m in METRICS if metric_split(m) == "validation"} == {"val_last_top1", "val_best_top1"}
@@ -177,7 +178,7 @@ def test_compare_cannot_express_selection_on_the_split_it_reports(tmp_path):
 
 def test_compare_keeps_its_cells_without_overwrite_when_the_grid_only_grows():
     from vitmpp.common.config import diff_keys
-    from vitmpp.finetune.compare import only_grown
+    from vitmpp.experiments.grid import only_grown
 
     before = {"seeds": [0], "pretraining": {"recipes": {"mpp": "mpp.yaml"}, "seeds": [0]}, "output_dir": "o",
               "overrides": ["data.shards=a"]}
@@ -195,7 +196,7 @@ def test_compare_keeps_its_cells_without_overwrite_when_the_grid_only_grows():
 def test_compare_pretraining_recipe_entries_carry_their_own_overrides(tmp_path):
     from vitmpp.common.config import load_config
     from vitmpp.common.errors import ConfigError
-    from vitmpp.finetune.compare import CompareConfig
+    from vitmpp.experiments.grid import CompareConfig
 
     config = tmp_path / "compare.yaml"
     config.write_text("pretraining: {recipes: {mpp: mpp.yaml, mpp_mean: 'mpp.yaml mpp.target=mean_color'}}\n"
@@ -208,7 +209,8 @@ def test_compare_pretraining_recipe_entries_carry_their_own_overrides(tmp_path):
 
 
 def test_compare_grid_over_pretraining_runs_and_compute_matched_scratch():
-    from vitmpp.finetune.compare import CompareConfig, PretrainingPlan, cells, encoder_runs, label
+    from vitmpp.experiments.grid import CompareConfig, PretrainingPlan, cells, encoder_runs
+    from vitmpp.experiments.report import label
 
     cfg = CompareConfig(encoders={"sup": "runs/sup"}, pretraining=PretrainingPlan(recipes={"mpp": "mpp.yaml"}, seeds=[0, 1, 2]),
                         protocols=["linear", "scratch"], label_fractions=[0.1], seeds=[0, 1],
@@ -229,7 +231,7 @@ def test_compare_grid_over_pretraining_runs_and_compute_matched_scratch():
 def test_compare_recipes_are_found_next_to_the_config_from_any_working_directory(tmp_path, monkeypatch):
     from vitmpp.common.config import load_config
     from vitmpp.common.errors import UserError
-    from vitmpp.finetune.compare import CompareConfig, resolve_recipes
+    from vitmpp.experiments.grid import CompareConfig, resolve_recipes
 
     root = Path(__file__).resolve().parents[1]
     monkeypatch.chdir(tmp_path)  # not the repository root
@@ -305,7 +307,7 @@ def test_no_argument_default_says_what_to_run_first(tmp_path):
                          ids=lambda p: p.name)
 def test_every_shipped_compare_config_loads_and_finds_its_recipes(config):
     from vitmpp.common.config import load_config
-    from vitmpp.finetune.compare import CompareConfig, metric_split, resolve_pretraining, resolve_recipes
+    from vitmpp.experiments.grid import CompareConfig, metric_split, resolve_pretraining, resolve_recipes
 
     cfg = load_config(CompareConfig, config, [])
     # a results table reports test; only a recipe-choosing config (*_tune.yaml) shows validation
@@ -320,7 +322,8 @@ def test_compare_refuses_repeated_or_empty_lists_and_a_cell_of_another_encoder(t
     folder name but run with another encoder (the list reordered) is not reported as this one."""
     from vitmpp.common.config import load_config
     from vitmpp.common.errors import ConfigError, UserError
-    from vitmpp.finetune.compare import Cell, CompareConfig, run_cell
+    from vitmpp.experiments.grid import Cell, CompareConfig
+    from vitmpp.experiments.runner import run_cell
 
     config = tmp_path / "compare.yaml"
     config.write_text("encoders: {mpp: [runs/a, runs/b]}\nprotocols: [linear]\nrecipes: {linear: x.yaml}\n")

@@ -92,7 +92,7 @@ def _environ(pid: int) -> str:
 
 
 HELP_COMMANDS = [
-    ["pretrain/main.py"], ["finetune/main.py"], ["-m", "vitmpp.finetune.compare"], ["-m", "vitmpp.analyze"],
+    ["pretrain/main.py"], ["finetune/main.py"], ["-m", "vitmpp.experiments.compare"], ["-m", "vitmpp.analyze"],
     ["-m", "vitmpp.benchmarks"], ["-m", "vitmpp.datasets.make_shards"], ["-m", "vitmpp.models.export"],
 ]
 # (`python -m vitmpp.common.launcher --help` is Accelerate's own parser, which imports torch: 1.2 s here)

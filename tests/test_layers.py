@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SUBPACKAGES = ("common", "datasets", "models", "analyze", "finetune", "pretrain", "benchmarks")
+SUBPACKAGES = ("common", "datasets", "models", "evaluate", "analyze", "finetune", "pretrain", "experiments", "benchmarks")
 LINT_IMPORTS = "import sys; from importlinter.cli import lint_imports_command; sys.exit(lint_imports_command())"
 
 
@@ -86,3 +86,21 @@ def test_importing_an_entry_point_breaks_its_contract_even_from_a_higher_layer(t
     assert "Nothing imports an entry point BROKEN" in result.stdout
     assert "vitmpp.benchmarks.report -> vitmpp.finetune.main" in result.stdout
     assert "vitmpp.benchmarks.harness -> vitmpp.analyze.__main__" in result.stdout
+
+
+def test_pretrain_importing_finetune_breaks_the_stages_independence(tmp_path):
+    copy = copy_of_the_tree(tmp_path)
+    add_import(copy, "pretrain.engine", "from vitmpp.finetune import engine")
+    result = lint_imports(copy, pythonpath=tmp_path, contract="stages-independent")
+    assert result.returncode != 0
+    assert "pretrain and finetune independent BROKEN" in result.stdout
+    assert "vitmpp.pretrain.engine -> vitmpp.finetune.engine" in result.stdout
+
+
+def test_the_evaluation_importing_a_stage_breaks_its_contract(tmp_path):
+    copy = copy_of_the_tree(tmp_path)
+    add_import(copy, "evaluate.knn", "from vitmpp.finetune import config")
+    result = lint_imports(copy, pythonpath=tmp_path, contract="evaluation-below-stages")
+    assert result.returncode != 0
+    assert "evaluation below the stages BROKEN" in result.stdout
+    assert "vitmpp.evaluate.knn -> vitmpp.finetune.config" in result.stdout

@@ -58,7 +58,7 @@ SCRIPT = textwrap.dedent('''
 
     import torch
     from vitmpp.common.config import load_config
-    from vitmpp.common.loop import Callback
+    from vitmpp.common.callbacks import Callback
     from vitmpp.models.objective import register_objective
     from vitmpp.models.supervised import SupervisedConfig, SupervisedObjective
     from vitmpp.pretrain.config import PretrainConfig

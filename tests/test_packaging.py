@@ -23,7 +23,8 @@ def test_wheel_holds_only_vitmpp_packages(tmp_path):
     top = {name.split("/", 1)[0] for name in names}
     assert top == {"vitmpp", f"{wheel.name.split('-')[0]}-{wheel.name.split('-')[1]}.dist-info"}
     packages = {name.split("/")[1] for name in names if name.startswith("vitmpp/")}
-    assert {"common", "datasets", "models", "pretrain", "finetune", "analyze", "benchmarks"} <= packages
+    assert {"common", "datasets", "models", "evaluate", "pretrain", "finetune", "analyze", "experiments",
+            "benchmarks"} <= packages
     assert not any(name.startswith(("datasets/", "models/")) for name in names)
 
 
@@ -41,7 +42,7 @@ def test_common_imports_no_other_layer():
     """The shared plumbing sits below every layer: it must not import them."""
     for path in (ROOT / "common").glob("*.py"):
         text = path.read_text()
-        for layer in ("datasets", "models", "pretrain", "finetune", "analyze", "benchmarks"):
+        for layer in ("datasets", "models", "evaluate", "pretrain", "finetune", "analyze", "experiments", "benchmarks"):
             assert not re.search(IMPORT.format(layer), text, re.M), f"{path.name} imports vitmpp.{layer}"
 
 
@@ -49,5 +50,5 @@ def test_lower_layers_never_import_engines():
     for folder in ("datasets", "models"):
         for path in (ROOT / folder).rglob("*.py"):
             text = path.read_text()
-            for higher in ("pretrain", "finetune", "analyze", "benchmarks"):
+            for higher in ("evaluate", "pretrain", "finetune", "analyze", "experiments", "benchmarks"):
                 assert not re.search(IMPORT.format(higher), text, re.M), f"{path} imports vitmpp.{higher}"

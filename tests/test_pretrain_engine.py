@@ -54,15 +54,15 @@ def test_default_command_runs_end_to_end(tmp_path):
     # the last lines say what to run next, and the commands they print are valid as printed
     last = result.stdout.strip().splitlines()[-2:]
     assert last[0] == "next, a linear probe:  ./launch.sh finetune encoder=runs/default-mpp"
-    assert last[1].startswith("or the comparison:     python -m vitmpp.finetune.compare --config configs/compare/digits.yaml")
+    assert last[1].startswith("or the comparison:     python -m vitmpp.experiments.compare --config configs/compare/digits.yaml")
     import shlex
 
     from vitmpp.common.config import load_config
-    from vitmpp.finetune.compare import CompareConfig
+    from vitmpp.experiments.grid import CompareConfig
     from vitmpp.finetune.main import main as finetune_main
 
     finetune_main(shlex.split(last[0].split("./launch.sh finetune", 1)[1]) + ["--print-config"])
-    words = shlex.split(last[1].split("python -m vitmpp.finetune.compare", 1)[1])
+    words = shlex.split(last[1].split("python -m vitmpp.experiments.compare", 1)[1])
     compare = load_config(CompareConfig, ROOT / words[1], words[2:])
     assert compare.encoders == {"mpp": "runs/default-mpp", "random": "random"} and compare.pretraining.recipes == {}
 

@@ -41,9 +41,9 @@ def evaluate(shards, overrides: list[str], state: dict | None = None, seed: int 
 
     from vitmpp.common.config import load_config
     from vitmpp.datasets import read_manifest
+    from vitmpp.evaluate.online import eval_specs, evaluate_online
     from vitmpp.models import create_objective, encoder_from_config
     from vitmpp.pretrain.config import PretrainConfig
-    from vitmpp.pretrain.engine import eval_specs, evaluate_online
 
     cfg = load_config(PretrainConfig, None, overrides + [f"data.shards={shards}"])
     manifest = read_manifest(str(shards))
@@ -55,7 +55,8 @@ def evaluate(shards, overrides: list[str], state: dict | None = None, seed: int 
     if timm_encoder:
         torch.manual_seed(seed)
         objective.encoder.load_state_dict(encoder_from_config(cfg.model).state_dict())
-    specs = eval_specs(str(shards), manifest, "train", cfg.eval, cfg.model.img_size, loss_batch=cfg.train.global_batch,
+    specs = eval_specs(str(shards), manifest, "train", cfg.model.img_size, knn_images=cfg.eval.knn_images,
+                       loss_images=cfg.eval.loss_images, loss_batch=cfg.train.global_batch,
                        seed=cfg.train.seed, num_workers=0, interpolation=cfg.data.interpolation)
     mean = torch.tensor(cfg.data.mean).view(1, 3, 1, 1)
     std = torch.tensor(cfg.data.std).view(1, 3, 1, 1)

@@ -68,9 +68,9 @@ def test_readme_entry_point_commands_parse(script, capsys, monkeypatch):
 
 def test_readme_compare_config_loads():
     from vitmpp.common.config import load_config
-    from vitmpp.finetune.compare import CompareConfig
+    from vitmpp.experiments.grid import CompareConfig
 
-    lines = [l for l in commands() if "vitmpp.finetune.compare" in l]
+    lines = [l for l in commands() if "vitmpp.experiments.compare" in l]
     assert lines
     for line in lines:
         words = shlex.split(line, comments=True)

@@ -259,7 +259,7 @@ def test_ctrl_c_to_a_parallel_compare_starts_nothing_more(tmp_path):
     config.write_text(f"pretraining:\n  recipes: {json.dumps(recipes)}\n  seeds: [0]\n  launcher: \"{sleeper}\"\n"
                       f"protocols: [linear]\nrecipes: {{linear: {tmp_path / 'linear.yaml'}}}\n"
                       f"output_dir: {tmp_path / 'out'}\n")
-    proc = start([sys.executable, "-m", "vitmpp.finetune.compare"] + ["--config", str(config), "--jobs", "2"], cwd=tmp_path)
+    proc = start([sys.executable, "-m", "vitmpp.experiments.compare"] + ["--config", str(config), "--jobs", "2"], cwd=tmp_path)
     wait_for(lambda: len(list((tmp_path / "out" / "logs").glob("*.log"))) == 2 if (tmp_path / "out" / "logs").is_dir()
              else False, 120, proc)
     os.killpg(proc.pid, signal.SIGINT)

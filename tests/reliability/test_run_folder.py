@@ -175,7 +175,7 @@ def test_compare_locks_its_output_folder(tmp_path):
     config = tmp_path / "compare.yaml"
     config.write_text(f"encoders: {{mpp: {encoder}}}\nprotocols: [knn]\nlabel_fractions: [1.0]\nseeds: [0]\n"
                       f"recipes: {{knn: {ROOT / 'configs/finetune/knn_digits.yaml'}}}\noutput_dir: {out}\n")
-    compare = [sys.executable, "-m", "vitmpp.finetune.compare", "--config", str(config)]
+    compare = [sys.executable, "-m", "vitmpp.experiments.compare", "--config", str(config)]
     failing_cells = f"launcher={shutil.which('false')}"
     first = start(compare + [f"launcher={sys.executable} -c 'import time; time.sleep(600)'"], cwd=tmp_path)
     try:

@@ -4,7 +4,7 @@ SIGTERM to a comparison.
 
 Real files and real commands in subprocesses: the card is written by `write_card` into a run folder
 whose name is hostile, launch.sh runs with the bad variable, the lock file holds another host's
-record, and the comparison is a real `python -m vitmpp.finetune.compare` whose cells are a small
+record, and the comparison is a real `python -m vitmpp.experiments.compare` whose cells are a small
 script (no training: the signal is what is tested).
 """
 from __future__ import annotations
@@ -138,7 +138,7 @@ def compare_setup(tmp_path: Path, cell_script: str, seeds: str = "[0]") -> list[
     config.write_text(f"encoders: {{mpp: {encoder}}}\nprotocols: [knn]\nlabel_fractions: [1.0]\nseeds: {seeds}\n"
                       f"recipes: {{knn: {ROOT / 'configs/finetune/knn_digits.yaml'}}}\noutput_dir: {tmp_path / 'out'}\n"
                       f"launcher: {json.dumps(f'{sys.executable} {cell_script}')}\n")
-    return [sys.executable, "-m", "vitmpp.finetune.compare", "--config", str(config)]
+    return [sys.executable, "-m", "vitmpp.experiments.compare", "--config", str(config)]
 
 
 def failing_cell() -> str:
