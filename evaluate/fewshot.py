@@ -22,6 +22,7 @@ and has no shot sampling; the whole evaluation is ~40 lines of linear algebra.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -74,11 +75,26 @@ class RidgeToSigns:
         x = (features.detach().double().cpu() - self.mean) / self.std
         return torch.cat([x, torch.full((len(x), 1), BIAS_FEATURE, dtype=x.dtype)], dim=1)
 
-    def weights(self, l2: float) -> Tensor:
-        return (self.left / (self.eigenvalues + l2)) @ self.right
+    def weights(self, l2: float | Tensor) -> Tensor:
+        """[D + 1, K] for one strength, or [L, D + 1, K] for a tensor of L strengths."""
+        scale = 1.0 / (self.eigenvalues + torch.as_tensor(l2, dtype=self.eigenvalues.dtype)[..., None])  # [E] | [L, E]
+        return (self.left * scale[..., None, :]) @ self.right
 
-    def predict(self, features: Tensor, l2: float) -> Tensor:
-        return (self.augment(features) @ self.weights(l2)).argmax(dim=1)
+    def predict(self, features: Tensor, l2: float | Tensor) -> Tensor:
+        """Class indices [N] for one strength, [L, N] for a tensor of L strengths."""
+        return (self.augment(features) @ self.weights(l2)).argmax(dim=-1)
+
+
+@contextmanager
+def one_thread():
+    """Run the solves on one thread: the matrices are ~100 x 100, and a second thread only waits for the
+    first (on a busy 2-core machine an eigendecomposition took over 100x longer with two; docs/benchmarks.md)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 @dataclass
@@ -92,8 +108,9 @@ class FewShotResult:
     test_top1: float
 
 
-def accuracy(predicted: Tensor, labels: Tensor) -> float:
-    return 100.0 * float((predicted == labels.cpu()).double().mean())
+def accuracy(predicted: Tensor, labels: Tensor) -> Tensor:
+    """% of `predicted` [..., N] equal to `labels` [N], over the last axis."""
+    return 100.0 * (predicted == labels.cpu()).double().mean(dim=-1)
 
 
 def fewshot_evaluate(
@@ -105,18 +122,19 @@ def fewshot_evaluate(
     seeds: list[int],
     l2_grid: tuple[float, ...] = L2_GRID,
 ) -> list[FewShotResult]:
-    """Few-shot accuracy for every shot count and seed. Each split is (features [N, D], labels [N]);
-    the shots come from `train`, λ is chosen on `val` (the highest accuracy; the larger λ on a tie,
-    the simpler solution), and `test` is scored at that λ."""
-    train_x, train_y = train
+    """Few-shot accuracy for every seed and shot count (in that order). Each split is (features [N, D],
+    labels [N]); the shots come from `train`, λ is chosen on `val` (the highest accuracy; the larger λ
+    on a tie, the simpler solution), and `test` is scored at that λ."""
+    grid = torch.tensor(l2_grid, dtype=torch.float64)
     results = []
-    for seed in seeds:
-        for k in shots:
-            picked = sample_shots(train_y, k, seed, num_classes)
-            solver = RidgeToSigns(train_x[picked], train_y[picked], num_classes)
-            scores = [(accuracy(solver.predict(val[0], l2), val[1]), l2) for l2 in l2_grid]
-            best_val, best_l2 = max(scores)
-            results.append(
-                FewShotResult(k, seed, best_l2, best_val, accuracy(solver.predict(test[0], best_l2), test[1]))
-            )
+    with one_thread():
+        for seed in seeds:
+            for k in shots:
+                picked = sample_shots(train[1], k, seed, num_classes)
+                solver = RidgeToSigns(train[0][picked], train[1][picked], num_classes)
+                # every strength at once (one batched product per split): the solve costs milliseconds
+                val_top1 = accuracy(solver.predict(val[0], grid), val[1])
+                best = max(range(len(l2_grid)), key=lambda i: (float(val_top1[i]), l2_grid[i]))
+                test_top1 = accuracy(solver.predict(test[0], l2_grid[best]), test[1])
+                results.append(FewShotResult(k, seed, l2_grid[best], float(val_top1[best]), float(test_top1)))
     return results

@@ -6,6 +6,7 @@ Protocols (ARCHITECTURE §5, "Evaluation"):
   RandAugment, random erasing, average pooling);
 - `scratch`: `finetune` from random initialisation (the baseline self-supervision must beat);
 - `knn`: k-nearest neighbours on frozen features (no training).
+- `fewshot`: the ViT paper's few-shot linear evaluation on frozen features (closed form, no training).
 
 The defaults are the embedded default: a linear probe of the default pretraining run's
 encoder (`runs/default-mpp`) on the digits data.
@@ -20,7 +21,7 @@ from vitmpp.common.errors import ConfigError
 from vitmpp.common.sections import (MAX_BATCH, MAX_IMAGE_SIDE, DataConfig, DebugConfig, LogConfig, OptimConfig,
                                     RunConfig, TrainConfig)
 
-PROTOCOLS = ("linear", "finetune", "scratch", "knn")
+PROTOCOLS = ("linear", "finetune", "scratch", "knn", "fewshot")
 
 
 @dataclass
@@ -65,6 +66,19 @@ class KNNConfig:
 
 
 @dataclass
+class FewShotConfig:
+    """The ViT paper's few-shot linear evaluation (§4.1; evaluate/fewshot.py): least squares to ±1 targets."""
+
+    shots: list[int] = param([5, 10], ge=1, le=MAX_BATCH, help="training images per class; the first is the headline")
+    seeds: list[int] = param([0, 1, 2], ge=0, le=2**32 - 1, help="seeds of the per-class draws (results: mean over them)")
+    batch_size: int = param(256, ge=1, le=MAX_BATCH, help="feature extraction batch")
+
+    def check(self) -> None:
+        if not self.shots or not self.seeds:
+            raise ConfigError("Keys 'fewshot.shots' and 'fewshot.seeds' need at least one value each.")
+
+
+@dataclass
 class FinetuneConfig:
     protocol: str = param("linear", choices=PROTOCOLS)
     encoder: Optional[str] = param(None, help="pretraining run folder or encoder.safetensors; null: runs/default-mpp")
@@ -75,6 +89,7 @@ class FinetuneConfig:
     data: FinetuneDataConfig = field(default_factory=lambda: FinetuneDataConfig(crop_scale=(0.5, 1.0), hflip=0.0))
     regularization: RegularizationConfig = field(default_factory=RegularizationConfig)
     knn: KNNConfig = field(default_factory=KNNConfig)
+    fewshot: FewShotConfig = field(default_factory=FewShotConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(
         name="lars", base_lr=40.0, base_batch=256, weight_decay=0.0, warmup_epochs=2, momentum=0.9,
     ))
@@ -87,6 +102,9 @@ class FinetuneConfig:
     debug: DebugConfig = field(default_factory=DebugConfig)
 
     def check(self) -> None:
+        if self.protocol == "fewshot" and self.data.label_fraction != 1:
+            raise ConfigError("protocol=fewshot draws fewshot.shots images per class from the whole training split; "
+                              "leave data.label_fraction at 1.")
         if self.protocol in ("finetune", "scratch") and (self.regularization.mixup > 0 or self.regularization.cutmix > 0):
             if self.train.per_device_batch is not None and self.train.per_device_batch % 2:
                 raise ConfigError("Mixup/cutmix need an even 'train.per_device_batch'; change it or set regularization.mixup=0 and cutmix=0.")
@@ -97,4 +115,5 @@ class FinetuneConfig:
 # often and in what batches the validation split is evaluated). Any other change needs --allow-changes.
 RESUMABLE_KEYS = ("log.", "debug.", "run.", "train.steps", "train.epochs", "train.max_nonfinite_steps", "train.logical_ranks",
                   "train.peak_tflops", "data.num_workers", "data.shards", "data.max_skip_fraction", "knn.batch_size",
+                  "fewshot.batch_size",
                   "eval_every", "eval_every_steps")

@@ -49,7 +49,8 @@ from vitmpp.datasets import (
 )
 from vitmpp.evaluate.accuracy import accuracy
 from vitmpp.evaluate.heads import LinearProbe, make_classifier, pooled_features
-from vitmpp.evaluate.knn import knn_classify_splits
+from vitmpp.evaluate.fewshot import fewshot_evaluate
+from vitmpp.evaluate.knn import extract, knn_classify_splits
 from vitmpp.models import create_encoder, load_encoder, read_encoder_info
 from vitmpp.models.hub import record_evaluation
 
@@ -92,7 +93,7 @@ def normalisation(cfg: FinetuneConfig, info: dict) -> tuple[tuple, tuple]:
 
 
 def build_model(cfg: FinetuneConfig, encoder_path: Path | None, num_classes: int, img_size: int | None) -> nn.Module:
-    if cfg.protocol in ("linear", "knn"):
+    if cfg.protocol in ("linear", "knn", "fewshot"):
         encoder = load_encoder(encoder_path, img_size=img_size)
         return LinearProbe(encoder, num_classes, pool=cfg.model.linear_pool)
     overrides = {"drop_path_rate": cfg.model.drop_path_rate, "global_pool": cfg.model.global_pool}
@@ -323,6 +324,8 @@ def run(cfg: FinetuneConfig, run_dir: Path, resume: str | None = None, callbacks
         return results
     if cfg.protocol == "knn":
         return run_knn(cfg, evaluation)
+    if cfg.protocol == "fewshot":
+        return run_fewshot(cfg, evaluation)
     return train(stage, evaluation) or {}
 
 
@@ -352,6 +355,54 @@ def run_knn(cfg: FinetuneConfig, run: Run) -> dict:
     return results
 
 
+def run_fewshot(cfg: FinetuneConfig, run: Run) -> dict:
+    """Few-shot linear evaluation (ViT paper §4.1) on frozen features: every shot count and seed solved in
+    closed form, the regulariser chosen on validation, test scored at it; results.json holds each (shots,
+    seed) and, as its headline (`test_last_top1`...), the mean over seeds of the first of fewshot.shots."""
+    started = time.time()
+    data = EvaluationData(cfg, run)
+    run.console.print(data.summary(cfg, run.world))
+    if data.test_split is None:
+        raise UserError(f"protocol=fewshot reports the test split, and the shards {data.shards} have none; rewrite "
+                        "them with make_shards (it writes one).")
+    model = build_model(cfg, data.encoder_path, data.manifest.num_classes, data.img_size).to(run.device)
+    encoder = model.encoder
+
+    def features(images):
+        return pooled_features(encoder, images, cfg.model.linear_pool)
+
+    splits = {"train": data.train_eval_spec, **{name: spec for name, (spec, _) in data.queries().items()}}
+    extracted = {name: extract(run.accelerator, features, open_loader(dataclasses.replace(spec, batch_size=cfg.fewshot.batch_size)),
+                               data.mean, data.std, l2_normalise=False) for name, spec in splits.items()}
+    extracted = {name: (x.cpu(), y.cpu()) for name, (x, y) in extracted.items()}
+    solve_started = time.perf_counter()
+    per_seed = fewshot_evaluate(extracted["train"], extracted["validation"], extracted["test"],
+                                data.manifest.num_classes, list(cfg.fewshot.shots), list(cfg.fewshot.seeds))
+    solve_ms = 1000 * (time.perf_counter() - solve_started)
+    rows = []
+    for k in cfg.fewshot.shots:
+        mine = [r for r in per_seed if r.shots == k]
+        val, test = [r.val_top1 for r in mine], [r.test_top1 for r in mine]
+        rows.append({"epoch": 0, "step": 0, "shots": k, "top1": float(np.mean(val)), "top5": None,
+                     "count": len(extracted["validation"][1]), "test_top1": float(np.mean(test)), "test_top5": None,
+                     "test_top1_std": float(np.std(test)), "seeds": len(mine), "test_count": len(extracted["test"][1])})
+    results = _results(cfg, data, rows[:1], epochs=0, started=started, images_seen=0)
+    results.update(shots=list(cfg.fewshot.shots), by_shots=rows, per_seed=[dataclasses.asdict(r) for r in per_seed],
+                   solve_ms=round(solve_ms, 1),
+                   train_images=cfg.fewshot.shots[0] * data.manifest.num_classes)  # the headline's training set
+    tracker, _ = run.open_records(None, cfg.protocol)
+    if run.accelerator.is_main_process:
+        atomic_write_json(run.run_dir / "results.json", results)
+    tracker.scalars({f"top1_{row['shots']}shot": row["top1"] for row in rows}, step=0)  # validation, as knn's
+    tracker.close()
+    line = ", ".join(f"{row['shots']}-shot {row['test_top1']:.2f} ± {row['test_top1_std']:.2f}" for row in rows)
+    run.console.print(f"fewshot (test top-1, mean ± std over seeds {', '.join(map(str, cfg.fewshot.seeds))}; "
+                      f"regulariser chosen on validation): {line}; the solves took {solve_ms:.0f} ms after "
+                      f"extracting the features of {sum(len(y) for _, y in extracted.values())} images")
+    record_on_encoder(cfg, run, data, results)
+    return results
+
+
 def record_on_encoder(cfg: FinetuneConfig, run: Run, data: EvaluationData, results: dict) -> None:
     """Add this run's result to the evaluated encoder's folder (evaluations.json) and regenerate its model
     card (vitmpp.models.hub.record_evaluation). Scratch trains no pretrained weight and is not recorded;
@@ -373,6 +424,8 @@ def record_on_encoder(cfg: FinetuneConfig, run: Run, data: EvaluationData, resul
     }
     if cfg.protocol == "knn":
         record["k"] = cfg.knn.k
+    if cfg.protocol == "fewshot":
+        record.update(shots=results["shots"][0], seeds=len(cfg.fewshot.seeds))
     try:
         card = record_evaluation(path.parent, record)
     except (OSError, UserError) as err:

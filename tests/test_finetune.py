@@ -347,3 +347,42 @@ def test_compare_refuses_repeated_or_empty_lists_and_a_cell_of_another_encoder(t
     paths["mpp"].reverse()  # the list reordered: run 0 is now b
     with pytest.raises(UserError, match=f"Cell {cell.name} in .* was run with encoder .*runs/a/encoder.safetensors"):
         run_cell(cfg, cell, paths, tmp_path / "cells")
+
+
+def test_fewshot_protocol_scores_test_at_the_regulariser_validation_chose(tmp_path, pretrained, digits16):
+    """protocol=fewshot through the command, checked against the same solve on features computed here."""
+    from vitmpp.datasets import LoaderSpec, eval_transform, open_loader, read_manifest
+    from vitmpp.evaluate.fewshot import fewshot_evaluate
+    from vitmpp.evaluate.heads import pooled_features
+    from vitmpp.evaluate.knn import extract
+    from vitmpp.models import load_encoder
+
+    out = run(python_cmd("finetune/main.py") + ["data.num_workers=0", "protocol=fewshot", f"encoder={pretrained}",
+                                                f"data.shards={digits16}", "fewshot.shots=[2,5]", "fewshot.seeds=[0,1]",
+                                                "run.name=fewshot"], cwd=tmp_path)
+    results = json.loads((tmp_path / "runs" / "fewshot" / "results.json").read_text())
+    assert results["protocol"] == "fewshot" and results["shots"] == [2, 5]
+    assert [(r["shots"], r["seed"]) for r in results["per_seed"]] == [(2, 0), (5, 0), (2, 1), (5, 1)]
+    assert results["test_last_top1"] == results["by_shots"][0]["test_top1"]  # the headline: the first shot count
+    assert "2-shot" in out.stdout and "5-shot" in out.stdout and "ms" in out.stdout
+
+    # the same numbers from features extracted here (one process, the encoder's normalisation)
+    class Single:  # what extract() needs of an Accelerator, for one process in fp32
+        device = torch.device("cpu")
+        autocast = staticmethod(torch.no_grad)
+        gather = staticmethod(lambda t: t)
+
+    encoder = load_encoder(pretrained).eval()
+    info = json.loads((pretrained / "encoder.json").read_text())["extra"]
+    mean, std = (torch.tensor(info[k]).view(1, 3, 1, 1) for k in ("mean", "std"))
+    manifest = read_manifest(digits16)
+    splits = {}
+    for split in ("train", "validation", "test"):
+        spec = LoaderSpec(shards=digits16, manifest=manifest, split=split, batch_size=256,
+                          transform=eval_transform(16, crop_pct=0.875, interpolation="bicubic"),
+                          training=False, rank=0, world_size=1, num_workers=0)
+        splits[split] = extract(Single, lambda x: pooled_features(encoder, x, "token"), open_loader(spec), mean, std,
+                                l2_normalise=False)
+    mine = fewshot_evaluate(splits["train"], splits["validation"], splits["test"], manifest.num_classes, [2, 5], [0, 1])
+    for theirs, ours in zip(results["per_seed"], mine):
+        assert theirs["l2"] == ours.l2 and abs(theirs["test_top1"] - ours.test_top1) < 1e-9
