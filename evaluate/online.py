@@ -21,8 +21,8 @@ from .knn import knn_classify
 EVAL_SPLIT = "validation"  # the online evaluation's queries: the split the evaluation stages choose on
 # The evaluation reads the same samples through a deterministic transform every time: when all of them fit in
 # this many bytes (uint8, counted whole although each rank keeps only its share), the first evaluation keeps
-# the decoded batches and the later ones reuse them. On the digits an evaluation that decoded (with loader
-# workers) took 2.3 s, one that did not 0.7 s; ImageNet-sized samples are decoded every time.
+# the decoded batches and the later ones reuse them (docs/benchmarks.md has the saving on the digits);
+# ImageNet-sized samples are decoded every time.
 EVAL_CACHE_BYTES = 256 * 2**20
 
 
