@@ -32,30 +32,28 @@ def metric_split(metric: str) -> str:
 class PretrainingPlan:
     """Pretraining runs the comparison makes itself (one per recipe and seed)."""
 
-    recipes: dict[str, str] = param(default_factory=dict, help="encoder name -> pretraining recipe (configs/pretrain/*.yaml), relative to the compare config or the working directory, optionally followed by its own key=value overrides")
+    recipes: dict[str, str] = param(default_factory=dict, help="encoder name -> pretraining recipe and its own key=value overrides (README, Evaluate and compare)")
     seeds: list[int] = param(default_factory=lambda: [0], help="pretraining seeds: one run per recipe and seed")
     overrides: list[str] = param(default_factory=list, help="key=value overrides applied to every pretraining run")
-    launcher: Optional[str] = param(None, help="command that runs a pretraining, e.g. 'accelerate launch -m vitmpp.pretrain.main'; default: python -m vitmpp.pretrain.main")
+    launcher: Optional[str] = param(None, help="command that runs a pretraining (default: python -m vitmpp.pretrain.main)")
 
 
 @dataclass
 class CompareConfig:
-    encoders: dict[str, Union[str, list[str]]] = param(default_factory=dict, help="name -> pretraining run folder (or encoder.safetensors), or a list of them (one per pretraining seed); 'random' for a random encoder")
+    encoders: dict[str, Union[str, list[str]]] = param(default_factory=dict, help="name -> run folder or encoder file, a list of them (one per pretraining seed), or 'random'")
     pretraining: PretrainingPlan = field(default_factory=PretrainingPlan)
     protocols: list[str] = param(default_factory=lambda: ["linear", "finetune", "scratch", "knn"])
     label_fractions: list[float] = param(default_factory=lambda: [0.1, 1.0])
     seeds: list[int] = param(default_factory=lambda: [0, 1, 2])
-    recipes: dict[str, str] = param(default_factory=dict, help="protocol -> recipe file (configs/finetune/*.yaml); a relative path is looked up next to the compare config first, then in the working directory")
+    recipes: dict[str, str] = param(default_factory=dict, help="protocol -> recipe file and its own key=value overrides, looked up beside this config first")
     overrides: list[str] = param(default_factory=list, help="key=value overrides applied to every cell")
     output_dir: str = param("runs/compare", help="where cells and results go")
-    launcher: Optional[str] = param(None, help="command that runs a cell, e.g. 'accelerate launch --num_processes 8 -m vitmpp.finetune.main'; default: python -m vitmpp.finetune.main")
+    launcher: Optional[str] = param(None, help="command that runs a cell (default: python -m vitmpp.finetune.main)")
     metric: str = param("test_last_top1", choices=METRICS,
-                        help="what the table reports: test top-1/top-5 at the last evaluation (test_last_*) or at "
-                             "the evaluation chosen on validation (test_selected_*); nothing is chosen on test. "
-                             "val_last_top1 / val_best_top1: a validation table, for choosing recipes")
-    compute_matched_scratch: bool = param(False, help="add a scratch row trained on as many images as pretraining plus "
-                                                      "fine-tuning of the most-pretrained encoder (needs train.steps in "
-                                                      "the scratch recipe)")
+                        help="what the table reports: test at the last or the validation-chosen evaluation, or "
+                             "validation for choosing recipes (README, Evaluate and compare)")
+    compute_matched_scratch: bool = param(False, help="add a scratch row trained on as many images as pretraining "
+                                                      "plus fine-tuning (docs/small-data.md)")
 
     def check(self) -> None:
         if not self.encoders and not self.pretraining.recipes:

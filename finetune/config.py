@@ -27,9 +27,8 @@ PROTOCOLS = ("linear", "finetune", "scratch", "knn", "fewshot")
 @dataclass
 class FinetuneDataConfig(DataConfig):
     val_split: str = param("validation", help="the split every choice is made on (the best evaluation, best.safetensors)")
-    test_split: Optional[str] = param("test", help="the split results are reported on, scored at the last evaluation and at the "
-                                                   "one chosen on val_split, never used to choose; null: none (results then "
-                                                   "report validation only)")
+    test_split: Optional[str] = param("test", help="the split results are reported on, never chosen on "
+                                                   "(null: none, results report validation only)")
     label_fraction: float = param(1.0, gt=0, le=1, help="fraction of training labels used (class-balanced, by seed)")
     mean: Optional[tuple[float, float, float]] = param(None, help="normalisation mean; null: the encoder's (encoder.json), else ImageNet's")
     std: Optional[tuple[float, float, float]] = param(None, help="normalisation std; null: the encoder's, else ImageNet's")
