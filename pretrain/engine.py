@@ -1,7 +1,7 @@
 """The pretraining stage: what pretraining adds to the one loop (`vitmpp.common.loop`).
 
-    shards --uint8 batches--> normalise on the device --> objective (registry: mpp | mae | simmim | ...)
-        --> loss; the loop does backward, clipping, the guarded optimizer step, checkpoints and logs
+    shards --uint8 batches--> pixels in [0, 1] on the device --> objective (registry: mpp | mae | simmim | ...;
+        it normalises its encoder's input) --> loss; the loop does backward, clipping, the guarded optimizer step, checkpoints and logs
 
 Between steps: the objective's own hook (`after_optimizer_step`, e.g. an EMA
 teacher), its pictures every `log.image_every` steps and the analysis figures
@@ -27,7 +27,7 @@ from vitmpp.common.io import reported_writes
 from vitmpp.common.loop import Plan, Run, Stage, open_run, train
 from vitmpp.common.optim import build_optimizer
 from vitmpp.common.seeding import restored_generators, seed_generators
-from vitmpp.datasets import (LoaderSpec, digits_shards, eval_transform, normalize_batch, open_dali_loader, open_loader,
+from vitmpp.datasets import (LoaderSpec, digits_shards, eval_transform, open_dali_loader, open_loader,
                              pretrain_transform, read_manifest)
 from vitmpp.datasets.transforms import TINY_IMAGE
 from vitmpp.models import create_objective, encoder_from_config, flops_per_image, read_encoder_info, save_encoder
@@ -46,6 +46,11 @@ EVAL_GROUP = "eval"  # its TensorBoard group and metrics.jsonl prefix: eval/knn_
 EVAL_CACHE_BYTES = 256 * 2**20
 
 
+def unit_pixels(images_uint8: torch.Tensor) -> torch.Tensor:
+    """The loader's uint8 images [B, 3, H, W] as what an objective takes: float32 pixels in [0, 1]."""
+    return images_uint8.float().div_(255.0)
+
+
 class PretrainStage(Stage):
     """Pretrain the encoder with `cfg.objective` on the training split."""
 
@@ -62,8 +67,8 @@ class PretrainStage(Stage):
         self.shards = cfg.data.shards or digits_shards(cfg.model.img_size)
         manifest = read_manifest(self.shards)
         split = manifest.split(cfg.data.train_split)
-        self.objective = create_objective(cfg.objective, encoder_from_config(cfg.model), mean=cfg.data.mean,
-                                          std=cfg.data.std, num_classes=manifest.num_classes, **cfg.objective_options())
+        self.objective = create_objective(cfg.objective, encoder_from_config(cfg.model), cfg.objective_config(),
+                                          mean=cfg.data.mean, std=cfg.data.std, num_classes=manifest.num_classes)
         transform = type(self.objective).training_transform(cfg.model.img_size, cfg.data) or pretrain_transform(
             cfg.model.img_size, scale=tuple(cfg.data.crop_scale), hflip=cfg.data.hflip,
             interpolation=cfg.data.interpolation)
@@ -131,9 +136,12 @@ class PretrainStage(Stage):
         self.eval_clock = (step, time.perf_counter())
 
     def forward(self, model, batch):
-        images = normalize_batch(batch.images.to(self.run.device, non_blocking=True), self.mean, self.std)
-        output = model(images, batch.labels.to(self.run.device, non_blocking=True))
-        return output.loss, (images, output)
+        pixels = unit_pixels(batch.images.to(self.run.device, non_blocking=True))
+        output = model(pixels, batch.labels.to(self.run.device, non_blocking=True))
+        return output.loss, (pixels, output)
+
+    def begin(self, step: int, total_steps: int) -> None:
+        self.objective.set_run_length(total_steps)
 
     def after_step(self, step: int, model, output) -> bool:
         self.objective.after_optimizer_step(step)
@@ -150,20 +158,21 @@ class PretrainStage(Stage):
                     self.log_evaluation(step)
         return False
 
-    def log_pictures(self, step: int, images: torch.Tensor, result) -> None:
+    def log_pictures(self, step: int, pixels: torch.Tensor, result) -> None:
         log, tracker = self.cfg.log, self.run.tracker
         if log.image_every and step % log.image_every == 0:
             # four images: the grid, under a header naming its columns, and the encoder's figures below
             # it fit TensorBoard's first screen; the caption (TEXT tab) says the rest
-            visual = self.objective.visualize(images, result, max_images=4)
+            visual = self.objective.visualize(pixels, result, max_images=4)
             tracker.image(f"batch/{self.cfg.objective}", visual.labelled(), step)
             tracker.text("batch/caption", visual.caption, step)
         if log.analysis_every and step % log.analysis_every == 0 and not self.sharded:
             # the analyze command's figures (ViT paper's Figure 7, rollout) as the encoder trains: one small forward
             from vitmpp.analyze.training import TRAINING_TAGS, training_figures
 
-            images01 = self.objective.to_unit_range(images[:8])
-            for name, figure in training_figures(self.objective.encoder, images[:8], images01).items():
+            objective = self.objective
+            for name, figure in training_figures(objective.feature_encoder(), objective.normalize(pixels[:8]),
+                                                 pixels[:8]).items():
                 tracker.image(TRAINING_TAGS[name], figure, step)
 
     def state_dict(self) -> dict:
@@ -195,7 +204,7 @@ class PretrainStage(Stage):
             "interpolation": cfg.data.interpolation,
             # what eval_transform(img_size) crops by default: the transformers image processor repeats it
             "eval_crop_pct": 1.0 if cfg.model.img_size < TINY_IMAGE else 0.875,
-            "uses_labels": cfg.objective == "supervised",
+            "uses_labels": type(self.objective).uses_labels,
             "data": {"shards": str(self.shards), "name": manifest.name, "source": manifest.source,
                      "num_classes": manifest.num_classes, "image_size": manifest.image_size,
                      "train_split": cfg.data.train_split,
@@ -293,7 +302,7 @@ def evaluate_online(accelerator, objective: torch.nn.Module, specs: EvalSpecs, m
     from vitmpp.finetune.heads import pooled_features
     from vitmpp.finetune.knn import knn_classify
 
-    encoder, device = objective.encoder, accelerator.device
+    encoder, device = objective.feature_encoder(), accelerator.device
     was_training = objective.training
     objective.eval()
     try:
@@ -301,15 +310,14 @@ def evaluate_online(accelerator, objective: torch.nn.Module, specs: EvalSpecs, m
             knn = knn_classify(accelerator, lambda x: pooled_features(encoder, x, pool), specs.batches("bank"),
                                specs.batches("queries"), mean, std, specs.bank.manifest.num_classes, k, temperature,
                                expected_val=specs.queries_count)
-            loss, loss_count = _validation_loss(accelerator, objective, specs.batches("loss"), mean, std,
-                                                specs.loss_count, seed)
+            loss, loss_count = _validation_loss(accelerator, objective, specs.batches("loss"), specs.loss_count, seed)
     finally:
         objective.train(was_training)
     return {"knn_top1": knn["top1"], "knn_top5": knn["top5"], "knn_count": knn["count"], "loss": loss,
             "loss_count": loss_count, "bank": specs.bank_count}
 
 
-def _validation_loss(accelerator, objective, loader, mean, std, expected: int, seed: int) -> tuple[float, int]:
+def _validation_loss(accelerator, objective, loader, expected: int, seed: int) -> tuple[float, int]:
     """The objective's loss over `loader`'s real samples, each counted once over the ranks: (mean, count).
     Each batch's masks are drawn from (seed, rank, batch), whatever the loader did with the global generators."""
     device, rank = accelerator.device, accelerator.process_index
@@ -320,10 +328,10 @@ def _validation_loss(accelerator, objective, loader, mean, std, expected: int, s
         indices.append(batch.indices.to(device))  # padding too: every rank gathers tensors of one shape
         if not keep.any():
             continue
-        images = normalize_batch(batch.images[keep].to(device, non_blocking=True), mean, std)
+        pixels = unit_pixels(batch.images[keep].to(device, non_blocking=True))
         seed_generators(int(np.random.SeedSequence([seed, rank, number]).generate_state(1)[0]), device)
         with accelerator.autocast():
-            output = objective(images, batch.labels[keep].to(device))
+            output = objective(pixels, batch.labels[keep].to(device))
         total += output.loss.double() * int(keep.sum())
     seen = accelerator.gather(torch.cat(indices)) if indices else torch.zeros(0, dtype=torch.long, device=device)
     seen = seen[seen >= 0]
@@ -382,16 +390,11 @@ def export_encoder(accelerator, model, cfg: PretrainConfig, run_dir: Path, step:
     state = gathered_state_dict(accelerator, model)
     refusal = None
     if accelerator.is_main_process:
-        prefix = "encoder."
-        weights = {}
-        for key, value in state.items():
-            key = key.replace("_orig_mod.", "")  # torch.compile's wrapper
-            if key.startswith(prefix):
-                weights[key[len(prefix):]] = value
-        encoder = encoder_from_config(cfg.model)
-        encoder.load_state_dict(weights)
         trained = accelerator.unwrap_model(model)
-        trained_pos = getattr(getattr(getattr(trained, "_orig_mod", trained), "encoder", None), "pos_embed", None)
+        trained = getattr(trained, "_orig_mod", trained)  # torch.compile's wrapper
+        encoder = encoder_from_config(cfg.model)
+        encoder.load_state_dict(trained.exported_state_dict(state))  # the objective's exported_module()
+        trained_pos = trained.exported_module().pos_embed
         if trained_pos is not None and encoder.pos_embed is not None and not trained_pos.requires_grad:
             # a table the objective fixed (MAE's sin-cos): the export records it as such, not as learned
             encoder.pos_embed.requires_grad_(False)
