@@ -91,3 +91,18 @@ def test_a_new_objective_is_one_registered_class():
         assert objective(uint8_images(2)).loss.dim() == 0
     finally:
         _REGISTRY.pop("test_mean_feature")
+
+
+def test_objective_names_are_the_files_of_models_objectives_and_need_no_torch():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import vitmpp.models.objectives as package
+
+    files = sorted(p.stem for p in Path(package.__file__).parent.glob("*.py") if not p.stem.startswith("_"))
+    probe = subprocess.run([sys.executable, "-c", "import sys; from vitmpp.models.objectives import "
+                            "builtin_objective_names as names; print(','.join(names()), 'torch' in sys.modules)"],
+                           capture_output=True, text=True, check=True)
+    assert probe.stdout.split() == [",".join(files), "False"]
+    assert {"mae", "mpp", "simmim", "supervised"} <= set(files)
