@@ -253,7 +253,7 @@ class Plan:
 class Stage(ABC):
     """What a stage plugs into the loop (`setup` and `forward` are required). The loop calls, in this order:
 
-    setup -> (flops_per_image) -> [forward ... after_step] per step -> finish;
+    setup -> (flops_per_image) -> begin -> [forward ... after_step] per step -> finish;
     state_dict on every checkpoint, load_state_dict on resume.
     """
 
@@ -273,6 +273,9 @@ class Stage(ABC):
     @abstractmethod
     def forward(self, model: torch.nn.Module, batch) -> tuple[torch.Tensor, Any]:
         """One micro-batch (uint8 `Batch` on the host) -> (scalar loss, whatever after_step wants)."""
+
+    def begin(self, step: int, total_steps: int) -> None:
+        """Before the first step of this process, fresh (`step` 0) or resumed: the run's length is known."""
 
     def after_step(self, step: int, model: torch.nn.Module, output: Any) -> bool:
         """Between steps: pictures, evaluation. Return True to write a checkpoint now."""
@@ -604,6 +607,7 @@ class Loop:
         self.console.print(f"run directory: {run.run_dir}    watch: tensorboard --logdir {run.run_dir}")
         if (sharding := sharding_summary(acc, self.model)) is not None:
             self.console.print(sharding)
+        stage.begin(self.step, self.schedule.total_steps)  # draws nothing
         if run.resume_from is None:  # last: nothing above may draw from a generator the hosted ranks copy
             self.ranks.start(self.cfg.train.seed)
 

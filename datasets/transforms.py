@@ -98,6 +98,11 @@ def eval_transform(img_size: int, crop_pct: float | None = None, interpolation: 
     return transform
 
 
+def unit_pixels(images_uint8: torch.Tensor) -> torch.Tensor:
+    """The loader's uint8 images [B, 3, H, W] as what an objective takes: float32 pixels in [0, 1]."""
+    return images_uint8.float().div_(255.0)
+
+
 def normalize_batch(images_uint8: torch.Tensor, mean, std) -> torch.Tensor:
     """uint8 images [B, C, H, W] -> float32 (x / 255 - mean) / std, on the images' device.
 

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from vitmpp.common.seeding import restored_generators, seed_generators
-from vitmpp.datasets import LoaderSpec, eval_transform, normalize_batch, open_loader
+from vitmpp.datasets import LoaderSpec, eval_transform, open_loader, unit_pixels
 
 from .heads import pooled_features
 from .knn import knn_classify
@@ -99,7 +99,7 @@ def evaluate_online(accelerator, objective: torch.nn.Module, specs: EvalSpecs, m
 
     Every rank must call it (gathers). Returns also `knn_count` and `loss_count` (validation images
     scored, each once over the ranks: checked) and `bank` (memory-bank images)."""
-    encoder, device = objective.encoder, accelerator.device
+    encoder, device = objective.feature_encoder(), accelerator.device
     was_training = objective.training
     objective.eval()
     try:
@@ -107,15 +107,14 @@ def evaluate_online(accelerator, objective: torch.nn.Module, specs: EvalSpecs, m
             knn = knn_classify(accelerator, lambda x: pooled_features(encoder, x, pool), specs.batches("bank"),
                                specs.batches("queries"), mean, std, specs.bank.manifest.num_classes, k, temperature,
                                expected_val=specs.queries_count)
-            loss, loss_count = _validation_loss(accelerator, objective, specs.batches("loss"), mean, std,
-                                                specs.loss_count, seed)
+            loss, loss_count = _validation_loss(accelerator, objective, specs.batches("loss"), specs.loss_count, seed)
     finally:
         objective.train(was_training)
     return {"knn_top1": knn["top1"], "knn_top5": knn["top5"], "knn_count": knn["count"], "loss": loss,
             "loss_count": loss_count, "bank": specs.bank_count}
 
 
-def _validation_loss(accelerator, objective, loader, mean, std, expected: int, seed: int) -> tuple[float, int]:
+def _validation_loss(accelerator, objective, loader, expected: int, seed: int) -> tuple[float, int]:
     """The objective's loss over `loader`'s real samples, each counted once over the ranks: (mean, count).
     Each batch's masks are drawn from (seed, rank, batch), whatever the loader did with the global generators."""
     device, rank = accelerator.device, accelerator.process_index
@@ -126,10 +125,10 @@ def _validation_loss(accelerator, objective, loader, mean, std, expected: int, s
         indices.append(batch.indices.to(device))  # padding too: every rank gathers tensors of one shape
         if not keep.any():
             continue
-        images = normalize_batch(batch.images[keep].to(device, non_blocking=True), mean, std)
+        pixels = unit_pixels(batch.images[keep].to(device, non_blocking=True))  # the objective normalises
         seed_generators(int(np.random.SeedSequence([seed, rank, number]).generate_state(1)[0]), device)
         with accelerator.autocast():
-            output = objective(images, batch.labels[keep].to(device))
+            output = objective(pixels, batch.labels[keep].to(device))
         total += output.loss.double() * int(keep.sum())
     seen = accelerator.gather(torch.cat(indices)) if indices else torch.zeros(0, dtype=torch.long, device=device)
     seen = seen[seen >= 0]

@@ -2,7 +2,8 @@
 
 `render_card(facts)` is pure: it reads nothing and computes nothing, so every number in
 a card is one the run recorded (`vitmpp.models.hub.card_facts` gathers them from the
-export folder: encoder.json, config.yaml, evaluations.json). The format is the Hub's:
+export folder: encoder.json, config.yaml, evaluations.json) and every word about the
+objective is its class's (`facts["objective"]`: `vitmpp.models.objective.objective_facts`). The format is the Hub's:
 YAML front matter (`library_name`, `license`, `tags`, `datasets`, `metrics`,
 `model-index` for recorded results) and markdown.
 
@@ -26,42 +27,7 @@ from typing import Any
 
 import yaml
 
-# what each objective is, and the paper it comes from
-OBJECTIVES: dict[str, dict[str, str]] = {
-    "mpp": {
-        "title": "masked patch prediction",
-        "paper": "Dosovitskiy et al. 2020, \"An Image is Worth 16x16 Words: Transformers for Image Recognition at "
-                 "Scale\", appendix B.1.2",
-        "arxiv": "2010.11929",
-        "what": "50% of the patch embeddings of each image are corrupted (80% replaced by a learned [mask] "
-                "embedding, 10% by another patch's, 10% kept); the encoder predicts the 3-bit mean colour of each "
-                "corrupted patch (512 classes) with a cross-entropy loss.",
-    },
-    "mae": {
-        "title": "masked autoencoder",
-        "paper": "He et al. 2021, \"Masked Autoencoders Are Scalable Vision Learners\"",
-        "arxiv": "2111.06377",
-        "what": "75% of the patches of each image are dropped; the encoder sees the rest and a light decoder "
-                "reconstructs the pixels of the dropped ones (MSE, per-patch normalised targets).",
-    },
-    "simmim": {
-        "title": "SimMIM",
-        "paper": "Xie et al. 2021, \"SimMIM: A Simple Framework for Masked Image Modeling\"",
-        "arxiv": "2111.09886",
-        "what": "60% of 32-pixel blocks are replaced by a learned mask token in the encoder input; a linear head "
-                "predicts their raw pixels (L1 loss).",
-    },
-    "supervised": {
-        "title": "supervised classification",
-        "paper": "Dosovitskiy et al. 2020, \"An Image is Worth 16x16 Words: Transformers for Image Recognition at "
-                 "Scale\"",
-        "arxiv": "2010.11929",
-        "what": "the encoder and a linear head are trained with cross-entropy on the shards' labels "
-                "(the supervised-pretraining baseline).",
-    },
-}
 PROTOCOL_NAMES = {"linear": "linear probe", "finetune": "fine-tuning", "knn": "k-NN"}
-_SELF_SUPERVISED = {"mpp", "mae", "simmim"}
 
 
 def render_card(facts: dict) -> str:
@@ -114,9 +80,9 @@ def _front_matter(facts: dict) -> str:
     tags = ["vitmpp", "vision-transformer", "image-feature-extraction", "pytorch", "timm"]
     if transformers:
         tags.append("transformers")
-    tags.append("self-supervised" if objective in _SELF_SUPERVISED else objective)
-    if objective in _SELF_SUPERVISED:
-        tags.append("masked-image-modeling")
+    described = facts.get("objective") or {}
+    tags.append("self-supervised" if described.get("self_supervised") else objective)
+    tags += [str(tag) for tag in described.get("hub_tags") or ()]
     tags.append(f"objective-{objective}")
     meta: dict[str, Any] = {
         "library_name": "transformers" if transformers else "timm",
@@ -150,18 +116,20 @@ def _front_matter(facts: dict) -> str:
 def _body(facts: dict) -> list[str]:
     info = facts["info"]
     objective = info.get("objective") or "unknown"
-    paper = OBJECTIVES.get(objective)
+    paper = facts.get("objective") or {}
     extra = info.get("extra") or {}
-    title = paper["title"] if paper else objective
+    title = paper.get("title") or objective
     lines = [f"# {_text(facts.get('folder') or info.get('name'))}: a ViT encoder pretrained with {_text(title)}", ""]
     lines += [f"A {_code(info.get('name'))} Vision Transformer encoder ({_count(info.get('num_params'))} parameters) "
               f"pretrained with vitmpp's {_code(objective)} objective for "
               f"{_int(info.get('step'))} steps. Everything below was generated from the run's own records.", ""]
     lines += _model_section(info)
     lines += ["## Pretraining objective", ""]
-    if paper:
-        lines += [f"{_code(objective)}: {paper['what']}", "",
-                  f"Paper: {paper['paper']}, [arXiv:{paper['arxiv']}](https://arxiv.org/abs/{paper['arxiv']}).", ""]
+    if paper.get("paper"):
+        arxiv = paper.get("arxiv")
+        link = f", [arXiv:{arxiv}](https://arxiv.org/abs/{arxiv})" if arxiv else ""
+        lines += [f"{_code(objective)}: {paper.get('description') or paper['title']}", "",
+                  f"Paper: {paper['paper']}{link}.", ""]
     else:
         lines += [f"{_code(objective)} (no paper is associated with it in vitmpp).", ""]
     lines += _data_section(extra)

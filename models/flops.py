@@ -41,8 +41,8 @@ def _count(objective: Objective, spec: dict, size: int) -> float:
         encoder = create_encoder(spec["name"], img_size=size, pos_embed=pos_embed, **spec["overrides"])
         if spec["pos_embed"] == "sincos":
             encoder.pos_embed.requires_grad_(False)
-        model = create_objective(type(objective).objective_name, encoder, mean=objective.norm_mean,
-                                 std=objective.norm_std, num_classes=objective.num_classes, **objective.options())
+        model = create_objective(type(objective).objective_name, encoder, objective.config, mean=objective.norm_mean,
+                                 std=objective.norm_std, num_classes=objective.num_classes)
         images = torch.zeros(_BATCH, 3, size, size)
         labels = torch.zeros(_BATCH, dtype=torch.long)
     model.train()

@@ -262,7 +262,7 @@ def save_transformers(encoder: "VisionTransformer", out: str | os.PathLike, info
 
 def source_encoder(source: str | os.PathLike) -> tuple[Path, dict]:
     """(the export folder, its description) for a run folder, an export folder or an encoder.safetensors."""
-    from .export import WEIGHTS_NAME, read_encoder_info
+    from .weights import WEIGHTS_NAME, read_encoder_info
 
     path = Path(source)
     if not path.exists():
@@ -275,7 +275,7 @@ def source_encoder(source: str | os.PathLike) -> tuple[Path, dict]:
 
 def export_transformers(source: str | os.PathLike, out: str | os.PathLike) -> Path:
     """Export the encoder of `source` (run folder, export folder or .safetensors) as a transformers folder `out`."""
-    from .export import load_encoder
+    from .weights import load_encoder
 
     folder, info = source_encoder(source)
     out = Path(out)
@@ -293,8 +293,10 @@ def export_transformers(source: str | os.PathLike, out: str | os.PathLike) -> Pa
 def card_facts(folder: str | os.PathLike, info: dict | None = None) -> dict:
     """What the model card of export folder `folder` says, read from its files only:
     encoder.json (architecture, objective, data, steps, compute), config.yaml (the resolved
-    config of the run), evaluations.json (results recorded by evaluation runs)."""
-    from .export import read_encoder_info
+    config of the run), evaluations.json (results recorded by evaluation runs); what the
+    objective is comes from its class (`objective_facts`)."""
+    from .weights import read_encoder_info
+    from .objective import objective_facts
 
     folder = Path(folder)
     info = info if info is not None else read_encoder_info(folder)
@@ -311,6 +313,7 @@ def card_facts(folder: str | os.PathLike, info: dict | None = None) -> dict:
         "folder": folder.name or str(folder),
         "path": str(folder),
         "info": info,
+        "objective": objective_facts(str(info.get("objective") or "")),  # its class's words, None if unknown
         "config_yaml": config_text,
         "evaluations": current,
         "older_evaluations": len(records) - len(current),
@@ -361,7 +364,7 @@ def record_evaluation(folder: str | os.PathLike, record: dict) -> Path:
     """Add `record` (one evaluation of the encoder in `folder`) to folder/evaluations.json and rewrite
     the card; a record of the same `run` replaces the earlier one. Returns the card's path.
     OSError (a folder that is not writable) passes to the caller, which decides how loud to be."""
-    from .export import read_encoder_info
+    from .weights import read_encoder_info
 
     folder = Path(folder)
     info = read_encoder_info(folder)

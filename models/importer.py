@@ -350,7 +350,7 @@ def detect_format(path: Path) -> str:
     if path.suffix == ".npz":
         return "npz"
     if path.suffix == ".safetensors":
-        from .export import _METADATA_KEY
+        from .weights import _METADATA_KEY
 
         from safetensors import safe_open
 
@@ -393,7 +393,7 @@ def import_weights(path: str | os.PathLike, *, name: str | None = None, heads: i
     decoder = None
     notes: list[str] = []
     if fmt == "vitmpp":
-        from .export import load_encoder, read_encoder_info
+        from .weights import load_encoder, read_encoder_info
 
         encoder = load_encoder(path)
         info = read_encoder_info(path)

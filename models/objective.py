@@ -1,20 +1,21 @@
 """The objective registry and the base class every pretraining objective derives from.
 
 An objective is an `nn.Module` that owns the encoder plus whatever it needs on
-top (a prediction head, a decoder, mask tokens). Its `forward(images, labels)`
-takes a normalised batch and returns an `ObjectiveOutput`: the scalar loss and
-the tensors its `visualize` needs.
+top (a prediction head, a decoder, mask tokens, a teacher). Its
+`forward(pixels, labels)` takes a batch of pixels in [0, 1] and returns an
+`ObjectiveOutput`: the scalar loss and the tensors its `visualize` needs.
 
-Adding an objective is one file in this package with one registered class::
+Adding an objective is one new file in `models/objectives/`, named after it, with
+one registered class and nothing else to edit::
 
+    # models/objectives/name.py
     @register_objective("name", NameConfig)   # NameConfig: its options section (param() help, check())
     class NameObjective(Objective): ...       # first docstring line: its help in --help-config
 
-The registry imports every module of `vitmpp.models` the first time it is asked
-(`_discover`), so the pretraining config (a section named after the objective),
-`--help-config`, the loop and the benchmarks find the new class with no edit
-elsewhere. Optional hooks: `after_optimizer_step` (EMA teachers), its own
-`training_transform`, and `embedded_options` (the CPU demo's options).
+The registry is that folder: `objective_names()` lists its file names (importing
+nothing, so the names are known without torch) and `objective_class(name)` imports
+`models/objectives/<name>.py` alone. A class registered from elsewhere (a test, a
+user's module imported before the config is loaded) is known too.
 """
 from __future__ import annotations
 
@@ -22,9 +23,8 @@ import dataclasses
 import difflib
 import importlib
 import math
-import pkgutil
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Mapping
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN
@@ -34,6 +34,8 @@ from torch import Tensor, nn
 
 from vitmpp.common.config import from_dict, to_dict
 from vitmpp.common.errors import UserError
+
+from .objectives import PACKAGE, builtin_objective_names
 
 @dataclass
 class ObjectiveOutput:
@@ -90,24 +92,9 @@ def register_objective(name: str, config_cls: type) -> Callable[[type["Objective
     return decorate
 
 
-_discovered = False
-
-
-def _discover() -> None:
-    """Import every module of this package once, so that each `@register_objective` has run."""
-    global _discovered
-    if _discovered:
-        return
-    _discovered = True
-    package = importlib.import_module(__package__)
-    for module in pkgutil.iter_modules(package.__path__):
-        if not module.name.startswith("_"):
-            importlib.import_module(f"{__package__}.{module.name}")
-
-
 def objective_names() -> list[str]:
-    _discover()
-    return sorted(_REGISTRY)
+    """Every objective's name: the files of models/objectives/ and any class registered from elsewhere."""
+    return sorted(set(builtin_objective_names()) | set(_REGISTRY))
 
 
 def objective_class(name: str) -> type["Objective"]:
@@ -122,11 +109,15 @@ def objective_summary(name: str) -> str:
 
 
 def _lookup(name: str) -> tuple[type["Objective"], type]:
-    _discover()
+    if name not in _REGISTRY and name in builtin_objective_names():
+        importlib.import_module(f"{PACKAGE}.{name}")  # its @register_objective runs
+        if name not in _REGISTRY:
+            raise TypeError(f"models/objectives/{name}.py registers no objective named '{name}'")
     if name not in _REGISTRY:
-        hint = difflib.get_close_matches(str(name), list(_REGISTRY), n=1, cutoff=0.5)
+        names = objective_names()
+        hint = difflib.get_close_matches(str(name), names, n=1, cutoff=0.5)
         tail = f" (did you mean '{hint[0]}'?)" if hint else ""
-        raise UserError(f"Unknown objective '{name}'{tail}; known objectives: {', '.join(objective_names())}.")
+        raise UserError(f"Unknown objective '{name}'{tail}; known objectives: {', '.join(names)}.")
     return _REGISTRY[name]
 
 
@@ -138,34 +129,87 @@ def objective_config_class(name: str) -> type:
 def create_objective(
     name: str,
     encoder: VisionTransformer,
+    config: Any = None,
     *,
     mean: tuple[float, float, float] | list[float] = IMAGENET_MEAN,
     std: tuple[float, float, float] | list[float] = IMAGENET_STD,
     num_classes: int | None = None,
-    **cfg: Any,
+    **options: Any,
 ) -> "Objective":
     """Build objective `name` around `encoder`.
 
-    `mean`/`std` are the loader's normalisation (objectives that need pixels in
-    [0, 1] undo it). `num_classes` is used by objectives that classify
-    (supervised). `cfg` holds the objective's options (the fields of its config
-    dataclass), validated with one-sentence errors.
+    `config`: an instance of the objective's config class, already validated (the
+    pretraining config's section of that name: `load_config` checked it); or None, and
+    then `options` (plain values of its fields, the rest defaults) are validated into
+    one here, with one-sentence errors. `mean`/`std`: the normalisation of the
+    encoder's input, which the objective applies (`Objective.normalize`).
+    `num_classes` is used by objectives that classify (supervised).
     """
     cls, config_cls = _lookup(name)
-    config = from_dict(config_cls, cfg, source=f"the options of objective '{name}'")
+    if config is None:
+        config = from_dict(config_cls, options, source=f"the options of objective '{name}'")
+    elif options or not isinstance(config, config_cls):
+        raise TypeError(f"create_objective('{name}'): pass a {config_cls.__name__} or options, not both")
     return cls(encoder, config, mean=tuple(float(m) for m in mean), std=tuple(float(s) for s in std), num_classes=num_classes)
 
 
 class Objective(nn.Module):
     """Base class: an encoder plus an objective-specific loss.
 
-    Subclasses implement `forward(images, labels=None) -> ObjectiveOutput` and
-    `visualize(images, output, max_images=8) -> Visualization`, and list their
-    own no-decay parameters in `no_weight_decay`.
+    Subclasses implement `forward(pixels, labels=None) -> ObjectiveOutput` and
+    `visualize(pixels, output, max_images=8) -> Visualization`, list their own
+    no-decay parameters in `_own_no_weight_decay`, and set the class attributes
+    below (the model card, `--help-config` and the stage read them; nothing else
+    keeps a list of objectives).
+
+    Normalisation has one owner, the objective: `forward` gets pixels in [0, 1]
+    (float32 [B, 3, H, W]; the stage only turns the loader's uint8 into them) and
+    `normalize(pixels)` makes the encoder's input with the mean/std it was built
+    with. The objective is the one that knows which pixels its targets are made of:
+    MPP's colour classes and every picture come from the pixels themselves, MAE's and
+    SimMIM's targets from the normalised input, a teacher's from its own features.
+    Normalising in the stage made every objective undo it (and MPP's colour bins
+    absorb the float error of the round trip).
+
+    Hooks, with their defaults (the loop, the export and the online evaluation call them):
+
+    * `exported_module()`: the network written to encoder.safetensors (default: the
+      encoder); a timm `VisionTransformer` that is a submodule of this objective;
+    * `feature_encoder()`: the network whose features the online kNN and the analysis
+      figures read (default: the encoder); it takes `normalize(pixels)`;
+    * `set_run_length(total_steps)`: called once before the first step of every
+      process, fresh or resumed (`train.steps` may change on resume), before any
+      `after_optimizer_step`: e.g. for an EMA rate annealed over the run;
+    * `after_optimizer_step(step)`: after optimizer step `step` (1-based), applied or
+      skipped: e.g. an EMA teacher update;
+    * `training_transform(img_size, data)`: its own per-sample training transform.
+
+    Randomness (what exact and elastic resume rest on): every random draw of
+    `forward` (masks, corruption, noise) comes from torch's global generator of the
+    input's device, e.g. `torch.rand(b, n, device=pixels.device)`. The loop
+    checkpoints those generators for every logical rank and swaps them per hosted
+    rank; a private `torch.Generator` is in no checkpoint and no swap, so a resumed
+    or re-sharded run would draw other masks (tests/test_models_rng.py fails such an
+    objective). State that must survive a resume (a teacher's weights, an EMA's
+    buffers) is a parameter or persistent buffer, so it is in `state_dict()`.
     """
 
     objective_name: ClassVar[str] = ""
     config_class: ClassVar[type] = object
+    #: Short name for titles ("masked patch prediction").
+    title: ClassVar[str] = ""
+    #: The paper: authors, year, title, section where it applies.
+    paper: ClassVar[str] = ""
+    #: The paper's arXiv id ("2010.11929"), "" when none.
+    arxiv: ClassVar[str] = ""
+    #: One or two sentences for the model card: what the objective does to an image.
+    description: ClassVar[str] = ""
+    #: Trained without labels (the model card's `self-supervised` tag).
+    self_supervised: ClassVar[bool] = True
+    #: Reads the labels of the training data (the model card says so).
+    uses_labels: ClassVar[bool] = False
+    #: Hugging Face Hub tags of the model card beyond vitmpp's own ("masked-image-modeling").
+    hub_tags: ClassVar[tuple[str, ...]] = ()
     #: Options of the embedded CPU demo (`pretrain/main.py objective=NAME` with no config file),
     #: laid over the config class's defaults (which are the paper's).
     embedded_options: ClassVar[dict[str, Any]] = {}
@@ -183,18 +227,29 @@ class Objective(nn.Module):
         self.num_classes = num_classes
         self.norm_mean = tuple(float(m) for m in mean)
         self.norm_std = tuple(float(s) for s in std)
-        # non-persistent: the loader's normalisation is config, not state; it follows .to(device)
+        # non-persistent: the normalisation is config, not state; it follows .to(device)
         self.register_buffer("pixel_mean", torch.tensor(self.norm_mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(self.norm_std).view(1, 3, 1, 1), persistent=False)
 
     # ---- what subclasses provide
-    def forward(self, images: Tensor, labels: Tensor | None = None) -> ObjectiveOutput:  # pragma: no cover - abstract
+    def forward(self, pixels: Tensor, labels: Tensor | None = None) -> ObjectiveOutput:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def visualize(self, images: Tensor, output: ObjectiveOutput, max_images: int = 8) -> Visualization:  # pragma: no cover
+    def visualize(self, pixels: Tensor, output: ObjectiveOutput, max_images: int = 8) -> Visualization:  # pragma: no cover
         raise NotImplementedError
 
-    # ---- optional hooks (the loop calls them; the defaults do nothing)
+    # ---- hooks (the loop, the export and the evaluation call them; the defaults are the encoder's)
+    def exported_module(self) -> VisionTransformer:
+        """The network the run exports (encoder.safetensors, the transformers folder): the encoder."""
+        return self.encoder
+
+    def feature_encoder(self) -> VisionTransformer:
+        """The network whose features the online kNN and the analysis figures read: the encoder."""
+        return self.encoder
+
+    def set_run_length(self, total_steps: int) -> None:
+        """The run's optimizer steps, told before the first step of every process (fresh or resumed)."""
+
     def after_optimizer_step(self, step: int) -> None:
         """Called after optimizer step `step` (1-based), applied or skipped: e.g. an EMA teacher update."""
 
@@ -205,9 +260,28 @@ class Objective(nn.Module):
         return None
 
     # ---- shared helpers
-    def to_unit_range(self, images: Tensor) -> Tensor:
-        """Undo the loader's normalisation: float32 pixels in [0, 1], [B, 3, H, W]."""
-        return (images.float() * self.pixel_std + self.pixel_mean).clamp(0.0, 1.0)
+    def normalize(self, pixels: Tensor) -> Tensor:
+        """The encoder's input: float32 (pixels - mean) / std, [B, 3, H, W] (pixels in [0, 1])."""
+        return (pixels.float() - self.pixel_mean) / self.pixel_std
+
+    def denormalize(self, normalized: Tensor) -> Tensor:
+        """Pixels in [0, 1] of something made in the normalised space (a reconstruction), [B, 3, H, W]."""
+        return (normalized.float() * self.pixel_std + self.pixel_mean).clamp(0.0, 1.0)
+
+    def exported_state_dict(self, state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """The part of this objective's full `state` (its `state_dict()`, or a gathered one: keys may carry
+        torch.compile's `_orig_mod.`) that is `exported_module()`'s, with its keys."""
+        exported = self.exported_module()
+        path = next((name for name, module in self.named_modules() if module is exported), None)
+        if not path:
+            raise TypeError(f"{type(self).__name__}.exported_module() is not a submodule of the objective")
+        prefix = path + "."
+        weights = {}
+        for key, value in state.items():
+            key = key.replace("_orig_mod.", "")
+            if key.startswith(prefix):
+                weights[key[len(prefix):]] = value
+        return weights
 
     def options(self) -> dict:
         """The objective's options as plain values (what `create_objective` takes back)."""
@@ -241,6 +315,16 @@ class Objective(nn.Module):
 
     def extra_repr(self) -> str:
         return f"objective={self.objective_name!r}, config={self.config}"
+
+
+def objective_facts(name: str) -> dict[str, Any] | None:
+    """What the model card says about objective `name` (its class attributes), None if it is unknown."""
+    try:
+        cls = objective_class(name)
+    except UserError:
+        return None
+    return {"title": cls.title or name, "paper": cls.paper, "arxiv": cls.arxiv, "description": cls.description,
+            "self_supervised": cls.self_supervised, "uses_labels": cls.uses_labels, "hub_tags": list(cls.hub_tags)}
 
 
 # ----------------------------------------------------------------------------- shared visualisation helpers

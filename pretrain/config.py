@@ -17,7 +17,7 @@ from typing import Any, Mapping
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from vitmpp.common.config import from_dict, param, to_dict
+from vitmpp.common.config import from_dict, param
 from vitmpp.common.errors import ConfigError
 from vitmpp.common.sections import MAX_BATCH, MAX_SAMPLES, DataConfig, DebugConfig, LogConfig, OptimConfig, RunConfig, TrainConfig
 from vitmpp.models import EncoderConfig
@@ -106,8 +106,9 @@ class PretrainConfig:
                                   f"'{name}'; set objective={other} or remove the '{other}' section.")
         return _with_objective_section(name)
 
-    def objective_options(self) -> dict:
-        return to_dict(getattr(self, self.objective))
+    def objective_config(self) -> Any:
+        """The chosen objective's options: its config object, validated when the config was loaded."""
+        return getattr(self, self.objective)
 
 
 @lru_cache(maxsize=None)

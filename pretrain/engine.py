@@ -1,7 +1,7 @@
 """The pretraining stage: what pretraining adds to the one loop (`vitmpp.common.loop`).
 
-    shards --uint8 batches--> normalise on the device --> objective (registry: mpp | mae | simmim | ...)
-        --> loss; the loop does backward, clipping, the guarded optimizer step, checkpoints and logs
+    shards --uint8 batches--> pixels in [0, 1] on the device --> objective (registry: mpp | mae | simmim | ...;
+        it normalises its encoder's input) --> loss; the loop does backward, clipping, the guarded optimizer step, checkpoints and logs
 
 Between steps: the objective's own hook (`after_optimizer_step`, e.g. an EMA
 teacher), its pictures every `log.image_every` steps and the analysis figures
@@ -24,8 +24,8 @@ from vitmpp.common.distributed import gathered_state_dict
 from vitmpp.common.io import reported_writes
 from vitmpp.common.loop import Plan, Run, Stage, open_run, train
 from vitmpp.common.optim import build_optimizer
-from vitmpp.datasets import (LoaderSpec, digits_shards, normalize_batch, open_dali_loader, open_loader,
-                             pretrain_transform, read_manifest)
+from vitmpp.datasets import (LoaderSpec, digits_shards, open_dali_loader, open_loader, pretrain_transform,
+                             read_manifest, unit_pixels)
 from vitmpp.datasets.transforms import TINY_IMAGE
 from vitmpp.evaluate.online import EVAL_SPLIT, EvalSpecs, eval_specs, evaluate_online
 from vitmpp.models import create_objective, encoder_from_config, flops_per_image, read_encoder_info, save_encoder
@@ -54,8 +54,8 @@ class PretrainStage(Stage):
         self.shards = cfg.data.shards or digits_shards(cfg.model.img_size)
         manifest = read_manifest(self.shards)
         split = manifest.split(cfg.data.train_split)
-        self.objective = create_objective(cfg.objective, encoder_from_config(cfg.model), mean=cfg.data.mean,
-                                          std=cfg.data.std, num_classes=manifest.num_classes, **cfg.objective_options())
+        self.objective = create_objective(cfg.objective, encoder_from_config(cfg.model), cfg.objective_config(),
+                                          mean=cfg.data.mean, std=cfg.data.std, num_classes=manifest.num_classes)
         transform = type(self.objective).training_transform(cfg.model.img_size, cfg.data) or pretrain_transform(
             cfg.model.img_size, scale=tuple(cfg.data.crop_scale), hflip=cfg.data.hflip,
             interpolation=cfg.data.interpolation)
@@ -124,9 +124,12 @@ class PretrainStage(Stage):
         self.eval_clock = (step, time.perf_counter())
 
     def forward(self, model, batch):
-        images = normalize_batch(batch.images.to(self.run.device, non_blocking=True), self.mean, self.std)
-        output = model(images, batch.labels.to(self.run.device, non_blocking=True))
-        return output.loss, (images, output)
+        pixels = unit_pixels(batch.images.to(self.run.device, non_blocking=True))
+        output = model(pixels, batch.labels.to(self.run.device, non_blocking=True))
+        return output.loss, (pixels, output)
+
+    def begin(self, step: int, total_steps: int) -> None:
+        self.objective.set_run_length(total_steps)
 
     def after_step(self, step: int, model, output) -> bool:
         self.objective.after_optimizer_step(step)
@@ -143,20 +146,21 @@ class PretrainStage(Stage):
                     self.log_evaluation(step)
         return False
 
-    def log_pictures(self, step: int, images: torch.Tensor, result) -> None:
+    def log_pictures(self, step: int, pixels: torch.Tensor, result) -> None:
         log, tracker = self.cfg.log, self.run.tracker
         if log.image_every and step % log.image_every == 0:
             # four images: the grid, under a header naming its columns, and the encoder's figures below
             # it fit TensorBoard's first screen; the caption (TEXT tab) says the rest
-            visual = self.objective.visualize(images, result, max_images=4)
+            visual = self.objective.visualize(pixels, result, max_images=4)
             tracker.image(tracker.picture_tag("batch", self.cfg.objective), visual.labelled(), step)
             tracker.text(tracker.picture_tag("batch", "caption"), visual.caption, step)
         if log.analysis_every and step % log.analysis_every == 0 and not self.sharded:
             # the analyze command's figures (ViT paper's Figure 7, rollout) as the encoder trains: one small forward
             from vitmpp.analyze.training import TRAINING_GROUP, TRAINING_TAGS, training_figures
 
-            images01 = self.objective.to_unit_range(images[:8])
-            for name, figure in training_figures(self.objective.encoder, images[:8], images01).items():
+            objective = self.objective
+            for name, figure in training_figures(objective.feature_encoder(), objective.normalize(pixels[:8]),
+                                                 pixels[:8]).items():
                 tracker.image(tracker.picture_tag(TRAINING_GROUP, TRAINING_TAGS[name]), figure, step)
 
     def state_dict(self) -> dict:
@@ -188,7 +192,7 @@ class PretrainStage(Stage):
             "interpolation": cfg.data.interpolation,
             # what eval_transform(img_size) crops by default: the transformers image processor repeats it
             "eval_crop_pct": 1.0 if cfg.model.img_size < TINY_IMAGE else 0.875,
-            "uses_labels": cfg.objective == "supervised",
+            "uses_labels": type(self.objective).uses_labels,
             "data": {"shards": str(self.shards), "name": manifest.name, "source": manifest.source,
                      "num_classes": manifest.num_classes, "image_size": manifest.image_size,
                      "train_split": cfg.data.train_split,
@@ -258,16 +262,11 @@ def export_encoder(accelerator, model, cfg: PretrainConfig, run_dir: Path, step:
     state = gathered_state_dict(accelerator, model)
     refusal = None
     if accelerator.is_main_process:
-        prefix = "encoder."
-        weights = {}
-        for key, value in state.items():
-            key = key.replace("_orig_mod.", "")  # torch.compile's wrapper
-            if key.startswith(prefix):
-                weights[key[len(prefix):]] = value
-        encoder = encoder_from_config(cfg.model)
-        encoder.load_state_dict(weights)
         trained = accelerator.unwrap_model(model)
-        trained_pos = getattr(getattr(getattr(trained, "_orig_mod", trained), "encoder", None), "pos_embed", None)
+        trained = getattr(trained, "_orig_mod", trained)  # torch.compile's wrapper
+        encoder = encoder_from_config(cfg.model)
+        encoder.load_state_dict(trained.exported_state_dict(state))  # the objective's exported_module()
+        trained_pos = trained.exported_module().pos_embed
         if trained_pos is not None and encoder.pos_embed is not None and not trained_pos.requires_grad:
             # a table the objective fixed (MAE's sin-cos): the export records it as such, not as learned
             encoder.pos_embed.requires_grad_(False)

@@ -36,3 +36,52 @@ def tiny_objective(name: str, seed: int = 0, encoder: str = TINY, num_classes: i
     if name == "mae":
         cfg = {**TINY_MAE, **cfg}
     return create_objective(name, create_encoder(encoder), num_classes=num_classes, **cfg)
+
+
+def _outputs(output) -> dict[str, torch.Tensor]:
+    return {"loss": output.loss.detach(), **{k: v for k, v in output.extras.items() if isinstance(v, torch.Tensor)}}
+
+
+def _differing(a: dict, b: dict) -> list[str]:
+    return [k for k in a if not torch.equal(a[k], b[k])]
+
+
+def assert_randomness_is_resumable(make, pixels: torch.Tensor, labels: torch.Tensor | None = None, seed: int = 0) -> None:
+    """Fail unless the objective `make()` builds draws its randomness as models/objective.py says: from
+    torch's global generator, so that what the loop checkpoints (model state + generator states) is all
+    its next forward depends on (`assert_same_seed_same_forward`, `assert_resume_draws_the_same`)."""
+    assert_same_seed_same_forward(make(), pixels, labels, seed)
+    assert_resume_draws_the_same(make, pixels, labels, seed)
+
+
+def assert_same_seed_same_forward(objective, pixels: torch.Tensor, labels: torch.Tensor | None = None,
+                                  seed: int = 0) -> None:
+    """The same global seed gives the same forward, twice in a row (a private generator would have moved on)."""
+    torch.manual_seed(seed)
+    first = _outputs(objective(pixels, labels))
+    torch.manual_seed(seed)
+    again = _outputs(objective(pixels, labels))
+    assert not _differing(first, again), (
+        f"{type(objective).__name__}: the same global seed gave another forward ({_differing(first, again)}): "
+        "it draws from a generator of its own")
+
+
+def assert_resume_draws_the_same(make, pixels: torch.Tensor, labels: torch.Tensor | None = None, seed: int = 0) -> None:
+    """A run checkpointed between two forwards and resumed in a fresh process (another objective from
+    `make()`, its state and the global generator state restored, nothing else) gives the second
+    forward bit for bit."""
+    objective = make()
+    torch.manual_seed(seed)
+    objective(pixels, labels)  # step 1 of the run
+    state = {k: v.clone() for k, v in objective.state_dict().items()}
+    rng = torch.get_rng_state()  # what the loop checkpoints with the model
+    continued = _outputs(objective(pixels, labels))  # step 2, uninterrupted
+
+    torch.manual_seed(seed + 1)  # the resumed process starts from anything
+    resumed = make()
+    resumed.load_state_dict(state)
+    torch.set_rng_state(rng)
+    after = _outputs(resumed(pixels, labels))
+    assert not _differing(continued, after), (
+        f"{type(objective).__name__}: resumed from its state and the global generators, the next forward "
+        f"differs ({_differing(continued, after)}): it draws from a generator no checkpoint holds")

@@ -60,7 +60,7 @@ SCRIPT = textwrap.dedent('''
     from vitmpp.common.config import load_config
     from vitmpp.common.callbacks import Callback
     from vitmpp.models.objective import register_objective
-    from vitmpp.models.supervised import SupervisedConfig, SupervisedObjective
+    from vitmpp.models.objectives.supervised import SupervisedConfig, SupervisedObjective
     from vitmpp.pretrain.config import PretrainConfig
     from vitmpp.pretrain.engine import pretrain
 

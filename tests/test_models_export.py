@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 
 from vitmpp.common.errors import UserError
 from vitmpp.models import create_encoder, load_encoder, read_encoder_info, save_encoder
-from vitmpp.models.export import INFO_NAME, WEIGHTS_NAME
+from vitmpp.models.weights import INFO_NAME, WEIGHTS_NAME
 
 from models_helpers import TINY, tiny_objective
 

@@ -6,7 +6,7 @@ import torch
 
 from vitmpp.common.errors import ConfigError, UserError
 from vitmpp.models import create_encoder, create_objective, mean_color_target
-from vitmpp.models.mpp import KEEP, MASK, RANDOM, downsampled_color_target, quantize_colors
+from vitmpp.models.objectives.mpp import KEEP, MASK, RANDOM, downsampled_color_target, quantize_colors
 
 from models_helpers import TINY, normalise, tiny_objective, uint8_images
 
@@ -65,13 +65,13 @@ def test_downsampled_target_by_hand():
 
 
 @pytest.mark.parametrize("target", ["mean_color", "downsampled"])
-def test_targets_ignore_the_loaders_normalisation(target):
+def test_colour_targets_come_from_the_pixels_whatever_the_normalisation(target):
     raw = uint8_images(8, seed=3)
     stats = [((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)), ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)), ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))]
     reference = None
     for mean, std in stats:
         objective = create_objective("mpp", create_encoder(TINY), mean=mean, std=std, target=target)
-        got = objective.targets(normalise(raw, mean, std))
+        got = objective.targets(raw, objective.normalize(raw))
         if reference is None:
             reference = got
             direct = mean_color_target(raw, 4) if target == "mean_color" else downsampled_color_target(raw, 4)
@@ -120,16 +120,16 @@ def test_mask_token_lives_in_embedding_space_and_position_embeddings_are_added()
     encoder = objective.encoder
     # the [mask] embedding is a vector of the encoder's width, not a pixel patch
     assert objective.mask_token.shape == (1, 1, encoder.embed_dim) != (1, 1, 3 * 4 * 4)
-    images = normalise(uint8_images(4))
+    images = uint8_images(4)
     seen = {}
     encoder.patch_embed.register_forward_pre_hook(lambda m, args: seen.setdefault("pixels", args[0].clone()))
     encoder.blocks.register_forward_pre_hook(lambda m, args: seen.setdefault("tokens", args[0].clone()))
     torch.manual_seed(5)
     objective(images)
-    assert torch.equal(seen["pixels"], images)  # pixels reach the patch projection uncorrupted
+    assert torch.equal(seen["pixels"], normalise(images))  # pixels reach the patch projection uncorrupted
     torch.manual_seed(5)
     with torch.no_grad():
-        _, corrupted, c = objective.embed(images)
+        _, corrupted, c = objective.embed(objective.normalize(images))
     tokens = seen["tokens"]
     pos = encoder.pos_embed.detach()
     assert torch.allclose(tokens[:, 1:], corrupted + pos[:, 1:])  # every patch, corrupted or not, gets its position
@@ -144,7 +144,7 @@ def test_mask_token_lives_in_embedding_space_and_position_embeddings_are_added()
 def test_gradients_reach_the_mask_embedding_and_head():
     objective = tiny_objective("mpp")
     torch.manual_seed(0)
-    out = objective(normalise(uint8_images(8)))
+    out = objective(uint8_images(8))
     assert out.loss.dtype == torch.float32 and out.loss.dim() == 0
     out.loss.backward()
     assert objective.mask_token.grad is not None and objective.mask_token.grad.abs().sum() > 0
@@ -155,7 +155,7 @@ def test_gradients_reach_the_mask_embedding_and_head():
 def test_initial_loss_is_chance_level():
     objective = tiny_objective("mpp")
     torch.manual_seed(0)
-    loss = objective(normalise(uint8_images(16))).loss.item()
+    loss = objective(uint8_images(16)).loss.item()
     assert abs(loss - torch.log(torch.tensor(512.0)).item()) < 0.3
 
 
@@ -164,7 +164,7 @@ def test_bf16_autocast_has_no_nans(target):
     objective = tiny_objective("mpp", target=target)
     torch.manual_seed(0)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = objective(normalise(uint8_images(4)))
+        out = objective(uint8_images(4))
     assert out.loss.dtype == torch.float32 and torch.isfinite(out.loss)
     out.loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in objective.parameters() if p.grad is not None)
@@ -173,11 +173,11 @@ def test_bf16_autocast_has_no_nans(target):
 
 def test_pixels_target_is_l2_on_the_normalised_patch():
     objective = tiny_objective("mpp", target="pixels")
-    images = normalise(uint8_images(2))
+    images = uint8_images(2)
     torch.manual_seed(1)
     out = objective(images)
     ids = out.extras["ids"]
-    patches = images.unfold(2, 4, 4).unfold(3, 4, 4)  # [B, 3, 4, 4, p, p]
+    patches = normalise(images).unfold(2, 4, 4).unfold(3, 4, 4)  # [B, 3, 4, 4, p, p]
     patches = patches.permute(0, 2, 3, 4, 5, 1).reshape(2, 16, 48)  # row, column, channel inside a patch
     target = torch.gather(patches, 1, ids[..., None].expand(-1, -1, 48))
     assert torch.allclose(out.extras["target"], target)
@@ -200,7 +200,7 @@ def test_config_errors_are_one_sentence():
 @pytest.mark.parametrize("target", ["mean_color", "downsampled", "pixels"])
 def test_visualization_grid(target):
     objective = tiny_objective("mpp", target=target)
-    images = normalise(uint8_images(3))
+    images = uint8_images(3)
     out = objective(images)
     vis = objective.visualize(images, out, max_images=2)
     assert vis.grid.dim() == 3 and vis.grid.shape[0] == 3

@@ -14,7 +14,7 @@ from vitmpp.common.config import from_dict
 from vitmpp.common.errors import ConfigError
 from vitmpp.models import create_encoder, create_objective, flops_per_image
 from vitmpp.models.objective import objective_names, objective_summary
-from vitmpp.models.simmim import SimMIMConfig, SimMIMObjective, masked_count, simmim_mask
+from vitmpp.models.objectives.simmim import SimMIMConfig, SimMIMObjective, masked_count, simmim_mask
 
 from models_helpers import TINY, normalise, uint8_images
 
@@ -108,12 +108,12 @@ def test_mask_arguments_are_checked():
 def test_loss_equals_a_hand_computation():
     objective = tiny_simmim()
     enc = objective.encoder
-    images = normalise(uint8_images(3))
+    images = uint8_images(3)
     mask = objective.sample_mask(3, generator=torch.Generator().manual_seed(7))
     out = objective(images, mask=mask)
     with torch.no_grad():
         # the official VisionTransformerForSimMIM.forward, step by step
-        x = enc.patch_embed(images)
+        x = enc.patch_embed(normalise(images))
         w = mask.unsqueeze(-1).float()
         x = x * (1 - w) + objective.mask_token * w
         x = torch.cat([enc.cls_token.expand(3, -1, -1), x], dim=1) + enc.pos_embed
@@ -122,9 +122,9 @@ def test_loss_equals_a_hand_computation():
         # the official loss: L1 per pixel and channel, pixel mask, / masked pixels / 3 channels
         recon = prediction.reshape(3, 4, 4, 4, 4, 3).permute(0, 5, 1, 3, 2, 4).reshape(3, 3, 16, 16)
         pixel_mask = mask.reshape(3, 4, 4).repeat_interleave(4, 1).repeat_interleave(4, 2).unsqueeze(1).float()
-        official = ((images - recon).abs() * pixel_mask).sum() / pixel_mask.sum() / 3
+        official = ((normalise(images) - recon).abs() * pixel_mask).sum() / pixel_mask.sum() / 3
         # and as the mean over the masked patches' values
-        masked = (prediction - _pixels(images, 4)).abs()[mask]
+        masked = (prediction - _pixels(normalise(images), 4)).abs()[mask]
     assert masked.shape == (3 * 12, 48)  # 3 of 4 mask patches = 12 of 16 ViT patches per image
     torch.testing.assert_close(out.extras["prediction"], prediction)
     torch.testing.assert_close(out.loss, official, rtol=1e-5, atol=1e-6)
@@ -134,11 +134,11 @@ def test_loss_equals_a_hand_computation():
 
 def test_only_masked_pixels_enter_the_loss():
     objective = tiny_simmim()
-    images = normalise(uint8_images(2))
+    images = uint8_images(2)
     mask = objective.sample_mask(2, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         base = objective(images, mask=mask)
-        target = objective.targets(images)
+        target = objective.targets(objective.normalize(images))
         # move the head's output at unmasked patches: the loss must not change
         shift = torch.where(mask.unsqueeze(-1), 0.0, 5.0)
         changed = (base.extras["prediction"] + shift - target).abs().mean(-1)
@@ -148,15 +148,15 @@ def test_only_masked_pixels_enter_the_loss():
 def test_the_encoder_sees_the_mask_token_at_masked_positions_only():
     objective = tiny_simmim()
     enc = objective.encoder
-    images = normalise(uint8_images(4))
+    images = uint8_images(4)
     seen = {}
     enc.patch_embed.register_forward_pre_hook(lambda m, args: seen.setdefault("pixels", args[0].clone()))
     enc.blocks.register_forward_pre_hook(lambda m, args: seen.setdefault("tokens", args[0].clone()))
     mask = objective.sample_mask(4, generator=torch.Generator().manual_seed(3))
     objective(images, mask=mask)
-    assert torch.equal(seen["pixels"], images)  # the image itself is not corrupted: masking is in embedding space
+    assert torch.equal(seen["pixels"], normalise(images))  # the image itself is not corrupted: masking is in embedding space
     with torch.no_grad():
-        clean = enc.patch_embed(images)
+        clean = enc.patch_embed(normalise(images))
     pos = enc.pos_embed.detach()[:, 1:]
     tokens = seen["tokens"][:, 1:]
     token = objective.mask_token.detach()[0, 0]
@@ -170,7 +170,7 @@ def test_the_encoder_sees_the_mask_token_at_masked_positions_only():
 
 def test_gradients_reach_the_mask_token_the_head_and_the_encoder():
     objective = tiny_simmim()
-    out = objective(normalise(uint8_images(4)))
+    out = objective(uint8_images(4))
     assert out.loss.dtype == torch.float32 and out.loss.dim() == 0
     out.loss.backward()
     assert objective.mask_token.grad is not None and objective.mask_token.grad.abs().sum() > 0
@@ -181,7 +181,7 @@ def test_gradients_reach_the_mask_token_the_head_and_the_encoder():
 def test_bf16_autocast_has_no_nans():
     objective = tiny_simmim()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = objective(normalise(uint8_images(4)))
+        out = objective(uint8_images(4))
     assert out.loss.dtype == torch.float32 and torch.isfinite(out.loss)
     out.loss.backward()
     assert torch.isfinite(objective.mask_token.grad).all()
@@ -201,7 +201,7 @@ def test_defaults_are_the_papers_and_the_demo_options_fit_the_demo_encoder():
     assert SimMIMObjective.embedded_options == {"mask_patch_size": 8}
     demo = create_objective("simmim", create_encoder("vit_nano_patch8_32", img_size=32), **SimMIMObjective.embedded_options)
     assert demo.num_mask_units == 16
-    assert demo(normalise(uint8_images(2, size=32))).extras["mask"].sum(dim=1).tolist() == [10, 10]
+    assert demo(uint8_images(2, size=32)).extras["mask"].sum(dim=1).tolist() == [10, 10]
     # the paper's 32 px mask patch at ViT-B/16, 224 px: 49 units of 2x2 patches
     with torch.device("meta"):
         paper = create_objective("simmim", create_encoder("vit_base_patch16_224"))
@@ -234,7 +234,7 @@ def test_config_errors_are_one_sentence_naming_the_key(options, pattern):
 
 def test_visualization_grid():
     objective = tiny_simmim()
-    images = normalise(uint8_images(3))
+    images = uint8_images(3)
     out = objective(images)
     vis = objective.visualize(images, out, max_images=2)
     assert vis.grid.dim() == 3 and vis.grid.shape[0] == 3
@@ -254,7 +254,7 @@ def test_registered_with_help_text():
 
 def test_encoder_state_dict_loads_into_a_plain_timm_vit():
     objective = tiny_simmim()
-    objective(normalise(uint8_images(2))).loss.backward()
+    objective(uint8_images(2)).loss.backward()
     with torch.no_grad():  # make the weights differ from a fresh init
         for p in objective.parameters():
             p.add_(0.01 * torch.randn_like(p))

@@ -7,12 +7,12 @@ from timm.optim import create_optimizer_v2
 
 from vitmpp.models import create_encoder, create_objective
 
-from models_helpers import TINY, TINY_MAE, blocky_images, normalise, tiny_objective, uint8_images
+from models_helpers import TINY, TINY_MAE, blocky_images, tiny_objective, uint8_images
 
 
 def test_mpp_overfits_a_small_fixed_batch_in_200_steps():
     objective = tiny_objective("mpp", seed=0)
-    images = normalise(blocky_images(16, seed=1))
+    images = blocky_images(16, seed=1)
     optimizer = torch.optim.AdamW(objective.parameters(), lr=2e-3, weight_decay=0.0)
     torch.manual_seed(0)
     losses = []
@@ -30,7 +30,7 @@ def test_mpp_overfits_a_small_fixed_batch_in_200_steps():
 @pytest.mark.parametrize("name", ["mpp", "mae", "supervised"])
 def test_full_graph_compiles_without_breaks(name):
     objective = tiny_objective(name)
-    images, labels = normalise(uint8_images(4)), torch.randint(0, 10, (4,))
+    images, labels = uint8_images(4), torch.randint(0, 10, (4,))
     torch.manual_seed(1)
     eager = objective(images, labels).loss
     # fullgraph=True fails on any graph break (host syncs, data-dependent shapes)
@@ -46,7 +46,7 @@ def test_full_graph_compiles_without_breaks(name):
 def test_inductor_compiles_mpp():
     objective = tiny_objective("mpp")
     compiled = torch.compile(objective)
-    out = compiled(normalise(uint8_images(4)))
+    out = compiled(uint8_images(4))
     out.loss.backward()
     assert torch.isfinite(out.loss) and objective.mask_token.grad is not None
 
@@ -57,7 +57,7 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(name):
     checkpointed = tiny_objective(name, seed=0)
     checkpointed.load_state_dict(plain.state_dict())
     checkpointed.encoder.set_grad_checkpointing(True)
-    images = normalise(uint8_images(4))
+    images = uint8_images(4)
     for objective in (plain, checkpointed):
         torch.manual_seed(3)
         objective(images).loss.backward()

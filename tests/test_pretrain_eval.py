@@ -49,7 +49,7 @@ def evaluate(shards, overrides: list[str], state: dict | None = None, seed: int 
     manifest = read_manifest(str(shards))
     torch.manual_seed(seed)
     objective = create_objective(cfg.objective, encoder_from_config(cfg.model), mean=cfg.data.mean, std=cfg.data.std,
-                                 num_classes=manifest.num_classes, **cfg.objective_options())
+                                 num_classes=manifest.num_classes, config=cfg.objective_config())
     if state is not None:
         objective.load_state_dict(state)
     if timm_encoder:

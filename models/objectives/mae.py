@@ -36,8 +36,8 @@ from torchvision.utils import make_grid
 from vitmpp.common.config import param
 from vitmpp.common.errors import ConfigError, UserError
 
-from .encoder import mae_sincos_pos_embed, patch_size_of, run_blocks, set_sincos_pos_embed
-from .objective import (
+from ..encoder import mae_sincos_pos_embed, patch_size_of, run_blocks, set_sincos_pos_embed
+from ..objective import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     Objective,
@@ -47,7 +47,7 @@ from .objective import (
     pick,
     register_objective,
 )
-from .patches import gather_tokens, patchify, unpatchify
+from ..patches import gather_tokens, patchify, unpatchify
 
 NORM_PIX_EPS = 1e-6  # MAE's epsilon under the per-patch variance
 
@@ -112,13 +112,19 @@ def _xavier_linears(module: nn.Module) -> None:
 class MAEObjective(Objective):
     """MAE (He et al.): encode the visible 25%, decode every patch, MSE on the masked ones."""
 
+    title = "masked autoencoder"
+    paper = "He et al. 2021, \"Masked Autoencoders Are Scalable Vision Learners\""
+    arxiv = "2111.06377"
+    description = ("75% of the patches of each image are dropped; the encoder sees the rest and a light decoder "
+                   "reconstructs the pixels of the dropped ones (MSE, per-patch normalised targets).")
+    hub_tags = ("masked-image-modeling",)
+
     # the CPU demo: a light decoder (the paper's 8 blocks x 512 are the config defaults and the recipes')
     embedded_options = {"decoder_embed_dim": 128, "decoder_depth": 2, "decoder_num_heads": 4}
 
     def __init__(self, encoder: VisionTransformer, config: MAEConfig, *, mean=IMAGENET_MEAN, std=IMAGENET_STD,
                  num_classes: int | None = None):
         super().__init__(encoder, config, mean=mean, std=std, num_classes=num_classes)
-        config.check()
         if encoder.dynamic_img_size:
             raise UserError("MAE needs an encoder with a fixed image size (dynamic_img_size=False).")
         if encoder.pos_embed is None:
@@ -207,8 +213,9 @@ class MAEObjective(Objective):
             target = (target - mean) / (var + NORM_PIX_EPS) ** 0.5
         return target
 
-    def forward(self, images: Tensor, labels: Tensor | None = None, noise: Tensor | None = None) -> ObjectiveOutput:
-        """images [B, 3, H, W] normalised; labels ignored; noise [B, N] fixes the masks (tests)."""
+    def forward(self, pixels: Tensor, labels: Tensor | None = None, noise: Tensor | None = None) -> ObjectiveOutput:
+        """pixels [B, 3, H, W] in [0, 1]; labels ignored; noise [B, N] fixes the masks (tests)."""
+        images = self.normalize(pixels)
         latent, mask, ids_restore = self.encode(images, noise)
         prediction = self.decode(latent, ids_restore).float()
         per_patch = ((prediction - self.targets(images)) ** 2).mean(dim=-1)  # [B, N]
@@ -217,11 +224,12 @@ class MAEObjective(Objective):
 
     # ---- pictures
     @torch.no_grad()
-    def visualize(self, images: Tensor, output: ObjectiveOutput, max_images: int = 8) -> Visualization:
+    def visualize(self, pixels: Tensor, output: ObjectiveOutput, max_images: int = 8) -> Visualization:
         """Per image: image | visible patches | reconstruction | reconstruction with the visible patches pasted."""
-        n = pick(images, max_images)
+        n = pick(pixels, max_images)
         p = self.patch_size
-        images = images[:n].float()
+        image01 = pixels[:n].float()
+        images = self.normalize(image01)  # the space the reconstruction is in
         _, _, h, w = images.shape
         prediction = output.extras["prediction"][:n].float().to(images.device)
         mask = output.extras["mask"][:n].to(images.device).bool()
@@ -229,8 +237,7 @@ class MAEObjective(Objective):
             patches = patchify(images, p)
             mean, var = patches.mean(dim=-1, keepdim=True), patches.var(dim=-1, keepdim=True)
             prediction = prediction * (var + NORM_PIX_EPS) ** 0.5 + mean
-        image01 = self.to_unit_range(images)
-        recon01 = self.to_unit_range(unpatchify(prediction, p, h, w))
+        recon01 = self.denormalize(unpatchify(prediction, p, h, w))
         grey = torch.full((n, mask.shape[1], 3), 0.5, device=images.device)
         visible = paint_patches(image01, grey, mask, p)
         pasted = paint_patches(image01, patchify(recon01, p).reshape(n, -1, p, p, 3).permute(0, 1, 4, 2, 3), mask, p)

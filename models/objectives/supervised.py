@@ -20,7 +20,7 @@ from torchvision.utils import make_grid
 from vitmpp.common.config import param
 from vitmpp.common.errors import UserError
 
-from .objective import IMAGENET_MEAN, IMAGENET_STD, Objective, ObjectiveOutput, Visualization, pick, register_objective
+from ..objective import IMAGENET_MEAN, IMAGENET_STD, Objective, ObjectiveOutput, Visualization, pick, register_objective
 
 
 @dataclass
@@ -31,6 +31,15 @@ class SupervisedConfig:
 @register_objective("supervised", SupervisedConfig)
 class SupervisedObjective(Objective):
     """Encoder -> pooled feature -> zero-initialised linear head -> cross-entropy."""
+
+    title = "supervised classification"
+    paper = ("Dosovitskiy et al. 2020, \"An Image is Worth 16x16 Words: Transformers for Image Recognition at "
+             "Scale\"")
+    arxiv = "2010.11929"
+    description = ("the encoder and a linear head are trained with cross-entropy on the shards' labels "
+                   "(the supervised-pretraining baseline).")
+    self_supervised = False
+    uses_labels = True
 
     def __init__(self, encoder: VisionTransformer, config: SupervisedConfig, *, mean=IMAGENET_MEAN, std=IMAGENET_STD,
                  num_classes: int | None = None):
@@ -44,16 +53,16 @@ class SupervisedObjective(Objective):
         nn.init.zeros_(self.head.weight)  # ViT paper: new heads start at zero
         nn.init.zeros_(self.head.bias)
 
-    def logits(self, images: Tensor) -> Tensor:
-        """[B, 3, H, W] -> [B, num_classes]."""
-        features = self.encoder.forward_features(images)
+    def logits(self, pixels: Tensor) -> Tensor:
+        """pixels [B, 3, H, W] in [0, 1] -> [B, num_classes]."""
+        features = self.encoder.forward_features(self.normalize(pixels))
         return self.head(self.encoder.forward_head(features, pre_logits=True))
 
-    def forward(self, images: Tensor, labels: Tensor | None = None) -> ObjectiveOutput:
-        """images [B, 3, H, W] normalised, labels [B] long class indices."""
+    def forward(self, pixels: Tensor, labels: Tensor | None = None) -> ObjectiveOutput:
+        """pixels [B, 3, H, W] in [0, 1], labels [B] long class indices."""
         if labels is None:
             raise UserError("The supervised objective needs labels with every batch; the data gave none.")
-        logits = self.logits(images).float()
+        logits = self.logits(pixels).float()
         loss = F.cross_entropy(logits, labels, label_smoothing=self.config.label_smoothing)
         predicted = logits.detach().argmax(dim=-1)
         return ObjectiveOutput(loss=loss, extras={
@@ -61,10 +70,10 @@ class SupervisedObjective(Objective):
         })
 
     @torch.no_grad()
-    def visualize(self, images: Tensor, output: ObjectiveOutput, max_images: int = 8) -> Visualization:
+    def visualize(self, pixels: Tensor, output: ObjectiveOutput, max_images: int = 8) -> Visualization:
         """The images, framed green where the prediction is right and red where it is wrong."""
-        n = pick(images, max_images)
-        image01 = self.to_unit_range(images[:n]).cpu()
+        n = pick(pixels, max_images)
+        image01 = pixels[:n].float().cpu()
         predicted = output.extras["prediction"][:n].cpu()
         labels = output.extras["labels"][:n].cpu()
         right = (predicted == labels)

@@ -22,8 +22,8 @@ What the paper specifies, and how this module does it:
   options: `downsampled` (a 4x4 downsized patch, 16 predictions of 512 colours)
   and `pixels` (L2 regression on the full patch); `corrupt_ratio=0.15` is the
   lower rate it also tried.
-* Targets come from pixels in [0, 1]: the objective undoes the loader's
-  normalisation with the mean/std it was given.
+* Targets come from pixels in [0, 1]: the objective is given them and
+  normalises only the encoder's input.
 
 How this differs from lucidrains' `vit-pytorch` MPP (`vit_pytorch/mpp.py`):
 that implementation corrupts *pixels*: it replaces masked patches of the input
@@ -50,8 +50,8 @@ from torchvision.utils import make_grid
 from vitmpp.common.config import param
 from vitmpp.common.errors import ConfigError, UserError
 
-from .encoder import encode_patch_tokens, patch_size_of
-from .objective import (
+from ..encoder import encode_patch_tokens, patch_size_of
+from ..objective import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     Objective,
@@ -61,10 +61,10 @@ from .objective import (
     pick,
     register_objective,
 )
-from .patches import gather_tokens, patchify
+from ..patches import gather_tokens, patchify
 
 # A mean exactly on a bin edge k/2^bits belongs to bin k. Arithmetic noise (a
-# mean of p*p pixels, undoing the normalisation) can put it a few ulps below the
+# mean of p*p pixels in float32) can put it a few ulps below the
 # edge, so edges are moved down by this fraction of a bin (1e-4 of a bin is
 # 1.2e-5 in pixel value at 3 bits, far below one 8-bit grey level, 3.9e-3).
 _EDGE_TOLERANCE = 1e-4
@@ -159,10 +159,18 @@ MASK, RANDOM, KEEP = 0, 1, 2
 class MPPObjective(Objective):
     """Masked patch prediction (ViT appendix B.1.2): corrupt patch embeddings, predict their colours."""
 
+    title = "masked patch prediction"
+    paper = ("Dosovitskiy et al. 2020, \"An Image is Worth 16x16 Words: Transformers for Image Recognition at "
+             "Scale\", appendix B.1.2")
+    arxiv = "2010.11929"
+    description = ("50% of the patch embeddings of each image are corrupted (80% replaced by a learned [mask] "
+                   "embedding, 10% by another patch's, 10% kept); the encoder predicts the 3-bit mean colour of each "
+                   "corrupted patch (512 classes) with a cross-entropy loss.")
+    hub_tags = ("masked-image-modeling",)
+
     def __init__(self, encoder: VisionTransformer, config: MPPConfig, *, mean=IMAGENET_MEAN, std=IMAGENET_STD,
                  num_classes: int | None = None):
         super().__init__(encoder, config, mean=mean, std=std, num_classes=num_classes)
-        config.check()
         if encoder.dynamic_img_size:
             raise UserError("MPP needs an encoder with a fixed image size (dynamic_img_size=False).")
         if not isinstance(encoder.patch_drop, nn.Identity):
@@ -238,22 +246,22 @@ class MPPObjective(Objective):
         corrupted, corruption = self.corrupt(clean)
         return clean, corrupted, corruption
 
-    def targets(self, images: Tensor) -> Tensor:
+    def targets(self, pixels: Tensor, normalized: Tensor) -> Tensor:
         """Per-patch targets of the whole batch: [B, N] classes, [B, N, 16] classes or [B, N, p*p*3] pixels."""
         if self.config.target == "pixels":
             # the paper's L2 variant regresses the patch as the model sees it (normalised pixels)
-            return patchify(images.float(), self.patch_size)
-        images01 = self.to_unit_range(images)
+            return patchify(normalized, self.patch_size)
         if self.config.target == "mean_color":
-            return mean_color_target(images01, self.patch_size, self.config.bits)
-        return downsampled_color_target(images01, self.patch_size, self.config.bits)
+            return mean_color_target(pixels, self.patch_size, self.config.bits)
+        return downsampled_color_target(pixels, self.patch_size, self.config.bits)
 
-    def forward(self, images: Tensor, labels: Tensor | None = None) -> ObjectiveOutput:
-        """images [B, 3, H, W] normalised; labels ignored."""
+    def forward(self, pixels: Tensor, labels: Tensor | None = None) -> ObjectiveOutput:
+        """pixels [B, 3, H, W] in [0, 1]; labels ignored."""
+        images = self.normalize(pixels)
         _, corrupted, corruption = self.embed(images)
         tokens = encode_patch_tokens(self.encoder, corrupted)[:, self.encoder.num_prefix_tokens:]  # [B, N, D]
         prediction = self.head(gather_tokens(tokens, corruption.ids)).float()  # [B, K, out]
-        target = gather_tokens(self.targets(images), corruption.ids)
+        target = gather_tokens(self.targets(pixels, images), corruption.ids)
         extras: dict[str, Tensor] = {"ids": corruption.ids, "kind": corruption.kind, "source": corruption.source}
         if self.config.target == "pixels":
             loss = F.mse_loss(prediction, target)
@@ -269,11 +277,11 @@ class MPPObjective(Objective):
 
     # ---- pictures
     @torch.no_grad()
-    def visualize(self, images: Tensor, output: ObjectiveOutput, max_images: int = 8) -> Visualization:
+    def visualize(self, pixels: Tensor, output: ObjectiveOutput, max_images: int = 8) -> Visualization:
         """Per image, four columns: image | corrupted input | target of the corrupted patches | prediction."""
-        n = pick(images, max_images)
+        n = pick(pixels, max_images)
         p = self.patch_size
-        images01 = self.to_unit_range(images[:n])
+        images01 = pixels[:n].float()
         ex = {k: v[:n] for k, v in output.extras.items() if v.dim() > 0}
         b, _, h, w = images01.shape
         num = (h // p) * (w // p)
@@ -287,7 +295,7 @@ class MPPObjective(Objective):
             return full.scatter(1, index, values)
 
         # what the encoder was given: grey for [mask], the source patch's pixels for random, unchanged for keep
-        all01 = self.to_unit_range(images)  # sources may come from any image of the batch
+        all01 = pixels.float()  # sources may come from any image of the batch
         pix = patchify(all01, p).reshape(-1, p, p, 3).permute(0, 3, 1, 2)  # [B*N, 3, p, p]
         source_pixels = pix[ex["source"].to(pix.device).reshape(-1)].reshape(b, -1, 3, p, p)
         shown = paint_patches(images01, scatter_patches(source_pixels), scatter_patches((kind == RANDOM).long()).bool(), p)

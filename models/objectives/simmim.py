@@ -58,8 +58,8 @@ from vitmpp.common.config import param
 from vitmpp.common.errors import ConfigError, UserError
 from vitmpp.common.sections import MAX_IMAGE_SIDE
 
-from .encoder import encode_patch_tokens, patch_size_of
-from .objective import (
+from ..encoder import encode_patch_tokens, patch_size_of
+from ..objective import (
     Objective,
     ObjectiveOutput,
     Visualization,
@@ -67,7 +67,7 @@ from .objective import (
     pick,
     register_objective,
 )
-from .patches import patchify
+from ..patches import patchify
 
 
 @dataclass
@@ -118,6 +118,13 @@ def simmim_mask(batch: int, grid_h: int, grid_w: int, mask_patch_in_patches: int
 class SimMIMObjective(Objective):
     """SimMIM (Xie et al.): mask 60% of 32 px blocks with a [mask] token, L1 on their pixels from a linear head."""
 
+    title = "SimMIM"
+    paper = "Xie et al. 2021, \"SimMIM: A Simple Framework for Masked Image Modeling\""
+    arxiv = "2111.09886"
+    description = ("60% of 32-pixel blocks are replaced by a learned mask token in the encoder input; a linear head "
+                   "predicts their raw pixels (L1 loss).")
+    hub_tags = ("masked-image-modeling",)
+
     # The CPU demo (vit_nano_patch8_32 at 32 px): a 32 px mask patch is the whole image (1 unit, always
     # masked). 8 px, one ViT patch per unit, keeps the paper's scale best: 16 units, 10 masked (62.5%,
     # near 0.6) and a mask patch 1/4 of the side (paper: 32 of 224 px, 1/7). 16 px would leave 4 units,
@@ -166,8 +173,9 @@ class SimMIMObjective(Objective):
         """[B, N, p*p*3]: the patches of the normalised input image (the official target)."""
         return patchify(images.float(), self.patch_size)
 
-    def forward(self, images: Tensor, labels: Tensor | None = None, mask: Tensor | None = None) -> ObjectiveOutput:
-        """images [B, 3, H, W] normalised; labels ignored; mask bool [B, N] fixes the masks (tests)."""
+    def forward(self, pixels: Tensor, labels: Tensor | None = None, mask: Tensor | None = None) -> ObjectiveOutput:
+        """pixels [B, 3, H, W] in [0, 1]; labels ignored; mask bool [B, N] fixes the masks (tests)."""
+        images = self.normalize(pixels)
         if mask is None:
             mask = self.sample_mask(images.shape[0], images.device)
         mask = mask.to(device=images.device, dtype=torch.bool)
@@ -180,11 +188,11 @@ class SimMIMObjective(Objective):
 
     # ---- pictures
     @torch.no_grad()
-    def visualize(self, images: Tensor, output: ObjectiveOutput, max_images: int = 8) -> Visualization:
+    def visualize(self, pixels: Tensor, output: ObjectiveOutput, max_images: int = 8) -> Visualization:
         """Per image: image | encoder input (masked patches grey) | prediction pasted into the masked patches."""
-        n = pick(images, max_images)
+        n = pick(pixels, max_images)
         p = self.patch_size
-        images01 = self.to_unit_range(images[:n])
+        images01 = pixels[:n].float()
         _, _, h, w = images01.shape
         mask = output.extras["mask"][:n].to(images01.device).bool()
         patches = output.extras["prediction"][:n].float().to(images01.device)
