@@ -194,7 +194,7 @@ def test_a_torchvision_vit_imports_with_its_class_token_feature(tmp_path):
 
 def test_our_own_export_still_imports(tmp_path):
     from vitmpp.models.encoder import create_encoder
-    from vitmpp.models.export import save_encoder
+    from vitmpp.models.weights import save_encoder
 
     encoder = create_encoder("vit_pico_patch4_16")
     save_encoder(encoder, tmp_path, extra={"mean": [0.1, 0.2, 0.3], "std": [0.4, 0.5, 0.6]})
