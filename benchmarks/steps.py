@@ -78,9 +78,9 @@ def autocast(device: str, precision: str):
 
 
 def fixed_batch(batch: int, img_size: int, device: str, num_classes: int = NUM_CLASSES, seed: int = 0):
-    """A normalised image batch [B, 3, S, S] float32 and labels [B], on `device`."""
+    """A batch of pixels [B, 3, S, S] float32 in [0, 1] (what an objective takes) and labels [B], on `device`."""
     generator = torch.Generator().manual_seed(seed)
-    images = torch.randn(batch, 3, img_size, img_size, generator=generator)
+    images = torch.rand(batch, 3, img_size, img_size, generator=generator)
     labels = torch.randint(0, num_classes, (batch,), generator=generator)
     return images.to(device), labels.to(device)
 
