@@ -51,7 +51,9 @@ from vitmpp.evaluate.accuracy import accuracy
 from vitmpp.evaluate.heads import LinearProbe, make_classifier, pooled_features
 from vitmpp.evaluate.fewshot import fewshot_evaluate
 from vitmpp.evaluate.knn import extract, knn_classify_splits
-from vitmpp.models import create_encoder, load_encoder, read_encoder_info
+from vitmpp.models import create_encoder, read_encoder_info
+from vitmpp.models.importer import detect_format, import_weights
+from vitmpp.models.weights import describe_encoder
 from vitmpp.models.hub import record_evaluation
 
 from .config import RESUMABLE_KEYS, FinetuneConfig
@@ -68,10 +70,13 @@ def _scratch_without_encoder(cfg: FinetuneConfig) -> bool:
 
 
 def resolve_encoder(cfg: FinetuneConfig) -> Path | None:
-    """The encoder.safetensors to evaluate (None for scratch without an encoder)."""
+    """The encoder to evaluate (None for scratch without an encoder): our encoder.safetensors, or any
+    checkpoint file or folder vitmpp.models.importer reads (timm, transformers, Meta's MAE, .npz, torchvision)."""
     if _scratch_without_encoder(cfg):
         return None
     path = Path(cfg.encoder) if cfg.encoder is not None else DEFAULT_ENCODER
+    if path.is_dir() and (path / "config.json").is_file() and not (path / "encoder.safetensors").is_file():
+        return path  # a timm or transformers folder
     if path.is_dir():
         path = path / "encoder.safetensors"
     if not path.is_file():
@@ -80,7 +85,8 @@ def resolve_encoder(cfg: FinetuneConfig) -> Path | None:
                 f"There is no pretrained encoder at {path} yet; run `accelerate launch pretrain/main.py` first, "
                 "or pass encoder=PATH."
             )
-        raise UserError(f"Encoder '{cfg.encoder}' not found (looked for {path}); pass a pretraining run folder or an encoder.safetensors file.")
+        raise UserError(f"Encoder '{cfg.encoder}' not found (looked for {path}); pass a pretraining run folder, an "
+                        "encoder.safetensors file or a checkpoint (docs/weights.md).")
     return path
 
 
@@ -92,15 +98,28 @@ def normalisation(cfg: FinetuneConfig, info: dict) -> tuple[tuple, tuple]:
     return tuple(mean), tuple(std)
 
 
-def build_model(cfg: FinetuneConfig, encoder_path: Path | None, num_classes: int, img_size: int | None) -> nn.Module:
+def encoder_info(path: Path | None) -> dict:
+    """What evaluation needs to know of an encoder file: our encoder.json, or for an imported checkpoint
+    its architecture, the normalisation it states (`extra`) and where it came from (`source`)."""
+    if path is None:
+        return {}
+    if detect_format(path) == "vitmpp":
+        return read_encoder_info(path)
+    imported = import_weights(path)
+    stated = {"mean": list(imported.mean), "std": list(imported.std)} if imported.mean is not None else {}
+    return {**describe_encoder(imported.encoder), "extra": stated, "source": imported.source, "notes": imported.notes}
+
+
+def build_model(cfg: FinetuneConfig, encoder_path: Path | None, num_classes: int, img_size: int | None,
+                info: dict | None = None) -> nn.Module:
     if cfg.protocol in ("linear", "knn", "fewshot"):
-        encoder = load_encoder(encoder_path, img_size=img_size)
+        encoder = import_weights(encoder_path, img_size=img_size).encoder
         return LinearProbe(encoder, num_classes, pool=cfg.model.linear_pool)
     overrides = {"drop_path_rate": cfg.model.drop_path_rate, "global_pool": cfg.model.global_pool}
     if cfg.protocol == "finetune":
-        encoder = load_encoder(encoder_path, img_size=img_size, **overrides)
+        encoder = import_weights(encoder_path, img_size=img_size, **overrides).encoder
     elif encoder_path is not None:  # scratch: the encoder's architecture, fresh weights
-        info = read_encoder_info(encoder_path)
+        info = info or encoder_info(encoder_path)
         encoder = create_encoder(info["name"], img_size=img_size or info["img_size"], **{**info.get("overrides", {}), **overrides})
     else:
         encoder = create_encoder(cfg.model.name, img_size=img_size, **overrides)
@@ -114,7 +133,7 @@ class EvaluationData:
 
     def __init__(self, cfg: FinetuneConfig, run: Run):
         self.encoder_path = resolve_encoder(cfg)
-        self.info = read_encoder_info(self.encoder_path) if self.encoder_path is not None else {}
+        self.info = encoder_info(self.encoder_path)
         self.img_size = cfg.model.img_size or self.info.get("img_size") or 32
         self.shards = cfg.data.shards or digits_shards(self.img_size)
         self.manifest = read_manifest(self.shards)
@@ -126,6 +145,14 @@ class EvaluationData:
         self.num_train = len(self.keep) if self.keep is not None else self.manifest.split(cfg.data.train_split).num_samples
         self._warn_unseen_classes(cfg, run)
         mean, std = normalisation(cfg, self.info)
+        if "source" in self.info:  # an imported checkpoint: say what it is and what this run assumes of it
+            source = self.info["source"]
+            run.console.print(f"encoder: {source['path']} ({source['format']}, sha256 {source['sha256'][:12]})")
+            for note in self.info.get("notes", []):
+                run.console.print(f"note: {note}")
+            if not self.info["extra"] and not (cfg.data.mean and cfg.data.std):
+                run.console.print(f"note: the checkpoint states no normalisation; this run uses mean {mean} and std "
+                                  f"{std} (set data.mean and data.std to change them)")
         self.mean = torch.tensor(mean, device=run.device).view(1, 3, 1, 1)
         self.std = torch.tensor(std, device=run.device).view(1, 3, 1, 1)
         eval_tf = eval_transform(self.img_size, crop_pct=cfg.data.eval_crop_pct, interpolation=cfg.data.interpolation)
@@ -199,7 +226,7 @@ class FinetuneStage(Stage):
         cfg = self.cfg
         self.run = run
         self.data = data = EvaluationData(cfg, run)
-        model = build_model(cfg, data.encoder_path, data.manifest.num_classes, data.img_size)
+        model = build_model(cfg, data.encoder_path, data.manifest.num_classes, data.img_size, data.info)
         if cfg.protocol == "linear":
             transform = pretrain_transform(data.img_size, scale=tuple(cfg.data.crop_scale), hflip=cfg.data.hflip,
                                            interpolation=cfg.data.interpolation)
@@ -334,7 +361,7 @@ def run_knn(cfg: FinetuneConfig, run: Run) -> dict:
     started = time.time()
     data = EvaluationData(cfg, run)
     run.console.print(data.summary(cfg, run.world))
-    model = build_model(cfg, data.encoder_path, data.manifest.num_classes, data.img_size).to(run.device)
+    model = build_model(cfg, data.encoder_path, data.manifest.num_classes, data.img_size, data.info).to(run.device)
     encoder = model.encoder
     scored = knn_classify_splits(run.accelerator, lambda x: pooled_features(encoder, x, cfg.model.linear_pool),
                                  open_loader(data.train_eval_spec),
@@ -365,7 +392,7 @@ def run_fewshot(cfg: FinetuneConfig, run: Run) -> dict:
     if data.test_split is None:
         raise UserError(f"protocol=fewshot reports the test split, and the shards {data.shards} have none; rewrite "
                         "them with make_shards (it writes one).")
-    model = build_model(cfg, data.encoder_path, data.manifest.num_classes, data.img_size).to(run.device)
+    model = build_model(cfg, data.encoder_path, data.manifest.num_classes, data.img_size, data.info).to(run.device)
     encoder = model.encoder
 
     def features(images):

@@ -376,12 +376,13 @@ def _state_format(state: dict, path: Path) -> str:
 
 
 def import_weights(path: str | os.PathLike, *, name: str | None = None, heads: int | None = None,
-                   img_size: int | None = None) -> ImportedWeights:
+                   img_size: int | None = None, **options: Any) -> ImportedWeights:
     """The checkpoint at `path` (file or folder, any of FORMATS) as our encoder (module docstring).
 
     `name`: the architecture by variant name (`vit_base_patch16_224`), where the shapes alone
     leave it open; `heads`: the attention heads, likewise; `img_size`: resample the position
-    embeddings to this resolution (2D, bicubic, as fine-tuning does)."""
+    embeddings to this resolution (2D, bicubic, as fine-tuning does); `options`: training-time
+    encoder options (`drop_path_rate`, `global_pool`, `pos_embed`), as `load_encoder` takes them."""
     from .encoder import ARCHITECTURE_KEYS, ENCODER_VARIANTS, variant
 
     path = Path(path)
@@ -395,7 +396,7 @@ def import_weights(path: str | os.PathLike, *, name: str | None = None, heads: i
     if fmt == "vitmpp":
         from .weights import load_encoder, read_encoder_info
 
-        encoder = load_encoder(path)
+        encoder = load_encoder(path, img_size=img_size, **options)
         info = read_encoder_info(path)
         extra = info.get("extra") or {}
         if "mean" in extra and "std" in extra:
@@ -449,12 +450,12 @@ def import_weights(path: str | os.PathLike, *, name: str | None = None, heads: i
     if mean is None and fmt in RELEASE_NORMALISATION:
         mean, std = RELEASE_NORMALISATION[fmt]
         normalisation_from = "release"
-    if img_size is not None and int(img_size) != encoder.patch_embed.img_size[0]:
-        patch = encoder.patch_embed.patch_size[0]
-        if int(img_size) % patch:
-            raise UserError(f"Image size {img_size} is not a multiple of {where}'s patch size {patch}.")
-        encoder.set_input_size(img_size=(int(img_size), int(img_size)))  # timm's resample_abs_pos_embed, 2D
-        encoder.vitmpp_spec["img_size"] = int(img_size)
+    if fmt != "vitmpp" and (options or img_size is not None):  # the one path our own files take too
+        from .weights import encoder_from_state
+
+        spec = encoder.vitmpp_spec
+        encoder = encoder_from_state(encoder.state_dict(), spec["name"], spec["img_size"],
+                                     {**spec["overrides"], **options}, where=where, img_size=img_size)
     source = {"path": str(path.resolve()), "sha256": sha256_of(path), "format": fmt}
     return ImportedWeights(encoder=encoder, source=source, decoder=decoder, mean=mean, std=std,
                            normalisation_from=normalisation_from, notes=notes)

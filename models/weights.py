@@ -163,38 +163,47 @@ def load_encoder(path: str | os.PathLike, img_size: int | None = None, **overrid
     out. The position embedding comes back learnable, as MAE fine-tunes it;
     pass `pos_embed="sincos"` to keep it fixed.
     """
-    import torch
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from .encoder import create_encoder, set_sincos_pos_embed
-
     weights = _weights_path(path)
     info = read_encoder_info(weights)
-    sincos = overrides.pop("pos_embed", "learned") == "sincos"
-    # The pooling is switched after loading: timm moves the final LayerNorm from the tokens
-    # (`norm`) to the pooled feature (`fc_norm`) when built with global_pool="avg", which would
-    # leave the trained norm unused. `reset_classifier` changes the pooling and keeps the norm.
-    pool = overrides.pop("global_pool", None)
-    kwargs = {**info.get("overrides", {}), **overrides}
-    encoder = create_encoder(info["name"], img_size=info["img_size"], **kwargs)
     try:
         state = load_file(str(weights), device="cpu")
     except (SafetensorError, OSError) as err:
         raise UserError(f"Encoder weights {weights} are not a readable safetensors file ({err}); re-export the encoder.") from None
+    return encoder_from_state(state, info["name"], info["img_size"], {**info.get("overrides", {}), **overrides},
+                              where=f"Encoder weights {weights}", img_size=img_size)
+
+
+def encoder_from_state(state: dict, name: str, state_img_size: int, options: dict, *, where: str,
+                       img_size: int | None = None) -> VisionTransformer:
+    """Variant `name` built with `options` (architecture and training keys) at the state's resolution,
+    holding `state`, then resampled to `img_size`, pooled and position-embedded as `options` say (see
+    `load_encoder`). The one path every encoder file goes through, ours and imported ones."""
+    import torch
+
+    from .encoder import create_encoder, set_sincos_pos_embed
+
+    options = dict(options)
+    sincos = options.pop("pos_embed", "learned") == "sincos"
+    # The pooling is switched after loading: timm moves the final LayerNorm from the tokens
+    # (`norm`) to the pooled feature (`fc_norm`) when built with global_pool="avg", which would
+    # leave the trained norm unused. `reset_classifier` changes the pooling and keeps the norm.
+    pool = options.pop("global_pool", None)
+    encoder = create_encoder(name, img_size=state_img_size, **options)
     missing, unexpected = _diff_keys(encoder, state)
     if missing or unexpected:
         raise UserError(
-            f"Encoder weights {weights} do not match architecture '{info['name']}' from its description "
+            f"{where} do not match architecture '{name}' from its description "
             f"(missing {missing[:3]}, unexpected {unexpected[:3]}); the weights and encoder.json do not belong together."
         )
     try:
         encoder.load_state_dict(state, strict=True)
     except RuntimeError as err:
         first = str(err).splitlines()[-1].strip()
-        raise UserError(f"Encoder weights {weights} do not fit the requested architecture ({first}); "
-                        "drop the architecture overrides.") from None
-    if img_size is not None and int(img_size) != info["img_size"]:
+        raise UserError(f"{where} do not fit the requested architecture ({first}); drop the architecture overrides.") from None
+    if img_size is not None and int(img_size) != state_img_size:
         patch = encoder.patch_embed.patch_size[0]
         if int(img_size) % patch:
             raise UserError(f"Image size {img_size} is not a multiple of the encoder's patch size {patch}.")
@@ -202,7 +211,7 @@ def load_encoder(path: str | os.PathLike, img_size: int | None = None, **overrid
         encoder.vitmpp_spec["img_size"] = int(img_size)
     if pool is not None and pool != encoder.global_pool:
         if pool == "token" and not encoder.has_class_token:
-            raise UserError(f"Encoder {weights} has no class token, so global_pool 'token' is impossible; use 'avg'.")
+            raise UserError(f"{where} have no class token, so global_pool 'token' is impossible; use 'avg'.")
         encoder.reset_classifier(0, global_pool=pool)
         # recorded so that a re-export of this encoder rebuilds the same layout
         encoder.vitmpp_spec["overrides"].update(global_pool=pool, fc_norm=not isinstance(encoder.fc_norm, torch.nn.Identity))

@@ -386,3 +386,28 @@ def test_fewshot_protocol_scores_test_at_the_regulariser_validation_chose(tmp_pa
     mine = fewshot_evaluate(splits["train"], splits["validation"], splits["test"], manifest.num_classes, [2, 5], [0, 1])
     for theirs, ours in zip(results["per_seed"], mine):
         assert theirs["l2"] == ours.l2 and abs(theirs["test_top1"] - ours.test_top1) < 1e-9
+
+
+def test_a_public_checkpoint_is_evaluated_like_our_own_encoder(tmp_path, digits16):
+    """encoder= takes a checkpoint of another library (here timm's state dict and torchvision's): the run
+    names its format and digest and says which normalisation it assumed."""
+    from safetensors.torch import save_file
+    from timm.models import VisionTransformer
+    from torchvision.models import VisionTransformer as TorchvisionViT
+
+    torch.manual_seed(0)
+    timm_file = tmp_path / "vit_pico.safetensors"
+    save_file(VisionTransformer(img_size=16, patch_size=4, embed_dim=64, depth=2, num_heads=2, num_classes=0).state_dict(),
+              timm_file)
+    torchvision_file = tmp_path / "vit_pico_tv.pth"
+    torch.save(TorchvisionViT(image_size=16, patch_size=4, num_layers=2, num_heads=2, hidden_dim=64, mlp_dim=256).state_dict(),
+               torchvision_file)
+    for file, fmt, normalisation in ((timm_file, "timm", "states no normalisation"),
+                                     (torchvision_file, "torchvision", None)):
+        out = run(python_cmd("finetune/main.py") + ["data.num_workers=0", "protocol=knn", f"encoder={file}",
+                                                    f"data.shards={digits16}", f"run.name=knn-{fmt}"], cwd=tmp_path)
+        assert f"encoder: {file} ({fmt}, sha256 " in out.stdout
+        assert (normalisation in out.stdout) if normalisation else "states no normalisation" not in out.stdout
+        results = json.loads((tmp_path / "runs" / f"knn-{fmt}" / "results.json").read_text())
+        assert results["protocol"] == "knn" and results["encoder_info"]["source"]["format"] == fmt
+        assert results["test_last_top1"] is not None
