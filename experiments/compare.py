@@ -62,7 +62,7 @@ from vitmpp.common.config import load_config, save_config, to_dict
 from vitmpp.common.errors import UserError, cli_entry
 from vitmpp.common.rundir import check_location, lock_run_folder
 
-from .grid import (CompareConfig, cells, check_cells, encoder_file, encoder_runs, matched_scratch_steps, only_grown,
+from .grid import (CompareConfig, cell_encoder, cells, check_cells, encoder_runs, matched_scratch_steps, only_grown,
                    random_encoder, resolve_pretraining, resolve_recipes)
 from .report import write_report
 from .runner import Stopped, on_stop_signal, pretrain_encoders, run_cells, stopped_by
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> Path:
         if cfg.pretraining.recipes:
             pretrain_encoders(cfg, out, resolve_pretraining(cfg, args.config), jobs=args.jobs)
         encoder_paths = {name: [str(random_encoder(runs, out))] if paths == ["random"]
-                         else [str(encoder_file(p).parent) for p in paths] for name, paths in runs.items()}
+                         else [cell_encoder(p) for p in paths] for name, paths in runs.items()}
         matched_steps = None
         if cfg.compute_matched_scratch:
             matched_steps, pretrained = matched_scratch_steps(cfg, recipes["scratch"], encoder_paths)

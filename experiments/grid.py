@@ -158,7 +158,7 @@ def random_encoder(runs: dict[str, list[str]], out: Path) -> Path:
     """A randomly initialised encoder with the first real encoder's architecture (seed 0)."""
     import torch
 
-    from vitmpp.models import create_encoder, read_encoder_info, save_encoder
+    from vitmpp.models import create_encoder, save_encoder
 
     target = out / "random-encoder"
     if (target / "encoder.safetensors").is_file():
@@ -166,7 +166,9 @@ def random_encoder(runs: dict[str, list[str]], out: Path) -> Path:
     reference = next((paths[0] for paths in runs.values() if paths != ["random"]), None)
     if reference is None:
         raise UserError("Encoder 'random' needs a real encoder in 'encoders' to copy its architecture from.")
-    info = read_encoder_info(encoder_file(reference))
+    from vitmpp.models.importer import encoder_description
+
+    info = encoder_description(encoder_file(reference))  # ours, or any checkpoint the importer reads
     torch.manual_seed(0)
     encoder = create_encoder(info["name"], img_size=info["img_size"], **info.get("overrides", {}))
     save_encoder(encoder, target, objective="random", step=0, extra=info.get("extra"))
@@ -174,18 +176,34 @@ def random_encoder(runs: dict[str, list[str]], out: Path) -> Path:
 
 
 def encoder_file(path: str) -> Path:
+    """Our encoder.safetensors in a run folder, or a checkpoint file or timm/transformers folder as given."""
     candidate = Path(path)
+    if candidate.is_dir() and (candidate / "config.json").is_file() and not (candidate / "encoder.safetensors").is_file():
+        return candidate
     file = candidate / "encoder.safetensors" if candidate.is_dir() else candidate
     if not file.is_file():
         raise UserError(f"Encoder '{path}' not found (no {file}); run its pretraining first (see README, 'Evaluate and compare').")
     return file
 
 
+def cell_encoder(path: str) -> str:
+    """What a cell's `encoder=` names: our run folder, or the checkpoint itself."""
+    file = encoder_file(path)
+    return str(file.parent if file.name == "encoder.safetensors" else file)
+
+
 def pretraining_images(folder: str) -> int:
-    """Images the encoder in `folder` was pretrained on (steps x global batch, from encoder.json); 0 if unknown."""
+    """Images the encoder in `folder` was pretrained on (steps x global batch, from encoder.json); 0 if unknown
+    (an imported checkpoint: its pretraining is not ours to count)."""
     from vitmpp.models import read_encoder_info
 
-    info = read_encoder_info(encoder_file(folder))
+    file = encoder_file(folder)
+    if file.name != "encoder.safetensors" and file.suffix != ".safetensors":
+        return 0
+    try:
+        info = read_encoder_info(file)
+    except UserError:  # a safetensors file of another library: no encoder.json
+        return 0
     return int(((info.get("extra") or {}).get("train") or {}).get("images_seen") or 0)
 
 

@@ -51,9 +51,8 @@ from vitmpp.evaluate.accuracy import accuracy
 from vitmpp.evaluate.heads import LinearProbe, make_classifier, pooled_features
 from vitmpp.evaluate.fewshot import fewshot_evaluate
 from vitmpp.evaluate.knn import extract, knn_classify_splits
-from vitmpp.models import create_encoder, read_encoder_info
-from vitmpp.models.importer import detect_format, import_weights
-from vitmpp.models.weights import describe_encoder
+from vitmpp.models import create_encoder
+from vitmpp.models.importer import encoder_description, import_weights
 from vitmpp.models.hub import record_evaluation
 
 from .config import RESUMABLE_KEYS, FinetuneConfig
@@ -98,18 +97,6 @@ def normalisation(cfg: FinetuneConfig, info: dict) -> tuple[tuple, tuple]:
     return tuple(mean), tuple(std)
 
 
-def encoder_info(path: Path | None) -> dict:
-    """What evaluation needs to know of an encoder file: our encoder.json, or for an imported checkpoint
-    its architecture, the normalisation it states (`extra`) and where it came from (`source`)."""
-    if path is None:
-        return {}
-    if detect_format(path) == "vitmpp":
-        return read_encoder_info(path)
-    imported = import_weights(path)
-    stated = {"mean": list(imported.mean), "std": list(imported.std)} if imported.mean is not None else {}
-    return {**describe_encoder(imported.encoder), "extra": stated, "source": imported.source, "notes": imported.notes}
-
-
 def build_model(cfg: FinetuneConfig, encoder_path: Path | None, num_classes: int, img_size: int | None,
                 info: dict | None = None) -> nn.Module:
     if cfg.protocol in ("linear", "knn", "fewshot"):
@@ -119,7 +106,7 @@ def build_model(cfg: FinetuneConfig, encoder_path: Path | None, num_classes: int
     if cfg.protocol == "finetune":
         encoder = import_weights(encoder_path, img_size=img_size, **overrides).encoder
     elif encoder_path is not None:  # scratch: the encoder's architecture, fresh weights
-        info = info or encoder_info(encoder_path)
+        info = info or encoder_description(encoder_path)
         encoder = create_encoder(info["name"], img_size=img_size or info["img_size"], **{**info.get("overrides", {}), **overrides})
     else:
         encoder = create_encoder(cfg.model.name, img_size=img_size, **overrides)
@@ -133,7 +120,7 @@ class EvaluationData:
 
     def __init__(self, cfg: FinetuneConfig, run: Run):
         self.encoder_path = resolve_encoder(cfg)
-        self.info = encoder_info(self.encoder_path)
+        self.info = encoder_description(self.encoder_path)
         self.img_size = cfg.model.img_size or self.info.get("img_size") or 32
         self.shards = cfg.data.shards or digits_shards(self.img_size)
         self.manifest = read_manifest(self.shards)

@@ -505,3 +505,19 @@ def _import_npz(path: Path, name: str | None) -> VisionTransformer:
     except (KeyError, ValueError, RuntimeError) as err:
         raise UserError(f"Weights {path} (npz) do not fit a {_describe(arch)} encoder ({err}).") from None
     return encoder
+
+
+def encoder_description(path: str | os.PathLike | None) -> dict:
+    """What evaluation needs to know of an encoder file or folder: our encoder.json, or for an imported
+    checkpoint its architecture (`describe_encoder`), the normalisation it states (`extra`), where it came
+    from (`source`) and what was assumed (`notes`). {} for None."""
+    if path is None:
+        return {}
+    from .weights import describe_encoder, read_encoder_info
+
+    path = Path(path)
+    if detect_format(path) == "vitmpp":
+        return read_encoder_info(path)
+    imported = import_weights(path)
+    stated = {"mean": list(imported.mean), "std": list(imported.std)} if imported.mean is not None else {}
+    return {**describe_encoder(imported.encoder), "extra": stated, "source": imported.source, "notes": imported.notes}

@@ -40,3 +40,23 @@ def test_an_evaluation_recipe_entry_carries_its_own_overrides(tmp_path):
     cfg = load_config(CompareConfig, config, [])
     runs = encoder_runs(cfg, tmp_path / "out")
     check_cells(cfg, cells(cfg, runs), runs, tmp_path / "out" / "cells", resolve_recipes(cfg, config), None)
+
+
+def test_a_checkpoint_of_another_library_is_an_encoder_row(tmp_path):
+    """compare's `encoders:` takes a checkpoint file or a timm/transformers folder as it is, and counts no
+    pretraining of ours for it (compute-matched scratch adds nothing for it)."""
+    import torch
+
+    from vitmpp.experiments.grid import cell_encoder, pretraining_images
+
+    public = tmp_path / "mae_pretrain_vit_pico.pth"
+    torch.save({"model": {"cls_token": torch.zeros(1, 1, 8)}}, public)
+    hub = tmp_path / "hub"
+    hub.mkdir()
+    (hub / "config.json").write_text('{"architecture": "vit_pico_patch4_16"}')
+    ours = tmp_path / "run"
+    ours.mkdir()
+    (ours / "encoder.safetensors").write_bytes(b"")
+    assert cell_encoder(str(public)) == str(public) and cell_encoder(str(hub)) == str(hub)
+    assert cell_encoder(str(ours)) == str(ours)
+    assert pretraining_images(str(public)) == 0 and pretraining_images(str(hub)) == 0
