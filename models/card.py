@@ -210,6 +210,11 @@ def _training_section(info: dict, extra: dict) -> list[str]:
     if train.get("world_size"):
         rows.append(("processes", _int(train["world_size"])))
     lines += ["| | |", "|---|---|", *[f"| {k} | {v} |" for k, v in rows], ""]
+    init = extra.get("init")
+    if init:  # model.init: the weights pretraining started from (data, so as text)
+        lines += [f"Pretraining started from {_code(init.get('path', ''), True)} ({_text(init.get('format'))}, "
+                  f"sha256 {_code(init.get('sha256', ''), True)}; {_text(', '.join(init.get('parts') or []))}), "
+                  "not from random weights.", ""]
     if compute.get("how"):
         lines += [compute["how"], ""]
     elif not compute:

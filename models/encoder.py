@@ -305,6 +305,9 @@ class EncoderConfig:
     global_pool: str = param("token", choices=("token", "avg"), help="feature pooling: class token or mean of patch tokens")
     grad_checkpointing: bool = param(False, help="activation checkpointing of the blocks (timm set_grad_checkpointing)")
     pos_embed: str = param("learned", choices=("learned", "sincos"), help="learned, or MAE's fixed 2D sin-cos table")
+    init: str | None = param(None, help="start from these weights: a checkpoint file or folder (docs/weights.md)")
+    init_parts: str = param("encoder", choices=("encoder", "all"),
+                            help="what model.init sets: the encoder, or also the objective's parts it holds")
 
     def check(self) -> None:
         if self.name not in ENCODER_VARIANTS:

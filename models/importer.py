@@ -521,3 +521,53 @@ def encoder_description(path: str | os.PathLike | None) -> dict:
     imported = import_weights(path)
     stated = {"mean": list(imported.mean), "std": list(imported.std)} if imported.mean is not None else {}
     return {**describe_encoder(imported.encoder), "extra": stated, "source": imported.source, "notes": imported.notes}
+
+
+def initialise_from(objective, path: str | os.PathLike, *, parts: str = "encoder") -> dict:
+    """Set `objective`'s encoder (and with `parts="all"` its own parts the checkpoint holds, e.g. a MAE
+    decoder) from the checkpoint at `path`; position embeddings are resampled to the encoder's grid.
+
+    Returns what the run records: the checkpoint's `source`, `parts` set, `normalisation` it states
+    (or None) and `notes`. A mismatch is one sentence naming the first key and both shapes."""
+    encoder = objective.encoder
+    imported = import_weights(path, img_size=int(encoder.patch_embed.img_size[0]))
+    where = f"model.init {path} ({imported.source['format']})"
+    _load_into(encoder, imported.encoder.state_dict(), where, "encoder")
+    notes = list(imported.notes)
+    loaded = ["encoder"]
+    if parts == "all":
+        own = {k: v for k, v in objective.state_dict().items() if not k.startswith("encoder.")}
+        given = {k: v for k, v in (imported.decoder or {}).items() if k in own}
+        if not given:
+            raise UserError(f"model.init_parts=all: {where} holds no weights for the {type(objective).__name__}'s own "
+                            f"parts ({', '.join(sorted({k.split('.')[0] for k in own})) or 'none'}); use "
+                            "model.init_parts=encoder.")
+        missing = sorted(set(own) - set(given))
+        _load_into(objective, given, where, "objective", strict=False)
+        loaded.append("decoder" if any(k.startswith("decoder") for k in given) else "head")
+        if missing:
+            notes.append(f"not in the checkpoint, left at their initial values: {', '.join(missing[:5])}"
+                         + (" ..." if len(missing) > 5 else ""))
+    stated = {"mean": list(imported.mean), "std": list(imported.std), "from": imported.normalisation_from} \
+        if imported.mean is not None else None
+    return {**imported.source, "parts": loaded, "normalisation": stated, "notes": notes}
+
+
+def _load_into(module, state: dict, where: str, what: str, strict: bool = True) -> None:
+    expected = module.state_dict()
+    for key, value in state.items():
+        if key not in expected:
+            raise UserError(f"{where} has '{key}', which the {what} lacks; check model.name and the objective.")
+        if tuple(value.shape) != tuple(expected[key].shape):
+            raise UserError(f"{where} does not fit this run's {what}: '{key}' has shape {tuple(value.shape)}, the "
+                            f"{what}'s is {tuple(expected[key].shape)}; set model.name (and model.patch_size) to the "
+                            "checkpoint's architecture.")
+    if strict:
+        absent = sorted(set(expected) - set(state))
+        if absent:
+            raise UserError(f"{where} lacks '{absent[0]}' of this run's {what}; set model.name to its architecture.")
+    import torch
+
+    with torch.no_grad():
+        for key, value in state.items():
+            expected[key].copy_(value.to(expected[key].dtype))

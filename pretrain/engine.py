@@ -30,6 +30,7 @@ from vitmpp.datasets.transforms import TINY_IMAGE
 from vitmpp.evaluate.online import EVAL_SPLIT, EvalSpecs, eval_specs, evaluate_online
 from vitmpp.models import create_objective, encoder_from_config, flops_per_image, read_encoder_info, save_encoder
 from vitmpp.models.card import render_card
+from vitmpp.models.importer import initialise_from
 from vitmpp.models.hub import (CARD_NAME, TRANSFORMERS_DIR, card_facts, save_transformers,
                                transformers_incompatibility, write_card)
 
@@ -56,6 +57,10 @@ class PretrainStage(Stage):
         split = manifest.split(cfg.data.train_split)
         self.objective = create_objective(cfg.objective, encoder_from_config(cfg.model), cfg.objective_config(),
                                           mean=cfg.data.mean, std=cfg.data.std, num_classes=manifest.num_classes)
+        self.init = None
+        if cfg.model.init is not None and run.resume_from is None:  # a resumed run holds the weights already
+            self.init = initialise_from(self.objective, cfg.model.init, parts=cfg.model.init_parts)
+            self.say_init(cfg, run)
         transform = type(self.objective).training_transform(cfg.model.img_size, cfg.data) or pretrain_transform(
             cfg.model.img_size, scale=tuple(cfg.data.crop_scale), hflip=cfg.data.hflip,
             interpolation=cfg.data.interpolation)
@@ -163,8 +168,25 @@ class PretrainStage(Stage):
                                                  pixels[:8]).items():
                 tracker.image(tracker.picture_tag(TRAINING_GROUP, TRAINING_TAGS[name]), figure, step)
 
+    def say_init(self, cfg, run: Run) -> None:
+        init = self.init
+        run.console.print(f"model.init: {', '.join(init['parts'])} from {init['path']} ({init['format']}, sha256 "
+                          f"{init['sha256'][:12]})")
+        for note in init["notes"]:
+            run.console.print(f"note: {note}")
+        stated = init["normalisation"]
+        if stated is not None and (tuple(stated["mean"]), tuple(stated["std"])) != (tuple(cfg.data.mean),
+                                                                                  tuple(cfg.data.std)):
+            run.console.print(f"note: the checkpoint was trained with mean {tuple(stated['mean'])} and std "
+                              f"{tuple(stated['std'])} ({stated['from']}); this run uses data.mean {tuple(cfg.data.mean)} "
+                              f"and data.std {tuple(cfg.data.std)}: set them to the checkpoint's to keep its inputs")
+
     def state_dict(self) -> dict:
-        return {"objective": self.cfg.objective}
+        # the init's record travels with the checkpoints: a resumed run exports the same source
+        return {"objective": self.cfg.objective, "init": self.init}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.init = state.get("init")
 
     def finish(self, step: int, model) -> Path:
         run = self.run
@@ -193,6 +215,7 @@ class PretrainStage(Stage):
             # what eval_transform(img_size) crops by default: the transformers image processor repeats it
             "eval_crop_pct": 1.0 if cfg.model.img_size < TINY_IMAGE else 0.875,
             "uses_labels": type(self.objective).uses_labels,
+            "init": self.init,  # the weights the run started from (None: random), as model.init recorded them
             "data": {"shards": str(self.shards), "name": manifest.name, "source": manifest.source,
                      "num_classes": manifest.num_classes, "image_size": manifest.image_size,
                      "train_split": cfg.data.train_split,

@@ -278,3 +278,53 @@ def test_an_unknown_checkpoint_says_which_formats_exist(tmp_path):
     save_file({"conv1.weight": torch.zeros(4, 3, 3, 3)}, tmp_path / "resnet.safetensors")
     with pytest.raises(UserError, match="not a ViT checkpoint vitmpp knows.*'conv1.weight'.*formats: vitmpp, timm"):
         import_weights(tmp_path / "resnet.safetensors")
+
+
+def test_a_transformers_vitmae_checkpoint_continues_as_our_mae_with_its_loss(tmp_path):
+    """ViTMAEForPreTraining saved by transformers, imported with its decoder into our MAE objective
+    (model.init_parts=all): the same masks give transformers' own loss and reconstruction."""
+    from transformers import ViTMAEConfig, ViTMAEForPreTraining
+
+    from models_helpers import normalise, uint8_images
+    from vitmpp.models import create_objective
+    from vitmpp.models.encoder import create_encoder
+    from vitmpp.models.importer import initialise_from
+
+    torch.manual_seed(5)
+    config = ViTMAEConfig(**{**transformers_config(), "num_attention_heads": HEADS}, decoder_hidden_size=32,
+                          decoder_num_hidden_layers=2, decoder_num_attention_heads=2, decoder_intermediate_size=128,
+                          mask_ratio=0.75, norm_pix_loss=True, qkv_bias=True)
+    peer = ViTMAEForPreTraining(config).eval()
+    with torch.no_grad():  # transformers 5 leaves the fixed tables at zero after init: give them values to carry
+        peer.vit.embeddings.position_embeddings.normal_(0, 0.1)
+        peer.decoder.decoder_pos_embed.normal_(0, 0.1)
+        peer.decoder.mask_token.normal_(0, 0.1)
+    peer.save_pretrained(tmp_path)
+
+    objective = create_objective("mae", create_encoder("vit_pico_patch4_32"), decoder_embed_dim=32, decoder_depth=2,
+                                 decoder_num_heads=2, norm_pix_loss=True).eval()
+    record = initialise_from(objective, tmp_path, parts="all")
+    assert record["format"] == "transformers" and record["parts"] == ["encoder", "decoder"]
+    pixels = uint8_images(3, size=SIDE, seed=1)
+    noise = torch.rand(3, (SIDE // PATCH) ** 2)
+    with torch.no_grad():
+        ours = objective(pixels, noise=noise)
+        theirs = peer(pixel_values=normalise(pixels), noise=noise)
+    assert torch.equal(ours.extras["mask"], theirs.mask)
+    torch.testing.assert_close(ours.loss, theirs.loss, rtol=0, atol=1e-5)
+    torch.testing.assert_close(ours.extras["prediction"], theirs.logits, rtol=0, atol=1e-4)
+
+
+def test_init_parts_all_without_the_objectives_parts_is_one_sentence(tmp_path):
+    from vitmpp.models import create_objective
+    from vitmpp.models.encoder import create_encoder
+    from vitmpp.models.importer import initialise_from
+
+    save_file(timm_vit().state_dict(), tmp_path / "vit.safetensors")
+    objective = create_objective("mpp", create_encoder("vit_pico_patch4_32"))
+    with pytest.raises(UserError, match=r"^model\.init_parts=all: .* holds no weights for the .*'s own parts .*; use "
+                                        r"model\.init_parts=encoder\.$"):
+        initialise_from(objective, tmp_path / "vit.safetensors", parts="all")
+    record = initialise_from(objective, tmp_path / "vit.safetensors")  # the encoder alone is fine
+    assert record["parts"] == ["encoder"]
+    assert torch.equal(objective.encoder.blocks[0].attn.qkv.weight, timm_vit().blocks[0].attn.qkv.weight)
