@@ -86,12 +86,15 @@ def knn_classify_splits(
         query_feats, query_labels = extract(accelerator, features, loader, mean, std)
         if query_feats.shape[0] != expected:
             raise RuntimeError(f"kNN evaluation saw {query_feats.shape[0]} {name} samples, expected {expected}")
-        scores = knn_predict(train_feats, train_labels, query_feats, num_classes, k, temperature)
-        top5 = scores.topk(min(5, num_classes), dim=1).indices
-        correct = top5 == query_labels[:, None]
-        results[name] = {
-            "top1": 100.0 * correct[:, 0].float().mean().item(),
-            "top5": 100.0 * correct.any(1).float().mean().item(),
-            "count": int(query_feats.shape[0]),
-        }
+        results[name] = knn_scores(train_feats, train_labels, query_feats, query_labels, num_classes, k, temperature)
     return results
+
+
+def knn_scores(train_feats, train_labels, query_feats, query_labels, num_classes: int, k: int,
+               temperature: float) -> dict[str, float]:
+    """kNN top-1/top-5 (%) and the query count, for L2-normalised features."""
+    scores = knn_predict(train_feats, train_labels, query_feats, num_classes, k, temperature)
+    top5 = scores.topk(min(5, num_classes), dim=1).indices
+    correct = top5 == query_labels[:, None]
+    return {"top1": 100.0 * correct[:, 0].float().mean().item(),
+            "top5": 100.0 * correct.any(1).float().mean().item(), "count": int(query_feats.shape[0])}

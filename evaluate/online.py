@@ -3,7 +3,8 @@ the pretraining stage scores the encoder as it is, with the protocols the evalua
 
     eval_specs(...)        -> EvalSpecs: the loaders, over the same seeded samples at every evaluation
     evaluate_online(...)   -> kNN top-1/top-5 on validation against a training-split memory bank
-                              (vitmpp.evaluate.knn, as protocol=knn), and the objective's validation loss
+                              (vitmpp.evaluate.knn, as protocol=knn), few-shot linear accuracy from the same
+                              features (vitmpp.evaluate.fewshot), and the objective's validation loss
 """
 from __future__ import annotations
 
@@ -11,12 +12,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
+from vitmpp.common.errors import UserError
 from vitmpp.common.seeding import restored_generators, seed_generators
 from vitmpp.datasets import LoaderSpec, eval_transform, open_loader, unit_pixels
 
+from .fewshot import fewshot_evaluate
 from .heads import pooled_features
-from .knn import knn_classify
+from .knn import extract, knn_scores
 
 EVAL_SPLIT = "validation"  # the online evaluation's queries: the split the evaluation stages choose on
 # The evaluation reads the same samples through a deterministic transform every time: when all of them fit in
@@ -85,7 +89,8 @@ def eval_specs(shards, manifest, train_split: str, img_size: int, *, knn_images:
 
 
 def evaluate_online(accelerator, objective: torch.nn.Module, specs: EvalSpecs, mean: torch.Tensor, std: torch.Tensor,
-                    *, k: int = 20, temperature: float = 0.07, pool: str = "token", seed: int = 0) -> dict[str, float]:
+                    *, k: int = 20, temperature: float = 0.07, pool: str = "token", seed: int = 0,
+                    fewshot_shots: tuple[int, ...] = ()) -> dict[str, float]:
     """The online evaluation of `objective` (unwrapped, whole on every rank; eval mode and no gradients
     inside, its train/eval mode restored):
 
@@ -97,6 +102,11 @@ def evaluate_online(accelerator, objective: torch.nn.Module, specs: EvalSpecs, m
       and the sums are reduced; `loss` is the mean over images (each batch's loss weighted by its images).
       The masks are the same at every evaluation of a run on the same number of processes.
 
+    - few-shot linear accuracy (evaluate/fewshot.py) for each of `fewshot_shots`, from the same features:
+      the shots drawn from the bank (seed `seed`), the regulariser chosen on the even-numbered queries and
+      the accuracy (`fewshot_<k>shot`, %) measured on the odd-numbered ones, so nothing is scored on the
+      images that chose it; NaN when a class has fewer than k bank images.
+
     Every rank must call it (gathers). Returns also `knn_count` and `loss_count` (validation images
     scored, each once over the ranks: checked) and `bank` (memory-bank images)."""
     encoder, device = objective.feature_encoder(), accelerator.device
@@ -104,14 +114,38 @@ def evaluate_online(accelerator, objective: torch.nn.Module, specs: EvalSpecs, m
     objective.eval()
     try:
         with torch.no_grad(), restored_generators(device):
-            knn = knn_classify(accelerator, lambda x: pooled_features(encoder, x, pool), specs.batches("bank"),
-                               specs.batches("queries"), mean, std, specs.bank.manifest.num_classes, k, temperature,
-                               expected_val=specs.queries_count)
+            def features(images):
+                return pooled_features(encoder, images, pool)
+
+            bank_x, bank_y = extract(accelerator, features, specs.batches("bank"), mean, std, l2_normalise=False)
+            query_x, query_y = extract(accelerator, features, specs.batches("queries"), mean, std, l2_normalise=False)
+            if query_x.shape[0] != specs.queries_count:
+                raise RuntimeError(f"kNN evaluation saw {query_x.shape[0]} validation samples, "
+                                   f"expected {specs.queries_count}")
+            classes = specs.bank.manifest.num_classes
+            knn = knn_scores(F.normalize(bank_x, dim=1), bank_y, F.normalize(query_x, dim=1), query_y, classes, k,
+                             temperature)
+            fewshot = online_fewshot((bank_x, bank_y), (query_x, query_y), classes, fewshot_shots, seed)
             loss, loss_count = _validation_loss(accelerator, objective, specs.batches("loss"), specs.loss_count, seed)
     finally:
         objective.train(was_training)
     return {"knn_top1": knn["top1"], "knn_top5": knn["top5"], "knn_count": knn["count"], "loss": loss,
-            "loss_count": loss_count, "bank": specs.bank_count}
+            "loss_count": loss_count, "bank": specs.bank_count, **fewshot}
+
+
+def online_fewshot(bank: tuple, queries: tuple, num_classes: int, shots: tuple[int, ...], seed: int) -> dict:
+    """{"fewshot_<k>shot": %} for each k: shots from the bank, λ chosen on the even queries, scored on the odd."""
+    out = {}
+    choose = (queries[0][0::2].cpu(), queries[1][0::2].cpu())
+    score = (queries[0][1::2].cpu(), queries[1][1::2].cpu())
+    for k in shots:
+        try:
+            (result,) = fewshot_evaluate((bank[0].cpu(), bank[1].cpu()), choose, score, num_classes, [k], [seed])
+        except UserError:  # a class with fewer than k bank images: no score rather than a stopped run
+            out[f"fewshot_{k}shot"] = float("nan")
+        else:
+            out[f"fewshot_{k}shot"] = result.test_top1
+    return out
 
 
 def _validation_loss(accelerator, objective, loader, expected: int, seed: int) -> tuple[float, int]:

@@ -58,6 +58,9 @@ class PretrainEvalConfig:
                                                              "the linear probe by default) or the mean of the patch tokens")
     k: int = param(20, ge=1, le=MAX_BATCH, help="kNN neighbours (Wu et al. 2018, DINO: 20), as protocol=knn")
     temperature: float = param(0.07, gt=0, help="kNN votes weighted by exp(cosine similarity / temperature)")
+    fewshot_shots: list[int] = param(default_factory=lambda: [5], ge=1, le=MAX_BATCH,
+                                     help="few-shot linear accuracy (ViT paper §4.1) on the kNN features for each "
+                                          "shot count, as eval/fewshot_<k>shot ([]: none; docs/training.md)")
     loss_images: int = param(0, ge=0, le=MAX_SAMPLES, help="validation images of eval/loss (a seeded random sample; 0: all); its "
                                            "masks are drawn from a fixed seed, the same at every evaluation")
 

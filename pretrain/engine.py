@@ -111,19 +111,22 @@ class PretrainStage(Stage):
         cfg, run = self.cfg, self.run
         started = time.perf_counter()
         scores = evaluate_online(run.accelerator, self.objective, self.eval_specs, self.mean, self.std,
-                                 k=cfg.eval.k, temperature=cfg.eval.temperature, pool=cfg.eval.pool, seed=cfg.train.seed)
+                                 k=cfg.eval.k, temperature=cfg.eval.temperature, pool=cfg.eval.pool, seed=cfg.train.seed,
+                                 fewshot_shots=tuple(cfg.eval.fewshot_shots))
         seconds = time.perf_counter() - started
         cost = ""
         if self.eval_clock is not None and self.eval_clock[0] < step:  # its cost against the steps since the last
             since, budget = self.eval_clock[0], started - self.eval_clock[1]
             cost = f" = {100 * seconds / budget:.1f}% of the {budget:.1f}s of steps {since + 1}-{step}"
-        tagged = run.tracker.scalars({name: scores[name] for name in ("knn_top1", "knn_top5", "loss")}, step=step,
-                                     group=EVAL_GROUP)
+        fewshot = [f"fewshot_{k}shot" for k in cfg.eval.fewshot_shots]
+        tagged = run.tracker.scalars({name: scores[name] for name in ("knn_top1", "knn_top5", "loss", *fewshot)},
+                                     step=step, group=EVAL_GROUP)
         if run.metrics is not None:  # a row of its own beside the step's loss row: {"step", "eval/knn_top1", ...}
             row = {tag: value if math.isfinite(value) else None for tag, value in tagged.items()}
             run.metrics.append([{"step": step, **row, f"{EVAL_GROUP}/knn_count": scores["knn_count"],
                                  f"{EVAL_GROUP}/loss_count": scores["loss_count"]}])
-        run.console.print(f"step {step}: eval kNN top-1 {scores['knn_top1']:.2f}  top-5 {scores['knn_top5']:.2f}  "
+        shots = "".join(f"  {k}-shot {scores[f'fewshot_{k}shot']:.2f}" for k in cfg.eval.fewshot_shots)
+        run.console.print(f"step {step}: eval kNN top-1 {scores['knn_top1']:.2f}  top-5 {scores['knn_top5']:.2f}{shots}  "
                           f"validation loss {scores['loss']:.4f}  ({scores['knn_count']} validation images, bank "
                           f"{scores['bank']}; {seconds:.2f}s{cost})")
         self.eval_clock = (step, time.perf_counter())
