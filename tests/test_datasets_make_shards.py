@@ -18,7 +18,8 @@ from datasets_helpers import spec_for
 from vitmpp.common.errors import UserError
 from vitmpp.datasets import digits_shards, open_loader, read_manifest, write_shards
 from vitmpp.datasets import make_shards as make_shards_module
-from vitmpp.datasets.sources import digits_source, split_three_ways
+from vitmpp.datasets.sources import digits_source
+from vitmpp.datasets.splits import split_three_ways
 
 IDENTITY = MaybePILToTensor()
 
@@ -318,6 +319,28 @@ def test_torchvision_set_on_disk_keeps_its_own_split(tmp_path):
 
 
 # ----------------------------------------------------------------------------- never lose or fake anything
+
+def test_a_new_source_is_one_registered_function_whose_parameters_are_its_options(tmp_path, monkeypatch):
+    from vitmpp.datasets import sources
+
+    def stripes(width: int = 8, classes: int = 3) -> sources.SourceData:
+        def load(k: int):
+            pixels = np.zeros((width, width, 3), dtype=np.uint8)
+            pixels[:, k % width] = 40 * (k % classes) + 1
+            return lambda: sources.Loaded(Image.fromarray(pixels))
+
+        items = [sources.Item(k % classes, f"stripes[{k}]", load(k)) for k in range(30)]
+        return sources.SourceData("stripes", [str(c) for c in range(classes)], items=items)
+
+    monkeypatch.setitem(sources.SOURCES, "stripes", sources.Source("stripes", stripes))
+    manifest = write_shards(tmp_path / "s", "stripes", width=12, val_fraction=0.2, test_fraction=0.2, progress=False)
+    assert manifest.num_classes == 3 and manifest.image_size == 12
+    assert sum(info.num_samples for info in manifest.splits.values()) == 30
+    writer = manifest.extra["vitmpp"]["writer"]
+    assert (writer["source"], writer["width"], writer["classes"]) == ("stripes", 12, 3)
+    with pytest.raises(UserError, match="Unknown option --height for --source stripes; it takes --width, --classes"):
+        write_shards(tmp_path / "t", "stripes", height=4, progress=False)
+
 
 def test_an_existing_output_folder_is_refused(digits_png, tmp_path, capsys):
     with pytest.raises(UserError, match="already exists"):
