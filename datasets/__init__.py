@@ -18,5 +18,5 @@ __getattr__, __dir__, __all__ = lazy_exports(__name__, {
     "Batch": ".spec", "Loader": ".spec", "LoaderSpec": ".spec",
     "eval_transform": ".transforms", "finetune_transform": ".transforms", "normalize_batch": ".transforms",
     "pretrain_transform": ".transforms",
-    "digits_shards": ".make_shards", "write_shards": ".make_shards",
+    "digits_shards": ".digits_cache", "write_shards": ".make_shards",
 })
