@@ -27,7 +27,7 @@ from vitmpp.common.io import reported_writes
 from vitmpp.common.loop import Plan, Run, Stage, open_run, train
 from vitmpp.common.optim import build_optimizer
 from vitmpp.common.seeding import restored_generators, seed_generators
-from vitmpp.datasets import (LoaderSpec, digits_shards, eval_transform, normalize_batch, open_dali_loader, open_loader,
+from vitmpp.datasets import (LoaderFactory, LoaderSpec, digits_shards, eval_transform, normalize_batch, open_loader,
                              pretrain_transform, read_manifest)
 from vitmpp.datasets.transforms import TINY_IMAGE
 from vitmpp.models import create_objective, encoder_from_config, flops_per_image, read_encoder_info, save_encoder
@@ -83,8 +83,8 @@ class PretrainStage(Stage):
         self.std = torch.tensor(cfg.data.std, device=run.device).view(1, 3, 1, 1)
         self.eval_specs = self.online_eval_specs(manifest)
         self.eval_clock: tuple[int, float] | None = None  # (step, time) the steps before the next evaluation began
-        opener = open_dali_loader if cfg.data.loader == "dali" else open_loader  # evaluation keeps open_loader
-        return Plan(self.objective, optimizer, loader, opener, split.num_samples,
+        loaders = LoaderFactory.for_run(cfg.data, loader, run.device)  # data.loader's kind; evaluation keeps open_loader
+        return Plan(self.objective, optimizer, loaders, split.num_samples,
                     f"pretraining {cfg.objective} on {self.shards} ({split.num_samples} images)")
 
     def flops_per_image(self, model: torch.nn.Module) -> float | None:
