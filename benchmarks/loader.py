@@ -38,9 +38,10 @@ import torch
 
 from vitmpp.datasets import LoaderSpec, open_loader, pretrain_transform, read_manifest
 from vitmpp.datasets.device_augment import CropFlip, crop_flip_batch, decode_regions, encode_regions, pack_regions
-from vitmpp.datasets import loader as loader_module
-from vitmpp.datasets.loader import close_idle_workers
-from vitmpp.datasets.samples import Tally, decode_array, decode_sample, read_for_device, read_shard, use_fast_jpeg
+from vitmpp.datasets import pool as pool_module
+from vitmpp.datasets.decoders import decode_array, decode_sample, read_for_device, use_fast_jpeg
+from vitmpp.datasets.pool import close_idle_workers
+from vitmpp.datasets.samples import Tally, read_shard
 
 from .data import folder_bytes, folder_from_shards, shards_from_folder, synthetic_shards, write_photo_folder
 from .harness import Row, Settings, fmt_ratio, median, speed_ratio, verdict
@@ -202,7 +203,7 @@ def loader_rows(settings: Settings) -> list[Row]:
     rows: list[Row] = []
     # These rows measure whole epochs, worker start included: the shard loader's kept workers are
     # ended after every epoch (close_idle_workers) and must not start the next epoch ahead meanwhile.
-    run_ahead, loader_module.RUN_AHEAD = loader_module.RUN_AHEAD, False
+    run_ahead, pool_module.RUN_AHEAD = pool_module.RUN_AHEAD, False
     try:
         rows += _versus_imagefolder(settings, paths)
         rows += _per_core(settings, paths)
@@ -211,7 +212,7 @@ def loader_rows(settings: Settings) -> list[Row]:
         rows += _decode_only_loaders(settings, paths)
         rows += _short_epochs(settings, paths)
     finally:
-        loader_module.RUN_AHEAD = run_ahead
+        pool_module.RUN_AHEAD = run_ahead
     return rows
 
 
@@ -614,13 +615,13 @@ def _short_epochs(settings: Settings, paths: dict) -> list[Row]:
         spec = LoaderSpec(shards=str(shards), manifest=manifest, batch_size=batch, transform=pretrain_transform(32),
                           training=True, num_workers=workers, keep_indices=keep_indices)
         results = {}
-        for arm, pools, ahead in (("kept", loader_module.MAX_IDLE_POOLS, True), ("restarted", 0, False)):
-            saved = loader_module.MAX_IDLE_POOLS, loader_module.RUN_AHEAD
-            loader_module.MAX_IDLE_POOLS, loader_module.RUN_AHEAD = pools, ahead
+        for arm, pools, ahead in (("kept", pool_module.MAX_IDLE_POOLS, True), ("restarted", 0, False)):
+            saved = pool_module.MAX_IDLE_POOLS, pool_module.RUN_AHEAD
+            pool_module.MAX_IDLE_POOLS, pool_module.RUN_AHEAD = pools, ahead
             try:
                 results[arm] = short_epoch_overhead(spec, count)
             finally:
-                loader_module.MAX_IDLE_POOLS, loader_module.RUN_AHEAD = saved
+                pool_module.MAX_IDLE_POOLS, pool_module.RUN_AHEAD = saved
         per_epoch = results["kept"][2] // count
         for arm, (overhead, waited, steps) in results.items():
             what = ("workers kept across epochs, the next epoch started ahead" if arm == "kept"

@@ -15,8 +15,9 @@ A stage supplies only what is its own through the `Stage` methods; everything a
 run promises (exact resume, on any process count that divides the run's logical ranks
 (`HostedRanks`, docs/distributed.md), stop requests, non-finite skips, atomic checkpoints,
 interval logging, progress) is written once, here. The loop knows the data only by
-the loader contract (`vitmpp.datasets.spec`): the stage hands it a spec and the
-function that opens it, so `common` never imports a layer above it. `Callback`s observe the loop
+the loader contract (`vitmpp.datasets.spec`): the stage hands it a loader factory
+(`vitmpp.datasets.LoaderFactory`, built from the stage's data config) that gives each epoch's spec
+and loader, so `common` never imports a layer above it and never reads `cfg.data`. `Callback`s observe the loop
 through public hooks: fault injection (`vitmpp.common.faults`) and benchmark
 instrumentation use them, so nothing needs monkeypatching.
 """
@@ -25,9 +26,9 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 
@@ -244,8 +245,7 @@ class Plan:
 
     model: torch.nn.Module  # trained as a whole; its forward is the stage's business
     optimizer: torch.optim.Optimizer  # over `model`'s parameters, at `run.peak_lr`
-    loader: Any  # a `vitmpp.datasets.LoaderSpec` of the training data (the loop fills in batches_per_epoch)
-    open_loader: Callable[..., Any]  # `vitmpp.datasets.open_loader`: (spec, epoch=, start_batch=) -> Loader
+    loader: Any  # a `vitmpp.datasets.LoaderFactory` of the training data: each epoch's spec and loader
     num_samples: int  # training samples in one epoch (what `train.epochs` counts)
     description: str  # one line for the start banner, e.g. "pretraining mpp on ... (1438 images)"
 
@@ -662,23 +662,8 @@ class Loop:
                 fields.update(rank=rank, world_size=self.run.ranks)
             if len(hosted) > 1 or self.data_workers != self.plan.loader.num_workers:
                 options["max_worker_processes"] = self.plan.loader.num_workers // len(hosted)
-            data = getattr(self.cfg, "data", None)
-            if getattr(data, "augment_on", "cpu") != "cpu":  # data.augment_on=device: the batch made on the run's device
-                fields.update(augment_on=data.augment_on, device=self.run.device)
-            if getattr(data, "loader", "shards") == "dali":  # DALI's batches are made on the run's device (docs/dali.md)
-                fields.update(device=self.run.device)
-            if getattr(data, "decode", "cpu") == "gpu":  # JPEGs decoded by nvJPEG on the run's device, in this process
-                if self.run.device.type != "cuda":
-                    raise ConfigError(f"Key 'data.decode' is 'gpu', but this run has no CUDA device (device "
-                                      f"{self.run.device}); set data.decode=cpu.")
-                fields.update(decode_on="device")
-            if getattr(data, "views_per_image", 1) != 1:  # k crops per decoded image (epochs count the crops)
-                if self.geometry.per_device_batch % data.views_per_image:
-                    raise ConfigError(f"Key 'data.views_per_image' is {data.views_per_image}, which does not divide the "
-                                      f"per-process batch of {self.geometry.per_device_batch}; choose a divisor of it.")
-                fields.update(views_per_image=data.views_per_image)
-            spec = self.hooks.on_loader_spec(replace(self.plan.loader, **fields))
-            loader = self.plan.open_loader(spec, epoch=epoch, start_batch=start_batch, **options)
+            spec = self.hooks.on_loader_spec(self.plan.loader.epoch_spec(**fields))
+            loader = self.plan.loader.open(spec, epoch=epoch, start_batch=start_batch, **options)
             loaders.append(self.hooks.on_loader(loader, spec, epoch, start_batch))
         self.loader = loaders[0] if len(loaders) == 1 else HostedLoaders(loaders)
         return iter(self.loader)

@@ -16,7 +16,9 @@ __getattr__, __dir__, __all__ = lazy_exports(__name__, {
     "open_dali_loader": ".dali_loader",  # the optional DALI training loader (data.loader=dali, docs/dali.md)
     "Manifest": ".manifest", "SplitInfo": ".manifest", "read_manifest": ".manifest",
     "Batch": ".spec", "Loader": ".spec", "LoaderSpec": ".spec",
-    "eval_transform": ".transforms", "finetune_transform": ".transforms", "normalize_batch": ".transforms", "unit_pixels": ".transforms",
+    "LoaderFactory": ".factory", "register_loader_kind": ".factory",
+    "eval_transform": ".transforms", "finetune_transform": ".transforms", "normalize_batch": ".transforms",
+    "unit_pixels": ".transforms",
     "pretrain_transform": ".transforms",
-    "digits_shards": ".make_shards", "write_shards": ".make_shards",
+    "digits_shards": ".digits_cache", "write_shards": ".make_shards",
 })

@@ -303,15 +303,15 @@ def open_dali_loader(spec: LoaderSpec, *, epoch: int = 0, start_batch: int = 0,
                         "data.views_per_image=1, data.decode=cpu and data.augment_on=cpu, or data.loader=shards.")
     crop = CropFlip.of(spec.transform)
     if crop is None:
-        from .loader import _describe_transform
+        from .strategies import describe_transform
 
         raise UserError(f"data.loader=dali runs only RandomResizedCrop + flip (it is "
-                        f"{_describe_transform(spec.transform)}); set data.loader=shards for this stage.")
+                        f"{describe_transform(spec.transform)}); set data.loader=shards for this stage.")
 
-    from .loader import _select_shards
+    from .order import select_shards
 
     man, split = spec.manifest, spec.split
-    urls, lengths, offsets = _select_shards(man, split, spec.shards)
+    urls, lengths, offsets = select_shards(man, split, spec.shards)
     remote = [u for u in urls if is_url(u)]
     if remote:
         raise UserError(f"data.loader=dali reads local shards only, and '{remote[0]}' is streamed; "

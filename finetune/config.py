@@ -18,8 +18,9 @@ from typing import Optional
 
 from vitmpp.common.config import param
 from vitmpp.common.errors import ConfigError
-from vitmpp.common.sections import (MAX_BATCH, MAX_IMAGE_SIDE, DataConfig, DebugConfig, LogConfig, OptimConfig,
+from vitmpp.common.sections import (MAX_BATCH, MAX_IMAGE_SIDE, DebugConfig, LogConfig, OptimConfig,
                                     RunConfig, TrainConfig)
+from vitmpp.datasets.config import DataConfig
 
 PROTOCOLS = ("linear", "finetune", "scratch", "knn", "fewshot")
 

@@ -37,12 +37,12 @@ from vitmpp.common.rundir import check_reuse
 from vitmpp.common.optim import build_optimizer
 from vitmpp.common.errors import UserError
 from vitmpp.datasets import (
+    LoaderFactory,
     LoaderSpec,
     digits_shards,
     eval_transform,
     finetune_transform,
     normalize_batch,
-    open_dali_loader,
     open_loader,
     pretrain_transform,
     read_manifest,
@@ -231,8 +231,9 @@ class FinetuneStage(Stage):
             shuffle_buffer=cfg.data.shuffle_buffer, keep_indices=_as_tuple(data.keep),
             pin_memory=run.device.type == "cuda", max_skip_fraction=cfg.data.max_skip_fraction)
         run.console.print(data.summary(cfg, run.world))
-        opener = open_dali_loader if cfg.data.loader == "dali" else open_loader  # evaluation keeps open_loader
-        return Plan(model, optimizer, loader, opener, data.num_train, f"{cfg.protocol} on {data.shards}")
+        # the training loaders (data.loader's kind; evaluation keeps open_loader)
+        loaders = LoaderFactory.for_run(cfg.data, loader, run.device)
+        return Plan(model, optimizer, loaders, data.num_train, f"{cfg.protocol} on {data.shards}")
 
     def forward(self, model, batch):
         device = self.run.device

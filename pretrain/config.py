@@ -19,7 +19,8 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from vitmpp.common.config import from_dict, param
 from vitmpp.common.errors import ConfigError
-from vitmpp.common.sections import MAX_BATCH, MAX_SAMPLES, DataConfig, DebugConfig, LogConfig, OptimConfig, RunConfig, TrainConfig
+from vitmpp.common.sections import MAX_BATCH, MAX_SAMPLES, DebugConfig, LogConfig, OptimConfig, RunConfig, TrainConfig
+from vitmpp.datasets.config import DataConfig
 from vitmpp.models import EncoderConfig
 from vitmpp.models.objective import objective_class, objective_names, objective_summary
 

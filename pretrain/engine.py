@@ -24,7 +24,7 @@ from vitmpp.common.distributed import gathered_state_dict
 from vitmpp.common.io import reported_writes
 from vitmpp.common.loop import Plan, Run, Stage, open_run, train
 from vitmpp.common.optim import build_optimizer
-from vitmpp.datasets import (LoaderSpec, digits_shards, open_dali_loader, open_loader, pretrain_transform,
+from vitmpp.datasets import (LoaderFactory, LoaderSpec, digits_shards, pretrain_transform,
                              read_manifest, unit_pixels)
 from vitmpp.datasets.transforms import TINY_IMAGE
 from vitmpp.evaluate.online import EVAL_SPLIT, EvalSpecs, eval_specs, evaluate_online
@@ -80,8 +80,8 @@ class PretrainStage(Stage):
         self.std = torch.tensor(cfg.data.std, device=run.device).view(1, 3, 1, 1)
         self.eval_specs = self.online_eval_specs(manifest)
         self.eval_clock: tuple[int, float] | None = None  # (step, time) the steps before the next evaluation began
-        opener = open_dali_loader if cfg.data.loader == "dali" else open_loader  # evaluation keeps open_loader
-        return Plan(self.objective, optimizer, loader, opener, split.num_samples,
+        loaders = LoaderFactory.for_run(cfg.data, loader, run.device)  # data.loader's kind; evaluation keeps open_loader
+        return Plan(self.objective, optimizer, loaders, split.num_samples,
                     f"pretraining {cfg.objective} on {self.shards} ({split.num_samples} images)")
 
     def flops_per_image(self, model: torch.nn.Module) -> float | None:

@@ -91,7 +91,8 @@ def test_batches_follow_the_contract_and_labels_match_the_manifest(coded):
 @needs_dali
 def test_pixel_statistics_are_those_of_the_data(digits16):
     from vitmpp.datasets import read_manifest
-    from vitmpp.datasets.samples import Tally, decode_array, read_shard
+    from vitmpp.datasets.decoders import decode_array
+    from vitmpp.datasets.samples import Tally, read_shard
 
     manifest = read_manifest(digits16)
     spec = spec_for(digits16, manifest=manifest, batch_size=64, transform=pretrain_transform(16, scale=(0.9, 1.0)),

@@ -17,10 +17,11 @@ from PIL import Image
 from datasets_helpers import replace_member, spec_for, truncate_shard, write_tiny_shards
 from vitmpp.common.errors import UserError
 from vitmpp.datasets import eval_transform, finetune_transform, open_loader, pretrain_transform
-from vitmpp.datasets import samples as samples_module
-from vitmpp.datasets.loader import fill_sources
+from vitmpp.datasets import decoders as decoders_module
+from vitmpp.datasets.order import fill_sources
 from vitmpp.datasets.device_augment import CropFlip, crop_flip_batch, pack_regions
-from vitmpp.datasets.samples import BadSample, RawSample, decode_array, decode_sample
+from vitmpp.datasets.decoders import BadSample, decode_array, decode_sample
+from vitmpp.datasets.samples import RawSample
 
 # the mean absolute difference, in grey levels of 0..255, allowed between the device path (roi_align)
 # and the CPU path (PIL bicubic, antialiased) on the same boxes of photo-like images; measured 1.1-1.3
@@ -169,11 +170,6 @@ def test_damaged_samples_are_skipped_and_counted_as_on_the_cpu_path(tmp_path):
     assert any(-1 in indices for indices in counts["cpu"][1])
 
 
-def test_the_fill_rule_takes_good_positions_in_turn():
-    assert fill_sources([False, True, False, True, True]) == [0, 2, 2, 2, 0]
-    assert fill_sources([False, False]) == [0, 1] and fill_sources([True, True]) is None
-
-
 # ----------------------------------------------------------------------------- decoding
 
 def jpeg(array: np.ndarray, **options) -> bytes:
@@ -190,9 +186,9 @@ def smooth(height: int, width: int) -> np.ndarray:
 @pytest.mark.parametrize("fast", [True, False])
 def test_decode_array_gives_pil_s_pixels(monkeypatch, fast):
     if not fast:
-        monkeypatch.setattr(samples_module, "_SIMPLEJPEG", [None])  # without the `fast` extra
+        monkeypatch.setattr(decoders_module, "_SIMPLEJPEG", [None])  # without the `fast` extra
     else:  # the dev extra installs simplejpeg: its absence is a broken install, not a reason to pass
-        assert samples_module._simplejpeg() is not None, "simplejpeg (in the dev and fast extras) is not installed"
+        assert decoders_module._simplejpeg() is not None, "simplejpeg (in the dev and fast extras) is not installed"
     picture = smooth(300, 400)
     cases = {
         "rgb": jpeg(picture), "progressive": jpeg(picture, progressive=True),

@@ -19,10 +19,11 @@ from PIL import Image
 
 from datasets_helpers import add_member, drop_member, keys_of, replace_member, spec_for, truncate_shard
 from engine_helpers import TINY, python_cmd, run
-from vitmpp.datasets import loader as loader_module
+from vitmpp.datasets import decoders as decoders_module
 from vitmpp.datasets import open_loader, pretrain_transform
-from vitmpp.datasets import samples as samples_module
-from vitmpp.datasets.samples import EncodedJpeg, RawSample, decode_array, device_jpeg_size, read_for_device
+from vitmpp.datasets import strategies as strategies_module
+from vitmpp.datasets.decoders import EncodedJpeg, decode_array, device_jpeg_size, read_for_device
+from vitmpp.datasets.samples import RawSample, Tally, read_shard
 
 # the largest difference, in grey levels of 0..255, allowed between the two decoders' batches (measured 0)
 PIXEL_TOLERANCE = 1
@@ -82,9 +83,9 @@ class Counter:
 
 def count_decodes(monkeypatch) -> tuple[Counter, Counter]:
     """Counters of every pixel decode a worker can make (simplejpeg's path and PIL's)."""
-    fast, pil = Counter(samples_module._fast_jpeg), Counter(samples_module.decode_sample)
-    monkeypatch.setattr(samples_module, "_fast_jpeg", fast)
-    monkeypatch.setattr(samples_module, "decode_sample", pil)
+    fast, pil = Counter(decoders_module._fast_jpeg), Counter(decoders_module.decode_sample)
+    monkeypatch.setattr(decoders_module, "_fast_jpeg", fast)
+    monkeypatch.setattr(decoders_module, "decode_sample", pil)
     return fast, pil
 
 
@@ -116,7 +117,7 @@ def test_draft_sized_jpegs_are_decoded_whole_and_averaged_to_the_same_size(photo
     """A 32 px crop of at least half the area needs 53 px: 200 x 150 JPEGs are drawn on and decoded at half
     size (PIL's draft, libjpeg's DCT scaling) in the workers; on the device whole, then 2 x 2 averaged."""
     transform = pretrain_transform(32, scale=(0.5, 1.0))
-    raw = next(samples_module.read_shard(str(sorted(photos.glob("*.tar"))[0]), 0, 12, None, samples_module.Tally()))
+    raw = next(read_shard(str(sorted(photos.glob("*.tar"))[0]), 0, 12, None, Tally()))
     encoded, _ = read_for_device(raw, 0, transform.decode_min_side)
     assert encoded.scale == 2 and encoded.shape == decode_array(raw, 0, transform.decode_min_side)[0].shape == (75, 100, 3)
     worker, device = both(photos, transform=transform)
@@ -225,7 +226,7 @@ def test_damaged_jpegs_are_skipped_and_counted_as_by_the_workers(photos, tmp_pat
 
 def test_a_batch_whose_jpegs_all_fail_on_the_device_is_filled_like_the_workers_fill_it(photos, monkeypatch):
     """No sample of a batch decoded: every one becomes the first decodable sample of the shards, whole."""
-    original = loader_module.decode_regions
+    original = strategies_module.decode_regions
     first = []
 
     def fail_the_first_batch(encoded, device):
@@ -235,7 +236,7 @@ def test_a_batch_whose_jpegs_all_fail_on_the_device_is_filled_like_the_workers_f
             failed = list(range(len(encoded.names)))
         return regions, failed
 
-    monkeypatch.setattr(loader_module, "decode_regions", fail_the_first_batch)
+    monkeypatch.setattr(strategies_module, "decode_regions", fail_the_first_batch)
     loader = open_loader(photo_spec(photos, decode_on="device", max_skip_fraction=0.9))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -331,7 +331,8 @@ def test_large_jpegs_are_decoded_at_a_reduced_scale_when_the_transform_allows(tm
 
     from PIL import Image
 
-    from vitmpp.datasets.samples import RawSample, decode_sample
+    from vitmpp.datasets.decoders import decode_sample
+    from vitmpp.datasets.samples import RawSample
 
     yy, xx = np.mgrid[0:512, 0:512]
     smooth = np.stack([xx // 2, yy // 2, (xx + yy) // 4], axis=-1).astype(np.uint8)
@@ -365,9 +366,9 @@ def test_finetune_transform_survives_zero_bit_posterize():
 # ----------------------------------------------------------------------------- workers kept across epochs
 
 def _pool_pids() -> list[set[int]]:
-    from vitmpp.datasets import loader as loader_module
+    from vitmpp.datasets.pool import kept_worker_pids
 
-    return [{w.pid for w in pool.iterator._workers} for pool in loader_module._IDLE_POOLS]
+    return kept_worker_pids()
 
 
 def test_workers_are_kept_across_epochs_and_give_the_batches_of_fresh_ones(uneven):

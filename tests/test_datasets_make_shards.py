@@ -17,8 +17,10 @@ from timm.data.transforms import MaybePILToTensor
 from datasets_helpers import spec_for
 from vitmpp.common.errors import UserError
 from vitmpp.datasets import digits_shards, open_loader, read_manifest, write_shards
+from vitmpp.datasets import digits_cache
 from vitmpp.datasets import make_shards as make_shards_module
-from vitmpp.datasets.sources import digits_source, split_three_ways
+from vitmpp.datasets.sources import digits_source
+from vitmpp.datasets.splits import split_three_ways
 
 IDENTITY = MaybePILToTensor()
 
@@ -147,7 +149,7 @@ def test_digits_shards_default_to_the_cache_folder(tmp_path, monkeypatch):
     monkeypatch.setenv("VITMPP_CACHE", str(tmp_path / "vitmpp-cache"))
     folder = digits_shards(16)
     assert Path(folder) == tmp_path / "vitmpp-cache" / "digits-16px"
-    assert make_shards_module.shards_complete(read_manifest(folder))
+    assert digits_cache.shards_complete(read_manifest(folder))
 
 
 def _ask_for_digits(cache: str, log: str, barrier, answer: str) -> None:
@@ -168,7 +170,7 @@ def _ask_for_digits(cache: str, log: str, barrier, answer: str) -> None:
 
     make_shards_module.write_shards = counted  # in this forked child only
     barrier.wait(timeout=60)
-    folder = make_shards_module.digits_shards(16)
+    folder = digits_cache.digits_shards(16)
     Path(answer).write_text(json.dumps({"pid": os.getpid(), "folder": folder, "returned": time.time()}))
 
 
@@ -206,7 +208,7 @@ def test_two_processes_on_one_cache_write_the_digits_shards_once(tmp_path):
     (waiter,) = [a for a in answers if a["pid"] != writer]
     assert waiter["returned"] >= ended
     manifest = read_manifest(answers[0]["folder"])
-    assert make_shards_module.shards_complete(manifest)
+    assert digits_cache.shards_complete(manifest)
     assert sum(info.num_samples for info in manifest.splits.values()) == 1797
     assert sorted(p.name for p in cache.iterdir()) == [".digits-16px.lock", "digits-16px"]
 
@@ -218,7 +220,7 @@ def test_two_nodes_with_their_own_cache_both_get_the_digits_shards(tmp_path):
     for answer, cache in zip(answers, caches):
         assert answer["folder"] == str(cache / "digits-16px")
         manifest = read_manifest(answer["folder"])
-        assert make_shards_module.shards_complete(manifest)
+        assert digits_cache.shards_complete(manifest)
         assert sum(info.num_samples for info in manifest.splits.values()) == 1797
 
 
@@ -318,6 +320,28 @@ def test_torchvision_set_on_disk_keeps_its_own_split(tmp_path):
 
 
 # ----------------------------------------------------------------------------- never lose or fake anything
+
+def test_a_new_source_is_one_registered_function_whose_parameters_are_its_options(tmp_path, monkeypatch):
+    from vitmpp.datasets import sources
+
+    def stripes(width: int = 8, classes: int = 3) -> sources.SourceData:
+        def load(k: int):
+            pixels = np.zeros((width, width, 3), dtype=np.uint8)
+            pixels[:, k % width] = 40 * (k % classes) + 1
+            return lambda: sources.Loaded(Image.fromarray(pixels))
+
+        items = [sources.Item(k % classes, f"stripes[{k}]", load(k)) for k in range(30)]
+        return sources.SourceData("stripes", [str(c) for c in range(classes)], items=items)
+
+    monkeypatch.setitem(sources.SOURCES, "stripes", sources.Source("stripes", stripes))
+    manifest = write_shards(tmp_path / "s", "stripes", width=12, val_fraction=0.2, test_fraction=0.2, progress=False)
+    assert manifest.num_classes == 3 and manifest.image_size == 12
+    assert sum(info.num_samples for info in manifest.splits.values()) == 30
+    writer = manifest.extra["vitmpp"]["writer"]
+    assert (writer["source"], writer["width"], writer["classes"]) == ("stripes", 12, 3)
+    with pytest.raises(UserError, match="Unknown option --height for --source stripes; it takes --width, --classes"):
+        write_shards(tmp_path / "t", "stripes", height=4, progress=False)
+
 
 def test_an_existing_output_folder_is_refused(digits_png, tmp_path, capsys):
     with pytest.raises(UserError, match="already exists"):

@@ -16,14 +16,6 @@ from test_layers import add_import, copy_of_the_tree
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Two cycles that other branches of issue 23 remove (the reader wing splits datasets/, the objective
-# work reorganises models/ export); the integrator empties this list after merging them. Any other
-# cycle fails the test below, and an entry here that no longer exists fails the one after it.
-CYCLES_BEING_FIXED_ELSEWHERE = {
-    ("vitmpp.datasets.manifest", "vitmpp.datasets.samples"),
-}
-
-
 def root_packages() -> list[str]:
     return tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]["root_packages"]
 
@@ -55,13 +47,7 @@ def test_every_vitmpp_package_is_in_the_graph():
 
 def test_no_two_files_import_each_other():
     found = two_file_cycles(root_packages())
-    unexpected = [pair for pair in found if pair not in CYCLES_BEING_FIXED_ELSEWHERE]
-    assert not unexpected, "files that import each other: " + "; ".join(f"{a} <-> {b}" for a, b in found)
-
-
-def test_the_cycles_listed_as_being_fixed_elsewhere_still_exist():
-    gone = CYCLES_BEING_FIXED_ELSEWHERE - set(two_file_cycles(root_packages()))
-    assert not gone, f"no longer cycles (remove them from CYCLES_BEING_FIXED_ELSEWHERE): {sorted(gone)}"
+    assert not found, "files that import each other: " + "; ".join(f"{a} <-> {b}" for a, b in found)
 
 
 def test_a_cycle_hidden_in_a_function_is_found(tmp_path):

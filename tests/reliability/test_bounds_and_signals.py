@@ -298,9 +298,9 @@ class KilledAfterCalls(ExitAfterCalls):
 
 def kept_worker_pids() -> list[set[int]]:
     """The worker pids of every idle pool the loader keeps for a later pass."""
-    from vitmpp.datasets import loader as loader_module
+    from vitmpp.datasets.pool import kept_worker_pids
 
-    return [{w.pid for w in pool.iterator._workers} for pool in loader_module._IDLE_POOLS]
+    return kept_worker_pids()
 
 
 @pytest.mark.fault("a kept (idle) data-loading worker SIGKILLed while the main process does other work",
@@ -345,7 +345,7 @@ def test_a_dead_worker_whose_status_was_reaped_elsewhere_is_still_one_sentence()
     import multiprocessing
     from types import SimpleNamespace
 
-    from vitmpp.datasets.loader import _dead_worker_error
+    from vitmpp.datasets.pool import dead_worker
 
     for torch_error, expected in (
             (RuntimeError("DataLoader worker (pid 1) is killed by signal: Killed. "), "out-of-memory killer"),
@@ -354,7 +354,7 @@ def test_a_dead_worker_whose_status_was_reaped_elsewhere_is_still_one_sentence()
         worker.start()
         os.kill(worker.pid, signal.SIGKILL)
         os.waitpid(worker.pid, 0)  # the status taken, as the racing handler took it
-        found = _dead_worker_error(SimpleNamespace(_workers=[worker]), 0, torch_error)
+        found = dead_worker(SimpleNamespace(_workers=[worker]), 0, torch_error)
         assert worker.exitcode is None and isinstance(found, UserError)
         text = str(found)
         assert text.startswith("A data-loading worker of rank 0 died (DataLoader worker (pid") and expected in text
