@@ -26,6 +26,7 @@ worker scaling >= 0.9 x N. Issue 15, decode-only: >= 600 images/s/core from 500 
 JPEG shards, >= 1,200 from pre-resized ones, shard loader >= 1.0 x ImageFolder. An H100
 at 50% MFU eats ~8,400 MAE-B images/s, ~530/s per core of a 16-core host.
 """
+
 from __future__ import annotations
 
 import os
@@ -37,9 +38,9 @@ import numpy as np
 import torch
 
 from vitmpp.datasets import LoaderSpec, open_loader, pretrain_transform, read_manifest
-from vitmpp.datasets.device_augment import CropFlip, crop_flip_batch, decode_regions, encode_regions, pack_regions
 from vitmpp.datasets import pool as pool_module
 from vitmpp.datasets.decoders import decode_array, decode_sample, read_for_device, use_fast_jpeg
+from vitmpp.datasets.device_augment import CropFlip, crop_flip_batch, decode_regions, encode_regions, pack_regions
 from vitmpp.datasets.pool import close_idle_workers
 from vitmpp.datasets.samples import Tally, read_shard
 
@@ -80,11 +81,20 @@ def epoch_seconds(make_iter, batches: int) -> tuple[float, float]:
     return wall, cpu_seconds() - cpu
 
 
-def our_loader(shards: Path, transform, batch: int, workers: int, batches: int, epoch: int = 0,
-               augment_on: str = "cpu"):
-    spec = LoaderSpec(shards=str(shards), manifest=read_manifest(shards), batch_size=batch, transform=transform,
-                      training=True, num_workers=workers, shuffle_buffer=4 * batch, batches_per_epoch=batches,
-                      augment_on=augment_on)
+def our_loader(
+    shards: Path, transform, batch: int, workers: int, batches: int, epoch: int = 0, augment_on: str = "cpu"
+):
+    spec = LoaderSpec(
+        shards=str(shards),
+        manifest=read_manifest(shards),
+        batch_size=batch,
+        transform=transform,
+        training=True,
+        num_workers=workers,
+        shuffle_buffer=4 * batch,
+        batches_per_epoch=batches,
+        augment_on=augment_on,
+    )
     return open_loader(spec, epoch=epoch)
 
 
@@ -122,8 +132,9 @@ def imagefolder_loader(root: Path, transform, batch: int, workers: int):
 
     dataset = ImageFolder(str(root), transform=transform)
     kwargs = {"prefetch_factor": 2} if workers else {}
-    return torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=True, num_workers=workers, drop_last=True,
-                                       persistent_workers=False, **kwargs)
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch, shuffle=True, num_workers=workers, drop_last=True, persistent_workers=False, **kwargs
+    )
 
 
 def raw_samples(shards: Path, limit: int) -> list:
@@ -165,7 +176,9 @@ class ReducingGapRandomResizedCrop:
     parameters are drawn exactly as torchvision draws them.
     """
 
-    def __init__(self, size: int, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), hflip: float = 0.5, reducing_gap: float = 3.0):
+    def __init__(
+        self, size: int, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), hflip: float = 0.5, reducing_gap: float = 3.0
+    ):
         from PIL import Image
 
         self.size, self.scale, self.ratio, self.hflip, self.gap = size, scale, ratio, hflip, reducing_gap
@@ -176,8 +189,9 @@ class ReducingGapRandomResizedCrop:
         from torchvision.transforms import RandomResizedCrop
 
         top, left, h, w = RandomResizedCrop.get_params(image, self.scale, self.ratio)
-        out = image.resize((self.size, self.size), self.bicubic, box=(left, top, left + w, top + h),
-                           reducing_gap=self.gap)
+        out = image.resize(
+            (self.size, self.size), self.bicubic, box=(left, top, left + w, top + h), reducing_gap=self.gap
+        )
         if random.random() < self.hflip:
             out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return np.asarray(out, dtype=np.uint8).transpose(2, 0, 1)
@@ -186,13 +200,15 @@ class ReducingGapRandomResizedCrop:
 def prepare(settings: Settings) -> dict[str, Path]:
     scratch = Path(settings.scratch)
     w, h = settings.photo_size
-    photos = write_photo_folder(scratch / f"photos-{w}x{h}-{settings.photo_count}", settings.photo_count,
-                                settings.photo_size)
+    photos = write_photo_folder(
+        scratch / f"photos-{w}x{h}-{settings.photo_count}", settings.photo_count, settings.photo_size
+    )
     return {
         "photos": photos,
         "photo_shards": shards_from_folder(photos, scratch / f"photo-shards-{settings.photo_count}"),
-        "resized_shards": shards_from_folder(photos, scratch / f"photo-shards-{settings.photo_count}-max{settings.max_size}",
-                                             max_size=settings.max_size),
+        "resized_shards": shards_from_folder(
+            photos, scratch / f"photo-shards-{settings.photo_count}-max{settings.max_size}", max_size=settings.max_size
+        ),
         "small_shards": synthetic_shards(scratch / f"synthetic32-{settings.small_count}", settings.small_count, 32),
     }
 
@@ -226,9 +242,11 @@ def _versus_imagefolder(settings: Settings, paths: dict) -> list[Row]:
     cpu: dict[str, list[float]] = {"ours": [], "theirs": []}
     images = batches * batch
     for r in range(min(settings.rounds, 3) + 1):  # round 0 warms the page cache and is dropped
-        pair = [("ours", lambda: our_loader(paths["photo_shards"], transform, batch, workers, batches, epoch=r)),
-                ("theirs", lambda: imagefolder_loader(paths["photos"], transform, batch, workers))]
-        for name, make in (pair if r % 2 == 0 else pair[::-1]):
+        pair = [
+            ("ours", lambda r=r: our_loader(paths["photo_shards"], transform, batch, workers, batches, epoch=r)),
+            ("theirs", lambda: imagefolder_loader(paths["photos"], transform, batch, workers)),
+        ]
+        for name, make in pair if r % 2 == 0 else pair[::-1]:
             w_s, c_s = epoch_seconds(make, batches)
             if r:
                 wall[name].append(w_s / images)
@@ -239,16 +257,32 @@ def _versus_imagefolder(settings: Settings, paths: dict) -> list[Row]:
     ours_core, theirs_core = 1 / median(cpu["ours"]), 1 / median(cpu["theirs"])
     w, h = settings.photo_size
     return [
-        Row("data loader", "shard loader / ImageFolder+DataLoader (wall)", ratio[0], "x",
+        Row(
+            "data loader",
+            "shard loader / ImageFolder+DataLoader (wall)",
+            ratio[0],
+            "x",
             f"{files} JPEGs {w}x{h} (mean {size / files / 1024:.0f} KiB) -> RandomResizedCrop {settings.photo_crop} + "
-            f"flip, batch {batch}, {workers} workers, whole epochs (worker start included); ours {ours_rate:.0f} img/s, "
+            f"flip, batch {batch}, {workers} workers, whole epochs (worker start included); "
+            f"ours {ours_rate:.0f} img/s, "
             f"ImageFolder {theirs_rate:.0f} img/s; {fmt_ratio(ratio)}; {verdict(ratio[0], 1.0)}",
-            {"ours_images_per_sec": ours_rate, "imagefolder_images_per_sec": theirs_rate, "workers": workers,
-             "rounds": list(ratio), "wall": wall}),
-        Row("data loader", "shard loader / ImageFolder+DataLoader (per core)", cpu_ratio[0], "x",
+            {
+                "ours_images_per_sec": ours_rate,
+                "imagefolder_images_per_sec": theirs_rate,
+                "workers": workers,
+                "rounds": list(ratio),
+                "wall": wall,
+            },
+        ),
+        Row(
+            "data loader",
+            "shard loader / ImageFolder+DataLoader (per core)",
+            cpu_ratio[0],
+            "x",
             f"images per CPU-second (main process + workers): ours {ours_core:.0f}, ImageFolder {theirs_core:.0f}; "
             f"{fmt_ratio(cpu_ratio)}; {verdict(cpu_ratio[0], 1.0)}",
-            {"ours_images_per_cpu_second": ours_core, "imagefolder_images_per_cpu_second": theirs_core, "cpu": cpu}),
+            {"ours_images_per_cpu_second": ours_core, "imagefolder_images_per_cpu_second": theirs_core, "cpu": cpu},
+        ),
     ]
 
 
@@ -263,42 +297,105 @@ def _per_core(settings: Settings, paths: dict) -> list[Row]:
     small = raw_samples(paths["small_shards"], settings.small_count)
     standard = pretrain_transform(crop)
     cases = [
-        (f"{w}x{h} JPEG -> {crop}", full, standard, standard.decode_min_side, 300,
-         "PIL decode (draft inactive: the smallest 0.2-area crop needs the full image) + timm RRC"),
-        (f"--max-size {settings.max_size} shards -> {crop}", resized, standard, standard.decode_min_side, 1000,
-         "pre-resized on write; the rest as above"),
-        ("32 px JPEG -> 32", small, pretrain_transform(32), pretrain_transform(32).decode_min_side, 3000, "32 px synthetic shards"),
-        (f"{w}x{h} JPEG -> {crop}, lever: reducing-gap RRC", full, ReducingGapRandomResizedCrop(crop), None, 300,
-         "one PIL resize(box, reducing_gap=3) instead of crop + full bicubic"),
-        (f"--max-size {settings.max_size} -> {crop}, lever: reducing-gap RRC", resized, ReducingGapRandomResizedCrop(crop),
-         None, 1000, "pre-resized and reducing-gap RRC"),
-        (f"{w}x{h} JPEG -> {crop}, lever: bilinear", full, pretrain_transform(crop, interpolation="bilinear"),
-         standard.decode_min_side, 300, "data.interpolation=bilinear instead of MAE's bicubic"),
-        (f"--max-size {settings.max_size} -> {crop}, lever: bilinear", resized,
-         pretrain_transform(crop, interpolation="bilinear"), standard.decode_min_side, 1000,
-         "pre-resized and bilinear"),
+        (
+            f"{w}x{h} JPEG -> {crop}",
+            full,
+            standard,
+            standard.decode_min_side,
+            300,
+            "PIL decode (draft inactive: the smallest 0.2-area crop needs the full image) + timm RRC",
+        ),
+        (
+            f"--max-size {settings.max_size} shards -> {crop}",
+            resized,
+            standard,
+            standard.decode_min_side,
+            1000,
+            "pre-resized on write; the rest as above",
+        ),
+        (
+            "32 px JPEG -> 32",
+            small,
+            pretrain_transform(32),
+            pretrain_transform(32).decode_min_side,
+            3000,
+            "32 px synthetic shards",
+        ),
+        (
+            f"{w}x{h} JPEG -> {crop}, lever: reducing-gap RRC",
+            full,
+            ReducingGapRandomResizedCrop(crop),
+            None,
+            300,
+            "one PIL resize(box, reducing_gap=3) instead of crop + full bicubic",
+        ),
+        (
+            f"--max-size {settings.max_size} -> {crop}, lever: reducing-gap RRC",
+            resized,
+            ReducingGapRandomResizedCrop(crop),
+            None,
+            1000,
+            "pre-resized and reducing-gap RRC",
+        ),
+        (
+            f"{w}x{h} JPEG -> {crop}, lever: bilinear",
+            full,
+            pretrain_transform(crop, interpolation="bilinear"),
+            standard.decode_min_side,
+            300,
+            "data.interpolation=bilinear instead of MAE's bicubic",
+        ),
+        (
+            f"--max-size {settings.max_size} -> {crop}, lever: bilinear",
+            resized,
+            pretrain_transform(crop, interpolation="bilinear"),
+            standard.decode_min_side,
+            1000,
+            "pre-resized and bilinear",
+        ),
     ]
     # interleaved: every case once per round, the order reversed every other round
     random.seed(0)
     seconds: list[list[float]] = [[] for _ in cases]
     order = list(range(len(cases)))
     for r in range(rounds):
-        for k in (order if r % 2 == 0 else order[::-1]):
+        for k in order if r % 2 == 0 else order[::-1]:
             _, raws, transform, draft, _, _ = cases[k]
             seconds[k].append(per_core_seconds(raws, transform, draft))
-    for (name, raws, transform, draft, goal, how), series in zip(cases, seconds):
+    for (name, raws, _transform, _draft, goal, how), series in zip(cases, seconds):
         rate = 1 / median(series)
         all_rates = [1 / s for s in series]
         need = f"; an H100 needs ~{H100_NEED_PER_CORE}/core" if str(crop) in name.split("->")[-1] else ""
-        rows.append(Row("decode+RRC+flip per core", name, rate, "img/s/core",
-                        f"{how}; images per CPU-second of one thread; {len(raws)} images x {rounds} rounds (min {min(all_rates):.0f}, max "
-                        f"{max(all_rates):.0f}); {verdict(rate, goal)}{need}", {"rates": all_rates, "goal": goal}))
-    for lever, base, what in ((1, 0, "pre-resized shards (--max-size)"), (3, 0, "reducing-gap RRC"),
-                              (4, 0, "pre-resized + reducing-gap"), (5, 0, "bilinear"),
-                              (6, 0, "pre-resized + bilinear")):
+        rows.append(
+            Row(
+                "decode+RRC+flip per core",
+                name,
+                rate,
+                "img/s/core",
+                f"{how}; images per CPU-second of one thread; {len(raws)} images x {rounds} rounds "
+                f"(min {min(all_rates):.0f}, max "
+                f"{max(all_rates):.0f}); {verdict(rate, goal)}{need}",
+                {"rates": all_rates, "goal": goal},
+            )
+        )
+    for lever, base, what in (
+        (1, 0, "pre-resized shards (--max-size)"),
+        (3, 0, "reducing-gap RRC"),
+        (4, 0, "pre-resized + reducing-gap"),
+        (5, 0, "bilinear"),
+        (6, 0, "pre-resized + bilinear"),
+    ):
         ratio = speed_ratio(seconds[lever], seconds[base])
-        rows.append(Row("decode+RRC+flip per core", f"lever speed-up: {what}", ratio[0], "x",
-                        f"vs {cases[base][0]}, same rounds; {fmt_ratio(ratio)}", {"rounds": list(ratio)}))
+        rows.append(
+            Row(
+                "decode+RRC+flip per core",
+                f"lever speed-up: {what}",
+                ratio[0],
+                "x",
+                f"vs {cases[base][0]}, same rounds; {fmt_ratio(ratio)}",
+                {"rounds": list(ratio)},
+            )
+        )
     return rows
 
 
@@ -310,9 +407,10 @@ def _worker_scaling(settings: Settings, paths: dict) -> list[Row]:
     seconds: dict[int, list[float]] = {n: [] for n in counts}
     cpu: dict[int, list[float]] = {n: [] for n in counts}
     for r in range(min(settings.rounds, 3) + 1):
-        for n in (counts if r % 2 == 0 else counts[::-1]):
-            wall_s, cpu_s = epoch_seconds(lambda: our_loader(paths["photo_shards"], transform, batch, n, batches, epoch=r),
-                                          batches)
+        for n in counts if r % 2 == 0 else counts[::-1]:
+            wall_s, cpu_s = epoch_seconds(
+                lambda n=n, r=r: our_loader(paths["photo_shards"], transform, batch, n, batches, epoch=r), batches
+            )
             if r:
                 seconds[n].append(wall_s)
                 cpu[n].append(cpu_s)
@@ -323,14 +421,22 @@ def _worker_scaling(settings: Settings, paths: dict) -> list[Row]:
         speedup = base / median(seconds[n])
         ideal = max(n, 1) / max(base_n, 1)
         efficiency = speedup / ideal
-        rows.append(Row("data loader", f"worker scaling {base_n} -> {n}", efficiency, "of ideal",
-                        f"speed-up {speedup:.2f}x for {ideal:g}x the workers ({batches * batch} images "
-                        f"{settings.photo_size[0]}x{settings.photo_size[1]} -> {settings.photo_crop}, batch {batch}); "
-                        f"CPU per image {1000 * median(cpu[n]) / (batches * batch):.1f} ms vs "
-                        f"{1000 * median(cpu[base_n]) / (batches * batch):.1f} ms with {base_n} (equal: the work divides well, a "
-                        "shortfall is cores taken by other processes); "
-                        f"{os.cpu_count()} cores on this machine; {verdict(efficiency, 0.9)}",
-                        {"seconds": {str(k): v for k, v in seconds.items()}, "cpu": {str(k): v for k, v in cpu.items()}}))
+        rows.append(
+            Row(
+                "data loader",
+                f"worker scaling {base_n} -> {n}",
+                efficiency,
+                "of ideal",
+                f"speed-up {speedup:.2f}x for {ideal:g}x the workers ({batches * batch} images "
+                f"{settings.photo_size[0]}x{settings.photo_size[1]} -> {settings.photo_crop}, batch {batch}); "
+                f"CPU per image {1000 * median(cpu[n]) / (batches * batch):.1f} ms vs "
+                f"{1000 * median(cpu[base_n]) / (batches * batch):.1f} ms with {base_n} "
+                "(equal: the work divides well, a "
+                "shortfall is cores taken by other processes); "
+                f"{os.cpu_count()} cores on this machine; {verdict(efficiency, 0.9)}",
+                {"seconds": {str(k): v for k, v in seconds.items()}, "cpu": {str(k): v for k, v in cpu.items()}},
+            )
+        )
     return rows
 
 
@@ -346,7 +452,7 @@ def decode_only_seconds(raws: list, crop_flip: CropFlip, draft_side: int | None,
     draw the box and flip, pack each batch's regions (what `augment_on="device"` leaves to the CPU)."""
     start = time.thread_time()
     for k in range(0, len(raws), batch):
-        images = [decode_array(raw, 0, draft_side)[0] for raw in raws[k:k + batch]]
+        images = [decode_array(raw, 0, draft_side)[0] for raw in raws[k : k + batch]]
         boxes = [crop_flip.draw(image.shape[1], image.shape[0])[:4] for image in images]
         pack_regions(images, boxes)
     return (time.thread_time() - start) / len(raws)
@@ -357,7 +463,7 @@ def device_crop_seconds(raws: list, crop_flip: CropFlip, draft_side: int | None,
     what the device does instead of the workers (on a GPU it costs no host CPU)."""
     batches = []
     for k in range(0, len(raws) - batch + 1, batch):
-        images = [decode_array(raw, 0, draft_side)[0] for raw in raws[k:k + batch]]
+        images = [decode_array(raw, 0, draft_side)[0] for raw in raws[k : k + batch]]
         boxes = [crop_flip.draw(image.shape[1], image.shape[0])[:4] for image in images]
         regions, rois = pack_regions(images, boxes)
         batches.append((torch.from_numpy(regions), torch.from_numpy(rois), torch.rand(len(images)) < 0.5))
@@ -370,8 +476,9 @@ def device_crop_seconds(raws: list, crop_flip: CropFlip, draft_side: int | None,
 HEADER_ONLY_PASSES = 10  # one pass over 640 images is ~20 ms of CPU here: too short to time on a shared machine
 
 
-def header_only_seconds(raws: list, crop_flip: CropFlip, draft_side: int | None, batch: int,
-                        passes: int = HEADER_ONLY_PASSES) -> float:
+def header_only_seconds(
+    raws: list, crop_flip: CropFlip, draft_side: int | None, batch: int, passes: int = HEADER_ONLY_PASSES
+) -> float:
     """CPU seconds per image of a worker of `decode_on="device"` on this thread, bytes in memory: read each
     JPEG's header (`read_for_device`: no pixel decoded; any other image would be decoded as before), draw
     the box and flip on its size, pack each batch's bytes (`encode_regions`); `passes` times over `raws`.
@@ -379,14 +486,15 @@ def header_only_seconds(raws: list, crop_flip: CropFlip, draft_side: int | None,
     start = time.thread_time()
     for _ in range(passes):
         for k in range(0, len(raws), batch):
-            images = [read_for_device(raw, 0, draft_side)[0] for raw in raws[k:k + batch]]
+            images = [read_for_device(raw, 0, draft_side)[0] for raw in raws[k : k + batch]]
             boxes = [crop_flip.draw(image.shape[1], image.shape[0])[:4] for image in images]
             encode_regions(images, boxes)
     return (time.thread_time() - start) / (passes * len(raws))
 
 
-def device_decode_seconds(raws: list, crop_flip: CropFlip, draft_side: int | None, batch: int,
-                          crop_share: list | None = None) -> float:
+def device_decode_seconds(
+    raws: list, crop_flip: CropFlip, draft_side: int | None, batch: int, crop_share: list | None = None
+) -> float:
     """CPU seconds per image of the main process's side of `decode_on="device"` run on this CPU, one thread:
     the batched `decode_jpeg` (libjpeg-turbo on the CPU), the draft averaging and region cut
     (`decode_regions`), then `crop_flip_batch`, on batches the header-only workers made (untimed). What a
@@ -394,7 +502,7 @@ def device_decode_seconds(raws: list, crop_flip: CropFlip, draft_side: int | Non
     per image of `crop_flip_batch` alone."""
     batches = []
     for k in range(0, len(raws) - batch + 1, batch):
-        images = [read_for_device(raw, 0, draft_side)[0] for raw in raws[k:k + batch]]
+        images = [read_for_device(raw, 0, draft_side)[0] for raw in raws[k : k + batch]]
         draws = [crop_flip.draw(image.shape[1], image.shape[0]) for image in images]
         encoded, rois = encode_regions(images, [d[:4] for d in draws])
         batches.append((encoded, rois, torch.tensor([d[4] for d in draws], dtype=torch.bool)))
@@ -428,8 +536,11 @@ def tar_seconds(shards: Path, lean: bool) -> float:
     start, count = time.thread_time(), 0
     for url in urls:
         with open(url, "rb") as stream:
-            files = read_members(stream, url) if lean else (
-                dict(f, __url__=url) for f in tar_file_iterator(stream, handler=reraise_exception))
+            files = (
+                read_members(stream, url)
+                if lean
+                else (dict(f, __url__=url) for f in tar_file_iterator(stream, handler=reraise_exception))
+            )
             count += sum(1 for _ in _samples(files))
     return (time.thread_time() - start) / max(1, count)
 
@@ -460,10 +571,17 @@ def _decode_only_per_core(settings: Settings, paths: dict) -> list[Row]:
         if fast:
             cases.append((kind, "decode-only (simplejpeg)", lambda raws=raws: decode_only(raws, True)))
         cases.append((kind, "decode-only (PIL decode)", lambda raws=raws: decode_only(raws, False)))
-        cases.append((kind, "device crop+flip on this CPU", lambda raws=raws: device_crop_seconds(raws, crop_flip, draft, batch)))
+        cases.append(
+            (kind, "device crop+flip on this CPU", lambda raws=raws: device_crop_seconds(raws, crop_flip, draft, batch))
+        )
         cases.append((kind, HEADER_ONLY, lambda raws=raws: header_only_seconds(raws, crop_flip, draft, batch)))
-        cases.append((kind, DEVICE_DECODE, lambda raws=raws, kind=kind: device_decode_seconds(
-            raws, crop_flip, draft, batch, crop_share[kind])))
+        cases.append(
+            (
+                kind,
+                DEVICE_DECODE,
+                lambda raws=raws, kind=kind: device_decode_seconds(raws, crop_flip, draft, batch, crop_share[kind]),
+            )
+        )
     cases.append(("tar", "tar parsing, lean reader", lambda: tar_seconds(paths["photo_shards"], lean=True)))
     cases.append(("tar", "tar parsing, tarfile (webdataset)", lambda: tar_seconds(paths["photo_shards"], lean=False)))
     seconds: list[list[float]] = [[] for _ in cases]
@@ -471,53 +589,95 @@ def _decode_only_per_core(settings: Settings, paths: dict) -> list[Row]:
     random.seed(0)
     torch.manual_seed(0)
     for r in range(rounds):
-        for k in (order if r % 2 == 0 else order[::-1]):
+        for k in order if r % 2 == 0 else order[::-1]:
             seconds[k].append(cases[k][2]())
     rows = []
     by_name = {}
     for (kind, name, _), series in zip(cases, seconds):
         by_name[(kind, name)] = series
         if kind == "tar":
-            rows.append(Row("decode+RRC+flip per core", name, 1e6 * median(series), "us/sample",
-                            f"members read and grouped by key, no decode; {settings.photo_count} 500x375 JPEG samples "
-                            f"(3 members each); {rounds} rounds (min {1e6 * min(series):.0f}, max {1e6 * max(series):.0f})",
-                            {"seconds": series}))
+            rows.append(
+                Row(
+                    "decode+RRC+flip per core",
+                    name,
+                    1e6 * median(series),
+                    "us/sample",
+                    f"members read and grouped by key, no decode; {settings.photo_count} 500x375 JPEG samples "
+                    f"(3 members each); {rounds} rounds (min {1e6 * min(series):.0f}, max {1e6 * max(series):.0f})",
+                    {"seconds": series},
+                )
+            )
             continue
         rate = 1 / median(series)
         goal = DECODE_ONLY_GOALS[kind] if name.startswith(("decode-only", "header-only")) else None
-        what = {"PIL transform": "today's worker: PIL decode + timm RRC (bicubic) + flip",
-                "decode-only (simplejpeg)": "worker of augment_on=device: simplejpeg decode + box/flip draw + region packing",
-                "decode-only (PIL decode)": "the same without the `fast` extra: PIL decode",
-                "device crop+flip on this CPU": f"crop_flip_batch (roi_align + flip) on batches of {batch}, one thread: the "
-                                                "device's work, here on the CPU",
-                HEADER_ONLY: "worker of decode_on=device (data.decode=gpu): JPEG header parse + box/flip draw + packing "
-                             "of the bytes (encode_regions); worker-side only: the decode itself moves to the device",
-                DEVICE_DECODE: f"main-process side of decode_on=device run on this CPU, batches of {batch}, one thread: "
-                               "batched torchvision decode_jpeg (libjpeg-turbo) + region cut (decode_regions) + "
-                               f"crop_flip_batch (that crop alone {1000 * median(crop_share[kind] or [0.0]):.2f} ms/image); "
-                               "what a CPU-only main process would pay; on a GPU this is nvJPEG (device time), measured by "
-                               "benchmarks/gpu_check.sh part 2, not here"}[name]
+        what = {
+            "PIL transform": "today's worker: PIL decode + timm RRC (bicubic) + flip",
+            "decode-only (simplejpeg)": "worker of augment_on=device: simplejpeg decode, box/flip draw, region packing",
+            "decode-only (PIL decode)": "the same without the `fast` extra: PIL decode",
+            "device crop+flip on this CPU": f"crop_flip_batch (roi_align + flip) on batches of {batch}, one thread: "
+            "the device's work, here on the CPU",
+            HEADER_ONLY: "worker of decode_on=device (data.decode=gpu): JPEG header parse + box/flip draw + packing "
+            "of the bytes (encode_regions); worker-side only: the decode itself moves to the device",
+            DEVICE_DECODE: f"main-process side of decode_on=device run on this CPU, batches of {batch}, one thread: "
+            "batched torchvision decode_jpeg (libjpeg-turbo) + region cut (decode_regions) + "
+            f"crop_flip_batch (that crop alone {1000 * median(crop_share[kind] or [0.0]):.2f} ms/image); "
+            "what a CPU-only main process would pay; on a GPU this is nvJPEG (device time), measured by "
+            "benchmarks/gpu_check.sh part 2, not here",
+        }[name]
         if name == HEADER_ONLY:
             what += f"; {HEADER_ONLY_PASSES} passes over the images per round"
         extra = {"rates": [1 / x for x in series], "goal": goal}
         if name == DEVICE_DECODE:
             extra.update(seconds_per_image=series, crop_flip_seconds_per_image=crop_share[kind])
-        rows.append(Row("decode+RRC+flip per core", f"{title[kind]}: {name}", rate, "img/s/core",
-                        f"{what}; images per CPU-second of one thread ({1000 * median(series):.3f} ms/image); "
-                        f"{len(kinds[kind])} images x {rounds} rounds (min {1 / max(series):.0f}, max {1 / min(series):.0f})"
-                        + (f"; {verdict(rate, goal)}" if goal else ""), extra))
+        rows.append(
+            Row(
+                "decode+RRC+flip per core",
+                f"{title[kind]}: {name}",
+                rate,
+                "img/s/core",
+                f"{what}; images per CPU-second of one thread ({1000 * median(series):.3f} ms/image); "
+                f"{len(kinds[kind])} images x {rounds} rounds (min {1 / max(series):.0f}, max {1 / min(series):.0f})"
+                + (f"; {verdict(rate, goal)}" if goal else ""),
+                extra,
+            )
+        )
     best = "decode-only (simplejpeg)" if fast else "decode-only (PIL decode)"
     for kind in kinds:
         ratio = speed_ratio(by_name[(kind, best)], by_name[(kind, "PIL transform")])
-        rows.append(Row("decode+RRC+flip per core", f"{title[kind]}: {best} / PIL transform", ratio[0], "x",
-                        f"worker CPU per image, same rounds; {fmt_ratio(ratio)}", {"rounds": list(ratio)}))
+        rows.append(
+            Row(
+                "decode+RRC+flip per core",
+                f"{title[kind]}: {best} / PIL transform",
+                ratio[0],
+                "x",
+                f"worker CPU per image, same rounds; {fmt_ratio(ratio)}",
+                {"rounds": list(ratio)},
+            )
+        )
         ratio = speed_ratio(by_name[(kind, HEADER_ONLY)], by_name[(kind, best)])
-        rows.append(Row("decode+RRC+flip per core", f"{title[kind]}: {HEADER_ONLY} / {best}", ratio[0], "x",
-                        f"worker CPU per image, same rounds (the decode moved to the device); {fmt_ratio(ratio)}",
-                        {"rounds": list(ratio)}))
-    ratio = speed_ratio(by_name[("tar", "tar parsing, lean reader")], by_name[("tar", "tar parsing, tarfile (webdataset)")])
-    rows.append(Row("decode+RRC+flip per core", "tar parsing: lean reader / tarfile", ratio[0], "x",
-                    f"same rounds; {fmt_ratio(ratio)}", {"rounds": list(ratio)}))
+        rows.append(
+            Row(
+                "decode+RRC+flip per core",
+                f"{title[kind]}: {HEADER_ONLY} / {best}",
+                ratio[0],
+                "x",
+                f"worker CPU per image, same rounds (the decode moved to the device); {fmt_ratio(ratio)}",
+                {"rounds": list(ratio)},
+            )
+        )
+    ratio = speed_ratio(
+        by_name[("tar", "tar parsing, lean reader")], by_name[("tar", "tar parsing, tarfile (webdataset)")]
+    )
+    rows.append(
+        Row(
+            "decode+RRC+flip per core",
+            "tar parsing: lean reader / tarfile",
+            ratio[0],
+            "x",
+            f"same rounds; {fmt_ratio(ratio)}",
+            {"rounds": list(ratio)},
+        )
+    )
     return rows
 
 
@@ -527,28 +687,48 @@ def _decode_only_loaders(settings: Settings, paths: dict) -> list[Row]:
     batch = settings.loader_batch
     batches = max(1, settings.photo_count // batch)
     workers = max(settings.loader_workers)
-    folders = {"full": paths["photos"],
-               "resized": folder_from_shards(paths["resized_shards"], Path(settings.scratch) /
-                                             f"photos-from-max{settings.max_size}-{settings.photo_count}")}
+    folders = {
+        "full": paths["photos"],
+        "resized": folder_from_shards(
+            paths["resized_shards"],
+            Path(settings.scratch) / f"photos-from-max{settings.max_size}-{settings.photo_count}",
+        ),
+    }
     shards = {"full": paths["photo_shards"], "resized": paths["resized_shards"]}
     w, h = settings.photo_size
     title = {"full": f"{w}x{h} JPEGs", "resized": f"--max-size {settings.max_size}"}
     candidates = []
     for kind in ("full", "resized"):
-        candidates.append((kind, "shard loader, PIL transform",
-                           lambda e, k=kind: our_loader(shards[k], transform, batch, workers, batches, epoch=e)))
-        candidates.append((kind, "shard loader, decode-only",
-                           lambda e, k=kind: our_loader(shards[k], transform, batch, workers, batches, epoch=e,
-                                                        augment_on="device")))
-        candidates.append((kind, "ImageFolder+DataLoader, PIL transform",
-                           lambda e, k=kind: imagefolder_loader(folders[k], transform, batch, workers)))
+        candidates.append(
+            (
+                kind,
+                "shard loader, PIL transform",
+                lambda e, k=kind: our_loader(shards[k], transform, batch, workers, batches, epoch=e),
+            )
+        )
+        candidates.append(
+            (
+                kind,
+                "shard loader, decode-only",
+                lambda e, k=kind: our_loader(
+                    shards[k], transform, batch, workers, batches, epoch=e, augment_on="device"
+                ),
+            )
+        )
+        candidates.append(
+            (
+                kind,
+                "ImageFolder+DataLoader, PIL transform",
+                lambda e, k=kind: imagefolder_loader(folders[k], transform, batch, workers),
+            )
+        )
     main_cpu: list[list[float]] = [[] for _ in candidates]
     worker_cpu: list[list[float]] = [[] for _ in candidates]
     delivered: list[int] = [0 for _ in candidates]
     order = list(range(len(candidates)))
     for r in range(min(settings.rounds, 3) + 1):  # round 0 warms the page cache and is dropped
-        for k in (order if r % 2 == 0 else order[::-1]):
-            main_s, worker_s, images = epoch_split_seconds(lambda: candidates[k][2](r), batches)
+        for k in order if r % 2 == 0 else order[::-1]:
+            main_s, worker_s, images = epoch_split_seconds(lambda k=k, r=r: candidates[k][2](r), batches)
             if r:
                 main_cpu[k].append(main_s / images)
                 worker_cpu[k].append(worker_s / images)
@@ -558,18 +738,36 @@ def _decode_only_loaders(settings: Settings, paths: dict) -> list[Row]:
         by_name[(kind, name)] = works
         per_image = median(works)
         rate = 1 / per_image if per_image > 0 else float("nan")
-        note = (f"{workers} workers, batch {batch}, {images} images per epoch (worker start included); worker CPU "
-                f"{1000 * per_image:.2f} ms/image, main process {1000 * median(mains):.2f} ms/image"
-                + (" (the batched crop on this CPU: on a GPU, device time)" if "decode-only" in name else ""))
+        note = (
+            f"{workers} workers, batch {batch}, {images} images per epoch (worker start included); worker CPU "
+            f"{1000 * per_image:.2f} ms/image, main process {1000 * median(mains):.2f} ms/image"
+            + (" (the batched crop on this CPU: on a GPU, device time)" if "decode-only" in name else "")
+        )
         if "decode-only" in name:
             note += f"; {verdict(rate, DECODE_ONLY_GOALS[kind])}"
-        rows.append(Row("data loader", f"{title[kind]}: {name} (images per worker CPU-second)", rate, "img/s/core", note,
-                        {"worker_cpu_per_image": works, "main_cpu_per_image": mains, "workers": workers}))
+        rows.append(
+            Row(
+                "data loader",
+                f"{title[kind]}: {name} (images per worker CPU-second)",
+                rate,
+                "img/s/core",
+                note,
+                {"worker_cpu_per_image": works, "main_cpu_per_image": mains, "workers": workers},
+            )
+        )
     for kind in ("full", "resized"):
         for ours in ("shard loader, PIL transform", "shard loader, decode-only"):
             ratio = speed_ratio(by_name[(kind, ours)], by_name[(kind, "ImageFolder+DataLoader, PIL transform")])
-            rows.append(Row("data loader", f"{title[kind]}: {ours} / ImageFolder (worker CPU)", ratio[0], "x",
-                            f"same rounds; {fmt_ratio(ratio)}; {verdict(ratio[0], 1.0)}", {"rounds": list(ratio)}))
+            rows.append(
+                Row(
+                    "data loader",
+                    f"{title[kind]}: {ours} / ImageFolder (worker CPU)",
+                    ratio[0],
+                    "x",
+                    f"same rounds; {fmt_ratio(ratio)}; {verdict(ratio[0], 1.0)}",
+                    {"rounds": list(ratio)},
+                )
+            )
     return rows
 
 
@@ -611,9 +809,19 @@ def _short_epochs(settings: Settings, paths: dict) -> list[Row]:
     keep = tuple(range(0, n, 10))  # 10% of the samples: len(keep) // batch steps per epoch
     epochs = 60 if not settings.quick else 3
     rows = []
-    for label, keep_indices, count in (("10% of the samples", keep, epochs), ("all samples", None, max(1, epochs // 10))):
-        spec = LoaderSpec(shards=str(shards), manifest=manifest, batch_size=batch, transform=pretrain_transform(32),
-                          training=True, num_workers=workers, keep_indices=keep_indices)
+    for label, keep_indices, count in (
+        ("10% of the samples", keep, epochs),
+        ("all samples", None, max(1, epochs // 10)),
+    ):
+        spec = LoaderSpec(
+            shards=str(shards),
+            manifest=manifest,
+            batch_size=batch,
+            transform=pretrain_transform(32),
+            training=True,
+            num_workers=workers,
+            keep_indices=keep_indices,
+        )
         results = {}
         for arm, pools, ahead in (("kept", pool_module.MAX_IDLE_POOLS, True), ("restarted", 0, False)):
             saved = pool_module.MAX_IDLE_POOLS, pool_module.RUN_AHEAD
@@ -624,10 +832,20 @@ def _short_epochs(settings: Settings, paths: dict) -> list[Row]:
                 pool_module.MAX_IDLE_POOLS, pool_module.RUN_AHEAD = saved
         per_epoch = results["kept"][2] // count
         for arm, (overhead, waited, steps) in results.items():
-            what = ("workers kept across epochs, the next epoch started ahead" if arm == "kept"
-                    else "workers started every epoch (before issue 13)")
-            rows.append(Row("data loader", f"epochs of {per_epoch} batch(es) ({label}): {arm} workers", 1000 * overhead,
-                            "ms/step", f"{what}; wall time per step beyond a {1000 * STEP_SECONDS:.0f} ms step, data wait "
-                            f"{1000 * waited:.1f} ms/step; {steps} steps of {batch} 32 px images, {workers} workers",
-                            {"data_wait_per_step": waited, "steps": steps}))
+            what = (
+                "workers kept across epochs, the next epoch started ahead"
+                if arm == "kept"
+                else "workers started every epoch (before issue 13)"
+            )
+            rows.append(
+                Row(
+                    "data loader",
+                    f"epochs of {per_epoch} batch(es) ({label}): {arm} workers",
+                    1000 * overhead,
+                    "ms/step",
+                    f"{what}; wall time per step beyond a {1000 * STEP_SECONDS:.0f} ms step, data wait "
+                    f"{1000 * waited:.1f} ms/step; {steps} steps of {batch} 32 px images, {workers} workers",
+                    {"data_wait_per_step": waited, "steps": steps},
+                )
+            )
     return rows

@@ -1,11 +1,12 @@
 """The loop's public hooks (`Callback`): what fault injection (`vitmpp.common.faults`), benchmark
 instrumentation and a user's own observers override; the loop (`vitmpp.common.loop`) calls them.
 A file of its own so that the callbacks the loop builds (`fault_callbacks`) need not import the loop."""
+
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import torch
 

@@ -32,6 +32,7 @@ AMD EPYC; about 0.7 s for a whole ViT-B checkpoint with its optimizer state, at 
 save and once at resume), and `sha256sum` checks a file by hand. A checkpoint written
 before checksums existed still loads, with a warning that it cannot be verified.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -275,8 +276,9 @@ class Checkpointer:
         if reason is None:
             raise error
         kept = f"the previous checkpoint {self.last} is intact" if self.last else "no earlier checkpoint exists"
-        stopped = UserError(f"Could not write checkpoint {final} ({reason}); {kept}; free disk space and rerun with "
-                            "--resume auto.")
+        stopped = UserError(
+            f"Could not write checkpoint {final} ({reason}); {kept}; free disk space and rerun with --resume auto."
+        )
         stopped.same_on_every_rank = error is None  # a rank that failed says why; the others' line is said once
         raise stopped from None
 
@@ -288,30 +290,42 @@ class Checkpointer:
         acc = self.accelerator
         problem = _decided_on_main(acc, lambda: damage(path))
         if problem is not None:
-            error = UserError(f"Checkpoint {path} is damaged ({problem}); resume from an earlier one with --resume PATH, "
-                              "or with --resume auto, which passes over damaged checkpoints.")
+            error = UserError(
+                f"Checkpoint {path} is damaged ({problem}); resume from an earlier one with --resume PATH, "
+                "or with --resume auto, which passes over damaged checkpoints."
+            )
             error.same_on_every_rank = True
             raise error
         state = read_state(path)
         logical_ranks_of(state, path, acc.num_processes)  # refuses a process count that cannot host them
         saved_world = int(state.get("world_size", acc.num_processes))
         if saved_world != acc.num_processes and any(Path(path).glob("pytorch_model_fsdp*")):
-            raise UserError(f"Checkpoint {path} holds the FSDP shards of {saved_world} processes, and resuming sharded "
-                            f"checkpoints on another process count is untested; resume with --num_processes {saved_world}.")
+            raise UserError(
+                f"Checkpoint {path} holds the FSDP shards of {saved_world} processes, and resuming sharded "
+                f"checkpoints on another process count is untested; resume with --num_processes {saved_world}."
+            )
         try:
             acc.load_state(str(path))
         except Exception as err:  # noqa: BLE001 - name the checkpoint, never run what it holds
             import pickle
 
-            if isinstance(err, pickle.UnpicklingError) or "weights_only" in str(err) or "Unsupported global" in str(err):
+            if (
+                isinstance(err, pickle.UnpicklingError)
+                or "weights_only" in str(err)
+                or "Unsupported global" in str(err)
+            ):
                 raise UserError(
                     f"Checkpoint {path} holds pickled objects other than tensors and plain data; refusing to load it "
                     "(loading is weights-only). Resume from a checkpoint this program wrote."
                 ) from None
-            raise UserError(f"Checkpoint {path} could not be loaded ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
-                            "resume from an earlier one.") from None
+            raise UserError(
+                f"Checkpoint {path} could not be loaded ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
+                "resume from an earlier one."
+            ) from None
         if int(state.get("world_size", acc.num_processes)) == acc.num_processes:
-            self._verify_rng(path)  # else Accelerate's files are other processes'; the loop sets them (load_logical_rng)
+            self._verify_rng(
+                path
+            )  # else Accelerate's files are other processes'; the loop sets them (load_logical_rng)
         self.last = Path(path)
         return state
 
@@ -326,11 +340,17 @@ class Checkpointer:
             saved = safe_load(rng_file)
             ok = torch.equal(saved["torch_manual_seed"], torch.get_rng_state())
             if ok and torch.cuda.is_available() and "torch_cuda_manual_seed" in saved:
-                ok = all(torch.equal(a, b) for a, b in zip(saved["torch_cuda_manual_seed"], torch.cuda.get_rng_state_all()))
+                ok = all(
+                    torch.equal(a, b) for a, b in zip(saved["torch_cuda_manual_seed"], torch.cuda.get_rng_state_all())
+                )
         except Exception as err:  # noqa: BLE001 - any failure means the RNG was not restored
-            raise UserError(f"Could not restore the random state from {rng_file} ({type(err).__name__}); the checkpoint is damaged.") from None
+            raise UserError(
+                f"Could not restore the random state from {rng_file} ({type(err).__name__}); the checkpoint is damaged."
+            ) from None
         if not ok:
-            raise UserError(f"The random state in {rng_file} was not restored; the checkpoint is damaged or from another setup.")
+            raise UserError(
+                f"The random state in {rng_file} was not restored; the checkpoint is damaged or from another setup."
+            )
 
 
 # ----------------------------------------------------------------------------- logical ranks (docs/distributed.md)
@@ -350,14 +370,17 @@ def logical_ranks_of(state: dict, path: Path, processes: int, configured: int | 
             raise UserError(
                 f"Checkpoint {path} was written by {saved_world} processes, before runs recorded their logical ranks, "
                 f"but this run has {processes}; resume with --num_processes {saved_world} (a different count would "
-                "change the data order and batch).")
+                "change the data order and batch)."
+            )
         ranks = saved_world
     else:
         ranks = int(state["logical_ranks"])
     if configured is not None and configured != ranks:
-        raise UserError(f"Checkpoint {path} belongs to a run with {ranks} logical ranks, but train.logical_ranks="
-                        f"{configured}; a run keeps its logical ranks for life: resume with train.logical_ranks={ranks}, "
-                        "or start a new run.")
+        raise UserError(
+            f"Checkpoint {path} belongs to a run with {ranks} logical ranks, but train.logical_ranks="
+            f"{configured}; a run keeps its logical ranks for life: resume with train.logical_ranks={ranks}, "
+            "or start a new run."
+        )
     if ranks % processes:
         import math
 
@@ -366,7 +389,8 @@ def logical_ranks_of(state: dict, path: Path, processes: int, configured: int | 
         raise UserError(
             f"Checkpoint {path} was started with {ranks} logical ranks (train.logical_ranks), which {processes} "
             f"processes cannot share evenly; resume on {listed} processes, or start runs that may grow with "
-            f"train.logical_ranks={math.lcm(ranks, processes)}.")
+            f"train.logical_ranks={math.lcm(ranks, processes)}."
+        )
     return ranks
 
 
@@ -406,14 +430,20 @@ def load_logical_rng(path: Path, ranks) -> dict[int, dict]:
             position, has_gauss, gauss = t["numpy_rest"].tolist()
             version, has_next, gauss_next = t["python_rest"].tolist()
             states[rank] = {
-                "cpu": t["cpu"], "cuda": t.get("cuda"),
+                "cpu": t["cpu"],
+                "cuda": t.get("cuda"),
                 "numpy": ("MT19937", t["numpy_keys"].numpy().astype(np.uint32), int(position), int(has_gauss), gauss),
-                "python": (int(version), tuple(int(w) for w in t["python_words"].tolist()),
-                           gauss_next if has_next else None),
+                "python": (
+                    int(version),
+                    tuple(int(w) for w in t["python_words"].tolist()),
+                    gauss_next if has_next else None,
+                ),
             }
         except Exception as err:  # noqa: BLE001 - any failure means the state of that logical rank is lost
-            raise UserError(f"Could not read the random state of logical rank {rank} from {file} "
-                            f"({type(err).__name__}); the checkpoint is damaged or incomplete.") from None
+            raise UserError(
+                f"Could not read the random state of logical rank {rank} from {file} "
+                f"({type(err).__name__}); the checkpoint is damaged or incomplete."
+            ) from None
     return states
 
 

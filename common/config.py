@@ -45,6 +45,7 @@ every integer must fit in 64 bits (`INT64`: torch and numpy hold them so) and ev
 number must be finite. Checks that involve several keys go in a `check(self)` method
 on the dataclass, which raises `ConfigError`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -55,8 +56,9 @@ import os
 import re
 import types
 import typing
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Literal, Mapping, Sequence, TypeVar, Union
+from typing import Any, Literal, TypeVar, Union
 
 import yaml
 
@@ -130,8 +132,9 @@ class _BoundedLoader(yaml.SafeLoader):
     def _charge(self, values: int, mark) -> None:
         self._values += values
         if self._values > MAX_CONFIG_VALUES:
-            raise _Refused(f"it holds more than {MAX_CONFIG_VALUES:,} values once its aliases (*name) are expanded",
-                           mark)
+            raise _Refused(
+                f"it holds more than {MAX_CONFIG_VALUES:,} values once its aliases (*name) are expanded", mark
+            )
 
     def compose_node(self, parent, index):
         mark = self.peek_event().start_mark
@@ -166,9 +169,13 @@ def _read_config_text(path: Path) -> str:
     try:
         raw = read_regular_file(path, limit=MAX_CONFIG_BYTES)
     except UnreadableFile as err:
-        advice = ("pass an existing YAML file to --config" if err.missing else
-                  "pass a YAML recipe (see configs/), not a data file" if "bytes" in err.reason else
-                  "pass a readable YAML file to --config")
+        advice = (
+            "pass an existing YAML file to --config"
+            if err.missing
+            else "pass a YAML recipe (see configs/), not a data file"
+            if "bytes" in err.reason
+            else "pass a readable YAML file to --config"
+        )
         raise ConfigError(f"Config file '{path}' {err.reason}; {advice}.") from None
     try:
         return raw.decode("utf-8")
@@ -184,8 +191,10 @@ def read_yaml(path: str | os.PathLike) -> dict:
     try:
         data = _load_bounded(text)
     except _Refused as err:
-        raise ConfigError(f"Config file '{path}' is refused: {err.problem} (line {err.problem_mark.line + 1}); "
-                          "a recipe is a few levels of plain keys and values (see configs/).") from None
+        raise ConfigError(
+            f"Config file '{path}' is refused: {err.problem} (line {err.problem_mark.line + 1}); "
+            "a recipe is a few levels of plain keys and values (see configs/)."
+        ) from None
     except yaml.YAMLError as err:
         where = ""
         mark = getattr(err, "problem_mark", None)
@@ -194,8 +203,9 @@ def read_yaml(path: str | os.PathLike) -> dict:
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
         raise ConfigError(f"Config file '{path}' is not valid YAML{where}: {problem}.") from None
     except ValueError as err:  # a value Python will not hold, e.g. an integer of 5,000 digits
-        raise ConfigError(f"Config file '{path}' holds a value that cannot be read ({str(err).split(':')[0]}); "
-                          "fix that value.") from None
+        raise ConfigError(
+            f"Config file '{path}' holds a value that cannot be read ({str(err).split(':')[0]}); fix that value."
+        ) from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -210,9 +220,7 @@ def parse_overrides(overrides: Iterable[str]) -> list[tuple[str, Any]]:
         key, sep, raw = text.partition("=")
         key = key.strip()
         if not sep or not key or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", key):
-            raise ConfigError(
-                f"Override '{text}' is not of the form key=value with a dotted key (e.g. optim.lr=1e-4)."
-            )
+            raise ConfigError(f"Override '{text}' is not of the form key=value with a dotted key (e.g. optim.lr=1e-4).")
         try:
             value = _load_bounded(raw) if raw.strip() else ""
         except (yaml.YAMLError, ValueError):
@@ -222,6 +230,7 @@ def parse_overrides(overrides: Iterable[str]) -> list[tuple[str, Any]]:
 
 
 # ----------------------------------------------------------------------------- schema helpers
+
 
 def schema_keys(schema: type) -> list[str]:
     """Every dotted key a schema accepts, nested sections included."""
@@ -300,6 +309,7 @@ def _show(value: Any) -> str:
 
 # ----------------------------------------------------------------------------- building
 
+
 class _TypeMismatch(ConfigError):
     """A value of the wrong type (as opposed to a wrong value of the right type)."""
 
@@ -325,9 +335,7 @@ class _Builder:
         return source or "the defaults"
 
     def fail_type(self, key: str, value: Any, tp: Any) -> ConfigError:
-        return _TypeMismatch(
-            f"Key '{key}' in {self.where(key)} must be {_describe_type(tp)}, got {_show(value)}."
-        )
+        return _TypeMismatch(f"Key '{key}' in {self.where(key)} must be {_describe_type(tp)}, got {_show(value)}.")
 
     def build(self, schema: type, data: Mapping, prefix: str = "") -> Any:
         if not isinstance(data, Mapping):
@@ -435,8 +443,9 @@ class _Builder:
                     raise self.fail_type(key, value, tp)
             self.check_range(key, value, meta)  # first: the key's own bounds say more than 64 bits do
             if not INT64[0] <= value <= INT64[1]:
-                raise ConfigError(f"Key '{key}' in {self.where(key)} must fit in 64 bits (-2**63 to 2**63 - 1), "
-                                  f"got {_show(value)}.")
+                raise ConfigError(
+                    f"Key '{key}' in {self.where(key)} must fit in 64 bits (-2**63 to 2**63 - 1), got {_show(value)}."
+                )
             return value
         if tp is float:
             if isinstance(value, str) and _NUMBER.match(value.strip()):
@@ -548,7 +557,9 @@ def load_config(
     for key, value in parse_overrides(overrides):
         _set_dotted(data, key, value)
         shown = str(value) if len(str(value)) <= 60 else str(value)[:57] + "..."  # 10**400 stays one short sentence
-        sources[key] = f"the override '{key}={shown}'" if not isinstance(value, (dict, list)) else f"the override of '{key}'"
+        sources[key] = (
+            f"the override '{key}={shown}'" if not isinstance(value, (dict, list)) else f"the override of '{key}'"
+        )
         if isinstance(value, Mapping):
             _mark_sources(value, sources[key], key + ".", sources)
     schema = resolve_schema(schema, data)
@@ -556,6 +567,7 @@ def load_config(
 
 
 # ----------------------------------------------------------------------------- writing
+
 
 def to_dict(cfg: Any) -> Any:
     """A dataclass tree as plain dicts/lists (tuples become lists, for YAML)."""

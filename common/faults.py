@@ -6,6 +6,7 @@ faults enter through the same public hooks benchmarks use. Each reproduces what 
 long run meets in practice: a preemption, a data-loading worker killed, a kill in
 the middle of a checkpoint save, a non-finite loss on one rank.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -112,8 +113,14 @@ class RecordSamples(Callback):
 
     def on_end(self, run, model, step: int) -> None:
         checksum = float(sum(p.detach().double().sum() for p in model.parameters()))
-        record = {"rank": run.rank, "world_size": run.world, "logical_ranks": list(getattr(run, "hosted", [run.rank])),
-                  "samples": self.seen, "steps": self.steps, "weights_checksum": checksum}
+        record = {
+            "rank": run.rank,
+            "world_size": run.world,
+            "logical_ranks": list(getattr(run, "hosted", [run.rank])),
+            "samples": self.seen,
+            "steps": self.steps,
+            "weights_checksum": checksum,
+        }
         (run.run_dir / f"debug-rank{run.rank}.json").write_text(json.dumps(record))
 
 

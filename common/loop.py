@@ -21,25 +21,25 @@ and loader, so `common` never imports a layer above it and never reads `cfg.data
 through public hooks: fault injection (`vitmpp.common.faults`) and benchmark
 instrumentation use them, so nothing needs monkeypatching.
 """
+
 from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import torch
 
 from . import rundir
 from .callbacks import Callback
-from .checkpoint import (Checkpointer, checkpoints_dir, load_logical_rng, logical_ranks_of, read_state,
-                         save_logical_rng)
+from .checkpoint import Checkpointer, checkpoints_dir, load_logical_rng, logical_ranks_of, read_state, save_logical_rng
 from .config import dump_yaml, flatten
 from .console import Console, quiet_libraries
-from .distributed import (ControlPlane, StopSignal, explain_failure, full_tensor, make_accelerator,
-                          sharding_summary)
+from .distributed import ControlPlane, StopSignal, explain_failure, full_tensor, make_accelerator, sharding_summary
 from .errors import ConfigError, Interrupted, UserError
 from .faults import fault_callbacks
 from .optim import NonFiniteGuard, Schedule, batch_geometry, build_scheduler, current_lr, make_schedule, peak_lr
@@ -98,7 +98,7 @@ class Callbacks(Callback):
                 stack.enter_context(cb.phase(name))
             yield
 
-    def on_end(self, run: "Run", model: torch.nn.Module, step: int) -> None:
+    def on_end(self, run: Run, model: torch.nn.Module, step: int) -> None:
         for cb in self.callbacks:
             cb.on_end(run, model, step)
 
@@ -121,7 +121,9 @@ class Run:
     tracker: Tracker | None = None  # TensorBoard, once the loop (or a stage that trains nothing) opened the records
     metrics: rundir.MetricsLog | None = None  # metrics.jsonl (main process), opened with the tracker
     schedule: Schedule | None = None  # the run's length, set by the loop right after `Stage.setup`
-    logical_ranks: int | None = None  # the run's for life (train.logical_ranks, or its checkpoint's); None: one per process
+    logical_ranks: int | None = (
+        None  # the run's for life (train.logical_ranks, or its checkpoint's); None: one per process
+    )
     run_id: str | None = None  # the run folder's identity (rundir.run_id), which its checkpoints carry
     allow_changes: bool = False  # --allow-changes: a changed key, another run's checkpoint or other data may be resumed
     notes: list[str] = field(default_factory=list)  # what --allow-changes let through, for the config history
@@ -158,7 +160,9 @@ class Run:
     def peak_lr(self) -> float:
         return peak_lr(self.cfg.optim, self.geometry.global_batch)
 
-    def open_records(self, resumed_at: int | None, namespace: str = "train") -> tuple[Tracker, rundir.MetricsLog | None]:
+    def open_records(
+        self, resumed_at: int | None, namespace: str = "train"
+    ) -> tuple[Tracker, rundir.MetricsLog | None]:
         """config.yaml (+ its history), metrics.jsonl and TensorBoard, whose scalars go under `namespace`
         (`Stage.namespace`); on resume, what came after `resumed_at` is dropped."""
         metrics = None
@@ -167,8 +171,10 @@ class Run:
             for note in self.notes:
                 self.console.warn(f"{note}; {segment} records it")
             if self.changed and self.resume_from is not None:
-                self.console.warn(f"continuing under changed keys {', '.join(self.changed)} (--allow-changes); "
-                                  f"{segment} records the config of the steps from here")
+                self.console.warn(
+                    f"continuing under changed keys {', '.join(self.changed)} (--allow-changes); "
+                    f"{segment} records the config of the steps from here"
+                )
             metrics = self.metrics = rundir.MetricsLog(self.run_dir, resumed_at)
         tracker = self.tracker = Tracker(self.accelerator, "tensorboard", flatten(self.cfg), resumed_at, namespace)
         if resumed_at is None:
@@ -176,8 +182,15 @@ class Run:
         return tracker, metrics
 
 
-def open_run(cfg, run_dir: Path, resume: str | None, *, resumable_keys: Sequence[str] = (),
-             allow_changes: bool = False, callbacks: Sequence[Callback] = ()) -> Run:
+def open_run(
+    cfg,
+    run_dir: Path,
+    resume: str | None,
+    *,
+    resumable_keys: Sequence[str] = (),
+    allow_changes: bool = False,
+    callbacks: Sequence[Callback] = (),
+) -> Run:
     """Accelerate and the seed; lock the run folder; refuse to reuse another run's folder, or to resume
     under keys outside `resumable_keys` unless `allow_changes`; find the checkpoint to resume.
 
@@ -200,10 +213,17 @@ def open_run(cfg, run_dir: Path, resume: str | None, *, resumable_keys: Sequence
             changed = rundir.check_reuse(run_dir, cfg, resume, ignore=resumable_keys)
             rundir.refuse_changes(run_dir, cfg, changed, resume_from, allow_changes)
             origin = rundir.check_checkpoint_origin(run_dir, resume_from, allow_changes)
-            ranks = decide_logical_ranks(getattr(cfg.train, "logical_ranks", None), resume_from,
-                                         accelerator.num_processes)
-            decision = {"note": note, "resume_from": resume_from, "changed": changed, "logical_ranks": ranks,
-                        "run_id": rundir.claim_run_id(run_dir), "notes": [origin] if origin else []}
+            ranks = decide_logical_ranks(
+                getattr(cfg.train, "logical_ranks", None), resume_from, accelerator.num_processes
+            )
+            decision = {
+                "note": note,
+                "resume_from": resume_from,
+                "changed": changed,
+                "logical_ranks": ranks,
+                "run_id": rundir.claim_run_id(run_dir),
+                "notes": [origin] if origin else [],
+            }
         except Exception as err:  # noqa: BLE001 - the other ranks must learn of any failure, or they wait forever
             failure, decision = err, {"error": str(err) if isinstance(err, UserError) else None}
     decision = broadcast_object_list([decision])[0]
@@ -215,10 +235,20 @@ def open_run(cfg, run_dir: Path, resume: str | None, *, resumable_keys: Sequence
         raise stopped
     if decision["note"]:
         console.warn(decision["note"])
-    return Run(cfg, Path(run_dir), accelerator, console, decision["resume_from"], resume,
-               Callbacks([*fault_callbacks(cfg.debug), *callbacks]), changed=decision["changed"],
-               logical_ranks=decision["logical_ranks"], run_id=decision["run_id"], allow_changes=allow_changes,
-               notes=decision["notes"])
+    return Run(
+        cfg,
+        Path(run_dir),
+        accelerator,
+        console,
+        decision["resume_from"],
+        resume,
+        Callbacks([*fault_callbacks(cfg.debug), *callbacks]),
+        changed=decision["changed"],
+        logical_ranks=decision["logical_ranks"],
+        run_id=decision["run_id"],
+        allow_changes=allow_changes,
+        notes=decision["notes"],
+    )
 
 
 def decide_logical_ranks(configured: int | None, resume_from: Path | None, processes: int) -> int:
@@ -233,9 +263,11 @@ def decide_logical_ranks(configured: int | None, resume_from: Path | None, proce
             return logical_ranks_of(state, resume_from, processes, configured)
     ranks = configured or processes
     if ranks % processes:
-        raise ConfigError(f"Key 'train.logical_ranks' is {ranks}, which {processes} processes cannot share evenly; "
-                          f"set a multiple of {processes} (a run that may grow later: a multiple of every process "
-                          "count it may run on), or null for one per process.")
+        raise ConfigError(
+            f"Key 'train.logical_ranks' is {ranks}, which {processes} processes cannot share evenly; "
+            f"set a multiple of {processes} (a run that may grow later: a multiple of every process "
+            "count it may run on), or null for one per process."
+        )
     return ranks
 
 
@@ -345,8 +377,10 @@ class HostedRanks:
     def _seed(self, seed: int, rank: int) -> None:
         import numpy as np
 
-        seed_generators(int(np.random.SeedSequence([seed & 0xFFFFFFFF, rank, 0x10C4]).generate_state(1, np.uint64)[0] >> 1),
-                        self.device)
+        seed_generators(
+            int(np.random.SeedSequence([seed & 0xFFFFFFFF, rank, 0x10C4]).generate_state(1, np.uint64)[0] >> 1),
+            self.device,
+        )
 
     @contextmanager
     def active(self, slot: int) -> Iterator[None]:
@@ -385,9 +419,18 @@ class StepRunner:
     time, one of each hosted logical rank in order, each under that rank's random state.
     """
 
-    def __init__(self, accelerator, model, optimizer, scheduler, guard: NonFiniteGuard,
-                 accumulation: int, clip_grad: float | None, hooks: Callback | None = None,
-                 ranks: HostedRanks | None = None):
+    def __init__(
+        self,
+        accelerator,
+        model,
+        optimizer,
+        scheduler,
+        guard: NonFiniteGuard,
+        accumulation: int,
+        clip_grad: float | None,
+        hooks: Callback | None = None,
+        ranks: HostedRanks | None = None,
+    ):
         self.accelerator = accelerator
         self.model = model
         self.optimizer = optimizer
@@ -499,8 +542,10 @@ def check_resume_point(state: dict, path: Path, schedule: Schedule, geometry) ->
     and images into the epoch, from `Loop.save`): a changed global batch or training set moves it."""
     step = state["step"]
     if step > schedule.total_steps:
-        raise ConfigError(f"Checkpoint {path} is at step {step}, past the {schedule.total_steps} steps this config "
-                          "trains; set train.steps (or train.epochs) to at least that, or resume from an earlier checkpoint.")
+        raise ConfigError(
+            f"Checkpoint {path} is at step {step}, past the {schedule.total_steps} steps this config "
+            "trains; set train.steps (or train.epochs) to at least that, or resume from an earlier checkpoint."
+        )
     if "batch_in_epoch" not in state:  # written before the data position was saved
         return
     # batch_in_epoch counts the batches of one logical rank (of one process, before logical ranks were recorded)
@@ -509,10 +554,12 @@ def check_resume_point(state: dict, path: Path, schedule: Schedule, geometry) ->
     epoch, step_in_epoch = divmod(step, schedule.steps_per_epoch)
     if saved != (epoch, step_in_epoch * geometry.global_batch):
         raise ConfigError(
-            f"Checkpoint {path} stopped {saved[1]} images into epoch {saved[0]} at global batch {state['global_batch']}, "
+            f"Checkpoint {path} stopped {saved[1]} images into epoch {saved[0]} "
+            f"at global batch {state['global_batch']}, "
             f"but with global batch {geometry.global_batch} and {schedule.steps_per_epoch} steps per epoch its step "
             f"{step} would continue {step_in_epoch * geometry.global_batch} images into epoch {epoch}; resume with "
-            f"train.global_batch={state['global_batch']} and the same training data, or start a new run.")
+            f"train.global_batch={state['global_batch']} and the same training data, or start a new run."
+        )
 
 
 def check_same_data(state: dict, path: Path, identity: dict | None, allow: bool) -> str | None:
@@ -526,14 +573,18 @@ def check_same_data(state: dict, path: Path, identity: dict | None, allow: bool)
     def told(data: dict) -> str:
         kept = f", {data['kept']} of them kept" if "kept" in data else ""
         shards = data.get("shards")
-        return (f"split '{data.get('split')}' of '{data.get('name')}' ({data.get('samples')} samples in "
-                f"{shards} shard{'' if shards == 1 else 's'}{kept}, digest {data.get('digest')})")
+        return (
+            f"split '{data.get('split')}' of '{data.get('name')}' ({data.get('samples')} samples in "
+            f"{shards} shard{'' if shards == 1 else 's'}{kept}, digest {data.get('digest')})"
+        )
 
     what = f"Checkpoint {path} was trained on {told(saved)}, but data.shards now names {told(identity)}"
     if allow:
         return f"{what}; continued on it under --allow-changes"
-    raise UserError(f"{what}; point data.shards at the shards the run was trained on (the same shards in another "
-                    "place are fine), or pass --allow-changes to continue on these.")
+    raise UserError(
+        f"{what}; point data.shards at the shards the run was trained on (the same shards in another "
+        "place are fine), or pass --allow-changes to continue on these."
+    )
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -565,11 +616,25 @@ class Loop:
         self.ranks = HostedRanks(run.hosted, run.device)
         # every checkpoint holds every logical rank's random state, whatever process hosts it (before the
         # debug hooks, which may kill a save in progress)
-        self.checkpointer = Checkpointer(acc, run.run_dir, cfg.log.keep_checkpoints, self.control,
-                                         Callbacks([SaveLogicalRng(self.ranks), self.hooks]))
+        self.checkpointer = Checkpointer(
+            acc,
+            run.run_dir,
+            cfg.log.keep_checkpoints,
+            self.control,
+            Callbacks([SaveLogicalRng(self.ranks), self.hooks]),
+        )
         self.guard = NonFiniteGuard(acc, self.optimizer, cfg.train.max_nonfinite_steps)
-        self.runner = StepRunner(acc, self.model, self.optimizer, scheduler, self.guard, geometry.accumulation,
-                                 cfg.optim.clip_grad, self.hooks, ranks=self.ranks)
+        self.runner = StepRunner(
+            acc,
+            self.model,
+            self.optimizer,
+            scheduler,
+            self.guard,
+            geometry.accumulation,
+            cfg.optim.clip_grad,
+            self.hooks,
+            ranks=self.ranks,
+        )
 
         # fresh or resumed: model, optimizer and RNGs from Accelerate's state, the rest from our JSON
         self.step, self.skipped_before, nonfinite_before, self.loader, self.output = 0, 0, 0, None, None
@@ -587,23 +652,37 @@ class Loop:
             self.data_workers = int(state.get("data_workers", self.data_workers))
             if "logical_ranks" in state:  # else written by as many processes as now: Accelerate restored them
                 self.ranks.load_state_dict(load_logical_rng(run.resume_from, run.hosted))
-            self.step, self.skipped_before, nonfinite_before = state["step"], state["skipped_samples"], state["nonfinite_steps"]
+            self.step, self.skipped_before, nonfinite_before = (
+                state["step"],
+                state["skipped_samples"],
+                state["nonfinite_steps"],
+            )
             stage.load_state_dict(state)
             self.console.print(f"resumed from {run.resume_from} at step {self.step}")
         elif run.resume is not None:
             self.console.print(f"no checkpoint in {checkpoints_dir(run.run_dir)}; starting from step 0")
         # a resumed run drops what the interrupted attempt logged after its checkpoint (all of it, without one)
         self.tracker, metrics = run.open_records(self.step if run.resume is not None else None, stage.namespace)
-        self.log = IntervalLog(acc, self.tracker, self.console, self.guard, metrics=metrics,
-                               total_steps=self.schedule.total_steps, steps_per_epoch=self.schedule.steps_per_epoch,
-                               flops_per_image=flops, peak=peak, nonfinite_before=nonfinite_before)
+        self.log = IntervalLog(
+            acc,
+            self.tracker,
+            self.console,
+            self.guard,
+            metrics=metrics,
+            total_steps=self.schedule.total_steps,
+            steps_per_epoch=self.schedule.steps_per_epoch,
+            flops_per_image=flops,
+            peak=peak,
+            nonfinite_before=nonfinite_before,
+        )
         self.log.last_checkpoint = self.checkpointer.last
         hosting = f"{geometry.hosted} logical ranks x " if geometry.hosted > 1 else ""
         self.console.print(
             f"{plan.description}: {run.world} process(es) x {hosting}{geometry.per_device_batch} images x "
             f"{geometry.accumulation} accumulation = global batch {geometry.global_batch}; "
             f"{self.schedule.total_steps} steps ({self.schedule.steps_per_epoch}/epoch), peak lr "
-            f"{self.schedule.peak_lr:.3g}, precision {acc.mixed_precision}, device {run.device}")
+            f"{self.schedule.peak_lr:.3g}, precision {acc.mixed_precision}, device {run.device}"
+        )
         self.console.print(f"run directory: {run.run_dir}    watch: tensorboard --logdir {run.run_dir}")
         if (sharding := sharding_summary(acc, self.model)) is not None:
             self.console.print(sharding)
@@ -617,7 +696,9 @@ class Loop:
         with guarded_loop(self.run.rank, self.console) as stop:
             while self.step < schedule.total_steps:
                 batches = self.open_epoch()
-                epoch_end = min(schedule.total_steps, (self.step // schedule.steps_per_epoch + 1) * schedule.steps_per_epoch)
+                epoch_end = min(
+                    schedule.total_steps, (self.step // schedule.steps_per_epoch + 1) * schedule.steps_per_epoch
+                )
                 while self.step < epoch_end:
                     self.train_step(batches)
                     if self.step % cfg.log.log_every == 0:
@@ -629,7 +710,9 @@ class Loop:
                     reason = stop.signal_name if stop.requested else hooks.stop_reason(self.step)
                     if self.control.any(reason is not None):  # every rank stops at the same step
                         return self.stop(reason or "a signal to another rank", stop)
-                    if checkpoint_now or (self.step % cfg.log.checkpoint_every == 0 and self.step < schedule.total_steps):
+                    if checkpoint_now or (
+                        self.step % cfg.log.checkpoint_every == 0 and self.step < schedule.total_steps
+                    ):
                         self.save(periodic=True)
                 self.skipped_before, self.loader = self.skipped_samples(), None
                 del batches  # the epoch's loader ends before the next one opens (its workers serve the next, loader.py)
@@ -656,7 +739,10 @@ class Loop:
         hosted = self.run.hosted
         loaders = []
         for rank in hosted:
-            fields: dict[str, Any] = {"batches_per_epoch": steps_per_epoch * accumulation, "num_workers": self.data_workers}
+            fields: dict[str, Any] = {
+                "batches_per_epoch": steps_per_epoch * accumulation,
+                "num_workers": self.data_workers,
+            }
             options: dict[str, Any] = {}
             if len(hosted) > 1:
                 fields.update(rank=rank, world_size=self.run.ranks)
@@ -671,6 +757,7 @@ class Loop:
     def train_step(self, batches) -> None:
         """One optimizer step from the next `accumulation` micro-batches (of each hosted logical rank);
         values stay on the device."""
+
         def micro_batches():
             for batch in self.log.timed(batches, self.geometry.accumulation * self.geometry.hosted):
                 self.hooks.on_batch(batch)
@@ -680,10 +767,16 @@ class Loop:
         model.train()  # every step: a stage's evaluation in after_step leaves it in eval mode
         with self.hooks.phase("step"):
             loss, grad_norm, self.output = self.runner.run(
-                self.step, lambda batch: self.stage.forward(model, batch), micro_batches())
+                self.step, lambda batch: self.stage.forward(model, batch), micro_batches()
+            )
         self.step += 1
-        self.log.add(self.step, loss, grad_norm, current_lr(self.optimizer),
-                     self.geometry.per_device_batch * self.geometry.accumulation * self.geometry.hosted)
+        self.log.add(
+            self.step,
+            loss,
+            grad_norm,
+            current_lr(self.optimizer),
+            self.geometry.per_device_batch * self.geometry.accumulation * self.geometry.hosted,
+        )
         self.console.update_bar(1)
 
     def skipped_samples(self) -> int:
@@ -693,8 +786,12 @@ class Loop:
     def flush_log(self) -> None:
         """The interval's one host sync: console line, TensorBoard scalars, metrics.jsonl rows."""
         with self.hooks.phase("log"):
-            scalars = self.log.flush({"skipped_samples": self.skipped_samples(),  # + retried shard reads (a NaN is not logged)
-                                      "retries": getattr(self.loader, "retries", float("nan"))})
+            scalars = self.log.flush(
+                {
+                    "skipped_samples": self.skipped_samples(),  # + retried shard reads (a NaN is not logged)
+                    "retries": getattr(self.loader, "retries", float("nan")),
+                }
+            )
         if scalars is not None:
             self.hooks.on_log(self.step, scalars)
 
@@ -708,14 +805,23 @@ class Loop:
                 return None
             steps_per_epoch, geometry = self.schedule.steps_per_epoch, self.geometry
             state = {
-                "step": self.step, "epoch": self.step // steps_per_epoch,
+                "step": self.step,
+                "epoch": self.step // steps_per_epoch,
                 "batch_in_epoch": (self.step % steps_per_epoch) * geometry.accumulation,
-                "world_size": self.run.world, "logical_ranks": self.run.ranks, "data_workers": self.data_workers,
+                "world_size": self.run.world,
+                "logical_ranks": self.run.ranks,
+                "data_workers": self.data_workers,
                 "global_batch": geometry.global_batch,
-                "per_device_batch": geometry.per_device_batch, "accumulation": geometry.accumulation,
-                "skipped_samples": self.skipped_samples(), "nonfinite_steps": self.log.nonfinite_steps(),
-                "config_fingerprint": rundir.config_fingerprint(self.cfg), "stage": self.stage.name, "time": time.time(),
-                "run_id": self.run.run_id, "run_dir": str(self.run.run_dir.resolve()), "data": self.data_identity,
+                "per_device_batch": geometry.per_device_batch,
+                "accumulation": geometry.accumulation,
+                "skipped_samples": self.skipped_samples(),
+                "nonfinite_steps": self.log.nonfinite_steps(),
+                "config_fingerprint": rundir.config_fingerprint(self.cfg),
+                "stage": self.stage.name,
+                "time": time.time(),
+                "run_id": self.run.run_id,
+                "run_dir": str(self.run.run_dir.resolve()),
+                "data": self.data_identity,
                 **self.stage.state_dict(),
             }
             path = self.log.last_checkpoint = self.checkpointer.save(self.step, state)

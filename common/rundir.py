@@ -49,6 +49,7 @@ after that checkpoint were discarded. Each file is a complete config (loadable
 with `--config`) whose comment header says where and when the segment began and
 which keys it changed. `config.yaml` is always the latest segment's config.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -62,8 +63,9 @@ import socket
 import sys
 import time
 import uuid
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import yaml
 
@@ -96,16 +98,20 @@ def check_location(run_dir: Path, name: str | None = None, *, output_key: str = 
     """Refuse a run name that would leave the output folder, and a folder path that runs into a file,
     before anything is created (every rank checks; nothing is written)."""
     if name and (os.path.isabs(name) or "/" in name or (os.altsep and os.altsep in name) or name in (".", "..")):
-        raise ConfigError(f"Key 'run.name' must be a single folder name (no '/', not '.' or '..'), got {name!r}; "
-                          f"choose where run folders go with {output_key}.")
+        raise ConfigError(
+            f"Key 'run.name' must be a single folder name (no '/', not '.' or '..'), got {name!r}; "
+            f"choose where run folders go with {output_key}."
+        )
     run_dir = Path(run_dir)
     for path in (run_dir, *run_dir.parents):
         if path.is_dir():
             return
         if path.exists() or path.is_symlink():
             what = "a file" if path.exists() else "a broken symbolic link"
-            raise ConfigError(f"Run folder '{run_dir}' cannot be made: '{path}' is {what}, not a folder; "
-                              f"choose another {output_key}{' or run.name' if path == run_dir and name else ''}.")
+            raise ConfigError(
+                f"Run folder '{run_dir}' cannot be made: '{path}' is {what}, not a folder; "
+                f"choose another {output_key}{' or run.name' if path == run_dir and name else ''}."
+            )
 
 
 def lock_run_folder(run_dir: Path, *, output_key: str = "run.output_dir", name_key: str = "run.name") -> str | None:
@@ -121,20 +127,26 @@ def lock_run_folder(run_dir: Path, *, output_key: str = "run.output_dir", name_k
         run_dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
     except OSError as err:
-        raise UserError(f"Run folder '{run_dir}' cannot be created or written ({err.strerror}); "
-                        f"choose another {output_key} or fix its permissions.") from None
+        raise UserError(
+            f"Run folder '{run_dir}' cannot be created or written ({err.strerror}); "
+            f"choose another {output_key} or fix its permissions."
+        ) from None
     try:
         fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as err:
         if err.errno not in (errno.EACCES, errno.EAGAIN):  # e.g. ENOLCK: a filesystem without locks
             _HELD[key] = fd
-            return (f"run folder {run_dir} cannot be locked on this filesystem ({err.strerror}); "
-                    "make sure no other run writes it")
+            return (
+                f"run folder {run_dir} cannot be locked on this filesystem ({err.strerror}); "
+                "make sure no other run writes it"
+            )
         holder = _holder(fd, wait=True)
         os.close(fd)  # not ours: closing it releases nothing
         who = _describe(holder) if holder else "another process"
-        raise UserError(f"Run folder '{run_dir}' is in use by {who}; wait for that run to end (or stop it), "
-                        f"or choose another {name_key}.") from None
+        raise UserError(
+            f"Run folder '{run_dir}' is in use by {who}; wait for that run to end (or stop it), "
+            f"or choose another {name_key}."
+        ) from None
     previous = _holder(fd)  # every holder that exits normally marks its record "ended": one without died
     here = socket.gethostname()
     taken = "which died holding it"
@@ -143,12 +155,18 @@ def lock_run_folder(run_dir: Path, *, output_key: str = "run.output_dir", name_k
         holder = f"{previous.get('host')}:{previous.get('pid')}"
         if os.environ.get(TAKE_OVER_ENV) != holder:
             os.close(fd)  # drops our lock, leaves the record as it is
-            raise UserError(f"Run folder '{run_dir}' is locked by {_describe(previous)}, and this host ({here}) "
-                            "cannot tell whether that process is still running; make sure that run has stopped, then "
-                            f"rerun with {TAKE_OVER_ENV}={holder}, or choose another {name_key}.") from None
+            raise UserError(
+                f"Run folder '{run_dir}' is locked by {_describe(previous)}, and this host ({here}) "
+                "cannot tell whether that process is still running; make sure that run has stopped, then "
+                f"rerun with {TAKE_OVER_ENV}={holder}, or choose another {name_key}."
+            ) from None
         taken = f"which {TAKE_OVER_ENV} says has stopped"
-    me = {"host": here, "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-          "command": " ".join(sys.argv)[:500]}
+    me = {
+        "host": here,
+        "pid": os.getpid(),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "command": " ".join(sys.argv)[:500],
+    }
     _write_holder(fd, me)
     _HELD[key] = fd
     atexit.register(lambda: _write_holder(fd, {**me, "ended": time.strftime("%Y-%m-%d %H:%M:%S %Z")}))
@@ -200,7 +218,9 @@ def resolve_resume(run_dir: Path, resume: str | None) -> Path | None:
         return _newest_intact(ckpt.checkpoints_dir(run_dir))
     path = Path(resume)
     if not path.is_dir():
-        raise UserError(f"Checkpoint '{resume}' given to --resume does not exist; pass a checkpoints/step-XXXXXXX folder or 'auto'.")
+        raise UserError(
+            f"Checkpoint '{resume}' given to --resume does not exist; pass a checkpoints/step-XXXXXXX folder or 'auto'."
+        )
     if not ckpt.is_complete(path):
         raise UserError(
             f"Checkpoint '{resume}' is incomplete (no {ckpt.STATE_FILE}; a save was interrupted); "
@@ -208,8 +228,10 @@ def resolve_resume(run_dir: Path, resume: str | None) -> Path | None:
         )
     problem = ckpt.damage(path)
     if problem is not None:
-        raise UserError(f"Checkpoint '{resume}' is damaged ({problem}); pass an earlier one, or 'auto' "
-                        "(the newest intact checkpoint).")
+        raise UserError(
+            f"Checkpoint '{resume}' is damaged ({problem}); pass an earlier one, or 'auto' "
+            "(the newest intact checkpoint)."
+        )
     _warn_if_unverifiable(path)
     return path
 
@@ -224,8 +246,10 @@ def _newest_intact(root: Path) -> Path | None:
     else:
         if damaged:
             found = ", ".join(f"{path.name}: {problem}" for path, problem in damaged)
-            raise UserError(f"No checkpoint in {root} is intact ({found}); none was resumed or changed: pass an "
-                            "intact copy with --resume PATH, or choose another run.name to start afresh.")
+            raise UserError(
+                f"No checkpoint in {root} is intact ({found}); none was resumed or changed: pass an "
+                "intact copy with --resume PATH, or choose another run.name to start afresh."
+            )
         return None
     warn = Console(is_main=True).warn
     for bad, problem in damaged:
@@ -237,8 +261,10 @@ def _newest_intact(root: Path) -> Path | None:
 
 def _warn_if_unverifiable(path: Path) -> None:
     if not ckpt.is_verifiable(path):
-        Console(is_main=True).warn(f"checkpoint {path} was written without checksums (by an older version), "
-                                   "so its files cannot be verified; resuming from it as it is")
+        Console(is_main=True).warn(
+            f"checkpoint {path} was written without checksums (by an older version), "
+            "so its files cannot be verified; resuming from it as it is"
+        )
 
 
 def check_reuse(run_dir: Path, config: Any, resume: str | None, ignore: Iterable[str] = ()) -> list[str]:
@@ -280,9 +306,11 @@ def refuse_changes(run_dir: Path, config: Any, changed: list[str], resume_from: 
     new = flatten(to_dict(config))
     shown = ", ".join(f"{key} ({format_value(saved.get(key))} -> {format_value(new.get(key))})" for key in changed[:6])
     more = f" and {len(changed) - 6} more" if len(changed) > 6 else ""
-    raise UserError(f"Checkpoint {resume_from} was trained with other values of {shown}{more}; resume with the values "
-                    f"in {Path(run_dir) / CONFIG_FILE}, or pass --allow-changes to continue under the new ones "
-                    f"({HISTORY_DIR}/ keeps which steps ran under which config).")
+    raise UserError(
+        f"Checkpoint {resume_from} was trained with other values of {shown}{more}; resume with the values "
+        f"in {Path(run_dir) / CONFIG_FILE}, or pass --allow-changes to continue under the new ones "
+        f"({HISTORY_DIR}/ keeps which steps ran under which config)."
+    )
 
 
 # ----------------------------------------------------------------------------- which run a checkpoint is of
@@ -302,12 +330,16 @@ def run_id(run_dir: Path) -> str | None:
     except FileNotFoundError:
         return None
     except (OSError, ValueError):
-        raise UserError(f"{path} is not the JSON a run writes; restore it from a copy of the run folder, or delete "
-                        "it to let the run take a new identity.") from None
+        raise UserError(
+            f"{path} is not the JSON a run writes; restore it from a copy of the run folder, or delete "
+            "it to let the run take a new identity."
+        ) from None
     value = record.get("id") if isinstance(record, dict) else None
     if not isinstance(value, str) or not value:
-        raise UserError(f"{path} holds no run id; restore it from a copy of the run folder, or delete it to let "
-                        "the run take a new identity.")
+        raise UserError(
+            f"{path} holds no run id; restore it from a copy of the run folder, or delete it to let "
+            "the run take a new identity."
+        )
     return value
 
 
@@ -316,8 +348,12 @@ def claim_run_id(run_dir: Path) -> str:
     existing = run_id(run_dir)
     if existing is not None:
         return existing
-    record = {"id": uuid.uuid4().hex, "created": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "host": socket.gethostname(),
-              "folder": str(Path(run_dir).resolve())}
+    record = {
+        "id": uuid.uuid4().hex,
+        "created": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "host": socket.gethostname(),
+        "folder": str(Path(run_dir).resolve()),
+    }
     with reported_writes(str(Path(run_dir) / RUN_FILE), MetricsLog.ADVICE, run_dir):
         atomic_write(Path(run_dir) / RUN_FILE, json.dumps(record, indent=2) + "\n")
     return record["id"]
@@ -339,9 +375,11 @@ def check_checkpoint_origin(run_dir: Path, resume_from: Path | None, allow: bool
     if theirs is None:
         known = {config_fingerprint(yaml.safe_load(path.read_text()) or {}) for path in config_history(run_dir)}
         if state.get("config_fingerprint") not in known and known:
-            Console(is_main=True).warn(f"checkpoint {resume_from} was written by an older version that did not "
-                                       f"record its run, and under a config none of {Path(run_dir) / HISTORY_DIR}/ "
-                                       "holds; make sure it is this run's")
+            Console(is_main=True).warn(
+                f"checkpoint {resume_from} was written by an older version that did not "
+                f"record its run, and under a config none of {Path(run_dir) / HISTORY_DIR}/ "
+                "holds; make sure it is this run's"
+            )
         return None
     if theirs == ours:
         return None
@@ -350,8 +388,10 @@ def check_checkpoint_origin(run_dir: Path, resume_from: Path | None, allow: bool
     told = f"Checkpoint {resume_from} was written by another run (the run in {where}, id {theirs[:8]}), {mine}"
     if allow:
         return f"{told}; continued from it under --allow-changes"
-    raise UserError(f"{told}; resume that run in its own folder, or pass --allow-changes to continue this run "
-                    f"from it ({HISTORY_DIR}/ records it).")
+    raise UserError(
+        f"{told}; resume that run in its own folder, or pass --allow-changes to continue this run "
+        f"from it ({HISTORY_DIR}/ records it)."
+    )
 
 
 # ----------------------------------------------------------------------------- the config and its history
@@ -362,8 +402,9 @@ def config_history(run_dir: Path) -> list[Path]:
     return sorted((Path(run_dir) / HISTORY_DIR).glob("segment-*.yaml"))
 
 
-def record_config(run_dir: Path, config: Any, from_step: int, resumed_from: Path | None = None,
-                  notes: Sequence[str] = ()) -> Path | None:
+def record_config(
+    run_dir: Path, config: Any, from_step: int, resumed_from: Path | None = None, notes: Sequence[str] = ()
+) -> Path | None:
     """Make `config` the run's current config (`config.yaml`), first adding it to the history as a new
     segment from `from_step` unless it is the latest segment's already and there are no `notes` (what
     was accepted under --allow-changes besides keys: another run's checkpoint, other data); returns
@@ -394,8 +435,10 @@ def record_config(run_dir: Path, config: Any, from_step: int, resumed_from: Path
 
 def _write_segment(run_dir: Path, index: int, from_step: int, text: str, header: str) -> Path:
     path = run_dir / HISTORY_DIR / f"segment-{index:03d}-from-step-{from_step:07d}.yaml"
-    comment = (f"# Segment {index} of the run in {run_dir}: the config of steps {from_step + 1} onward "
-               f"(until the next segment).\n# {header}\n")
+    comment = (
+        f"# Segment {index} of the run in {run_dir}: the config of steps {from_step + 1} onward "
+        f"(until the next segment).\n# {header}\n"
+    )
     with reported_writes(str(path), MetricsLog.ADVICE, run_dir):
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, comment + text)
@@ -427,7 +470,11 @@ class MetricsLog:
         self.path = Path(run_dir) / METRICS_FILE
         with reported_writes(str(self.path), self.ADVICE, self.path.parent):
             if resume_step is not None and self.path.exists():
-                kept = [line for line in self.path.read_text().splitlines() if _step_of(line) is not None and _step_of(line) <= resume_step]
+                kept = [
+                    line
+                    for line in self.path.read_text().splitlines()
+                    if _step_of(line) is not None and _step_of(line) <= resume_step
+                ]
                 atomic_write(self.path, "".join(line + "\n" for line in kept))
             elif resume_step is None and self.path.exists():
                 self.path.unlink()

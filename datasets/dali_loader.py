@@ -38,13 +38,14 @@ batches are not those of the shard loader (same samples per epoch budget, other 
 for tests and CPU checks only; the public path (`dali_device="gpu"`) refuses without CUDA.
 docs/dali.md says all this for users.
 """
+
 from __future__ import annotations
 
 import io
 import os
 import tarfile
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -68,8 +69,10 @@ def _dali():
         from nvidia.dali import fn, types
         from nvidia.dali.pipeline import Pipeline
     except ImportError:
-        raise UserError(f"data.loader=dali needs NVIDIA DALI, which is not installed; run {INSTALL_HINT} "
-                        "(on a CUDA 13 machine) or set data.loader=shards.") from None
+        raise UserError(
+            f"data.loader=dali needs NVIDIA DALI, which is not installed; run {INSTALL_HINT} "
+            "(on a CUDA 13 machine) or set data.loader=shards."
+        ) from None
 
     return fn, types, Pipeline
 
@@ -106,8 +109,10 @@ def sample_positions(path: str) -> tuple[dict[int, int], int]:
                     suffixes.add(suffix)
                     positions[member.offset_data] = position
         except (tarfile.TarError, OSError) as err:
-            raise UserError(f"Shard '{path}' cannot be read as a tar file ({err}); rewrite it with make_shards "
-                            "or set data.loader=shards, which skips what it cannot read.") from None
+            raise UserError(
+                f"Shard '{path}' cannot be read as a tar file ({err}); rewrite it with make_shards "
+                "or set data.loader=shards, which skips what it cannot read."
+            ) from None
         _POSITIONS[cache_key] = positions, position + 1
     return _POSITIONS[cache_key]
 
@@ -116,8 +121,8 @@ def sample_positions(path: str) -> tuple[dict[int, int], int]:
 class _Plan:
     """One epoch of one rank: everything a pipeline is built from."""
 
-    paths: tuple[str, ...]         # the shards in this epoch's (seeded) order
-    offsets: dict[str, int]        # shard path -> index of its first sample in the split
+    paths: tuple[str, ...]  # the shards in this epoch's (seeded) order
+    offsets: dict[str, int]  # shard path -> index of its first sample in the split
     positions: dict[str, dict[int, int]]
     batch_size: int
     shard_id: int
@@ -126,7 +131,7 @@ class _Plan:
     threads: int
     seeds: tuple[int, int, int, int]  # pipeline, reader, crop, flip
     crop: CropFlip
-    dali_device: str               # "gpu" or "cpu"
+    dali_device: str  # "gpu" or "cpu"
     device: torch.device
 
 
@@ -135,14 +140,25 @@ def _build(plan: _Plan, *, reader_only: bool = False):
     in the very same order (the reader has its own seed), to find a sample that failed to decode."""
     fn, types, Pipeline = _dali()
     gpu = plan.dali_device == "gpu"
-    pipe = Pipeline(batch_size=plan.batch_size, num_threads=plan.threads,
-                    device_id=plan.device.index if gpu else None, seed=plan.seeds[0])
+    pipe = Pipeline(
+        batch_size=plan.batch_size,
+        num_threads=plan.threads,
+        device_id=plan.device.index if gpu else None,
+        seed=plan.seeds[0],
+    )
     with pipe:
         encoded, cls = fn.readers.webdataset(
-            paths=list(plan.paths), ext=[IMAGE_EXTENSIONS, "cls"], missing_component_behavior="error",
-            shard_id=plan.shard_id, num_shards=plan.num_shards, stick_to_shard=True,
-            random_shuffle=plan.shuffle_buffer > 1, initial_fill=max(plan.shuffle_buffer, 1),
-            seed=plan.seeds[1], name=_READER)
+            paths=list(plan.paths),
+            ext=[IMAGE_EXTENSIONS, "cls"],
+            missing_component_behavior="error",
+            shard_id=plan.shard_id,
+            num_shards=plan.num_shards,
+            stick_to_shard=True,
+            random_shuffle=plan.shuffle_buffer > 1,
+            initial_fill=max(plan.shuffle_buffer, 1),
+            seed=plan.seeds[1],
+            name=_READER,
+        )
         source = fn.get_property(encoded, key="source_info")
         if reader_only:
             pipe.set_outputs(encoded, source)
@@ -151,11 +167,15 @@ def _build(plan: _Plan, *, reader_only: bool = False):
             crop = plan.crop
             interp = str(getattr(crop.crop.interpolation, "value", crop.crop.interpolation))
             images = fn.random_resized_crop(
-                images, size=list(crop.size), random_area=list(crop.crop.scale),
-                random_aspect_ratio=list(crop.crop.ratio), antialias=True,
-                interp_type=getattr(types, _INTERPOLATIONS.get(interp, "INTERP_CUBIC")), seed=plan.seeds[2])
-            mirror = (fn.random.coin_flip(probability=crop.hflip, seed=plan.seeds[3])
-                      if crop.hflip is not None else 0)
+                images,
+                size=list(crop.size),
+                random_area=list(crop.crop.scale),
+                random_aspect_ratio=list(crop.crop.ratio),
+                antialias=True,
+                interp_type=getattr(types, _INTERPOLATIONS.get(interp, "INTERP_CUBIC")),
+                seed=plan.seeds[2],
+            )
+            mirror = fn.random.coin_flip(probability=crop.hflip, seed=plan.seeds[3]) if crop.hflip is not None else 0
             images = fn.crop_mirror_normalize(images, dtype=types.UINT8, output_layout="CHW", mirror=mirror)
             pipe.set_outputs(images, cls, source)
     pipe.build()
@@ -210,8 +230,10 @@ class DaliLoader:
             try:
                 labels.append(int(text))
             except ValueError:
-                raise UserError(f"Sample '{member}' of shard '{path}' has the label {text!r}, not an integer; "
-                                "rewrite the shard with make_shards.") from None
+                raise UserError(
+                    f"Sample '{member}' of shard '{path}' has the label {text!r}, not an integer; "
+                    "rewrite the shard with make_shards."
+                ) from None
             position = plan.positions.get(path, {}).get(offset)
             indices.append(plan.offsets[path] + position if position is not None else -1)
         if plan.dali_device == "gpu":
@@ -224,8 +246,12 @@ class DaliLoader:
             out = torch.from_numpy(np.array(images.as_array(), copy=True))
             if plan.device.type != "cpu":
                 out = out.to(plan.device)
-        return Batch(out, torch.tensor(labels, dtype=torch.int64), torch.tensor(indices, dtype=torch.int64),
-                     torch.zeros((), dtype=torch.int64))
+        return Batch(
+            out,
+            torch.tensor(labels, dtype=torch.int64),
+            torch.tensor(indices, dtype=torch.int64),
+            torch.zeros((), dtype=torch.int64),
+        )
 
     def _explain(self, err: RuntimeError, batch: int | None) -> UserError:
         """A UserError for a pipeline that failed at `batch`: the shard and member of the first sample of
@@ -234,12 +260,15 @@ class DaliLoader:
         culprit = None
         if batch is not None:
             culprit = self._undecodable(batch)
-        advice = ("the DALI loader cannot replace a damaged sample as the default loader does: set "
-                  "data.loader=shards (which skips and counts it) or rewrite the shard with make_shards")
+        advice = (
+            "the DALI loader cannot replace a damaged sample as the default loader does: set "
+            "data.loader=shards (which skips and counts it) or rewrite the shard with make_shards"
+        )
         if culprit is not None:
             path, member, why = culprit
-            return UserError(f"DALI cannot decode sample '{member}' of shard '{path}' ({why}; DALI: {detail}); "
-                             f"{advice}.")
+            return UserError(
+                f"DALI cannot decode sample '{member}' of shard '{path}' ({why}; DALI: {detail}); {advice}."
+            )
         shards = ", ".join(f"'{p}'" for p in self.plan.paths[:3]) + (" ..." if len(self.plan.paths) > 3 else "")
         return UserError(f"DALI failed reading the shards {shards} ({detail}); {advice}.")
 
@@ -267,13 +296,22 @@ class DaliLoader:
 def _dali_reason(message: str) -> str:
     """The informative part of a DALI pipeline error (after 'encountered:'), on one line."""
     tail = message.split("encountered:", 1)[-1]
-    lines = [line.strip() for line in tail.splitlines()
-             if line.strip() and "pipeline object is no longer valid" not in line and "Critical error" not in line]
+    lines = [
+        line.strip()
+        for line in tail.splitlines()
+        if line.strip() and "pipeline object is no longer valid" not in line and "Critical error" not in line
+    ]
     return " ".join(lines)[:300] or "no detail"
 
 
-def open_dali_loader(spec: LoaderSpec, *, epoch: int = 0, start_batch: int = 0,
-                     max_worker_processes: int | None = None, dali_device: str = "gpu") -> DaliLoader:
+def open_dali_loader(
+    spec: LoaderSpec,
+    *,
+    epoch: int = 0,
+    start_batch: int = 0,
+    max_worker_processes: int | None = None,
+    dali_device: str = "gpu",
+) -> DaliLoader:
     """The DALI `Loader` over epoch `epoch` of the training `spec`, from batch `start_batch` on.
 
     `max_worker_processes` is accepted for the loop's sake and ignored (DALI runs `spec.num_workers`
@@ -290,23 +328,32 @@ def open_dali_loader(spec: LoaderSpec, *, epoch: int = 0, start_batch: int = 0,
     if dali_device not in ("gpu", "cpu"):
         raise ValueError(f"dali_device must be 'gpu' or 'cpu', got {dali_device!r}")
     _dali()
-    if dali_device == "gpu" and (not torch.cuda.is_available()
-                                 or spec.device is not None and torch.device(spec.device).type != "cuda"):
+    if dali_device == "gpu" and (
+        not torch.cuda.is_available() or spec.device is not None and torch.device(spec.device).type != "cuda"
+    ):
         where = f"device {spec.device}" if spec.device is not None else "no CUDA device"
-        raise UserError(f"Key 'data.loader' is 'dali', which decodes and crops on a CUDA GPU, but this run has "
-                        f"none ({where}); set data.loader=shards.")
+        raise UserError(
+            f"Key 'data.loader' is 'dali', which decodes and crops on a CUDA GPU, but this run has "
+            f"none ({where}); set data.loader=shards."
+        )
     if spec.keep_indices is not None:
-        raise UserError("data.loader=dali reads whole shards and cannot keep a subset of the samples "
-                        "(data.label_fraction < 1); set data.loader=shards.")
+        raise UserError(
+            "data.loader=dali reads whole shards and cannot keep a subset of the samples "
+            "(data.label_fraction < 1); set data.loader=shards."
+        )
     if spec.views_per_image != 1 or spec.decode_on != "worker":
-        raise UserError("data.loader=dali makes one crop per decoded image in its own pipeline; set "
-                        "data.views_per_image=1, data.decode=cpu and data.augment_on=cpu, or data.loader=shards.")
+        raise UserError(
+            "data.loader=dali makes one crop per decoded image in its own pipeline; set "
+            "data.views_per_image=1, data.decode=cpu and data.augment_on=cpu, or data.loader=shards."
+        )
     crop = CropFlip.of(spec.transform)
     if crop is None:
         from .strategies import describe_transform
 
-        raise UserError(f"data.loader=dali runs only RandomResizedCrop + flip (it is "
-                        f"{describe_transform(spec.transform)}); set data.loader=shards for this stage.")
+        raise UserError(
+            f"data.loader=dali runs only RandomResizedCrop + flip (it is "
+            f"{describe_transform(spec.transform)}); set data.loader=shards for this stage."
+        )
 
     from .order import select_shards
 
@@ -314,12 +361,16 @@ def open_dali_loader(spec: LoaderSpec, *, epoch: int = 0, start_batch: int = 0,
     urls, lengths, offsets = select_shards(man, split, spec.shards)
     remote = [u for u in urls if is_url(u)]
     if remote:
-        raise UserError(f"data.loader=dali reads local shards only, and '{remote[0]}' is streamed; "
-                        "copy the shards to a local folder or set data.loader=shards.")
+        raise UserError(
+            f"data.loader=dali reads local shards only, and '{remote[0]}' is streamed; "
+            "copy the shards to a local folder or set data.loader=shards."
+        )
     missing = [u for u in urls if not os.path.isfile(u)]
     if missing:
-        raise UserError(f"Shard '{missing[0]}' listed in '{man.source}' does not exist or is not a regular file; "
-                        "restore it or rewrite the shards with make_shards.")
+        raise UserError(
+            f"Shard '{missing[0]}' listed in '{man.source}' does not exist or is not a regular file; "
+            "restore it or rewrite the shards with make_shards."
+        )
     kept = [k for k, n in enumerate(lengths) if n > 0]
     urls = [os.path.abspath(urls[k]) for k in kept]
     lengths = [lengths[k] for k in kept]
@@ -328,8 +379,10 @@ def open_dali_loader(spec: LoaderSpec, *, epoch: int = 0, start_batch: int = 0,
     batch_size, world = spec.batch_size, spec.world_size
     bpe = spec.batches_per_epoch if spec.batches_per_epoch is not None else num_samples // (batch_size * world)
     if bpe < 1 or num_samples < world:
-        raise UserError(f"Split '{split}' of '{man.source}' has {num_samples} samples, fewer than one global "
-                        f"batch of {batch_size} x {world} processes; lower the batch size or add data.")
+        raise UserError(
+            f"Split '{split}' of '{man.source}' has {num_samples} samples, fewer than one global "
+            f"batch of {batch_size} x {world} processes; lower the batch size or add data."
+        )
     if not 0 <= start_batch <= bpe:
         raise ValueError(f"start_batch={start_batch} is outside the epoch's {bpe} batches")
 
@@ -337,8 +390,10 @@ def open_dali_loader(spec: LoaderSpec, *, epoch: int = 0, start_batch: int = 0,
     for url, n in zip(urls, lengths):
         found, count = sample_positions(url)
         if count != n:
-            raise UserError(f"Shard '{url}' holds {count} samples, but '{man.source}' says {n}; rewrite the "
-                            "shards with make_shards or set data.loader=shards.")
+            raise UserError(
+                f"Shard '{url}' holds {count} samples, but '{man.source}' says {n}; rewrite the "
+                "shards with make_shards or set data.loader=shards."
+            )
         positions[url] = found
     order = np.random.default_rng(_seed(spec.seed, epoch, 0xDA11)).permutation(len(urls))
     if spec.device is not None:
@@ -348,9 +403,17 @@ def open_dali_loader(spec: LoaderSpec, *, epoch: int = 0, start_batch: int = 0,
     if dali_device == "gpu" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     plan = _Plan(
-        paths=tuple(urls[k] for k in order), offsets=dict(zip(urls, offsets)), positions=positions,
-        batch_size=batch_size, shard_id=spec.rank, num_shards=world, shuffle_buffer=spec.shuffle_buffer,
-        threads=max(1, spec.num_workers), seeds=tuple(_seed(spec.seed, epoch, spec.rank, part) for part in range(4)),
-        crop=crop, dali_device=dali_device, device=device)
+        paths=tuple(urls[k] for k in order),
+        offsets=dict(zip(urls, offsets)),
+        positions=positions,
+        batch_size=batch_size,
+        shard_id=spec.rank,
+        num_shards=world,
+        shuffle_buffer=spec.shuffle_buffer,
+        threads=max(1, spec.num_workers),
+        seeds=tuple(_seed(spec.seed, epoch, spec.rank, part) for part in range(4)),
+        crop=crop,
+        dali_device=dali_device,
+        device=device,
+    )
     return DaliLoader(plan, bpe, start_batch)
-

@@ -8,6 +8,7 @@
 
 A sample whose image or label is missing or bad raises `BadSample`, whose message says why.
 """
+
 from __future__ import annotations
 
 import io
@@ -134,6 +135,7 @@ def decode_array(raw: RawSample, num_classes: int, draft_side: int | None) -> tu
 
 # ----------------------------------------------------------------------------- JPEGs left to the device
 
+
 @dataclass(eq=False)  # compared by identity: the views of one image share its region (device_augment.py)
 class EncodedJpeg:
     """A JPEG a decode-only worker leaves encoded for the device (`LoaderSpec(decode_on="device")`):
@@ -142,8 +144,8 @@ class EncodedJpeg:
     data: bytes
     height: int  # the full size, as the header states it
     width: int
-    scale: int   # the draft reduction the worker would decode it at (1, 2, 4 or 8; `_draft_scale`)
-    url: str     # where it came from, for the note when the device cannot decode it
+    scale: int  # the draft reduction the worker would decode it at (1, 2, 4 or 8; `_draft_scale`)
+    url: str  # where it came from, for the note when the device cannot decode it
     key: str
 
     @property
@@ -182,12 +184,12 @@ def device_jpeg_size(data: bytes) -> tuple[int, int] | None:
         if 0xD0 <= marker <= 0xD7 or marker == 0x01:  # markers without a segment
             pos += 2
             continue
-        length = int.from_bytes(data[pos + 2:pos + 4], "big")
+        length = int.from_bytes(data[pos + 2 : pos + 4], "big")
         if marker in (0xD8, 0xD9) or length < 2 or pos + 2 + length > end:
             return None
         if marker == 0xDA:  # start of scan: the header is over
             break
-        segment = data[pos + 4:pos + 2 + length]
+        segment = data[pos + 4 : pos + 2 + length]
         if marker in _SOF_OTHER or (marker in _SOF_DEVICE and (frame is not None or len(segment) < 6)):
             return None
         if marker in _SOF_DEVICE:
@@ -199,7 +201,12 @@ def device_jpeg_size(data: bytes) -> tuple[int, int] | None:
         pos += 2 + length
     if frame is None:
         return None
-    precision, height, width, components = frame[0], int.from_bytes(frame[1:3], "big"), int.from_bytes(frame[3:5], "big"), frame[5]
+    precision, height, width, components = (
+        frame[0],
+        int.from_bytes(frame[1:3], "big"),
+        int.from_bytes(frame[3:5], "big"),
+        frame[5],
+    )
     if precision != 8 or components not in (1, 3) or not height or not width:
         return None
     if components == 3 and not jfif:  # stored as RGB rather than YCbCr (libjpeg's jdapimin.c rules)
@@ -221,5 +228,6 @@ def read_for_device(raw: RawSample, num_classes: int, draft_side: int | None) ->
     if size is None:
         return decode_array(raw, num_classes, draft_side)
     height, width = size
-    return EncodedJpeg(data, height, width, _draft_scale(width, height, draft_side), raw.url,
-                       str(raw.members.get("__key__"))), label
+    return EncodedJpeg(
+        data, height, width, _draft_scale(width, height, draft_side), raw.url, str(raw.members.get("__key__"))
+    ), label

@@ -8,9 +8,9 @@ border for interpolation, repeated at the image's edges; one region for all the 
 image) and send them padded into one uint8 batch `[R, H, W, 3]`, with the boxes in that
 batch's pixel coordinates and the flip bits. The main process moves that batch to the device
 and `crop_flip_batch` makes the final `[B, 3, size, size]` uint8 images there (through a
-transient float32 copy of the regions: ~0.6 GB for 256 full 500 x 375 images). The boxes are those the CPU path draws on the same
-decoded image (bit for bit), so determinism and exact resume carry over unchanged, and only
-the resampling differs.
+transient float32 copy of the regions: ~0.6 GB for 256 full 500 x 375 images). The boxes are
+those the CPU path draws on the same decoded image (bit for bit), so determinism and exact
+resume carry over unchanged, and only the resampling differs.
 
 The resampling is `torchvision.ops.roi_align` (`aligned=True`, `sampling_ratio=-1`): each output
 pixel averages ceil(box / size)^2 bilinear samples of its bin, so a downscale is area-averaged
@@ -35,6 +35,7 @@ the device (nvJPEG on CUDA; libjpeg-turbo on the CPU, where the result is bit-id
 worker path's), averages draft-sized ones down by their scale, cuts the same regions into the same
 `[R, H, W, 3]` batch (`decode_regions`) and runs `crop_flip_batch` as above.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -51,9 +52,9 @@ class CropFlip:
     """A per-sample transform that is exactly RandomResizedCrop (+ horizontal flip) to uint8 CHW,
     as timm builds it (`pretrain_transform`); `of(transform)` finds it, or None for any other."""
 
-    crop: object          # the transform's RandomResizedCropAndInterpolation (its get_params draws the box)
+    crop: object  # the transform's RandomResizedCropAndInterpolation (its get_params draws the box)
     size: tuple[int, int]  # output (height, width)
-    hflip: float | None   # the flip's probability; None: the transform has no flip step (and draws nothing)
+    hflip: float | None  # the flip's probability; None: the transform has no flip step (and draws nothing)
 
     @classmethod
     def of(cls, transform) -> CropFlip | None:
@@ -111,8 +112,10 @@ def region_unions(images: list, boxes: list[tuple[int, int, int, int]]):
 
 def region_shape(unions) -> tuple[int, int]:
     """(height, width) of a regions batch holding these unions with their one-pixel borders."""
-    return (max(bottom - top for top, _, bottom, _ in unions) + 2,
-            max(right - left for _, left, _, right in unions) + 2)
+    return (
+        max(bottom - top for top, _, bottom, _ in unions) + 2,
+        max(right - left for _, left, _, right in unions) + 2,
+    )
 
 
 def fill_regions(out, sources, unions) -> None:
@@ -131,9 +134,9 @@ def fill_regions(out, sources, unions) -> None:
         if bottom < h + 2:
             region[bottom, left:right] = region[bottom - 1, left:right]
         if left:
-            region[:h + 2, 0] = region[:h + 2, 1]
+            region[: h + 2, 0] = region[: h + 2, 1]
         if right < w + 2:
-            region[:h + 2, right] = region[:h + 2, right - 1]
+            region[: h + 2, right] = region[: h + 2, right - 1]
 
 
 def region_rois(owners: list[int], unions, boxes) -> np.ndarray:
@@ -161,8 +164,9 @@ def pack_regions(images: list[np.ndarray], boxes: list[tuple[int, int, int, int]
     return regions, region_rois(owners, unions, boxes)
 
 
-def crop_flip_batch(regions: torch.Tensor, rois: torch.Tensor, flips: torch.Tensor,
-                    size: tuple[int, int]) -> torch.Tensor:
+def crop_flip_batch(
+    regions: torch.Tensor, rois: torch.Tensor, flips: torch.Tensor, size: tuple[int, int]
+) -> torch.Tensor:
     """uint8 regions [R, H, W, 3] + boxes [N, 5] (region, x1, y1, x2, y2 in pixel edges) + flip bits [N]
     -> uint8 images [N, 3, size[0], size[1]] on the regions' device (module docstring)."""
     from torchvision.ops import roi_align
@@ -176,21 +180,22 @@ def crop_flip_batch(regions: torch.Tensor, rois: torch.Tensor, flips: torch.Tens
 
 # ----------------------------------------------------------------------------- JPEGs decoded on the device
 
+
 class EncodedBatch(NamedTuple):
     """What a decode-only worker sends with `decode_on="device"` in place of the regions batch: the
     JPEGs the device decodes, still encoded, and the regions of the images the worker decoded itself
     (not JPEG, or a JPEG the device is not given: `decoders.device_jpeg_size`). `decode_regions` makes
     the `[R, H, W, 3]` regions batch of `pack_regions` from it; the rois and flips travel as before."""
 
-    data: torch.Tensor           # uint8 [bytes]: the JPEG files one after another (one block of shared memory)
-    offsets: torch.Tensor        # int64 [J + 1]: file k is data[offsets[k]:offsets[k + 1]]
-    sizes: torch.Tensor          # int64 [J, 2]: file k's (height, width) as its header states it
-    scales: torch.Tensor         # int64 [J]: file k's draft reduction s (1, 2, 4, 8): decoded, s x s blocks are averaged
-    jpeg_regions: torch.Tensor   # int64 [J]: the region file k fills
-    pieces: torch.Tensor         # uint8 [P, h, w, 3]: the worker-decoded regions (fill_regions), zero-padded
+    data: torch.Tensor  # uint8 [bytes]: the JPEG files one after another (one block of shared memory)
+    offsets: torch.Tensor  # int64 [J + 1]: file k is data[offsets[k]:offsets[k + 1]]
+    sizes: torch.Tensor  # int64 [J, 2]: file k's (height, width) as its header states it
+    scales: torch.Tensor  # int64 [J]: file k's draft reduction s (1, 2, 4, 8): decoded, s x s blocks are averaged
+    jpeg_regions: torch.Tensor  # int64 [J]: the region file k fills
+    pieces: torch.Tensor  # uint8 [P, h, w, 3]: the worker-decoded regions (fill_regions), zero-padded
     piece_regions: torch.Tensor  # int64 [P]: the region each piece is
-    unions: torch.Tensor         # int64 [R, 4]: region r's union box (top, left, bottom, right) in its image's pixels
-    names: tuple                 # (shard url, sample key) of each file: what a note names when it cannot be decoded
+    unions: torch.Tensor  # int64 [R, 4]: region r's union box (top, left, bottom, right) in its image's pixels
+    names: tuple  # (shard url, sample key) of each file: what a note names when it cannot be decoded
 
 
 def encode_regions(images: list, boxes: list[tuple[int, int, int, int]]) -> tuple[EncodedBatch, torch.Tensor]:
@@ -214,7 +219,8 @@ def encode_regions(images: list, boxes: list[tuple[int, int, int, int]]) -> tupl
         sizes=torch.tensor([(sources[r].height, sources[r].width) for r in files], dtype=torch.int64).view(-1, 2),
         scales=torch.tensor([sources[r].scale for r in files], dtype=torch.int64),
         jpeg_regions=torch.tensor(files, dtype=torch.int64),
-        pieces=torch.from_numpy(pieces), piece_regions=torch.tensor(decoded, dtype=torch.int64),
+        pieces=torch.from_numpy(pieces),
+        piece_regions=torch.tensor(decoded, dtype=torch.int64),
         unions=torch.tensor(unions, dtype=torch.int64).view(-1, 4),
         names=tuple((sources[r].url, sources[r].key) for r in files),
     )
@@ -277,8 +283,9 @@ def decode_regions(batch: EncodedBatch, device: torch.device) -> tuple[torch.Ten
     offsets = batch.offsets.tolist()
     images = decode_jpegs([batch.data[a:b] for a, b in zip(offsets[:-1], offsets[1:])], device)
     failed, targets, sources = [], [], []
-    for k, (image, (height, width), scale, r) in enumerate(zip(images, batch.sizes.tolist(), batch.scales.tolist(),
-                                                              batch.jpeg_regions.tolist())):
+    for k, (image, (height, width), scale, r) in enumerate(
+        zip(images, batch.sizes.tolist(), batch.scales.tolist(), batch.jpeg_regions.tolist())
+    ):
         if image is None or tuple(image.shape) != (3, height, width):
             failed.append(k)
             continue

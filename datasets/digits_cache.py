@@ -1,6 +1,7 @@
 """The embedded default data set: scikit-learn's digits as shards in the cache folder, written once
 per filesystem however many processes (and nodes) ask at once (`digits_shards`).
 """
+
 from __future__ import annotations
 
 import errno
@@ -51,8 +52,7 @@ def _reusable(out: Path, wanted: dict) -> bool:
     return all(params.get(k) == v for k, v in wanted.items()) and shards_complete(manifest)
 
 
-def digits_shards(image_size: int, *, fmt: str = "png", seed: int = 0,
-                  cache: str | os.PathLike | None = None) -> str:
+def digits_shards(image_size: int, *, fmt: str = "png", seed: int = 0, cache: str | os.PathLike | None = None) -> str:
     """The embedded default data set: scikit-learn's digits as shards at `image_size` pixels, in
     `cache / digits-{image_size}px` (`cache`: default $VITMPP_CACHE or ~/.cache/vitmpp, see
     vitmpp.common.rundir.cache_dir; another `fmt` or `seed` gets a folder of its own). Returns
@@ -69,16 +69,28 @@ def digits_shards(image_size: int, *, fmt: str = "png", seed: int = 0,
     root = Path(cache) if cache is not None else rundir.cache_dir()
     name = f"digits-{image_size}px" + ("" if (fmt, seed) == ("png", 0) else f"-{fmt}-seed{seed}")
     out = root / name
-    wanted = {"source": "digits", "image_size": image_size, "format": fmt, "seed": seed,
-              "maxcount": DIGITS_MAXCOUNT, "val_fraction": DIGITS_VAL_FRACTION, "test_fraction": DIGITS_TEST_FRACTION}
+    wanted = {
+        "source": "digits",
+        "image_size": image_size,
+        "format": fmt,
+        "seed": seed,
+        "maxcount": DIGITS_MAXCOUNT,
+        "val_fraction": DIGITS_VAL_FRACTION,
+        "test_fraction": DIGITS_TEST_FRACTION,
+    }
     lock = root / f".{name}.lock"  # never removed: removing a lock file races with its next user
 
     def cannot_lock(err: OSError) -> UserError:
-        hint = ("its filesystem does not support file locks"
-                if err.errno in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL) else err.strerror or err)
-        return UserError(f"Cannot lock '{lock}' to write the digits shards ({hint}); set VITMPP_CACHE to a "
-                         "writable local folder, or write the shards once with `python -m vitmpp.datasets.make_shards "
-                         "--source digits` and pass their folder as data.shards.")
+        hint = (
+            "its filesystem does not support file locks"
+            if err.errno in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL)
+            else err.strerror or err
+        )
+        return UserError(
+            f"Cannot lock '{lock}' to write the digits shards ({hint}); set VITMPP_CACHE to a "
+            "writable local folder, or write the shards once with `python -m vitmpp.datasets.make_shards "
+            "--source digits` and pass their folder as data.shards."
+        )
 
     try:
         root.mkdir(parents=True, exist_ok=True)
@@ -95,8 +107,17 @@ def digits_shards(image_size: int, *, fmt: str = "png", seed: int = 0,
         except OSError as err:
             raise cannot_lock(err) from None
         if not _reusable(out, wanted):
-            make_shards.write_shards(out, "digits", fmt=fmt, image_size=image_size, seed=seed, maxcount=DIGITS_MAXCOUNT,
-                                     val_fraction=DIGITS_VAL_FRACTION, overwrite=True, progress=False)
+            make_shards.write_shards(
+                out,
+                "digits",
+                fmt=fmt,
+                image_size=image_size,
+                seed=seed,
+                maxcount=DIGITS_MAXCOUNT,
+                val_fraction=DIGITS_VAL_FRACTION,
+                overwrite=True,
+                progress=False,
+            )
     finally:
         os.close(fd)  # releases the lock
     return str(out)

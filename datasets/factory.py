@@ -10,11 +10,13 @@ Loader kinds are registered by name (`data.loader=<kind>`): a kind is a function
 contract). A new kind is one function and one `register_loader_kind` call, made before the config
 is read (docs/architecture.md shows one).
 """
+
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any, Callable
+from typing import Any
 
 from vitmpp.common.errors import ConfigError
 
@@ -54,13 +56,17 @@ class LoaderFactory:
             fields.update(augment_on=data.augment_on)
         if data.decode == "gpu":  # JPEGs decoded by nvJPEG on the run's device, in the main process
             if device.type != "cuda":
-                raise ConfigError(f"Key 'data.decode' is 'gpu', but this run has no CUDA device (device "
-                                  f"{device}); set data.decode=cpu.")
+                raise ConfigError(
+                    f"Key 'data.decode' is 'gpu', but this run has no CUDA device (device "
+                    f"{device}); set data.decode=cpu."
+                )
             fields.update(decode_on="device")
         if data.views_per_image != 1:  # k crops per decoded image (epochs count the crops)
             if spec.batch_size % data.views_per_image:
-                raise ConfigError(f"Key 'data.views_per_image' is {data.views_per_image}, which does not divide the "
-                                  f"per-process batch of {spec.batch_size}; choose a divisor of it.")
+                raise ConfigError(
+                    f"Key 'data.views_per_image' is {data.views_per_image}, which does not divide the "
+                    f"per-process batch of {spec.batch_size}; choose a divisor of it."
+                )
             fields.update(views_per_image=data.views_per_image)
         return cls(replace(spec, **fields), data.loader)
 

@@ -26,13 +26,14 @@ repeat images nor move them to another label, and nothing blocks:
 
 Files PIL cannot read are reported as skipped, never fatal.
 """
+
 from __future__ import annotations
 
 import io
 import os
 import stat
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from PIL import Image
 
@@ -173,9 +174,12 @@ def imagefolder_source(root: Path | None = None, max_size: int | None = None) ->
     top = _class_folders(root, root, skipped)
     if not top:
         linked = [s["path"] for s in skipped if s["reason"].startswith("symlink to a folder")]
-        hint = (f"its {len(linked)} symlinked folders (e.g. '{linked[0]}') are not followed, so pass the folder they "
-                "lead to as --root" if linked else
-                "put each class's images in its own sub-folder (root/cat/1.jpg, root/dog/2.jpg)")
+        hint = (
+            f"its {len(linked)} symlinked folders (e.g. '{linked[0]}') are not followed, so pass the folder they "
+            "lead to as --root"
+            if linked
+            else "put each class's images in its own sub-folder (root/cat/1.jpg, root/dog/2.jpg)"
+        )
         raise UserError(f"Image folder '{root}' has no class sub-folders; {hint}.")
     split_folders = _split_layout(root, top)
 
@@ -189,8 +193,10 @@ def imagefolder_source(root: Path | None = None, max_size: int | None = None) ->
     if split_folders:
         stray = sorted(set(class_names) - set(classes_of[root / "train"]))
         if stray:
-            raise UserError(f"Class folder '{stray[0]}' of '{root}' is in another split's folder but not in train/; "
-                            "every class needs training images (add them, or remove the folder).")
+            raise UserError(
+                f"Class folder '{stray[0]}' of '{root}' is in another split's folder but not in train/; "
+                "every class needs training images (add them, or remove the folder)."
+            )
     index = {name: label for label, name in enumerate(class_names)}
     splits: dict[str | None, list[Item]] = {}
     empty = []
@@ -204,15 +210,27 @@ def imagefolder_source(root: Path | None = None, max_size: int | None = None) ->
             items += [Item(index[name], path.relative_to(root).as_posix(), loader(path)) for path in files]
         splits[split] = items
     if empty:
-        which = (f"Class folder '{empty[0]}' under '{root}' holds" if len(empty) == 1 else
-                 f"Class folders {', '.join(repr(n) for n in empty)} under '{root}' hold")
-        raise UserError(f"{which} no files; add images or remove it (every folder is a class, and a class "
-                        "without images would take a label no sample has).")
+        which = (
+            f"Class folder '{empty[0]}' under '{root}' holds"
+            if len(empty) == 1
+            else f"Class folders {', '.join(repr(n) for n in empty)} under '{root}' hold"
+        )
+        raise UserError(
+            f"{which} no files; add images or remove it (every folder is a class, and a class "
+            "without images would take a label no sample has)."
+        )
     name = "".join(c if c.isalnum() or c == "_" else "_" for c in root.resolve().name) or "images"
     if not split_folders:
         return SourceData(name, class_names, items=splits[None], skipped=skipped, files=True)
-    return SourceData(name, class_names, fixed_splits=splits, skipped=skipped, files=True, train_origin="train/",
-                      own_splits="the tree's own split folders (train/, val/ or validation/, test/)")
+    return SourceData(
+        name,
+        class_names,
+        fixed_splits=splits,
+        skipped=skipped,
+        files=True,
+        train_origin="train/",
+        own_splits="the tree's own split folders (train/, val/ or validation/, test/)",
+    )
 
 
 def _split_layout(root: Path, top: list[str]) -> list[str]:
@@ -222,24 +240,34 @@ def _split_layout(root: Path, top: list[str]) -> list[str]:
     if not named:
         return []
     others = [f for f in top if f not in SPLIT_FOLDERS]
-    holds_classes = {f: any(e.is_dir(follow_symlinks=False) and not e.name.startswith(".") for e in os.scandir(root / f))
-                     for f in named}
+    holds_classes = {
+        f: any(e.is_dir(follow_symlinks=False) and not e.name.startswith(".") for e in os.scandir(root / f))
+        for f in named
+    }
     if others:
-        raise UserError(f"Image folder '{root}' mixes split folders ({', '.join(named)}) with other folders "
-                        f"('{others[0]}'); put every class under train/ (and val/, test/), or, if '{named[0]}' is "
-                        "really a class, rename it.")
+        raise UserError(
+            f"Image folder '{root}' mixes split folders ({', '.join(named)}) with other folders "
+            f"('{others[0]}'); put every class under train/ (and val/, test/), or, if '{named[0]}' is "
+            "really a class, rename it."
+        )
     if not any(holds_classes.values()):
-        raise UserError(f"Image folder '{root}' holds {', '.join(f + '/' for f in named)} with images directly inside, "
-                        "so it is unclear whether they are splits or classes; for splits put each class in its own "
-                        "folder (train/cat/1.jpg), for classes rename them.")
+        raise UserError(
+            f"Image folder '{root}' holds {', '.join(f + '/' for f in named)} with images directly inside, "
+            "so it is unclear whether they are splits or classes; for splits put each class in its own "
+            "folder (train/cat/1.jpg), for classes rename them."
+        )
     if not all(holds_classes.values()):
         flat = next(f for f, has in holds_classes.items() if not has)
-        raise UserError(f"Image folder '{root}' looks split, but {flat}/ holds no class folders while "
-                        f"{next(f for f, has in holds_classes.items() if has)}/ does; give every split the same "
-                        "layout (split/class/image).")
+        raise UserError(
+            f"Image folder '{root}' looks split, but {flat}/ holds no class folders while "
+            f"{next(f for f, has in holds_classes.items() if has)}/ does; give every split the same "
+            "layout (split/class/image)."
+        )
     if "val" in named and "validation" in named:
         raise UserError(f"Image folder '{root}' has both val/ and validation/; keep one of them.")
     if "train" not in named:
-        raise UserError(f"Image folder '{root}' has {', '.join(f + '/' for f in named)} but no train/; "
-                        "pretraining and fine-tuning read the train split.")
+        raise UserError(
+            f"Image folder '{root}' has {', '.join(f + '/' for f in named)} but no train/; "
+            "pretraining and fine-tuning read the train split."
+        )
     return sorted(named, key=lambda f: ("train", "val", "validation", "test").index(f))

@@ -79,7 +79,7 @@ opens a loader and checks, in the main process, what arrives.
 from __future__ import annotations
 
 import warnings
-from typing import Iterator
+from collections.abc import Iterator
 
 from vitmpp.common.errors import UserError
 
@@ -146,8 +146,9 @@ class ShardLoader:
         # ones included), never on a running estimate that early bad luck can push over it.
         reads = self._plan.reads()
         if self.skipped_samples and self.skipped_samples > self.max_skip_fraction * reads:
-            shards = ", ".join(self.bad_shards[:5]) + (f" and {len(self.bad_shards) - 5} more"
-                                                       if len(self.bad_shards) > 5 else "")
+            shards = ", ".join(self.bad_shards[:5]) + (
+                f" and {len(self.bad_shards) - 5} more" if len(self.bad_shards) > 5 else ""
+            )
             raise UserError(
                 f"{self.skipped_samples} samples of split '{self.split}' could not be read, more than "
                 f"max_skip_fraction={self.max_skip_fraction} of the {reads} this epoch reads on rank "
@@ -199,8 +200,9 @@ class ShardLoader:
             raise RuntimeError(f"the loader produced {produced} batches instead of {len(self)} (a bug in vitmpp)")
 
 
-def open_loader(spec: LoaderSpec, *, epoch: int = 0, start_batch: int = 0,
-                max_worker_processes: int | None = None) -> Loader:
+def open_loader(
+    spec: LoaderSpec, *, epoch: int = 0, start_batch: int = 0, max_worker_processes: int | None = None
+) -> Loader:
     """The `Loader` over epoch `epoch` of `spec`, from batch `start_batch` on (module docstring).
 
     `start_batch` (training only): resume mid-epoch; the batches are exactly those of an

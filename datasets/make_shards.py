@@ -46,6 +46,7 @@ kept, never upscaled) so that a later RandomResizedCrop or centre crop at N stil
 has full resolution, while decoding stays cheap (as FFCV's max_resolution does
 for the longer side; we bound the shorter one so no crop ever upsamples).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -114,20 +115,29 @@ def _check_args(source: Source, fmt, max_size, maxcount, val_fraction, test_frac
     if not 0 <= test_fraction < 1:
         raise UserError(f"--test-fraction must be in [0, 1), got {test_fraction}.")
     if val_fraction + test_fraction >= 1:
-        raise UserError(f"--val-fraction {val_fraction:g} and --test-fraction {test_fraction:g} leave nothing for "
-                        "training; make their sum smaller than 1.")
+        raise UserError(
+            f"--val-fraction {val_fraction:g} and --test-fraction {test_fraction:g} leave nothing for "
+            "training; make their sum smaller than 1."
+        )
     if source.test_fraction is not None and test_fraction != source.test_fraction:
-        raise UserError(f"The {source.name} source has a fixed test split ({source.test_fraction:g} of every class, "
-                        "the same for every --seed, so that all reported numbers share it); leave --test-fraction out.")
+        raise UserError(
+            f"The {source.name} source has a fixed test split ({source.test_fraction:g} of every class, "
+            "the same for every --seed, so that all reported numbers share it); leave --test-fraction out."
+        )
     for key, value in options.items():
         flag = "--" + key.replace("_", "-")
         if key not in source.options or key in SHARED_OPTIONS:
             takers = [name for name, s in SOURCES.items() if key in s.options]
             if not takers:
-                raise UserError(f"Unknown option {flag} for --source {source.name}; it takes "
-                                f"{', '.join('--' + k.replace('_', '-') for k in source.options) or 'none'}.")
-            which = (f"the {takers[0]} source" if len(takers) == 1 else
-                     f"the {', '.join(takers[:-1])} and {takers[-1]} sources")
+                raise UserError(
+                    f"Unknown option {flag} for --source {source.name}; it takes "
+                    f"{', '.join('--' + k.replace('_', '-') for k in source.options) or 'none'}."
+                )
+            which = (
+                f"the {takers[0]} source"
+                if len(takers) == 1
+                else f"the {', '.join(takers[:-1])} and {takers[-1]} sources"
+            )
             raise UserError(f"{flag} applies to {which} only, not {source.name}.")
         low, high = OPTION_RANGES.get(key, (None, None))
         if (low is not None and value < low) or (high is not None and value > high):
@@ -142,13 +152,17 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
     if not out.is_dir() or not any(out.iterdir()):
         return
     if not overwrite:
-        raise UserError(f"Output folder '{out}' already exists and is not empty; pass --overwrite to replace "
-                        "its shards, or choose another --out.")
-    foreign = [p.name for p in out.iterdir()
-               if not (p.is_file() and (p.name.endswith(_OURS) or p.name.startswith("_labels-")))]
+        raise UserError(
+            f"Output folder '{out}' already exists and is not empty; pass --overwrite to replace "
+            "its shards, or choose another --out."
+        )
+    foreign = [
+        p.name for p in out.iterdir() if not (p.is_file() and (p.name.endswith(_OURS) or p.name.startswith("_labels-")))
+    ]
     if foreign:
-        raise UserError(f"Refusing to overwrite '{out}': it holds {foreign[0]!r}, which is not a shard file; "
-                        "choose another --out.")
+        raise UserError(
+            f"Refusing to overwrite '{out}': it holds {foreign[0]!r}, which is not a shard file; choose another --out."
+        )
 
 
 def _load_sample(item: Item, fmt: str, max_size: int | None) -> tuple[bytes, tuple[int, int]]:
@@ -160,8 +174,20 @@ def _load_sample(item: Item, fmt: str, max_size: int | None) -> tuple[bytes, tup
     return encode_image(image, fmt), image.size
 
 
-def _write_split(tmp: Path, name: str, split: str, items: list[Item], *, fmt: str, max_size: int | None,
-                 maxcount: int, bar, skipped: list[dict], sizes: set, with_origin: bool) -> SplitInfo | None:
+def _write_split(
+    tmp: Path,
+    name: str,
+    split: str,
+    items: list[Item],
+    *,
+    fmt: str,
+    max_size: int | None,
+    maxcount: int,
+    bar,
+    skipped: list[dict],
+    sizes: set,
+    with_origin: bool,
+) -> SplitInfo | None:
     """Write one split's shards into `tmp`; returns its SplitInfo (None when nothing was written)."""
     import webdataset as wds
 
@@ -201,14 +227,16 @@ def _write_split(tmp: Path, name: str, split: str, items: list[Item], *, fmt: st
     labels_file = f"_labels-{split}.npy"
     np.save(tmp / labels_file, np.asarray(labels, dtype=np.int64), allow_pickle=False)
     return SplitInfo(
-        name=split, num_samples=len(labels), filenames=[os.path.basename(f) for f, _ in shards],
-        shard_lengths=[n for _, n in shards], labels_file=labels_file,
+        name=split,
+        num_samples=len(labels),
+        filenames=[os.path.basename(f) for f, _ in shards],
+        shard_lengths=[n for _, n in shards],
+        labels_file=labels_file,
         shard_bytes=[os.path.getsize(f) for f, _ in shards],
     )
 
 
-def _refuse_classes_without_samples(class_names: list[str], infos: dict, tmp: Path, skipped: list[dict],
-                                    root) -> None:
+def _refuse_classes_without_samples(class_names: list[str], infos: dict, tmp: Path, skipped: list[dict], root) -> None:
     """UserError when an ImageFolder class got no sample (all its files were unreadable):
     its label would stay in the manifest with no image, which no later step can tell."""
     present = set()
@@ -219,14 +247,27 @@ def _refuse_classes_without_samples(class_names: list[str], infos: dict, tmp: Pa
         example = next((s for s in skipped if s["path"].startswith(missing[0] + "/")), None)
         hint = f" (e.g. {example['path']}: {example['reason']})" if example else ""
         others = f", nor have {len(missing) - 1} other class folders" if len(missing) > 1 else ""
-        raise UserError(f"Class folder '{missing[0]}' under '{root}' has no readable image{hint}{others}; "
-                        "add readable images or remove the folder.")
+        raise UserError(
+            f"Class folder '{missing[0]}' under '{root}' has no readable image{hint}{others}; "
+            "add readable images or remove the folder."
+        )
 
 
-def write_shards(out_dir, source: str, *, fmt: str = "png", max_size: int | None = None,
-                 maxcount: int = DEFAULT_MAXCOUNT, val_fraction: float = DEFAULT_VAL_FRACTION,
-                 test_fraction: float | None = None, seed: int = 0, overwrite: bool = False, name: str | None = None,
-                 progress: bool = True, **options) -> Manifest:
+def write_shards(
+    out_dir,
+    source: str,
+    *,
+    fmt: str = "png",
+    max_size: int | None = None,
+    maxcount: int = DEFAULT_MAXCOUNT,
+    val_fraction: float = DEFAULT_VAL_FRACTION,
+    test_fraction: float | None = None,
+    seed: int = 0,
+    overwrite: bool = False,
+    name: str | None = None,
+    progress: bool = True,
+    **options,
+) -> Manifest:
     """Write source `source` (a name of `sources.SOURCES`) as shards into `out_dir` (see the module
     docstring); returns the manifest.
 
@@ -254,8 +295,10 @@ def write_shards(out_dir, source: str, *, fmt: str = "png", max_size: int | None
 
     name = name or data.name
     if not name or any(c in name for c in "./\\ ") or name.startswith("_"):
-        raise UserError(f"Data set name '{name}' must be non-empty, not start with '_', and hold no dots, "
-                        "slashes or spaces (it starts every shard's file name).")
+        raise UserError(
+            f"Data set name '{name}' must be non-empty, not start with '_', and hold no dots, "
+            "slashes or spaces (it starts every shard's file name)."
+        )
     splits, made, used_val, used_test = make_splits(data, entry, val_fraction, test_fraction, seed)
     total = sum(len(v) for v in splits.values())
     if total == 0:
@@ -264,61 +307,93 @@ def write_shards(out_dir, source: str, *, fmt: str = "png", max_size: int | None
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise UserError(f"Cannot create the output folder '{out}' ({err.strerror or err}); choose another --out.") from None
+        raise UserError(
+            f"Cannot create the output folder '{out}' ({err.strerror or err}); choose another --out."
+        ) from None
     skipped: list[dict] = list(data.skipped or [])
     sizes: set = set()
     try:
         # the folder appears at `out` only when complete; on any error nothing is kept
         with atomic_dir(out) as tmp:
-            with tqdm(total=total, desc=f"writing {name}", unit="img", disable=not progress,
-                      dynamic_ncols=True) as bar:
+            with tqdm(total=total, desc=f"writing {name}", unit="img", disable=not progress, dynamic_ncols=True) as bar:
                 infos = {}
                 for split, items in splits.items():
                     bar.set_description(f"writing {name} {split}")
-                    info = _write_split(tmp, name, split, items, fmt=fmt, max_size=max_size,
-                                        maxcount=maxcount, bar=bar, skipped=skipped, sizes=sizes,
-                                        with_origin=data.files)
+                    info = _write_split(
+                        tmp,
+                        name,
+                        split,
+                        items,
+                        fmt=fmt,
+                        max_size=max_size,
+                        maxcount=maxcount,
+                        bar=bar,
+                        skipped=skipped,
+                        sizes=sizes,
+                        with_origin=data.files,
+                    )
                     if info is not None:
                         infos[split] = info
             if "train" not in infos:
-                raise UserError(f"No readable image in source {source}{(' at ' + str(root)) if root else ''} "
-                                f"({len(skipped)} inputs skipped, e.g. {skipped[0] if skipped else 'none'}).")
+                raise UserError(
+                    f"No readable image in source {source}{(' at ' + str(root)) if root else ''} "
+                    f"({len(skipped)} inputs skipped, e.g. {skipped[0] if skipped else 'none'})."
+                )
             if splits.get("validation") and "validation" not in infos:
-                warnings.warn(f"None of the {len(splits['validation'])} images chosen for the validation split could "
-                              f"be read (e.g. {skipped[-1]['path']}: {skipped[-1]['reason']}), so the shards have no "
-                              "validation split, which fine-tuning needs; fix or replace those files.",
-                              SplitWarning, stacklevel=2)
+                warnings.warn(
+                    f"None of the {len(splits['validation'])} images chosen for the validation split could "
+                    f"be read (e.g. {skipped[-1]['path']}: {skipped[-1]['reason']}), so the shards have no "
+                    "validation split, which fine-tuning needs; fix or replace those files.",
+                    SplitWarning,
+                    stacklevel=2,
+                )
             if data.files:
                 _refuse_classes_without_samples(data.class_names, infos, tmp, skipped, root)
             square = {w for w, h in sizes if w == h}
             manifest = Manifest(
-                root=out, name=name, splits=infos, num_classes=len(data.class_names), class_names=data.class_names,
+                root=out,
+                name=name,
+                splits=infos,
+                num_classes=len(data.class_names),
+                class_names=data.class_names,
                 image_size=next(iter(square)) if len(sizes) == 1 and square else None,
-                extra={"vitmpp": {
-                    "manifest_version": MANIFEST_VERSION,
-                    "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                    "writer": {"source": source, **{k: str(v) if isinstance(v, Path) else v for k, v in used.items()},
-                               "format": fmt, "quality": QUALITY if fmt != "png" else None, "max_size": max_size,
-                               "maxcount": maxcount, "val_fraction": used_val, "test_fraction": used_test,
-                               "seed": seed},
-                    "splits_made_by": {split: made[split] for split in infos},
-                    "num_skipped_inputs": len(skipped),
-                    "skipped_inputs": skipped,
-                }},
+                extra={
+                    "vitmpp": {
+                        "manifest_version": MANIFEST_VERSION,
+                        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                        "writer": {
+                            "source": source,
+                            **{k: str(v) if isinstance(v, Path) else v for k, v in used.items()},
+                            "format": fmt,
+                            "quality": QUALITY if fmt != "png" else None,
+                            "max_size": max_size,
+                            "maxcount": maxcount,
+                            "val_fraction": used_val,
+                            "test_fraction": used_test,
+                            "seed": seed,
+                        },
+                        "splits_made_by": {split: made[split] for split in infos},
+                        "num_skipped_inputs": len(skipped),
+                        "skipped_inputs": skipped,
+                    }
+                },
             )
             atomic_write_json(tmp / MANIFEST_NAME, manifest.to_json())  # last: it marks the folder complete
     except OSError as err:  # disk full, permissions: say where (atomic_dir has removed the partial folder)
-        raise UserError(f"Writing shards to '{out}' failed ({err.strerror or err}); nothing was kept. "
-                        "Free space or choose another --out.") from None
+        raise UserError(
+            f"Writing shards to '{out}' failed ({err.strerror or err}); nothing was kept. "
+            "Free space or choose another --out."
+        ) from None
     return read_manifest(out)
 
 
 # ----------------------------------------------------------------------------- command line
 
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m vitmpp.datasets.make_shards",
-        description="Write images as webdataset shards with an _info.json manifest (train, validation and test splits).",
+        description="Write images as webdataset shards with an _info.json manifest (train, validation, test splits).",
     )
     p.add_argument("--source", required=True, choices=list(SOURCES), help="where the images come from")
     p.add_argument("--out", required=True, help="output folder (must not exist or be empty, unless --overwrite)")
@@ -327,11 +402,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="png", choices=FORMATS, help="image encoding in the shards (default png)")
     p.add_argument("--max-size", type=int, help="downscale images whose shorter side exceeds this many pixels")
     p.add_argument("--maxcount", type=int, default=DEFAULT_MAXCOUNT, help="samples per shard (default 1000)")
-    p.add_argument("--val-fraction", type=float, default=DEFAULT_VAL_FRACTION,
-                   help="fraction of every class put in the validation split (default 0.1)")
-    p.add_argument("--test-fraction", type=float, default=None,
-                   help=f"fraction of every class put in the test split (default {DEFAULT_TEST_FRACTION}; digits: a fixed "
-                        f"{SOURCES['digits'].test_fraction}, the same for every --seed)")
+    p.add_argument(
+        "--val-fraction",
+        type=float,
+        default=DEFAULT_VAL_FRACTION,
+        help="fraction of every class put in the validation split (default 0.1)",
+    )
+    p.add_argument(
+        "--test-fraction",
+        type=float,
+        default=None,
+        help=f"fraction of every class put in the test split (default {DEFAULT_TEST_FRACTION}; digits: a fixed "
+        f"{SOURCES['digits'].test_fraction}, the same for every --seed)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the splits, the write order and synthetic images")
     p.add_argument("--overwrite", action="store_true", help="replace the shards in an existing --out folder")
     p.add_argument("--image-size", type=int, help="side of digits/mnist5k/synthetic images in pixels (default 32)")
@@ -349,11 +432,22 @@ def main(argv=None) -> int:
         warnings.simplefilter("always", SplitWarning)
         warnings.simplefilter("always", SmallSplitWarning)
         manifest = write_shards(
-            args.out, args.source, fmt=args.format, max_size=args.max_size, maxcount=args.maxcount,
-            val_fraction=args.val_fraction, test_fraction=args.test_fraction, seed=args.seed, overwrite=args.overwrite,
-            name=args.name, progress=not args.quiet,
+            args.out,
+            args.source,
+            fmt=args.format,
+            max_size=args.max_size,
+            maxcount=args.maxcount,
+            val_fraction=args.val_fraction,
+            test_fraction=args.test_fraction,
+            seed=args.seed,
+            overwrite=args.overwrite,
+            name=args.name,
+            progress=not args.quiet,
             # the source's own options (None: not given, its default)
-            root=args.root, dataset=args.dataset, image_size=args.image_size, count=args.count,
+            root=args.root,
+            dataset=args.dataset,
+            image_size=args.image_size,
+            count=args.count,
             num_classes=args.num_classes,
         )
     for w in caught:  # ours as one line, like an error; anything else as Python shows it
@@ -361,8 +455,9 @@ def main(argv=None) -> int:
             print(f"warning: {w.message}", file=sys.stderr)
         else:
             warnings.showwarning(w.message, w.category, w.filename, w.lineno)
-    counts = ", ".join(f"{info.num_samples} {split} ({len(info.filenames)} shards)"
-                       for split, info in manifest.splits.items())
+    counts = ", ".join(
+        f"{info.num_samples} {split} ({len(info.filenames)} shards)" for split, info in manifest.splits.items()
+    )
     skipped = manifest.extra["vitmpp"]["skipped_inputs"]
     first = f"e.g. {skipped[0]['path']}: {skipped[0]['reason']}; " if skipped else ""
     note = f"; {len(skipped)} inputs skipped ({first}all listed in {MANIFEST_NAME})" if skipped else ""

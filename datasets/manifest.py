@@ -26,6 +26,7 @@ s3://b/d/shard-{000000..000009}.tar -` is read with `aws s3 cp s3://b/d/_info.js
 names all the shards of that manifest (its shards are read with the same command, the file
 name replaced). See docs/streaming.md.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -33,9 +34,10 @@ import io
 import json
 import os
 import urllib.parse
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -43,8 +45,14 @@ from vitmpp.common.errors import UserError
 from vitmpp.common.io import UnreadableFile, read_regular_file
 
 # the shard names a manifest lists, and where they are (shardnames.py); imported from here by callers
-from .shardnames import (SHARD_SUFFIXES, expand_shard_spec, is_url, names_all_shards, pipe_with_file,  # noqa: F401
-                         shard_name, unsafe_file_name)
+from .shardnames import (
+    expand_shard_spec,
+    is_url,
+    names_all_shards,
+    pipe_with_file,  # noqa: F401
+    shard_name,
+    unsafe_file_name,
+)
 from .transport import read_url_bytes
 
 MANIFEST_NAME = "_info.json"
@@ -57,6 +65,8 @@ MAX_MANIFEST_DEPTH = 32
 MIN_SAMPLE_BYTES = 1024
 # Keys of the top-level JSON object that have their own attribute on Manifest.
 _KNOWN_KEYS = {"name", "splits", "num_classes", "class_names", "image_size"}
+
+
 @dataclass
 class SplitInfo:
     """One split: its shards (names relative to the manifest) and their sample counts."""
@@ -143,11 +153,15 @@ class Manifest:
                 raw = _read_bytes(where, 8 * info.num_samples + (64 << 10), "Label file")
                 labels = np.load(io.BytesIO(raw), allow_pickle=False)
             except (OSError, ValueError) as err:
-                raise UserError(f"Label file '{where}' of manifest '{self.source}' cannot be read ({err}); "
-                                "rewrite the shards with make_shards.") from None
+                raise UserError(
+                    f"Label file '{where}' of manifest '{self.source}' cannot be read ({err}); "
+                    "rewrite the shards with make_shards."
+                ) from None
             if labels.ndim != 1 or len(labels) != info.num_samples or labels.dtype.kind not in "iu":
-                raise UserError(f"Label file '{where}' holds {labels.shape} {labels.dtype} values, not "
-                                f"{info.num_samples} integers; rewrite the shards with make_shards.")
+                raise UserError(
+                    f"Label file '{where}' holds {labels.shape} {labels.dtype} values, not "
+                    f"{info.num_samples} integers; rewrite the shards with make_shards."
+                )
             self._labels[split] = labels.astype(np.int64)
         return self._labels[split]
 
@@ -159,11 +173,19 @@ class Manifest:
         info = self.split(split)
         keep = set(names) if names is not None else None
         sizes = info.shard_bytes or [None] * len(info.filenames)
-        rows = [[name, length, size] for name, length, size in zip(info.filenames, info.shard_lengths, sizes)
-                if keep is None or os.path.basename(name) in keep]
+        rows = [
+            [name, length, size]
+            for name, length, size in zip(info.filenames, info.shard_lengths, sizes)
+            if keep is None or os.path.basename(name) in keep
+        ]
         digest = hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16]
-        return {"name": self.name, "split": split, "samples": sum(row[1] for row in rows), "shards": len(rows),
-                "digest": digest}
+        return {
+            "name": self.name,
+            "split": split,
+            "samples": sum(row[1] for row in rows),
+            "shards": len(rows),
+            "digest": digest,
+        }
 
     def to_json(self) -> dict:
         data = {
@@ -178,6 +200,7 @@ class Manifest:
 
 
 # ----------------------------------------------------------------------------- locating
+
 
 def _join(base: str, name: str) -> str:
     if base.startswith("pipe:"):  # the base of a pipe: manifest is its command (_dirname)
@@ -201,16 +224,20 @@ def _read_bytes(location: str, limit: int, what: str) -> bytes:
     if is_url(location):
         raw = read_url_bytes(location, limit + 1, what)  # HTTP and pipe: with the shard retry policy
         if len(raw) > limit:
-            raise UserError(f"{what} '{location}' is more than the {limit:,} bytes it may be; "
-                            "rewrite the shards with make_shards.")
+            raise UserError(
+                f"{what} '{location}' is more than the {limit:,} bytes it may be; rewrite the shards with make_shards."
+            )
         return raw
     try:
         return read_regular_file(location, limit=limit)
     except UnreadableFile as err:
         if err.missing:
             raise FileNotFoundError(location) from None  # the caller says what to do
-        advice = ("rewrite the shards with make_shards" if "bytes" in err.reason else
-                  "point to a folder written by make_shards")
+        advice = (
+            "rewrite the shards with make_shards"
+            if "bytes" in err.reason
+            else "point to a folder written by make_shards"
+        )
         raise UserError(f"{what} '{location}' {err.reason}; {advice}.") from None
 
 
@@ -246,6 +273,7 @@ def locate_manifest(shards: str | os.PathLike | Sequence[str]) -> str:
 
 # ----------------------------------------------------------------------------- reading
 
+
 def read_manifest(path_or_dir: Any) -> Manifest:
     """Read and check the manifest for a shard folder, `_info.json`, shard pattern/list or URL.
 
@@ -259,17 +287,23 @@ def read_manifest(path_or_dir: Any) -> Manifest:
     except FileNotFoundError:
         missing = _missing_local_path(path_or_dir)
         if missing is not None:  # name what the user gave, not the _info.json guessed next to it
-            where = "do not exist" if missing == os.fspath(path_or_dir) else f"are not there: '{missing}' does not exist"
-            raise UserError(f"Shards '{path_or_dir}' {where}; pass the folder that make_shards wrote "
-                            "(it holds the shards and their _info.json).") from None
+            where = (
+                "do not exist" if missing == os.fspath(path_or_dir) else f"are not there: '{missing}' does not exist"
+            )
+            raise UserError(
+                f"Shards '{path_or_dir}' {where}; pass the folder that make_shards wrote "
+                "(it holds the shards and their _info.json)."
+            ) from None
         raise UserError(
             f"No manifest at '{location}'; write the shards with `python -m vitmpp.datasets.make_shards`, "
             "or point to the folder that holds their _info.json."
         ) from None
     except (OSError, ValueError) as err:
         raise UserError(f"Manifest '{location}' cannot be read: {err}.") from None
-    too_deep = UserError(f"Manifest '{location}' nests JSON more than {MAX_MANIFEST_DEPTH} levels deep, which no "
-                         "manifest does; rewrite it with make_shards.")
+    too_deep = UserError(
+        f"Manifest '{location}' nests JSON more than {MAX_MANIFEST_DEPTH} levels deep, which no "
+        "manifest does; rewrite it with make_shards."
+    )
     try:
         data = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -308,9 +342,11 @@ def _check_capacity(manifest: Manifest) -> None:
             if sizes[k] is None and not is_url(path) and os.path.isfile(path):
                 sizes[k] = os.path.getsize(path)
             if sizes[k] is not None and length * MIN_SAMPLE_BYTES > sizes[k]:
-                raise UserError(f"Manifest '{manifest.source}' is invalid: split '{key}' gives shard '{name}' "
-                                f"{length:,} samples, more than its {sizes[k]:,} bytes can hold; "
-                                "rewrite it with make_shards.")
+                raise UserError(
+                    f"Manifest '{manifest.source}' is invalid: split '{key}' gives shard '{name}' "
+                    f"{length:,} samples, more than its {sizes[k]:,} bytes can hold; "
+                    "rewrite it with make_shards."
+                )
 
 
 def parse_manifest(data: Any, *, root: str, source: str) -> Manifest:
@@ -354,8 +390,12 @@ def parse_manifest(data: Any, *, root: str, source: str) -> Manifest:
             if len(shard_bytes) != len(filenames):
                 raise bad(f"split '{key}' lists {len(shard_bytes)} shard_bytes for {len(filenames)} shards")
         splits[key] = SplitInfo(
-            name=str(info.get("name", key)), num_samples=num_samples, filenames=filenames,
-            shard_lengths=lengths, labels_file=labels_file, shard_bytes=shard_bytes,
+            name=str(info.get("name", key)),
+            num_samples=num_samples,
+            filenames=filenames,
+            shard_lengths=lengths,
+            labels_file=labels_file,
+            shard_bytes=shard_bytes,
         )
     class_names = data.get("class_names") or []
     if not isinstance(class_names, list):
@@ -375,9 +415,14 @@ def parse_manifest(data: Any, *, root: str, source: str) -> Manifest:
     base = root if is_url(root) else os.path.abspath(root)
     return Manifest(
         root=Path(base) if not is_url(base) else Path(base.split("://", 1)[-1]),
-        name=str(data.get("name", "")), splits=splits, num_classes=num_classes,
-        class_names=[str(c) for c in class_names], image_size=image_size, extra=extra,
-        source=source, base=base,
+        name=str(data.get("name", "")),
+        splits=splits,
+        num_classes=num_classes,
+        class_names=[str(c) for c in class_names],
+        image_size=image_size,
+        extra=extra,
+        source=source,
+        base=base,
     )
 
 
@@ -391,4 +436,4 @@ def _count(value: Any, what: str, bad, kind: str = "a non-negative integer") -> 
 def _show(value: Any, width: int = 40) -> str:
     """`value` as Python writes it, on one line (control characters escaped: `'x\\ny.tar'`), cut to `width`."""
     text = repr(value)
-    return text if len(text) <= width else text[:width - 3] + "..."
+    return text if len(text) <= width else text[: width - 3] + "..."

@@ -5,12 +5,13 @@ file read: `plan_epoch` makes the `Plan` a worker stream follows (datasets/strea
 rules of loader.py's module docstring (shard passes, per-worker batch counts, evaluation blocks,
 the fill of a failed sample) are written here once.
 """
+
 from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 
@@ -27,20 +28,20 @@ class Plan:
     urls: tuple[str, ...]
     lengths: tuple[int, ...]
     offsets: tuple[int, ...]
-    keep: np.ndarray | None   # bool mask over the split's index space
+    keep: np.ndarray | None  # bool mask over the split's index space
     num_classes: int
     training: bool
-    batch_size: int           # samples per batch, views counted
-    views: int                # training: crops per decoded image (LoaderSpec.views_per_image)
+    batch_size: int  # samples per batch, views counted
+    views: int  # training: crops per decoded image (LoaderSpec.views_per_image)
     seed: int
     epoch: int
     rank: int
     world_size: int
-    workers: int              # logical workers (>= 1); the DataLoader's processes may be fewer (`played_by`)
+    workers: int  # logical workers (>= 1); the DataLoader's processes may be fewer (`played_by`)
     shuffle_buffer: int
     start_batch: int
     batches_per_epoch: int
-    rank_indices: np.ndarray      # evaluation: this rank's real global indices, ascending
+    rank_indices: np.ndarray  # evaluation: this rank's real global indices, ascending
     all_indices_head: np.ndarray  # evaluation: first real indices of the split (padding for empty ranks)
 
     @property
@@ -110,8 +111,11 @@ def evaluation_slots(plan: Plan, worker: int) -> list[tuple[int, bool]]:
 def shards_holding(plan: Plan, indices: np.ndarray) -> list[int]:
     """The positions of the shards in play that hold at least one of `indices` (sorted ascending)."""
     firsts = np.searchsorted(indices, plan.offsets)
-    return [k for k, (j, off, n) in enumerate(zip(firsts, plan.offsets, plan.lengths))
-            if j < len(indices) and indices[j] < off + n]
+    return [
+        k
+        for k, (j, off, n) in enumerate(zip(firsts, plan.offsets, plan.lengths))
+        if j < len(indices) and indices[j] < off + n
+    ]
 
 
 def fill_sources(bad) -> list[int] | None:
@@ -135,8 +139,9 @@ def worker_processes(workers: int, most: int | None) -> int:
     return max((d for d in range(1, workers + 1) if workers % d == 0 and d <= most), default=0)
 
 
-def select_shards(manifest: Manifest, split: str,
-                  shards: str | tuple[str, ...]) -> tuple[list[str], list[int], list[int]]:
+def select_shards(
+    manifest: Manifest, split: str, shards: str | tuple[str, ...]
+) -> tuple[list[str], list[int], list[int]]:
     """URLs, lengths and index offsets of the shards in play (`LoaderSpec.shards`), in index order."""
     info = manifest.split(split)
     all_urls = manifest.shard_urls(split)
@@ -151,8 +156,10 @@ def select_shards(manifest: Manifest, split: str,
         for name in names:
             base = shard_name(name)
             if base not in by_name:
-                raise UserError(f"Shard '{name}' is not in split '{split}' of manifest '{manifest.source}'; "
-                                "name shards of that split (or the folder that holds them).")
+                raise UserError(
+                    f"Shard '{name}' is not in split '{split}' of manifest '{manifest.source}'; "
+                    "name shards of that split (or the folder that holds them)."
+                )
             k = by_name[base]
             if k not in urls_given:
                 chosen.append(k)
@@ -177,23 +184,28 @@ def plan_epoch(spec: LoaderSpec, epoch: int, start_batch: int) -> Plan:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         # a FIFO or device is refused here, unopened: reading one would block the loader forever
         what = "is not a regular file" if os.path.exists(missing[0]) else "does not exist"
-        raise UserError(f"Shard '{missing[0]}'{more} listed in '{man.source}' {what}; restore it or "
-                        "rewrite the shards with make_shards.")
+        raise UserError(
+            f"Shard '{missing[0]}'{more} listed in '{man.source}' {what}; restore it or "
+            "rewrite the shards with make_shards."
+        )
 
     keep = in_play = None
     if spec.keep_indices is not None:
         keep = np.zeros(info.num_samples, dtype=bool)
         ranges = np.zeros(info.num_samples, dtype=bool)
         for off, n in zip(offsets, lengths):
-            ranges[off:off + n] = True
+            ranges[off : off + n] = True
         in_play = np.unique(np.asarray(spec.keep_indices, dtype=np.int64))
         if len(in_play) and (in_play[0] < 0 or in_play[-1] >= info.num_samples or not ranges[in_play].all()):
             raise ValueError(f"keep_indices must be sample indices of the shards in play (0..{info.num_samples - 1})")
         keep[in_play] = True
     num_samples = len(in_play) if in_play is not None else int(sum(lengths))
     if spec.training:  # keep only shards with something to read
-        usable = [k for k, (off, n) in enumerate(zip(offsets, lengths))
-                  if n > 0 and (keep is None or keep[off:off + n].any())]
+        usable = [
+            k
+            for k, (off, n) in enumerate(zip(offsets, lengths))
+            if n > 0 and (keep is None or keep[off : off + n].any())
+        ]
         urls, lengths, offsets = [urls[k] for k in usable], [lengths[k] for k in usable], [offsets[k] for k in usable]
     if num_samples == 0 or not urls:
         raise UserError(f"Split '{split}' of '{man.source}' has no samples to load; check the shards or keep_indices.")
@@ -201,19 +213,23 @@ def plan_epoch(spec: LoaderSpec, epoch: int, start_batch: int) -> Plan:
         raise ValueError("views_per_image applies to training loaders only")
 
     if spec.training:
-        bpe = (spec.batches_per_epoch if spec.batches_per_epoch is not None
-               else num_samples // (batch_size * world_size))
+        bpe = spec.batches_per_epoch if spec.batches_per_epoch is not None else num_samples // (batch_size * world_size)
         if bpe < 1:
-            raise UserError(f"Split '{split}' of '{man.source}' has {num_samples} samples, fewer than one global "
-                            f"batch of {batch_size} x {world_size} processes; lower the batch size or add data.")
+            raise UserError(
+                f"Split '{split}' of '{man.source}' has {num_samples} samples, fewer than one global "
+                f"batch of {batch_size} x {world_size} processes; lower the batch size or add data."
+            )
         rank_indices = head = np.zeros(0, dtype=np.int64)
     else:
         if start_batch:
             raise ValueError("start_batch applies to training loaders only")
-        all_indices = in_play if in_play is not None else np.concatenate(
-            [np.arange(off, off + n, dtype=np.int64) for off, n in zip(offsets, lengths)])
+        all_indices = (
+            in_play
+            if in_play is not None
+            else np.concatenate([np.arange(off, off + n, dtype=np.int64) for off, n in zip(offsets, lengths)])
+        )
         per_rank = math.ceil(num_samples / world_size)
-        rank_indices = all_indices[spec.rank * per_rank:(spec.rank + 1) * per_rank]
+        rank_indices = all_indices[spec.rank * per_rank : (spec.rank + 1) * per_rank]
         head = all_indices[:batch_size]
         needed = math.ceil(per_rank / batch_size)
         bpe = spec.batches_per_epoch if spec.batches_per_epoch is not None else needed
@@ -222,8 +238,22 @@ def plan_epoch(spec: LoaderSpec, epoch: int, start_batch: int) -> Plan:
     if not 0 <= start_batch <= bpe:
         raise ValueError(f"start_batch={start_batch} is outside the epoch's {bpe} batches")
     return Plan(
-        urls=tuple(urls), lengths=tuple(lengths), offsets=tuple(offsets), keep=keep, num_classes=man.num_classes,
-        training=spec.training, batch_size=batch_size, views=spec.views_per_image, seed=spec.seed, epoch=epoch,
-        rank=spec.rank, world_size=world_size, workers=max(1, min(spec.num_workers, bpe)),
-        shuffle_buffer=spec.shuffle_buffer if spec.training else 0, start_batch=start_batch,
-        batches_per_epoch=bpe, rank_indices=rank_indices, all_indices_head=head)
+        urls=tuple(urls),
+        lengths=tuple(lengths),
+        offsets=tuple(offsets),
+        keep=keep,
+        num_classes=man.num_classes,
+        training=spec.training,
+        batch_size=batch_size,
+        views=spec.views_per_image,
+        seed=spec.seed,
+        epoch=epoch,
+        rank=spec.rank,
+        world_size=world_size,
+        workers=max(1, min(spec.num_workers, bpe)),
+        shuffle_buffer=spec.shuffle_buffer if spec.training else 0,
+        start_batch=start_batch,
+        batches_per_epoch=bpe,
+        rank_indices=rank_indices,
+        all_indices_head=head,
+    )

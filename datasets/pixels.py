@@ -8,6 +8,7 @@ white), turns 0..1 floats black and drops alpha.
 Kept apart from the training transforms so that make_shards (which needs only this)
 starts without importing torch and timm.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -57,7 +58,12 @@ def to_rgb(image: Image.Image) -> Image.Image:
         from PIL import ImageCms
 
         if _LAB_TO_SRGB is None:
-            _LAB_TO_SRGB = ImageCms.buildTransform(ImageCms.createProfile("LAB"), ImageCms.createProfile("sRGB"),
-                                                   "LAB", "RGB", flags=ImageCms.Flags.NOOPTIMIZE)
+            _LAB_TO_SRGB = ImageCms.buildTransform(
+                ImageCms.createProfile("LAB"),
+                ImageCms.createProfile("sRGB"),
+                "LAB",
+                "RGB",
+                flags=ImageCms.Flags.NOOPTIMIZE,
+            )
         return ImageCms.applyTransform(image, _LAB_TO_SRGB)
     return image.convert("RGB")

@@ -16,6 +16,7 @@ pool's workers are withdrawn from torch's SIGCHLD watch while idle, so one kille
 killer) is replaced when the pool is next taken instead of raising from whatever line the main
 process was on.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -26,8 +27,13 @@ import os
 import torch
 from torch.utils.data import DataLoader
 
-from vitmpp.common.distributed import (dead_worker_error, explain_failure, leave_stop_signals_to_parent,
-                                        no_interrupts_in_children, worker_exit_detail)
+from vitmpp.common.distributed import (
+    dead_worker_error,
+    explain_failure,
+    leave_stop_signals_to_parent,
+    no_interrupts_in_children,
+    worker_exit_detail,
+)
 from vitmpp.common.errors import UserError
 
 from .order import Plan
@@ -66,8 +72,12 @@ class WorkerPool:
         self.pid = os.getpid()  # the process whose children the workers are
         self.position = multiprocessing.Array("q", 2, lock=False)  # epoch, start batch
         self.loader = DataLoader(
-            ShardStream(plan, maker, self.position), batch_size=None, num_workers=processes, pin_memory=pin_memory,
-            persistent_workers=True, prefetch_factor=prefetch_factor,
+            ShardStream(plan, maker, self.position),
+            batch_size=None,
+            num_workers=processes,
+            pin_memory=pin_memory,
+            persistent_workers=True,
+            prefetch_factor=prefetch_factor,
             # the stop signals are the main process's: a signal to the whole run must not kill the workers
             worker_init_fn=leave_stop_signals_to_parent,
             # DataLoader draws its base seed from this generator instead of the global RNG, so
@@ -130,21 +140,45 @@ class WorkerPool:
 
 def pool_key(plan: Plan, maker, processes: int, pin_memory: bool, prefetch_factor: int) -> tuple:
     """What must be equal for a pool to serve a plan: all of it but the position, and the maker's key."""
+
     def array(a):
         return None if a is None else (a.dtype.str, a.shape, a.tobytes())
 
-    return (plan.urls, plan.lengths, plan.offsets, array(plan.keep), plan.num_classes, plan.training,
-            plan.batch_size, plan.views, plan.seed, plan.rank, plan.world_size, plan.workers, plan.shuffle_buffer,
-            plan.batches_per_epoch, array(plan.rank_indices), array(plan.all_indices_head), maker.key(),
-            processes, pin_memory, prefetch_factor)
+    return (
+        plan.urls,
+        plan.lengths,
+        plan.offsets,
+        array(plan.keep),
+        plan.num_classes,
+        plan.training,
+        plan.batch_size,
+        plan.views,
+        plan.seed,
+        plan.rank,
+        plan.world_size,
+        plan.workers,
+        plan.shuffle_buffer,
+        plan.batches_per_epoch,
+        array(plan.rank_indices),
+        array(plan.all_indices_head),
+        maker.key(),
+        processes,
+        pin_memory,
+        prefetch_factor,
+    )
 
 
 def open_batches(plan: Plan, maker, processes: int, pin_memory: bool, prefetch_factor: int):
     """(iterator over the pass's `WorkerBatch`es, the pool serving it, or None when read in this process).
     A kept pool of the same key serves it when there is one (`give_back`)."""
     if processes == 0:
-        loader = DataLoader(ShardStream(plan, maker), batch_size=None, num_workers=0, pin_memory=pin_memory,
-                            generator=torch.Generator().manual_seed(plan.seed))  # (see WorkerPool)
+        loader = DataLoader(
+            ShardStream(plan, maker),
+            batch_size=None,
+            num_workers=0,
+            pin_memory=pin_memory,
+            generator=torch.Generator().manual_seed(plan.seed),
+        )  # (see WorkerPool)
         return iter(loader), None
     key = pool_key(plan, maker, processes, pin_memory, prefetch_factor)
     kept = next((pool for pool in _IDLE_POOLS if pool.key == key), None)
@@ -255,6 +289,7 @@ def dead_worker(batches, rank: int, error: Exception | None = None) -> UserError
                 # join, after its waitpid took the status and before multiprocessing stored it (seen
                 # on a busy CPU); that handler's RuntimeError carries the status in torch's words
                 return _in_torch_words(error, rank) or dead_worker_error(
-                    rank, f"DataLoader worker (pid {worker.pid}) ended, its exit status lost to a signal handler")
+                    rank, f"DataLoader worker (pid {worker.pid}) ended, its exit status lost to a signal handler"
+                )
             return dead_worker_error(rank, worker_exit_detail(worker.pid, worker.exitcode))
     return None

@@ -28,25 +28,30 @@ A streamed shard whose transport fails is read again from its start, the samples
 yielded passed over (transport.py says when and how often), so the reader yields exactly what
 an undisturbed read yields.
 """
+
 from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
 
 from .shardnames import is_url
-from .transport import Attempts, StreamFailed, is_streamed, open_local, open_stream
 from .tarmembers import NotLean, read_members
+from .transport import Attempts, StreamFailed, is_streamed, open_local, open_stream
 
 IMAGE_MEMBERS = ("jpg", "jpeg", "png", "webp")
 ALLOWED_MEMBERS = set(IMAGE_MEMBERS) | {"cls", "json"}
 # What a shard's first bytes show when it is something else than a tar (a server's error or login
 # page, a zip): said as such instead of "unreadable". A tar has no magic of its own at the start,
 # and compressed tars (gzip, bz2, xz, zstd) are read as tars, so only these are named.
-_NOT_TAR = ((re.compile(rb"\s*<(!doctype|html|\?xml|head|body|error)", re.IGNORECASE), "an HTML or XML page"),
-            (re.compile(rb"PK\x03\x04"), "a zip archive"), (re.compile(rb"\s*[{\[]"), "a JSON document"),
-            (re.compile(rb"%PDF-"), "a PDF"), (re.compile(rb"\x89PNG|\xff\xd8\xff"), "a single image"))
+_NOT_TAR = (
+    (re.compile(rb"\s*<(!doctype|html|\?xml|head|body|error)", re.IGNORECASE), "an HTML or XML page"),
+    (re.compile(rb"PK\x03\x04"), "a zip archive"),
+    (re.compile(rb"\s*[{\[]"), "a JSON document"),
+    (re.compile(rb"%PDF-"), "a PDF"),
+    (re.compile(rb"\x89PNG|\xff\xd8\xff"), "a single image"),
+)
 
 
 @dataclass
@@ -157,8 +162,9 @@ def check_tar_start(stream):
     return _Replay(head, stream)
 
 
-def read_shard(url: str, offset: int, length: int, wanted: Callable[[int], bool] | None,
-               tally: Tally, count_lost: bool = True) -> Iterator[RawSample]:
+def read_shard(
+    url: str, offset: int, length: int, wanted: Callable[[int], bool] | None, tally: Tally, count_lost: bool = True
+) -> Iterator[RawSample]:
     """Yield the wanted samples of one shard, in order, with global indices offset + position.
 
     If the shard ends early or cannot be read, the wanted samples the manifest says
@@ -198,21 +204,32 @@ def read_shard(url: str, offset: int, length: int, wanted: Callable[[int], bool]
                     if again < resume_at:
                         continue  # yielded (or passed over) by an earlier attempt: the same bytes
                     if position >= length:
-                        tally.note(url, "long", f"shard {url} holds more samples than the {length} its manifest "
-                                                "lists; the extra ones are ignored")
+                        tally.note(
+                            url,
+                            "long",
+                            f"shard {url} holds more samples than the {length} its manifest "
+                            "lists; the extra ones are ignored",
+                        )
                         break
                     index = offset + position
                     position += 1
                     if duplicate:
-                        tally.note(url, "duplicate", f"shard {url} holds key {members['__key__']} more than once; "
-                                                     "each repeat is skipped")
+                        tally.note(
+                            url,
+                            "duplicate",
+                            f"shard {url} holds key {members['__key__']} more than once; each repeat is skipped",
+                        )
                         if count_lost and (wanted is None or wanted(index)):
                             tally.skipped += 1
                         continue
                     unknown = set(members) - ALLOWED_MEMBERS - {"__key__", "__url__", "__local_path__"}
                     if unknown:
-                        tally.note(url, "members", f"shard {url} holds members of type "
-                                                   f"{', '.join(sorted(unknown))}, which are ignored and never decoded")
+                        tally.note(
+                            url,
+                            "members",
+                            f"shard {url} holds members of type "
+                            f"{', '.join(sorted(unknown))}, which are ignored and never decoded",
+                        )
                     if wanted is None or wanted(index):
                         yield RawSample(index, url, members)
             finally:
@@ -230,13 +247,20 @@ def read_shard(url: str, offset: int, length: int, wanted: Callable[[int], bool]
             if count_lost:
                 tally.skipped += lost
             reason = str(err).split(" @ ")[0] or type(err).__name__
-            tally.note(url, "broken", f"shard {url} is unreadable after {position} of its {length} samples "
-                                      f"({reason}); {lost} samples skipped")
+            tally.note(
+                url,
+                "broken",
+                f"shard {url} is unreadable after {position} of its {length} samples "
+                f"({reason}); {lost} samples skipped",
+            )
             return
         break
     if position < length:
         lost = lost_from(position)
         if count_lost:
             tally.skipped += lost
-        tally.note(url, "short", f"shard {url} ends after {position} samples but its manifest lists {length}; "
-                                 f"{lost} samples skipped")
+        tally.note(
+            url,
+            "short",
+            f"shard {url} ends after {position} samples but its manifest lists {length}; {lost} samples skipped",
+        )

@@ -5,14 +5,16 @@ shard folder or become a command, and `pipe_with_file` puts a name into the user
 command as one quoted shell literal (docs/security.md). Brace patterns expand as webdataset's
 `expand_urls` does.
 """
+
 from __future__ import annotations
 
 import os
 import re
 import shlex
 import urllib.parse
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from vitmpp.common.errors import UserError
 
@@ -44,8 +46,10 @@ def pipe_with_file(command: str, name: str) -> str:
     command receives exactly the characters of the name whatever they are (docs/security.md)."""
     match = _pipe_file(command)
     if match is None:
-        raise UserError(f"Cannot tell which file the command '{command}' reads (no word ending in .tar or "
-                        "_info.json); name the shard file in it, as in pipe:aws s3 cp s3://bucket/shard-000000.tar -.")
+        raise UserError(
+            f"Cannot tell which file the command '{command}' reads (no word ending in .tar or "
+            "_info.json); name the shard file in it, as in pipe:aws s3 cp s3://bucket/shard-000000.tar -."
+        )
     start, end = match.span("name")
     quoted = shlex.quote(name)
     open_quote = _open_quote(command[:start])

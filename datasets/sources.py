@@ -21,13 +21,15 @@ built-in ones: `digits` and `torchvision` here, `synthetic` (synthetic.py), `ima
 Images of every PIL mode become RGB through `pixels.to_rgb` (16-bit and float
 pixels scaled, alpha composited), never through a clipping `convert("RGB")`.
 """
+
 from __future__ import annotations
 
 import inspect
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -72,10 +74,11 @@ class SourceData:
     files: bool = False  # items are files: each sample keeps its path (a json member), and a class none
     #                      of whose files could be read is refused (its label would belong to no image)
     own_splits: str | None = None  # what its fixed splits are, for the manifest's splits_made_by
-    train_origin: str = "train"    # what its train split is called there ("train/" for a folder)
+    train_origin: str = "train"  # what its train split is called there ("train/" for a folder)
 
 
 # ----------------------------------------------------------------------------- the registry
+
 
 @dataclass(frozen=True)
 class Source:
@@ -99,13 +102,16 @@ SHARED_OPTIONS = ("seed", "max_size")  # the writer's, given to a source that na
 
 def register_source(name: str, *, test_fraction: float | None = None, test_seed: int | None = None):
     """Register the decorated function as source `name` (`make_shards --source name`)."""
+
     def register(read: Callable[..., SourceData]) -> Callable[..., SourceData]:
         SOURCES[name] = Source(name, read, test_fraction, test_seed)
         return read
+
     return register
 
 
 # ----------------------------------------------------------------------------- digits
+
 
 # the digits' test split is a fixed 20% that no seed moves: every digits number is reported on it
 @register_source("digits", test_fraction=0.2, test_seed=0)
@@ -127,6 +133,7 @@ def grey_digit_images(name: str, pixels: np.ndarray, labels: np.ndarray, image_s
         def load() -> Loaded:
             small = Image.fromarray(pixels[i], mode="L")
             return Loaded(small.resize((image_size, image_size), Image.Resampling.BICUBIC).convert("RGB"))
+
         return load
 
     items = [Item(int(labels[i]), f"{name}[{i}]", loader(i)) for i in range(len(labels))]
@@ -134,6 +141,7 @@ def grey_digit_images(name: str, pixels: np.ndarray, labels: np.ndarray, image_s
 
 
 # ----------------------------------------------------------------------------- torchvision
+
 
 @register_source("torchvision")
 def torchvision_source(dataset: str = "CIFAR10", root: Path | None = None) -> SourceData:
@@ -155,8 +163,10 @@ def torchvision_source(dataset: str = "CIFAR10", root: Path | None = None) -> So
             return cls(str(root), **split_kw, **kwargs)
         except (RuntimeError, FileNotFoundError, OSError):
             # torchvision's own message suggests download=True: we never download
-            raise UserError(f"torchvision {dataset} is not on disk under '{root}'; put its files there "
-                            "(vitmpp never downloads data).") from None
+            raise UserError(
+                f"torchvision {dataset} is not on disk under '{root}'; put its files there "
+                "(vitmpp never downloads data)."
+            ) from None
 
     # the data set's own test split stays `test` (what papers report on); validation is carved from train
     if "train" in params:
@@ -181,7 +191,9 @@ def torchvision_source(dataset: str = "CIFAR10", root: Path | None = None) -> So
                     return Loaded(to_rgb(image))
                 except UnknownScale as err:
                     raise SkipInput(str(err)) from None
+
             return fetch
+
         return [Item(int(labels[i]), f"{dataset}/{split}[{i}]", loader(i)) for i in range(len(ds))]
 
     first = next(iter(parts.values()))
@@ -202,8 +214,10 @@ def refuse_special_files(root: Path) -> None:
         for dname in dirnames:
             path = os.path.join(dirpath, dname)
             if os.path.islink(path) and is_inside(os.path.realpath(dirpath), os.path.realpath(path)):
-                raise UserError(f"'{path}' under --root is a symlink to one of its own parent folders, which "
-                                "would be read again and again; remove it.")
+                raise UserError(
+                    f"'{path}' under --root is a symlink to one of its own parent folders, which "
+                    "would be read again and again; remove it."
+                )
         for fname in filenames:
             path = os.path.join(dirpath, fname)
             try:
@@ -211,8 +225,10 @@ def refuse_special_files(root: Path) -> None:
             except OSError:  # a dangling link: torchvision reports a missing file itself
                 continue
             if kind is not None:
-                raise UserError(f"'{path}' under --root is {kind}, not a regular file, and reading it could wait "
-                                "forever; remove it or point --root at the data set's own files.")
+                raise UserError(
+                    f"'{path}' under --root is {kind}, not a regular file, and reading it could wait "
+                    "forever; remove it or point --root at the data set's own files."
+                )
 
 
 def _dataset_labels(ds) -> list[int]:

@@ -16,13 +16,15 @@ epoch's loader to the next). The spec lives apart from the loader's
 implementation so that code which only needs the contract (an engine, a stand-in loader
 in a benchmark) reads a short module.
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterator, NamedTuple, Protocol, Sequence, runtime_checkable
+from typing import NamedTuple, Protocol, runtime_checkable
 
 import torch
 
@@ -32,9 +34,9 @@ from .manifest import Manifest, expand_shard_spec, names_all_shards, shard_name
 class Batch(NamedTuple):
     """One batch of one rank (`Loader.__iter__`)."""
 
-    images: torch.Tensor   # uint8 [B, 3, H, W]: normalise on the device (transforms.normalize_batch); already
+    images: torch.Tensor  # uint8 [B, 3, H, W]: normalise on the device (transforms.normalize_batch); already
     #                        on LoaderSpec.device with augment_on="device" (and decode_on="device")
-    labels: torch.Tensor   # int64 [B]
+    labels: torch.Tensor  # int64 [B]
     indices: torch.Tensor  # int64 [B], global sample index in the split, -1 for padding/fill
     skipped: torch.Tensor  # int64 scalar: samples this worker skipped since its previous batch
 
@@ -76,8 +78,10 @@ class Loader(Protocol):
 
 def _shards_text(shards) -> str | tuple[str, ...]:
     if isinstance(shards, Manifest):
-        raise TypeError("LoaderSpec.shards names the shards (a folder, _info.json, pattern or list); "
-                        "pass the Manifest as `manifest=` and its folder (manifest.base) as `shards=`")
+        raise TypeError(
+            "LoaderSpec.shards names the shards (a folder, _info.json, pattern or list); "
+            "pass the Manifest as `manifest=` and its folder (manifest.base) as `shards=`"
+        )
     if isinstance(shards, (str, os.PathLike)):
         return os.fspath(shards)
     if isinstance(shards, Sequence):
@@ -164,31 +168,40 @@ class LoaderSpec:
         set_ = object.__setattr__  # frozen: normalise the inputs once, here
         set_(self, "shards", _shards_text(self.shards))
         if not isinstance(self.manifest, Manifest):
-            raise TypeError(f"LoaderSpec.manifest must be a Manifest (read_manifest(...)), "
-                            f"not {type(self.manifest).__name__}")
+            raise TypeError(
+                f"LoaderSpec.manifest must be a Manifest (read_manifest(...)), not {type(self.manifest).__name__}"
+            )
         if self.keep_indices is not None:
             set_(self, "keep_indices", tuple(int(i) for i in self.keep_indices))
-        if (self.batch_size < 1 or self.world_size < 1 or not 0 <= self.rank < self.world_size
-                or self.num_workers < 0):
-            raise ValueError(f"LoaderSpec: bad geometry batch_size={self.batch_size} rank={self.rank} "
-                             f"world_size={self.world_size} num_workers={self.num_workers}")
+        if self.batch_size < 1 or self.world_size < 1 or not 0 <= self.rank < self.world_size or self.num_workers < 0:
+            raise ValueError(
+                f"LoaderSpec: bad geometry batch_size={self.batch_size} rank={self.rank} "
+                f"world_size={self.world_size} num_workers={self.num_workers}"
+            )
         if self.batches_per_epoch is not None and self.batches_per_epoch < 1:
-            raise ValueError(f"LoaderSpec: batches_per_epoch must be at least 1 (or None), "
-                             f"got {self.batches_per_epoch}")
+            raise ValueError(
+                f"LoaderSpec: batches_per_epoch must be at least 1 (or None), got {self.batches_per_epoch}"
+            )
         if self.shuffle_buffer < 0 or self.prefetch_factor < 1:
-            raise ValueError(f"LoaderSpec: shuffle_buffer={self.shuffle_buffer} must be >= 0 and "
-                             f"prefetch_factor={self.prefetch_factor} >= 1")
+            raise ValueError(
+                f"LoaderSpec: shuffle_buffer={self.shuffle_buffer} must be >= 0 and "
+                f"prefetch_factor={self.prefetch_factor} >= 1"
+            )
         if not 0 <= self.max_skip_fraction <= 1:
             raise ValueError(f"max_skip_fraction must be in [0, 1], got {self.max_skip_fraction}")
         if self.views_per_image < 1 or self.batch_size % self.views_per_image:
-            raise ValueError(f"LoaderSpec: batch_size={self.batch_size} must be a multiple of "
-                             f"views_per_image={self.views_per_image} (>= 1)")
+            raise ValueError(
+                f"LoaderSpec: batch_size={self.batch_size} must be a multiple of "
+                f"views_per_image={self.views_per_image} (>= 1)"
+            )
         if self.augment_on not in ("cpu", "device"):
             raise ValueError(f"LoaderSpec: augment_on must be 'cpu' or 'device', got {self.augment_on!r}")
         if self.decode_on not in ("worker", "device"):
             raise ValueError(f"LoaderSpec: decode_on must be 'worker' or 'device', got {self.decode_on!r}")
         if self.decode_on == "device" and self.augment_on != "device":
-            raise ValueError("LoaderSpec: decode_on='device' needs augment_on='device' (the crop and flip of JPEGs "
-                             "decoded on the device run there)")
+            raise ValueError(
+                "LoaderSpec: decode_on='device' needs augment_on='device' (the crop and flip of JPEGs "
+                "decoded on the device run there)"
+            )
         if self.device is not None:
             set_(self, "device", torch.device(self.device))

@@ -14,10 +14,11 @@ A `BatchMaker` says how a batch is made on both sides of the worker boundary: `d
   decode is skipped there, its samples repeats of good ones (index -1), counted and noted as a
   worker's would be.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Callable
 
 import numpy as np
 import torch
@@ -51,8 +52,10 @@ class CpuTransform:
             stacked = torch.stack(images)
         except RuntimeError:
             shapes = sorted({tuple(t.shape) for t in images})
-            raise TypeError(f"the loader's transform returned images of different shapes {shapes}; it must "
-                            "produce a fixed size (crop or resize to img_size)") from None
+            raise TypeError(
+                f"the loader's transform returned images of different shapes {shapes}; it must "
+                "produce a fixed size (crop or resize to img_size)"
+            ) from None
         return stacked, torch.tensor([label for _, label in filled], dtype=torch.int64), None
 
     def _to_tensor(self, image) -> torch.Tensor:
@@ -61,8 +64,10 @@ class CpuTransform:
             out = torch.from_numpy(out)
         if not isinstance(out, torch.Tensor) or out.dtype != torch.uint8 or out.dim() != 3:
             got = f"{out.dtype} {tuple(out.shape)}" if isinstance(out, torch.Tensor) else type(out).__name__
-            raise TypeError(f"the loader's transform must return a uint8 CHW tensor, got {got} "
-                            "(use the transforms of vitmpp.datasets.transforms)")
+            raise TypeError(
+                f"the loader's transform must return a uint8 CHW tensor, got {got} "
+                "(use the transforms of vitmpp.datasets.transforms)"
+            )
         return out
 
     def finish(self, batch: WorkerBatch, plan: Plan) -> WorkerBatch:
@@ -101,8 +106,12 @@ class DeviceCrop:
     def finish(self, batch: WorkerBatch, plan: Plan) -> WorkerBatch:
         rois, flips = batch.crops
         device = self.device
-        images = crop_flip_batch(batch.images.to(device, non_blocking=True), rois.to(device, non_blocking=True),
-                                 flips.to(device, non_blocking=True), self.crop_flip.size)
+        images = crop_flip_batch(
+            batch.images.to(device, non_blocking=True),
+            rois.to(device, non_blocking=True),
+            flips.to(device, non_blocking=True),
+            self.crop_flip.size,
+        )
         return replace(batch, images=images, crops=None)
 
 
@@ -152,8 +161,9 @@ class DeviceDecode(DeviceCrop):
             image, label = self._fallback_image(plan)
             images = image.expand(len(bad), -1, -1, -1).clone()
             labels = torch.full_like(labels, label)
-        return replace(batch, images=images, labels=labels, indices=indices, skipped=batch.skipped + lost,
-                       notes=notes, crops=None)
+        return replace(
+            batch, images=images, labels=labels, indices=indices, skipped=batch.skipped + lost, notes=notes, crops=None
+        )
 
     def _fallback_image(self, plan: Plan) -> tuple[torch.Tensor, int]:
         """([1, 3, size, size] on the device, label): the first sample of the shards that decodes in a
@@ -161,8 +171,12 @@ class DeviceDecode(DeviceCrop):
         if self._fallback is None:
             array, label = first_decodable(plan, super().decode)
             regions, rois = pack_regions([array], [(0, 0, array.shape[0], array.shape[1])])
-            image = crop_flip_batch(torch.from_numpy(regions).to(self.device), torch.from_numpy(rois),
-                                    torch.zeros(1, dtype=torch.bool), self.crop_flip.size)
+            image = crop_flip_batch(
+                torch.from_numpy(regions).to(self.device),
+                torch.from_numpy(rois),
+                torch.zeros(1, dtype=torch.bool),
+                self.crop_flip.size,
+            )
             self._fallback = (image, label)
         return self._fallback
 
@@ -176,9 +190,11 @@ def batch_maker(spec: LoaderSpec):
         raise ValueError("augment_on='device' applies to training loaders only")
     crop_flip = CropFlip.of(spec.transform)
     if crop_flip is None:
-        raise UserError(f"Key 'data.augment_on' is 'device', but the training transform is not "
-                        f"RandomResizedCrop + flip alone (it is {describe_transform(spec.transform)}); "
-                        "set data.augment_on=cpu for this stage.")
+        raise UserError(
+            f"Key 'data.augment_on' is 'device', but the training transform is not "
+            f"RandomResizedCrop + flip alone (it is {describe_transform(spec.transform)}); "
+            "set data.augment_on=cpu for this stage."
+        )
     device = spec.device if spec.device is not None else torch.device("cpu")
     maker = DeviceDecode if spec.decode_on == "device" else DeviceCrop
     return maker(crop_flip, draft_side, device)

@@ -6,13 +6,15 @@ loader opens). A sample that fails to decode becomes a repeat of a good one of i
 (index -1, `order.fill_sources`), so batch j is always made of the same raw samples; each batch
 draws its augmentations from global generators seeded by (seed, epoch, rank, worker, j).
 """
+
 from __future__ import annotations
 
 import itertools
 import random
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,17 +33,18 @@ class WorkerBatch:
     """One batch as a worker hands it to the main process, before the mode's main-process step
     (`BatchMaker.finish`) turns it into a `Batch`."""
 
-    images: Any               # uint8 [B, 3, H, W] (cpu transform), regions [R, h, w, 3] (device crop),
+    images: Any  # uint8 [B, 3, H, W] (cpu transform), regions [R, h, w, 3] (device crop),
     #                           or an `EncodedBatch` (device decode)
-    labels: torch.Tensor      # int64 [B]
-    indices: torch.Tensor     # int64 [B], -1 for padding and fill
-    skipped: torch.Tensor     # int64 scalar: samples this worker skipped since its previous batch
-    notes: tuple              # ((shard url, message), ...): what went wrong, each shard once per worker
-    retries: int              # streamed shard reads retried since the previous batch
+    labels: torch.Tensor  # int64 [B]
+    indices: torch.Tensor  # int64 [B], -1 for padding and fill
+    skipped: torch.Tensor  # int64 scalar: samples this worker skipped since its previous batch
+    notes: tuple  # ((shard url, message), ...): what went wrong, each shard once per worker
+    retries: int  # streamed shard reads retried since the previous batch
     crops: tuple | None = None  # device modes: (rois [B, 5], flips bool [B]); the main process crops
 
     def pin_memory(self) -> WorkerBatch:
         """The batch with its tensors in pinned memory (torch's pin-memory thread calls this)."""
+
         def pin(x):
             if isinstance(x, torch.Tensor):
                 return x.pin_memory()
@@ -49,8 +52,9 @@ class WorkerBatch:
                 return type(x)(*(pin(t) for t in x)) if hasattr(x, "_fields") else tuple(pin(t) for t in x)
             return x
 
-        return replace(self, images=pin(self.images), labels=pin(self.labels), indices=pin(self.indices),
-                       crops=pin(self.crops))
+        return replace(
+            self, images=pin(self.images), labels=pin(self.labels), indices=pin(self.indices), crops=pin(self.crops)
+        )
 
 
 @contextmanager
@@ -80,8 +84,10 @@ def first_decodable(plan: Plan, decode):
             decoded = decode_or_note(decode, raw, plan.num_classes, scratch)
             if decoded is not None:
                 return decoded
-    raise UserError(f"No sample of {len(plan.urls)} shards (e.g. {plan.urls[0]}) can be decoded; "
-                    "check or rewrite the shards with make_shards.")
+    raise UserError(
+        f"No sample of {len(plan.urls)} shards (e.g. {plan.urls[0]}) can be decoded; "
+        "check or rewrite the shards with make_shards."
+    )
 
 
 class ShardStream(IterableDataset):
@@ -150,8 +156,15 @@ class ShardStream(IterableDataset):
         skipped, notes = tally.take()
         retries, tally.retries = tally.retries, 0
         images, labels, crops = self.maker.make(filled)
-        return WorkerBatch(images, labels, torch.tensor(indices, dtype=torch.int64),
-                           torch.tensor(skipped, dtype=torch.int64), notes, retries, crops)
+        return WorkerBatch(
+            images,
+            labels,
+            torch.tensor(indices, dtype=torch.int64),
+            torch.tensor(skipped, dtype=torch.int64),
+            notes,
+            retries,
+            crops,
+        )
 
     # -- training
 
@@ -168,10 +181,15 @@ class ShardStream(IterableDataset):
             empty_in_a_row = 0 if produced else empty_in_a_row + 1
             if empty_in_a_row > limit:
                 why = next((message for url, message in reversed(tally.notes) if url == p.urls[shard]), None)
-                reads = (f"read shard {p.urls[shard]} {empty_in_a_row} times" if len(p.urls) == 1 else
-                         f"read {empty_in_a_row} shards in a row (the last {p.urls[shard]})")
-                raise UserError(f"Worker {worker} of rank {p.rank} {reads} without a usable sample"
-                                f"{f' ({why})' if why else ''}; check or rewrite the shards.")
+                reads = (
+                    f"read shard {p.urls[shard]} {empty_in_a_row} times"
+                    if len(p.urls) == 1
+                    else f"read {empty_in_a_row} shards in a row (the last {p.urls[shard]})"
+                )
+                raise UserError(
+                    f"Worker {worker} of rank {p.rank} {reads} without a usable sample"
+                    f"{f' ({why})' if why else ''}; check or rewrite the shards."
+                )
 
     def _train(self, worker: int, in_main: bool):
         import webdataset as wds
@@ -248,7 +266,7 @@ class ShardStream(IterableDataset):
 
         for b in range(0, len(slots), p.batch_size):
             raws, real = [], []
-            for index, is_real in slots[b:b + p.batch_size]:
+            for index, is_real in slots[b : b + p.batch_size]:
                 raw = fetch(index)
                 if raw is None and is_real:
                     tally.skipped += 1  # lost with an unreadable part of its shard

@@ -3,11 +3,12 @@
 The class is the (shape, colour) pair; everything else (position, size, rotation, background) is
 drawn per image from a generator seeded by (seed, index), so any image can be regenerated alone.
 """
+
 from __future__ import annotations
 
 import colorsys
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -25,8 +26,13 @@ def synthetic_class_names(num_classes: int) -> list[str]:
 
 def _polygon(kind: str, cx: float, cy: float, r: float, angle: float) -> list[tuple[float, float]]:
     def ring(n: int, radii: list[float], phase: float = 0.0):
-        return [(cx + radii[k % len(radii)] * r * math.cos(angle + phase + 2 * math.pi * k / n),
-                 cy + radii[k % len(radii)] * r * math.sin(angle + phase + 2 * math.pi * k / n)) for k in range(n)]
+        return [
+            (
+                cx + radii[k % len(radii)] * r * math.cos(angle + phase + 2 * math.pi * k / n),
+                cy + radii[k % len(radii)] * r * math.sin(angle + phase + 2 * math.pi * k / n),
+            )
+            for k in range(n)
+        ]
 
     if kind == "square":
         return ring(4, [1.0], math.pi / 4)
@@ -38,7 +44,20 @@ def _polygon(kind: str, cx: float, cy: float, r: float, angle: float) -> list[tu
         return ring(10, [1.0, 0.42], -math.pi / 2)
     if kind == "cross":  # a plus sign: 12 corners at two radii
         w = 0.34
-        pts = [(w, 1), (w, w), (1, w), (1, -w), (w, -w), (w, -1), (-w, -1), (-w, -w), (-1, -w), (-1, w), (-w, w), (-w, 1)]
+        pts = [
+            (w, 1),
+            (w, w),
+            (1, w),
+            (1, -w),
+            (w, -w),
+            (w, -1),
+            (-w, -1),
+            (-w, -w),
+            (-1, -w),
+            (-1, w),
+            (-w, w),
+            (-w, 1),
+        ]
         ca, sa = math.cos(angle), math.sin(angle)
         return [(cx + r * (x * ca - y * sa), cy + r * (x * sa + y * ca)) for x, y in pts]
     raise ValueError(kind)
@@ -87,8 +106,11 @@ def draw_synthetic(index: int, label: int, num_classes: int, image_size: int, se
         for k in (-1, 0, 1):
             dx, dy = math.cos(angle + math.pi / 2) * k * r * 0.6, math.sin(angle + math.pi / 2) * k * r * 0.6
             end = (math.cos(angle) * r, math.sin(angle) * r)
-            draw.line([(cx + dx - end[0], cy + dy - end[1]), (cx + dx + end[0], cy + dy + end[1])],
-                      fill=fg, width=max(1, int(r * 0.22)))
+            draw.line(
+                [(cx + dx - end[0], cy + dy - end[1]), (cx + dx + end[0], cy + dy + end[1])],
+                fill=fg,
+                width=max(1, int(r * 0.22)),
+            )
     else:
         draw.polygon(_polygon(shape, cx, cy, r, angle), fill=fg)
     return image

@@ -21,11 +21,13 @@ plain header, a compressed stream) raises
 `NotLean` before anything of that member is yielded, and the caller reads the shard again
 with tarfile (samples.read_shard passes over what was already yielded).
 """
+
 from __future__ import annotations
 
 import re
 import tarfile
-from typing import BinaryIO, Iterator
+from collections.abc import Iterator
+from typing import BinaryIO
 
 BLOCK = 512
 _ENCODING, _ERRORS = tarfile.ENCODING, "surrogateescape"  # what TarFile uses when reading
@@ -33,7 +35,7 @@ _ENCODING, _ERRORS = tarfile.ENCODING, "surrogateescape"  # what TarFile uses wh
 _NUMBER_FIELDS = ((100, 108), (108, 116), (116, 124), (124, 136), (136, 148), (148, 156), (329, 337), (337, 345))
 # a number field our reader parses itself: octal digits, then spaces/NULs (anything else goes to tarfile)
 _PLAIN_NUMBER = re.compile(rb" *[0-7]*[ \0]*")
-_REGULAR = (b"0", b"\0", b"7")         # tarfile.REGULAR_TYPES without GNU sparse (not interpreted here)
+_REGULAR = (b"0", b"\0", b"7")  # tarfile.REGULAR_TYPES without GNU sparse (not interpreted here)
 _NO_DATA = (b"1", b"2", b"3", b"4", b"5", b"6")  # supported types whose size is not followed by data
 _NOT_INTERPRETED = (b"L", b"K", b"S", b"x", b"g", b"X")  # GNU long names, sparse, pax headers
 # what tarfile's "r|*" mode recognises as compressed

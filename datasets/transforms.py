@@ -13,10 +13,11 @@ transform would keep.
 
 `to_rgb` (pixels.py) is the one way a decoded image of any mode becomes RGB.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from timm.data import create_transform
@@ -34,27 +35,48 @@ def _crop_side_needed(img_size: int, min_scale: float) -> int:
     return math.ceil(img_size / math.sqrt(min_scale * _MIN_RATIO))
 
 
-def pretrain_transform(img_size: int, scale: Sequence[float] = (0.2, 1.0), hflip: float = 0.5,
-                       interpolation: str = "bicubic"):
+def pretrain_transform(
+    img_size: int, scale: Sequence[float] = (0.2, 1.0), hflip: float = 0.5, interpolation: str = "bicubic"
+):
     """MAE's pretraining augmentation: RandomResizedCrop(scale) and a horizontal flip, nothing else."""
     transform = create_transform(
-        img_size, is_training=True, scale=tuple(scale), hflip=hflip, color_jitter=None, auto_augment=None,
-        interpolation=interpolation, re_prob=0.0, use_prefetcher=True,
+        img_size,
+        is_training=True,
+        scale=tuple(scale),
+        hflip=hflip,
+        color_jitter=None,
+        auto_augment=None,
+        interpolation=interpolation,
+        re_prob=0.0,
+        use_prefetcher=True,
     )
     transform.decode_min_side = _crop_side_needed(img_size, scale[0])
     return transform
 
 
-def finetune_transform(img_size: int, *, auto_augment: str | None = "rand-m9-mstd0.5-inc1",
-                       interpolation: str = "bicubic", scale: Sequence[float] = (0.08, 1.0), hflip: float = 0.5,
-                       color_jitter: float | None = None):
+def finetune_transform(
+    img_size: int,
+    *,
+    auto_augment: str | None = "rand-m9-mstd0.5-inc1",
+    interpolation: str = "bicubic",
+    scale: Sequence[float] = (0.08, 1.0),
+    hflip: float = 0.5,
+    color_jitter: float | None = None,
+):
     """DeiT/MAE fine-tuning augmentation from timm (RandAugment by default), as uint8.
 
     Random erasing and mixup/cutmix act on normalised batches, so the fine-tuning
     engine applies them on the device."""
     transform = create_transform(
-        img_size, is_training=True, scale=tuple(scale), hflip=hflip, color_jitter=color_jitter,
-        auto_augment=auto_augment or None, interpolation=interpolation, re_prob=0.0, use_prefetcher=True,
+        img_size,
+        is_training=True,
+        scale=tuple(scale),
+        hflip=hflip,
+        color_jitter=color_jitter,
+        auto_augment=auto_augment or None,
+        interpolation=interpolation,
+        re_prob=0.0,
+        use_prefetcher=True,
     )
     transform.decode_min_side = _crop_side_needed(img_size, scale[0])
     _allow_zero_bit_posterize(transform)
@@ -92,8 +114,9 @@ def eval_transform(img_size: int, crop_pct: float | None = None, interpolation: 
     border is too much of a 32-pixel digit)."""
     if crop_pct is None:
         crop_pct = 1.0 if img_size < TINY_IMAGE else 0.875
-    transform = create_transform(img_size, is_training=False, crop_pct=crop_pct, interpolation=interpolation,
-                                 use_prefetcher=True)
+    transform = create_transform(
+        img_size, is_training=False, crop_pct=crop_pct, interpolation=interpolation, use_prefetcher=True
+    )
     transform.decode_min_side = math.floor(img_size / crop_pct)
     return transform
 
@@ -113,6 +136,8 @@ def normalize_batch(images_uint8: torch.Tensor, mean, std) -> torch.Tensor:
     mean_t = torch.as_tensor(mean, dtype=torch.float32, device=device).reshape(1, -1, 1, 1)
     std_t = torch.as_tensor(std, dtype=torch.float32, device=device).reshape(1, -1, 1, 1)
     if mean_t.shape[1] != images_uint8.shape[1] or std_t.shape[1] != images_uint8.shape[1]:
-        raise ValueError(f"mean/std have {mean_t.shape[1]}/{std_t.shape[1]} values for {images_uint8.shape[1]} channels")
+        raise ValueError(
+            f"mean/std have {mean_t.shape[1]}/{std_t.shape[1]} values for {images_uint8.shape[1]} channels"
+        )
     # one pass: x * (1 / (255 std)) - mean / std
     return torch.addcmul((-mean_t / std_t), images_uint8.float(), 1.0 / (255.0 * std_t))

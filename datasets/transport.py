@@ -7,12 +7,14 @@ a `pipe:` command that exits non-zero after its first byte is retried: the shard
 again from its beginning and the samples already yielded are passed over, so the reader
 yields exactly what an undisturbed read yields (exact resume holds). Retries back off
 exponentially (`RETRY_FIRST_DELAY_S` doubling up to `RETRY_MAX_DELAY_S`), at most
-`retry_policy()` attempts within its time budget, counted by the shard reader (`samples.read_shard`, in `Tally.retries`). A shard that
-stays unreachable, an HTTP 4xx such as 404, or a `pipe:` command that fails before its first
-byte stops the run with a `ShardUnreachable` sentence naming the URL: unlike a damaged shard,
-whose bytes are the same at every read, skipping it would make the samples trained on depend
-on the network. A stream that arrives whole but is not a valid tar is damage, as for a file.
+`retry_policy()` attempts within its time budget, counted by the shard reader
+(`samples.read_shard`, in `Tally.retries`). A shard that stays unreachable, an HTTP 4xx such as
+404, or a `pipe:` command that fails before its first byte stops the run with a
+`ShardUnreachable` sentence naming the URL: unlike a damaged shard, whose bytes are the same at
+every read, skipping it would make the samples trained on depend on the network. A stream that
+arrives whole but is not a valid tar is damage, as for a file.
 """
+
 from __future__ import annotations
 
 import os
@@ -39,11 +41,11 @@ def open_local(url: str):
 # per run through the environment (the loader's worker processes inherit it); the delays cannot.
 RETRIES_ENV = "VITMPP_DATA_RETRIES"
 RETRY_TIMEOUT_ENV = "VITMPP_DATA_RETRY_TIMEOUT_S"
-DEFAULT_RETRIES = 10           # retries of one shard read after its first failure
+DEFAULT_RETRIES = 10  # retries of one shard read after its first failure
 DEFAULT_RETRY_TIMEOUT_S = 300.0  # from the start of the first failed attempt to giving up
-RETRY_FIRST_DELAY_S = 0.25     # the delays: 0.25, 0.5, 1, ... s, each x0.5-1 random jitter ...
-RETRY_MAX_DELAY_S = 30.0       # ... never more than this
-STALL_TIMEOUT_S = 60.0         # no byte for this long (HTTP connect or read, pipe output): a failed attempt
+RETRY_FIRST_DELAY_S = 0.25  # the delays: 0.25, 0.5, 1, ... s, each x0.5-1 random jitter ...
+RETRY_MAX_DELAY_S = 30.0  # ... never more than this
+STALL_TIMEOUT_S = 60.0  # no byte for this long (HTTP connect or read, pipe output): a failed attempt
 # HTTP answers worth asking again (the server is busy, restarting or overloaded); any other 4xx is final
 RETRIED_HTTP = {408, 425, 429}
 _JITTER = random.SystemRandom()  # never the global `random`: augmentations draw from it (exact resume)
@@ -51,6 +53,7 @@ _JITTER = random.SystemRandom()  # never the global `random`: augmentations draw
 
 def retry_policy() -> tuple[int, float]:
     """(retries, time budget in s) for one shard read, from the environment or the defaults."""
+
     def number(name: str, default: float, kind):
         text = os.environ.get(name, "").strip()
         if not text:
@@ -60,8 +63,9 @@ def retry_policy() -> tuple[int, float]:
         except ValueError:
             value = -1
         if value < 0:
-            raise UserError(f"Environment variable {name}={text!r} is not a non-negative number; "
-                            "unset it or give a number.")
+            raise UserError(
+                f"Environment variable {name}={text!r} is not a non-negative number; unset it or give a number."
+            )
         return value
 
     return number(RETRIES_ENV, DEFAULT_RETRIES, int), number(RETRY_TIMEOUT_ENV, DEFAULT_RETRY_TIMEOUT_S, float)
@@ -112,8 +116,11 @@ class _HttpStream:
             reason = "its redirects loop" if 300 <= err.code < 400 else (str(err.reason).splitlines() or [""])[0]
             raise StreamFailed(f"the server answered HTTP {err.code}: {reason}", final=final) from None
         except (http.client.InvalidURL, ValueError, UnicodeError) as err:  # a space, a control character, non-ASCII
-            raise StreamFailed(f"the URL is not one HTTP can send ({_describe(err)}); percent-encode spaces, "
-                               "control and non-ASCII characters", final=True) from None
+            raise StreamFailed(
+                f"the URL is not one HTTP can send ({_describe(err)}); percent-encode spaces, "
+                "control and non-ASCII characters",
+                final=True,
+            ) from None
         except (urllib.error.URLError, *self._errors) as err:
             raise StreamFailed(_describe(err)) from None
         self.expected = self.response.length  # None for a chunked body (http.client checks those itself)
@@ -139,13 +146,20 @@ class _PipeStream:
     STALL_TIMEOUT_S is a failure too; closing early ends the command and its children."""
 
     def __init__(self, url: str):
-        self.command = url[len("pipe:"):].strip()
+        self.command = url[len("pipe:") :].strip()
         self.errors = tempfile.TemporaryFile()
         self.received = 0
         # its own session: closing early can end the whole pipeline (killpg), and a Ctrl-C at the
         # terminal reaches the training process only, which stops its workers (and their commands)
-        self.proc = subprocess.Popen(self.command, shell=True, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                     stderr=self.errors, bufsize=0, start_new_session=True)
+        self.proc = subprocess.Popen(
+            self.command,
+            shell=True,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=self.errors,
+            bufsize=0,
+            start_new_session=True,
+        )
 
     def _failed(self, reason: str) -> StreamFailed:
         # a command that fails before its first byte is wrong (path, tool, credentials) far more
@@ -235,13 +249,18 @@ class Attempts:
     def unreachable(self, err: StreamFailed, elapsed: float) -> ShardUnreachable:
         what, url = self.what, self.url
         if url.startswith("pipe:"):
-            name = f"{what} command '{url[len('pipe:'):].strip()}'"
-            fix = ("check that it runs in a shell on this machine and writes the file to its standard output "
-                   "(tool installed, credentials, path)")
+            name = f"{what} command '{url[len('pipe:') :].strip()}'"
+            fix = (
+                "check that it runs in a shell on this machine and writes the file to its standard output "
+                "(tool installed, credentials, path)"
+            )
         else:
             name = f"{what} '{url}'"
-            fix = ("check the URL and that the server holds it" if err.final
-                   else "check that the server is up and reachable from every node")
+            fix = (
+                "check the URL and that the server holds it"
+                if err.final
+                else "check that the server is up and reachable from every node"
+            )
         if err.final and self.failures == 1:
             told = f"cannot be read ({err.reason})"
         else:

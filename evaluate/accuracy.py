@@ -1,7 +1,8 @@
 """Top-1/top-5 accuracy of a classifier over one split, each sample counted once across ranks."""
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -30,5 +31,11 @@ def accuracy(accelerator, predict: Callable, loader, mean, std, expected: int) -
     table = table[table[:, 0] >= 0]
     count = int(torch.unique(table[:, 0]).numel())
     if count != expected or table.shape[0] != expected:
-        raise RuntimeError(f"evaluation saw {table.shape[0]} predictions for {count} distinct samples, expected {expected}")
-    return {"top1": 100.0 * table[:, 1].float().mean().item(), "top5": 100.0 * table[:, 2].float().mean().item(), "count": count}
+        raise RuntimeError(
+            f"evaluation saw {table.shape[0]} predictions for {count} distinct samples, expected {expected}"
+        )
+    return {
+        "top1": 100.0 * table[:, 1].float().mean().item(),
+        "top5": 100.0 * table[:, 2].float().mean().item(),
+        "count": count,
+    }

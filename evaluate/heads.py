@@ -1,5 +1,6 @@
 """Models the evaluation protocols train: a linear probe on a frozen encoder, and a
 full classifier (a timm VisionTransformer with a new head)."""
+
 from __future__ import annotations
 
 import torch
@@ -11,7 +12,7 @@ def pooled_features(encoder: nn.Module, images: torch.Tensor, pool: str) -> torc
     tokens = encoder.forward_features(images)  # [B, prefix + N, D], final norm applied
     if pool == "token":
         return tokens[:, 0]
-    return tokens[:, encoder.num_prefix_tokens:].mean(dim=1)
+    return tokens[:, encoder.num_prefix_tokens :].mean(dim=1)
 
 
 class LinearProbe(nn.Module):
@@ -32,7 +33,7 @@ class LinearProbe(nn.Module):
         nn.init.zeros_(self.head.weight)  # ViT paper: the new head starts at zero
         nn.init.zeros_(self.head.bias)
 
-    def train(self, mode: bool = True) -> "LinearProbe":
+    def train(self, mode: bool = True) -> LinearProbe:
         super().train(mode)
         self.encoder.eval()
         return self

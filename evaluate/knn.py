@@ -4,7 +4,7 @@ exp(similarity / temperature)."""
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -90,11 +90,15 @@ def knn_classify_splits(
     return results
 
 
-def knn_scores(train_feats, train_labels, query_feats, query_labels, num_classes: int, k: int,
-               temperature: float) -> dict[str, float]:
+def knn_scores(
+    train_feats, train_labels, query_feats, query_labels, num_classes: int, k: int, temperature: float
+) -> dict[str, float]:
     """kNN top-1/top-5 (%) and the query count, for L2-normalised features."""
     scores = knn_predict(train_feats, train_labels, query_feats, num_classes, k, temperature)
     top5 = scores.topk(min(5, num_classes), dim=1).indices
     correct = top5 == query_labels[:, None]
-    return {"top1": 100.0 * correct[:, 0].float().mean().item(),
-            "top5": 100.0 * correct.any(1).float().mean().item(), "count": int(query_feats.shape[0])}
+    return {
+        "top1": 100.0 * correct[:, 0].float().mean().item(),
+        "top5": 100.0 * correct.any(1).float().mean().item(),
+        "count": int(query_feats.shape[0]),
+    }

@@ -6,6 +6,7 @@ the pretraining stage scores the encoder as it is, with the protocols the evalua
                               (vitmpp.evaluate.knn, as protocol=knn), few-shot linear accuracy from the same
                               features (vitmpp.evaluate.fewshot), and the objective's validation loss
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -56,13 +57,28 @@ class EvalSpecs:
         return self.kept[name]
 
 
-def eval_specs(shards, manifest, train_split: str, img_size: int, *, knn_images: int, loss_images: int,
-               loss_batch: int = 256, seed: int = 0, rank: int = 0, world: int = 1, num_workers: int = 0,
-               interpolation: str = "bicubic", max_skip_fraction: float = 0.1, batch_size: int = 256) -> EvalSpecs:
+def eval_specs(
+    shards,
+    manifest,
+    train_split: str,
+    img_size: int,
+    *,
+    knn_images: int,
+    loss_images: int,
+    loss_batch: int = 256,
+    seed: int = 0,
+    rank: int = 0,
+    world: int = 1,
+    num_workers: int = 0,
+    interpolation: str = "bicubic",
+    max_skip_fraction: float = 0.1,
+    batch_size: int = 256,
+) -> EvalSpecs:
     """Eval loaders (every sample once over the ranks, padding marked -1) over a seeded random sample of
     `knn_images` training images (the bank) and as many validation images (the queries), and of
     `loss_images` validation images (0: all) for the loss; the same samples at every evaluation.
     `loss_batch`: images per rank per forward of the objective (the training per-device batch fits)."""
+
     def sample(split: str, images: int) -> tuple[int, ...] | None:
         total = manifest.split(split).num_samples
         if not images or total <= images:
@@ -74,23 +90,46 @@ def eval_specs(shards, manifest, train_split: str, img_size: int, *, knn_images:
 
     bank_keep, query_keep = sample(train_split, knn_images), sample(EVAL_SPLIT, knn_images)
     loss_keep = sample(EVAL_SPLIT, loss_images)
-    common = dict(shards=shards, manifest=manifest, training=False, rank=rank, world_size=world,
-                  num_workers=num_workers, max_skip_fraction=max_skip_fraction,
-                  transform=eval_transform(img_size, interpolation=interpolation))
-    counts = dict(bank_count=count(train_split, bank_keep), queries_count=count(EVAL_SPLIT, query_keep),
-                  loss_count=count(EVAL_SPLIT, loss_keep))
+    common = dict(
+        shards=shards,
+        manifest=manifest,
+        training=False,
+        rank=rank,
+        world_size=world,
+        num_workers=num_workers,
+        max_skip_fraction=max_skip_fraction,
+        transform=eval_transform(img_size, interpolation=interpolation),
+    )
+    counts = dict(
+        bank_count=count(train_split, bank_keep),
+        queries_count=count(EVAL_SPLIT, query_keep),
+        loss_count=count(EVAL_SPLIT, loss_keep),
+    )
     keep = sum(counts.values()) * 3 * img_size**2 <= EVAL_CACHE_BYTES
     if keep:  # decoded once: in this process (starting loader workers took longer than decoding the digits)
         common["num_workers"] = 0
-    return EvalSpecs(bank=LoaderSpec(split=train_split, keep_indices=bank_keep, batch_size=batch_size, **common),
-                     queries=LoaderSpec(split=EVAL_SPLIT, keep_indices=query_keep, batch_size=batch_size, **common),
-                     loss=LoaderSpec(split=EVAL_SPLIT, keep_indices=loss_keep, batch_size=loss_batch, **common),
-                     keep_batches=keep, **counts)
+    return EvalSpecs(
+        bank=LoaderSpec(split=train_split, keep_indices=bank_keep, batch_size=batch_size, **common),
+        queries=LoaderSpec(split=EVAL_SPLIT, keep_indices=query_keep, batch_size=batch_size, **common),
+        loss=LoaderSpec(split=EVAL_SPLIT, keep_indices=loss_keep, batch_size=loss_batch, **common),
+        keep_batches=keep,
+        **counts,
+    )
 
 
-def evaluate_online(accelerator, objective: torch.nn.Module, specs: EvalSpecs, mean: torch.Tensor, std: torch.Tensor,
-                    *, k: int = 20, temperature: float = 0.07, pool: str = "token", seed: int = 0,
-                    fewshot_shots: tuple[int, ...] = ()) -> dict[str, float]:
+def evaluate_online(
+    accelerator,
+    objective: torch.nn.Module,
+    specs: EvalSpecs,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    *,
+    k: int = 20,
+    temperature: float = 0.07,
+    pool: str = "token",
+    seed: int = 0,
+    fewshot_shots: tuple[int, ...] = (),
+) -> dict[str, float]:
     """The online evaluation of `objective` (unwrapped, whole on every rank; eval mode and no gradients
     inside, its train/eval mode restored):
 
@@ -114,23 +153,33 @@ def evaluate_online(accelerator, objective: torch.nn.Module, specs: EvalSpecs, m
     objective.eval()
     try:
         with torch.no_grad(), restored_generators(device):
+
             def features(images):
                 return pooled_features(encoder, images, pool)
 
             bank_x, bank_y = extract(accelerator, features, specs.batches("bank"), mean, std, l2_normalise=False)
             query_x, query_y = extract(accelerator, features, specs.batches("queries"), mean, std, l2_normalise=False)
             if query_x.shape[0] != specs.queries_count:
-                raise RuntimeError(f"kNN evaluation saw {query_x.shape[0]} validation samples, "
-                                   f"expected {specs.queries_count}")
+                raise RuntimeError(
+                    f"kNN evaluation saw {query_x.shape[0]} validation samples, expected {specs.queries_count}"
+                )
             classes = specs.bank.manifest.num_classes
-            knn = knn_scores(F.normalize(bank_x, dim=1), bank_y, F.normalize(query_x, dim=1), query_y, classes, k,
-                             temperature)
+            knn = knn_scores(
+                F.normalize(bank_x, dim=1), bank_y, F.normalize(query_x, dim=1), query_y, classes, k, temperature
+            )
             fewshot = online_fewshot((bank_x, bank_y), (query_x, query_y), classes, fewshot_shots, seed)
             loss, loss_count = _validation_loss(accelerator, objective, specs.batches("loss"), specs.loss_count, seed)
     finally:
         objective.train(was_training)
-    return {"knn_top1": knn["top1"], "knn_top5": knn["top5"], "knn_count": knn["count"], "loss": loss,
-            "loss_count": loss_count, "bank": specs.bank_count, **fewshot}
+    return {
+        "knn_top1": knn["top1"],
+        "knn_top5": knn["top5"],
+        "knn_count": knn["count"],
+        "loss": loss,
+        "loss_count": loss_count,
+        "bank": specs.bank_count,
+        **fewshot,
+    }
 
 
 def online_fewshot(bank: tuple, queries: tuple, num_classes: int, shots: tuple[int, ...], seed: int) -> dict:

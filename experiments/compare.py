@@ -51,6 +51,7 @@ many cells finished (they are kept) and to run the same command again, and the e
 (`OMP_NUM_THREADS`), its output in `<output_dir>/logs/<cell>.log`: on a CPU machine several
 small cells side by side finish sooner than one after another.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -62,8 +63,18 @@ from vitmpp.common.config import load_config, save_config, to_dict
 from vitmpp.common.errors import UserError, cli_entry
 from vitmpp.common.rundir import check_location, lock_run_folder
 
-from .grid import (CompareConfig, cell_encoder, cells, check_cells, encoder_runs, matched_scratch_steps, only_grown,
-                   random_encoder, resolve_pretraining, resolve_recipes)
+from .grid import (
+    CompareConfig,
+    cell_encoder,
+    cells,
+    check_cells,
+    encoder_runs,
+    matched_scratch_steps,
+    only_grown,
+    random_encoder,
+    resolve_pretraining,
+    resolve_recipes,
+)
 from .report import write_report
 from .runner import Stopped, on_stop_signal, pretrain_encoders, run_cells, stopped_by
 
@@ -72,12 +83,18 @@ from .runner import Stopped, on_stop_signal, pretrain_encoders, run_cells, stopp
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(prog="python -m vitmpp.experiments.compare", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="configs/compare/*.yaml")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="allow a different config in an output folder that holds results (interrupted cells "
-                             "continue under it)")
-    parser.add_argument("--jobs", type=int, default=1,
-                        help="cells run at once, each with cores/jobs threads and its output in <output_dir>/logs/ "
-                             "(default 1: one after another, output here)")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="allow a different config in an output folder that holds results (interrupted cells continue under it)",
+    )
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="cells run at once, each with cores/jobs threads and its output in <output_dir>/logs/ "
+        "(default 1: one after another, output here)",
+    )
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_intermixed_args(argv)
     if args.jobs < 1:
@@ -101,11 +118,16 @@ def main(argv: list[str] | None = None) -> Path:
         before = yaml.safe_load(saved.read_text()) or {}
         changed = diff_keys(before, to_dict(cfg))
         if changed and only_grown(before, to_dict(cfg), changed):
-            print(f"[compare] only the grid changed ({', '.join(changed)}: cells added or reordered); the finished cells "
-                  "are kept", flush=True)
+            print(
+                f"[compare] only the grid changed ({', '.join(changed)}: cells added or reordered); the finished cells "
+                "are kept",
+                flush=True,
+            )
         elif changed:
-            raise UserError(f"Output folder '{out}' holds a comparison with a different config (keys {', '.join(changed)}); "
-                            "choose another output_dir or pass --overwrite.")
+            raise UserError(
+                f"Output folder '{out}' holds a comparison with a different config (keys {', '.join(changed)}); "
+                "choose another output_dir or pass --overwrite."
+            )
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, saved)
 
@@ -116,24 +138,43 @@ def main(argv: list[str] | None = None) -> Path:
     try:
         if cfg.pretraining.recipes:
             pretrain_encoders(cfg, out, resolve_pretraining(cfg, args.config), jobs=args.jobs)
-        encoder_paths = {name: [str(random_encoder(runs, out))] if paths == ["random"]
-                         else [cell_encoder(p) for p in paths] for name, paths in runs.items()}
+        encoder_paths = {
+            name: [str(random_encoder(runs, out))] if paths == ["random"] else [cell_encoder(p) for p in paths]
+            for name, paths in runs.items()
+        }
         matched_steps = None
         if cfg.compute_matched_scratch:
             matched_steps, pretrained = matched_scratch_steps(cfg, recipes["scratch"], encoder_paths)
-            print(f"[compare] compute-matched scratch: {matched_steps} steps (its recipe's own plus {pretrained:,} "
-                  "pretraining images)", flush=True)
-        results = run_cells(cfg, grid, encoder_paths, out, jobs=args.jobs, allow_changes=args.overwrite,
-                            recipes=recipes, matched_steps=matched_steps)
+            print(
+                f"[compare] compute-matched scratch: {matched_steps} steps (its recipe's own plus {pretrained:,} "
+                "pretraining images)",
+                flush=True,
+            )
+        results = run_cells(
+            cfg,
+            grid,
+            encoder_paths,
+            out,
+            jobs=args.jobs,
+            allow_changes=args.overwrite,
+            recipes=recipes,
+            matched_steps=matched_steps,
+        )
     except Stopped:
         finished = sum((out / "cells" / cell.name / "results.json").is_file() for cell in grid)
-        print(f"[compare] stopped by {stopped_by()}: {finished} of {len(grid)} cells finished and are kept in "
-              f"{out / 'cells'}; run the same command again to continue (finished cells are not run again)", file=sys.stderr, flush=True)
+        print(
+            f"[compare] stopped by {stopped_by()}: {finished} of {len(grid)} cells finished and are kept in "
+            f"{out / 'cells'}; run the same command again to continue (finished cells are not run again)",
+            file=sys.stderr,
+            flush=True,
+        )
         return out
     report = write_report(cfg, grid, results, runs, encoder_paths, out)
     print(report)
-    print(f"wrote {out / 'results.csv'}, {out / 'results.md'}, {out / 'results.png'}, {out / 'history.csv'}, "
-          f"{out / 'curves.png'}")
+    print(
+        f"wrote {out / 'results.csv'}, {out / 'results.md'}, {out / 'results.png'}, {out / 'history.csv'}, "
+        f"{out / 'curves.png'}"
+    )
     return out
 
 

@@ -6,6 +6,7 @@
 `check_cells` resolves every cell's config before the first cell runs; `only_grown` tells a grid that only
 gained cells (finished ones are kept) from a changed one.
 """
+
 from __future__ import annotations
 
 import math
@@ -13,14 +14,19 @@ import os
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Union
 
 from vitmpp.common.config import load_config, param
 from vitmpp.common.errors import ConfigError, UserError
 from vitmpp.finetune.config import PROTOCOLS
 
-METRICS = ("test_last_top1", "test_last_top5", "test_selected_top1", "test_selected_top5",
-           "val_last_top1", "val_best_top1")
+METRICS = (
+    "test_last_top1",
+    "test_last_top5",
+    "test_selected_top1",
+    "test_selected_top5",
+    "val_last_top1",
+    "val_best_top1",
+)
 
 
 def metric_split(metric: str) -> str:
@@ -32,32 +38,47 @@ def metric_split(metric: str) -> str:
 class PretrainingPlan:
     """Pretraining runs the comparison makes itself (one per recipe and seed)."""
 
-    recipes: dict[str, str] = param(default_factory=dict, help="encoder name -> pretraining recipe and its own key=value overrides (README, Evaluate and compare)")
+    recipes: dict[str, str] = param(
+        default_factory=dict,
+        help="encoder name -> pretraining recipe and its own key=value overrides (README, Evaluate and compare)",
+    )
     seeds: list[int] = param(default_factory=lambda: [0], help="pretraining seeds: one run per recipe and seed")
     overrides: list[str] = param(default_factory=list, help="key=value overrides applied to every pretraining run")
-    launcher: Optional[str] = param(None, help="command that runs a pretraining (default: python -m vitmpp.pretrain.main)")
+    launcher: str | None = param(None, help="command that runs a pretraining (default: python -m vitmpp.pretrain.main)")
 
 
 @dataclass
 class CompareConfig:
-    encoders: dict[str, Union[str, list[str]]] = param(default_factory=dict, help="name -> run folder or encoder file, a list of them (one per pretraining seed), or 'random'")
+    encoders: dict[str, str | list[str]] = param(
+        default_factory=dict,
+        help="name -> run folder or encoder file, a list of them (one per pretraining seed), or 'random'",
+    )
     pretraining: PretrainingPlan = field(default_factory=PretrainingPlan)
     protocols: list[str] = param(default_factory=lambda: ["linear", "finetune", "scratch", "knn"])
     label_fractions: list[float] = param(default_factory=lambda: [0.1, 1.0])
     seeds: list[int] = param(default_factory=lambda: [0, 1, 2])
-    recipes: dict[str, str] = param(default_factory=dict, help="protocol -> recipe file and its own key=value overrides, looked up beside this config first")
+    recipes: dict[str, str] = param(
+        default_factory=dict,
+        help="protocol -> recipe file and its own key=value overrides, looked up beside this config first",
+    )
     overrides: list[str] = param(default_factory=list, help="key=value overrides applied to every cell")
     output_dir: str = param("runs/compare", help="where cells and results go")
-    launcher: Optional[str] = param(None, help="command that runs a cell (default: python -m vitmpp.finetune.main)")
-    metric: str = param("test_last_top1", choices=METRICS,
-                        help="what the table reports: test at the last or the validation-chosen evaluation, or "
-                             "validation for choosing recipes (README, Evaluate and compare)")
-    compute_matched_scratch: bool = param(False, help="add a scratch row trained on as many images as pretraining "
-                                                      "plus fine-tuning (docs/small-data.md)")
+    launcher: str | None = param(None, help="command that runs a cell (default: python -m vitmpp.finetune.main)")
+    metric: str = param(
+        "test_last_top1",
+        choices=METRICS,
+        help="what the table reports: test at the last or the validation-chosen evaluation, or "
+        "validation for choosing recipes (README, Evaluate and compare)",
+    )
+    compute_matched_scratch: bool = param(
+        False, help="add a scratch row trained on as many images as pretraining plus fine-tuning (docs/small-data.md)"
+    )
 
     def check(self) -> None:
         if not self.encoders and not self.pretraining.recipes:
-            raise ConfigError("Key 'encoders' (or 'pretraining.recipes') must name at least one encoder (name: run folder).")
+            raise ConfigError(
+                "Key 'encoders' (or 'pretraining.recipes') must name at least one encoder (name: run folder)."
+            )
         for name in self.pretraining.recipes:
             if name in self.encoders:
                 raise ConfigError(f"Encoder '{name}' is named in both 'encoders' and 'pretraining.recipes'; keep one.")
@@ -65,8 +86,10 @@ class CompareConfig:
             for name, entry in entries.items():
                 words = shlex.split(entry)
                 if not words or any("=" not in word for word in words[1:]):
-                    raise ConfigError(f"Key '{section}.{name}' must be a recipe file optionally followed by "
-                                      f"key=value overrides, got '{entry}'.")
+                    raise ConfigError(
+                        f"Key '{section}.{name}' must be a recipe file optionally followed by "
+                        f"key=value overrides, got '{entry}'."
+                    )
         for name, path in self.encoders.items():
             if isinstance(path, list) and (not path or "random" in path):
                 raise ConfigError(f"Key 'encoders.{name}' must list one or more run folders ('random' stands alone).")
@@ -76,16 +99,21 @@ class CompareConfig:
             if protocol not in PROTOCOLS:
                 raise ConfigError(f"Key 'protocols' holds '{protocol}'; allowed: {', '.join(PROTOCOLS)}.")
             if protocol not in self.recipes:
-                raise ConfigError(f"Key 'recipes' has no recipe for protocol '{protocol}'; add recipes.{protocol}: configs/finetune/....yaml.")
+                raise ConfigError(
+                    f"Key 'recipes' has no recipe for protocol '{protocol}'; "
+                    f"add recipes.{protocol}: configs/finetune/....yaml."
+                )
         for fraction in self.label_fractions:
             if not 0 < fraction <= 1:
                 raise ConfigError(f"Key 'label_fractions' must hold numbers in (0, 1], got {fraction}.")
         # a repeated value would name two cells alike (one result counted twice, or two runs in one folder)
-        for key, values in (("seeds", self.seeds), ("label_fractions", self.label_fractions),
-                            *([("pretraining.seeds", self.pretraining.seeds)] if self.pretraining.recipes else []),
-                            ("protocols", self.protocols),
-                            *((f"encoders.{name}", paths) for name, paths in self.encoders.items()
-                              if isinstance(paths, list))):
+        for key, values in (
+            ("seeds", self.seeds),
+            ("label_fractions", self.label_fractions),
+            *([("pretraining.seeds", self.pretraining.seeds)] if self.pretraining.recipes else []),
+            ("protocols", self.protocols),
+            *((f"encoders.{name}", paths) for name, paths in self.encoders.items() if isinstance(paths, list)),
+        ):
             if not values:
                 raise ConfigError(f"Key '{key}' is empty; give it at least one value.")
             repeated = sorted({str(v) for v in values if list(values).count(v) > 1})
@@ -178,11 +206,17 @@ def random_encoder(runs: dict[str, list[str]], out: Path) -> Path:
 def encoder_file(path: str) -> Path:
     """Our encoder.safetensors in a run folder, or a checkpoint file or timm/transformers folder as given."""
     candidate = Path(path)
-    if candidate.is_dir() and (candidate / "config.json").is_file() and not (candidate / "encoder.safetensors").is_file():
+    if (
+        candidate.is_dir()
+        and (candidate / "config.json").is_file()
+        and not (candidate / "encoder.safetensors").is_file()
+    ):
         return candidate
     file = candidate / "encoder.safetensors" if candidate.is_dir() else candidate
     if not file.is_file():
-        raise UserError(f"Encoder '{path}' not found (no {file}); run its pretraining first (see README, 'Evaluate and compare').")
+        raise UserError(
+            f"Encoder '{path}' not found (no {file}); run its pretraining first (see README, 'Evaluate and compare')."
+        )
     return file
 
 
@@ -214,15 +248,19 @@ def _resolve(recipe: str, key: str, config_path: str | os.PathLike) -> str:
     candidates = [Path(recipe)] if Path(recipe).is_absolute() else [here / recipe, Path(recipe)]
     match = next((c for c in candidates if c.is_file()), None)
     if match is None:
-        raise UserError(f"Recipe '{recipe}' (key {key} of {config_path}) is neither next to that file "
-                        f"({here / recipe}) nor in the working directory; fix the path.")
+        raise UserError(
+            f"Recipe '{recipe}' (key {key} of {config_path}) is neither next to that file "
+            f"({here / recipe}) nor in the working directory; fix the path."
+        )
     return str(match)
 
 
 def resolve_recipes(cfg: CompareConfig, config_path: str | os.PathLike) -> dict[str, str]:
     """protocol -> recipe path (see `_resolve`); the entry's own overrides are `recipe_overrides`'."""
-    return {protocol: _resolve(shlex.split(recipe)[0], f"recipes.{protocol}", config_path)
-            for protocol, recipe in cfg.recipes.items()}
+    return {
+        protocol: _resolve(shlex.split(recipe)[0], f"recipes.{protocol}", config_path)
+        for protocol, recipe in cfg.recipes.items()
+    }
 
 
 def recipe_overrides(cfg: CompareConfig, protocol: str) -> list[str]:
@@ -231,12 +269,26 @@ def recipe_overrides(cfg: CompareConfig, protocol: str) -> list[str]:
     return shlex.split(cfg.recipes.get(protocol, ""))[1:]
 
 
-def cell_arguments(cfg: CompareConfig, cell: Cell, encoder_paths: dict[str, list[str]], cells_dir: Path,
-                   recipe: str, matched_steps: int | None) -> list[str]:
+def cell_arguments(
+    cfg: CompareConfig,
+    cell: Cell,
+    encoder_paths: dict[str, list[str]],
+    cells_dir: Path,
+    recipe: str,
+    matched_steps: int | None,
+) -> list[str]:
     """The finetune command line of one cell (without --resume): recipe, cell keys, shared then own overrides."""
-    args = ["--config", recipe, f"protocol={cell.protocol}", f"data.label_fraction={cell.label_fraction}",
-            f"train.seed={cell.seed}", f"run.output_dir={cells_dir}", f"run.name={cell.name}", *cfg.overrides,
-            *recipe_overrides(cfg, cell.protocol)]
+    args = [
+        "--config",
+        recipe,
+        f"protocol={cell.protocol}",
+        f"data.label_fraction={cell.label_fraction}",
+        f"train.seed={cell.seed}",
+        f"run.output_dir={cells_dir}",
+        f"run.name={cell.name}",
+        *cfg.overrides,
+        *recipe_overrides(cfg, cell.protocol),
+    ]
     if cell.protocol == "scratch":  # the architecture of the first real encoder
         args.append(f"encoder={next(paths[0] for name, paths in encoder_paths.items() if name != 'random')}")
         if cell.encoder == MATCHED and matched_steps is not None:
@@ -246,8 +298,14 @@ def cell_arguments(cfg: CompareConfig, cell: Cell, encoder_paths: dict[str, list
     return args
 
 
-def check_cells(cfg: CompareConfig, grid: list[Cell], encoder_paths: dict[str, list[str]], cells_dir: Path,
-                recipes: dict[str, str], matched_steps: int | None) -> None:
+def check_cells(
+    cfg: CompareConfig,
+    grid: list[Cell],
+    encoder_paths: dict[str, list[str]],
+    cells_dir: Path,
+    recipes: dict[str, str],
+    matched_steps: int | None,
+) -> None:
     """Resolve and validate every cell's config before the first cell runs: a recipe that the shared
     overrides break is one sentence naming the cell and its recipe file, not a failure halfway."""
     from vitmpp.finetune.config import FinetuneConfig
@@ -258,10 +316,12 @@ def check_cells(cfg: CompareConfig, grid: list[Cell], encoder_paths: dict[str, l
             load_config(FinetuneConfig, args[1], args[2:])
         except ConfigError as err:
             own = " or that entry's own overrides" if recipe_overrides(cfg, cell.protocol) else ""
-            raise UserError(f"Cell {cell.name} (protocol {cell.protocol}, recipe {args[1]}) cannot run: "
-                            f"{str(err).rstrip('.')}. Nothing has run; fix the recipe, compare's overrides{own}, or "
-                            f"give that recipe its own, as in recipes: {{{cell.protocol}: \"{Path(args[1]).name} "
-                            "key=value\"}.") from None
+            raise UserError(
+                f"Cell {cell.name} (protocol {cell.protocol}, recipe {args[1]}) cannot run: "
+                f"{str(err).rstrip('.')}. Nothing has run; fix the recipe, compare's overrides{own}, or "
+                f'give that recipe its own, as in recipes: {{{cell.protocol}: "{Path(args[1]).name} '
+                'key=value"}.'
+            ) from None
 
 
 # keys whose lists only choose cells: a value added to one adds cells and changes none
@@ -293,15 +353,20 @@ def resolve_pretraining(cfg: CompareConfig, config_path: str | os.PathLike) -> d
     return {name: (_resolve(w[0], f"pretraining.recipes.{name}", config_path), w[1:]) for name, w in words.items()}
 
 
-def matched_scratch_steps(cfg: CompareConfig, scratch_recipe: str, encoder_paths: dict[str, list[str]]) -> tuple[int, int]:
+def matched_scratch_steps(
+    cfg: CompareConfig, scratch_recipe: str, encoder_paths: dict[str, list[str]]
+) -> tuple[int, int]:
     """(steps, pretraining images) of the compute-matched scratch row: the scratch recipe's own steps
     plus as many steps as the most-pretrained encoder's pretraining images fill at its global batch."""
     from vitmpp.finetune.config import FinetuneConfig
 
     recipe = load_config(FinetuneConfig, scratch_recipe, [*cfg.overrides, *recipe_overrides(cfg, "scratch")])
     if recipe.train.steps is None:
-        raise UserError(f"compute_matched_scratch needs train.steps in the scratch recipe {scratch_recipe} (it sets "
-                        "train.epochs); set train.steps there.")
-    pretrained = max((pretraining_images(p) for name, paths in encoder_paths.items() if name != "random" for p in paths),
-                     default=0)
+        raise UserError(
+            f"compute_matched_scratch needs train.steps in the scratch recipe {scratch_recipe} (it sets "
+            "train.epochs); set train.steps there."
+        )
+    pretrained = max(
+        (pretraining_images(p) for name, paths in encoder_paths.items() if name != "random" for p in paths), default=0
+    )
     return recipe.train.steps + math.ceil(pretrained / recipe.train.global_batch), pretrained

@@ -3,6 +3,7 @@
 self-supervised encoder closes), results.png (grouped bars), history.csv and curves.png (every
 evaluation of every cell), and the table in TensorBoard.
 """
+
 from __future__ import annotations
 
 import csv
@@ -14,8 +15,18 @@ from vitmpp.common.io import atomic_write
 
 from .grid import MATCHED, SCRATCH, Cell, CompareConfig, encoders_for, metric_split, pretraining_images
 
-HISTORY_COLUMNS = ["encoder", "pretrain_run", "protocol", "label_fraction", "seed", "step", "epoch", "images_seen",
-                   "val_top1", "val_top5"]
+HISTORY_COLUMNS = [
+    "encoder",
+    "pretrain_run",
+    "protocol",
+    "label_fraction",
+    "seed",
+    "step",
+    "epoch",
+    "images_seen",
+    "val_top1",
+    "val_top5",
+]
 
 
 def label(encoder: str) -> str:
@@ -28,11 +39,20 @@ def history_rows(grid: list[Cell], results: list[dict]) -> list[dict]:
     rows = []
     for cell, result in zip(grid, results):
         for point in result.get("history") or []:
-            rows.append({"encoder": cell.encoder, "pretrain_run": cell.tag, "protocol": cell.protocol,
-                         "label_fraction": cell.label_fraction, "seed": cell.seed, "step": point.get("step"),
-                         "epoch": point.get("epoch"),
-                         "images_seen": round(float(point.get("epoch") or 0) * int(result.get("train_images") or 0)),
-                         "val_top1": point.get("top1"), "val_top5": point.get("top5")})
+            rows.append(
+                {
+                    "encoder": cell.encoder,
+                    "pretrain_run": cell.tag,
+                    "protocol": cell.protocol,
+                    "label_fraction": cell.label_fraction,
+                    "seed": cell.seed,
+                    "step": point.get("step"),
+                    "epoch": point.get("epoch"),
+                    "images_seen": round(float(point.get("epoch") or 0) * int(result.get("train_images") or 0)),
+                    "val_top1": point.get("top1"),
+                    "val_top5": point.get("top5"),
+                }
+            )
     return rows
 
 
@@ -44,14 +64,18 @@ def plot_curves(cfg: CompareConfig, rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = sorted({(r["protocol"], r["label_fraction"]) for r in rows},
-                    key=lambda g: (cfg.protocols.index(g[0]) if g[0] in cfg.protocols else 99, g[1]))
+    panels = sorted(
+        {(r["protocol"], r["label_fraction"]) for r in rows},
+        key=lambda g: (cfg.protocols.index(g[0]) if g[0] in cfg.protocols else 99, g[1]),
+    )
     fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(4.2 * max(len(panels), 1) + 1.8, 3.6), squeeze=False)
     for ax, (protocol, fraction) in zip(axes[0], panels):
         points: dict[str, dict[int, list[tuple[float, float]]]] = {}
         for r in rows:
             if (r["protocol"], r["label_fraction"]) == (protocol, fraction):
-                points.setdefault(r["encoder"], {}).setdefault(int(r["step"]), []).append((r["images_seen"], r["val_top1"]))
+                points.setdefault(r["encoder"], {}).setdefault(int(r["step"]), []).append(
+                    (r["images_seen"], r["val_top1"])
+                )
         for encoder, by_step in points.items():
             steps = sorted(by_step)
             xs = [statistics.fmean(x for x, _ in by_step[s]) for s in steps]
@@ -95,22 +119,39 @@ def summarize(cfg: CompareConfig, rows: list[dict], runs: dict[str, list[str]]) 
     for (encoder, protocol, fraction), members in groups.items():
         values = [m[cfg.metric] for m in members]
         std = statistics.stdev(values) if len(values) > 1 else 0.0
-        summary.append({"encoder": encoder, "protocol": protocol, "label_fraction": fraction,
-                        "mean": statistics.fmean(values), "std": std, "cells": len(values),
-                        "pretrain_runs": len({m["pretrain_run"] for m in members}),
-                        "pretrain_images": max(m["pretrain_images"] for m in members),
-                        "images_seen": max(m["images_seen"] for m in members)})
+        summary.append(
+            {
+                "encoder": encoder,
+                "protocol": protocol,
+                "label_fraction": fraction,
+                "mean": statistics.fmean(values),
+                "std": std,
+                "cells": len(values),
+                "pretrain_runs": len({m["pretrain_run"] for m in members}),
+                "pretrain_images": max(m["pretrain_images"] for m in members),
+                "images_seen": max(m["images_seen"] for m in members),
+            }
+        )
     fractions = sorted({s["label_fraction"] for s in summary})
     many = max((len(paths) for paths in runs.values()), default=1)
-    over = (f"{many} pretraining runs x seeds {', '.join(map(str, cfg.seeds))}" if many > 1
-            else f"seeds {', '.join(map(str, cfg.seeds))}")
+    over = (
+        f"{many} pretraining runs x seeds {', '.join(map(str, cfg.seeds))}"
+        if many > 1
+        else f"seeds {', '.join(map(str, cfg.seeds))}"
+    )
     split = metric_split(cfg.metric)
-    lines = [f"# Comparison ({cfg.metric.replace('_', ' ')} on the {split} split, %, mean ± std over {over})", "",
-             ("Choices (best evaluation, recipes) are made on the validation split; the test split only reports. "
-              if split == "test" else
-              "A validation table: choose a recipe here, then report it on test (a test_* metric); these numbers "
-              "are not results. ") +
-             "Training images: pretraining + this protocol (steps x global batch; k-NN trains nothing).", ""]
+    lines = [
+        f"# Comparison ({cfg.metric.replace('_', ' ')} on the {split} split, %, mean ± std over {over})",
+        "",
+        (
+            "Choices (best evaluation, recipes) are made on the validation split; the test split only reports. "
+            if split == "test"
+            else "A validation table: choose a recipe here, then report it on test (a test_* metric); these numbers "
+            "are not results. "
+        )
+        + "Training images: pretraining + this protocol (steps x global batch; k-NN trains nothing).",
+        "",
+    ]
     header = "| encoder | protocol | " + " | ".join(labels_title(f) for f in fractions) + " | training images |"
     lines += [header, "|" + "---|" * (3 + len(fractions))]
     lookup = {(s["encoder"], s["protocol"], s["label_fraction"]): s for s in summary}
@@ -126,11 +167,16 @@ def summarize(cfg: CompareConfig, rows: list[dict], runs: dict[str, list[str]]) 
     # share of the scratch -> supervised gap each SSL encoder closes (fine-tuning)
     ssl = [n for n in runs if n not in ("supervised", "random")]
     if "supervised" in runs and "scratch" in cfg.protocols and "finetune" in cfg.protocols and ssl:
-        lines += ["", "## Share of the scratch → supervised gap closed by fine-tuning", "",
-                  f"The share is left out (—) where scratch is within {MIN_GAP_POINTS:g} points of supervised: "
-                  "there it divides noise by noise.", "",
-                  "| encoder | " + " | ".join(labels_title(f) for f in fractions) + " |",
-                  "|" + "---|" * (1 + len(fractions))]
+        lines += [
+            "",
+            "## Share of the scratch → supervised gap closed by fine-tuning",
+            "",
+            f"The share is left out (—) where scratch is within {MIN_GAP_POINTS:g} points of supervised: "
+            "there it divides noise by noise.",
+            "",
+            "| encoder | " + " | ".join(labels_title(f) for f in fractions) + " |",
+            "|" + "---|" * (1 + len(fractions)),
+        ]
         for name in ssl:
             shares = []
             for fraction in fractions:
@@ -154,7 +200,9 @@ def plot(cfg: CompareConfig, summary: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    groups = sorted({(s["protocol"], s["label_fraction"]) for s in summary}, key=lambda g: (cfg.protocols.index(g[0]), g[1]))
+    groups = sorted(
+        {(s["protocol"], s["label_fraction"]) for s in summary}, key=lambda g: (cfg.protocols.index(g[0]), g[1])
+    )
     encoders = list(dict.fromkeys(s["encoder"] for s in summary))
     lookup = {(s["encoder"], s["protocol"], s["label_fraction"]): s for s in summary}
     width = 0.8 / max(len(encoders), 1)
@@ -175,9 +223,27 @@ def plot(cfg: CompareConfig, summary: list[dict], path: Path) -> None:
     atomic_write(path, png.getvalue())
 
 
-RESULT_COLUMNS = ["encoder", "pretrain_run", "protocol", "label_fraction", "seed", "test_last_top1", "test_last_top5",
-                  "test_selected_top1", "test_selected_top5", "selected_step", "val_last_top1", "val_best_top1",
-                  "epochs", "train_images", "images_seen", "pretrain_images", "total_images", "wall_time_s", "encoder_path"]
+RESULT_COLUMNS = [
+    "encoder",
+    "pretrain_run",
+    "protocol",
+    "label_fraction",
+    "seed",
+    "test_last_top1",
+    "test_last_top5",
+    "test_selected_top1",
+    "test_selected_top5",
+    "selected_step",
+    "val_last_top1",
+    "val_best_top1",
+    "epochs",
+    "train_images",
+    "images_seen",
+    "pretrain_images",
+    "total_images",
+    "wall_time_s",
+    "encoder_path",
+]
 
 
 def write_csv(rows: list[dict], path: Path, columns: list[str] = RESULT_COLUMNS) -> None:
@@ -188,21 +254,37 @@ def write_csv(rows: list[dict], path: Path, columns: list[str] = RESULT_COLUMNS)
     atomic_write(path, text.getvalue())
 
 
-def write_report(cfg: CompareConfig, grid: list[Cell], results: list[dict], runs: dict[str, list[str]],
-                 encoder_paths: dict[str, list[str]], out: Path) -> str:
+def write_report(
+    cfg: CompareConfig,
+    grid: list[Cell],
+    results: list[dict],
+    runs: dict[str, list[str]],
+    encoder_paths: dict[str, list[str]],
+    out: Path,
+) -> str:
     """Write every file of the report into `out` from the cells' results (in the order of `grid`);
     returns the markdown table."""
-    pretrained_on = {(name, i): (0 if name == "random" else pretraining_images(path))
-                     for name, paths in encoder_paths.items() for i, path in enumerate(paths)}
+    pretrained_on = {
+        (name, i): (0 if name == "random" else pretraining_images(path))
+        for name, paths in encoder_paths.items()
+        for i, path in enumerate(paths)
+    }
     rows = []
     for cell, result in zip(grid, results):
         pretrain_images = pretrained_on.get((cell.encoder, cell.run), 0)
-        rows.append({**{k: result[k] for k in result if not isinstance(result[k], (dict, list))},
-                     "encoder": cell.encoder, "pretrain_run": cell.tag, "protocol": cell.protocol,
-                     "label_fraction": cell.label_fraction, "seed": cell.seed,
-                     "encoder_path": encoder_paths[cell.encoder][cell.run] if cell.encoder in encoder_paths else "",
-                     "pretrain_images": pretrain_images,
-                     "total_images": pretrain_images + int(result.get("images_seen") or 0)})
+        rows.append(
+            {
+                **{k: result[k] for k in result if not isinstance(result[k], (dict, list))},
+                "encoder": cell.encoder,
+                "pretrain_run": cell.tag,
+                "protocol": cell.protocol,
+                "label_fraction": cell.label_fraction,
+                "seed": cell.seed,
+                "encoder_path": encoder_paths[cell.encoder][cell.run] if cell.encoder in encoder_paths else "",
+                "pretrain_images": pretrain_images,
+                "total_images": pretrain_images + int(result.get("images_seen") or 0),
+            }
+        )
     write_csv(rows, out / "results.csv")
     curve_rows = history_rows(grid, results)
     write_csv(curve_rows, out / "history.csv", columns=HISTORY_COLUMNS)

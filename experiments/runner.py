@@ -7,6 +7,7 @@ layer sits above (pyproject.toml's contracts) and reaches through their command 
 importing an entry point. A failure is one sentence naming the cell and its log; SIGTERM/SIGUSR1
 (`on_stop_signal`) are passed to the running processes, nothing more starts, and `Stopped` is raised.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -55,8 +56,7 @@ def _say(line: str) -> None:
         sys.stdout.flush()
 
 
-def _run_logged(what: str, command: list[str], done: Path, folder: Path, log: Path | None,
-                threads: int | None) -> None:
+def _run_logged(what: str, command: list[str], done: Path, folder: Path, log: Path | None, threads: int | None) -> None:
     """Run one cell or pretraining, its output here or in `log`; a failure is one sentence."""
     env = {**os.environ, "VITMPP_NO_BAR": "1", **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
     if _STOP.is_set():
@@ -87,15 +87,20 @@ def _run_logged(what: str, command: list[str], done: Path, folder: Path, log: Pa
     if _STOP.is_set() or returncode == 0:
         raise Stopped
     where = f"its log is {log}" if log else "its log is above"
-    raise UserError(f"{what} failed (exit code {returncode}); {where}, its folder is {folder}; "
-                    "fix the cause and rerun the same command to continue.")
+    raise UserError(
+        f"{what} failed (exit code {returncode}); {where}, its folder is {folder}; "
+        "fix the cause and rerun the same command to continue."
+    )
 
 
 def pretrain_encoders(cfg: CompareConfig, out: Path, recipes: dict[str, tuple[str, list[str]]], *, jobs: int) -> None:
     """Make the encoders of `pretraining` that are not there yet (an interrupted one resumes).
     `recipes`: name -> (recipe file, that entry's own overrides, applied after the shared ones)."""
-    launcher = (shlex.split(cfg.pretraining.launcher) if cfg.pretraining.launcher
-                else [sys.executable, "-m", "vitmpp.pretrain.main"])
+    launcher = (
+        shlex.split(cfg.pretraining.launcher)
+        if cfg.pretraining.launcher
+        else [sys.executable, "-m", "vitmpp.pretrain.main"]
+    )
     tasks = []
     for name, (recipe, own_overrides) in recipes.items():
         for seed in cfg.pretraining.seeds:
@@ -104,16 +109,38 @@ def pretrain_encoders(cfg: CompareConfig, out: Path, recipes: dict[str, tuple[st
             done = folder / "encoder.safetensors"
             if done.is_file():
                 continue
-            command = [*launcher, "--config", recipe, f"train.seed={seed}", f"run.output_dir={out / 'pretrain'}",
-                       f"run.name={run_name}", *cfg.pretraining.overrides, *own_overrides, "--resume", "auto"]
+            command = [
+                *launcher,
+                "--config",
+                recipe,
+                f"train.seed={seed}",
+                f"run.output_dir={out / 'pretrain'}",
+                f"run.name={run_name}",
+                *cfg.pretraining.overrides,
+                *own_overrides,
+                "--resume",
+                "auto",
+            ]
             tasks.append((f"pretraining {run_name}", command, done, folder, f"pretrain-{run_name}"))
-    run_parallel([lambda log, threads, t=t: _run_logged(t[0], t[1], t[2], t[3], log, threads) for t in tasks],
-                 [t[4] for t in tasks], out, jobs=jobs)
+    run_parallel(
+        [lambda log, threads, t=t: _run_logged(t[0], t[1], t[2], t[3], log, threads) for t in tasks],
+        [t[4] for t in tasks],
+        out,
+        jobs=jobs,
+    )
 
 
-def run_cell(cfg: CompareConfig, cell: Cell, encoder_paths: dict[str, list[str]], cells_dir: Path,
-             allow_changes: bool = False, recipes: dict[str, str] | None = None, log: Path | None = None,
-             threads: int | None = None, matched_steps: int | None = None) -> dict:
+def run_cell(
+    cfg: CompareConfig,
+    cell: Cell,
+    encoder_paths: dict[str, list[str]],
+    cells_dir: Path,
+    allow_changes: bool = False,
+    recipes: dict[str, str] | None = None,
+    log: Path | None = None,
+    threads: int | None = None,
+    matched_steps: int | None = None,
+) -> dict:
     """Run one cell (or read its results.json when it is done). `log`: write the cell's output there
     instead of this terminal (cells running side by side); `threads`: its OMP_NUM_THREADS."""
     folder = cells_dir / cell.name
@@ -123,27 +150,40 @@ def run_cell(cfg: CompareConfig, cell: Cell, encoder_paths: dict[str, list[str]]
         finished = json.loads(done.read_text())
         # a cell is found by its folder name; one finished with another encoder (a reordered list) or, for
         # the compute-matched row, another step count (more pretraining) would be reported as this one
-        if encoder is not None and Path(encoder_file(encoder)).resolve() != Path(finished.get("encoder") or "").resolve():
-            raise UserError(f"Cell {cell.name} in {folder} was run with encoder {finished.get('encoder')}, not "
-                            f"{encoder}; delete that folder to rerun it, or keep the encoder lists in their order.")
+        if (
+            encoder is not None
+            and Path(encoder_file(encoder)).resolve() != Path(finished.get("encoder") or "").resolve()
+        ):
+            raise UserError(
+                f"Cell {cell.name} in {folder} was run with encoder {finished.get('encoder')}, not "
+                f"{encoder}; delete that folder to rerun it, or keep the encoder lists in their order."
+            )
         if cell.encoder == MATCHED and matched_steps is not None:
             import yaml
 
             steps = ((yaml.safe_load((folder / "config.yaml").read_text()) or {}).get("train") or {}).get("steps")
             if steps != matched_steps:
-                raise UserError(f"Cell {cell.name} in {folder} trained {steps} steps, but compute-matched scratch "
-                                f"now needs {matched_steps}; delete that folder to rerun it.")
+                raise UserError(
+                    f"Cell {cell.name} in {folder} trained {steps} steps, but compute-matched scratch "
+                    f"now needs {matched_steps}; delete that folder to rerun it."
+                )
         return finished
     launcher = shlex.split(cfg.launcher) if cfg.launcher else [sys.executable, "-m", "vitmpp.finetune.main"]
     recipe = recipes[cell.protocol] if recipes else shlex.split(cfg.recipes[cell.protocol])[0]
-    args = [*cell_arguments(cfg, cell, encoder_paths, cells_dir, recipe, matched_steps), "--resume", "auto",
-            *(["--allow-changes"] if allow_changes else [])]
+    args = [
+        *cell_arguments(cfg, cell, encoder_paths, cells_dir, recipe, matched_steps),
+        "--resume",
+        "auto",
+        *(["--allow-changes"] if allow_changes else []),
+    ]
     _run_logged(f"Cell {cell.name}", [*launcher, *args], done, folder, log, threads)
     results = json.loads(done.read_text())
     if results.get(cfg.metric) is None and metric_split(cfg.metric) == "test":
-        raise UserError(f"Cell {cell.name} has no {cfg.metric}: its shards ({folder / 'config.yaml'}, key data.shards) "
-                        "have no test split, and the comparison reports only test numbers; rewrite them with "
-                        "make_shards, which writes one.")
+        raise UserError(
+            f"Cell {cell.name} has no {cfg.metric}: its shards ({folder / 'config.yaml'}, key data.shards) "
+            "have no test split, and the comparison reports only test numbers; rewrite them with "
+            "make_shards, which writes one."
+        )
     if log is not None:
         _say(f"[compare] {cell.name} done: {cfg.metric.replace('_', ' ')} {results[cfg.metric]:.2f}")
     return results
@@ -167,8 +207,10 @@ def run_parallel(tasks: list, names: list[str], out: Path, *, jobs: int) -> list
     running finish and the first failure is raised."""
     threads = choose_threads(jobs, os.cpu_count() or 1, os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0)
     # said by the first cell or pretraining that really starts (finished ones are only read)
-    _THREADS_NOTE[:] = [f"[compare] {min(jobs, len(tasks))} at a time, {threads} CPU thread(s) each (OMP_NUM_THREADS; "
-                        f"{os.cpu_count()} cores, load {os.getloadavg()[0] if hasattr(os, 'getloadavg') else 0:.1f})"]
+    _THREADS_NOTE[:] = [
+        f"[compare] {min(jobs, len(tasks))} at a time, {threads} CPU thread(s) each (OMP_NUM_THREADS; "
+        f"{os.cpu_count()} cores, load {os.getloadavg()[0] if hasattr(os, 'getloadavg') else 0:.1f})"
+    ]
     if jobs <= 1:
         return [task(None, threads) for task in tasks]
     from concurrent.futures import ThreadPoolExecutor
@@ -208,10 +250,23 @@ def run_parallel(tasks: list, names: list[str], out: Path, *, jobs: int) -> list
     return [future.result() for future in futures]
 
 
-def run_cells(cfg: CompareConfig, todo: list[Cell], encoder_paths: dict[str, list[str]], out: Path, *, jobs: int,
-              allow_changes: bool, recipes: dict[str, str], matched_steps: int | None = None) -> list[dict]:
+def run_cells(
+    cfg: CompareConfig,
+    todo: list[Cell],
+    encoder_paths: dict[str, list[str]],
+    out: Path,
+    *,
+    jobs: int,
+    allow_changes: bool,
+    recipes: dict[str, str],
+    matched_steps: int | None = None,
+) -> list[dict]:
     """Every cell's results, in the order of `todo`; `jobs` cells at a time."""
     cells_dir = out / "cells"
-    tasks = [lambda log, threads, cell=cell: run_cell(cfg, cell, encoder_paths, cells_dir, allow_changes, recipes,
-                                                      log, threads, matched_steps) for cell in todo]
+    tasks = [
+        lambda log, threads, cell=cell: run_cell(
+            cfg, cell, encoder_paths, cells_dir, allow_changes, recipes, log, threads, matched_steps
+        )
+        for cell in todo
+    ]
     return run_parallel(tasks, [cell.name for cell in todo], out, jobs=jobs)

@@ -11,15 +11,22 @@ Protocols (ARCHITECTURE §5, "Evaluation"):
 The defaults are the embedded default: a linear probe of the default pretraining run's
 encoder (`runs/default-mpp`) on the digits data.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 from vitmpp.common.config import param
 from vitmpp.common.errors import ConfigError
-from vitmpp.common.sections import (MAX_BATCH, MAX_IMAGE_SIDE, DebugConfig, LogConfig, OptimConfig,
-                                    RunConfig, TrainConfig)
+from vitmpp.common.sections import (
+    MAX_BATCH,
+    MAX_IMAGE_SIDE,
+    DebugConfig,
+    LogConfig,
+    OptimConfig,
+    RunConfig,
+    TrainConfig,
+)
 from vitmpp.datasets.config import DataConfig
 
 PROTOCOLS = ("linear", "finetune", "scratch", "knn", "fewshot")
@@ -27,14 +34,23 @@ PROTOCOLS = ("linear", "finetune", "scratch", "knn", "fewshot")
 
 @dataclass
 class FinetuneDataConfig(DataConfig):
-    val_split: str = param("validation", help="the split every choice is made on (the best evaluation, best.safetensors)")
-    test_split: Optional[str] = param("test", help="the split results are reported on, never chosen on "
-                                                   "(null: none, results report validation only)")
+    val_split: str = param(
+        "validation", help="the split every choice is made on (the best evaluation, best.safetensors)"
+    )
+    test_split: str | None = param(
+        "test", help="the split results are reported on, never chosen on (null: none, results report validation only)"
+    )
     label_fraction: float = param(1.0, gt=0, le=1, help="fraction of training labels used (class-balanced, by seed)")
-    mean: Optional[tuple[float, float, float]] = param(None, help="normalisation mean; null: the encoder's (encoder.json), else ImageNet's")
-    std: Optional[tuple[float, float, float]] = param(None, help="normalisation std; null: the encoder's, else ImageNet's")
-    auto_augment: Optional[str] = param("rand-m9-mstd0.5-inc1", help="timm auto-augment policy (finetune/scratch); null: none")
-    eval_crop_pct: float = param(0.875, gt=0, le=1, help="evaluation: resize to img_size / crop_pct, centre crop img_size")
+    mean: tuple[float, float, float] | None = param(
+        None, help="normalisation mean; null: the encoder's (encoder.json), else ImageNet's"
+    )
+    std: tuple[float, float, float] | None = param(None, help="normalisation std; null: the encoder's, else ImageNet's")
+    auto_augment: str | None = param(
+        "rand-m9-mstd0.5-inc1", help="timm auto-augment policy (finetune/scratch); null: none"
+    )
+    eval_crop_pct: float = param(
+        0.875, gt=0, le=1, help="evaluation: resize to img_size / crop_pct, centre crop img_size"
+    )
 
 
 @dataclass
@@ -51,11 +67,17 @@ class RegularizationConfig:
 
 @dataclass
 class HeadModelConfig:
-    name: Optional[str] = param(None, help="architecture for scratch when no encoder is given (a vitmpp encoder name)")
-    img_size: Optional[int] = param(None, ge=8, le=MAX_IMAGE_SIDE, help="input size; null: the encoder's (larger interpolates position embeddings)")
+    name: str | None = param(None, help="architecture for scratch when no encoder is given (a vitmpp encoder name)")
+    img_size: int | None = param(
+        None, ge=8, le=MAX_IMAGE_SIDE, help="input size; null: the encoder's (larger interpolates position embeddings)"
+    )
     drop_path_rate: float = param(0.1, ge=0, lt=1, help="stochastic depth (finetune/scratch)")
-    global_pool: str = param("avg", choices=("token", "avg"), help="finetune/scratch pooling (MAE: avg); linear and knn use linear_pool")
-    linear_pool: str = param("token", choices=("token", "avg"), help="features for linear and knn (MAE linear probe: the class token)")
+    global_pool: str = param(
+        "avg", choices=("token", "avg"), help="finetune/scratch pooling (MAE: avg); linear and knn use linear_pool"
+    )
+    linear_pool: str = param(
+        "token", choices=("token", "avg"), help="features for linear and knn (MAE linear probe: the class token)"
+    )
 
 
 @dataclass
@@ -70,7 +92,9 @@ class FewShotConfig:
     """The ViT paper's few-shot linear evaluation (§4.1; evaluate/fewshot.py): least squares to ±1 targets."""
 
     shots: list[int] = param([5, 10], ge=1, le=MAX_BATCH, help="training images per class; the first is the headline")
-    seeds: list[int] = param([0, 1, 2], ge=0, le=2**32 - 1, help="seeds of the per-class draws (results: mean over them)")
+    seeds: list[int] = param(
+        [0, 1, 2], ge=0, le=2**32 - 1, help="seeds of the per-class draws (results: mean over them)"
+    )
     batch_size: int = param(256, ge=1, le=MAX_BATCH, help="feature extraction batch")
 
     def check(self) -> None:
@@ -81,7 +105,7 @@ class FewShotConfig:
 @dataclass
 class FinetuneConfig:
     protocol: str = param("linear", choices=PROTOCOLS)
-    encoder: Optional[str] = param(None, help="pretraining run folder or encoder.safetensors; null: runs/default-mpp")
+    encoder: str | None = param(None, help="pretraining run folder or encoder.safetensors; null: runs/default-mpp")
     model: HeadModelConfig = field(default_factory=HeadModelConfig)
     # The embedded default (no arguments) is configs/finetune/linear_digits.yaml's linear probe:
     # digits-sized crops without flips, and a LARS lr chosen on validation at batch 64 (that file
@@ -90,12 +114,21 @@ class FinetuneConfig:
     regularization: RegularizationConfig = field(default_factory=RegularizationConfig)
     knn: KNNConfig = field(default_factory=KNNConfig)
     fewshot: FewShotConfig = field(default_factory=FewShotConfig)
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(
-        name="lars", base_lr=40.0, base_batch=256, weight_decay=0.0, warmup_epochs=2, momentum=0.9,
-    ))
+    optim: OptimConfig = field(
+        default_factory=lambda: OptimConfig(
+            name="lars",
+            base_lr=40.0,
+            base_batch=256,
+            weight_decay=0.0,
+            warmup_epochs=2,
+            momentum=0.9,
+        )
+    )
     train: TrainConfig = field(default_factory=lambda: TrainConfig(global_batch=64, epochs=20))  # or train.steps
     eval_every: int = param(1, ge=1, help="epochs between evaluations (the end of training is always evaluated)")
-    eval_every_steps: Optional[int] = param(None, ge=1, help="evaluate every this many steps instead of every eval_every epochs")
+    eval_every_steps: int | None = param(
+        None, ge=1, help="evaluate every this many steps instead of every eval_every epochs"
+    )
     # a checkpoint follows every evaluation; checkpoint_every adds more between evaluations
     log: LogConfig = field(default_factory=lambda: LogConfig(log_every=10, checkpoint_every=10**9, keep_checkpoints=1))
     run: RunConfig = field(default_factory=RunConfig)
@@ -103,17 +136,37 @@ class FinetuneConfig:
 
     def check(self) -> None:
         if self.protocol == "fewshot" and self.data.label_fraction != 1:
-            raise ConfigError("protocol=fewshot draws fewshot.shots images per class from the whole training split; "
-                              "leave data.label_fraction at 1.")
-        if self.protocol in ("finetune", "scratch") and (self.regularization.mixup > 0 or self.regularization.cutmix > 0):
+            raise ConfigError(
+                "protocol=fewshot draws fewshot.shots images per class from the whole training split; "
+                "leave data.label_fraction at 1."
+            )
+        if self.protocol in ("finetune", "scratch") and (
+            self.regularization.mixup > 0 or self.regularization.cutmix > 0
+        ):
             if self.train.per_device_batch is not None and self.train.per_device_batch % 2:
-                raise ConfigError("Mixup/cutmix need an even 'train.per_device_batch'; change it or set regularization.mixup=0 and cutmix=0.")
+                raise ConfigError(
+                    "Mixup/cutmix need an even 'train.per_device_batch'; "
+                    "change it or set regularization.mixup=0 and cutmix=0."
+                )
 
 
 # Keys (prefixes) that may change when a run is resumed: they do not alter what is trained (logging,
 # fault injection, the run's place and length, workers, where the shards live, abort thresholds, how
 # often and in what batches the validation split is evaluated). Any other change needs --allow-changes.
-RESUMABLE_KEYS = ("log.", "debug.", "run.", "train.steps", "train.epochs", "train.max_nonfinite_steps", "train.logical_ranks",
-                  "train.peak_tflops", "data.num_workers", "data.shards", "data.max_skip_fraction", "knn.batch_size",
-                  "fewshot.batch_size",
-                  "eval_every", "eval_every_steps")
+RESUMABLE_KEYS = (
+    "log.",
+    "debug.",
+    "run.",
+    "train.steps",
+    "train.epochs",
+    "train.max_nonfinite_steps",
+    "train.logical_ranks",
+    "train.peak_tflops",
+    "data.num_workers",
+    "data.shards",
+    "data.max_skip_fraction",
+    "knn.batch_size",
+    "fewshot.batch_size",
+    "eval_every",
+    "eval_every_steps",
+)

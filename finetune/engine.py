@@ -18,6 +18,7 @@ Writes into the run directory: config.yaml, tensorboard/, checkpoints/, metrics.
 best.safetensors (weights at the best validation top-1), results.json. The result is also recorded in the
 evaluated encoder's folder (evaluations.json) and its model card (`record_on_encoder`).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -31,11 +32,11 @@ import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
+from vitmpp.common.errors import UserError
 from vitmpp.common.io import atomic_file, atomic_write_json
 from vitmpp.common.loop import Plan, Run, Stage, open_run, train
-from vitmpp.common.rundir import check_reuse
 from vitmpp.common.optim import build_optimizer
-from vitmpp.common.errors import UserError
+from vitmpp.common.rundir import check_reuse
 from vitmpp.datasets import (
     LoaderFactory,
     LoaderSpec,
@@ -48,12 +49,12 @@ from vitmpp.datasets import (
     read_manifest,
 )
 from vitmpp.evaluate.accuracy import accuracy
-from vitmpp.evaluate.heads import LinearProbe, make_classifier, pooled_features
 from vitmpp.evaluate.fewshot import fewshot_evaluate
+from vitmpp.evaluate.heads import LinearProbe, make_classifier, pooled_features
 from vitmpp.evaluate.knn import extract, knn_classify_splits
 from vitmpp.models import create_encoder
-from vitmpp.models.importer import encoder_description, import_weights
 from vitmpp.models.hub import record_evaluation
+from vitmpp.models.importer import encoder_description, import_weights
 
 from .config import RESUMABLE_KEYS, FinetuneConfig
 from .subset import balanced_subset
@@ -62,6 +63,7 @@ DEFAULT_ENCODER = Path("runs") / "default-mpp"
 
 
 # ----------------------------------------------------------------------------- inputs
+
 
 def _scratch_without_encoder(cfg: FinetuneConfig) -> bool:
     """Scratch training of an architecture named by model.name: no encoder is read."""
@@ -84,8 +86,10 @@ def resolve_encoder(cfg: FinetuneConfig) -> Path | None:
                 f"There is no pretrained encoder at {path} yet; run `accelerate launch pretrain/main.py` first, "
                 "or pass encoder=PATH."
             )
-        raise UserError(f"Encoder '{cfg.encoder}' not found (looked for {path}); pass a pretraining run folder, an "
-                        "encoder.safetensors file or a checkpoint (docs/weights.md).")
+        raise UserError(
+            f"Encoder '{cfg.encoder}' not found (looked for {path}); pass a pretraining run folder, an "
+            "encoder.safetensors file or a checkpoint (docs/weights.md)."
+        )
     return path
 
 
@@ -97,8 +101,9 @@ def normalisation(cfg: FinetuneConfig, info: dict) -> tuple[tuple, tuple]:
     return tuple(mean), tuple(std)
 
 
-def build_model(cfg: FinetuneConfig, encoder_path: Path | None, num_classes: int, img_size: int | None,
-                info: dict | None = None) -> nn.Module:
+def build_model(
+    cfg: FinetuneConfig, encoder_path: Path | None, num_classes: int, img_size: int | None, info: dict | None = None
+) -> nn.Module:
     if cfg.protocol in ("linear", "knn", "fewshot"):
         encoder = import_weights(encoder_path, img_size=img_size).encoder
         return LinearProbe(encoder, num_classes, pool=cfg.model.linear_pool)
@@ -107,13 +112,16 @@ def build_model(cfg: FinetuneConfig, encoder_path: Path | None, num_classes: int
         encoder = import_weights(encoder_path, img_size=img_size, **overrides).encoder
     elif encoder_path is not None:  # scratch: the encoder's architecture, fresh weights
         info = info or encoder_description(encoder_path)
-        encoder = create_encoder(info["name"], img_size=img_size or info["img_size"], **{**info.get("overrides", {}), **overrides})
+        encoder = create_encoder(
+            info["name"], img_size=img_size or info["img_size"], **{**info.get("overrides", {}), **overrides}
+        )
     else:
         encoder = create_encoder(cfg.model.name, img_size=img_size, **overrides)
     return make_classifier(encoder, num_classes, cfg.model.global_pool)
 
 
 # ----------------------------------------------------------------------------- the stage
+
 
 class EvaluationData:
     """The shards, the label subset and the normalisation of one evaluation run."""
@@ -128,8 +136,12 @@ class EvaluationData:
         self.test_split = self._test_split(cfg, run)
         self.keep = None
         if cfg.data.label_fraction < 1:
-            self.keep = balanced_subset(self.manifest.labels(cfg.data.train_split), cfg.data.label_fraction, cfg.train.seed)
-        self.num_train = len(self.keep) if self.keep is not None else self.manifest.split(cfg.data.train_split).num_samples
+            self.keep = balanced_subset(
+                self.manifest.labels(cfg.data.train_split), cfg.data.label_fraction, cfg.train.seed
+            )
+        self.num_train = (
+            len(self.keep) if self.keep is not None else self.manifest.split(cfg.data.train_split).num_samples
+        )
         self._warn_unseen_classes(cfg, run)
         mean, std = normalisation(cfg, self.info)
         if "source" in self.info:  # an imported checkpoint: say what it is and what this run assumes of it
@@ -138,14 +150,24 @@ class EvaluationData:
             for note in self.info.get("notes", []):
                 run.console.print(f"note: {note}")
             if not self.info["extra"] and not (cfg.data.mean and cfg.data.std):
-                run.console.print(f"note: the checkpoint states no normalisation; this run uses mean {mean} and std "
-                                  f"{std} (set data.mean and data.std to change them)")
+                run.console.print(
+                    f"note: the checkpoint states no normalisation; this run uses mean {mean} and std "
+                    f"{std} (set data.mean and data.std to change them)"
+                )
         self.mean = torch.tensor(mean, device=run.device).view(1, 3, 1, 1)
         self.std = torch.tensor(std, device=run.device).view(1, 3, 1, 1)
         eval_tf = eval_transform(self.img_size, crop_pct=cfg.data.eval_crop_pct, interpolation=cfg.data.interpolation)
-        common = dict(shards=self.shards, manifest=self.manifest, batch_size=cfg.knn.batch_size, transform=eval_tf,
-                      training=False, rank=run.rank, world_size=run.world, num_workers=cfg.data.num_workers,
-                      max_skip_fraction=cfg.data.max_skip_fraction)
+        common = dict(
+            shards=self.shards,
+            manifest=self.manifest,
+            batch_size=cfg.knn.batch_size,
+            transform=eval_tf,
+            training=False,
+            rank=run.rank,
+            world_size=run.world,
+            num_workers=cfg.data.num_workers,
+            max_skip_fraction=cfg.data.max_skip_fraction,
+        )
         self.val_spec = LoaderSpec(split=cfg.data.val_split, **common)
         self.test_spec = LoaderSpec(split=cfg.data.test_split, **common) if self.test_split is not None else None
         self.train_eval_spec = LoaderSpec(split=cfg.data.train_split, keep_indices=_as_tuple(self.keep), **common)
@@ -155,12 +177,16 @@ class EvaluationData:
         if cfg.data.test_split is None:
             return None
         if cfg.data.test_split == cfg.data.val_split:
-            raise UserError(f"data.test_split and data.val_split are both '{cfg.data.val_split}': results would be "
-                            "reported on the split they were chosen on; name another split, or set data.test_split=null.")
+            raise UserError(
+                f"data.test_split and data.val_split are both '{cfg.data.val_split}': results would be "
+                "reported on the split they were chosen on; name another split, or set data.test_split=null."
+            )
         if cfg.data.test_split not in self.manifest.splits:
-            run.console.warn(f"the shards {self.shards} have no '{cfg.data.test_split}' split, so results report "
-                             f"'{cfg.data.val_split}' only, the split choices are made on; rewrite them with "
-                             "make_shards (it writes a test split), or set data.test_split=null to silence this.")
+            run.console.warn(
+                f"the shards {self.shards} have no '{cfg.data.test_split}' split, so results report "
+                f"'{cfg.data.val_split}' only, the split choices are made on; rewrite them with "
+                "make_shards (it writes a test split), or set data.test_split=null to silence this."
+            )
             return None
         return self.manifest.split(cfg.data.test_split)
 
@@ -186,16 +212,20 @@ class EvaluationData:
         named = ", ".join(repr(names[c]) if c < len(names) else str(c) for c in unseen[:10])
         more = f" and {len(unseen) - 10} more" if len(unseen) > 10 else ""
         count = int(np.isin(val, unseen).sum())
-        run.console.warn(f"validation split '{val_split}' of {self.shards} holds {len(unseen)} class(es) that "
-                         f"training never sees: {named}{more} ({count} of {len(val)} validation images, which no "
-                         f"classifier trained here can get right); rewrite the shards so that every class is in "
-                         f"'{train_split}'.")
+        run.console.warn(
+            f"validation split '{val_split}' of {self.shards} holds {len(unseen)} class(es) that "
+            f"training never sees: {named}{more} ({count} of {len(val)} validation images, which no "
+            f"classifier trained here can get right); rewrite the shards so that every class is in "
+            f"'{train_split}'."
+        )
 
     def summary(self, cfg: FinetuneConfig, world: int) -> str:
         test = f", {self.test_split.num_samples} test images" if self.test_split is not None else ", no test split"
-        return (f"{cfg.protocol}: encoder {self.encoder_path or cfg.model.name}, {self.num_train} training images "
-                f"(label fraction {cfg.data.label_fraction}), {self.val_split.num_samples} validation images{test}, "
-                f"{self.manifest.num_classes} classes, {world} process(es)")
+        return (
+            f"{cfg.protocol}: encoder {self.encoder_path or cfg.model.name}, {self.num_train} training images "
+            f"(label fraction {cfg.data.label_fraction}), {self.val_split.num_samples} validation images{test}, "
+            f"{self.manifest.num_classes} classes, {world} process(es)"
+        )
 
 
 class FinetuneStage(Stage):
@@ -215,21 +245,39 @@ class FinetuneStage(Stage):
         self.data = data = EvaluationData(cfg, run)
         model = build_model(cfg, data.encoder_path, data.manifest.num_classes, data.img_size, data.info)
         if cfg.protocol == "linear":
-            transform = pretrain_transform(data.img_size, scale=tuple(cfg.data.crop_scale), hflip=cfg.data.hflip,
-                                           interpolation=cfg.data.interpolation)
+            transform = pretrain_transform(
+                data.img_size,
+                scale=tuple(cfg.data.crop_scale),
+                hflip=cfg.data.hflip,
+                interpolation=cfg.data.interpolation,
+            )
             optimizer = _linear_optimizer(model, cfg, run.peak_lr)
         else:
-            transform = finetune_transform(data.img_size, auto_augment=cfg.data.auto_augment,
-                                           scale=tuple(cfg.data.crop_scale), hflip=cfg.data.hflip,
-                                           interpolation=cfg.data.interpolation)
+            transform = finetune_transform(
+                data.img_size,
+                auto_augment=cfg.data.auto_augment,
+                scale=tuple(cfg.data.crop_scale),
+                hflip=cfg.data.hflip,
+                interpolation=cfg.data.interpolation,
+            )
             optimizer = build_optimizer(model, cfg.optim, run.peak_lr)
         self.mix, self.erase, self.criterion = _regularizers(cfg, data.manifest.num_classes, run.device)
         loader = LoaderSpec(
-            shards=data.shards, manifest=data.manifest, split=cfg.data.train_split,
-            batch_size=run.geometry.per_device_batch, transform=transform, training=True, seed=cfg.train.seed,
-            rank=run.rank, world_size=run.world, num_workers=cfg.data.num_workers,
-            shuffle_buffer=cfg.data.shuffle_buffer, keep_indices=_as_tuple(data.keep),
-            pin_memory=run.device.type == "cuda", max_skip_fraction=cfg.data.max_skip_fraction)
+            shards=data.shards,
+            manifest=data.manifest,
+            split=cfg.data.train_split,
+            batch_size=run.geometry.per_device_batch,
+            transform=transform,
+            training=True,
+            seed=cfg.train.seed,
+            rank=run.rank,
+            world_size=run.world,
+            num_workers=cfg.data.num_workers,
+            shuffle_buffer=cfg.data.shuffle_buffer,
+            keep_indices=_as_tuple(data.keep),
+            pin_memory=run.device.type == "cuda",
+            max_skip_fraction=cfg.data.max_skip_fraction,
+        )
         run.console.print(data.summary(cfg, run.world))
         # the training loaders (data.loader's kind; evaluation keeps open_loader)
         loaders = LoaderFactory.for_run(cfg.data, loader, run.device)
@@ -250,19 +298,32 @@ class FinetuneStage(Stage):
             return False
         model.eval()
         run, data = self.run, self.data
-        scored = {split: accuracy(run.accelerator, model, open_loader(spec), data.mean, data.std, count)
-                  for split, (spec, count) in data.queries().items()}
+        scored = {
+            split: accuracy(run.accelerator, model, open_loader(spec), data.mean, data.std, count)
+            for split, (spec, count) in data.queries().items()
+        }
         scores = scored["validation"]
         epoch_done = step / run.schedule.steps_per_epoch
-        row = {"epoch": round(epoch_done, 2), "step": step, "top1": scores["top1"], "top5": scores["top5"],
-               "count": scores["count"]}
+        row = {
+            "epoch": round(epoch_done, 2),
+            "step": step,
+            "top1": scores["top1"],
+            "top5": scores["top5"],
+            "count": scores["count"],
+        }
         if "test" in scored:  # kept for the report at the end; never shown, logged or compared while training
-            row.update(test_top1=scored["test"]["top1"], test_top5=scored["test"]["top5"], test_count=scored["test"]["count"])
+            row.update(
+                test_top1=scored["test"]["top1"], test_top5=scored["test"]["top5"], test_count=scored["test"]["count"]
+            )
         self.history.append(row)
-        run.tracker.scalars({"top1": scores["top1"], "top5": scores["top5"]}, step=step)  # linear/top1, ... (validation)
+        run.tracker.scalars(
+            {"top1": scores["top1"], "top5": scores["top5"]}, step=step
+        )  # linear/top1, ... (validation)
         best = max(self.history, key=lambda row: row["top1"])
-        run.console.print(f"step {step}/{run.schedule.total_steps} (epoch {epoch_done:.1f}): validation top-1 "
-                          f"{scores['top1']:.2f}  top-5 {scores['top5']:.2f}  (best {best['top1']:.2f} at step {best['step']})")
+        run.console.print(
+            f"step {step}/{run.schedule.total_steps} (epoch {epoch_done:.1f}): validation top-1 "
+            f"{scores['top1']:.2f}  top-5 {scores['top5']:.2f}  (best {best['top1']:.2f} at step {best['step']})"
+        )
         if best is self.history[-1]:
             _save_weights(run.accelerator, model, run.run_dir / "best.safetensors")
         return True  # a checkpoint after every evaluation keeps history and best.safetensors in step
@@ -283,8 +344,14 @@ class FinetuneStage(Stage):
 
     def finish(self, step: int, model) -> dict:
         run, data = self.run, self.data
-        results = _results(self.cfg, data, self.history, epochs=run.schedule.epochs, started=self.started,
-                           images_seen=run.schedule.total_steps * run.geometry.global_batch)
+        results = _results(
+            self.cfg,
+            data,
+            self.history,
+            epochs=run.schedule.epochs,
+            started=self.started,
+            images_seen=run.schedule.total_steps * run.geometry.global_batch,
+        )
         if run.accelerator.is_main_process:
             atomic_write_json(run.run_dir / "results.json", results)
         run.console.print(f"done: {_result_line(results)}; results: {run.run_dir / 'results.json'}")
@@ -323,7 +390,9 @@ def command(cfg: FinetuneConfig, config_path: str | None, resume: str | None, al
     return run(cfg, run_dir_for(cfg, config_path), resume=resume, allow_changes=allow_changes)
 
 
-def run(cfg: FinetuneConfig, run_dir: Path, resume: str | None = None, callbacks=(), allow_changes: bool = False) -> dict:
+def run(
+    cfg: FinetuneConfig, run_dir: Path, resume: str | None = None, callbacks=(), allow_changes: bool = False
+) -> dict:
     """Run one protocol as `cfg` says, in `run_dir`; returns the results written to results.json."""
     stage = FinetuneStage(cfg)
     finished = run_dir / "results.json"
@@ -331,8 +400,9 @@ def run(cfg: FinetuneConfig, run_dir: Path, resume: str | None = None, callbacks
         results = json.loads(finished.read_text())  # the same evaluation, already done: its results, not a refusal
         print(f"{run_dir} is already finished: {_result_line(results)} (choose another run.name to run it again)")
         return results
-    evaluation = open_run(cfg, run_dir, resume, resumable_keys=stage.resumable_keys, allow_changes=allow_changes,
-                          callbacks=callbacks)
+    evaluation = open_run(
+        cfg, run_dir, resume, resumable_keys=stage.resumable_keys, allow_changes=allow_changes, callbacks=callbacks
+    )
     if resume is not None and finished.is_file():
         results = json.loads(finished.read_text())
         evaluation.console.print(f"{run_dir} is already finished: {_result_line(results)}")
@@ -351,14 +421,23 @@ def run_knn(cfg: FinetuneConfig, run: Run) -> dict:
     run.console.print(data.summary(cfg, run.world))
     model = build_model(cfg, data.encoder_path, data.manifest.num_classes, data.img_size, data.info).to(run.device)
     encoder = model.encoder
-    scored = knn_classify_splits(run.accelerator, lambda x: pooled_features(encoder, x, cfg.model.linear_pool),
-                                 open_loader(data.train_eval_spec),
-                                 {split: (open_loader(spec), count) for split, (spec, count) in data.queries().items()},
-                                 data.mean, data.std, data.manifest.num_classes, cfg.knn.k, cfg.knn.temperature)
+    scored = knn_classify_splits(
+        run.accelerator,
+        lambda x: pooled_features(encoder, x, cfg.model.linear_pool),
+        open_loader(data.train_eval_spec),
+        {split: (open_loader(spec), count) for split, (spec, count) in data.queries().items()},
+        data.mean,
+        data.std,
+        data.manifest.num_classes,
+        cfg.knn.k,
+        cfg.knn.temperature,
+    )
     metrics = scored["validation"]
     row = {"epoch": 0, "step": 0, "top1": metrics["top1"], "top5": metrics["top5"], "count": metrics["count"]}
     if "test" in scored:
-        row.update(test_top1=scored["test"]["top1"], test_top5=scored["test"]["top5"], test_count=scored["test"]["count"])
+        row.update(
+            test_top1=scored["test"]["top1"], test_top5=scored["test"]["top5"], test_count=scored["test"]["count"]
+        )
     results = _results(cfg, data, [row], epochs=0, started=started, images_seen=0)  # a bank is no training
     tracker, _ = run.open_records(None, cfg.protocol)
     if run.accelerator.is_main_process:
@@ -378,8 +457,10 @@ def run_fewshot(cfg: FinetuneConfig, run: Run) -> dict:
     data = EvaluationData(cfg, run)
     run.console.print(data.summary(cfg, run.world))
     if data.test_split is None:
-        raise UserError(f"protocol=fewshot reports the test split, and the shards {data.shards} have none; rewrite "
-                        "them with make_shards (it writes one).")
+        raise UserError(
+            f"protocol=fewshot reports the test split, and the shards {data.shards} have none; rewrite "
+            "them with make_shards (it writes one)."
+        )
     model = build_model(cfg, data.encoder_path, data.manifest.num_classes, data.img_size, data.info).to(run.device)
     encoder = model.encoder
 
@@ -387,33 +468,66 @@ def run_fewshot(cfg: FinetuneConfig, run: Run) -> dict:
         return pooled_features(encoder, images, cfg.model.linear_pool)
 
     splits = {"train": data.train_eval_spec, **{name: spec for name, (spec, _) in data.queries().items()}}
-    extracted = {name: extract(run.accelerator, features, open_loader(dataclasses.replace(spec, batch_size=cfg.fewshot.batch_size)),
-                               data.mean, data.std, l2_normalise=False) for name, spec in splits.items()}
+    extracted = {
+        name: extract(
+            run.accelerator,
+            features,
+            open_loader(dataclasses.replace(spec, batch_size=cfg.fewshot.batch_size)),
+            data.mean,
+            data.std,
+            l2_normalise=False,
+        )
+        for name, spec in splits.items()
+    }
     extracted = {name: (x.cpu(), y.cpu()) for name, (x, y) in extracted.items()}
     solve_started = time.perf_counter()
-    per_seed = fewshot_evaluate(extracted["train"], extracted["validation"], extracted["test"],
-                                data.manifest.num_classes, list(cfg.fewshot.shots), list(cfg.fewshot.seeds))
+    per_seed = fewshot_evaluate(
+        extracted["train"],
+        extracted["validation"],
+        extracted["test"],
+        data.manifest.num_classes,
+        list(cfg.fewshot.shots),
+        list(cfg.fewshot.seeds),
+    )
     solve_ms = 1000 * (time.perf_counter() - solve_started)
     rows = []
     for k in cfg.fewshot.shots:
         mine = [r for r in per_seed if r.shots == k]
         val, test = [r.val_top1 for r in mine], [r.test_top1 for r in mine]
-        rows.append({"epoch": 0, "step": 0, "shots": k, "top1": float(np.mean(val)), "top5": None,
-                     "count": len(extracted["validation"][1]), "test_top1": float(np.mean(test)), "test_top5": None,
-                     "test_top1_std": float(np.std(test)), "seeds": len(mine), "test_count": len(extracted["test"][1])})
+        rows.append(
+            {
+                "epoch": 0,
+                "step": 0,
+                "shots": k,
+                "top1": float(np.mean(val)),
+                "top5": None,
+                "count": len(extracted["validation"][1]),
+                "test_top1": float(np.mean(test)),
+                "test_top5": None,
+                "test_top1_std": float(np.std(test)),
+                "seeds": len(mine),
+                "test_count": len(extracted["test"][1]),
+            }
+        )
     results = _results(cfg, data, rows[:1], epochs=0, started=started, images_seen=0)
-    results.update(shots=list(cfg.fewshot.shots), by_shots=rows, per_seed=[dataclasses.asdict(r) for r in per_seed],
-                   solve_ms=round(solve_ms, 1),
-                   train_images=cfg.fewshot.shots[0] * data.manifest.num_classes)  # the headline's training set
+    results.update(
+        shots=list(cfg.fewshot.shots),
+        by_shots=rows,
+        per_seed=[dataclasses.asdict(r) for r in per_seed],
+        solve_ms=round(solve_ms, 1),
+        train_images=cfg.fewshot.shots[0] * data.manifest.num_classes,
+    )  # the headline's training set
     tracker, _ = run.open_records(None, cfg.protocol)
     if run.accelerator.is_main_process:
         atomic_write_json(run.run_dir / "results.json", results)
     tracker.scalars({f"top1_{row['shots']}shot": row["top1"] for row in rows}, step=0)  # validation, as knn's
     tracker.close()
     line = ", ".join(f"{row['shots']}-shot {row['test_top1']:.2f} ± {row['test_top1_std']:.2f}" for row in rows)
-    run.console.print(f"fewshot (test top-1, mean ± std over seeds {', '.join(map(str, cfg.fewshot.seeds))}; "
-                      f"regulariser chosen on validation): {line}; the solves took {solve_ms:.0f} ms after "
-                      f"extracting the features of {sum(len(y) for _, y in extracted.values())} images")
+    run.console.print(
+        f"fewshot (test top-1, mean ± std over seeds {', '.join(map(str, cfg.fewshot.seeds))}; "
+        f"regulariser chosen on validation): {line}; the solves took {solve_ms:.0f} ms after "
+        f"extracting the features of {sum(len(y) for _, y in extracted.values())} images"
+    )
     record_on_encoder(cfg, run, data, results)
     return results
 
@@ -428,14 +542,28 @@ def record_on_encoder(cfg: FinetuneConfig, run: Run, data: EvaluationData, resul
     if path.name != "encoder.safetensors" or not (path.parent / "encoder.json").is_file():
         return  # a weights file outside an export folder has no card to add to
     record = {
-        "run": str(run.run_dir.resolve()), "protocol": cfg.protocol, "label_fraction": cfg.data.label_fraction,
-        "seed": cfg.train.seed, "dataset": data.manifest.name, "shards": str(data.shards), "img_size": data.img_size,
+        "run": str(run.run_dir.resolve()),
+        "protocol": cfg.protocol,
+        "label_fraction": cfg.data.label_fraction,
+        "seed": cfg.train.seed,
+        "dataset": data.manifest.name,
+        "shards": str(data.shards),
+        "img_size": data.img_size,
         # the last evaluation on test (validation only when the shards have none): nothing was chosen on it
-        **({"split": cfg.data.test_split, "top1": results["test_last_top1"], "top5": results["test_last_top5"],
-            "test_selected_top1": results["test_selected_top1"], "test_images": results["test_images"]}
-           if results["test_last_top1"] is not None else
-           {"split": cfg.data.val_split, "top1": results["val_last_top1"], "top5": results["val_last_top5"]}),
-        "train_images": results["train_images"], "val_images": results["val_images"], "epochs": results["epochs"],
+        **(
+            {
+                "split": cfg.data.test_split,
+                "top1": results["test_last_top1"],
+                "top5": results["test_last_top5"],
+                "test_selected_top1": results["test_selected_top1"],
+                "test_images": results["test_images"],
+            }
+            if results["test_last_top1"] is not None
+            else {"split": cfg.data.val_split, "top1": results["val_last_top1"], "top5": results["val_last_top5"]}
+        ),
+        "train_images": results["train_images"],
+        "val_images": results["val_images"],
+        "epochs": results["epochs"],
     }
     if cfg.protocol == "knn":
         record["k"] = cfg.knn.k
@@ -455,6 +583,7 @@ def _as_tuple(indices) -> tuple[int, ...] | None:
 
 
 # ----------------------------------------------------------------------------- pieces
+
 
 def _linear_optimizer(model: LinearProbe, cfg: FinetuneConfig, lr: float) -> torch.optim.Optimizer:
     """LARS on the head as MAE's linear probe: trust ratio on the weight matrix, not the bias,
@@ -481,14 +610,23 @@ def _regularizers(cfg: FinetuneConfig, num_classes: int, device):
 
     mix = None
     if reg.mixup > 0 or reg.cutmix > 0:
-        mix = Mixup(mixup_alpha=reg.mixup, cutmix_alpha=reg.cutmix, prob=reg.mixup_prob, switch_prob=reg.mixup_switch_prob,
-                    mode="batch", label_smoothing=reg.label_smoothing, num_classes=num_classes)
+        mix = Mixup(
+            mixup_alpha=reg.mixup,
+            cutmix_alpha=reg.cutmix,
+            prob=reg.mixup_prob,
+            switch_prob=reg.mixup_switch_prob,
+            mode="batch",
+            label_smoothing=reg.label_smoothing,
+            num_classes=num_classes,
+        )
         criterion = SoftTargetCrossEntropy()
     elif reg.label_smoothing > 0:
         criterion = LabelSmoothingCrossEntropy(smoothing=reg.label_smoothing)
     else:
         criterion = nn.CrossEntropyLoss()
-    erase = RandomErasing(probability=reg.reprob, mode="pixel", max_count=1, device=str(device)) if reg.reprob > 0 else None
+    erase = (
+        RandomErasing(probability=reg.reprob, mode="pixel", max_count=1, device=str(device)) if reg.reprob > 0 else None
+    )
     return mix, erase, criterion
 
 
@@ -501,7 +639,9 @@ def _save_weights(accelerator, model, path: Path) -> None:
             save_file({k.replace("_orig_mod.", ""): v.contiguous() for k, v in state.items()}, str(tmp))
 
 
-def _results(cfg: FinetuneConfig, data: EvaluationData, history: list[dict], *, epochs, started, images_seen: int) -> dict:
+def _results(
+    cfg: FinetuneConfig, data: EvaluationData, history: list[dict], *, epochs, started, images_seen: int
+) -> dict:
     """results.json: validation at the last and the best evaluation (choices are made there), test at the
     last evaluation and at the one chosen on validation top-1 (None without a test split)."""
     last = history[-1]
@@ -518,8 +658,11 @@ def _results(cfg: FinetuneConfig, data: EvaluationData, history: list[dict], *, 
         "seed": cfg.train.seed,
         "epochs": epochs,
         "images_seen": images_seen,  # training images this run went through (steps x global batch)
-        "val_last_top1": last["top1"], "val_last_top5": last["top5"],
-        "val_best_top1": chosen["top1"], "val_best_top5": chosen["top5"], "selected_step": chosen["step"],
+        "val_last_top1": last["top1"],
+        "val_last_top5": last["top5"],
+        "val_best_top1": chosen["top1"],
+        "val_best_top5": chosen["top5"],
+        "selected_step": chosen["step"],
         "test_last_top1": last["test_top1"] if has_test else None,
         "test_last_top5": last["test_top5"] if has_test else None,
         "test_selected_top1": chosen.get("test_top1") if has_test else None,
@@ -532,7 +675,11 @@ def _results(cfg: FinetuneConfig, data: EvaluationData, history: list[dict], *, 
 def _result_line(results: dict) -> str:
     """One line for the console: test at the last and the validation-chosen evaluation, else validation."""
     if results.get("test_last_top1") is not None:
-        return (f"test top-1 {results['test_last_top1']:.2f} (last), {results['test_selected_top1']:.2f} (at step "
-                f"{results['selected_step']}, chosen on validation: {results['val_best_top1']:.2f})")
-    return (f"validation top-1 {results['val_last_top1']:.2f} (last), best {results['val_best_top1']:.2f} at step "
-            f"{results['selected_step']} (no test split: both are from the split choices are made on)")
+        return (
+            f"test top-1 {results['test_last_top1']:.2f} (last), {results['test_selected_top1']:.2f} (at step "
+            f"{results['selected_step']}, chosen on validation: {results['val_best_top1']:.2f})"
+        )
+    return (
+        f"validation top-1 {results['val_last_top1']:.2f} (last), best {results['val_best_top1']:.2f} at step "
+        f"{results['selected_step']} (no test split: both are from the split choices are made on)"
+    )

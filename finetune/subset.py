@@ -1,8 +1,9 @@
 """Low-label regimes: a deterministic, class-balanced subset of the training split."""
+
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

@@ -17,6 +17,7 @@ depends on the data they were trained on, which vitmpp cannot know; the card say
 whoever publishes the weights sets it. `base_model` is absent: vitmpp pretrains from
 random initialisation.
 """
+
 from __future__ import annotations
 
 import html
@@ -71,6 +72,7 @@ def _block(language: str, lines: list[str]) -> list[str]:
 
 # ----------------------------------------------------------------------------- front matter
 
+
 def _front_matter(facts: dict) -> str:
     info = facts["info"]
     objective = info.get("objective") or "unknown"
@@ -96,22 +98,39 @@ def _front_matter(facts: dict) -> str:
     evaluations = facts.get("evaluations") or []
     if evaluations:
         meta["metrics"] = ["accuracy"]
-        meta["model-index"] = [{"name": str(facts.get("folder") or info.get("name")), "results": [
+        meta["model-index"] = [
             {
-                "task": {"type": "image-classification", "name": PROTOCOL_NAMES.get(r.get("protocol"), r.get("protocol"))},
-                "dataset": {"name": str(r.get("dataset") or data.get("name") or r.get("shards") or "unknown"),
+                "name": str(facts.get("folder") or info.get("name")),
+                "results": [
+                    {
+                        "task": {
+                            "type": "image-classification",
+                            "name": PROTOCOL_NAMES.get(r.get("protocol"), r.get("protocol")),
+                        },
+                        "dataset": {
+                            "name": str(r.get("dataset") or data.get("name") or r.get("shards") or "unknown"),
                             "type": str(r.get("dataset") or data.get("name") or "unknown"),
-                            "split": str(r.get("split", "validation"))},
-                "metrics": [{"type": "accuracy", "value": round(float(r["top1"]), 2),
-                             "name": f"{_protocol(r)} top-1 (label fraction {r.get('label_fraction', 1):g}, "
-                                     f"seed {r.get('seed', 0)})"}],
+                            "split": str(r.get("split", "validation")),
+                        },
+                        "metrics": [
+                            {
+                                "type": "accuracy",
+                                "value": round(float(r["top1"]), 2),
+                                "name": f"{_protocol(r)} top-1 (label fraction {r.get('label_fraction', 1):g}, "
+                                f"seed {r.get('seed', 0)})",
+                            }
+                        ],
+                    }
+                    for r in evaluations
+                    if r.get("top1") is not None
+                ],
             }
-            for r in evaluations if r.get("top1") is not None
-        ]}]
+        ]
     return "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + "---\n"
 
 
 # ----------------------------------------------------------------------------- body
+
 
 def _body(facts: dict) -> list[str]:
     info = facts["info"]
@@ -120,16 +139,23 @@ def _body(facts: dict) -> list[str]:
     extra = info.get("extra") or {}
     title = paper.get("title") or objective
     lines = [f"# {_text(facts.get('folder') or info.get('name'))}: a ViT encoder pretrained with {_text(title)}", ""]
-    lines += [f"A {_code(info.get('name'))} Vision Transformer encoder ({_count(info.get('num_params'))} parameters) "
-              f"pretrained with vitmpp's {_code(objective)} objective for "
-              f"{_int(info.get('step'))} steps. Everything below was generated from the run's own records.", ""]
+    lines += [
+        f"A {_code(info.get('name'))} Vision Transformer encoder ({_count(info.get('num_params'))} parameters) "
+        f"pretrained with vitmpp's {_code(objective)} objective for "
+        f"{_int(info.get('step'))} steps. Everything below was generated from the run's own records.",
+        "",
+    ]
     lines += _model_section(info)
     lines += ["## Pretraining objective", ""]
     if paper.get("paper"):
         arxiv = paper.get("arxiv")
         link = f", [arXiv:{arxiv}](https://arxiv.org/abs/{arxiv})" if arxiv else ""
-        lines += [f"{_code(objective)}: {paper.get('description') or paper['title']}", "",
-                  f"Paper: {paper['paper']}{link}.", ""]
+        lines += [
+            f"{_code(objective)}: {paper.get('description') or paper['title']}",
+            "",
+            f"Paper: {paper['paper']}{link}.",
+            "",
+        ]
     else:
         lines += [f"{_code(objective)} (no paper is associated with it in vitmpp).", ""]
     lines += _data_section(extra)
@@ -137,23 +163,43 @@ def _body(facts: dict) -> list[str]:
     lines += _evaluation_section(facts)
     lines += _usage_section(facts)
     if facts.get("config_yaml"):
-        lines += ["## Configuration", "", "The resolved configuration of the pretraining run (`config.yaml`):", "",
-                  *_block("yaml", facts["config_yaml"].rstrip().splitlines()), ""]
-    lines += ["## License", "",
-              "Not stated: the terms under which these weights may be used depend on the data they were trained on. "
-              "Set `license` in the front matter before publishing them.", ""]
-    lines += ["## Provenance", "",
-              f"Exported {_text(info.get('created', 'at an unrecorded time'))} with timm "
-              f"{_text(info.get('timm_version', '?'))} and torch {_text(info.get('torch_version', '?'))} "
-              f"({_code(info.get('format', 'vitmpp-encoder'))}).", ""]
+        lines += [
+            "## Configuration",
+            "",
+            "The resolved configuration of the pretraining run (`config.yaml`):",
+            "",
+            *_block("yaml", facts["config_yaml"].rstrip().splitlines()),
+            "",
+        ]
+    lines += [
+        "## License",
+        "",
+        "Not stated: the terms under which these weights may be used depend on the data they were trained on. "
+        "Set `license` in the front matter before publishing them.",
+        "",
+    ]
+    lines += [
+        "## Provenance",
+        "",
+        f"Exported {_text(info.get('created', 'at an unrecorded time'))} with timm "
+        f"{_text(info.get('timm_version', '?'))} and torch {_text(info.get('torch_version', '?'))} "
+        f"({_code(info.get('format', 'vitmpp-encoder'))}).",
+        "",
+    ]
     return lines
 
 
 def _model_section(info: dict) -> list[str]:
     rows = [
-        ("architecture", _code(info.get("name"), True) + (
-            f" (timm: {_code(info['timm_name'], True)})" if info.get("timm_name")
-            else " (a vitmpp variant of timm's VisionTransformer)")),
+        (
+            "architecture",
+            _code(info.get("name"), True)
+            + (
+                f" (timm: {_code(info['timm_name'], True)})"
+                if info.get("timm_name")
+                else " (a vitmpp variant of timm's VisionTransformer)"
+            ),
+        ),
         ("parameters", _count(info.get("num_params"))),
         ("image size", f"{_text(info.get('img_size'))} px"),
         ("patch size", f"{_text(info.get('patch_size'))} px"),
@@ -161,8 +207,12 @@ def _model_section(info: dict) -> list[str]:
         ("MLP ratio", _text(info.get("mlp_ratio"))),
         ("class token", "yes" if info.get("class_token", True) else "no"),
         ("pooling", _code(info.get("global_pool"), True)),
-        ("position embedding", {"sincos": "fixed 2D sin-cos (MAE)", "learned": "learned"}.get(
-            info.get("pos_embed"), _text(info.get("pos_embed")))),
+        (
+            "position embedding",
+            {"sincos": "fixed 2D sin-cos (MAE)", "learned": "learned"}.get(
+                info.get("pos_embed"), _text(info.get("pos_embed"))
+            ),
+        ),
     ]
     return ["## Encoder", "", "| | |", "|---|---|", *[f"| {k} | {v} |" for k, v in rows], ""]
 
@@ -176,9 +226,11 @@ def _data_section(extra: dict) -> list[str]:
     if not data:
         lines += ["", "The export records no manifest facts (it predates them).", ""]
         return lines
-    lines.append(f"Manifest: {_code(data.get('name'))} ({_code(data.get('source'))}), "
-                 f"{_text(data.get('num_classes'))} classes"
-                 + (f", images {_text(data['image_size'])} px." if data.get("image_size") else "."))
+    lines.append(
+        f"Manifest: {_code(data.get('name'))} ({_code(data.get('source'))}), "
+        f"{_text(data.get('num_classes'))} classes"
+        + (f", images {_text(data['image_size'])} px." if data.get("image_size") else ".")
+    )
     splits = data.get("splits") or {}
     if splits:
         lines += ["", "| split | images | used |", "|---|---:|---|"]
@@ -187,8 +239,11 @@ def _data_section(extra: dict) -> list[str]:
             lines.append(f"| {_text(name)} | {_int(count)} | {used} |")
     lines.append("")
     if data.get("train_split"):
-        lines += [f"Pretraining read only the {_code(data['train_split'])} split"
-                  + (" (labels used)." if extra.get("uses_labels") else " (labels not used)."), ""]
+        lines += [
+            f"Pretraining read only the {_code(data['train_split'])} split"
+            + (" (labels used)." if extra.get("uses_labels") else " (labels not used)."),
+            "",
+        ]
     return lines
 
 
@@ -212,9 +267,12 @@ def _training_section(info: dict, extra: dict) -> list[str]:
     lines += ["| | |", "|---|---|", *[f"| {k} | {v} |" for k, v in rows], ""]
     init = extra.get("init")
     if init:  # model.init: the weights pretraining started from (data, so as text)
-        lines += [f"Pretraining started from {_code(init.get('path', ''), True)} ({_text(init.get('format'))}, "
-                  f"sha256 {_code(init.get('sha256', ''), True)}; {_text(', '.join(init.get('parts') or []))}), "
-                  "not from random weights.", ""]
+        lines += [
+            f"Pretraining started from {_code(init.get('path', ''), True)} ({_text(init.get('format'))}, "
+            f"sha256 {_code(init.get('sha256', ''), True)}; {_text(', '.join(init.get('parts') or []))}), "
+            "not from random weights.",
+            "",
+        ]
     if compute.get("how"):
         lines += [compute["how"], ""]
     elif not compute:
@@ -226,20 +284,28 @@ def _evaluation_section(facts: dict) -> list[str]:
     records = facts.get("evaluations") or []
     lines = ["## Evaluation", ""]
     if not records:
-        lines += ["No evaluation of these weights has been recorded yet. A linear probe, k-NN or fine-tuning run "
-                  "of vitmpp that uses this folder as its encoder adds its result here, e.g. "
-                  + _code(f"python finetune/main.py encoder={shlex.quote(str(facts.get('path') or facts.get('folder')))}")
-                  + ".", ""]
+        lines += [
+            "No evaluation of these weights has been recorded yet. A linear probe, k-NN or fine-tuning run "
+            "of vitmpp that uses this folder as its encoder adds its result here, e.g. "
+            + _code(f"python finetune/main.py encoder={shlex.quote(str(facts.get('path') or facts.get('folder')))}")
+            + ".",
+            "",
+        ]
     else:
-        lines += ["Results recorded by evaluation runs that used these weights: top-1 and top-5 (%) of each "
-                  "run's last evaluation, on the split shown: the test split, never used to choose anything "
-                  "(validation only where the shards had no test split):", "",
-                  "| protocol | label fraction | seed | split | top-1 | top-5 | training images | epochs | run |",
-                  "|---|---:|---:|---|---:|---:|---:|---:|---|"]
+        lines += [
+            "Results recorded by evaluation runs that used these weights: top-1 and top-5 (%) of each "
+            "run's last evaluation, on the split shown: the test split, never used to choose anything "
+            "(validation only where the shards had no test split):",
+            "",
+            "| protocol | label fraction | seed | split | top-1 | top-5 | training images | epochs | run |",
+            "|---|---:|---:|---|---:|---:|---:|---:|---|",
+        ]
         for r in sorted(records, key=lambda r: (str(r.get("protocol")), r.get("label_fraction", 1), r.get("seed", 0))):
-            lines.append(f"| {_text(_protocol(r))} | {r.get('label_fraction', 1):g} | {_text(r.get('seed', 0))} | "
-                         f"{_text(r.get('split', '?'))} | {_pct(r.get('top1'))} | {_pct(r.get('top5'))} | "
-                         f"{_int(r.get('train_images'))} | {_text(r.get('epochs', ''))} | {_code(r.get('run', ''), True)} |")
+            lines.append(
+                f"| {_text(_protocol(r))} | {r.get('label_fraction', 1):g} | {_text(r.get('seed', 0))} | "
+                f"{_text(r.get('split', '?'))} | {_pct(r.get('top1'))} | {_pct(r.get('top5'))} | "
+                f"{_int(r.get('train_images'))} | {_text(r.get('epochs', ''))} | {_code(r.get('run', ''), True)} |"
+            )
         lines.append("")
     older = facts.get("older_evaluations") or 0
     if older:
@@ -258,45 +324,91 @@ def _usage_section(facts: dict) -> list[str]:
     if not transformers:
         kwargs = _timm_kwargs(info)
         weights = _py(f"{run_path}/encoder.safetensors")
-        lines += ["With timm (`encoder.safetensors` holds a headless `VisionTransformer` state dict):", "",
-                  *_block("python", ["import timm, torch", "from safetensors.torch import load_file", "",
-                                     f"encoder = timm.models.VisionTransformer({kwargs})",
-                                     f"encoder.load_state_dict(load_file({weights}))",
-                                     f"features = encoder.eval().forward_features(torch.randn(1, 3, {size!r}, {size!r}))"
-                                     "  # [1, tokens, width]"]), ""]
+        lines += [
+            "With timm (`encoder.safetensors` holds a headless `VisionTransformer` state dict):",
+            "",
+            *_block(
+                "python",
+                [
+                    "import timm, torch",
+                    "from safetensors.torch import load_file",
+                    "",
+                    f"encoder = timm.models.VisionTransformer({kwargs})",
+                    f"encoder.load_state_dict(load_file({weights}))",
+                    f"features = encoder.eval().forward_features(torch.randn(1, 3, {size!r}, {size!r}))"
+                    "  # [1, tokens, width]",
+                ],
+            ),
+            "",
+        ]
         if info.get("timm_name"):
-            lines += ["or through timm's factory, with a new head of K classes:", "",
-                      *_block("python", [f"model = timm.create_model({_py(info['timm_name'])}, pretrained=True, "
-                                         "num_classes=K,",
-                                         f"    pretrained_cfg_overlay=dict(file={weights}, num_classes=0))"]), ""]
-        lines += ["or with vitmpp (which also resamples position embeddings for another image size): "
-                  + _code(f"vitmpp.models.load_encoder({_py(run_path)})") + ".", ""]
+            lines += [
+                "or through timm's factory, with a new head of K classes:",
+                "",
+                *_block(
+                    "python",
+                    [
+                        f"model = timm.create_model({_py(info['timm_name'])}, pretrained=True, num_classes=K,",
+                        f"    pretrained_cfg_overlay=dict(file={weights}, num_classes=0))",
+                    ],
+                ),
+                "",
+            ]
+        lines += [
+            "or with vitmpp (which also resamples position embeddings for another image size): "
+            + _code(f"vitmpp.models.load_encoder({_py(run_path)})")
+            + ".",
+            "",
+        ]
     if transformers or facts.get("transformers"):
-        pool = ("`pooler_output` is the class-token feature (the pooler is the identity)" if info.get("global_pool") == "token"
-                else "timm pools by averaging: use `last_hidden_state[:, 1:].mean(1)`")
-        lines += ["With transformers (a `ViTModel`; `last_hidden_state` equals timm's `forward_features`; " + pool + "):",
-                  "", *_block("python", ["import torch", "from PIL import Image",
-                                         "from transformers import AutoImageProcessor, AutoModel", "",
-                                         f"processor = AutoImageProcessor.from_pretrained({_py(hf_path)})",
-                                         f"model = AutoModel.from_pretrained({_py(hf_path)}).eval()",
-                                         f"image = Image.new(\"RGB\", ({size!r}, {size!r}))",
-                                         "with torch.no_grad():",
-                                         "    outputs = model(**processor(images=image, return_tensors=\"pt\"))",
-                                         "features = outputs.pooler_output  # [1, width]"]), "",
-                  _code(f"ViTForImageClassification.from_pretrained({_py(hf_path)}, num_labels=K)")
-                  + " adds a new head for fine-tuning.", ""]
+        pool = (
+            "`pooler_output` is the class-token feature (the pooler is the identity)"
+            if info.get("global_pool") == "token"
+            else "timm pools by averaging: use `last_hidden_state[:, 1:].mean(1)`"
+        )
+        lines += [
+            "With transformers (a `ViTModel`; `last_hidden_state` equals timm's `forward_features`; " + pool + "):",
+            "",
+            *_block(
+                "python",
+                [
+                    "import torch",
+                    "from PIL import Image",
+                    "from transformers import AutoImageProcessor, AutoModel",
+                    "",
+                    f"processor = AutoImageProcessor.from_pretrained({_py(hf_path)})",
+                    f"model = AutoModel.from_pretrained({_py(hf_path)}).eval()",
+                    f'image = Image.new("RGB", ({size!r}, {size!r}))',
+                    "with torch.no_grad():",
+                    '    outputs = model(**processor(images=image, return_tensors="pt"))',
+                    "features = outputs.pooler_output  # [1, width]",
+                ],
+            ),
+            "",
+            _code(f"ViTForImageClassification.from_pretrained({_py(hf_path)}, num_labels=K)")
+            + " adds a new head for fine-tuning.",
+            "",
+        ]
     elif facts.get("transformers_refusal"):
         lines += [f"No transformers export: {_text(facts['transformers_refusal'])}.", ""]
     else:
-        lines += ["A transformers folder can be written with "
-                  + _code(f"python -m vitmpp.models.export {shlex.quote(run_path)} --to transformers OUT") + ".", ""]
+        lines += [
+            "A transformers folder can be written with "
+            + _code(f"python -m vitmpp.models.export {shlex.quote(run_path)} --to transformers OUT")
+            + ".",
+            "",
+        ]
     return lines
 
 
 def _timm_kwargs(info: dict) -> str:
     kwargs: dict[str, Any] = {
-        "img_size": info.get("img_size"), "patch_size": info.get("patch_size"), "embed_dim": info.get("embed_dim"),
-        "depth": info.get("depth"), "num_heads": info.get("num_heads"), "mlp_ratio": info.get("mlp_ratio"),
+        "img_size": info.get("img_size"),
+        "patch_size": info.get("patch_size"),
+        "embed_dim": info.get("embed_dim"),
+        "depth": info.get("depth"),
+        "num_heads": info.get("num_heads"),
+        "mlp_ratio": info.get("mlp_ratio"),
     }
     for key, value in (info.get("overrides") or {}).items():
         if key not in kwargs and key not in ("pos_embed", "global_pool"):

@@ -28,6 +28,7 @@ trained). `pos_embed="sincos"` replaces it with MAE's fixed 2D sin-cos table
 (a zero row for the class token) held in a frozen parameter: the state dict
 keeps timm's key and shape, so the weights still load anywhere.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -85,8 +86,16 @@ ENCODER_VARIANTS: dict[str, dict] = {
 # others (drop rates, init) only change training and are not exported.
 ARCHITECTURE_KEYS = ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio")
 _TRAINING_ONLY_KEYS = {
-    "drop_rate", "pos_drop_rate", "patch_drop_rate", "proj_drop_rate", "attn_drop_rate", "drop_path_rate",
-    "weight_init", "fix_init", "device", "dtype",
+    "drop_rate",
+    "pos_drop_rate",
+    "patch_drop_rate",
+    "proj_drop_rate",
+    "attn_drop_rate",
+    "drop_path_rate",
+    "weight_init",
+    "fix_init",
+    "device",
+    "dtype",
 }
 _POS_EMBED_CHOICES = ("learned", "sincos", "none")
 _TIMM_KWARGS = set(inspect.signature(VisionTransformer.__init__).parameters) - {"self"}
@@ -147,9 +156,15 @@ def create_encoder(name: str, img_size: int | None = None, **overrides: Any) -> 
         )
     pools = ("token", "avg", "avgmax", "max", "map", "")
     if kwargs["global_pool"] not in pools:
-        raise UserError(f"Encoder '{name}': global_pool must be one of {', '.join(map(repr, pools))}, got {kwargs['global_pool']!r}.")
+        raise UserError(
+            f"Encoder '{name}': global_pool must be one of {', '.join(map(repr, pools))}, "
+            f"got {kwargs['global_pool']!r}."
+        )
     if kwargs["global_pool"] == "token" and not kwargs.get("class_token", True):
-        raise UserError(f"Encoder '{name}': global_pool 'token' needs the class token; use global_pool 'avg' with class_token false.")
+        raise UserError(
+            f"Encoder '{name}': global_pool 'token' needs the class token; "
+            "use global_pool 'avg' with class_token false."
+        )
     timm_kwargs = dict(kwargs)
     if pos_embed == "none":
         timm_kwargs["pos_embed"] = "none"
@@ -173,7 +188,12 @@ def encoder_spec(encoder: VisionTransformer) -> dict:
     img_size = grid[0] * patch[0]
     spec = getattr(encoder, "vitmpp_spec", None)
     if spec is not None:
-        return {**spec, "img_size": img_size, "overrides": dict(spec["overrides"]), "pos_embed": pos_embed_kind(encoder)}
+        return {
+            **spec,
+            "img_size": img_size,
+            "overrides": dict(spec["overrides"]),
+            "pos_embed": pos_embed_kind(encoder),
+        }
     if patch[0] != patch[1] or grid[0] != grid[1]:
         raise UserError("Only square images and patches are supported by vitmpp encoders.")
     arch = {
@@ -208,13 +228,14 @@ def standard_timm_name(encoder: VisionTransformer) -> str | None:
 
 
 def pos_embed_kind(encoder: VisionTransformer) -> str:
-    """"sincos" for a frozen position table, "learned" for a trained one, "none" without."""
+    """ "sincos" for a frozen position table, "learned" for a trained one, "none" without."""
     if encoder.pos_embed is None:
         return "none"
     return "learned" if encoder.pos_embed.requires_grad else "sincos"
 
 
 # ----------------------------------------------------------------------------- sin-cos position embeddings
+
 
 def mae_sincos_pos_embed(grid_size: tuple[int, int], dim: int, num_prefix_tokens: int = 1) -> torch.Tensor:
     """MAE's fixed 2D sin-cos table: [num_prefix_tokens + H*W, dim], zero rows for prefix tokens.
@@ -229,7 +250,7 @@ def mae_sincos_pos_embed(grid_size: tuple[int, int], dim: int, num_prefix_tokens
     if dim % 4 != 0:
         raise UserError(f"Fixed sin-cos position embeddings need a width divisible by 4, got {dim}.")
     table = build_sincos2d_pos_embed(list(grid_size), dim, interleave_sin_cos=True)  # [H*W, D], row half first
-    table = torch.cat([table[:, dim // 2:], table[:, : dim // 2]], dim=1)  # column half first, as MAE
+    table = torch.cat([table[:, dim // 2 :], table[:, : dim // 2]], dim=1)  # column half first, as MAE
     if num_prefix_tokens:
         table = torch.cat([table.new_zeros(num_prefix_tokens, dim), table], dim=0)
     return table
@@ -249,6 +270,7 @@ def set_sincos_pos_embed(encoder: VisionTransformer) -> VisionTransformer:
 
 
 # ----------------------------------------------------------------------------- running parts of the encoder
+
 
 def encode_patch_tokens(encoder: VisionTransformer, patch_tokens: torch.Tensor) -> torch.Tensor:
     """The rest of timm's `forward_features` after `patch_embed`: [B, N, D] -> [B, prefix + N, D].
@@ -294,38 +316,52 @@ def patch_size_of(encoder: VisionTransformer) -> int:
 
 # ----------------------------------------------------------------------------- config
 
+
 @dataclass
 class EncoderConfig:
     """The `model` section of stage configs: which encoder to build."""
 
-    name: str = param("vit_pico_patch4_32", help="encoder variant (timm name such as vit_base_patch16_224, or a tiny vit_pico/nano/micro one)")
+    name: str = param(
+        "vit_pico_patch4_32",
+        help="encoder variant (timm name such as vit_base_patch16_224, or a tiny vit_pico/nano/micro one)",
+    )
     img_size: int = param(32, gt=0, le=MAX_IMAGE_SIDE, help="input resolution in pixels (square)")
     patch_size: int | None = param(None, ge=1, le=MAX_IMAGE_SIDE, help="patch size in pixels; null: the variant's")
     drop_path_rate: float = param(0.0, ge=0, lt=1, help="stochastic depth rate")
-    global_pool: str = param("token", choices=("token", "avg"), help="feature pooling: class token or mean of patch tokens")
+    global_pool: str = param(
+        "token", choices=("token", "avg"), help="feature pooling: class token or mean of patch tokens"
+    )
     grad_checkpointing: bool = param(False, help="activation checkpointing of the blocks (timm set_grad_checkpointing)")
     pos_embed: str = param("learned", choices=("learned", "sincos"), help="learned, or MAE's fixed 2D sin-cos table")
     init: str | None = param(None, help="start from these weights: a checkpoint file or folder (docs/weights.md)")
-    init_parts: str = param("encoder", choices=("encoder", "all"),
-                            help="what model.init sets: the encoder, or also the objective's parts it holds")
+    init_parts: str = param(
+        "encoder",
+        choices=("encoder", "all"),
+        help="what model.init sets: the encoder, or also the objective's parts it holds",
+    )
 
     def check(self) -> None:
         if self.name not in ENCODER_VARIANTS:
             hint = difflib.get_close_matches(self.name, list(ENCODER_VARIANTS), n=1, cutoff=0.5)
             tail = f" (did you mean '{hint[0]}'?)" if hint else ""
-            raise ConfigError(f"Key 'model.name' names an unknown encoder '{self.name}'{tail}; known: {', '.join(ENCODER_VARIANTS)}.")
+            raise ConfigError(
+                f"Key 'model.name' names an unknown encoder '{self.name}'{tail}; known: {', '.join(ENCODER_VARIANTS)}."
+            )
         patch = self.patch_size if self.patch_size is not None else ENCODER_VARIANTS[self.name]["patch_size"]
         if patch <= 0 or self.img_size % patch != 0:
             raise ConfigError(
-                f"Key 'model.patch_size' ({patch}) must divide 'model.img_size' ({self.img_size}); "
-                "change one of them."
+                f"Key 'model.patch_size' ({patch}) must divide 'model.img_size' ({self.img_size}); change one of them."
             )
 
 
 def encoder_from_config(cfg: EncoderConfig) -> VisionTransformer:
     """The encoder a config section describes."""
     cfg.check()
-    overrides: dict[str, Any] = {"drop_path_rate": cfg.drop_path_rate, "global_pool": cfg.global_pool, "pos_embed": cfg.pos_embed}
+    overrides: dict[str, Any] = {
+        "drop_path_rate": cfg.drop_path_rate,
+        "global_pool": cfg.global_pool,
+        "pos_embed": cfg.pos_embed,
+    }
     if cfg.patch_size is not None:
         overrides["patch_size"] = cfg.patch_size
     encoder = create_encoder(cfg.name, img_size=cfg.img_size, **overrides)

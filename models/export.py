@@ -7,6 +7,7 @@ model card, for any run or export folder (a pretraining run writes both at its e
 The weights files are vitmpp.models.weights' (`encoder.safetensors` + `encoder.json`), the
 transformers folder and the card vitmpp.models.hub's; this module sits above both.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -18,6 +19,7 @@ from .hub import export_transformers, source_encoder, write_card
 
 # ----------------------------------------------------------------------------- command line
 
+
 @cli_entry
 def main(argv: list[str] | None = None) -> list[Path]:
     """`python -m vitmpp.models.export RUN --to transformers OUT` / `RUN --card`."""
@@ -26,10 +28,16 @@ def main(argv: list[str] | None = None) -> list[Path]:
     parser = argparse.ArgumentParser(
         prog="python -m vitmpp.models.export",
         description="Export a pretrained encoder (a pretraining run folder or an encoder export) for Hugging Face "
-                    "transformers, or regenerate its model card (README.md).")
-    parser.add_argument("run", metavar="RUN", help="pretraining run folder, encoder export folder or encoder.safetensors")
-    parser.add_argument("--to", choices=("transformers",), help="write a transformers folder (ViTModel + image processor "
-                                                                "+ model card) to OUT")
+        "transformers, or regenerate its model card (README.md).",
+    )
+    parser.add_argument(
+        "run", metavar="RUN", help="pretraining run folder, encoder export folder or encoder.safetensors"
+    )
+    parser.add_argument(
+        "--to",
+        choices=("transformers",),
+        help="write a transformers folder (ViTModel + image processor + model card) to OUT",
+    )
     parser.add_argument("out", metavar="OUT", nargs="?", help="the folder --to writes (replaced if it is an export)")
     parser.add_argument("--card", action="store_true", help="regenerate RUN's model card README.md from its records")
     args = parser.parse_intermixed_args(argv)
@@ -50,8 +58,9 @@ def main(argv: list[str] | None = None) -> list[Path]:
             try:
                 cards = write_card(folder, info=info)
             except PermissionError as err:
-                raise UserError(f"Could not write the model card in {folder} ({err.strerror}); "
-                                "copy the folder somewhere writable.") from None
+                raise UserError(
+                    f"Could not write the model card in {folder} ({err.strerror}); copy the folder somewhere writable."
+                ) from None
         written += cards
         print("wrote " + ", ".join(str(p) for p in cards))
     return written

@@ -8,6 +8,7 @@ conventionally uses; elementwise work is left out). Activation recomputation is
 not counted, as MFU's definition asks. Results are cached per (objective class,
 options, encoder architecture, image size, classes).
 """
+
 from __future__ import annotations
 
 import json
@@ -27,8 +28,11 @@ def flops_per_image(objective: Objective, img_size: int | None = None) -> float:
     spec = encoder_spec(objective.encoder)
     size = int(img_size) if img_size is not None else spec["img_size"]
     key = (
-        type(objective).__module__, type(objective).__qualname__, json.dumps(objective.options(), sort_keys=True),
-        json.dumps({**spec, "img_size": size}, sort_keys=True, default=str), objective.num_classes,
+        type(objective).__module__,
+        type(objective).__qualname__,
+        json.dumps(objective.options(), sort_keys=True),
+        json.dumps({**spec, "img_size": size}, sort_keys=True, default=str),
+        objective.num_classes,
     )
     if key not in _CACHE:
         _CACHE[key] = _count(objective, spec, size)
@@ -41,8 +45,14 @@ def _count(objective: Objective, spec: dict, size: int) -> float:
         encoder = create_encoder(spec["name"], img_size=size, pos_embed=pos_embed, **spec["overrides"])
         if spec["pos_embed"] == "sincos":
             encoder.pos_embed.requires_grad_(False)
-        model = create_objective(type(objective).objective_name, encoder, objective.config, mean=objective.norm_mean,
-                                 std=objective.norm_std, num_classes=objective.num_classes)
+        model = create_objective(
+            type(objective).objective_name,
+            encoder,
+            objective.config,
+            mean=objective.norm_mean,
+            std=objective.norm_std,
+            num_classes=objective.num_classes,
+        )
         images = torch.zeros(_BATCH, 3, size, size)
         labels = torch.zeros(_BATCH, dtype=torch.long)
     model.train()

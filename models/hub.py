@@ -51,14 +51,16 @@ atomically) and regenerates the card; a record of the same run folder replaces t
 one. Records carry the encoder's export time, so a card lists only the results of the
 weights it describes.
 """
+
 from __future__ import annotations
 
 import json
 import os
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 
 from vitmpp.common.errors import UserError
 from vitmpp.common.io import atomic_dir, atomic_write, atomic_write_json, reported_writes
@@ -83,7 +85,8 @@ PIL_RESAMPLE = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 
 
 # ----------------------------------------------------------------------------- what maps
 
-def transformers_incompatibility(encoder: "VisionTransformer") -> str | None:
+
+def transformers_incompatibility(encoder: VisionTransformer) -> str | None:
     """Why `encoder` cannot be a transformers ViTModel with identical outputs, or None when it can."""
     import torch.nn as nn
 
@@ -93,8 +96,10 @@ def transformers_incompatibility(encoder: "VisionTransformer") -> str | None:
     if not encoder.has_class_token or encoder.cls_token is None:
         return "it has no class token, and transformers' ViTModel always prepends one"
     if not is_id(encoder.fc_norm):
-        return ("it uses timm's fc_norm layout (global_pool 'avg' from the start: the final LayerNorm acts on the "
-                "pooled feature, not on the tokens), which ViTModel cannot express")
+        return (
+            "it uses timm's fc_norm layout (global_pool 'avg' from the start: the final LayerNorm acts on the "
+            "pooled feature, not on the tokens), which ViTModel cannot express"
+        )
     if is_id(encoder.norm):
         return "it has no final LayerNorm on the tokens, which ViTModel always applies"
     if getattr(encoder, "num_reg_tokens", 0) or getattr(encoder, "reg_token", None) is not None:
@@ -120,22 +125,32 @@ def transformers_incompatibility(encoder: "VisionTransformer") -> str | None:
         where = f"block {index}"
         if not (is_id(block.ls1) and is_id(block.ls2)):
             return f"{where} uses layer scale, which ViTModel lacks"
-        if not (is_id(getattr(attn, "q_norm", None)) and is_id(getattr(attn, "k_norm", None))
-                and is_id(getattr(attn, "norm", None)) and getattr(attn, "gate", None) is None):
+        if not (
+            is_id(getattr(attn, "q_norm", None))
+            and is_id(getattr(attn, "k_norm", None))
+            and is_id(getattr(attn, "norm", None))
+            and getattr(attn, "gate", None) is None
+        ):
             return f"{where} normalises or gates its attention, which ViTModel does not"
         if not (isinstance(block.norm1, nn.LayerNorm) and isinstance(block.norm2, nn.LayerNorm)):
             return f"{where} does not use LayerNorm"
         if getattr(attn, "qkv", None) is None or attn.qkv.out_features != 3 * width or attn.proj.bias is None:
-            return f"{where} has an attention layout other than ViTModel's (fused q/k/v of the model width, biased output)"
-        if type(mlp).__name__ != "Mlp" or not is_id(getattr(mlp, "norm", None)) or mlp.fc1.bias is None \
-                or mlp.fc2.bias is None:
+            return (
+                f"{where} has an attention layout other than ViTModel's (fused q/k/v of the model width, biased output)"
+            )
+        if (
+            type(mlp).__name__ != "Mlp"
+            or not is_id(getattr(mlp, "norm", None))
+            or mlp.fc1.bias is None
+            or mlp.fc2.bias is None
+        ):
             return f"{where} has an MLP other than ViTModel's (two biased linear layers)"
         if not (isinstance(mlp.act, nn.GELU) and mlp.act.approximate == "none"):
             return f"{where}'s MLP activation is not the exact GELU ViTModel uses"
     return None
 
 
-def transformers_config(encoder: "VisionTransformer") -> dict:
+def transformers_config(encoder: VisionTransformer) -> dict:
     """config.json of a ViTModel with `encoder`'s architecture (see the module docstring on the pooler)."""
     import torch.nn as nn
 
@@ -166,7 +181,7 @@ def transformers_config(encoder: "VisionTransformer") -> dict:
     }
 
 
-def transformers_state_dict(encoder: "VisionTransformer") -> dict[str, "torch.Tensor"]:
+def transformers_state_dict(encoder: VisionTransformer) -> dict[str, torch.Tensor]:
     """`encoder`'s weights under ViTModel's (Hub checkpoint) names; the pooler is the identity."""
     import torch
 
@@ -208,15 +223,18 @@ def eval_crop_pct(info: dict) -> float:
 def image_processor_config(info: dict) -> dict:
     """preprocessor_config.json: timm's evaluation transform (shorter side to img_size / crop_pct,
     centre crop, /255, the run's mean and std) as transformers' BitImageProcessor."""
-    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
     import math
+
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
     extra = info.get("extra") or {}
     size = int(info["img_size"])
     interpolation = str(extra.get("interpolation", "bicubic"))
     if interpolation not in PIL_RESAMPLE:
-        raise UserError(f"Interpolation {interpolation!r} of the export has no PIL equivalent; "
-                        f"use one of {', '.join(PIL_RESAMPLE)}.")
+        raise UserError(
+            f"Interpolation {interpolation!r} of the export has no PIL equivalent; "
+            f"use one of {', '.join(PIL_RESAMPLE)}."
+        )
     return {
         "image_processor_type": "BitImageProcessor",
         "do_convert_rgb": True,
@@ -235,7 +253,8 @@ def image_processor_config(info: dict) -> dict:
 
 # ----------------------------------------------------------------------------- writing the folder
 
-def save_transformers(encoder: "VisionTransformer", out: str | os.PathLike, info: dict, card: str | None = None) -> Path:
+
+def save_transformers(encoder: VisionTransformer, out: str | os.PathLike, info: dict, card: str | None = None) -> Path:
     """Write `out` (config.json, model.safetensors, preprocessor_config.json, README.md) as one folder:
     it appears complete or not at all, and an older one is replaced only then."""
     from safetensors.torch import save_file
@@ -251,8 +270,11 @@ def save_transformers(encoder: "VisionTransformer", out: str | os.PathLike, info
     with reported_writes(f"the transformers export in {out}", advice, out.parent):
         out.parent.mkdir(parents=True, exist_ok=True)
         with atomic_dir(out) as tmp:
-            save_file(tensors, str(tmp / "model.safetensors"),
-                      metadata={"format": "pt", "vitmpp": json.dumps(info, default=str)})
+            save_file(
+                tensors,
+                str(tmp / "model.safetensors"),
+                metadata={"format": "pt", "vitmpp": json.dumps(info, default=str)},
+            )
             atomic_write_json(tmp / "config.json", config)
             atomic_write_json(tmp / "preprocessor_config.json", processor)
             if card is not None:
@@ -281,7 +303,9 @@ def export_transformers(source: str | os.PathLike, out: str | os.PathLike) -> Pa
     out = Path(out)
     if out.exists() and not (out / "config.json").is_file():
         if not out.is_dir() or any(out.iterdir()):
-            raise UserError(f"{out} exists and is not a transformers export; choose a new folder (nothing is overwritten).")
+            raise UserError(
+                f"{out} exists and is not a transformers export; choose a new folder (nothing is overwritten)."
+            )
     encoder = load_encoder(source).eval()  # the stored weights as they are (a sin-cos table included)
     facts = card_facts(folder, info=info)
     card = render_card({**facts, "flavour": "transformers", "path": str(out)})
@@ -290,13 +314,14 @@ def export_transformers(source: str | os.PathLike, out: str | os.PathLike) -> Pa
 
 # ----------------------------------------------------------------------------- the card
 
+
 def card_facts(folder: str | os.PathLike, info: dict | None = None) -> dict:
     """What the model card of export folder `folder` says, read from its files only:
     encoder.json (architecture, objective, data, steps, compute), config.yaml (the resolved
     config of the run), evaluations.json (results recorded by evaluation runs); what the
     objective is comes from its class (`objective_facts`)."""
-    from .weights import read_encoder_info
     from .objective import objective_facts
+    from .weights import read_encoder_info
 
     folder = Path(folder)
     info = info if info is not None else read_encoder_info(folder)
@@ -336,6 +361,7 @@ def write_card(folder: str | os.PathLike, info: dict | None = None) -> list[Path
 
 # ----------------------------------------------------------------------------- evaluation records
 
+
 def read_evaluations(folder: str | os.PathLike) -> list[dict]:
     """The records of folder/evaluations.json (none when absent; unreadable: none, the file is left as it is)."""
     path = Path(folder) / EVALUATIONS_NAME
@@ -368,11 +394,14 @@ def record_evaluation(folder: str | os.PathLike, record: dict) -> Path:
 
     folder = Path(folder)
     info = read_encoder_info(folder)
-    record = {**record, "encoder_step": info.get("step"), "encoder_created": info.get("created"),
-              "recorded": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    record = {
+        **record,
+        "encoder_step": info.get("step"),
+        "encoder_created": info.get("created"),
+        "recorded": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
     with _locked(folder):
         records = [r for r in read_evaluations(folder) if r.get("run") != record.get("run")]
         records.append(record)
         atomic_write_json(folder / EVALUATIONS_NAME, {"format": EVALUATIONS_FORMAT, "records": records})
         return write_card(folder, info=info)[0]
-

@@ -28,6 +28,7 @@ qk-norm, a pooled-feature norm) is refused by name, as the export refuses it the
 Written here rather than taken from a library: timm converts npz and its own checkpoints,
 transformers its own, but none maps the others' layouts into one model with the checks above.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -78,8 +79,13 @@ class ImportedWeights:
 def sha256_of(path: Path) -> str:
     """The sha256 of a file, or of a folder's weight and config files in name order."""
     digest = hashlib.sha256()
-    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file()
-                                                   and (p.suffix in (".json", ".safetensors", ".bin", ".npz")))
+    files = (
+        [path]
+        if path.is_file()
+        else sorted(
+            p for p in path.iterdir() if p.is_file() and (p.suffix in (".json", ".safetensors", ".bin", ".npz"))
+        )
+    )
     for file in files:
         with open(file, "rb") as handle:
             for chunk in iter(lambda: handle.read(1 << 20), b""):
@@ -88,6 +94,7 @@ def sha256_of(path: Path) -> str:
 
 
 # ----------------------------------------------------------------------------- reading files
+
 
 def read_tensors(file: Path) -> dict[str, Any]:
     """The tensors of a weights file, by name, never unpickling code (see the module docstring)."""
@@ -108,9 +115,11 @@ def read_tensors(file: Path) -> dict[str, Any]:
             loaded = torch.load(file, map_location="cpu", weights_only=True)
         except (pickle.UnpicklingError, RuntimeError, AttributeError, ValueError, EOFError) as err:
             first = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
-            raise UserError(f"Weights {file} hold more than tensors, and vitmpp reads {file.suffix} files only with "
-                            f"torch.load(weights_only=True) ({first}); save just the state dict, or convert it to "
-                            ".safetensors.") from None
+            raise UserError(
+                f"Weights {file} hold more than tensors, and vitmpp reads {file.suffix} files only with "
+                f"torch.load(weights_only=True) ({first}); save just the state dict, or convert it to "
+                ".safetensors."
+            ) from None
         return _unwrap(loaded, file)
     raise UserError(f"Weights {file} have an unknown suffix; pass .safetensors, .pth, .bin or .npz, or a folder.")
 
@@ -151,6 +160,7 @@ def _folder_weights(folder: Path) -> Path:
 
 # ----------------------------------------------------------------------------- layouts → timm names
 
+
 def _from_transformers(state: dict, config: dict) -> tuple[dict, dict | None]:
     """ViTModel / ViTMAE* names → timm's encoder names, and the ViTMAE decoder → our MAE decoder's."""
     import torch
@@ -182,8 +192,11 @@ def _from_transformers(state: dict, config: dict) -> tuple[dict, dict | None]:
             decoder["decoder_pos_embed"] = state["decoder.decoder_pos_embed"]
         # the Hub's ViTMAE checkpoints name the decoder's blocks decoder_layers.<i>; transformers 5's
         # save_pretrained writes decoder_encoder.layer.<i>
-        layers = "decoder.decoder_layers." if any(k.startswith("decoder.decoder_layers.") for k in state) \
+        layers = (
+            "decoder.decoder_layers."
+            if any(k.startswith("decoder.decoder_layers.") for k in state)
             else "decoder.decoder_encoder.layer."
+        )
         for i in range(int(config["decoder_num_hidden_layers"])):
             decoder.update(_layer_to_timm(state, f"{layers}{i}.", f"decoder_blocks.{i}."))
     return {k: torch.as_tensor(v) for k, v in encoder.items()}, decoder
@@ -234,13 +247,15 @@ def _split_timm(state: dict) -> tuple[dict, dict | None]:
     """A timm-named state (timm, Meta's MAE): encoder keys, and the `decoder_*`/`mask_token` keys if any.
     A classification head (`head.*`, `fc_norm` of a fine-tuned model) is not part of an encoder."""
     decoder_keys = {k for k in state if k.startswith("decoder_") or k == "mask_token"}
-    encoder = {k: v for k, v in state.items() if k not in decoder_keys and not k.startswith("head.")
-               and k != "__wrapped__"}
+    encoder = {
+        k: v for k, v in state.items() if k not in decoder_keys and not k.startswith("head.") and k != "__wrapped__"
+    }
     decoder = {k: state[k] for k in sorted(decoder_keys)} or None
     return encoder, decoder
 
 
 # ----------------------------------------------------------------------------- architecture
+
 
 def refusal(state: dict) -> str | None:
     """Why a timm-named encoder state cannot be our encoder, or None."""
@@ -272,14 +287,17 @@ def infer_architecture(state: dict, *, heads: int | None = None) -> dict:
     depth = len({int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k))})
     mlp_ratio = state["blocks.0.mlp.fc1.weight"].shape[0] / width
     tokens = state["pos_embed"].shape[1] - 1
-    side = round(tokens ** 0.5)
+    side = round(tokens**0.5)
     if side * side != tokens:
         raise UserError(f"the position embedding has {tokens} patch rows, not a square grid")
     arch = {"patch_size": int(patch), "embed_dim": int(width), "depth": depth, "mlp_ratio": float(mlp_ratio)}
     heads_from = None
     if heads is None:
-        same = [n for n, v in ENCODER_VARIANTS.items()
-                if all(v[k] == arch[k] for k in ("patch_size", "embed_dim", "depth", "mlp_ratio"))]
+        same = [
+            n
+            for n, v in ENCODER_VARIANTS.items()
+            if all(v[k] == arch[k] for k in ("patch_size", "embed_dim", "depth", "mlp_ratio"))
+        ]
         if same:
             heads, heads_from = ENCODER_VARIANTS[same[0]]["num_heads"], f"those of {same[0]}, the variant of its shapes"
         elif width % 64 == 0:
@@ -288,8 +306,12 @@ def infer_architecture(state: dict, *, heads: int | None = None) -> dict:
         raise UserError(f"the number of attention heads of a width-{width} encoder is not in its weights")
     if heads_from:
         arch["heads_from"] = heads_from
-    arch.update(num_heads=int(heads), qkv_bias="blocks.0.attn.qkv.bias" in state, img_size=side * int(patch),
-                in_chans=int(channels))
+    arch.update(
+        num_heads=int(heads),
+        qkv_bias="blocks.0.attn.qkv.bias" in state,
+        img_size=side * int(patch),
+        in_chans=int(channels),
+    )
     return arch
 
 
@@ -313,11 +335,15 @@ def build_encoder(state: dict, arch: dict, where: str, name: str | None = None) 
     expected = encoder.state_dict()
     for key, value in expected.items():
         if key not in state:
-            raise UserError(f"{where} do not fit a {_describe(arch)} encoder: they have no '{key}' "
-                            f"(expected shape {tuple(value.shape)}).")
+            raise UserError(
+                f"{where} do not fit a {_describe(arch)} encoder: they have no '{key}' "
+                f"(expected shape {tuple(value.shape)})."
+            )
         if tuple(state[key].shape) != tuple(value.shape):
-            raise UserError(f"{where} do not fit a {_describe(arch)} encoder: '{key}' has shape "
-                            f"{tuple(state[key].shape)}, the encoder's is {tuple(value.shape)}.")
+            raise UserError(
+                f"{where} do not fit a {_describe(arch)} encoder: '{key}' has shape "
+                f"{tuple(state[key].shape)}, the encoder's is {tuple(value.shape)}."
+            )
     extra = sorted(set(state) - set(expected))
     if extra:
         raise UserError(f"{where} hold weights vitmpp's encoder has no place for, e.g. '{extra[0]}'.")
@@ -326,11 +352,11 @@ def build_encoder(state: dict, arch: dict, where: str, name: str | None = None) 
 
 
 def _describe(arch: dict) -> str:
-    return (f"patch-{arch['patch_size']} width-{arch['embed_dim']} depth-{arch['depth']} "
-            f"{arch['num_heads']}-head")
+    return f"patch-{arch['patch_size']} width-{arch['embed_dim']} depth-{arch['depth']} {arch['num_heads']}-head"
 
 
 # ----------------------------------------------------------------------------- the importer
+
 
 def detect_format(path: Path) -> str:
     """Which of FORMATS the file or folder at `path` is (UserError when none)."""
@@ -343,16 +369,18 @@ def detect_format(path: Path) -> str:
                 return "transformers"
             if "architecture" in config:
                 return "timm"
-        raise UserError(f"{path} holds no encoder vitmpp can read: no encoder.json (a vitmpp export) and no "
-                        "config.json of a timm or transformers ViT.")
+        raise UserError(
+            f"{path} holds no encoder vitmpp can read: no encoder.json (a vitmpp export) and no "
+            "config.json of a timm or transformers ViT."
+        )
     if not path.is_file():
         raise UserError(f"No weights at {path}; pass an existing file or folder.")
     if path.suffix == ".npz":
         return "npz"
     if path.suffix == ".safetensors":
-        from .weights import _METADATA_KEY
-
         from safetensors import safe_open
+
+        from .weights import _METADATA_KEY
 
         with safe_open(str(path), framework="pt") as handle:
             if _METADATA_KEY in (handle.metadata() or {}):
@@ -371,12 +399,19 @@ def _state_format(state: dict, path: Path) -> str:
     if any(k.startswith(("embeddings.", "vit.embeddings.")) for k in state):
         raise UserError(f"{path} has transformers' key names; pass its folder (with config.json) instead.")
     first = next((k for k in state if k != "__wrapped__"), "nothing")
-    raise UserError(f"{path} is not a ViT checkpoint vitmpp knows (its first key is '{first}'); "
-                    f"formats: {', '.join(FORMATS)}.")
+    raise UserError(
+        f"{path} is not a ViT checkpoint vitmpp knows (its first key is '{first}'); formats: {', '.join(FORMATS)}."
+    )
 
 
-def import_weights(path: str | os.PathLike, *, name: str | None = None, heads: int | None = None,
-                   img_size: int | None = None, **options: Any) -> ImportedWeights:
+def import_weights(
+    path: str | os.PathLike,
+    *,
+    name: str | None = None,
+    heads: int | None = None,
+    img_size: int | None = None,
+    **options: Any,
+) -> ImportedWeights:
     """The checkpoint at `path` (file or folder, any of FORMATS) as our encoder (module docstring).
 
     `name`: the architecture by variant name (`vit_base_patch16_224`), where the shapes alone
@@ -444,8 +479,10 @@ def import_weights(path: str | os.PathLike, *, name: str | None = None, heads: i
             if heads is not None:
                 arch["num_heads"] = heads
         if "heads_from" in arch:  # not in the weights: a guess a user should be able to see and override
-            notes.append(f"{arch['num_heads']} attention heads assumed ({arch.pop('heads_from')}); "
-                         "name the architecture where it has others")
+            notes.append(
+                f"{arch['num_heads']} attention heads assumed ({arch.pop('heads_from')}); "
+                "name the architecture where it has others"
+            )
         encoder = build_encoder(state, arch, where, name=name)
     if mean is None and fmt in RELEASE_NORMALISATION:
         mean, std = RELEASE_NORMALISATION[fmt]
@@ -454,11 +491,24 @@ def import_weights(path: str | os.PathLike, *, name: str | None = None, heads: i
         from .weights import encoder_from_state
 
         spec = encoder.vitmpp_spec
-        encoder = encoder_from_state(encoder.state_dict(), spec["name"], spec["img_size"],
-                                     {**spec["overrides"], **options}, where=where, img_size=img_size)
+        encoder = encoder_from_state(
+            encoder.state_dict(),
+            spec["name"],
+            spec["img_size"],
+            {**spec["overrides"], **options},
+            where=where,
+            img_size=img_size,
+        )
     source = {"path": str(path.resolve()), "sha256": sha256_of(path), "format": fmt}
-    return ImportedWeights(encoder=encoder, source=source, decoder=decoder, mean=mean, std=std,
-                           normalisation_from=normalisation_from, notes=notes)
+    return ImportedWeights(
+        encoder=encoder,
+        source=source,
+        decoder=decoder,
+        mean=mean,
+        std=std,
+        normalisation_from=normalisation_from,
+        notes=notes,
+    )
 
 
 def _import_npz(path: Path, name: str | None) -> VisionTransformer:
@@ -491,9 +541,17 @@ def _import_npz(path: Path, name: str | None) -> VisionTransformer:
         mlp = shapes[f"{block}MlpBlock_3/Dense_0/kernel"][1]
     pos = shapes.get(f"{prefix}pos_embedding") or shapes[f"{prefix}Transformer/posembed_input/pos_embedding"]
     tokens = pos[1] - 1
-    side = round(tokens ** 0.5)
-    arch = {"patch_size": int(patch), "embed_dim": int(width), "depth": int(depth), "num_heads": int(query[1]),
-            "mlp_ratio": mlp / width, "qkv_bias": True, "img_size": side * int(patch), "in_chans": int(channels)}
+    side = round(tokens**0.5)
+    arch = {
+        "patch_size": int(patch),
+        "embed_dim": int(width),
+        "depth": int(depth),
+        "num_heads": int(query[1]),
+        "mlp_ratio": mlp / width,
+        "qkv_bias": True,
+        "img_size": side * int(patch),
+        "in_chans": int(channels),
+    }
     from .encoder import ARCHITECTURE_KEYS, ENCODER_VARIANTS, create_encoder
 
     if name is None:
@@ -539,17 +597,24 @@ def initialise_from(objective, path: str | os.PathLike, *, parts: str = "encoder
         own = {k: v for k, v in objective.state_dict().items() if not k.startswith("encoder.")}
         given = {k: v for k, v in (imported.decoder or {}).items() if k in own}
         if not given:
-            raise UserError(f"model.init_parts=all: {where} holds no weights for the {type(objective).__name__}'s own "
-                            f"parts ({', '.join(sorted({k.split('.')[0] for k in own})) or 'none'}); use "
-                            "model.init_parts=encoder.")
+            raise UserError(
+                f"model.init_parts=all: {where} holds no weights for the {type(objective).__name__}'s own "
+                f"parts ({', '.join(sorted({k.split('.')[0] for k in own})) or 'none'}); use "
+                "model.init_parts=encoder."
+            )
         missing = sorted(set(own) - set(given))
         _load_into(objective, given, where, "objective", strict=False)
         loaded.append("decoder" if any(k.startswith("decoder") for k in given) else "head")
         if missing:
-            notes.append(f"not in the checkpoint, left at their initial values: {', '.join(missing[:5])}"
-                         + (" ..." if len(missing) > 5 else ""))
-    stated = {"mean": list(imported.mean), "std": list(imported.std), "from": imported.normalisation_from} \
-        if imported.mean is not None else None
+            notes.append(
+                f"not in the checkpoint, left at their initial values: {', '.join(missing[:5])}"
+                + (" ..." if len(missing) > 5 else "")
+            )
+    stated = (
+        {"mean": list(imported.mean), "std": list(imported.std), "from": imported.normalisation_from}
+        if imported.mean is not None
+        else None
+    )
     return {**imported.source, "parts": loaded, "normalisation": stated, "notes": notes}
 
 
@@ -559,9 +624,11 @@ def _load_into(module, state: dict, where: str, what: str, strict: bool = True) 
         if key not in expected:
             raise UserError(f"{where} has '{key}', which the {what} lacks; check model.name and the objective.")
         if tuple(value.shape) != tuple(expected[key].shape):
-            raise UserError(f"{where} does not fit this run's {what}: '{key}' has shape {tuple(value.shape)}, the "
-                            f"{what}'s is {tuple(expected[key].shape)}; set model.name (and model.patch_size) to the "
-                            "checkpoint's architecture.")
+            raise UserError(
+                f"{where} does not fit this run's {what}: '{key}' has shape {tuple(value.shape)}, the "
+                f"{what}'s is {tuple(expected[key].shape)}; set model.name (and model.patch_size) to the "
+                "checkpoint's architecture."
+            )
     if strict:
         absent = sorted(set(expected) - set(state))
         if absent:

@@ -17,14 +17,16 @@ nothing, so the names are known without torch) and `objective_class(name)` impor
 `models/objectives/<name>.py` alone. A class registered from elsewhere (a test, a
 user's module imported before the config is loaded) is known too.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import difflib
 import importlib
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Mapping
+from typing import Any, ClassVar
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN
@@ -37,9 +39,11 @@ from vitmpp.common.errors import UserError
 
 from .objectives import PACKAGE, builtin_objective_names
 
+
 @dataclass
 class ObjectiveOutput:
-    """`loss`: scalar float32 tensor (what the optimizer minimises); `extras`: detached tensors for `visualize` and logs."""
+    """`loss`: scalar float32 tensor (what the optimizer minimises); `extras`: detached tensors for
+    `visualize` and logs."""
 
     loss: Tensor
     extras: dict[str, Tensor] = field(default_factory=dict)
@@ -73,15 +77,15 @@ class Visualization:
         return label_columns(grid, self.columns, self.padding * factor)
 
 
-_REGISTRY: dict[str, tuple[type["Objective"], type]] = {}
+_REGISTRY: dict[str, tuple[type[Objective], type]] = {}
 
 
-def register_objective(name: str, config_cls: type) -> Callable[[type["Objective"]], type["Objective"]]:
+def register_objective(name: str, config_cls: type) -> Callable[[type[Objective]], type[Objective]]:
     """Class decorator: make an `Objective` subclass available as `create_objective(name, ...)`."""
     if not dataclasses.is_dataclass(config_cls):
         raise TypeError(f"config class of objective '{name}' must be a dataclass")
 
-    def decorate(cls: type["Objective"]) -> type["Objective"]:
+    def decorate(cls: type[Objective]) -> type[Objective]:
         if name in _REGISTRY and _REGISTRY[name][0] is not cls:
             raise ValueError(f"objective '{name}' is registered twice ({_REGISTRY[name][0].__name__}, {cls.__name__})")
         cls.objective_name = name
@@ -97,7 +101,7 @@ def objective_names() -> list[str]:
     return sorted(set(builtin_objective_names()) | set(_REGISTRY))
 
 
-def objective_class(name: str) -> type["Objective"]:
+def objective_class(name: str) -> type[Objective]:
     """The registered `Objective` subclass called `name` (UserError listing the known names if unknown)."""
     return _lookup(name)[0]
 
@@ -108,7 +112,7 @@ def objective_summary(name: str) -> str:
     return doc.splitlines()[0].rstrip(".") if doc else name
 
 
-def _lookup(name: str) -> tuple[type["Objective"], type]:
+def _lookup(name: str) -> tuple[type[Objective], type]:
     if name not in _REGISTRY and name in builtin_objective_names():
         importlib.import_module(f"{PACKAGE}.{name}")  # its @register_objective runs
         if name not in _REGISTRY:
@@ -135,7 +139,7 @@ def create_objective(
     std: tuple[float, float, float] | list[float] = IMAGENET_STD,
     num_classes: int | None = None,
     **options: Any,
-) -> "Objective":
+) -> Objective:
     """Build objective `name` around `encoder`.
 
     `config`: an instance of the objective's config class, already validated (the
@@ -150,7 +154,9 @@ def create_objective(
         config = from_dict(config_cls, options, source=f"the options of objective '{name}'")
     elif options or not isinstance(config, config_cls):
         raise TypeError(f"create_objective('{name}'): pass a {config_cls.__name__} or options, not both")
-    return cls(encoder, config, mean=tuple(float(m) for m in mean), std=tuple(float(s) for s in std), num_classes=num_classes)
+    return cls(
+        encoder, config, mean=tuple(float(m) for m in mean), std=tuple(float(s) for s in std), num_classes=num_classes
+    )
 
 
 class Objective(nn.Module):
@@ -215,13 +221,22 @@ class Objective(nn.Module):
     embedded_options: ClassVar[dict[str, Any]] = {}
     encoder: VisionTransformer
 
-    def __init__(self, encoder: VisionTransformer, config: Any, *, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                 num_classes: int | None = None):
+    def __init__(
+        self,
+        encoder: VisionTransformer,
+        config: Any,
+        *,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        num_classes: int | None = None,
+    ):
         super().__init__()
         if not isinstance(encoder, VisionTransformer):
             raise UserError(f"Objectives need a timm VisionTransformer encoder, got {type(encoder).__name__}.")
         if len(mean) != 3 or len(std) != 3 or any(s <= 0 for s in std):
-            raise UserError(f"Normalisation mean/std must be three numbers each (std > 0), got {list(mean)} / {list(std)}.")
+            raise UserError(
+                f"Normalisation mean/std must be three numbers each (std > 0), got {list(mean)} / {list(std)}."
+            )
         self.encoder = encoder
         self.config = config
         self.num_classes = num_classes
@@ -235,7 +250,9 @@ class Objective(nn.Module):
     def forward(self, pixels: Tensor, labels: Tensor | None = None) -> ObjectiveOutput:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def visualize(self, pixels: Tensor, output: ObjectiveOutput, max_images: int = 8) -> Visualization:  # pragma: no cover
+    def visualize(
+        self, pixels: Tensor, output: ObjectiveOutput, max_images: int = 8
+    ) -> Visualization:  # pragma: no cover
         raise NotImplementedError
 
     # ---- hooks (the loop, the export and the evaluation call them; the defaults are the encoder's)
@@ -280,7 +297,7 @@ class Objective(nn.Module):
         for key, value in state.items():
             key = key.replace("_orig_mod.", "")
             if key.startswith(prefix):
-                weights[key[len(prefix):]] = value
+                weights[key[len(prefix) :]] = value
         return weights
 
     def options(self) -> dict:
@@ -323,11 +340,19 @@ def objective_facts(name: str) -> dict[str, Any] | None:
         cls = objective_class(name)
     except UserError:
         return None
-    return {"title": cls.title or name, "paper": cls.paper, "arxiv": cls.arxiv, "description": cls.description,
-            "self_supervised": cls.self_supervised, "uses_labels": cls.uses_labels, "hub_tags": list(cls.hub_tags)}
+    return {
+        "title": cls.title or name,
+        "paper": cls.paper,
+        "arxiv": cls.arxiv,
+        "description": cls.description,
+        "self_supervised": cls.self_supervised,
+        "uses_labels": cls.uses_labels,
+        "hub_tags": list(cls.hub_tags),
+    }
 
 
 # ----------------------------------------------------------------------------- shared visualisation helpers
+
 
 def pick(images: Tensor, max_images: int) -> int:
     """How many images of the batch to draw."""

@@ -4,6 +4,7 @@ Patch order is row-major over the grid, as timm's `PatchEmbed` (a strided conv
 then `flatten(2)`) numbers its tokens; the values inside a patch are ordered
 (row, column, channel), as MAE's and `transformers.ViTMAE`'s patchify.
 """
+
 from __future__ import annotations
 
 import math

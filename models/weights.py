@@ -23,6 +23,7 @@ The same weights for Hugging Face `transformers` and the model card are vitmpp.m
 (docs/export.md), which builds on this module; the command line that writes them for any run
 or export folder is vitmpp.models.export.
 """
+
 from __future__ import annotations
 
 import json
@@ -70,8 +71,14 @@ def describe_encoder(encoder: VisionTransformer) -> dict:
     }
 
 
-def save_encoder(encoder: VisionTransformer, out_dir: str | os.PathLike, *, objective: str | None = None,
-                 step: int | None = None, extra: dict | None = None) -> Path:
+def save_encoder(
+    encoder: VisionTransformer,
+    out_dir: str | os.PathLike,
+    *,
+    objective: str | None = None,
+    step: int | None = None,
+    extra: dict | None = None,
+) -> Path:
     """Write out_dir/encoder.safetensors + out_dir/encoder.json (each atomically); returns the weights path.
 
     The JSON holds the architecture (`describe_encoder`), `objective`, `step`,
@@ -98,8 +105,10 @@ def save_encoder(encoder: VisionTransformer, out_dir: str | os.PathLike, *, obje
     text = json.dumps(info, indent=2, sort_keys=False, default=str) + "\n"
     # contiguous CPU copies: safetensors refuses shared or strided storage
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in encoder.state_dict().items()}
-    advice = ("the previous export there, if any, is as it was; free space and export again "
-              "(a finished pretraining run exports again with --resume auto)")
+    advice = (
+        "the previous export there, if any, is as it was; free space and export again "
+        "(a finished pretraining run exports again with --resume auto)"
+    )
     with reported_writes(f"the encoder export in {out}", advice, out):
         out.mkdir(parents=True, exist_ok=True)
         with atomic_file(out / WEIGHTS_NAME) as weights:
@@ -132,21 +141,29 @@ def read_encoder_info(path: str | os.PathLike) -> dict:
             try:
                 info = json.loads(candidate.read_text())
             except (json.JSONDecodeError, UnicodeDecodeError) as err:
-                raise UserError(f"Encoder description {candidate} is not valid JSON ({err}); re-export the encoder.") from None
+                raise UserError(
+                    f"Encoder description {candidate} is not valid JSON ({err}); re-export the encoder."
+                ) from None
             return _checked(info, candidate)
     try:
         with safe_open(str(weights), framework="pt") as handle:
             metadata = handle.metadata() or {}
     except (SafetensorError, OSError) as err:
-        raise UserError(f"Encoder weights {weights} are not a readable safetensors file ({err}); re-export the encoder.") from None
+        raise UserError(
+            f"Encoder weights {weights} are not a readable safetensors file ({err}); re-export the encoder."
+        ) from None
     if _METADATA_KEY not in metadata:
-        raise UserError(f"Encoder {weights} has no {INFO_NAME} next to it and no vitmpp metadata; export it with save_encoder.")
+        raise UserError(
+            f"Encoder {weights} has no {INFO_NAME} next to it and no vitmpp metadata; export it with save_encoder."
+        )
     return _checked(json.loads(metadata[_METADATA_KEY]), weights)
 
 
 def _checked(info: Any, source: Path) -> dict:
     if not isinstance(info, dict) or "name" not in info or "img_size" not in info:
-        raise UserError(f"Encoder description {source} lacks 'name'/'img_size'; re-export the encoder with save_encoder.")
+        raise UserError(
+            f"Encoder description {source} lacks 'name'/'img_size'; re-export the encoder with save_encoder."
+        )
     info.setdefault("overrides", {})
     return info
 
@@ -171,13 +188,22 @@ def load_encoder(path: str | os.PathLike, img_size: int | None = None, **overrid
     try:
         state = load_file(str(weights), device="cpu")
     except (SafetensorError, OSError) as err:
-        raise UserError(f"Encoder weights {weights} are not a readable safetensors file ({err}); re-export the encoder.") from None
-    return encoder_from_state(state, info["name"], info["img_size"], {**info.get("overrides", {}), **overrides},
-                              where=f"Encoder weights {weights}", img_size=img_size)
+        raise UserError(
+            f"Encoder weights {weights} are not a readable safetensors file ({err}); re-export the encoder."
+        ) from None
+    return encoder_from_state(
+        state,
+        info["name"],
+        info["img_size"],
+        {**info.get("overrides", {}), **overrides},
+        where=f"Encoder weights {weights}",
+        img_size=img_size,
+    )
 
 
-def encoder_from_state(state: dict, name: str, state_img_size: int, options: dict, *, where: str,
-                       img_size: int | None = None) -> VisionTransformer:
+def encoder_from_state(
+    state: dict, name: str, state_img_size: int, options: dict, *, where: str, img_size: int | None = None
+) -> VisionTransformer:
     """Variant `name` built with `options` (architecture and training keys) at the state's resolution,
     holding `state`, then resampled to `img_size`, pooled and position-embedded as `options` say (see
     `load_encoder`). The one path every encoder file goes through, ours and imported ones."""
@@ -196,13 +222,16 @@ def encoder_from_state(state: dict, name: str, state_img_size: int, options: dic
     if missing or unexpected:
         raise UserError(
             f"{where} do not match architecture '{name}' from its description "
-            f"(missing {missing[:3]}, unexpected {unexpected[:3]}); the weights and encoder.json do not belong together."
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]}); "
+            "the weights and encoder.json do not belong together."
         )
     try:
         encoder.load_state_dict(state, strict=True)
     except RuntimeError as err:
         first = str(err).splitlines()[-1].strip()
-        raise UserError(f"{where} do not fit the requested architecture ({first}); drop the architecture overrides.") from None
+        raise UserError(
+            f"{where} do not fit the requested architecture ({first}); drop the architecture overrides."
+        ) from None
     if img_size is not None and int(img_size) != state_img_size:
         patch = encoder.patch_embed.patch_size[0]
         if int(img_size) % patch:
@@ -214,7 +243,9 @@ def encoder_from_state(state: dict, name: str, state_img_size: int, options: dic
             raise UserError(f"{where} have no class token, so global_pool 'token' is impossible; use 'avg'.")
         encoder.reset_classifier(0, global_pool=pool)
         # recorded so that a re-export of this encoder rebuilds the same layout
-        encoder.vitmpp_spec["overrides"].update(global_pool=pool, fc_norm=not isinstance(encoder.fc_norm, torch.nn.Identity))
+        encoder.vitmpp_spec["overrides"].update(
+            global_pool=pool, fc_norm=not isinstance(encoder.fc_norm, torch.nn.Identity)
+        )
     if sincos:
         set_sincos_pos_embed(encoder)
     return encoder

@@ -5,6 +5,7 @@ a new file here and nothing else. Listing the names reads the folder only, so th
 `--help-config` and their errors know them without importing torch; `objective_class(name)`
 (models/objective.py) imports the one file it is asked for.
 """
+
 from __future__ import annotations
 
 import pkgutil
@@ -17,4 +18,6 @@ PACKAGE = __name__
 @lru_cache(maxsize=1)
 def builtin_objective_names() -> tuple[str, ...]:
     """The names of the objectives in this folder (its modules not starting with '_'), sorted."""
-    return tuple(sorted(m.name for m in pkgutil.iter_modules([str(Path(__file__).parent)]) if not m.name.startswith("_")))
+    return tuple(
+        sorted(m.name for m in pkgutil.iter_modules([str(Path(__file__).parent)]) if not m.name.startswith("_"))
+    )

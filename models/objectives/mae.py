@@ -21,6 +21,7 @@ As in MAE's reference code (option names are MAE's):
 `transformers.ViTMAEForPreTraining` computes the same function; the test suite
 copies weights across and checks losses and reconstructions match.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -61,7 +62,10 @@ class MAEConfig:
     decoder_num_heads: int = param(16, ge=1, le=256, help="decoder attention heads")
     decoder_mlp_ratio: float = param(4.0, gt=0, le=64, help="decoder MLP width / decoder width")
     norm_pix_loss: bool = param(True, help="normalise each target patch by its mean and variance")
-    init_encoder: bool = param(True, help="apply MAE's initialisation to the encoder too; false keeps its weights (e.g. to continue from an exported encoder)")
+    init_encoder: bool = param(
+        True,
+        help="apply MAE's initialisation to the encoder too (model.init, when set, comes after it)",
+    )
 
     def check(self) -> None:
         if self.decoder_embed_dim % self.decoder_num_heads:
@@ -113,17 +117,26 @@ class MAEObjective(Objective):
     """MAE (He et al.): encode the visible 25%, decode every patch, MSE on the masked ones."""
 
     title = "masked autoencoder"
-    paper = "He et al. 2021, \"Masked Autoencoders Are Scalable Vision Learners\""
+    paper = 'He et al. 2021, "Masked Autoencoders Are Scalable Vision Learners"'
     arxiv = "2111.06377"
-    description = ("75% of the patches of each image are dropped; the encoder sees the rest and a light decoder "
-                   "reconstructs the pixels of the dropped ones (MSE, per-patch normalised targets).")
+    description = (
+        "75% of the patches of each image are dropped; the encoder sees the rest and a light decoder "
+        "reconstructs the pixels of the dropped ones (MSE, per-patch normalised targets)."
+    )
     hub_tags = ("masked-image-modeling",)
 
     # the CPU demo: a light decoder (the paper's 8 blocks x 512 are the config defaults and the recipes')
     embedded_options = {"decoder_embed_dim": 128, "decoder_depth": 2, "decoder_num_heads": 4}
 
-    def __init__(self, encoder: VisionTransformer, config: MAEConfig, *, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                 num_classes: int | None = None):
+    def __init__(
+        self,
+        encoder: VisionTransformer,
+        config: MAEConfig,
+        *,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        num_classes: int | None = None,
+    ):
         super().__init__(encoder, config, mean=mean, std=std, num_classes=num_classes)
         if encoder.dynamic_img_size:
             raise UserError("MAE needs an encoder with a fixed image size (dynamic_img_size=False).")
@@ -138,12 +151,16 @@ class MAEObjective(Objective):
         table = mae_sincos_pos_embed(encoder.patch_embed.grid_size, width, prefix)
         self.decoder_pos_embed = nn.Parameter(table.unsqueeze(0), requires_grad=False)
         norm = partial(nn.LayerNorm, eps=1e-6)
-        self.decoder_blocks = nn.Sequential(*[
-            Block(width, config.decoder_num_heads, mlp_ratio=config.decoder_mlp_ratio, qkv_bias=True, norm_layer=norm)
-            for _ in range(config.decoder_depth)
-        ])
+        self.decoder_blocks = nn.Sequential(
+            *[
+                Block(
+                    width, config.decoder_num_heads, mlp_ratio=config.decoder_mlp_ratio, qkv_bias=True, norm_layer=norm
+                )
+                for _ in range(config.decoder_depth)
+            ]
+        )
         self.decoder_norm = norm(width)
-        self.decoder_pred = nn.Linear(width, self.patch_size ** 2 * 3)
+        self.decoder_pred = nn.Linear(width, self.patch_size**2 * 3)
         self._initialize(config.init_encoder)
 
     def _initialize(self, encoder_too: bool) -> None:
@@ -181,7 +198,7 @@ class MAEObjective(Objective):
         """images [B, 3, H, W] -> (latent [B, P + N_keep, D], mask [B, N], ids_restore [B, N])."""
         enc = self.encoder
         x = enc.patch_embed(images)
-        patch_pos = enc.pos_embed if enc.no_embed_class else enc.pos_embed[:, enc.num_prefix_tokens:]
+        patch_pos = enc.pos_embed if enc.no_embed_class else enc.pos_embed[:, enc.num_prefix_tokens :]
         x = x + patch_pos
         x, mask, ids_restore = random_masking(x, self.config.mask_ratio, noise)
         prefix = self._prefix_tokens(x.shape[0])
@@ -245,10 +262,14 @@ class MAEObjective(Objective):
         grid = make_grid(tiles.cpu(), nrow=4, padding=1, pad_value=1.0)
         caption = (
             f"MAE (mask ratio {self.config.mask_ratio:g}): each row is one image; columns = image | "
-            "visible patches (grey: masked) | reconstruction of every patch | reconstruction with the visible patches pasted"
+            "visible patches (grey: masked) | reconstruction of every patch | "
+            "reconstruction with the visible patches pasted"
         )
-        return Visualization(grid=grid.clamp(0, 1), caption=caption,
-                             columns=["image", "visible patches", "reconstruction", "reconstruction + visible"])
+        return Visualization(
+            grid=grid.clamp(0, 1),
+            caption=caption,
+            columns=["image", "visible patches", "reconstruction", "reconstruction + visible"],
+        )
 
 
 __all__ = ["MAEConfig", "MAEObjective", "random_masking", "patchify", "unpatchify"]

@@ -35,6 +35,7 @@ patch projection, and every image has exactly K corrupted patches. The paper's
 wording ("replacing their embeddings with a learnable [mask] embedding")
 describes the embedding-space version.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -73,14 +74,23 @@ DOWNSAMPLED_CELLS = 4  # the paper's "4x4 downsized patch"
 
 @dataclass
 class MPPConfig:
-    corrupt_ratio: float = param(0.5, gt=0, lt=1, help="fraction of patches corrupted per image (paper: 0.5; 0.15 also tried)")
+    corrupt_ratio: float = param(
+        0.5, gt=0, lt=1, help="fraction of patches corrupted per image (paper: 0.5; 0.15 also tried)"
+    )
     mask_prob: float = param(0.8, ge=0, le=1, help="share of corrupted patches replaced by the [mask] embedding")
     random_prob: float = param(0.1, ge=0, le=1, help="share replaced by a random other patch's embedding")
     keep_prob: float = param(0.1, ge=0, le=1, help="share kept unchanged (still predicted)")
-    target: str = param("mean_color", choices=("mean_color", "downsampled", "pixels"),
-                        help="mean_color: 3-bit mean colour (512 classes); downsampled: 4x4 cells of it; pixels: L2 on the patch")
+    target: str = param(
+        "mean_color",
+        choices=("mean_color", "downsampled", "pixels"),
+        help="mean_color: 3-bit mean colour (512 classes); downsampled: 4x4 cells of it; pixels: L2 on the patch",
+    )
     bits: int = param(3, ge=1, le=5, help="bits per colour channel of the colour classes")
-    head: str = param("linear", choices=("linear", "mlp"), help="prediction head: linear (paper) or BERT-style dense+GELU+LayerNorm+linear")
+    head: str = param(
+        "linear",
+        choices=("linear", "mlp"),
+        help="prediction head: linear (paper) or BERT-style dense+GELU+LayerNorm+linear",
+    )
 
     def check(self) -> None:
         total = self.mask_prob + self.random_prob + self.keep_prob
@@ -93,20 +103,21 @@ class MPPConfig:
 
 # ----------------------------------------------------------------------------- targets
 
+
 def quantize_colors(rgb01: Tensor, bits: int = 3) -> Tensor:
     """Colours [..., 3] in [0, 1] -> class r*L^2 + g*L + b (long), L = 2^bits levels per channel.
 
     Channel level = floor(value * L), clamped to L-1 (so 1.0 is the top level):
     level k holds [k/L, (k+1)/L); a value on an edge k/L is in level k.
     """
-    levels = 2 ** bits
+    levels = 2**bits
     q = torch.floor(rgb01.float() * levels + _EDGE_TOLERANCE).clamp_(0, levels - 1).long()
     return (q[..., 0] * levels + q[..., 1]) * levels + q[..., 2]
 
 
 def class_colors(classes: Tensor, bits: int = 3) -> Tensor:
     """Colour classes (long) -> [..., 3] the centre colour of each bin, in [0, 1] (for pictures)."""
-    levels = 2 ** bits
+    levels = 2**bits
     r = torch.div(classes, levels * levels, rounding_mode="floor")
     g = torch.div(classes, levels, rounding_mode="floor") % levels
     b = classes % levels
@@ -123,7 +134,9 @@ def mean_color_target(images01: Tensor, patch_size: int, bits: int = 3) -> Tenso
     return quantize_colors(means.flatten(2).transpose(1, 2), bits)
 
 
-def downsampled_color_target(images01: Tensor, patch_size: int, bits: int = 3, cells: int = DOWNSAMPLED_CELLS) -> Tensor:
+def downsampled_color_target(
+    images01: Tensor, patch_size: int, bits: int = 3, cells: int = DOWNSAMPLED_CELLS
+) -> Tensor:
     """The paper's 4x4 variant: [B, 3, H, W] in [0, 1] -> LongTensor [B, N, cells*cells].
 
     Each patch is area-averaged down to cells x cells, each cell a colour class
@@ -138,6 +151,7 @@ def downsampled_color_target(images01: Tensor, patch_size: int, bits: int = 3, c
 
 
 # ----------------------------------------------------------------------------- the objective
+
 
 class Corruption(NamedTuple):
     """Which patches were corrupted and how. All [B, K] long.
@@ -160,21 +174,34 @@ class MPPObjective(Objective):
     """Masked patch prediction (ViT appendix B.1.2): corrupt patch embeddings, predict their colours."""
 
     title = "masked patch prediction"
-    paper = ("Dosovitskiy et al. 2020, \"An Image is Worth 16x16 Words: Transformers for Image Recognition at "
-             "Scale\", appendix B.1.2")
+    paper = (
+        'Dosovitskiy et al. 2020, "An Image is Worth 16x16 Words: Transformers for Image Recognition at '
+        'Scale", appendix B.1.2'
+    )
     arxiv = "2010.11929"
-    description = ("50% of the patch embeddings of each image are corrupted (80% replaced by a learned [mask] "
-                   "embedding, 10% by another patch's, 10% kept); the encoder predicts the 3-bit mean colour of each "
-                   "corrupted patch (512 classes) with a cross-entropy loss.")
+    description = (
+        "50% of the patch embeddings of each image are corrupted (80% replaced by a learned [mask] "
+        "embedding, 10% by another patch's, 10% kept); the encoder predicts the 3-bit mean colour of each "
+        "corrupted patch (512 classes) with a cross-entropy loss."
+    )
     hub_tags = ("masked-image-modeling",)
 
-    def __init__(self, encoder: VisionTransformer, config: MPPConfig, *, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                 num_classes: int | None = None):
+    def __init__(
+        self,
+        encoder: VisionTransformer,
+        config: MPPConfig,
+        *,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        num_classes: int | None = None,
+    ):
         super().__init__(encoder, config, mean=mean, std=std, num_classes=num_classes)
         if encoder.dynamic_img_size:
             raise UserError("MPP needs an encoder with a fixed image size (dynamic_img_size=False).")
         if not isinstance(encoder.patch_drop, nn.Identity):
-            raise UserError("MPP predicts every corrupted patch, so the encoder must not drop patches (patch_drop_rate=0).")
+            raise UserError(
+                "MPP predicts every corrupted patch, so the encoder must not drop patches (patch_drop_rate=0)."
+            )
         self.patch_size = patch_size_of(encoder)
         dim = encoder.embed_dim
         self.num_colors = 2 ** (3 * config.bits)
@@ -186,7 +213,7 @@ class MPPObjective(Objective):
                     f"MPP target 'downsampled' needs a patch size divisible by {DOWNSAMPLED_CELLS}, "
                     f"but the encoder's is {self.patch_size}; use target mean_color or another patch size."
                 )
-            out = DOWNSAMPLED_CELLS ** 2 * self.num_colors
+            out = DOWNSAMPLED_CELLS**2 * self.num_colors
         else:
             out = self.patch_size * self.patch_size * 3
         # The learnable [mask] embedding lives in embedding space (width D): it
@@ -259,7 +286,7 @@ class MPPObjective(Objective):
         """pixels [B, 3, H, W] in [0, 1]; labels ignored."""
         images = self.normalize(pixels)
         _, corrupted, corruption = self.embed(images)
-        tokens = encode_patch_tokens(self.encoder, corrupted)[:, self.encoder.num_prefix_tokens:]  # [B, N, D]
+        tokens = encode_patch_tokens(self.encoder, corrupted)[:, self.encoder.num_prefix_tokens :]  # [B, N, D]
         prediction = self.head(gather_tokens(tokens, corruption.ids)).float()  # [B, K, out]
         target = gather_tokens(self.targets(pixels, images), corruption.ids)
         extras: dict[str, Tensor] = {"ids": corruption.ids, "kind": corruption.kind, "source": corruption.source}
@@ -298,17 +325,26 @@ class MPPObjective(Objective):
         all01 = pixels.float()  # sources may come from any image of the batch
         pix = patchify(all01, p).reshape(-1, p, p, 3).permute(0, 3, 1, 2)  # [B*N, 3, p, p]
         source_pixels = pix[ex["source"].to(pix.device).reshape(-1)].reshape(b, -1, 3, p, p)
-        shown = paint_patches(images01, scatter_patches(source_pixels), scatter_patches((kind == RANDOM).long()).bool(), p)
-        shown = paint_patches(shown, torch.full((b, num, 3), 0.5, device=images01.device),
-                              scatter_patches((kind == MASK).long()).bool(), p)
+        shown = paint_patches(
+            images01, scatter_patches(source_pixels), scatter_patches((kind == RANDOM).long()).bool(), p
+        )
+        shown = paint_patches(
+            shown,
+            torch.full((b, num, 3), 0.5, device=images01.device),
+            scatter_patches((kind == MASK).long()).bool(),
+            p,
+        )
         dim = 0.35 * images01  # uncorrupted patches are dimmed in the target/prediction columns
         target_img = paint_patches(dim, scatter_patches(self._patch_pictures(ex["target"])), corrupted, p)
         pred_img = paint_patches(dim, scatter_patches(self._patch_pictures(ex["prediction"])), corrupted, p)
         tiles = torch.stack([images01, shown, target_img, pred_img], dim=1).reshape(-1, 3, h, w)
         grid = make_grid(tiles.float().cpu(), nrow=4, padding=1, pad_value=1.0)
         cfg = self.config
-        what = {"mean_color": f"{cfg.bits}-bit mean colour", "downsampled": f"{DOWNSAMPLED_CELLS}x{DOWNSAMPLED_CELLS} "
-                f"{cfg.bits}-bit colours", "pixels": "pixels (L2)"}[cfg.target]
+        what = {
+            "mean_color": f"{cfg.bits}-bit mean colour",
+            "downsampled": f"{DOWNSAMPLED_CELLS}x{DOWNSAMPLED_CELLS} {cfg.bits}-bit colours",
+            "pixels": "pixels (L2)",
+        }[cfg.target]
         acc = output.extras.get("accuracy")
         tail = f"; colour accuracy on this batch {100 * float(acc):.1f}%" if acc is not None else ""
         caption = (
@@ -316,8 +352,9 @@ class MPPObjective(Objective):
             f"(grey: [mask] embedding, {cfg.mask_prob:.0%}; other patch: random swap, {cfg.random_prob:.0%}; "
             f"unchanged, {cfg.keep_prob:.0%}) | target of the {ids.shape[1]} corrupted patches | prediction{tail}"
         )
-        return Visualization(grid=grid.clamp(0, 1), caption=caption,
-                             columns=["image", "encoder input", "target", "prediction"])
+        return Visualization(
+            grid=grid.clamp(0, 1), caption=caption, columns=["image", "encoder input", "target", "prediction"]
+        )
 
     def _patch_pictures(self, values: Tensor) -> Tensor:
         """Per-corrupted-patch targets/predictions -> pictures [b, K, 3, p, p] in [0, 1]."""
@@ -330,8 +367,10 @@ class MPPObjective(Objective):
             cells = class_colors(values, self.config.bits).reshape(b, k, c, c, 3).permute(0, 1, 4, 2, 3)
             return cells.repeat_interleave(p // c, dim=-2).repeat_interleave(p // c, dim=-1)
         patches = values.float().reshape(b, k, p, p, 3).permute(0, 1, 4, 2, 3)  # normalised pixels
-        return (patches * self.pixel_std.view(1, 1, 3, 1, 1).to(patches.device)
-                + self.pixel_mean.view(1, 1, 3, 1, 1).to(patches.device)).clamp(0, 1)
+        return (
+            patches * self.pixel_std.view(1, 1, 3, 1, 1).to(patches.device)
+            + self.pixel_mean.view(1, 1, 3, 1, 1).to(patches.device)
+        ).clamp(0, 1)
 
 
 def expected_corrupted(num_patches: int, corrupt_ratio: float = 0.5) -> int:
@@ -340,6 +379,15 @@ def expected_corrupted(num_patches: int, corrupt_ratio: float = 0.5) -> int:
 
 
 __all__ = [
-    "MPPConfig", "MPPObjective", "Corruption", "mean_color_target", "downsampled_color_target",
-    "quantize_colors", "class_colors", "expected_corrupted", "MASK", "RANDOM", "KEEP",
+    "MPPConfig",
+    "MPPObjective",
+    "Corruption",
+    "mean_color_target",
+    "downsampled_color_target",
+    "quantize_colors",
+    "class_colors",
+    "expected_corrupted",
+    "MASK",
+    "RANDOM",
+    "KEEP",
 ]

@@ -41,6 +41,7 @@ github.com/microsoft/SimMIM, `data/data_simmim.py` and `models/simmim.py`):
   channel, so the minimiser is the same, and the loss scale matches the
   released recipes' learning rates.
 """
+
 from __future__ import annotations
 
 import math
@@ -72,16 +73,24 @@ from ..patches import patchify
 
 @dataclass
 class SimMIMConfig:
-    mask_ratio: float = param(0.6, gt=0, lt=1, help="fraction of mask patches masked per image, rounded up (paper: 0.6)")
-    mask_patch_size: int = param(32, gt=0, le=MAX_IMAGE_SIDE, help="side of a mask patch in pixels, a multiple of the ViT patch size (paper: 32)")
+    mask_ratio: float = param(
+        0.6, gt=0, lt=1, help="fraction of mask patches masked per image, rounded up (paper: 0.6)"
+    )
+    mask_patch_size: int = param(
+        32, gt=0, le=MAX_IMAGE_SIDE, help="side of a mask patch in pixels, a multiple of the ViT patch size (paper: 32)"
+    )
 
     def check(self, patch_size: int | None = None, img_size: tuple[int, int] | None = None) -> None:
         """The keys alone are checked by their ranges; with the encoder's patch and image size, their fit."""
         m = self.mask_patch_size
         if patch_size is not None and m % patch_size:
-            raise ConfigError(f"Key 'simmim.mask_patch_size' ({m}) must be a multiple of the encoder's patch size {patch_size}.")
+            raise ConfigError(
+                f"Key 'simmim.mask_patch_size' ({m}) must be a multiple of the encoder's patch size {patch_size}."
+            )
         if img_size is not None and (img_size[0] % m or img_size[1] % m):
-            raise ConfigError(f"Key 'simmim.mask_patch_size' ({m}) must divide the image size {img_size[0]}x{img_size[1]}.")
+            raise ConfigError(
+                f"Key 'simmim.mask_patch_size' ({m}) must divide the image size {img_size[0]}x{img_size[1]}."
+            )
 
 
 def masked_count(units: int, mask_ratio: float) -> int:
@@ -89,8 +98,16 @@ def masked_count(units: int, mask_ratio: float) -> int:
     return int(math.ceil(units * mask_ratio))
 
 
-def simmim_mask(batch: int, grid_h: int, grid_w: int, mask_patch_in_patches: int, mask_ratio: float,
-                generator: torch.Generator | None = None, *, device: torch.device | str | None = None) -> Tensor:
+def simmim_mask(
+    batch: int,
+    grid_h: int,
+    grid_w: int,
+    mask_patch_in_patches: int,
+    mask_ratio: float,
+    generator: torch.Generator | None = None,
+    *,
+    device: torch.device | str | None = None,
+) -> Tensor:
     """SimMIM's random masks: bool [batch, grid_h * grid_w] over the ViT patches, row-major, True = masked.
 
     The grid of ViT patches is tiled by mask patches of `mask_patch_in_patches`^2
@@ -119,10 +136,12 @@ class SimMIMObjective(Objective):
     """SimMIM (Xie et al.): mask 60% of 32 px blocks with a [mask] token, L1 on their pixels from a linear head."""
 
     title = "SimMIM"
-    paper = "Xie et al. 2021, \"SimMIM: A Simple Framework for Masked Image Modeling\""
+    paper = 'Xie et al. 2021, "SimMIM: A Simple Framework for Masked Image Modeling"'
     arxiv = "2111.09886"
-    description = ("60% of 32-pixel blocks are replaced by a learned mask token in the encoder input; a linear head "
-                   "predicts their raw pixels (L1 loss).")
+    description = (
+        "60% of 32-pixel blocks are replaced by a learned mask token in the encoder input; a linear head "
+        "predicts their raw pixels (L1 loss)."
+    )
     hub_tags = ("masked-image-modeling",)
 
     # The CPU demo (vit_nano_patch8_32 at 32 px): a 32 px mask patch is the whole image (1 unit, always
@@ -131,13 +150,22 @@ class SimMIMObjective(Objective):
     # 3 masked (75%): one visible quarter of a digit.
     embedded_options = {"mask_patch_size": 8}
 
-    def __init__(self, encoder: VisionTransformer, config: SimMIMConfig, *, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                 num_classes: int | None = None):
+    def __init__(
+        self,
+        encoder: VisionTransformer,
+        config: SimMIMConfig,
+        *,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        num_classes: int | None = None,
+    ):
         super().__init__(encoder, config, mean=mean, std=std, num_classes=num_classes)
         if encoder.dynamic_img_size:
             raise UserError("SimMIM needs an encoder with a fixed image size (dynamic_img_size=False).")
         if not isinstance(encoder.patch_drop, nn.Identity):
-            raise UserError("SimMIM predicts every masked patch, so the encoder must not drop patches (patch_drop_rate=0).")
+            raise UserError(
+                "SimMIM predicts every masked patch, so the encoder must not drop patches (patch_drop_rate=0)."
+            )
         self.patch_size = p = patch_size_of(encoder)
         self.grid_h, self.grid_w = (int(g) for g in encoder.patch_embed.grid_size)
         config.check(patch_size=p, img_size=(self.grid_h * p, self.grid_w * p))
@@ -158,11 +186,19 @@ class SimMIMObjective(Objective):
         """U, the mask patches per image."""
         return (self.grid_h // self.mask_patch_in_patches) * (self.grid_w // self.mask_patch_in_patches)
 
-    def sample_mask(self, batch: int, device: torch.device | str | None = None,
-                    generator: torch.Generator | None = None) -> Tensor:
+    def sample_mask(
+        self, batch: int, device: torch.device | str | None = None, generator: torch.Generator | None = None
+    ) -> Tensor:
         """bool [batch, N]: this objective's random masks over the ViT patches."""
-        return simmim_mask(batch, self.grid_h, self.grid_w, self.mask_patch_in_patches, self.config.mask_ratio,
-                           generator, device=device)
+        return simmim_mask(
+            batch,
+            self.grid_h,
+            self.grid_w,
+            self.mask_patch_in_patches,
+            self.config.mask_ratio,
+            generator,
+            device=device,
+        )
 
     def embed(self, images: Tensor, mask: Tensor) -> Tensor:
         """Patch embeddings [B, N, D] with the masked ones replaced by the mask token (no position yet)."""
@@ -179,7 +215,7 @@ class SimMIMObjective(Objective):
         if mask is None:
             mask = self.sample_mask(images.shape[0], images.device)
         mask = mask.to(device=images.device, dtype=torch.bool)
-        tokens = encode_patch_tokens(self.encoder, self.embed(images, mask))[:, self.encoder.num_prefix_tokens:]
+        tokens = encode_patch_tokens(self.encoder, self.embed(images, mask))[:, self.encoder.num_prefix_tokens :]
         prediction = self.head(tokens).float()  # [B, N, p*p*3], every patch
         per_patch = (prediction - self.targets(images)).abs().mean(dim=-1)  # [B, N]
         weight = mask.float()
@@ -211,8 +247,11 @@ class SimMIMObjective(Objective):
             f"rounded up): each row is one image; columns = image | encoder input (grey: [mask] token) | "
             "the linear head's pixels pasted into the masked patches (the L1 loss covers only those)"
         )
-        return Visualization(grid=grid.clamp(0, 1), caption=caption,
-                             columns=["image", "encoder input", "prediction in the masked patches"])
+        return Visualization(
+            grid=grid.clamp(0, 1),
+            caption=caption,
+            columns=["image", "encoder input", "prediction in the masked patches"],
+        )
 
 
 __all__ = ["SimMIMConfig", "SimMIMObjective", "simmim_mask", "masked_count"]

@@ -7,6 +7,7 @@ the encoder's `global_pool` says, through timm's `forward_head`), initialised
 to zero as the ViT paper does for new heads; it is not part of the exported
 encoder.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -33,16 +34,24 @@ class SupervisedObjective(Objective):
     """Encoder -> pooled feature -> zero-initialised linear head -> cross-entropy."""
 
     title = "supervised classification"
-    paper = ("Dosovitskiy et al. 2020, \"An Image is Worth 16x16 Words: Transformers for Image Recognition at "
-             "Scale\"")
+    paper = 'Dosovitskiy et al. 2020, "An Image is Worth 16x16 Words: Transformers for Image Recognition at Scale"'
     arxiv = "2010.11929"
-    description = ("the encoder and a linear head are trained with cross-entropy on the shards' labels "
-                   "(the supervised-pretraining baseline).")
+    description = (
+        "the encoder and a linear head are trained with cross-entropy on the shards' labels "
+        "(the supervised-pretraining baseline)."
+    )
     self_supervised = False
     uses_labels = True
 
-    def __init__(self, encoder: VisionTransformer, config: SupervisedConfig, *, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                 num_classes: int | None = None):
+    def __init__(
+        self,
+        encoder: VisionTransformer,
+        config: SupervisedConfig,
+        *,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        num_classes: int | None = None,
+    ):
         super().__init__(encoder, config, mean=mean, std=std, num_classes=num_classes)
         if num_classes is None or num_classes < 2:
             raise UserError(
@@ -65,9 +74,14 @@ class SupervisedObjective(Objective):
         logits = self.logits(pixels).float()
         loss = F.cross_entropy(logits, labels, label_smoothing=self.config.label_smoothing)
         predicted = logits.detach().argmax(dim=-1)
-        return ObjectiveOutput(loss=loss, extras={
-            "prediction": predicted, "labels": labels.detach(), "accuracy": (predicted == labels).float().mean(),
-        })
+        return ObjectiveOutput(
+            loss=loss,
+            extras={
+                "prediction": predicted,
+                "labels": labels.detach(),
+                "accuracy": (predicted == labels).float().mean(),
+            },
+        )
 
     @torch.no_grad()
     def visualize(self, pixels: Tensor, output: ObjectiveOutput, max_images: int = 8) -> Visualization:
@@ -76,15 +90,21 @@ class SupervisedObjective(Objective):
         image01 = pixels[:n].float().cpu()
         predicted = output.extras["prediction"][:n].cpu()
         labels = output.extras["labels"][:n].cpu()
-        right = (predicted == labels)
+        right = predicted == labels
         frame = torch.where(right[:, None], torch.tensor([0.1, 0.8, 0.1]), torch.tensor([0.9, 0.1, 0.1]))
         border = max(1, image01.shape[-1] // 16)
-        framed = frame[:, :, None, None].expand(-1, -1, image01.shape[-2] + 2 * border, image01.shape[-1] + 2 * border).clone()
+        framed = (
+            frame[:, :, None, None]
+            .expand(-1, -1, image01.shape[-2] + 2 * border, image01.shape[-1] + 2 * border)
+            .clone()
+        )
         framed[:, :, border:-border, border:-border] = image01
         grid = make_grid(framed, nrow=min(n, 8), padding=1, pad_value=1.0)
         pairs = ", ".join(f"{int(p)}/{int(t)}" for p, t in zip(predicted, labels))
-        caption = (f"supervised: green frame = correct, red = wrong; predicted/true class, left to right: {pairs}; "
-                   f"batch accuracy {100 * float(output.extras['accuracy']):.1f}%")
+        caption = (
+            f"supervised: green frame = correct, red = wrong; predicted/true class, left to right: {pairs}; "
+            f"batch accuracy {100 * float(output.extras['accuracy']):.1f}%"
+        )
         # one row of images: each column's label is its prediction and truth (more rows: the caption says it)
         columns = [f"pred {int(p)} true {int(t)}" for p, t in zip(predicted, labels)] if n <= 8 else []
         return Visualization(grid=grid.clamp(0, 1), caption=caption, columns=columns)
