@@ -1,4 +1,5 @@
 """Tiny timm ViTs for the analysis tests."""
+
 from __future__ import annotations
 
 import torch

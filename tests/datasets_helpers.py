@@ -8,13 +8,14 @@
   `add_member` (e.g. a pickle that would create a marker file when unpickled);
 - `spec_for`: a LoaderSpec whose manifest is read from the shards (or `manifest=`).
 """
+
 from __future__ import annotations
 
 import io
 import os
 import tarfile
 from pathlib import Path
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -35,7 +36,7 @@ def code_image(index: int, label: int, size: int = 16, textured: bool = False) -
     if textured:
         noise = np.random.default_rng(index).integers(0, 256, (size, size, 3), dtype=np.uint8)
         c = size // 2
-        noise[c - 2:c + 2, c - 2:c + 2] = image[c - 2:c + 2, c - 2:c + 2]
+        noise[c - 2 : c + 2, c - 2 : c + 2] = image[c - 2 : c + 2, c - 2 : c + 2]
         image = noise
     return Image.fromarray(image)
 
@@ -47,9 +48,18 @@ def index_of_image(image: torch.Tensor) -> tuple[int, int]:
     return r + 256 * g, b
 
 
-def write_tiny_shards(out: Path, lengths: Sequence[int], *, split: str = "train", num_classes: int = 5,
-                      size: int = 16, name: str = "tiny", fmt: str = "png", extra_splits: dict | None = None,
-                      textured: bool = False) -> Manifest:
+def write_tiny_shards(
+    out: Path,
+    lengths: Sequence[int],
+    *,
+    split: str = "train",
+    num_classes: int = 5,
+    size: int = 16,
+    name: str = "tiny",
+    fmt: str = "png",
+    extra_splits: dict | None = None,
+    textured: bool = False,
+) -> Manifest:
     """Write shards `{name}-{split}-{k:06d}.tar` of the given lengths; sample i has label i % num_classes.
 
     `extra_splits` maps more split names to their shard lengths; `textured` see `code_image`."""
@@ -66,17 +76,30 @@ def write_tiny_shards(out: Path, lengths: Sequence[int], *, split: str = "train"
                 for _ in range(n):
                     label = index % num_classes
                     buf = io.BytesIO()
-                    code_image(index, label, size, textured).save(buf, format="PNG" if fmt == "png" else "JPEG", quality=95)
+                    code_image(index, label, size, textured).save(
+                        buf, format="PNG" if fmt == "png" else "JPEG", quality=95
+                    )
                     writer.write({"__key__": f"{index:08d}", fmt: buf.getvalue(), "cls": str(label).encode()})
                     labels.append(label)
                     index += 1
             filenames.append(fname)
         np.save(out / f"_labels-{split_name}.npy", np.asarray(labels, dtype=np.int64))
-        splits[split_name] = SplitInfo(split_name, int(sum(split_lengths)), filenames, list(split_lengths),
-                                       labels_file=f"_labels-{split_name}.npy",
-                                       shard_bytes=[os.path.getsize(out / f) for f in filenames])
-    manifest = Manifest(root=out, name=name, splits=splits, num_classes=num_classes,
-                        class_names=[str(c) for c in range(num_classes)], image_size=size)
+        splits[split_name] = SplitInfo(
+            split_name,
+            int(sum(split_lengths)),
+            filenames,
+            list(split_lengths),
+            labels_file=f"_labels-{split_name}.npy",
+            shard_bytes=[os.path.getsize(out / f) for f in filenames],
+        )
+    manifest = Manifest(
+        root=out,
+        name=name,
+        splits=splits,
+        num_classes=num_classes,
+        class_names=[str(c) for c in range(num_classes)],
+        image_size=size,
+    )
     atomic_write_json(out / MANIFEST_NAME, manifest.to_json())
     return manifest
 
@@ -88,6 +111,7 @@ def spec_for(shards, *, manifest=None, **fields) -> LoaderSpec:
 
 
 # ----------------------------------------------------------------------------- damage
+
 
 def _rewrite(path: Path, edit) -> None:
     """Rewrite tar `path` member by member; `edit(name, data)` returns (name, data) or None to drop."""
@@ -117,10 +141,12 @@ def drop_member(path: Path, key: str, ext: str) -> None:
 
 def add_member(path: Path, key: str, ext: str, data: bytes) -> None:
     """Add member `{key}.{ext}` right after the sample's other members."""
+
     def edit(name, old):
         if name == f"{key}.cls":
             return [(name, old), (f"{key}.{ext}", data)]
         return (name, old)
+
     _rewrite(Path(path), edit)
 
 

@@ -1,4 +1,5 @@
 """Running the real entry points in subprocesses, for the engine and reliability tests."""
+
 from __future__ import annotations
 
 import json
@@ -14,8 +15,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # A tiny, fast pretraining setup on 16 px digits (the default recipe uses 32 px and a larger ViT).
 TINY = [
-    "model.name=vit_pico_patch4_16", "model.img_size=16", "train.global_batch=32", "data.num_workers=0",
-    "log.log_every=1", "log.image_every=0", "log.checkpoint_every=1000", "optim.warmup_steps=2",
+    "model.name=vit_pico_patch4_16",
+    "model.img_size=16",
+    "train.global_batch=32",
+    "data.num_workers=0",
+    "log.log_every=1",
+    "log.image_every=0",
+    "log.checkpoint_every=1000",
+    "optim.warmup_steps=2",
 ]
 
 
@@ -35,18 +42,32 @@ def python_cmd(script: str) -> list[str]:
 
 
 def accelerate_cmd(script: str, processes: int = 1) -> list[str]:
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",
-           "--dynamo_backend", "no", "--num_processes", str(processes)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--num_processes",
+        str(processes),
+    ]
     if processes > 1:
         cmd += ["--multi_gpu", "--main_process_port", str(29500 + os.getpid() % 1000)]
     return cmd + [str(ROOT / script)]
 
 
-def run(cmd: list[str], *, cwd: Path, cache: Path | None = None, timeout: float = 300, check: bool = True,
-        **extra_env: str) -> subprocess.CompletedProcess:
+def run(
+    cmd: list[str], *, cwd: Path, cache: Path | None = None, timeout: float = 300, check: bool = True, **extra_env: str
+) -> subprocess.CompletedProcess:
     result = subprocess.run(cmd, cwd=cwd, env=env(cache, **extra_env), capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
+        raise AssertionError(
+            f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+        )
     return result
 
 
@@ -69,8 +90,16 @@ def max_weight_difference(a: Path, b: Path) -> float:
 def start(cmd: list[str], *, cwd: Path, cache: Path | None = None, **extra_env: str) -> subprocess.Popen:
     """Start a command in its own process group (so a test can signal or kill all of it), with SIGINT at
     its default, as a terminal's foreground job has it."""
-    return subprocess.Popen(cmd, cwd=cwd, env=env(cache, **extra_env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True, preexec_fn=_sigint_as_in_a_terminal)
+    return subprocess.Popen(
+        cmd,
+        cwd=cwd,
+        env=env(cache, **extra_env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        preexec_fn=_sigint_as_in_a_terminal,
+    )
 
 
 def _sigint_as_in_a_terminal() -> None:
@@ -88,7 +117,9 @@ def wait_for(predicate, timeout: float, process: subprocess.Popen | None = None,
     while not predicate():
         if process is not None and process.poll() is not None:
             out, err = process.communicate()
-            raise AssertionError(f"process ended ({process.returncode}) before the condition:\n{out[-3000:]}\n{err[-3000:]}")
+            raise AssertionError(
+                f"process ended ({process.returncode}) before the condition:\n{out[-3000:]}\n{err[-3000:]}"
+            )
         if time.monotonic() > deadline:
             raise AssertionError("timed out waiting for the condition")
         time.sleep(interval)
@@ -140,5 +171,8 @@ def printed_lines(stderr: str) -> list[str]:
 
 def files_of(run_dir) -> dict[str, bytes]:
     """Every file in a run folder but the lock, with its bytes (to show a refused command changed nothing)."""
-    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*"))
-            if p.is_file() and p.name != "lock"}
+    return {
+        str(p.relative_to(run_dir)): p.read_bytes()
+        for p in sorted(run_dir.rglob("*"))
+        if p.is_file() and p.name != "lock"
+    }

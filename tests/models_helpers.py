@@ -1,4 +1,5 @@
 """Shared pieces for the models tests: tiny encoders and images with known statistics."""
+
 from __future__ import annotations
 
 import torch
@@ -46,7 +47,9 @@ def _differing(a: dict, b: dict) -> list[str]:
     return [k for k in a if not torch.equal(a[k], b[k])]
 
 
-def assert_randomness_is_resumable(make, pixels: torch.Tensor, labels: torch.Tensor | None = None, seed: int = 0) -> None:
+def assert_randomness_is_resumable(
+    make, pixels: torch.Tensor, labels: torch.Tensor | None = None, seed: int = 0
+) -> None:
     """Fail unless the objective `make()` builds draws its randomness as models/objective.py says: from
     torch's global generator, so that what the loop checkpoints (model state + generator states) is all
     its next forward depends on (`assert_same_seed_same_forward`, `assert_resume_draws_the_same`)."""
@@ -54,8 +57,9 @@ def assert_randomness_is_resumable(make, pixels: torch.Tensor, labels: torch.Ten
     assert_resume_draws_the_same(make, pixels, labels, seed)
 
 
-def assert_same_seed_same_forward(objective, pixels: torch.Tensor, labels: torch.Tensor | None = None,
-                                  seed: int = 0) -> None:
+def assert_same_seed_same_forward(
+    objective, pixels: torch.Tensor, labels: torch.Tensor | None = None, seed: int = 0
+) -> None:
     """The same global seed gives the same forward, twice in a row (a private generator would have moved on)."""
     torch.manual_seed(seed)
     first = _outputs(objective(pixels, labels))
@@ -63,7 +67,8 @@ def assert_same_seed_same_forward(objective, pixels: torch.Tensor, labels: torch
     again = _outputs(objective(pixels, labels))
     assert not _differing(first, again), (
         f"{type(objective).__name__}: the same global seed gave another forward ({_differing(first, again)}): "
-        "it draws from a generator of its own")
+        "it draws from a generator of its own"
+    )
 
 
 def assert_resume_draws_the_same(make, pixels: torch.Tensor, labels: torch.Tensor | None = None, seed: int = 0) -> None:
@@ -84,4 +89,5 @@ def assert_resume_draws_the_same(make, pixels: torch.Tensor, labels: torch.Tenso
     after = _outputs(resumed(pixels, labels))
     assert not _differing(continued, after), (
         f"{type(objective).__name__}: resumed from its state and the global generators, the next forward "
-        f"differs ({_differing(continued, after)}): it draws from a generator no checkpoint holds")
+        f"differs ({_differing(continued, after)}): it draws from a generator no checkpoint holds"
+    )

@@ -1,4 +1,5 @@
 """Attention weights, rollout and mean attention distance (vitmpp.analyze.attention)."""
+
 from __future__ import annotations
 
 import math
@@ -106,6 +107,7 @@ def test_non_timm_attention_is_a_user_error():
 
 # ----------------------------------------------------------------------------- rollout
 
+
 def test_rollout_of_identity_attention_is_identity():
     eye = torch.eye(5).expand(2, 3, 5, 5)
     rollout = attention_rollout(torch.stack([eye, eye, eye]))
@@ -154,13 +156,18 @@ def test_rollout_maps_take_the_class_token_row_or_the_patch_mean():
 def test_rollout_maps_of_a_real_encoder():
     encoder = tiny_vit()
     geometry = encoder_geometry(encoder)
-    maps = rollout_maps(attention_rollout(attention_weights(encoder, random_images(3))), geometry["grid_size"],
-                        geometry["num_prefix_tokens"], geometry["has_class_token"])
+    maps = rollout_maps(
+        attention_rollout(attention_weights(encoder, random_images(3))),
+        geometry["grid_size"],
+        geometry["num_prefix_tokens"],
+        geometry["has_class_token"],
+    )
     assert maps.shape == (3, 8, 8)
     torch.testing.assert_close(maps.sum(dim=(1, 2)), torch.ones(3))
 
 
 # ----------------------------------------------------------------------------- mean attention distance
+
 
 def test_attention_on_the_query_itself_has_distance_zero():
     tokens = 1 + 16
@@ -185,7 +192,7 @@ def test_uniform_attention_on_a_row_of_patches_matches_the_closed_form(length):
     pw = 6
     attention = uniform_rows(1, 1, length)[None]
     distance = mean_attention_distance(attention, (1, length), (4, pw), num_prefix_tokens=0)
-    assert distance.item() == pytest.approx(pw * (length ** 2 - 1) / (3 * length))
+    assert distance.item() == pytest.approx(pw * (length**2 - 1) / (3 * length))
 
 
 def test_distances_follow_rows_and_columns_with_rectangular_patches():
@@ -224,12 +231,14 @@ def test_streamed_analysis_equals_the_whole_batch_computation():
     images = random_images(5)
     geometry = encoder_geometry(encoder)
     attentions = attention_weights(encoder, images)
-    whole = mean_attention_distance(attentions, geometry["grid_size"], geometry["patch_size"],
-                                    geometry["num_prefix_tokens"])
-    maps = rollout_maps(attention_rollout(attentions), geometry["grid_size"], geometry["num_prefix_tokens"],
-                        geometry["has_class_token"])
+    whole = mean_attention_distance(
+        attentions, geometry["grid_size"], geometry["patch_size"], geometry["num_prefix_tokens"]
+    )
+    maps = rollout_maps(
+        attention_rollout(attentions), geometry["grid_size"], geometry["num_prefix_tokens"], geometry["has_class_token"]
+    )
     # batches of 2 + 2 + 2, of which only 5 images are used; every image counts once
-    batches = [(images[k:k + 2], images[k:k + 2].sigmoid()) for k in range(0, 5, 2)] + [(images, images)]
+    batches = [(images[k : k + 2], images[k : k + 2].sigmoid()) for k in range(0, 5, 2)] + [(images, images)]
     analysis = analyze_encoder(encoder, iter(batches), num_images=5, num_rollout_images=3)
     assert analysis.num_images == 5
     torch.testing.assert_close(analysis.mean_distance, whole)

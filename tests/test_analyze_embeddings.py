@@ -1,4 +1,5 @@
 """Position-embedding similarity and patch-embedding filters (vitmpp.analyze.embeddings), and their pictures."""
+
 from __future__ import annotations
 
 import pytest
@@ -21,7 +22,7 @@ from vitmpp.common.errors import UserError
 def _with_sincos(encoder, grid=(8, 8)):
     table = build_sincos2d_pos_embed(list(grid), encoder.embed_dim)
     with torch.no_grad():
-        encoder.pos_embed[0, -grid[0] * grid[1]:] = table
+        encoder.pos_embed[0, -grid[0] * grid[1] :] = table
     return encoder
 
 
@@ -83,7 +84,7 @@ def test_similarity_tiles_are_laid_out_like_the_patch_grid():
         for c in range(grid[1]):
             top = pad + r * (grid[0] + pad)
             left = pad + c * (grid[1] + pad)
-            tile = image[:, top:top + grid[0], left:left + grid[1]]
+            tile = image[:, top : top + grid[0], left : left + grid[1]]
             expected = colorize(similarity[r * grid[1] + c].reshape(grid), SIMILARITY_CMAP, -1, 1)
             torch.testing.assert_close(tile, expected)
 
@@ -108,7 +109,7 @@ def test_filters_recover_a_planted_pattern():
     encoder = tiny_vit()
     generator = torch.Generator().manual_seed(3)
     pattern = torch.zeros(3, 4, 4)
-    pattern[0, :, :2] = 1.0   # red on the left
+    pattern[0, :, :2] = 1.0  # red on the left
     pattern[2, :, 2:] = -1.0  # minus blue on the right
     pattern = pattern / pattern.norm()
     amounts = torch.randn(64, generator=generator) * 5
@@ -136,6 +137,6 @@ def test_filter_tiles_put_zero_at_grey():
     filters[1, 1, 1, 1] = -0.5
     image = filter_tiles(filters, min_pixels=4)
     assert image.shape == (3, 4 + 4, 2 * (4 + 2) + 2)
-    assert float(image[0, 2, 2]) == pytest.approx(1.0)                  # the positive peak
-    assert float(image[1, 3, 2 + 6 + 1]) == pytest.approx(0.0)          # the negative peak
-    assert float(image[2, 3, 3]) == pytest.approx(0.5)                  # zero is grey
+    assert float(image[0, 2, 2]) == pytest.approx(1.0)  # the positive peak
+    assert float(image[1, 3, 2 + 6 + 1]) == pytest.approx(0.0)  # the negative peak
+    assert float(image[2, 3, 3]) == pytest.approx(0.5)  # zero is grey

@@ -1,4 +1,5 @@
 """`training_figures` (the analyze command's figures, for the pretraining engine) and the labelled figures."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -51,8 +52,13 @@ def test_training_figures_are_the_analyze_commands_renderings():
     encoder = tiny_vit()
     images = random_images(12)
     figures = training_figures(encoder, images)
-    analysis = analyze_encoder(encoder, [(images[:8], images_for_display(images[:8]))], num_images=8,
-                               num_rollout_images=8, num_filters=TRAINING_FILTERS)
+    analysis = analyze_encoder(
+        encoder,
+        [(images[:8], images_for_display(images[:8]))],
+        num_images=8,
+        num_rollout_images=8,
+        num_filters=TRAINING_FILTERS,
+    )
     for name, figure in analysis_figures(analysis).items():
         expected = torch.from_numpy(figure_to_array(figure)).permute(2, 0, 1).float() / 255
         assert torch.equal(figures[name], expected), name
@@ -97,8 +103,9 @@ def test_mean_distance_figure_has_one_dot_per_head_at_its_layer():
     (ax,) = figure.axes
     dots = np.concatenate([c.get_offsets() for c in ax.collections])
     assert len(dots) == 12
-    assert sorted(map(tuple, dots.tolist())) == sorted((layer + 1, float(4 * layer + h))
-                                                       for layer in range(3) for h in range(4))
+    assert sorted(map(tuple, dots.tolist())) == sorted(
+        (layer + 1, float(4 * layer + h)) for layer in range(3) for h in range(4)
+    )
     assert "pixels" in ax.get_ylabel() and "layer" in ax.get_xlabel()
     assert not [line for line in ax.get_lines() if line.get_label() == "uniform attention"]
 

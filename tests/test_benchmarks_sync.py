@@ -4,6 +4,7 @@
 doors a sync goes through on any device (see its docstring). The first test shows
 the counter sees each kind of sync, so the zero counts after it mean something.
 """
+
 from __future__ import annotations
 
 import json
@@ -67,8 +68,13 @@ def _runner(objective_name: str):
         return output.loss, output
 
     generator = torch.Generator().manual_seed(1)
-    batches = [(torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8, generator=generator),
-                torch.randint(0, 10, (4,), generator=generator)) for _ in range(2)]
+    batches = [
+        (
+            torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8, generator=generator),
+            torch.randint(0, 10, (4,), generator=generator),
+        )
+        for _ in range(2)
+    ]
     return runner, forward, batches, guard
 
 
@@ -92,13 +98,30 @@ def test_training_loop_syncs_only_at_log_intervals(digits16, tmp_path):
     """The real pretrain/main.py: zero syncs from one optimizer step to the next; some at log intervals."""
     report_file = tmp_path / "syncs.json"
     overrides = [
-        f"data.shards={digits16}", "objective=mae", "model.name=vit_pico_patch4_16", "model.img_size=16",
-        "mae.decoder_embed_dim=32", "mae.decoder_depth=1", "mae.decoder_num_heads=2",
-        "train.global_batch=16", "train.steps=8", "data.num_workers=0", "optim.warmup_steps=2",
-        "log.log_every=4", "log.image_every=4", "log.checkpoint_every=6", f"run.output_dir={tmp_path / 'runs'}",
+        f"data.shards={digits16}",
+        "objective=mae",
+        "model.name=vit_pico_patch4_16",
+        "model.img_size=16",
+        "mae.decoder_embed_dim=32",
+        "mae.decoder_depth=1",
+        "mae.decoder_num_heads=2",
+        "train.global_batch=16",
+        "train.steps=8",
+        "data.num_workers=0",
+        "optim.warmup_steps=2",
+        "log.log_every=4",
+        "log.image_every=4",
+        "log.checkpoint_every=6",
+        f"run.output_dir={tmp_path / 'runs'}",
     ]
-    result = subprocess.run([sys.executable, "-m", "vitmpp.benchmarks.syncs", "--out", str(report_file), "--", *overrides],
-                            cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "vitmpp.benchmarks.syncs", "--out", str(report_file), "--", *overrides],
+        cwd=tmp_path,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert report_file.exists(), result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads(report_file.read_text())
     assert report["steps"] == 8

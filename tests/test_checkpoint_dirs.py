@@ -1,4 +1,5 @@
 """Checkpoint folders are complete or ignored; run directories are never silently reused."""
+
 import json
 from dataclasses import dataclass
 

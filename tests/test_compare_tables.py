@@ -1,5 +1,6 @@
 """compare's tables say what they hold (issue 27, items 5 and 15): n beside every mean and no ± for one
 cell, 'all labels' for a fraction of 1.0, and no share of a scratch -> supervised gap too small to divide."""
+
 from __future__ import annotations
 
 from vitmpp.common.config import load_config
@@ -8,26 +9,43 @@ from vitmpp.experiments.report import labels_title, summarize
 
 
 def row(encoder, protocol, fraction, value, seed=0):
-    return {"encoder": encoder, "protocol": protocol, "label_fraction": fraction, "pretrain_run": "", "seed": seed,
-            "pretrain_images": 0, "images_seen": 64, "test_last_top1": value}
+    return {
+        "encoder": encoder,
+        "protocol": protocol,
+        "label_fraction": fraction,
+        "pretrain_run": "",
+        "seed": seed,
+        "pretrain_images": 0,
+        "images_seen": 64,
+        "test_last_top1": value,
+    }
 
 
 def config(tmp_path, seeds):
     path = tmp_path / "compare.yaml"
-    path.write_text("encoders: {mpp: runs/mpp, supervised: runs/sup}\nprotocols: [finetune, scratch]\n"
-                    "recipes: {finetune: x.yaml, scratch: y.yaml}\n")
+    path.write_text(
+        "encoders: {mpp: runs/mpp, supervised: runs/sup}\nprotocols: [finetune, scratch]\n"
+        "recipes: {finetune: x.yaml, scratch: y.yaml}\n"
+    )
     return load_config(CompareConfig, path, [f"seeds={seeds}"])
 
 
 def test_label_fraction_titles():
-    assert [labels_title(f) for f in (1.0, 0.1, 0.25, 0.005)] == ["all labels", "10% labels", "25% labels",
-                                                                 "0.50% labels"]
+    assert [labels_title(f) for f in (1.0, 0.1, 0.25, 0.005)] == [
+        "all labels",
+        "10% labels",
+        "25% labels",
+        "0.50% labels",
+    ]
 
 
 def test_one_seed_prints_n_and_no_spread(tmp_path):
     cfg = config(tmp_path, "[0]")
-    rows = [row("mpp", "finetune", 1.0, 75.0), row("supervised", "finetune", 1.0, 90.0),
-            row(SCRATCH, "scratch", 1.0, 50.0)]
+    rows = [
+        row("mpp", "finetune", 1.0, 75.0),
+        row("supervised", "finetune", 1.0, 90.0),
+        row(SCRATCH, "scratch", 1.0, 50.0),
+    ]
     _, table = summarize(cfg, rows, {"mpp": ["runs/mpp"], "supervised": ["runs/sup"]})
     assert "| all labels |" in table and "1 labels" not in table
     assert "| 75.00 (n=1) |" in table and "75.00 ±" not in table
@@ -43,8 +61,11 @@ def test_two_seeds_print_the_spread_and_n(tmp_path):
 
 def test_a_gap_within_noise_is_not_divided(tmp_path):
     cfg = config(tmp_path, "[0]")
-    rows = [row("mpp", "finetune", 0.1, 60.0), row("supervised", "finetune", 0.1, 81.0),
-            row(SCRATCH, "scratch", 0.1, 79.5)]
+    rows = [
+        row("mpp", "finetune", 0.1, 60.0),
+        row("supervised", "finetune", 0.1, 81.0),
+        row(SCRATCH, "scratch", 0.1, 79.5),
+    ]
     _, table = summarize(cfg, rows, {"mpp": ["runs/mpp"], "supervised": ["runs/sup"]})
     assert "%" not in table.split("| mpp |")[-1].splitlines()[0] and "gap +1.5" in table, table
 

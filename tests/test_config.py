@@ -1,11 +1,20 @@
 """The config system: YAML + dotted overrides -> typed dataclasses, with one-sentence errors."""
+
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Literal
 
 import pytest
 
 from vitmpp.common.config import (
-    describe, diff_keys, flatten, load_config, param, parse_overrides, read_yaml, save_config, to_dict,
+    describe,
+    diff_keys,
+    flatten,
+    load_config,
+    param,
+    parse_overrides,
+    read_yaml,
+    save_config,
+    to_dict,
 )
 from vitmpp.common.errors import ConfigError
 
@@ -22,7 +31,7 @@ class Recipe:
     objective: Literal["mpp", "mae"] = "mpp"
     steps: int = param(10, ge=1)
     ratio: float = param(0.5, gt=0, lt=1)
-    tag: Optional[str] = None
+    tag: str | None = None
     flags: list[int] = param(default_factory=list)
     optim: Optim = field(default_factory=Optim)
 
@@ -143,6 +152,7 @@ def test_override_values_parse_as_yaml():
 @dataclass
 class Stage:
     """A stage whose optimizer section has its own defaults (like pretrain vs finetune)."""
+
     optim: Optim = field(default_factory=lambda: Optim(lr=0.5, name="adam"))
 
 

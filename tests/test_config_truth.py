@@ -1,5 +1,6 @@
 """`--help-config` tells the truth: for each stage, with no arguments and with every recipe in
 configs/, it lists exactly the keys and values `--print-config` shows (what the run would use)."""
+
 from __future__ import annotations
 
 import re
@@ -49,8 +50,12 @@ def help_values(text: str) -> dict:
 
 CASES = [("pretrain", []), ("finetune", [])]
 CASES += [("pretrain", [f"objective={name}"]) for name in objective_names()]
-CASES += [("pretrain", ["--config", str(p.relative_to(ROOT))]) for p in sorted((ROOT / "configs" / "pretrain").glob("*.yaml"))]
-CASES += [("finetune", ["--config", str(p.relative_to(ROOT))]) for p in sorted((ROOT / "configs" / "finetune").glob("*.yaml"))]
+CASES += [
+    ("pretrain", ["--config", str(p.relative_to(ROOT))]) for p in sorted((ROOT / "configs" / "pretrain").glob("*.yaml"))
+]
+CASES += [
+    ("finetune", ["--config", str(p.relative_to(ROOT))]) for p in sorted((ROOT / "configs" / "finetune").glob("*.yaml"))
+]
 
 
 @pytest.mark.parametrize("stage,argv", CASES, ids=[f"{s}:{' '.join(a) or 'no arguments'}" for s, a in CASES])
@@ -74,7 +79,9 @@ def test_help_config_shows_the_embedded_default_not_the_class_defaults(capsys, m
 
 def test_every_objective_is_listed_in_the_objective_help(capsys, monkeypatch):
     monkeypatch.chdir(ROOT)
-    line = next(line for line in output("pretrain", ["--help-config"], capsys).splitlines() if line.startswith("  objective ="))
+    line = next(
+        line for line in output("pretrain", ["--help-config"], capsys).splitlines() if line.startswith("  objective =")
+    )
     for name in objective_names():
         assert f"{name}: " in line
 
@@ -84,7 +91,9 @@ def test_a_section_of_another_objective_is_an_error(capsys):
     from vitmpp.common.errors import ConfigError
     from vitmpp.pretrain.config import PretrainConfig
 
-    with pytest.raises(ConfigError, match=r"Section 'mpp' holds options of objective 'mpp', but the objective is 'mae'"):
+    with pytest.raises(
+        ConfigError, match=r"Section 'mpp' holds options of objective 'mpp', but the objective is 'mae'"
+    ):
         load_config(PretrainConfig, None, ["objective=mae", "mpp.corrupt_ratio=0.15"])
     with pytest.raises(ConfigError, match=r"Key 'objective' must be one of .*did you mean 'mae'"):
         load_config(PretrainConfig, None, ["objective=maee"])

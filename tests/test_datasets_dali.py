@@ -3,6 +3,7 @@
 Every pipeline test here runs DALI's CPU pipeline (`dali_device="cpu"`: the same reader, seeds and ops as the
 GPU one, with a CPU decode and crop), so it runs on machines without a GPU; the GPU pipeline itself
 is not exercised here."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -13,7 +14,6 @@ import tarfile
 import numpy as np
 import pytest
 import torch
-
 
 
 def _has_dali() -> bool:
@@ -95,13 +95,23 @@ def test_pixel_statistics_are_those_of_the_data(digits16):
     from vitmpp.datasets.samples import Tally, read_shard
 
     manifest = read_manifest(digits16)
-    spec = spec_for(digits16, manifest=manifest, batch_size=64, transform=pretrain_transform(16, scale=(0.9, 1.0)),
-                    training=True, seed=0, num_workers=1)
+    spec = spec_for(
+        digits16,
+        manifest=manifest,
+        batch_size=64,
+        transform=pretrain_transform(16, scale=(0.9, 1.0)),
+        training=True,
+        seed=0,
+        num_workers=1,
+    )
     images = torch.cat([b.images for b in cpu_loader(spec)]).float()
     info = manifest.split("train")
-    originals = np.stack([decode_array(raw, manifest.num_classes, None)[0]
-                          for raw in read_shard(manifest.shard_urls("train")[0], 0, info.shard_lengths[0], None,
-                                                Tally())]).astype(np.float64)
+    originals = np.stack(
+        [
+            decode_array(raw, manifest.num_classes, None)[0]
+            for raw in read_shard(manifest.shard_urls("train")[0], 0, info.shard_lengths[0], None, Tally())
+        ]
+    ).astype(np.float64)
     # nearly whole crops of the same digits: the same mean brightness and spread, per channel
     assert abs(images.mean().item() - originals.mean()) < 0.05 * 255, (images.mean().item(), originals.mean())
     assert abs(images.std().item() - originals.std()) < 0.15 * originals.std()
@@ -121,8 +131,21 @@ def test_flip_probability_one_mirrors_the_same_crops(textured):
 @needs_dali
 @pytest.mark.parametrize("batches_per_epoch", [None, 7])
 def test_ranks_yield_equal_counts_of_disjoint_samples(coded, batches_per_epoch):
-    loaders = [cpu_loader(spec_for(coded, batch_size=2, transform=pretrain_transform(8), training=True, seed=5,
-                                   rank=r, world_size=2, batches_per_epoch=batches_per_epoch)) for r in range(2)]
+    loaders = [
+        cpu_loader(
+            spec_for(
+                coded,
+                batch_size=2,
+                transform=pretrain_transform(8),
+                training=True,
+                seed=5,
+                rank=r,
+                world_size=2,
+                batches_per_epoch=batches_per_epoch,
+            )
+        )
+        for r in range(2)
+    ]
     expected = batches_per_epoch or 21 // (2 * 2)
     assert [len(loader) for loader in loaders] == [expected, expected]
     indices = [torch.cat([b.indices for b in loader]).tolist() for loader in loaders]
@@ -134,8 +157,7 @@ def test_ranks_yield_equal_counts_of_disjoint_samples(coded, batches_per_epoch):
 
 @needs_dali
 def test_resume_at_start_batch_equals_the_rest_of_the_epoch(textured):
-    spec = spec_for(textured, batch_size=3, transform=pretrain_transform(8), training=True, seed=2,
-                    batches_per_epoch=6)
+    spec = spec_for(textured, batch_size=3, transform=pretrain_transform(8), training=True, seed=2, batches_per_epoch=6)
     whole = collect(cpu_loader(spec, epoch=1))
     for k in (1, 4, 6):
         resumed = cpu_loader(spec, epoch=1, start_batch=k)
@@ -147,13 +169,26 @@ def test_resume_at_start_batch_equals_the_rest_of_the_epoch(textured):
 @needs_dali
 def test_order_and_augmentation_are_a_function_of_seed_epoch_and_rank(textured):
     def batches(seed=0, epoch=0, rank=0):
-        return collect(cpu_loader(spec_for(textured, batch_size=4, transform=pretrain_transform(8), training=True,
-                                           seed=seed, rank=rank, world_size=2), epoch=epoch))
+        return collect(
+            cpu_loader(
+                spec_for(
+                    textured,
+                    batch_size=4,
+                    transform=pretrain_transform(8),
+                    training=True,
+                    seed=seed,
+                    rank=rank,
+                    world_size=2,
+                ),
+                epoch=epoch,
+            )
+        )
 
     first = batches()
     assert same(first, batches()), "same seed, epoch and rank: the same batches, bit for bit"
-    loader = cpu_loader(spec_for(textured, batch_size=4, transform=pretrain_transform(8), training=True, seed=0,
-                                 world_size=2))
+    loader = cpu_loader(
+        spec_for(textured, batch_size=4, transform=pretrain_transform(8), training=True, seed=0, world_size=2)
+    )
     assert same(collect(loader), collect(loader)), "iterating again replays the epoch"
     for other in (batches(epoch=1), batches(seed=1)):
         assert not same(first, other)
@@ -165,8 +200,14 @@ def test_crops_are_drawn_anew_each_epoch_and_seed_on_the_same_order(tmp_path):
     write_tiny_shards(tmp_path, [12], textured=True)  # one shard, no shuffle buffer: the order never changes
 
     def batches(seed=0, epoch=0):
-        return collect(cpu_loader(spec_for(tmp_path, batch_size=4, transform=pretrain_transform(8), training=True,
-                                           seed=seed, shuffle_buffer=1), epoch=epoch))
+        return collect(
+            cpu_loader(
+                spec_for(
+                    tmp_path, batch_size=4, transform=pretrain_transform(8), training=True, seed=seed, shuffle_buffer=1
+                ),
+                epoch=epoch,
+            )
+        )
 
     first = batches()
     for other in (batches(epoch=1), batches(seed=1)):
@@ -199,10 +240,18 @@ def test_a_corrupt_image_stops_with_a_user_error_naming_shard_and_member(tmp_pat
 
 @needs_dali
 def test_streamed_shards_are_refused(coded):
-    spec = spec_for(["http://example.invalid/tiny-train-000000.tar"], manifest=coded, batch_size=4,
-                    transform=pretrain_transform(8), training=True)
-    with pytest.raises(UserError, match=r"^data.loader=dali reads local shards only, and 'http://example.invalid/"
-                                        r"tiny-train-000000.tar' is streamed; [^.]*data.loader=shards\.$"):
+    spec = spec_for(
+        ["http://example.invalid/tiny-train-000000.tar"],
+        manifest=coded,
+        batch_size=4,
+        transform=pretrain_transform(8),
+        training=True,
+    )
+    with pytest.raises(
+        UserError,
+        match=r"^data.loader=dali reads local shards only, and 'http://example.invalid/"
+        r"tiny-train-000000.tar' is streamed; [^.]*data.loader=shards\.$",
+    ):
         cpu_loader(spec)
 
 
@@ -224,7 +273,10 @@ def test_public_path_refuses_without_cuda_in_one_sentence(coded, monkeypatch):
     """Refused on every machine: a run on the CPU device (as ACCELERATE_USE_CPU makes it), and a machine
     whose torch sees no CUDA (this one; elsewhere torch is told so)."""
     spec = spec_for(coded, batch_size=4, transform=pretrain_transform(8), training=True)
-    sentence = "Key 'data.loader' is 'dali', which decodes and crops on a CUDA GPU, but this run has none ({}); set data.loader=shards."
+    sentence = (
+        "Key 'data.loader' is 'dali', which decodes and crops on a CUDA GPU, but this run has none ({}); "
+        "set data.loader=shards."
+    )
     with pytest.raises(UserError) as err:
         open_dali_loader(dataclasses.replace(spec, device="cpu"))
     assert str(err.value) == sentence.format("device cpu")
@@ -241,11 +293,14 @@ def test_without_dali_installed_the_error_says_how_to_install(coded, monkeypatch
         open_dali_loader(spec)
 
 
-@pytest.mark.parametrize("overrides,expected", [
-    (["data.decode=gpu", "data.augment_on=device"], "data.augment_on is 'device' and data.decode is 'gpu'"),
-    (["data.augment_on=device"], "data.augment_on is 'device'"),
-    (["data.views_per_image=2"], "data.views_per_image is 2"),
-])
+@pytest.mark.parametrize(
+    "overrides,expected",
+    [
+        (["data.decode=gpu", "data.augment_on=device"], "data.augment_on is 'device' and data.decode is 'gpu'"),
+        (["data.augment_on=device"], "data.augment_on is 'device'"),
+        (["data.views_per_image=2"], "data.views_per_image is 2"),
+    ],
+)
 def test_config_refuses_dali_with_device_augmentation_or_views(overrides, expected):
     from vitmpp.pretrain.config import PretrainConfig
 
@@ -266,13 +321,20 @@ def test_config_refuses_dali_with_a_label_fraction():
 def test_pretraining_with_data_loader_dali_opens_the_dali_loader(tmp_path, digits16):
     # ACCELERATE_USE_CPU: a run on the CPU also where a GPU exists, so the refusal (from open_dali_loader,
     # reached only through the engine's wiring) is tried on every machine
-    result = run(python_cmd("pretrain/main.py") + TINY + ["train.steps=1", "data.loader=dali",
-                                                          f"data.shards={digits16}"], cwd=tmp_path, check=False,
-                 timeout=300, ACCELERATE_USE_CPU="1")
+    result = run(
+        python_cmd("pretrain/main.py") + TINY + ["train.steps=1", "data.loader=dali", f"data.shards={digits16}"],
+        cwd=tmp_path,
+        check=False,
+        timeout=300,
+        ACCELERATE_USE_CPU="1",
+    )
     assert result.returncode == 2, result.stderr[-3000:]
     lines = [line for line in result.stderr.splitlines() if line.startswith("error")]
-    expected = ("error: Key 'data.loader' is 'dali', which decodes and crops on a CUDA GPU, but this run has none "
-                "(device cpu); set data.loader=shards." if HAS_DALI else
-                "error: data.loader=dali needs NVIDIA DALI, which is not installed; run pip install -e '.[dali]' "
-                "(on a CUDA 13 machine) or set data.loader=shards.")
+    expected = (
+        "error: Key 'data.loader' is 'dali', which decodes and crops on a CUDA GPU, but this run has none "
+        "(device cpu); set data.loader=shards."
+        if HAS_DALI
+        else "error: data.loader=dali needs NVIDIA DALI, which is not installed; run pip install -e '.[dali]' "
+        "(on a CUDA 13 machine) or set data.loader=shards."
+    )
     assert "Traceback" not in result.stderr and lines == [expected], result.stderr[-3000:]

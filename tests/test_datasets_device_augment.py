@@ -1,6 +1,7 @@
 """Decode-only workers and the batched crop + flip (`LoaderSpec(augment_on="device")`, datasets/device_augment.py).
 
 The device here is the CPU: the code path is the one a GPU runs, only the tensors live elsewhere."""
+
 from __future__ import annotations
 
 import io
@@ -47,12 +48,20 @@ def tiny(tmp_path_factory):
 
 
 def photo_spec(photos, **fields):
-    base = dict(split="train", batch_size=6, transform=pretrain_transform(64), training=True, seed=4, num_workers=0,
-                shuffle_buffer=12)
+    base = dict(
+        split="train",
+        batch_size=6,
+        transform=pretrain_transform(64),
+        training=True,
+        seed=4,
+        num_workers=0,
+        shuffle_buffer=12,
+    )
     return spec_for(photos, **{**base, **fields})
 
 
 # ----------------------------------------------------------------------------- the draws
+
 
 def test_crop_boxes_have_random_resized_crops_statistics():
     """Area fraction and aspect ratio of the device path's boxes against torchvision's RandomResizedCrop."""
@@ -65,13 +74,19 @@ def test_crop_boxes_have_random_resized_crops_statistics():
     ours = np.array([crop_flip.draw(width, height) for _ in range(n)], dtype=np.float64)
     torch.manual_seed(1)
     image = torch.empty((0, height, width))
-    theirs = np.array([RandomResizedCrop.get_params(image, [0.2, 1.0], [3 / 4, 4 / 3]) for _ in range(n)],
-                      dtype=np.float64)
+    theirs = np.array(
+        [RandomResizedCrop.get_params(image, [0.2, 1.0], [3 / 4, 4 / 3]) for _ in range(n)], dtype=np.float64
+    )
     quantiles = np.linspace(0.05, 0.95, 19)
-    for column, name in ((2, "height"), (3, "width")):
+    for column, _name in ((2, "height"), (3, "width")):
         assert (ours[:, column] >= 1).all()
-    area = lambda d: d[:, 2] * d[:, 3] / (width * height)
-    log_ratio = lambda d: np.log(d[:, 3] / d[:, 2])
+
+    def area(d):
+        return d[:, 2] * d[:, 3] / (width * height)
+
+    def log_ratio(d):
+        return np.log(d[:, 3] / d[:, 2])
+
     assert np.abs(np.quantile(area(ours), quantiles) - np.quantile(area(theirs), quantiles)).max() < 0.02
     assert np.abs(np.quantile(log_ratio(ours), quantiles) - np.quantile(log_ratio(theirs), quantiles)).max() < 0.03
     # every box inside the image, and a fair flip
@@ -93,6 +108,7 @@ def test_only_crop_and_flip_transforms_run_on_the_device(tiny):
 
 
 # ----------------------------------------------------------------------------- the batched op
+
 
 def test_a_box_of_the_output_size_copies_its_pixels_exactly():
     """roi_align's geometry: a box of exactly size x size pixels samples their centres."""
@@ -120,11 +136,13 @@ def test_regions_repeat_the_image_edge_around_boxes_that_touch_it():
 
 # ----------------------------------------------------------------------------- against the CPU path
 
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_device_batches_match_the_pil_path_on_the_same_boxes(photos, workers):
     cpu = list(open_loader(photo_spec(photos, num_workers=workers), epoch=1))
-    device = list(open_loader(photo_spec(photos, num_workers=workers, augment_on="device",
-                                         device=torch.device("cpu")), epoch=1))
+    device = list(
+        open_loader(photo_spec(photos, num_workers=workers, augment_on="device", device=torch.device("cpu")), epoch=1)
+    )
     assert len(cpu) == len(device) >= 4
     for a, b in zip(cpu, device):
         assert torch.equal(a.indices, b.indices) and torch.equal(a.labels, b.labels)
@@ -137,10 +155,22 @@ def test_device_batches_match_the_pil_path_on_the_same_boxes(photos, workers):
 
 @pytest.mark.parametrize("workers, start", [(0, 3), (2, 3), (3, 5)])
 def test_device_path_resumes_exactly(photos, tiny, workers, start):
-    for spec in (photo_spec(photos, num_workers=workers, augment_on="device"),
-                 spec_for(tiny, split="train", batch_size=3, transform=pretrain_transform(16, scale=(0.3, 1.0)),
-                          training=True, seed=5, rank=1, world_size=2, num_workers=workers, shuffle_buffer=12,
-                          augment_on="device")):
+    for spec in (
+        photo_spec(photos, num_workers=workers, augment_on="device"),
+        spec_for(
+            tiny,
+            split="train",
+            batch_size=3,
+            transform=pretrain_transform(16, scale=(0.3, 1.0)),
+            training=True,
+            seed=5,
+            rank=1,
+            world_size=2,
+            num_workers=workers,
+            shuffle_buffer=12,
+            augment_on="device",
+        ),
+    ):
         full = list(open_loader(spec, epoch=2))
         again = list(open_loader(spec, epoch=2))
         resumed = list(open_loader(spec, epoch=2, start_batch=start))
@@ -156,8 +186,15 @@ def test_damaged_samples_are_skipped_and_counted_as_on_the_cpu_path(tmp_path):
     truncate_shard(tmp_path / "tiny-train-000002.tar", 0.6)
     counts = {}
     for mode in ("cpu", "device"):
-        spec = spec_for(tmp_path, batch_size=4, transform=pretrain_transform(16), training=True, num_workers=0,
-                        augment_on=mode, max_skip_fraction=0.9)
+        spec = spec_for(
+            tmp_path,
+            batch_size=4,
+            transform=pretrain_transform(16),
+            training=True,
+            num_workers=0,
+            augment_on=mode,
+            max_skip_fraction=0.9,
+        )
         loader = open_loader(spec)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -171,6 +208,7 @@ def test_damaged_samples_are_skipped_and_counted_as_on_the_cpu_path(tmp_path):
 
 
 # ----------------------------------------------------------------------------- decoding
+
 
 def jpeg(array: np.ndarray, **options) -> bytes:
     buf = io.BytesIO()
@@ -191,8 +229,11 @@ def test_decode_array_gives_pil_s_pixels(monkeypatch, fast):
         assert decoders_module._simplejpeg() is not None, "simplejpeg (in the dev and fast extras) is not installed"
     picture = smooth(300, 400)
     cases = {
-        "rgb": jpeg(picture), "progressive": jpeg(picture, progressive=True),
-        "grey": jpeg(picture[..., 0]), "cmyk": _cmyk_jpeg(picture), "png": _png(picture),
+        "rgb": jpeg(picture),
+        "progressive": jpeg(picture, progressive=True),
+        "grey": jpeg(picture[..., 0]),
+        "cmyk": _cmyk_jpeg(picture),
+        "png": _png(picture),
     }
     for name, data in cases.items():
         for draft_side in (None, 64, 140, 37):
@@ -233,8 +274,15 @@ def test_the_digits_pipeline_runs_on_the_device_path(tmp_path):
     shards = digits_shards(32)
     local = tmp_path / "digits"
     shutil.copytree(shards, local)
-    spec = spec_for(local, batch_size=16, transform=pretrain_transform(32), training=True, num_workers=0,
-                    augment_on="device", batches_per_epoch=2)
+    spec = spec_for(
+        local,
+        batch_size=16,
+        transform=pretrain_transform(32),
+        training=True,
+        num_workers=0,
+        augment_on="device",
+        batches_per_epoch=2,
+    )
     batches = list(open_loader(spec))
     assert len(batches) == 2 and all(b.images.shape == (16, 3, 32, 32) for b in batches)
     assert all(0 <= int(b.labels.min()) and int(b.labels.max()) < 10 for b in batches)
@@ -243,6 +291,7 @@ def test_the_digits_pipeline_runs_on_the_device_path(tmp_path):
 
 # ----------------------------------------------------------------------------- several views per decode
 
+
 @pytest.mark.parametrize("augment_on", ["cpu", "device"])
 def test_views_are_consecutive_crops_of_one_decoded_image(photos, augment_on):
     one = list(open_loader(photo_spec(photos, augment_on=augment_on)))
@@ -250,7 +299,9 @@ def test_views_are_consecutive_crops_of_one_decoded_image(photos, augment_on):
     assert len(two) == len(one)  # an epoch counts samples (views): the same steps
     for batch in two:
         pairs = batch.indices.view(-1, 2)
-        assert (pairs[:, 0] == pairs[:, 1]).all() and torch.equal(batch.labels.view(-1, 2)[:, 0], batch.labels.view(-1, 2)[:, 1])
+        assert (pairs[:, 0] == pairs[:, 1]).all() and torch.equal(
+            batch.labels.view(-1, 2)[:, 0], batch.labels.view(-1, 2)[:, 1]
+        )
         # each view its own crop
         assert not any(torch.equal(batch.images[k], batch.images[k + 1]) for k in range(0, len(batch.images), 2))
     images_one = {i for b in one for i in b.indices.tolist()}
@@ -266,8 +317,9 @@ def test_views_on_the_device_match_views_on_the_cpu_and_resume_exactly(photos):
     for a, b in zip(cpu, device):
         assert torch.equal(a.indices, b.indices)
         assert (a.images.float() - b.images.float()).abs().mean() < MEAN_TOLERANCE
-    assert all(torch.equal(a.images, b.images) and torch.equal(a.indices, b.indices)
-               for a, b in zip(device[2:], resumed))
+    assert all(
+        torch.equal(a.images, b.images) and torch.equal(a.indices, b.indices) for a, b in zip(device[2:], resumed)
+    )
 
 
 def test_views_must_divide_the_batch_and_apply_to_training(tiny):

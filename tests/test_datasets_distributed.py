@@ -1,4 +1,5 @@
 """The loader under a real process group: two processes (gloo) with two workers each."""
+
 from __future__ import annotations
 
 import time
@@ -19,9 +20,18 @@ def _rank_main(rank: int, world: int, root: str, store: str, results: str) -> No
         mine = {}
         manifest = read_manifest(root)
         for training in (False, True):
-            spec = LoaderSpec(shards=root, manifest=manifest, split="train", batch_size=4, transform=MaybePILToTensor(),
-                              training=training, rank=dist.get_rank(), world_size=dist.get_world_size(),
-                              num_workers=2, seed=3)
+            spec = LoaderSpec(
+                shards=root,
+                manifest=manifest,
+                split="train",
+                batch_size=4,
+                transform=MaybePILToTensor(),
+                training=training,
+                rank=dist.get_rank(),
+                world_size=dist.get_world_size(),
+                num_workers=2,
+                seed=3,
+            )
             loader = open_loader(spec)
             steps = 0
             indices = []
@@ -42,8 +52,13 @@ def _rank_main(rank: int, world: int, root: str, store: str, results: str) -> No
 def test_two_processes_see_every_sample_once_with_equal_steps(tmp_path):
     write_tiny_shards(tmp_path / "data", [10, 10, 50])  # uneven, and fewer shards than 2 ranks x 2 workers
     results = tmp_path / "results.pt"
-    ctx = mp.start_processes(_rank_main, args=(2, str(tmp_path / "data"), str(tmp_path / "store"), str(results)),
-                             nprocs=2, join=False, start_method="fork")
+    ctx = mp.start_processes(
+        _rank_main,
+        args=(2, str(tmp_path / "data"), str(tmp_path / "store"), str(results)),
+        nprocs=2,
+        join=False,
+        start_method="fork",
+    )
     deadline = time.monotonic() + 120
     while not ctx.join(timeout=5):
         if time.monotonic() > deadline:

@@ -1,4 +1,5 @@
 """Damaged and hostile shards: skipped and counted, named in a warning, never a crash or a hang."""
+
 from __future__ import annotations
 
 import io
@@ -43,9 +44,20 @@ def evaluate(root, world=1, workers=0, **kwargs):
     """(real indices seen, total skipped, batches per rank) over all ranks of an evaluation epoch."""
     seen, skipped, counts = [], 0, []
     for rank in range(world):
-        loader = open_loader(spec_for(root, split="train", batch_size=4, transform=IDENTITY, training=False,
-                                      rank=rank, world_size=world, num_workers=workers, max_skip_fraction=1.0,
-                                      **kwargs))
+        loader = open_loader(
+            spec_for(
+                root,
+                split="train",
+                batch_size=4,
+                transform=IDENTITY,
+                training=False,
+                rank=rank,
+                world_size=world,
+                num_workers=workers,
+                max_skip_fraction=1.0,
+                **kwargs,
+            )
+        )
         batches = list(loader)
         assert loader.skipped_samples == sum(int(b.skipped) for b in batches)
         seen += [i for b in batches for i in b.indices.tolist() if i >= 0]
@@ -59,9 +71,19 @@ def evaluate(root, world=1, workers=0, **kwargs):
 
 
 def train_epoch(root, workers=0, shuffle_buffer=8, **kwargs):
-    loader = open_loader(spec_for(root, split="train", batch_size=4, transform=IDENTITY, training=True,
-                                  num_workers=workers, shuffle_buffer=shuffle_buffer, max_skip_fraction=1.0,
-                                  **kwargs))
+    loader = open_loader(
+        spec_for(
+            root,
+            split="train",
+            batch_size=4,
+            transform=IDENTITY,
+            training=True,
+            num_workers=workers,
+            shuffle_buffer=shuffle_buffer,
+            max_skip_fraction=1.0,
+            **kwargs,
+        )
+    )
     batches = list(loader)
     assert len(batches) == loader.batches_per_epoch
     return batches, loader.skipped_samples
@@ -132,8 +154,17 @@ def test_a_batch_of_only_bad_samples_is_filled_without_consuming_the_stream(tmp_
 
 def test_resume_stays_exact_around_a_bad_sample(shards):
     replace_member(shard(shards, 0), "00000007", "png", b"garbage")
-    spec = spec_for(shards, split="train", batch_size=3, transform=pretrain_transform(16), training=True, seed=1,
-                    num_workers=2, shuffle_buffer=8, max_skip_fraction=1.0)
+    spec = spec_for(
+        shards,
+        split="train",
+        batch_size=3,
+        transform=pretrain_transform(16),
+        training=True,
+        seed=1,
+        num_workers=2,
+        shuffle_buffer=8,
+        max_skip_fraction=1.0,
+    )
     full = list(open_loader(spec))
     resumed_loader = open_loader(spec, start_batch=4)
     resumed = list(resumed_loader)
@@ -147,8 +178,17 @@ def test_too_many_bad_samples_stop_with_the_shards_named(shards):
     empty_shard(shard(shards, 2))
     with pytest.raises(UserError, match=r"could not be read, .*tiny-train-000002\.tar"):
         with pytest.warns(ShardWarning):
-            for _ in open_loader(spec_for(shards, split="train", batch_size=4, transform=IDENTITY, training=False,
-                                          num_workers=0, max_skip_fraction=0.1)):
+            for _ in open_loader(
+                spec_for(
+                    shards,
+                    split="train",
+                    batch_size=4,
+                    transform=IDENTITY,
+                    training=False,
+                    num_workers=0,
+                    max_skip_fraction=0.1,
+                )
+            ):
                 pass
 
 
@@ -157,8 +197,19 @@ def test_a_worker_s_error_reaches_the_caller_as_one_sentence(tmp_path):
     for k in (0, 1):
         empty_shard(shard(tmp_path, k))
     with pytest.raises(UserError, match="without a usable sample") as caught:
-        list(open_loader(spec_for(tmp_path, split="train", batch_size=2, transform=IDENTITY, training=True,
-                                  num_workers=2, max_skip_fraction=1.0)))
+        list(
+            open_loader(
+                spec_for(
+                    tmp_path,
+                    split="train",
+                    batch_size=2,
+                    transform=IDENTITY,
+                    training=True,
+                    num_workers=2,
+                    max_skip_fraction=1.0,
+                )
+            )
+        )
     assert "Traceback" not in str(caught.value) and "\n" not in str(caught.value)
     assert "tiny-train-00000" in str(caught.value)
 
@@ -206,18 +257,22 @@ def test_a_dead_worker_is_an_error_not_a_hang(shards):
             os._exit(1)
         return MaybePILToTensor()(image)
 
-    loader = open_loader(spec_for(shards, split="train", batch_size=4, transform=dies_on_sample_30,
-                                  training=False, num_workers=2))
+    loader = open_loader(
+        spec_for(shards, split="train", batch_size=4, transform=dies_on_sample_30, training=False, num_workers=2)
+    )
     with pytest.raises(UserError, match="worker of rank 0 died .*exited unexpectedly.*own output above"):
         list(loader)
 
 
-@pytest.mark.parametrize("torch_message, advice", [
-    ("DataLoader worker (pid 41) is killed by signal: Killed. ", "out-of-memory killer"),
-    ("DataLoader worker (pid 41) exited unexpectedly with exit code 1. Details are lost", "own output above"),
-    ("DataLoader worker (pid(s) 41, 42) exited unexpectedly", "own output above"),
-    ("DataLoader worker (pid 41) is killed by signal: Segmentation fault. ", "own output above"),
-])
+@pytest.mark.parametrize(
+    "torch_message, advice",
+    [
+        ("DataLoader worker (pid 41) is killed by signal: Killed. ", "out-of-memory killer"),
+        ("DataLoader worker (pid 41) exited unexpectedly with exit code 1. Details are lost", "own output above"),
+        ("DataLoader worker (pid(s) 41, 42) exited unexpectedly", "own output above"),
+        ("DataLoader worker (pid 41) is killed by signal: Segmentation fault. ", "own output above"),
+    ],
+)
 def test_every_wording_of_a_dead_worker_becomes_one_sentence(torch_message, advice):
     from vitmpp.common.distributed import explain_failure
 

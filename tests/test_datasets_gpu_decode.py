@@ -5,6 +5,7 @@ rest of the path (header-only workers, one decode call per batch, regions, the b
 the one a GPU runs. Against the decode-only workers (`augment_on="device"`, decode_on="worker") the
 batches are bit-identical here (measured: max difference 0 grey levels over every test below but the
 draft one); the tests allow 1 level, what another libjpeg-turbo build could round differently."""
+
 from __future__ import annotations
 
 import io
@@ -51,8 +52,16 @@ def photos(tmp_path_factory):
 
 
 def photo_spec(photos, **fields):
-    base = dict(split="train", batch_size=6, transform=pretrain_transform(64), training=True, seed=4, num_workers=0,
-                shuffle_buffer=12, augment_on="device")
+    base = dict(
+        split="train",
+        batch_size=6,
+        transform=pretrain_transform(64),
+        training=True,
+        seed=4,
+        num_workers=0,
+        shuffle_buffer=12,
+        augment_on="device",
+    )
     return spec_for(photos, **{**base, **fields})
 
 
@@ -91,6 +100,7 @@ def count_decodes(monkeypatch) -> tuple[Counter, Counter]:
 
 # ----------------------------------------------------------------------------- against the worker decode
 
+
 @pytest.mark.parametrize("views, workers", [(1, 0), (1, 2), (2, 0), (2, 2)])
 def test_device_decode_gives_the_worker_decode_batches(photos, views, workers):
     worker, device = both(photos, views_per_image=views, num_workers=workers)
@@ -119,7 +129,11 @@ def test_draft_sized_jpegs_are_decoded_whole_and_averaged_to_the_same_size(photo
     transform = pretrain_transform(32, scale=(0.5, 1.0))
     raw = next(read_shard(str(sorted(photos.glob("*.tar"))[0]), 0, 12, None, Tally()))
     encoded, _ = read_for_device(raw, 0, transform.decode_min_side)
-    assert encoded.scale == 2 and encoded.shape == decode_array(raw, 0, transform.decode_min_side)[0].shape == (75, 100, 3)
+    assert encoded.scale == 2 and encoded.shape == decode_array(raw, 0, transform.decode_min_side)[0].shape == (
+        75,
+        100,
+        3,
+    )
     worker, device = both(photos, transform=transform)
     differences = []
     for a, b in zip(worker, device):
@@ -168,6 +182,7 @@ def test_a_shard_mixing_png_and_jpeg_gives_the_worker_decode_batches(photos, tmp
 
 # ----------------------------------------------------------------------------- determinism and resume
 
+
 @pytest.mark.parametrize("workers, start", [(0, 3), (2, 3), (3, 5)])
 def test_device_decode_resumes_exactly(photos, workers, start):
     for views in (1, 2):
@@ -183,6 +198,7 @@ def test_device_decode_resumes_exactly(photos, workers, start):
 
 
 # ----------------------------------------------------------------------------- damaged JPEGs
+
 
 def _undecodable(data: bytes) -> bytes:
     """A JPEG whose header reads well but whose first component names quantisation table 3, which it
@@ -201,7 +217,11 @@ def test_damaged_jpegs_are_skipped_and_counted_as_by_the_workers(photos, tmp_pat
     damaged = tmp_path / "damaged"
     shutil.copytree(photos, damaged)
     shards = sorted(damaged.glob("*.tar"))
-    for path, position, how in ((shards[0], 2, "truncated"), (shards[1], 5, "undecodable"), (shards[3], 0, "undecodable")):
+    for path, position, how in (
+        (shards[0], 2, "truncated"),
+        (shards[1], 5, "undecodable"),
+        (shards[3], 0, "undecodable"),
+    ):
         key = keys_of(path)[position]
         with tarfile.open(path) as tar:
             data = tar.extractfile(f"{key}.jpg").read()
@@ -217,7 +237,9 @@ def test_damaged_jpegs_are_skipped_and_counted_as_by_the_workers(photos, tmp_pat
     (worker_loader, worker), (device_loader, device) = loaders["worker"], loaders["device"]
     assert device_loader.skipped_samples == worker_loader.skipped_samples > 3
     assert sorted(device_loader.bad_shards) == sorted(worker_loader.bad_shards)
-    assert len(worker_loader.bad_shards) == (4 if views == 1 else 2)  # 2 views: half the images, not every shard's bad one
+    assert len(worker_loader.bad_shards) == (
+        4 if views == 1 else 2
+    )  # 2 views: half the images, not every shard's bad one
     for a, b in zip(worker, device):
         assert torch.equal(a.indices, b.indices) and int(a.skipped) == int(b.skipped)
         real = a.indices >= 0  # all images are 200 x 150: a replaced sample shifts no later draw
@@ -249,6 +271,7 @@ def test_a_batch_whose_jpegs_all_fail_on_the_device_is_filled_like_the_workers_f
 
 # ----------------------------------------------------------------------------- the header reader
 
+
 def _jpeg(array: np.ndarray, mode: str | None = None, **options) -> bytes:
     image = Image.fromarray(array)
     buf = io.BytesIO()
@@ -264,14 +287,27 @@ def test_the_header_reader_gives_the_size_of_what_the_device_may_decode():
     png = io.BytesIO()
     Image.fromarray(picture).save(png, format="PNG")
     sof = data.find(b"\xff\xc0")
-    twelve_bit = data[:sof + 4] + b"\x0c" + data[sof + 5:]
-    lossless = data[:sof + 1] + b"\xc3" + data[sof + 2:]
-    adobe_rgb = data[:2] + b"\xff\xee\x00\x0eAdobe\x00\x64\x00\x00\x00\x00\x00" + data[2:].replace(b"JFIF\0", b"JFIX\0", 1)
-    for bad in (_jpeg(picture, "CMYK"), data[:-2], data[: len(data) // 2], data + b"\0", png.getvalue(), b"",
-                twelve_bit, lossless, adobe_rgb, data[:data.find(b"\xff\xda")] + b"\xff\xd9"):
+    twelve_bit = data[: sof + 4] + b"\x0c" + data[sof + 5 :]
+    lossless = data[: sof + 1] + b"\xc3" + data[sof + 2 :]
+    adobe_rgb = (
+        data[:2] + b"\xff\xee\x00\x0eAdobe\x00\x64\x00\x00\x00\x00\x00" + data[2:].replace(b"JFIF\0", b"JFIX\0", 1)
+    )
+    for bad in (
+        _jpeg(picture, "CMYK"),
+        data[:-2],
+        data[: len(data) // 2],
+        data + b"\0",
+        png.getvalue(),
+        b"",
+        twelve_bit,
+        lossless,
+        adobe_rgb,
+        data[: data.find(b"\xff\xda")] + b"\xff\xd9",
+    ):
         assert device_jpeg_size(bad) is None
-    assert device_jpeg_size(adobe_rgb.replace(b"Adobe\x00\x64\x00\x00\x00\x00\x00", b"Adobe\x00\x64\x00\x00\x00\x00\x01")) \
-        == (37, 53)  # Adobe transform 1: YCbCr
+    assert device_jpeg_size(
+        adobe_rgb.replace(b"Adobe\x00\x64\x00\x00\x00\x00\x00", b"Adobe\x00\x64\x00\x00\x00\x00\x01")
+    ) == (37, 53)  # Adobe transform 1: YCbCr
     raw = RawSample(7, "mem", {"jpg": data, "cls": b"2", "__key__": "k"})
     encoded, label = read_for_device(raw, 3, None)
     assert isinstance(encoded, EncodedJpeg) and label == 2 and encoded.data is data and encoded.shape == (37, 53, 3)
@@ -288,9 +324,14 @@ def test_decode_on_is_checked_by_the_spec(photos):
 
 # ----------------------------------------------------------------------------- the config
 
+
 def test_data_decode_gpu_needs_augment_on_device(tmp_path):
-    result = run(python_cmd("pretrain/main.py") + TINY + ["train.steps=1", "data.decode=gpu"], cwd=tmp_path,
-                 check=False, timeout=120)
+    result = run(
+        python_cmd("pretrain/main.py") + TINY + ["train.steps=1", "data.decode=gpu"],
+        cwd=tmp_path,
+        check=False,
+        timeout=120,
+    )
     assert result.returncode == 2
     line = one_error_line(result.stderr)
     assert "data.decode" in line and "data.augment_on=device" in line and "data.decode=cpu" in line, line
@@ -298,11 +339,18 @@ def test_data_decode_gpu_needs_augment_on_device(tmp_path):
 
 def test_data_decode_gpu_needs_a_cuda_device(tmp_path, digits16):
     # ACCELERATE_USE_CPU: a run on the CPU also where a GPU exists, so the refusal is tried on every machine
-    result = run(python_cmd("pretrain/main.py") + TINY + ["train.steps=1", "data.decode=gpu", "data.augment_on=device",
-                                                          f"data.shards={digits16}"], cwd=tmp_path, check=False,
-                 timeout=300, ACCELERATE_USE_CPU="1")
+    result = run(
+        python_cmd("pretrain/main.py")
+        + TINY
+        + ["train.steps=1", "data.decode=gpu", "data.augment_on=device", f"data.shards={digits16}"],
+        cwd=tmp_path,
+        check=False,
+        timeout=300,
+        ACCELERATE_USE_CPU="1",
+    )
     assert result.returncode == 2
     line = one_error_line(result.stderr)
-    assert line == ("error: Key 'data.decode' is 'gpu', but this run has no CUDA device (device cpu); "
-                    "set data.decode=cpu."), line
+    assert line == (
+        "error: Key 'data.decode' is 'gpu', but this run has no CUDA device (device cpu); set data.decode=cpu."
+    ), line
     assert not list((tmp_path / "runs").glob("*/checkpoints/step-*")), "no training step ran"

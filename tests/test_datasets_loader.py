@@ -1,4 +1,5 @@
 """The shard loader's contract: counts, exactly-once evaluation, determinism, resume."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -46,18 +47,24 @@ def check_batch_contents(batch: Batch, num_classes: int = 5) -> None:
 
 
 def run_ranks(shards, world: int, **kwargs) -> list[list[Batch]]:
-    return [list(open_loader(spec_for(shards, rank=r, world_size=world, transform=IDENTITY, **kwargs)))
-            for r in range(world)]
+    return [
+        list(open_loader(spec_for(shards, rank=r, world_size=world, transform=IDENTITY, **kwargs)))
+        for r in range(world)
+    ]
 
 
 # ----------------------------------------------------------------------------- evaluation
 
-@pytest.mark.parametrize("split, world, workers, batch", [
-    ("train", 2, 2, 8),        # uneven shards, 2 ranks x 2 workers
-    ("validation", 2, 2, 4),   # fewer shards (2) than ranks x workers (4)
-    ("validation", 3, 2, 5),   # 13 samples over 3 ranks: 5, 5, 3
-    ("validation", 8, 1, 2),   # more ranks than samples per rank can fill: some ranks are pure padding
-])
+
+@pytest.mark.parametrize(
+    "split, world, workers, batch",
+    [
+        ("train", 2, 2, 8),  # uneven shards, 2 ranks x 2 workers
+        ("validation", 2, 2, 4),  # fewer shards (2) than ranks x workers (4)
+        ("validation", 3, 2, 5),  # 13 samples over 3 ranks: 5, 5, 3
+        ("validation", 8, 1, 2),  # more ranks than samples per rank can fill: some ranks are pure padding
+    ],
+)
 def test_evaluation_sees_every_sample_exactly_once(uneven, split, world, workers, batch):
     n = read_manifest(uneven).split(split).num_samples
     ranks = run_ranks(uneven, world, split=split, batch_size=batch, training=False, num_workers=workers)
@@ -87,17 +94,34 @@ def test_evaluation_with_keep_indices(uneven):
     ranks = run_ranks(uneven, 2, split="train", batch_size=2, training=False, num_workers=2, keep_indices=keep)
     real = sorted(i for batches in ranks for b in batches for i in b.indices.tolist() if i >= 0)
     assert real == keep
-    assert len(open_loader(spec_for(uneven, split="train", batch_size=2, transform=IDENTITY, training=False,
-                                    keep_indices=keep, rank=0, world_size=2))) == 2
+    assert (
+        len(
+            open_loader(
+                spec_for(
+                    uneven,
+                    split="train",
+                    batch_size=2,
+                    transform=IDENTITY,
+                    training=False,
+                    keep_indices=keep,
+                    rank=0,
+                    world_size=2,
+                )
+            )
+        )
+        == 2
+    )
 
 
 # ----------------------------------------------------------------------------- training
 
+
 @pytest.mark.parametrize("world, workers", [(2, 2), (3, 2), (1, 0)])
 def test_training_ranks_yield_equal_full_batches(uneven, world, workers):
     batch = 4
-    ranks = run_ranks(uneven, world, split="train", batch_size=batch, training=True, num_workers=workers,
-                      shuffle_buffer=20)
+    ranks = run_ranks(
+        uneven, world, split="train", batch_size=batch, training=True, num_workers=workers, shuffle_buffer=20
+    )
     expected = 77 // (batch * world)
     for batches in ranks:
         assert len(batches) == expected
@@ -108,24 +132,49 @@ def test_training_ranks_yield_equal_full_batches(uneven, world, workers):
 
 
 def test_training_batches_per_epoch_and_len(uneven):
-    loader = open_loader(spec_for(uneven, split="train", batch_size=4, transform=IDENTITY, training=True,
-                                  batches_per_epoch=30, num_workers=2), start_batch=5)
+    loader = open_loader(
+        spec_for(
+            uneven, split="train", batch_size=4, transform=IDENTITY, training=True, batches_per_epoch=30, num_workers=2
+        ),
+        start_batch=5,
+    )
     assert loader.batches_per_epoch == 30 and len(loader) == 25 and loader.num_samples == 77
     assert len(list(loader)) == 25  # more than one pass over the shards: they repeat, never run dry
 
 
 def test_training_with_keep_indices(uneven):
     keep = list(range(0, 77, 3))  # 26 samples
-    loader = open_loader(spec_for(uneven, split="train", batch_size=4, transform=IDENTITY, training=True,
-                                  keep_indices=keep, num_workers=2, shuffle_buffer=10))
+    loader = open_loader(
+        spec_for(
+            uneven,
+            split="train",
+            batch_size=4,
+            transform=IDENTITY,
+            training=True,
+            keep_indices=keep,
+            num_workers=2,
+            shuffle_buffer=10,
+        )
+    )
     assert loader.num_samples == 26 and loader.batches_per_epoch == 6
     seen = [i for b in loader for i in b.indices.tolist()]
     assert len(seen) == 24 and set(seen) <= set(keep)
 
 
 def order(shards, epoch: int = 0, **kwargs) -> list[list[int]]:
-    loader = open_loader(spec_for(shards, split="train", batch_size=4, transform=IDENTITY, training=True,
-                                  num_workers=2, shuffle_buffer=16, **kwargs), epoch=epoch)
+    loader = open_loader(
+        spec_for(
+            shards,
+            split="train",
+            batch_size=4,
+            transform=IDENTITY,
+            training=True,
+            num_workers=2,
+            shuffle_buffer=16,
+            **kwargs,
+        ),
+        epoch=epoch,
+    )
     return [b.indices.tolist() for b in loader]
 
 
@@ -140,8 +189,11 @@ def test_order_is_a_function_of_seed_and_epoch(uneven):
 
 def test_a_single_epoch_covers_the_data_about_once(uneven):
     # one reader: the epoch is 76 of the 77 samples, each once (the buffer drains, it never reads ahead)
-    loader = open_loader(spec_for(uneven, split="train", batch_size=4, transform=IDENTITY, training=True,
-                                  num_workers=0, shuffle_buffer=16))
+    loader = open_loader(
+        spec_for(
+            uneven, split="train", batch_size=4, transform=IDENTITY, training=True, num_workers=0, shuffle_buffer=16
+        )
+    )
     seen = Counter(i for b in loader for i in b.indices.tolist())
     assert sum(seen.values()) == 76 and max(seen.values()) == 1
     # two workers split the shards unevenly (10+50 vs 10+7 samples): some repeats, most samples seen
@@ -152,8 +204,18 @@ def test_a_single_epoch_covers_the_data_about_once(uneven):
 @pytest.mark.parametrize("workers, start", [(0, 5), (2, 3), (2, 4), (3, 7)])
 def test_resume_at_start_batch_equals_the_rest_of_the_epoch(uneven, workers, start):
     transform = pretrain_transform(16, scale=(0.3, 1.0))  # random: the augmentations must repeat too
-    spec = spec_for(uneven, split="train", batch_size=3, transform=transform, training=True, seed=5, rank=1,
-                    world_size=2, num_workers=workers, shuffle_buffer=12)
+    spec = spec_for(
+        uneven,
+        split="train",
+        batch_size=3,
+        transform=transform,
+        training=True,
+        seed=5,
+        rank=1,
+        world_size=2,
+        num_workers=workers,
+        shuffle_buffer=12,
+    )
     full = list(open_loader(spec, epoch=2))
     resumed = list(open_loader(spec, epoch=2, start_batch=start))
     assert len(resumed) == len(full) - start
@@ -165,8 +227,15 @@ def test_resume_at_start_batch_equals_the_rest_of_the_epoch(uneven, workers, sta
 
 def test_random_augmentations_repeat_with_the_seed(uneven):
     transform = pretrain_transform(16)
-    make = lambda: [b.images for b in open_loader(spec_for(uneven, split="train", batch_size=4, transform=transform,
-                                                           training=True, num_workers=2, seed=9))]
+
+    def make():
+        return [
+            b.images
+            for b in open_loader(
+                spec_for(uneven, split="train", batch_size=4, transform=transform, training=True, num_workers=2, seed=9)
+            )
+        ]
+
     first, second = make(), make()
     assert all(torch.equal(a, b) for a, b in zip(first, second))
 
@@ -183,8 +252,17 @@ def test_loading_leaves_the_global_random_state_alone(uneven, workers):
     random.seed(0)
     np.random.seed(0)
     drawn = []
-    loader = open_loader(spec_for(uneven, split="train", batch_size=4, transform=pretrain_transform(16),
-                                  training=True, num_workers=workers, batches_per_epoch=4))
+    loader = open_loader(
+        spec_for(
+            uneven,
+            split="train",
+            batch_size=4,
+            transform=pretrain_transform(16),
+            training=True,
+            num_workers=workers,
+            batches_per_epoch=4,
+        )
+    )
     for _ in loader:
         drawn.append((torch.rand(3), random.random(), np.random.rand()))
     assert len(drawn) == len(expected)
@@ -194,38 +272,55 @@ def test_loading_leaves_the_global_random_state_alone(uneven, workers):
 
 # ----------------------------------------------------------------------------- inputs
 
+
 def test_shards_may_be_named_by_json_pattern_or_list(uneven):
     whole = open_loader(spec_for(uneven, split="validation", batch_size=4, transform=IDENTITY, training=False))
-    by_json = open_loader(spec_for(uneven / "_info.json", split="validation", batch_size=4, transform=IDENTITY,
-                                   training=False))
+    by_json = open_loader(
+        spec_for(uneven / "_info.json", split="validation", batch_size=4, transform=IDENTITY, training=False)
+    )
     pattern = str(uneven / "tiny-validation-{000000..000001}.tar")
-    by_pattern = open_loader(spec_for(pattern, split="validation", batch_size=4, transform=IDENTITY,
-                                      training=False))
+    by_pattern = open_loader(spec_for(pattern, split="validation", batch_size=4, transform=IDENTITY, training=False))
     assert whole.num_samples == by_json.num_samples == by_pattern.num_samples == 13
     # a subset of the shards: indices stay those of the split
-    one = open_loader(spec_for([str(uneven / "tiny-validation-000001.tar")], split="validation", batch_size=4,
-                               transform=IDENTITY, training=False, num_workers=0))
+    one = open_loader(
+        spec_for(
+            [str(uneven / "tiny-validation-000001.tar")],
+            split="validation",
+            batch_size=4,
+            transform=IDENTITY,
+            training=False,
+            num_workers=0,
+        )
+    )
     assert one.num_samples == 4
     assert sorted(i for b in one for i in b.indices.tolist() if i >= 0) == [9, 10, 11, 12]
 
 
 def test_a_shard_of_another_split_is_refused(uneven):
     with pytest.raises(UserError, match="tiny-train-000000.tar' is not in split 'validation'"):
-        open_loader(spec_for([str(uneven / "tiny-train-000000.tar")], split="validation", batch_size=4,
-                             transform=IDENTITY, training=False))
+        open_loader(
+            spec_for(
+                [str(uneven / "tiny-train-000000.tar")],
+                split="validation",
+                batch_size=4,
+                transform=IDENTITY,
+                training=False,
+            )
+        )
 
 
 def test_too_small_a_split_for_one_global_batch_is_a_user_error(uneven):
     with pytest.raises(UserError, match="fewer than one global batch"):
-        open_loader(spec_for(uneven, split="validation", batch_size=8, world_size=2, transform=IDENTITY,
-                             training=True))
+        open_loader(spec_for(uneven, split="validation", batch_size=8, world_size=2, transform=IDENTITY, training=True))
 
 
 # ----------------------------------------------------------------------------- the spec and the contract
 
+
 def test_open_loader_returns_a_loader_and_len_is_known_before_iterating(uneven):
-    loader = open_loader(spec_for(uneven, split="train", batch_size=4, transform=IDENTITY, training=True,
-                                  num_workers=0))
+    loader = open_loader(
+        spec_for(uneven, split="train", batch_size=4, transform=IDENTITY, training=True, num_workers=0)
+    )
     assert isinstance(loader, Loader) and isinstance(loader, ShardLoader)
     assert len(loader) == 77 // 4 and loader.skipped_samples == 0
     assert len(list(loader)) == len(loader)
@@ -234,8 +329,9 @@ def test_open_loader_returns_a_loader_and_len_is_known_before_iterating(uneven):
 
 def test_one_spec_serves_every_epoch_without_rereading_the_manifest(tmp_path):
     write_tiny_shards(tmp_path, [10, 10, 12])
-    spec = spec_for(tmp_path, split="train", batch_size=4, transform=IDENTITY, training=True, num_workers=0,
-                    shuffle_buffer=8)
+    spec = spec_for(
+        tmp_path, split="train", batch_size=4, transform=IDENTITY, training=True, num_workers=0, shuffle_buffer=8
+    )
     (tmp_path / "_info.json").write_text("not json any more")  # reading it now would fail
     epochs = [[b.indices.tolist() for b in open_loader(spec, epoch=e)] for e in range(2)]
     assert len(epochs[0]) == len(epochs[1]) == 8 and epochs[0] != epochs[1]
@@ -244,11 +340,13 @@ def test_one_spec_serves_every_epoch_without_rereading_the_manifest(tmp_path):
 
 def test_the_spec_is_frozen_and_normalises_its_inputs(uneven):
     manifest = read_manifest(uneven)
-    spec = LoaderSpec(shards=uneven, manifest=manifest, batch_size=4, transform=IDENTITY, training=True,
-                      keep_indices=np.arange(5))
+    spec = LoaderSpec(
+        shards=uneven, manifest=manifest, batch_size=4, transform=IDENTITY, training=True, keep_indices=np.arange(5)
+    )
     assert spec.shards == str(uneven) and spec.keep_indices == (0, 1, 2, 3, 4) and spec.split == "train"
-    assert LoaderSpec(shards=[uneven / "a.tar"], manifest=manifest, batch_size=1, transform=IDENTITY,
-                      training=False).shards == (str(uneven / "a.tar"),)
+    assert LoaderSpec(
+        shards=[uneven / "a.tar"], manifest=manifest, batch_size=1, transform=IDENTITY, training=False
+    ).shards == (str(uneven / "a.tar"),)
     with pytest.raises(dataclasses.FrozenInstanceError):
         spec.batch_size = 8
     assert dataclasses.replace(spec, split="validation").manifest is manifest
@@ -258,15 +356,18 @@ def test_the_spec_is_frozen_and_normalises_its_inputs(uneven):
         LoaderSpec(uneven, manifest, 4, IDENTITY, True)  # keyword-only: 16 fields are never positional
 
 
-@pytest.mark.parametrize("fields, message", [
-    ({"batch_size": 0}, "bad geometry"),
-    ({"rank": 2, "world_size": 2}, "bad geometry"),
-    ({"world_size": 0}, "bad geometry"),
-    ({"num_workers": -1}, "bad geometry"),
-    ({"batches_per_epoch": 0}, "batches_per_epoch"),
-    ({"max_skip_fraction": 1.5}, "max_skip_fraction"),
-    ({"prefetch_factor": 0}, "prefetch_factor"),
-])
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"batch_size": 0}, "bad geometry"),
+        ({"rank": 2, "world_size": 2}, "bad geometry"),
+        ({"world_size": 0}, "bad geometry"),
+        ({"num_workers": -1}, "bad geometry"),
+        ({"batches_per_epoch": 0}, "batches_per_epoch"),
+        ({"max_skip_fraction": 1.5}, "max_skip_fraction"),
+        ({"prefetch_factor": 0}, "prefetch_factor"),
+    ],
+)
 def test_an_impossible_geometry_is_refused_by_the_spec(uneven, fields, message):
     with pytest.raises(ValueError, match=message):
         spec_for(uneven, **{"batch_size": 4, "transform": IDENTITY, "training": True, **fields})
@@ -295,12 +396,17 @@ def test_one_way_to_open_a_loader_and_imagenet_constants_are_timm_s():
 
 # ----------------------------------------------------------------------------- transforms
 
+
 def test_transforms_give_uint8_chw_and_normalisation_happens_on_the_batch():
     from PIL import Image
 
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 50, 3), dtype=np.uint8))
-    for transform, size in ((pretrain_transform(32), 32), (finetune_transform(32), 32), (eval_transform(32), 32),
-                            (eval_transform(224), 224)):
+    for transform, size in (
+        (pretrain_transform(32), 32),
+        (finetune_transform(32), 32),
+        (eval_transform(32), 32),
+        (eval_transform(224), 224),
+    ):
         out = transform(image)
         assert out.dtype == torch.uint8 and out.shape == (3, size, size)
         assert transform.decode_min_side >= size
@@ -321,8 +427,11 @@ def test_eval_transform_of_tiny_images_keeps_the_whole_image():
 
 def test_pipe_urls_are_passed_to_webdataset_with_the_manifest_given(uneven):
     urls = [f"pipe:cat {uneven / f'tiny-validation-{k:06d}.tar'}" for k in (0, 1)]
-    loader = open_loader(spec_for(urls, manifest=uneven, split="validation", batch_size=4, transform=IDENTITY,
-                                  training=False, num_workers=0))
+    loader = open_loader(
+        spec_for(
+            urls, manifest=uneven, split="validation", batch_size=4, transform=IDENTITY, training=False, num_workers=0
+        )
+    )
     assert sorted(i for b in loader for i in b.indices.tolist() if i >= 0) == list(range(13))
 
 
@@ -365,6 +474,7 @@ def test_finetune_transform_survives_zero_bit_posterize():
 
 # ----------------------------------------------------------------------------- workers kept across epochs
 
+
 def _pool_pids() -> list[set[int]]:
     from vitmpp.datasets.pool import kept_worker_pids
 
@@ -376,8 +486,17 @@ def test_workers_are_kept_across_epochs_and_give_the_batches_of_fresh_ones(uneve
     from vitmpp.datasets.loader import close_idle_workers
 
     close_idle_workers()
-    spec = spec_for(uneven, split="train", batch_size=3, transform=pretrain_transform(16, scale=(0.3, 1.0)),
-                    training=True, seed=5, num_workers=2, shuffle_buffer=12, batches_per_epoch=7)
+    spec = spec_for(
+        uneven,
+        split="train",
+        batch_size=3,
+        transform=pretrain_transform(16, scale=(0.3, 1.0)),
+        training=True,
+        seed=5,
+        num_workers=2,
+        shuffle_buffer=12,
+        batches_per_epoch=7,
+    )
     try:
         epochs = {}
         for epoch in range(3):
@@ -397,8 +516,9 @@ def test_workers_are_kept_across_epochs_and_give_the_batches_of_fresh_ones(uneve
         for epoch, batches in epochs.items():  # fresh workers, epoch by epoch
             fresh = list(open_loader(spec, epoch=epoch))
             close_idle_workers()
-            assert all(torch.equal(a.images, b.images) and torch.equal(a.indices, b.indices)
-                       for a, b in zip(batches, fresh))
+            assert all(
+                torch.equal(a.images, b.images) and torch.equal(a.indices, b.indices) for a, b in zip(batches, fresh)
+            )
         assert all(torch.equal(a.images, b.images) for a, b in zip(epochs[1][4:], resumed))
         assert sorted(i for b in evaluation for i in b.tolist() if i >= 0) == list(range(13))
         # a pass stopped before its last batch ends its workers; another spec gets its own

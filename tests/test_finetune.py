@@ -1,5 +1,6 @@
 """Evaluation protocols: linear probe, fine-tuning (layer decay, resolution change),
 label fractions, two-process evaluation, and the comparison command."""
+
 from __future__ import annotations
 
 import csv
@@ -51,7 +52,7 @@ def test_layer_decay_scales():
     depth = len(model.blocks)
     assert scale_of["head.weight"] == 1.0
     assert scale_of[f"blocks.{depth - 1}.attn.qkv.weight"] == 0.5
-    assert scale_of["blocks.0.mlp.fc1.weight"] == 0.5 ** depth
+    assert scale_of["blocks.0.mlp.fc1.weight"] == 0.5**depth
     assert scale_of["patch_embed.proj.weight"] == pytest.approx(0.5 ** (depth + 1))
     assert scale_of["pos_embed"] == pytest.approx(0.5 ** (depth + 1))
 
@@ -74,16 +75,25 @@ def test_balanced_subset_is_balanced_and_deterministic(digits16):
 def test_linear_probe_trains_only_the_head(tmp_path, pretrained, digits16):
     from safetensors.torch import load_file
 
-    run(python_cmd("finetune/main.py") + FT_TINY + ["protocol=linear", f"encoder={pretrained}", f"data.shards={digits16}",
-                                                    "run.name=linear"], cwd=tmp_path)
+    run(
+        python_cmd("finetune/main.py")
+        + FT_TINY
+        + ["protocol=linear", f"encoder={pretrained}", f"data.shards={digits16}", "run.name=linear"],
+        cwd=tmp_path,
+    )
     out = tmp_path / "runs" / "linear"
     before = load_file(str(pretrained / "encoder.safetensors"))
     after = load_file(str(out / "best.safetensors"))
     for key, value in before.items():
         assert torch.equal(after[f"encoder.{key}"], value), key
     assert after["head.weight"].abs().sum() > 0 and after["norm.running_var"].ne(1).any()
-    assert set(after) - {f"encoder.{k}" for k in before} == {"head.weight", "head.bias", "norm.running_mean",
-                                                             "norm.running_var", "norm.num_batches_tracked"}
+    assert set(after) - {f"encoder.{k}" for k in before} == {
+        "head.weight",
+        "head.bias",
+        "norm.running_mean",
+        "norm.running_var",
+        "norm.num_batches_tracked",
+    }
     results = json.loads((out / "results.json").read_text())
     assert results["protocol"] == "linear" and results["val_images"] == results["test_images"] == 359
     assert results["epochs"] == 1 and results["images_seen"] == (1079 // 32) * 32
@@ -106,13 +116,31 @@ def assert_selected_on_validation_and_reported_on_test(results):
 @pytest.mark.slow
 def test_finetune_at_higher_resolution_learns(tmp_path, pretrained, digits32):
     """A 16 px encoder fine-tuned at 32 px (position embeddings resampled): the loss falls."""
-    run(python_cmd("finetune/main.py") + ["train.global_batch=32", "data.num_workers=0", "log.log_every=1",
-                                          "protocol=finetune", f"encoder={pretrained}", f"data.shards={digits32}",
-                                          "model.img_size=32", "train.epochs=2", "regularization.mixup=0",
-                                          "regularization.cutmix=0", "data.auto_augment=null", "optim.name=adamw",
-                                          "optim.lr=2e-3", "optim.warmup_epochs=0", "data.crop_scale=[0.6,1.0]",
-                                          "regularization.reprob=0", "regularization.label_smoothing=0",
-                                          "model.drop_path_rate=0", "run.name=ft32"], cwd=tmp_path)
+    run(
+        python_cmd("finetune/main.py")
+        + [
+            "train.global_batch=32",
+            "data.num_workers=0",
+            "log.log_every=1",
+            "protocol=finetune",
+            f"encoder={pretrained}",
+            f"data.shards={digits32}",
+            "model.img_size=32",
+            "train.epochs=2",
+            "regularization.mixup=0",
+            "regularization.cutmix=0",
+            "data.auto_augment=null",
+            "optim.name=adamw",
+            "optim.lr=2e-3",
+            "optim.warmup_epochs=0",
+            "data.crop_scale=[0.6,1.0]",
+            "regularization.reprob=0",
+            "regularization.label_smoothing=0",
+            "model.drop_path_rate=0",
+            "run.name=ft32",
+        ],
+        cwd=tmp_path,
+    )
     losses = [row["loss"] for row in metrics(tmp_path / "runs" / "ft32")]
     assert len(losses) == 2 * (1079 // 32)
     assert sum(losses[-10:]) / 10 < sum(losses[:10]) / 10 - 0.05, losses
@@ -121,9 +149,12 @@ def test_finetune_at_higher_resolution_learns(tmp_path, pretrained, digits32):
 
 @pytest.mark.slow
 def test_two_process_evaluation_counts_each_sample_once(tmp_path, pretrained, digits16):
-    run(accelerate_cmd("finetune/main.py", processes=2) + FT_TINY + ["protocol=linear", f"encoder={pretrained}",
-                                                                     f"data.shards={digits16}", "run.name=two"],
-        cwd=tmp_path)
+    run(
+        accelerate_cmd("finetune/main.py", processes=2)
+        + FT_TINY
+        + ["protocol=linear", f"encoder={pretrained}", f"data.shards={digits16}", "run.name=two"],
+        cwd=tmp_path,
+    )
     results = json.loads((tmp_path / "runs" / "two" / "results.json").read_text())
     # 359 is odd: one rank's share is padded and the padding dropped, on both held-out splits
     assert results["val_images"] == results["test_images"] == 359
@@ -132,8 +163,12 @@ def test_two_process_evaluation_counts_each_sample_once(tmp_path, pretrained, di
 def test_compare_grid_runs_scratch_once_and_never_finetunes_random():
     from vitmpp.experiments.grid import CompareConfig, cells, encoder_runs
 
-    cfg = CompareConfig(encoders={"mpp": "runs/mpp", "random": "random"},
-                        protocols=["linear", "knn", "finetune", "scratch"], label_fractions=[0.1, 1.0], seeds=[0, 1, 2])
+    cfg = CompareConfig(
+        encoders={"mpp": "runs/mpp", "random": "random"},
+        protocols=["linear", "knn", "finetune", "scratch"],
+        label_fractions=[0.1, 1.0],
+        seeds=[0, 1, 2],
+    )
     grid = cells(cfg, encoder_runs(cfg, Path("out")))
     by_protocol = {p: {(c.encoder, c.label_fraction, c.seed) for c in grid if c.protocol == p} for p in cfg.protocols}
     assert len(by_protocol["linear"]) == len(by_protocol["knn"]) == 2 * 2 * 3
@@ -166,10 +201,20 @@ def test_compare_cannot_express_selection_on_the_split_it_reports(tmp_path):
     for metric in ("best_top1", "last_top1", "test_best_top1", "test_best_top5"):
         with pytest.raises(ConfigError, match="metric"):
             load_config(CompareConfig, config, [f"metric={metric}"])
-    row = {"encoder": "mpp", "protocol": "linear", "label_fraction": 0.1, "pretrain_run": "", "pretrain_images": 0,
-           "images_seen": 64, "test_last_top1": 50.0, "val_last_top1": 70.0}
-    for metric, title, value in (("test_last_top1", "on the test split", "50.00"),
-                                 ("val_last_top1", "on the validation split", "70.00")):
+    row = {
+        "encoder": "mpp",
+        "protocol": "linear",
+        "label_fraction": 0.1,
+        "pretrain_run": "",
+        "pretrain_images": 0,
+        "images_seen": 64,
+        "test_last_top1": 50.0,
+        "val_last_top1": 70.0,
+    }
+    for metric, title, value in (
+        ("test_last_top1", "on the test split", "50.00"),
+        ("val_last_top1", "on the validation split", "70.00"),
+    ):
         cfg = load_config(CompareConfig, config, [f"metric={metric}", "seeds=[0]"])
         _, table = summarize(cfg, [row], {"mpp": ["runs/mpp"]})
         assert title in table.splitlines()[0] and f"| {value} (n=1) |" in table and "±" not in table.split("\n", 2)[2]
@@ -180,16 +225,21 @@ def test_compare_keeps_its_cells_without_overwrite_when_the_grid_only_grows():
     from vitmpp.common.config import diff_keys
     from vitmpp.experiments.grid import only_grown
 
-    before = {"seeds": [0], "pretraining": {"recipes": {"mpp": "mpp.yaml"}, "seeds": [0]}, "output_dir": "o",
-              "overrides": ["data.shards=a"]}
+    before = {
+        "seeds": [0],
+        "pretraining": {"recipes": {"mpp": "mpp.yaml"}, "seeds": [0]},
+        "output_dir": "o",
+        "overrides": ["data.shards=a"],
+    }
     for after, grown in (
-            ({**before, "seeds": [0, 1, 2]}, True),
-            ({**before, "pretraining": {"recipes": {"mpp": "mpp.yaml", "mae": "mae.yaml"}, "seeds": [0, 1]}}, True),
-            ({**before, "seeds": [1]}, False),  # a seed dropped: not growth (--overwrite says it is meant)
-            ({**before, "pretraining": {"recipes": {"mpp": "mpp.yaml lr=1"}, "seeds": [0]}}, False),  # a changed recipe
-            ({**before, "overrides": ["data.shards=b"]}, False),
-            ({**before, "compute_matched_scratch": True}, True),  # a row added (issue 27, item 15)
-            ({**before, "compute_matched_scratch": True, "overrides": ["data.shards=b"]}, False)):
+        ({**before, "seeds": [0, 1, 2]}, True),
+        ({**before, "pretraining": {"recipes": {"mpp": "mpp.yaml", "mae": "mae.yaml"}, "seeds": [0, 1]}}, True),
+        ({**before, "seeds": [1]}, False),  # a seed dropped: not growth (--overwrite says it is meant)
+        ({**before, "pretraining": {"recipes": {"mpp": "mpp.yaml lr=1"}, "seeds": [0]}}, False),  # a changed recipe
+        ({**before, "overrides": ["data.shards=b"]}, False),
+        ({**before, "compute_matched_scratch": True}, True),  # a row added (issue 27, item 15)
+        ({**before, "compute_matched_scratch": True, "overrides": ["data.shards=b"]}, False),
+    ):
         assert only_grown(before, after, diff_keys(before, after)) is grown, after
 
 
@@ -199,12 +249,17 @@ def test_compare_pretraining_recipe_entries_carry_their_own_overrides(tmp_path):
     from vitmpp.experiments.grid import CompareConfig
 
     config = tmp_path / "compare.yaml"
-    config.write_text("pretraining: {recipes: {mpp: mpp.yaml, mpp_mean: 'mpp.yaml mpp.target=mean_color'}}\n"
-                      "protocols: [linear]\nrecipes: {linear: x.yaml}\n")
+    config.write_text(
+        "pretraining: {recipes: {mpp: mpp.yaml, mpp_mean: 'mpp.yaml mpp.target=mean_color'}}\n"
+        "protocols: [linear]\nrecipes: {linear: x.yaml}\n"
+    )
     assert load_config(CompareConfig, config, []).pretraining.recipes["mpp_mean"] == "mpp.yaml mpp.target=mean_color"
-    config.write_text("pretraining: {recipes: {mpp_mean: 'mpp.yaml mean_color'}}\nprotocols: [linear]\n"
-                      "recipes: {linear: x.yaml}\n")
-    with pytest.raises(ConfigError, match="pretraining.recipes.mpp_mean' must be a recipe file optionally followed by key=value"):
+    config.write_text(
+        "pretraining: {recipes: {mpp_mean: 'mpp.yaml mean_color'}}\nprotocols: [linear]\nrecipes: {linear: x.yaml}\n"
+    )
+    with pytest.raises(
+        ConfigError, match="pretraining.recipes.mpp_mean' must be a recipe file optionally followed by key=value"
+    ):
         load_config(CompareConfig, config, [])
 
 
@@ -212,16 +267,25 @@ def test_compare_grid_over_pretraining_runs_and_compute_matched_scratch():
     from vitmpp.experiments.grid import CompareConfig, PretrainingPlan, cells, encoder_runs
     from vitmpp.experiments.report import label
 
-    cfg = CompareConfig(encoders={"sup": "runs/sup"}, pretraining=PretrainingPlan(recipes={"mpp": "mpp.yaml"}, seeds=[0, 1, 2]),
-                        protocols=["linear", "scratch"], label_fractions=[0.1], seeds=[0, 1],
-                        compute_matched_scratch=True)
+    cfg = CompareConfig(
+        encoders={"sup": "runs/sup"},
+        pretraining=PretrainingPlan(recipes={"mpp": "mpp.yaml"}, seeds=[0, 1, 2]),
+        protocols=["linear", "scratch"],
+        label_fractions=[0.1],
+        seeds=[0, 1],
+        compute_matched_scratch=True,
+    )
     runs = encoder_runs(cfg, Path("out"))
     assert runs["mpp"] == [str(Path("out") / "pretrain" / f"mpp-s{s}") for s in (0, 1, 2)]
     names = [c.name for c in cells(cfg, runs)]
     assert "mpp-p2-linear-f0.1-s1" in names and "sup-linear-f0.1-s0" in names
     # one pretraining seed is named by its seed, so cells done before more seeds were added are reused
-    one = CompareConfig(pretraining=PretrainingPlan(recipes={"mpp": "mpp.yaml"}, seeds=[1]), protocols=["linear"],
-                        label_fractions=[0.1], seeds=[0])
+    one = CompareConfig(
+        pretraining=PretrainingPlan(recipes={"mpp": "mpp.yaml"}, seeds=[1]),
+        protocols=["linear"],
+        label_fractions=[0.1],
+        seeds=[0],
+    )
     assert [c.name for c in cells(one, encoder_runs(one, Path("out")))] == ["mpp-p1-linear-f0.1-s0"]
     assert "scratch-f0.1-s0" in names and "scratch-matched-f0.1-s1" in names
     assert len(names) == len(set(names)) == (3 + 1) * 2 + 2 * 2
@@ -239,8 +303,9 @@ def test_compare_recipes_are_found_next_to_the_config_from_any_working_directory
     recipes = resolve_recipes(load_config(CompareConfig, config, []), config)
     assert recipes["linear"] == str(root / "configs" / "compare" / ".." / "finetune" / "linear_digits.yaml")
     assert all(Path(path).is_file() for path in recipes.values())
-    (tmp_path / "mine.yaml").write_text("encoders: {mpp: runs/mpp}\nprotocols: [linear]\n"
-                                        "recipes: {linear: nowhere/linear.yaml}\n")
+    (tmp_path / "mine.yaml").write_text(
+        "encoders: {mpp: runs/mpp}\nprotocols: [linear]\nrecipes: {linear: nowhere/linear.yaml}\n"
+    )
     with pytest.raises(UserError, match="Recipe 'nowhere/linear.yaml' \\(key recipes.linear of"):
         resolve_recipes(load_config(CompareConfig, tmp_path / "mine.yaml", []), tmp_path / "mine.yaml")
 
@@ -252,8 +317,10 @@ def test_compare_pretrains_seeds_reports_test_and_resumes(tmp_path, digits16):
     pretrain_recipe = tmp_path / "pretrain.yaml"
     pretrain_recipe.write_text("train:\n  steps: 2\n")  # the entry's own override makes it 3
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text("train:\n  global_batch: 32\n  steps: 4\ndata:\n  num_workers: 0\n  auto_augment: null\n"
-                      "regularization:\n  mixup: 0.0\n  cutmix: 0.0\neval_every_steps: 2\n")
+    recipe.write_text(
+        "train:\n  global_batch: 32\n  steps: 4\ndata:\n  num_workers: 0\n  auto_augment: null\n"
+        "regularization:\n  mixup: 0.0\n  cutmix: 0.0\neval_every_steps: 2\n"
+    )
     config = tmp_path / "compare.yaml"
     config.write_text(
         "encoders:\n  random: random\n"
@@ -268,19 +335,32 @@ def test_compare_pretrains_seeds_reports_test_and_resumes(tmp_path, digits16):
     assert sorted(p.name for p in (out / "pretrain").iterdir()) == ["mpp-s0", "mpp-s1"]
     assert "compute-matched scratch: 7 steps (its recipe's own plus 96 pretraining images)" in first.stdout  # 4 + 96/32
     assert "[compare] 2 at a time, " in first.stdout and " CPU thread(s) each (OMP_NUM_THREADS; " in first.stdout
-    started = [line.split()[1:3] for line in first.stdout.splitlines()
-               if line.startswith("[compare] ") and " done: " not in line and "(log:" in line]
+    started = [
+        line.split()[1:3]
+        for line in first.stdout.splitlines()
+        if line.startswith("[compare] ") and " done: " not in line and "(log:" in line
+    ]
     assert len(started) == 2 + 8 and first.stdout.count(" done: test last top1 ") == 8  # two at a time, logs in files
     assert sorted(p.name for p in (out / "logs").iterdir()) == sorted(
-        f"pretrain-{name}.log" if what == "pretraining" else f"{name}.log" for what, name in started)
+        f"pretrain-{name}.log" if what == "pretraining" else f"{name}.log" for what, name in started
+    )
     rows = list(csv.DictReader(open(out / "results.csv")))
     assert len(rows) == 8 and {(r["encoder"], r["pretrain_run"]) for r in rows if r["protocol"] == "linear"} == {
-        ("mpp", "p0"), ("mpp", "p1"), ("random", "")}
+        ("mpp", "p0"),
+        ("mpp", "p1"),
+        ("random", ""),
+    }
     for r in rows:
-        assert float(r["test_last_top1"]) >= 0 and int(r["total_images"]) == int(r["pretrain_images"]) + int(r["images_seen"])
+        assert float(r["test_last_top1"]) >= 0 and int(r["total_images"]) == int(r["pretrain_images"]) + int(
+            r["images_seen"]
+        )
     by_cell = {(r["encoder"], r["protocol"]): r for r in rows}
-    assert by_cell[("matched", "scratch")]["images_seen"] == str(7 * 32) and by_cell[("-", "scratch")]["images_seen"] == str(4 * 32)
-    assert by_cell[("random", "linear")]["pretrain_images"] == "0" and by_cell[("mpp", "knn")]["pretrain_images"] == "96"
+    assert by_cell[("matched", "scratch")]["images_seen"] == str(7 * 32) and by_cell[("-", "scratch")][
+        "images_seen"
+    ] == str(4 * 32)
+    assert (
+        by_cell[("random", "linear")]["pretrain_images"] == "0" and by_cell[("mpp", "knn")]["pretrain_images"] == "96"
+    )
     # every evaluation of every cell, on validation, against images seen, and its figure
     history = list(csv.DictReader(open(out / "history.csv")))
     linear = [r for r in history if r["protocol"] == "linear"]
@@ -303,8 +383,9 @@ def test_no_argument_default_says_what_to_run_first(tmp_path):
     assert "run `accelerate launch pretrain/main.py` first" in result.stderr
 
 
-@pytest.mark.parametrize("config", sorted((Path(__file__).resolve().parents[1] / "configs" / "compare").glob("*.yaml")),
-                         ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "config", sorted((Path(__file__).resolve().parents[1] / "configs" / "compare").glob("*.yaml")), ids=lambda p: p.name
+)
 def test_every_shipped_compare_config_loads_and_finds_its_recipes(config):
     from vitmpp.common.config import load_config
     from vitmpp.experiments.grid import CompareConfig, metric_split, resolve_pretraining, resolve_recipes
@@ -313,7 +394,7 @@ def test_every_shipped_compare_config_loads_and_finds_its_recipes(config):
     # a results table reports test; only a recipe-choosing config (*_tune.yaml) shows validation
     assert metric_split(cfg.metric) == ("validation" if config.stem.endswith("_tune") else "test")
     assert set(resolve_recipes(cfg, config)) == set(cfg.protocols)
-    for name, (recipe, overrides) in resolve_pretraining(cfg, config).items():
+    for _name, (recipe, overrides) in resolve_pretraining(cfg, config).items():
         assert Path(recipe).is_file() and all("=" in o for o in overrides)
 
 
@@ -327,9 +408,12 @@ def test_compare_refuses_repeated_or_empty_lists_and_a_cell_of_another_encoder(t
 
     config = tmp_path / "compare.yaml"
     config.write_text("encoders: {mpp: [runs/a, runs/b]}\nprotocols: [linear]\nrecipes: {linear: x.yaml}\n")
-    for override, message in (("seeds=[0,1,1]", "Key 'seeds' repeats 1"), ("label_fractions=[]", "'label_fractions' is empty"),
-                              ("encoders={mpp: [runs/a, runs/a]}", "Key 'encoders.mpp' repeats runs/a"),
-                              ("pretraining={recipes: {mae: m.yaml}, seeds: [2, 2]}", "'pretraining.seeds' repeats 2")):
+    for override, message in (
+        ("seeds=[0,1,1]", "Key 'seeds' repeats 1"),
+        ("label_fractions=[]", "'label_fractions' is empty"),
+        ("encoders={mpp: [runs/a, runs/a]}", "Key 'encoders.mpp' repeats runs/a"),
+        ("pretraining={recipes: {mae: m.yaml}, seeds: [2, 2]}", "'pretraining.seeds' repeats 2"),
+    ):
         with pytest.raises(ConfigError, match=message):
             load_config(CompareConfig, config, [override])
     cfg = load_config(CompareConfig, config, [])
@@ -340,8 +424,9 @@ def test_compare_refuses_repeated_or_empty_lists_and_a_cell_of_another_encoder(t
     cell = Cell("mpp", "linear", 0.1, 0, run=0, tag="p0")
     folder = tmp_path / "cells" / cell.name
     folder.mkdir(parents=True)
-    (folder / "results.json").write_text(json.dumps({"encoder": str(tmp_path / "runs" / "a" / "encoder.safetensors"),
-                                                     "test_last_top1": 50.0}))
+    (folder / "results.json").write_text(
+        json.dumps({"encoder": str(tmp_path / "runs" / "a" / "encoder.safetensors"), "test_last_top1": 50.0})
+    )
     paths = {"mpp": [str(tmp_path / "runs" / "a"), str(tmp_path / "runs" / "b")]}
     assert run_cell(cfg, cell, paths, tmp_path / "cells")["test_last_top1"] == 50.0  # its own encoder: reused
     paths["mpp"].reverse()  # the list reordered: run 0 is now b
@@ -357,9 +442,19 @@ def test_fewshot_protocol_scores_test_at_the_regulariser_validation_chose(tmp_pa
     from vitmpp.evaluate.knn import extract
     from vitmpp.models import load_encoder
 
-    out = run(python_cmd("finetune/main.py") + ["data.num_workers=0", "protocol=fewshot", f"encoder={pretrained}",
-                                                f"data.shards={digits16}", "fewshot.shots=[2,5]", "fewshot.seeds=[0,1]",
-                                                "run.name=fewshot"], cwd=tmp_path)
+    out = run(
+        python_cmd("finetune/main.py")
+        + [
+            "data.num_workers=0",
+            "protocol=fewshot",
+            f"encoder={pretrained}",
+            f"data.shards={digits16}",
+            "fewshot.shots=[2,5]",
+            "fewshot.seeds=[0,1]",
+            "run.name=fewshot",
+        ],
+        cwd=tmp_path,
+    )
     results = json.loads((tmp_path / "runs" / "fewshot" / "results.json").read_text())
     assert results["protocol"] == "fewshot" and results["shots"] == [2, 5]
     assert [(r["shots"], r["seed"]) for r in results["per_seed"]] == [(2, 0), (5, 0), (2, 1), (5, 1)]
@@ -378,11 +473,20 @@ def test_fewshot_protocol_scores_test_at_the_regulariser_validation_chose(tmp_pa
     manifest = read_manifest(digits16)
     splits = {}
     for split in ("train", "validation", "test"):
-        spec = LoaderSpec(shards=digits16, manifest=manifest, split=split, batch_size=256,
-                          transform=eval_transform(16, crop_pct=0.875, interpolation="bicubic"),
-                          training=False, rank=0, world_size=1, num_workers=0)
-        splits[split] = extract(Single, lambda x: pooled_features(encoder, x, "token"), open_loader(spec), mean, std,
-                                l2_normalise=False)
+        spec = LoaderSpec(
+            shards=digits16,
+            manifest=manifest,
+            split=split,
+            batch_size=256,
+            transform=eval_transform(16, crop_pct=0.875, interpolation="bicubic"),
+            training=False,
+            rank=0,
+            world_size=1,
+            num_workers=0,
+        )
+        splits[split] = extract(
+            Single, lambda x: pooled_features(encoder, x, "token"), open_loader(spec), mean, std, l2_normalise=False
+        )
     mine = fewshot_evaluate(splits["train"], splits["validation"], splits["test"], manifest.num_classes, [2, 5], [0, 1])
     for theirs, ours in zip(results["per_seed"], mine):
         assert theirs["l2"] == ours.l2 and abs(theirs["test_top1"] - ours.test_top1) < 1e-9
@@ -397,15 +501,30 @@ def test_a_public_checkpoint_is_evaluated_like_our_own_encoder(tmp_path, digits1
 
     torch.manual_seed(0)
     timm_file = tmp_path / "vit_pico.safetensors"
-    save_file(VisionTransformer(img_size=16, patch_size=4, embed_dim=64, depth=2, num_heads=2, num_classes=0).state_dict(),
-              timm_file)
+    save_file(
+        VisionTransformer(img_size=16, patch_size=4, embed_dim=64, depth=2, num_heads=2, num_classes=0).state_dict(),
+        timm_file,
+    )
     torchvision_file = tmp_path / "vit_pico_tv.pth"
-    torch.save(TorchvisionViT(image_size=16, patch_size=4, num_layers=2, num_heads=2, hidden_dim=64, mlp_dim=256).state_dict(),
-               torchvision_file)
-    for file, fmt, normalisation in ((timm_file, "timm", "states no normalisation"),
-                                     (torchvision_file, "torchvision", None)):
-        out = run(python_cmd("finetune/main.py") + ["data.num_workers=0", "protocol=knn", f"encoder={file}",
-                                                    f"data.shards={digits16}", f"run.name=knn-{fmt}"], cwd=tmp_path)
+    torch.save(
+        TorchvisionViT(image_size=16, patch_size=4, num_layers=2, num_heads=2, hidden_dim=64, mlp_dim=256).state_dict(),
+        torchvision_file,
+    )
+    for file, fmt, normalisation in (
+        (timm_file, "timm", "states no normalisation"),
+        (torchvision_file, "torchvision", None),
+    ):
+        out = run(
+            python_cmd("finetune/main.py")
+            + [
+                "data.num_workers=0",
+                "protocol=knn",
+                f"encoder={file}",
+                f"data.shards={digits16}",
+                f"run.name=knn-{fmt}",
+            ],
+            cwd=tmp_path,
+        )
         assert f"encoder: {file} ({fmt}, sha256 " in out.stdout
         assert (normalisation in out.stdout) if normalisation else "states no normalisation" not in out.stdout
         results = json.loads((tmp_path / "runs" / f"knn-{fmt}" / "results.json").read_text())

@@ -1,6 +1,7 @@
 """How a user starts a run: errors are one sentence through every launcher README shows, the exit
 codes are the documented ones, `--num_processes N` never silently means one process, and every
 `--help` answers without importing torch."""
+
 from __future__ import annotations
 
 import os
@@ -26,24 +27,46 @@ def plain_accelerate(*args: str) -> list[str]:
 
 
 def test_an_error_through_accelerate_launch_quiet_is_one_sentence_and_exit_1(tmp_path):
-    result = run(plain_accelerate("--quiet", *PASSED, "--num_processes", "1", str(ROOT / "pretrain/main.py"), TYPO),
-                 cwd=tmp_path, check=False)
+    result = run(
+        plain_accelerate("--quiet", *PASSED, "--num_processes", "1", str(ROOT / "pretrain/main.py"), TYPO),
+        cwd=tmp_path,
+        check=False,
+    )
     assert result.returncode == 1  # Accelerate's one-process launcher replaces any failure by 1 under --quiet
     assert result.stderr.strip() == SENTENCE  # and nothing else: no traceback, no "values not passed" warning
 
 
 @pytest.mark.parametrize("processes", ["1", "2"])
 def test_an_error_through_launch_sh_is_one_sentence_and_keeps_exit_2(tmp_path, processes):
-    result = run([str(ROOT / "launch.sh"), "pretrain", TYPO], cwd=tmp_path, check=False,
-                 VITMPP_NUM_PROCESSES=processes, VITMPP_GPUS_PER_NODE="0", MASTER_PORT=port())
+    result = run(
+        [str(ROOT / "launch.sh"), "pretrain", TYPO],
+        cwd=tmp_path,
+        check=False,
+        VITMPP_NUM_PROCESSES=processes,
+        VITMPP_GPUS_PER_NODE="0",
+        MASTER_PORT=port(),
+    )
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr and "not passed" not in result.stderr
     assert result.stderr.strip() == SENTENCE  # once, though two ranks found it
 
 
 def test_plain_accelerate_launch_with_two_processes_on_cpu_refuses_instead_of_running_alone(tmp_path):
-    result = run(plain_accelerate("--quiet", *PASSED, "--num_processes", "2", "--main_process_port", port(),
-                                  str(ROOT / "pretrain/main.py"), *TINY, "train.steps=2"), cwd=tmp_path, check=False)
+    result = run(
+        plain_accelerate(
+            "--quiet",
+            *PASSED,
+            "--num_processes",
+            "2",
+            "--main_process_port",
+            port(),
+            str(ROOT / "pretrain/main.py"),
+            *TINY,
+            "train.steps=2",
+        ),
+        cwd=tmp_path,
+        check=False,
+    )
     assert result.returncode == 1
     assert "`accelerate launch --num_processes 2` started 1 process" in result.stderr
     assert "--multi_gpu" in result.stderr and "Traceback" not in result.stderr
@@ -51,9 +74,24 @@ def test_plain_accelerate_launch_with_two_processes_on_cpu_refuses_instead_of_ru
 
 
 def test_our_launcher_with_two_processes_on_cpu_forms_a_world_of_two(tmp_path, digits16):
-    result = run([sys.executable, "-m", "vitmpp.common.launcher", *PASSED, "--num_processes", "2",
-                  "--main_process_port", port(), str(ROOT / "pretrain/main.py"), *TINY, "train.steps=2",
-                  f"data.shards={digits16}", "run.name=two"], cwd=tmp_path)
+    result = run(
+        [
+            sys.executable,
+            "-m",
+            "vitmpp.common.launcher",
+            *PASSED,
+            "--num_processes",
+            "2",
+            "--main_process_port",
+            port(),
+            str(ROOT / "pretrain/main.py"),
+            *TINY,
+            "train.steps=2",
+            f"data.shards={digits16}",
+            "run.name=two",
+        ],
+        cwd=tmp_path,
+    )
     assert "2 process(es) x 16 images" in result.stdout
     assert "not passed" not in result.stderr
     import json
@@ -63,13 +101,32 @@ def test_our_launcher_with_two_processes_on_cpu_forms_a_world_of_two(tmp_path, d
 
 
 def test_a_rank_killed_by_a_signal_is_named_in_one_line(tmp_path, digits16):
-    proc = start([str(ROOT / "launch.sh"), "pretrain", *TINY, "train.steps=200", "debug.step_delay_s=0.3",
-                  f"data.shards={digits16}", "run.name=killed", f"run.output_dir={tmp_path / 'runs'}"],
-                 cwd=tmp_path, VITMPP_NUM_PROCESSES="2", VITMPP_GPUS_PER_NODE="0", MASTER_PORT=port())
+    proc = start(
+        [
+            str(ROOT / "launch.sh"),
+            "pretrain",
+            *TINY,
+            "train.steps=200",
+            "debug.step_delay_s=0.3",
+            f"data.shards={digits16}",
+            "run.name=killed",
+            f"run.output_dir={tmp_path / 'runs'}",
+        ],
+        cwd=tmp_path,
+        VITMPP_NUM_PROCESSES="2",
+        VITMPP_GPUS_PER_NODE="0",
+        MASTER_PORT=port(),
+    )
     run_dir = tmp_path / "runs" / "killed"
     wait_for(lambda: last_logged_step(run_dir) >= 2, 240, proc)
-    ranks = [int(p) for p in subprocess.run(["pgrep", "-f", "-P", ",".join(_launcher_pids(proc.pid)), "pretrain/main.py"],
-                                            capture_output=True, text=True).stdout.split()]
+    ranks = [
+        int(p)
+        for p in subprocess.run(
+            ["pgrep", "-f", "-P", ",".join(_launcher_pids(proc.pid)), "pretrain/main.py"],
+            capture_output=True,
+            text=True,
+        ).stdout.split()
+    ]
     assert len(ranks) == 2, ranks
     rank1 = [p for p in ranks if "LOCAL_RANK=1" in _environ(p)][0]
     os.kill(rank1, signal.SIGKILL)  # as the kernel's out-of-memory killer would
@@ -92,8 +149,13 @@ def _environ(pid: int) -> str:
 
 
 HELP_COMMANDS = [
-    ["pretrain/main.py"], ["finetune/main.py"], ["-m", "vitmpp.experiments.compare"], ["-m", "vitmpp.analyze"],
-    ["-m", "vitmpp.benchmarks"], ["-m", "vitmpp.datasets.make_shards"], ["-m", "vitmpp.models.export"],
+    ["pretrain/main.py"],
+    ["finetune/main.py"],
+    ["-m", "vitmpp.experiments.compare"],
+    ["-m", "vitmpp.analyze"],
+    ["-m", "vitmpp.benchmarks"],
+    ["-m", "vitmpp.datasets.make_shards"],
+    ["-m", "vitmpp.models.export"],
 ]
 # (`python -m vitmpp.common.launcher --help` is Accelerate's own parser, which imports torch: 1.2 s here)
 
@@ -105,11 +167,15 @@ def test_help_answers_without_importing_torch(command, tmp_path):
         target = f"runpy.run_module({command[1]!r}, run_name='__main__', alter_sys=True)"
     else:
         target = f"runpy.run_path({str(ROOT / command[0])!r}, run_name='__main__')"
-    code = ("import runpy, sys\nsys.argv = ['prog', '--help']\ntry:\n    " + target +
-            "\nexcept SystemExit as e:\n    assert e.code in (0, None), e.code\n"
-            "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH')")
-    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env(), capture_output=True, text=True,
-                            timeout=120)
+    code = (
+        "import runpy, sys\nsys.argv = ['prog', '--help']\ntry:\n    "
+        + target
+        + "\nexcept SystemExit as e:\n    assert e.code in (0, None), e.code\n"
+        "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH')"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr
     assert "usage:" in result.stdout
     assert result.stdout.strip().endswith("NO-TORCH")
@@ -123,8 +189,13 @@ def test_launch_sh_dry_run_without_a_command_prints_its_usage_only():
 
 
 def test_launch_sh_passes_every_value_accelerate_would_warn_about():
-    result = subprocess.run([str(ROOT / "launch.sh"), "--dry-run", "finetune"], capture_output=True, text=True,
-                            env={"PATH": "/usr/bin:/bin", "VITMPP_GPUS_PER_NODE": "0"}, check=True)
+    result = subprocess.run(
+        [str(ROOT / "launch.sh"), "--dry-run", "finetune"],
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin:/bin", "VITMPP_GPUS_PER_NODE": "0"},
+        check=True,
+    )
     words = result.stdout.split()
     for flag in ("--num_processes", "--num_machines", "--mixed_precision", "--dynamo_backend"):
         assert flag in words

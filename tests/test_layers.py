@@ -1,6 +1,7 @@
 """The layers of ARCHITECTURE.md §1 are import-linter contracts in pyproject.toml; these tests
 run `lint-imports` on the tree, and on a copy of it with one forbidden import added, to show
 the contracts hold now and would catch a breach (lazy imports inside functions included)."""
+
 from __future__ import annotations
 
 import os
@@ -10,7 +11,17 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SUBPACKAGES = ("common", "datasets", "models", "evaluate", "analyze", "finetune", "pretrain", "experiments", "benchmarks")
+SUBPACKAGES = (
+    "common",
+    "datasets",
+    "models",
+    "evaluate",
+    "analyze",
+    "finetune",
+    "pretrain",
+    "experiments",
+    "benchmarks",
+)
 LINT_IMPORTS = "import sys; from importlinter.cli import lint_imports_command; sys.exit(lint_imports_command())"
 
 
@@ -22,8 +33,14 @@ def lint_imports(cwd: Path, pythonpath: Path | None = None, contract: str | None
     if pythonpath is not None:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(pythonpath), env.get("PYTHONPATH")]))
     only = ["--contract", contract] if contract else []
-    return subprocess.run([sys.executable, "-c", LINT_IMPORTS, "--no-cache", "--no-logo", *only],
-                          cwd=cwd, env=env, capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-c", LINT_IMPORTS, "--no-cache", "--no-logo", *only],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def copy_of_the_tree(tmp_path: Path) -> Path:
@@ -52,6 +69,7 @@ def test_the_tree_keeps_every_layer_contract():
 
 def test_an_unchanged_copy_gives_the_same_verdict_as_the_tree(tmp_path):
     """The copy is analysed like the tree (so the tests below see only their own breach)."""
+
     def verdict(result):
         return result.returncode, [line for line in result.stdout.splitlines() if not line.startswith("Analyzed")]
 

@@ -1,5 +1,6 @@
 """The one loop: both stages get its guarantees (stop + exact resume, checkpoints, the
 debug keys), and the hooks an objective or a callback plugs in through are called."""
+
 from __future__ import annotations
 
 import json
@@ -12,8 +13,14 @@ from engine_helpers import TINY, metrics, python_cmd, run
 
 pytestmark = pytest.mark.slow
 
-FT = ["train.global_batch=32", "data.num_workers=0", "log.log_every=1", "train.steps=6", "eval_every_steps=3",
-      "data.label_fraction=0.5"]
+FT = [
+    "train.global_batch=32",
+    "data.num_workers=0",
+    "log.log_every=1",
+    "train.steps=6",
+    "eval_every_steps=3",
+    "data.label_fraction=0.5",
+]
 
 
 @pytest.fixture(scope="module")
@@ -35,19 +42,30 @@ def test_finetuning_stops_and_resumes_exactly(tmp_path, pretrained, digits16, pr
     second = run(python_cmd("finetune/main.py") + common + ["run.name=resumed", "--resume", "auto"], cwd=tmp_path)
     assert "resumed from" in second.stdout and "step-0000004" in second.stdout
     assert [r["step"] for r in metrics(resumed_dir)] == list(range(1, 7))
-    assert [r["loss"] for r in metrics(resumed_dir)] == pytest.approx([r["loss"] for r in metrics(straight_dir)], abs=1e-6)
+    assert [r["loss"] for r in metrics(resumed_dir)] == pytest.approx(
+        [r["loss"] for r in metrics(straight_dir)], abs=1e-6
+    )
     a, b = (json.loads((d / "results.json").read_text()) for d in (resumed_dir, straight_dir))
     assert [h["step"] for h in a["history"]] == [3, 6]  # the evaluation before the stop survived it
     assert [h["top1"] for h in a["history"]] == pytest.approx([h["top1"] for h in b["history"]], abs=1e-9)
 
 
 def test_finetuning_writes_periodic_checkpoints_as_configured(tmp_path, pretrained, digits16):
-    common = FT + ["protocol=linear", f"encoder={pretrained}", f"data.shards={digits16}", "eval_every_steps=6",
-                   "log.checkpoint_every=2", "log.keep_checkpoints=5"]
+    common = FT + [
+        "protocol=linear",
+        f"encoder={pretrained}",
+        f"data.shards={digits16}",
+        "eval_every_steps=6",
+        "log.checkpoint_every=2",
+        "log.keep_checkpoints=5",
+    ]
     run(python_cmd("finetune/main.py") + common, cwd=tmp_path)
     (run_dir,) = (tmp_path / "runs").iterdir()
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [
-        "step-0000002", "step-0000004", "step-0000006"]
+        "step-0000002",
+        "step-0000004",
+        "step-0000006",
+    ]
 
 
 SCRIPT = textwrap.dedent('''
@@ -117,8 +135,19 @@ def test_an_objective_registered_elsewhere_plugs_in_with_its_hooks(tmp_path, dig
     script = tmp_path / "teacher.py"
     script.write_text(SCRIPT)
     out = tmp_path / "calls.json"
-    run([sys.executable, str(script), str(out), "objective=teacher", *TINY, "train.steps=3", f"data.shards={digits16}",
-         "log.log_every=1"], cwd=tmp_path)
+    run(
+        [
+            sys.executable,
+            str(script),
+            str(out),
+            "objective=teacher",
+            *TINY,
+            "train.steps=3",
+            f"data.shards={digits16}",
+            "log.log_every=1",
+        ],
+        cwd=tmp_path,
+    )
     calls = json.loads(out.read_text())
     assert calls["after_optimizer_step"] == [1, 2, 3]
     assert calls["transform"] >= 3 * 32  # its own transform made every training sample (no workers: in process)

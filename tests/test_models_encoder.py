@@ -1,4 +1,5 @@
 """Encoder variants, overrides, configs, sin-cos position embeddings."""
+
 from __future__ import annotations
 
 import pytest
@@ -35,9 +36,14 @@ def test_every_variant_builds_at_its_nominal_size():
         assert encoder.global_pool == "token" and encoder.has_class_token
 
 
-@pytest.mark.parametrize("name,paper_millions", [
-    ("vit_base_patch16_224", 86), ("vit_large_patch16_224", 307), ("vit_huge_patch14_224", 632),
-])
+@pytest.mark.parametrize(
+    "name,paper_millions",
+    [
+        ("vit_base_patch16_224", 86),
+        ("vit_large_patch16_224", 307),
+        ("vit_huge_patch14_224", 632),
+    ],
+)
 def test_parameter_counts_match_the_paper(name, paper_millions):
     with torch.device("meta"):
         encoder = create_encoder(name)
@@ -47,8 +53,11 @@ def test_parameter_counts_match_the_paper(name, paper_millions):
 
 
 def test_paper_widths_depths_heads_and_mlp():
-    expected = {"vit_base_patch16_224": (768, 12, 12), "vit_large_patch16_224": (1024, 24, 16),
-                "vit_huge_patch14_224": (1280, 32, 16)}
+    expected = {
+        "vit_base_patch16_224": (768, 12, 12),
+        "vit_large_patch16_224": (1024, 24, 16),
+        "vit_huge_patch14_224": (1280, 32, 16),
+    }
     for name, (width, depth, heads) in expected.items():
         arch = ENCODER_VARIANTS[name]
         assert (arch["embed_dim"], arch["depth"], arch["num_heads"]) == (width, depth, heads)
@@ -62,7 +71,9 @@ def test_standard_variants_have_timms_architecture():
         with torch.device("meta"):
             ours = create_encoder(name)
             theirs = timm.create_model(arch["timm_name"], pretrained=False, num_classes=0)
-        assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in theirs.state_dict().items()}, name
+        assert {k: v.shape for k, v in ours.state_dict().items()} == {
+            k: v.shape for k, v in theirs.state_dict().items()
+        }, name
 
 
 def test_unknown_name_lists_known_ones():
@@ -72,8 +83,9 @@ def test_unknown_name_lists_known_ones():
 
 
 def test_overrides_reach_timm():
-    encoder = create_encoder(TINY, img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4,
-                             drop_path_rate=0.1, global_pool="avg")
+    encoder = create_encoder(
+        TINY, img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4, drop_path_rate=0.1, global_pool="avg"
+    )
     assert encoder.patch_embed.grid_size == (4, 4)
     assert encoder.embed_dim == 32 and len(encoder.blocks) == 2 and encoder.blocks[0].attn.num_heads == 4
     assert encoder.global_pool == "avg"
@@ -121,7 +133,9 @@ def test_sincos_layout_is_maes():
     row, col = 1, 3
     token = table[1 + row * 5 + col]
     omega = 1.0 / 10000 ** (torch.arange(2) / 2.0)
-    expected = torch.cat([torch.sin(col * omega), torch.cos(col * omega), torch.sin(row * omega), torch.cos(row * omega)])
+    expected = torch.cat(
+        [torch.sin(col * omega), torch.cos(col * omega), torch.sin(row * omega), torch.cos(row * omega)]
+    )
     torch.testing.assert_close(token, expected)
 
 

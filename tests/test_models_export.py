@@ -1,4 +1,5 @@
 """encoder.safetensors + encoder.json: round trips, timm's factory, resampling, bad files."""
+
 from __future__ import annotations
 
 import json
@@ -24,7 +25,9 @@ def offline(monkeypatch):
 def test_roundtrip_gives_identical_outputs(tmp_path):
     objective = tiny_objective("mae")  # sin-cos position embeddings, MAE init
     encoder = objective.encoder.eval()
-    path = save_encoder(encoder, tmp_path / "run", objective="mae", step=123, extra={"mean": [0.5] * 3, "std": [0.5] * 3})
+    path = save_encoder(
+        encoder, tmp_path / "run", objective="mae", step=123, extra={"mean": [0.5] * 3, "std": [0.5] * 3}
+    )
     assert path == tmp_path / "run" / WEIGHTS_NAME and (tmp_path / "run" / INFO_NAME).is_file()
     assert not [p for p in (tmp_path / "run").iterdir() if p.name.startswith(".")]  # no temporary files left
     info = read_encoder_info(tmp_path / "run")
@@ -52,8 +55,9 @@ def test_overrides_and_resampling_16_to_32(tmp_path):
     torch.testing.assert_close(bigger.pos_embed[0, 0], encoder.pos_embed[0, 0])
     grid_old = encoder.pos_embed[0, 1:].reshape(4, 4, 64)
     grid_new = bigger.pos_embed[0, 1:].reshape(8, 8, 64)
-    expected = torch.nn.functional.interpolate(grid_old.permute(2, 0, 1)[None], size=(8, 8), mode="bicubic",
-                                               antialias=True)[0].permute(1, 2, 0)
+    expected = torch.nn.functional.interpolate(
+        grid_old.permute(2, 0, 1)[None], size=(8, 8), mode="bicubic", antialias=True
+    )[0].permute(1, 2, 0)
     torch.testing.assert_close(grid_new, expected, rtol=1e-5, atol=1e-5)
     # the trained final norm is kept with average pooling, and the result exports and loads again
     assert not isinstance(bigger.norm, torch.nn.Identity)
@@ -73,8 +77,12 @@ def test_loads_into_timm_create_model_for_a_standard_variant(tmp_path, num_class
     path = save_encoder(encoder, tmp_path, objective="mpp", step=1)
     info = read_encoder_info(path)
     assert info["timm_name"] == "vit_tiny_patch16_224"
-    model = timm.create_model(info["timm_name"], pretrained=True, num_classes=num_classes,
-                              pretrained_cfg_overlay=dict(file=str(path), num_classes=0)).eval()
+    model = timm.create_model(
+        info["timm_name"],
+        pretrained=True,
+        num_classes=num_classes,
+        pretrained_cfg_overlay=dict(file=str(path), num_classes=0),
+    ).eval()
     missing = set(model.state_dict()) - set(encoder.state_dict())
     assert missing == {"head.weight", "head.bias"}  # every encoder key arrived; only the new head is fresh
     x = torch.randn(1, 3, 224, 224)

@@ -1,4 +1,5 @@
 """Training FLOPs per image, counted by PyTorch's FlopCounterMode on the meta device."""
+
 from __future__ import annotations
 
 import pytest

@@ -1,5 +1,6 @@
 """The pretraining stage reads an objective through its class attributes and hooks only: what it
 exports and evaluates, what it is told about the run's length, what the model card says."""
+
 from __future__ import annotations
 
 import json
@@ -75,8 +76,16 @@ SCRIPT = textwrap.dedent('''
 def test_the_stage_exports_and_evaluates_the_objectives_networks_and_tells_it_the_run_length(tmp_path, digits16):
     script = tmp_path / "averaged.py"
     script.write_text(SCRIPT)
-    common = ["objective=averaged", *TINY, "train.steps=4", f"data.shards={digits16}", "eval.every=2",
-              "eval.knn_images=64", "eval.loss_images=32", "log.checkpoint_every=2"]
+    common = [
+        "objective=averaged",
+        *TINY,
+        "train.steps=4",
+        f"data.shards={digits16}",
+        "eval.every=2",
+        "eval.knn_images=64",
+        "eval.loss_images=32",
+        "log.checkpoint_every=2",
+    ]
     first = tmp_path / "first.json"
     run([sys.executable, str(script), str(first), *common, "debug.stop_at_step=2"], cwd=tmp_path)
     second = tmp_path / "second.json"

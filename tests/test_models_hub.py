@@ -1,5 +1,6 @@
 """Exports for Hugging Face transformers: same features as timm, the same pixels as our evaluation
 transform, a classifier that trains, one-sentence refusals, and the end of a real pretraining run."""
+
 from __future__ import annotations
 
 import json
@@ -86,7 +87,7 @@ def test_image_processor_gives_the_eval_transform_pixels(tmp_path, img_size, siz
     processor = transformers.AutoImageProcessor.from_pretrained(tmp_path)
     rng = np.random.default_rng(0)
     # smooth content (as photographs are) plus noise: resampling filters differ most on pure noise
-    y, x = np.mgrid[0:size[1], 0:size[0]]
+    y, x = np.mgrid[0 : size[1], 0 : size[0]]
     base = np.stack([128 + 100 * np.sin(x / 5.0 + c) * np.cos(y / 7.0) for c in range(3)], axis=-1)
     image = Image.fromarray(np.clip(base + rng.normal(0, 8, base.shape), 0, 255).astype(np.uint8))
     ours = normalize_batch(eval_transform(img_size)(image)[None], MEAN, STD)
@@ -135,16 +136,28 @@ def test_encoders_that_do_not_map_are_refused_in_one_sentence(tmp_path):
     model = transformers.AutoModel.from_pretrained(out).eval()
     images = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
-        assert (model(pixel_values=images).last_hidden_state - switched.eval().forward_features(images)).abs().max() <= 1e-4
+        assert (
+            model(pixel_values=images).last_hidden_state - switched.eval().forward_features(images)
+        ).abs().max() <= 1e-4
 
 
 def test_command_line_errors_are_one_sentence(tmp_path):
-    missing = subprocess.run(EXPORT + [str(tmp_path / "nowhere"), "--to", "transformers", str(tmp_path / "o")],
-                             capture_output=True, text=True, env=env(), cwd=tmp_path)
+    missing = subprocess.run(
+        EXPORT + [str(tmp_path / "nowhere"), "--to", "transformers", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+        env=env(),
+        cwd=tmp_path,
+    )
     assert missing.returncode == 2 and missing.stderr.count("\n") == 1 and "No run or encoder export" in missing.stderr
     save_encoder(create_encoder("vit_pico_patch4_16", global_pool="avg"), tmp_path / "avg")
-    refused = subprocess.run(EXPORT + [str(tmp_path / "avg"), "--to", "transformers", str(tmp_path / "o")],
-                             capture_output=True, text=True, env=env(), cwd=tmp_path)
+    refused = subprocess.run(
+        EXPORT + [str(tmp_path / "avg"), "--to", "transformers", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+        env=env(),
+        cwd=tmp_path,
+    )
     assert refused.returncode == 2 and refused.stderr.count("\n") == 1 and "cannot be exported" in refused.stderr
     assert not (tmp_path / "o").exists()
 
@@ -154,8 +167,13 @@ def test_help_answers_without_importing_torch():
     result = subprocess.run(EXPORT + ["--help"], capture_output=True, text=True, env=env(), cwd=ROOT)
     elapsed = time.perf_counter() - started
     assert result.returncode == 0 and "--to" in result.stdout and "--card" in result.stdout
-    probe = subprocess.run([sys.executable, "-c", "import sys, vitmpp.models.export; print('torch' in sys.modules)"],
-                           capture_output=True, text=True, env=env(), cwd=ROOT)
+    probe = subprocess.run(
+        [sys.executable, "-c", "import sys, vitmpp.models.export; print('torch' in sys.modules)"],
+        capture_output=True,
+        text=True,
+        env=env(),
+        cwd=ROOT,
+    )
     assert probe.stdout.strip() == "False", probe.stderr
     print(f"--help: {elapsed:.2f} s")
     assert elapsed < 2.0
@@ -164,12 +182,20 @@ def test_help_answers_without_importing_torch():
 @pytest.mark.slow
 def test_end_of_pretraining_writes_a_transformers_folder(tmp_path, digits16):
     """The real end of a (tiny, MAE) pretraining run: transformers/ loads and matches timm; the card is written."""
-    run(python_cmd("pretrain/main.py") + TINY + ["objective=mae", "train.steps=2", f"data.shards={digits16}",
-                                                 "run.name=mae"], cwd=tmp_path)
+    run(
+        python_cmd("pretrain/main.py")
+        + TINY
+        + ["objective=mae", "train.steps=2", f"data.shards={digits16}", "run.name=mae"],
+        cwd=tmp_path,
+    )
     run_dir = tmp_path / "runs" / "mae"
     hf = run_dir / "transformers"
-    assert sorted(p.name for p in hf.iterdir()) == ["README.md", "config.json", "model.safetensors",
-                                                    "preprocessor_config.json"]
+    assert sorted(p.name for p in hf.iterdir()) == [
+        "README.md",
+        "config.json",
+        "model.safetensors",
+        "preprocessor_config.json",
+    ]
     encoder = load_encoder(run_dir).eval()
     model = transformers.AutoModel.from_pretrained(hf).eval()
     processor = transformers.AutoImageProcessor.from_pretrained(hf)
@@ -180,5 +206,6 @@ def test_end_of_pretraining_writes_a_transformers_folder(tmp_path, digits16):
     assert diff <= 1e-4
     info = json.loads((run_dir / "encoder.json").read_text())
     assert processor.image_mean == pytest.approx(info["extra"]["mean"])
-    assert (run_dir / "README.md").is_file() and not [p for p in run_dir.iterdir() if p.name.startswith(".") and
-                                                         p.name != ".evaluations.lock"]
+    assert (run_dir / "README.md").is_file() and not [
+        p for p in run_dir.iterdir() if p.name.startswith(".") and p.name != ".evaluations.lock"
+    ]

@@ -4,6 +4,7 @@ Each source model is built and saved here with its own library (timm, transforme
 torchvision; Google's .npz in the layout timm's reader documents; Meta's MAE release as
 `{"model": state_dict}` with models_mae.py's key names), imported, and compared with the
 source's own forward in fp32."""
+
 from __future__ import annotations
 
 import json
@@ -31,8 +32,9 @@ def timm_vit(heads: int = HEADS, **kwargs):
     from timm.models import VisionTransformer
 
     torch.manual_seed(1)
-    model = VisionTransformer(img_size=SIDE, patch_size=PATCH, embed_dim=WIDTH, depth=DEPTH, num_heads=heads,
-                              num_classes=0, **kwargs).eval()
+    model = VisionTransformer(
+        img_size=SIDE, patch_size=PATCH, embed_dim=WIDTH, depth=DEPTH, num_heads=heads, num_classes=0, **kwargs
+    ).eval()
     with torch.no_grad():  # non-trivial biases and norms, so a swapped or dropped tensor shows
         for p in model.parameters():
             p.add_(0.02 * torch.randn_like(p))
@@ -50,6 +52,7 @@ def assert_close(ours, theirs):
 
 
 # ----------------------------------------------------------------------------- formats
+
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".pth", ".bin"])
 def test_a_timm_state_dict_imports_with_timms_features(tmp_path, suffix):
@@ -71,10 +74,16 @@ def test_a_timm_state_dict_imports_with_timms_features(tmp_path, suffix):
 def test_a_timm_hub_folder_gives_its_architecture_and_normalisation(tmp_path):
     model = timm_vit(heads=4)  # not the variant's 2 heads: only the folder's config can say
     save_file(model.state_dict(), tmp_path / "model.safetensors")
-    (tmp_path / "config.json").write_text(json.dumps({
-        "architecture": "vit_pico_patch4_32", "num_classes": 0,
-        "model_args": {"num_heads": 4},
-        "pretrained_cfg": {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25], "input_size": [3, SIDE, SIDE]}}))
+    (tmp_path / "config.json").write_text(
+        json.dumps(
+            {
+                "architecture": "vit_pico_patch4_32",
+                "num_classes": 0,
+                "model_args": {"num_heads": 4},
+                "pretrained_cfg": {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25], "input_size": [3, SIDE, SIDE]},
+            }
+        )
+    )
     imported = import_weights(tmp_path)
     assert imported.source["format"] == "timm"
     assert (imported.mean, imported.std, imported.normalisation_from) == ((0.5,) * 3, (0.25,) * 3, "checkpoint config")
@@ -84,8 +93,17 @@ def test_a_timm_hub_folder_gives_its_architecture_and_normalisation(tmp_path):
 
 
 def transformers_config(**extra):
-    return dict(hidden_size=WIDTH, num_hidden_layers=DEPTH, num_attention_heads=4, intermediate_size=4 * WIDTH,
-                image_size=SIDE, patch_size=PATCH, layer_norm_eps=1e-6, hidden_act="gelu", **extra)
+    return dict(
+        hidden_size=WIDTH,
+        num_hidden_layers=DEPTH,
+        num_attention_heads=4,
+        intermediate_size=4 * WIDTH,
+        image_size=SIDE,
+        patch_size=PATCH,
+        layer_norm_eps=1e-6,
+        hidden_act="gelu",
+        **extra,
+    )
 
 
 def test_a_transformers_vitmodel_folder_imports_with_its_features(tmp_path):
@@ -105,14 +123,24 @@ def test_a_transformers_vitmae_pretraining_folder_brings_its_decoder(tmp_path):
     from transformers import ViTMAEConfig, ViTMAEForPreTraining
 
     torch.manual_seed(3)
-    config = ViTMAEConfig(**transformers_config(), decoder_hidden_size=32, decoder_num_hidden_layers=1,
-                          decoder_num_attention_heads=2, decoder_intermediate_size=128, mask_ratio=0.0)
+    config = ViTMAEConfig(
+        **transformers_config(),
+        decoder_hidden_size=32,
+        decoder_num_hidden_layers=1,
+        decoder_num_attention_heads=2,
+        decoder_intermediate_size=128,
+        mask_ratio=0.0,
+    )
     model = ViTMAEForPreTraining(config).eval()
     model.save_pretrained(tmp_path)
     imported = import_weights(tmp_path)
     assert imported.source["format"] == "transformers"
-    assert imported.decoder is not None and {"decoder_embed.weight", "mask_token", "decoder_blocks.0.attn.qkv.weight",
-                                             "decoder_pred.weight"} <= set(imported.decoder)
+    assert imported.decoder is not None and {
+        "decoder_embed.weight",
+        "mask_token",
+        "decoder_blocks.0.attn.qkv.weight",
+        "decoder_pred.weight",
+    } <= set(imported.decoder)
     x = images()
     tokens = (SIDE // PATCH) ** 2
     with torch.no_grad():  # mask ratio 0 and the identity order: the encoder sees every patch in place
@@ -122,8 +150,12 @@ def test_a_transformers_vitmae_pretraining_folder_brings_its_decoder(tmp_path):
 
 def test_meta_mae_release_format_imports_encoder_and_decoder(tmp_path):
     model = timm_vit()
-    decoder = {"decoder_embed.weight": torch.randn(32, WIDTH), "decoder_embed.bias": torch.zeros(32),
-               "mask_token": torch.zeros(1, 1, 32), "decoder_pos_embed": torch.zeros(1, 65, 32)}
+    decoder = {
+        "decoder_embed.weight": torch.randn(32, WIDTH),
+        "decoder_embed.bias": torch.zeros(32),
+        "mask_token": torch.zeros(1, 1, 32),
+        "decoder_pos_embed": torch.zeros(1, 65, 32),
+    }
     torch.save({"model": {**model.state_dict(), **decoder}}, tmp_path / "mae_visualize_vit_pico.pth")
     torch.save({"model": model.state_dict()}, tmp_path / "mae_pretrain_vit_pico.pth")
     with_decoder = import_weights(tmp_path / "mae_visualize_vit_pico.pth")
@@ -142,27 +174,37 @@ def google_npz(model, file):
     the layout timm's `_load_weights` reads: kernels transposed to JAX's order, q/k/v per head."""
     s = {k: v.detach().numpy() for k, v in model.state_dict().items()}
     heads, head_dim = HEADS, WIDTH // HEADS
-    out = {"embedding/kernel": s["patch_embed.proj.weight"].transpose(2, 3, 1, 0),
-           "embedding/bias": s["patch_embed.proj.bias"], "cls": s["cls_token"],
-           "Transformer/posembed_input/pos_embedding": s["pos_embed"],
-           "Transformer/encoder_norm/scale": s["norm.weight"], "Transformer/encoder_norm/bias": s["norm.bias"]}
+    out = {
+        "embedding/kernel": s["patch_embed.proj.weight"].transpose(2, 3, 1, 0),
+        "embedding/bias": s["patch_embed.proj.bias"],
+        "cls": s["cls_token"],
+        "Transformer/posembed_input/pos_embedding": s["pos_embed"],
+        "Transformer/encoder_norm/scale": s["norm.weight"],
+        "Transformer/encoder_norm/bias": s["norm.bias"],
+    }
     for i in range(DEPTH):
         b, t = f"Transformer/encoderblock_{i}/", f"blocks.{i}."
         out[f"{b}LayerNorm_0/scale"], out[f"{b}LayerNorm_0/bias"] = s[f"{t}norm1.weight"], s[f"{t}norm1.bias"]
         out[f"{b}LayerNorm_2/scale"], out[f"{b}LayerNorm_2/bias"] = s[f"{t}norm2.weight"], s[f"{t}norm2.bias"]
         qkv_w, qkv_b = s[f"{t}attn.qkv.weight"], s[f"{t}attn.qkv.bias"]
         for j, name in enumerate(("query", "key", "value")):
-            w = qkv_w[j * WIDTH:(j + 1) * WIDTH]  # [out, in] -> [in, heads, head_dim]
+            w = qkv_w[j * WIDTH : (j + 1) * WIDTH]  # [out, in] -> [in, heads, head_dim]
             out[f"{b}MultiHeadDotProductAttention_1/{name}/kernel"] = w.T.reshape(WIDTH, heads, head_dim)
-            out[f"{b}MultiHeadDotProductAttention_1/{name}/bias"] = qkv_b[j * WIDTH:(j + 1) * WIDTH].reshape(
-                heads, head_dim)
-        out[f"{b}MultiHeadDotProductAttention_1/out/kernel"] = s[f"{t}attn.proj.weight"].T.reshape(heads, head_dim,
-                                                                                                 WIDTH)
+            out[f"{b}MultiHeadDotProductAttention_1/{name}/bias"] = qkv_b[j * WIDTH : (j + 1) * WIDTH].reshape(
+                heads, head_dim
+            )
+        out[f"{b}MultiHeadDotProductAttention_1/out/kernel"] = s[f"{t}attn.proj.weight"].T.reshape(
+            heads, head_dim, WIDTH
+        )
         out[f"{b}MultiHeadDotProductAttention_1/out/bias"] = s[f"{t}attn.proj.bias"]
-        out[f"{b}MlpBlock_3/Dense_0/kernel"], out[f"{b}MlpBlock_3/Dense_0/bias"] = (s[f"{t}mlp.fc1.weight"].T,
-                                                                                   s[f"{t}mlp.fc1.bias"])
-        out[f"{b}MlpBlock_3/Dense_1/kernel"], out[f"{b}MlpBlock_3/Dense_1/bias"] = (s[f"{t}mlp.fc2.weight"].T,
-                                                                                   s[f"{t}mlp.fc2.bias"])
+        out[f"{b}MlpBlock_3/Dense_0/kernel"], out[f"{b}MlpBlock_3/Dense_0/bias"] = (
+            s[f"{t}mlp.fc1.weight"].T,
+            s[f"{t}mlp.fc1.bias"],
+        )
+        out[f"{b}MlpBlock_3/Dense_1/kernel"], out[f"{b}MlpBlock_3/Dense_1/bias"] = (
+            s[f"{t}mlp.fc2.weight"].T,
+            s[f"{t}mlp.fc2.bias"],
+        )
     np.savez(file, **out)
 
 
@@ -181,8 +223,15 @@ def test_a_torchvision_vit_imports_with_its_class_token_feature(tmp_path):
     from torchvision.models import VisionTransformer
 
     torch.manual_seed(4)
-    model = VisionTransformer(image_size=SIDE, patch_size=PATCH, num_layers=DEPTH, num_heads=HEADS,
-                              hidden_dim=WIDTH, mlp_dim=4 * WIDTH, num_classes=10).eval()
+    model = VisionTransformer(
+        image_size=SIDE,
+        patch_size=PATCH,
+        num_layers=DEPTH,
+        num_heads=HEADS,
+        hidden_dim=WIDTH,
+        mlp_dim=4 * WIDTH,
+        num_classes=10,
+    ).eval()
     torch.save(model.state_dict(), tmp_path / "vit_pico_4.pth")
     imported = import_weights(tmp_path / "vit_pico_4.pth")
     assert imported.source["format"] == "torchvision"
@@ -215,6 +264,7 @@ def test_a_different_resolution_resamples_the_position_embeddings(tmp_path):
 
 # ----------------------------------------------------------------------------- refusals
 
+
 class _Touch:
     """Unpickling this object would create `path` (what a hostile checkpoint does, without a shell)."""
 
@@ -232,8 +282,11 @@ def test_a_pickle_that_runs_code_is_refused_and_nothing_runs(tmp_path):
     bad = tmp_path / "evil.pth"
     torch.save({"model": {"cls_token": torch.zeros(1, 1, 8)}, "trap": _Touch(str(marker))}, bad)
     # the trap is real: an unrestricted unpickler (torch.load(weights_only=False)) creates the file
-    subprocess.run([sys.executable, "-c", f"import torch; torch.load({str(bad)!r}, weights_only=False)"],
-                   capture_output=True, check=True)
+    subprocess.run(
+        [sys.executable, "-c", f"import torch; torch.load({str(bad)!r}, weights_only=False)"],
+        capture_output=True,
+        check=True,
+    )
     assert marker.exists()
     marker.unlink()
     with pytest.raises(UserError, match=r"evil\.pth hold more than tensors.*weights_only=True"):
@@ -252,12 +305,15 @@ def test_a_pickled_trap_object_as_the_whole_file_is_refused(tmp_path):
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("extra, reason", [
-    ({"reg_reg": None}, "register tokens"),
-    ({"class_token": False, "global_pool": "avg"}, "no class token"),
-    ({"init_values": 1e-5}, "layer scale"),
-    ({"qk_norm": True}, "qk-norm"),
-])
+@pytest.mark.parametrize(
+    "extra, reason",
+    [
+        ({"reg_reg": None}, "register tokens"),
+        ({"class_token": False, "global_pool": "avg"}, "no class token"),
+        ({"init_values": 1e-5}, "layer scale"),
+        ({"qk_norm": True}, "qk-norm"),
+    ],
+)
 def test_what_our_encoder_cannot_hold_is_refused_by_name(tmp_path, extra, reason):
     kwargs = {"reg_tokens": 2} if "reg_reg" in extra else extra
     model = timm_vit(**kwargs)
@@ -269,8 +325,11 @@ def test_what_our_encoder_cannot_hold_is_refused_by_name(tmp_path, extra, reason
 def test_a_wrong_architecture_names_the_first_mismatched_key_and_both_shapes(tmp_path):
     model = timm_vit()
     save_file(model.state_dict(), tmp_path / "vit.safetensors")
-    with pytest.raises(UserError, match=r"do not fit a patch-16 width-384 depth-12 6-head encoder: 'cls_token' has "
-                                        r"shape \(1, 1, 64\), the encoder's is \(1, 1, 384\)"):
+    with pytest.raises(
+        UserError,
+        match=r"do not fit a patch-16 width-384 depth-12 6-head encoder: 'cls_token' has "
+        r"shape \(1, 1, 64\), the encoder's is \(1, 1, 384\)",
+    ):
         import_weights(tmp_path / "vit.safetensors", name="vit_small_patch16_224")
 
 
@@ -291,9 +350,16 @@ def test_a_transformers_vitmae_checkpoint_continues_as_our_mae_with_its_loss(tmp
     from vitmpp.models.importer import initialise_from
 
     torch.manual_seed(5)
-    config = ViTMAEConfig(**{**transformers_config(), "num_attention_heads": HEADS}, decoder_hidden_size=32,
-                          decoder_num_hidden_layers=2, decoder_num_attention_heads=2, decoder_intermediate_size=128,
-                          mask_ratio=0.75, norm_pix_loss=True, qkv_bias=True)
+    config = ViTMAEConfig(
+        **{**transformers_config(), "num_attention_heads": HEADS},
+        decoder_hidden_size=32,
+        decoder_num_hidden_layers=2,
+        decoder_num_attention_heads=2,
+        decoder_intermediate_size=128,
+        mask_ratio=0.75,
+        norm_pix_loss=True,
+        qkv_bias=True,
+    )
     peer = ViTMAEForPreTraining(config).eval()
     with torch.no_grad():  # transformers 5 leaves the fixed tables at zero after init: give them values to carry
         peer.vit.embeddings.position_embeddings.normal_(0, 0.1)
@@ -301,8 +367,14 @@ def test_a_transformers_vitmae_checkpoint_continues_as_our_mae_with_its_loss(tmp
         peer.decoder.mask_token.normal_(0, 0.1)
     peer.save_pretrained(tmp_path)
 
-    objective = create_objective("mae", create_encoder("vit_pico_patch4_32"), decoder_embed_dim=32, decoder_depth=2,
-                                 decoder_num_heads=2, norm_pix_loss=True).eval()
+    objective = create_objective(
+        "mae",
+        create_encoder("vit_pico_patch4_32"),
+        decoder_embed_dim=32,
+        decoder_depth=2,
+        decoder_num_heads=2,
+        norm_pix_loss=True,
+    ).eval()
     record = initialise_from(objective, tmp_path, parts="all")
     assert record["format"] == "transformers" and record["parts"] == ["encoder", "decoder"]
     pixels = uint8_images(3, size=SIDE, seed=1)
@@ -322,8 +394,11 @@ def test_init_parts_all_without_the_objectives_parts_is_one_sentence(tmp_path):
 
     save_file(timm_vit().state_dict(), tmp_path / "vit.safetensors")
     objective = create_objective("mpp", create_encoder("vit_pico_patch4_32"))
-    with pytest.raises(UserError, match=r"^model\.init_parts=all: .* holds no weights for the .*'s own parts .*; use "
-                                        r"model\.init_parts=encoder\.$"):
+    with pytest.raises(
+        UserError,
+        match=r"^model\.init_parts=all: .* holds no weights for the .*'s own parts .*; use "
+        r"model\.init_parts=encoder\.$",
+    ):
         initialise_from(objective, tmp_path / "vit.safetensors", parts="all")
     record = initialise_from(objective, tmp_path / "vit.safetensors")  # the encoder alone is fine
     assert record["parts"] == ["encoder"]

@@ -1,4 +1,5 @@
 """MAE: masking, patchify, and equality with a peer implementation (transformers' ViTMAEForPreTraining)."""
+
 from __future__ import annotations
 
 import pytest
@@ -93,15 +94,24 @@ def test_init_encoder_false_keeps_the_encoders_weights():
 
 # ----------------------------------------------------------------------------- peer implementation
 
+
 def _copy_block(ours, theirs, d):
     """timm Block -> transformers ViTMAELayer (timm fuses q, k, v into one projection)."""
     attention = theirs.attention
-    for proj, weight, bias in zip((attention.q_proj, attention.k_proj, attention.v_proj),
-                                  ours.attn.qkv.weight.split(d), ours.attn.qkv.bias.split(d)):
+    for proj, weight, bias in zip(
+        (attention.q_proj, attention.k_proj, attention.v_proj),
+        ours.attn.qkv.weight.split(d),
+        ours.attn.qkv.bias.split(d),
+    ):
         proj.weight.copy_(weight)
         proj.bias.copy_(bias)
-    for a, b in ((ours.attn.proj, attention.o_proj), (ours.norm1, theirs.layernorm_before),
-                 (ours.norm2, theirs.layernorm_after), (ours.mlp.fc1, theirs.mlp.fc1), (ours.mlp.fc2, theirs.mlp.fc2)):
+    for a, b in (
+        (ours.attn.proj, attention.o_proj),
+        (ours.norm1, theirs.layernorm_before),
+        (ours.norm2, theirs.layernorm_after),
+        (ours.mlp.fc1, theirs.mlp.fc1),
+        (ours.mlp.fc2, theirs.mlp.fc2),
+    ):
         b.weight.copy_(a.weight)
         b.bias.copy_(a.bias)
 
@@ -111,7 +121,7 @@ def _hf_sincos(grid: int, dim: int) -> torch.Tensor:
     from transformers.models.vit_mae.modeling_vit_mae import build_2d_sinusoidal_position_embedding
 
     table = build_2d_sinusoidal_position_embedding(grid, grid, dim, cls_token=True).float()
-    return torch.cat([table[:, dim // 2:], table[:, : dim // 2]], dim=1)
+    return torch.cat([table[:, dim // 2 :], table[:, : dim // 2]], dim=1)
 
 
 def _peer(objective, img_size, norm_pix_loss):
@@ -119,12 +129,23 @@ def _peer(objective, img_size, norm_pix_loss):
     enc, cfg = objective.encoder, objective.config
     d = enc.embed_dim
     config = transformers.ViTMAEConfig(
-        hidden_size=d, num_hidden_layers=len(enc.blocks), num_attention_heads=enc.blocks[0].attn.num_heads,
-        intermediate_size=enc.blocks[0].mlp.fc1.out_features, image_size=img_size, patch_size=objective.patch_size,
-        decoder_hidden_size=cfg.decoder_embed_dim, decoder_num_hidden_layers=cfg.decoder_depth,
-        decoder_num_attention_heads=cfg.decoder_num_heads, decoder_intermediate_size=int(cfg.decoder_embed_dim * cfg.decoder_mlp_ratio),
-        layer_norm_eps=1e-6, norm_pix_loss=norm_pix_loss, mask_ratio=cfg.mask_ratio, qkv_bias=True,
-        hidden_act="gelu", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        hidden_size=d,
+        num_hidden_layers=len(enc.blocks),
+        num_attention_heads=enc.blocks[0].attn.num_heads,
+        intermediate_size=enc.blocks[0].mlp.fc1.out_features,
+        image_size=img_size,
+        patch_size=objective.patch_size,
+        decoder_hidden_size=cfg.decoder_embed_dim,
+        decoder_num_hidden_layers=cfg.decoder_depth,
+        decoder_num_attention_heads=cfg.decoder_num_heads,
+        decoder_intermediate_size=int(cfg.decoder_embed_dim * cfg.decoder_mlp_ratio),
+        layer_norm_eps=1e-6,
+        norm_pix_loss=norm_pix_loss,
+        mask_ratio=cfg.mask_ratio,
+        qkv_bias=True,
+        hidden_act="gelu",
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
     )
     peer = transformers.ViTMAEForPreTraining(config).eval()
     with torch.no_grad():
@@ -134,22 +155,28 @@ def _peer(objective, img_size, norm_pix_loss):
         # expected tables come from its builder, and ours are copied in.
         grid = img_size // objective.patch_size
         torch.testing.assert_close(enc.pos_embed[0], _hf_sincos(grid, d), rtol=0, atol=1e-6)
-        torch.testing.assert_close(objective.decoder_pos_embed[0], _hf_sincos(grid, cfg.decoder_embed_dim), rtol=0, atol=1e-6)
+        torch.testing.assert_close(
+            objective.decoder_pos_embed[0], _hf_sincos(grid, cfg.decoder_embed_dim), rtol=0, atol=1e-6
+        )
         emb.position_embeddings.copy_(enc.pos_embed)
         emb.cls_token.copy_(enc.cls_token)
         emb.patch_embeddings.projection.weight.copy_(enc.patch_embed.proj.weight)
         emb.patch_embeddings.projection.bias.copy_(enc.patch_embed.proj.bias)
         for ours, theirs in zip(enc.blocks, peer.vit.layers):
             _copy_block(ours, theirs, d)
-        peer.vit.layernorm.weight.copy_(enc.norm.weight); peer.vit.layernorm.bias.copy_(enc.norm.bias)
+        peer.vit.layernorm.weight.copy_(enc.norm.weight)
+        peer.vit.layernorm.bias.copy_(enc.norm.bias)
         dec = peer.decoder
         dec.mask_token.copy_(objective.mask_token)
         dec.decoder_pos_embed.copy_(objective.decoder_pos_embed)
-        dec.decoder_embed.weight.copy_(objective.decoder_embed.weight); dec.decoder_embed.bias.copy_(objective.decoder_embed.bias)
+        dec.decoder_embed.weight.copy_(objective.decoder_embed.weight)
+        dec.decoder_embed.bias.copy_(objective.decoder_embed.bias)
         for ours, theirs in zip(objective.decoder_blocks, dec.decoder_layers):
             _copy_block(ours, theirs, cfg.decoder_embed_dim)
-        dec.decoder_norm.weight.copy_(objective.decoder_norm.weight); dec.decoder_norm.bias.copy_(objective.decoder_norm.bias)
-        dec.decoder_pred.weight.copy_(objective.decoder_pred.weight); dec.decoder_pred.bias.copy_(objective.decoder_pred.bias)
+        dec.decoder_norm.weight.copy_(objective.decoder_norm.weight)
+        dec.decoder_norm.bias.copy_(objective.decoder_norm.bias)
+        dec.decoder_pred.weight.copy_(objective.decoder_pred.weight)
+        dec.decoder_pred.bias.copy_(objective.decoder_pred.bias)
     return peer
 
 
@@ -157,8 +184,9 @@ def _peer(objective, img_size, norm_pix_loss):
 def test_matches_transformers_vitmae(norm_pix_loss):
     torch.manual_seed(0)
     encoder = create_encoder("vit_pico_patch4_32", embed_dim=64, depth=2, num_heads=4)
-    objective = create_objective("mae", encoder, decoder_embed_dim=32, decoder_depth=2, decoder_num_heads=2,
-                                 norm_pix_loss=norm_pix_loss).eval()
+    objective = create_objective(
+        "mae", encoder, decoder_embed_dim=32, decoder_depth=2, decoder_num_heads=2, norm_pix_loss=norm_pix_loss
+    ).eval()
     peer = _peer(objective, 32, norm_pix_loss)
     images = uint8_images(3, size=32, seed=1)
     noise = torch.rand(3, 64)

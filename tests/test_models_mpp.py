@@ -1,4 +1,5 @@
 """Masked patch prediction as in the ViT paper, appendix B.1.2."""
+
 from __future__ import annotations
 
 import pytest
@@ -12,6 +13,7 @@ from models_helpers import TINY, normalise, tiny_objective, uint8_images
 
 
 # ----------------------------------------------------------------------------- targets
+
 
 def _patch(rgb_planes):
     """A 4x4 patch from three 4x4 channel planes: [1, 3, 4, 4]."""
@@ -36,7 +38,9 @@ def test_mixed_patch_class_computed_by_hand():
 def test_bin_edges():
     # level k holds [k/8, (k+1)/8): an edge belongs to the upper bin, 1.0 to the top one
     values = torch.tensor([0.0, 1 / 8, 1 / 8 - 1e-3, 3 / 8, 0.5 - 1e-3, 0.5, 7 / 8, 1.0])
-    levels = quantize_colors(torch.stack([values, torch.zeros_like(values), torch.zeros_like(values)], -1), bits=3) // 64
+    levels = (
+        quantize_colors(torch.stack([values, torch.zeros_like(values), torch.zeros_like(values)], -1), bits=3) // 64
+    )
     assert levels.tolist() == [0, 1, 0, 3, 3, 4, 7, 7]
     # one bit per channel: 2 levels, 8 classes
     grey = torch.tensor([[0.49, 0.5, 1.0]])
@@ -67,7 +71,11 @@ def test_downsampled_target_by_hand():
 @pytest.mark.parametrize("target", ["mean_color", "downsampled"])
 def test_colour_targets_come_from_the_pixels_whatever_the_normalisation(target):
     raw = uint8_images(8, seed=3)
-    stats = [((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)), ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)), ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))]
+    stats = [
+        ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
+        ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+        ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+    ]
     reference = None
     for mean, std in stats:
         objective = create_objective("mpp", create_encoder(TINY), mean=mean, std=std, target=target)
@@ -80,6 +88,7 @@ def test_colour_targets_come_from_the_pixels_whatever_the_normalisation(target):
 
 
 # ----------------------------------------------------------------------------- corruption
+
 
 def test_corruption_statistics_over_many_draws():
     objective = tiny_objective("mpp")
@@ -140,6 +149,7 @@ def test_mask_token_lives_in_embedding_space_and_position_embeddings_are_added()
 
 
 # ----------------------------------------------------------------------------- loss, gradients, precision
+
 
 def test_gradients_reach_the_mask_embedding_and_head():
     objective = tiny_objective("mpp")

@@ -1,5 +1,6 @@
 """The random-number rule of models/objective.py: an objective draws its masks from torch's global
 generator, which the loop checkpoints, so a resumed run draws what the uninterrupted one drew."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -10,8 +11,14 @@ import torch
 from vitmpp.models import create_encoder, create_objective
 from vitmpp.models.objective import _REGISTRY, Objective, ObjectiveOutput, register_objective
 
-from models_helpers import (TINY, assert_randomness_is_resumable, assert_resume_draws_the_same,
-                            assert_same_seed_same_forward, tiny_objective, uint8_images)
+from models_helpers import (
+    TINY,
+    assert_randomness_is_resumable,
+    assert_resume_draws_the_same,
+    assert_same_seed_same_forward,
+    tiny_objective,
+    uint8_images,
+)
 
 
 @pytest.mark.parametrize("name", ["mpp", "mae", "simmim", "supervised"])

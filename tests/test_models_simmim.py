@@ -1,4 +1,5 @@
 """SimMIM (Xie et al., CVPR 2022): masks, mask token, linear head, L1 on masked pixels, recipes."""
+
 from __future__ import annotations
 
 import math
@@ -36,13 +37,17 @@ def _pixels(images: torch.Tensor, p: int) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- masks
 
-@pytest.mark.parametrize("grid_h, grid_w, s, ratio", [
-    (14, 14, 2, 0.6),  # ViT-B/16 at 224 px, 32 px mask patches: 49 units, 30 masked
-    (4, 4, 1, 0.6),    # the digits demo: 16 units, 10 masked
-    (4, 4, 2, 0.6),    # 4 units, 3 masked
-    (6, 4, 2, 0.6),    # a non-square grid: 3x2 units, 4 masked
-    (12, 12, 3, 0.75),
-])
+
+@pytest.mark.parametrize(
+    "grid_h, grid_w, s, ratio",
+    [
+        (14, 14, 2, 0.6),  # ViT-B/16 at 224 px, 32 px mask patches: 49 units, 30 masked
+        (4, 4, 1, 0.6),  # the digits demo: 16 units, 10 masked
+        (4, 4, 2, 0.6),  # 4 units, 3 masked
+        (6, 4, 2, 0.6),  # a non-square grid: 3x2 units, 4 masked
+        (12, 12, 3, 0.75),
+    ],
+)
 def test_exact_count_is_ceil_of_ratio_times_mask_units(grid_h, grid_w, s, ratio):
     mask = simmim_mask(32, grid_h, grid_w, s, ratio, torch.Generator().manual_seed(0))
     assert mask.dtype == torch.bool and mask.shape == (32, grid_h * grid_w)
@@ -105,6 +110,7 @@ def test_mask_arguments_are_checked():
 
 # ----------------------------------------------------------------------------- the model and the loss
 
+
 def test_loss_equals_a_hand_computation():
     objective = tiny_simmim()
     enc = objective.encoder
@@ -154,7 +160,9 @@ def test_the_encoder_sees_the_mask_token_at_masked_positions_only():
     enc.blocks.register_forward_pre_hook(lambda m, args: seen.setdefault("tokens", args[0].clone()))
     mask = objective.sample_mask(4, generator=torch.Generator().manual_seed(3))
     objective(images, mask=mask)
-    assert torch.equal(seen["pixels"], normalise(images))  # the image itself is not corrupted: masking is in embedding space
+    assert torch.equal(
+        seen["pixels"], normalise(images)
+    )  # the image itself is not corrupted: masking is in embedding space
     with torch.no_grad():
         clean = enc.patch_embed(normalise(images))
     pos = enc.pos_embed.detach()[:, 1:]
@@ -165,7 +173,9 @@ def test_the_encoder_sees_the_mask_token_at_masked_positions_only():
     torch.testing.assert_close(tokens[mask], (token + pos.expand(4, -1, -1))[mask])
     # unmasked: the patch embedding untouched, plus its position
     torch.testing.assert_close(tokens[~mask], (clean + pos)[~mask])
-    torch.testing.assert_close(seen["tokens"][:, 0], (enc.cls_token + enc.pos_embed[:, :1]).detach()[:, 0].expand(4, -1))
+    torch.testing.assert_close(
+        seen["tokens"][:, 0], (enc.cls_token + enc.pos_embed[:, :1]).detach()[:, 0].expand(4, -1)
+    )
 
 
 def test_gradients_reach_the_mask_token_the_head_and_the_encoder():
@@ -199,7 +209,9 @@ def test_mask_token_init_head_shape_and_parameter_groups():
 def test_defaults_are_the_papers_and_the_demo_options_fit_the_demo_encoder():
     assert (SimMIMConfig().mask_ratio, SimMIMConfig().mask_patch_size) == (0.6, 32)
     assert SimMIMObjective.embedded_options == {"mask_patch_size": 8}
-    demo = create_objective("simmim", create_encoder("vit_nano_patch8_32", img_size=32), **SimMIMObjective.embedded_options)
+    demo = create_objective(
+        "simmim", create_encoder("vit_nano_patch8_32", img_size=32), **SimMIMObjective.embedded_options
+    )
     assert demo.num_mask_units == 16
     assert demo(uint8_images(2, size=32)).extras["mask"].sum(dim=1).tolist() == [10, 10]
     # the paper's 32 px mask patch at ViT-B/16, 224 px: 49 units of 2x2 patches
@@ -214,18 +226,22 @@ def test_flops_count_runs():
 
 # ----------------------------------------------------------------------------- errors, pictures, registry, export
 
+
 def _one_sentence(message: str) -> bool:
     return message.endswith((".", "?")) and not re.search(r"[.;?]\s+[A-Z]", message)
 
 
-@pytest.mark.parametrize("options, pattern", [
-    (dict(mask_patch_size=6), r"simmim\.mask_patch_size.*multiple of the encoder's patch size 4"),
-    (dict(mask_patch_size=12), r"simmim\.mask_patch_size.*divide the image size 16x16"),
-    (dict(mask_patch_size=0), r"mask_patch_size"),
-    (dict(mask_ratio=1.0), r"mask_ratio"),
-    (dict(mask_ratio=0.0), r"mask_ratio"),
-    (dict(mask_size=8), r"Unknown key 'mask_size'"),
-])
+@pytest.mark.parametrize(
+    "options, pattern",
+    [
+        (dict(mask_patch_size=6), r"simmim\.mask_patch_size.*multiple of the encoder's patch size 4"),
+        (dict(mask_patch_size=12), r"simmim\.mask_patch_size.*divide the image size 16x16"),
+        (dict(mask_patch_size=0), r"mask_patch_size"),
+        (dict(mask_ratio=1.0), r"mask_ratio"),
+        (dict(mask_ratio=0.0), r"mask_ratio"),
+        (dict(mask_size=8), r"Unknown key 'mask_size'"),
+    ],
+)
 def test_config_errors_are_one_sentence_naming_the_key(options, pattern):
     with pytest.raises(ConfigError, match=pattern) as err:
         create_objective("simmim", create_encoder(TINY), **options)
@@ -242,7 +258,7 @@ def test_visualization_grid():
     assert vis.grid.shape[1:] == (2 * 17 + 1, 3 * 17 + 1)  # 2 rows of 3 tiles of 16 px, 1 px padding
     assert "SimMIM" in vis.caption and "[mask]" in vis.caption and "3 of 4" in vis.caption
     # column 1 is the image, column 3 keeps it outside the masked patches
-    tile = lambda r, c: vis.grid[:, 1 + 17 * r: 17 * (r + 1), 1 + 17 * c: 17 * (c + 1)]  # noqa: E731
+    tile = lambda r, c: vis.grid[:, 1 + 17 * r : 17 * (r + 1), 1 + 17 * c : 17 * (c + 1)]  # noqa: E731
     unmasked = ~out.extras["mask"][0].reshape(4, 4).repeat_interleave(4, 0).repeat_interleave(4, 1)
     torch.testing.assert_close(tile(0, 2)[:, unmasked], tile(0, 0)[:, unmasked])
 
@@ -265,6 +281,7 @@ def test_encoder_state_dict_loads_into_a_plain_timm_vit():
 
 
 # ----------------------------------------------------------------------------- recipes
+
 
 @pytest.mark.parametrize("name", ["simmim_vit_b16.yaml", "simmim_digits.yaml"])
 def test_recipe_section_is_simmim_config(name):

@@ -1,4 +1,5 @@
 """The objectives train: overfitting a fixed batch, torch.compile, checkpointing, timm's optimizer factory."""
+
 from __future__ import annotations
 
 import pytest
@@ -80,12 +81,12 @@ def test_timm_optimizer_groups(name):
     # layer-wise lr decay through the objective's group_matcher: stem lowest, heads/decoders at full lr
     layered = create_optimizer_v2(objective, opt="adamw", lr=1e-3, weight_decay=0.05, layer_decay=0.5)
     scale = {by_id[id(p)]: g["lr_scale"] for g in layered.param_groups for p in g["params"]}
-    assert scale["encoder.patch_embed.proj.weight"] == pytest.approx(0.5 ** 3)
+    assert scale["encoder.patch_embed.proj.weight"] == pytest.approx(0.5**3)
     assert scale["encoder.blocks.1.attn.qkv.weight"] == pytest.approx(0.5)
     head = next(n for n in scale if n.startswith(("head", "decoder")))
     assert scale[head] == 1.0
     if name == "mpp":
-        assert scale["mask_token"] == pytest.approx(0.5 ** 3)  # an input embedding: with the stem
+        assert scale["mask_token"] == pytest.approx(0.5**3)  # an input embedding: with the stem
     if name == "mae":
         assert scale["mask_token"] == 1.0  # the decoder's
 
@@ -94,5 +95,5 @@ def test_objectives_share_the_encoder_they_are_given():
     encoder = create_encoder(TINY)
     objective = create_objective("mae", encoder, **TINY_MAE)
     assert objective.encoder is encoder
-    keys = {k[len("encoder."):] for k in objective.state_dict() if k.startswith("encoder.")}
+    keys = {k[len("encoder.") :] for k in objective.state_dict() if k.startswith("encoder.")}
     assert keys == set(encoder.state_dict())  # the engine's export strips "encoder." and loads these

@@ -1,6 +1,7 @@
 """The two documented ways to run the default linear probe are one run (issue 27, item 2): the
 `./launch.sh finetune encoder=runs/default-mpp` that pretraining prints, then README's plain
 `./launch.sh finetune` (encoder null), then the `--resume auto` the message suggests."""
+
 from __future__ import annotations
 
 import json

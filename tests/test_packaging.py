@@ -1,4 +1,5 @@
 """Packaging: one distribution, `vitmpp`, and nothing else at the top level of the wheel."""
+
 import re
 import subprocess
 import sys
@@ -15,16 +16,38 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_wheel_holds_only_vitmpp_packages(tmp_path):
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path)],
-        check=True, capture_output=True, cwd=tmp_path,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            str(ROOT),
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+        ],
+        check=True,
+        capture_output=True,
+        cwd=tmp_path,
     )
     wheel = next(tmp_path.glob("vitmpp-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     top = {name.split("/", 1)[0] for name in names}
     assert top == {"vitmpp", f"{wheel.name.split('-')[0]}-{wheel.name.split('-')[1]}.dist-info"}
     packages = {name.split("/")[1] for name in names if name.startswith("vitmpp/")}
-    assert {"common", "datasets", "models", "evaluate", "pretrain", "finetune", "analyze", "experiments",
-            "benchmarks"} <= packages
+    assert {
+        "common",
+        "datasets",
+        "models",
+        "evaluate",
+        "pretrain",
+        "finetune",
+        "analyze",
+        "experiments",
+        "benchmarks",
+    } <= packages
     assert not any(name.startswith(("datasets/", "models/")) for name in names)
 
 

@@ -3,6 +3,7 @@ top-1/top-5 on the validation split against a training-split memory bank and the
 the validation split, as eval/knn_top1, eval/knn_top5, eval/loss in TensorBoard and metrics.jsonl; a
 short MAE run beats a random encoder and its own start; the evaluation never moves the training; two
 processes score what one does; off at 0."""
+
 from __future__ import annotations
 
 import json
@@ -24,16 +25,18 @@ TAGS = ("eval/knn_top1", "eval/knn_top5", "eval/loss")
 
 
 def scalar_events(run_dir, tag) -> dict[int, float]:
-    return {e.step: e.value for acc in tensorboard_events(run_dir) if tag in acc.Tags()["scalars"]
-            for e in acc.Scalars(tag)}
+    return {
+        e.step: e.value for acc in tensorboard_events(run_dir) if tag in acc.Tags()["scalars"] for e in acc.Scalars(tag)
+    }
 
 
 def eval_rows(run_dir) -> dict[int, dict]:
     return {row["step"]: row for row in metrics(run_dir) if "eval/knn_top1" in row}
 
 
-def evaluate(shards, overrides: list[str], state: dict | None = None, seed: int = 0,
-             timm_encoder: bool = False) -> dict:
+def evaluate(
+    shards, overrides: list[str], state: dict | None = None, seed: int = 0, timm_encoder: bool = False
+) -> dict:
     """`evaluate_online` in this process (one rank) on the objective the overrides describe: as a run with
     train.seed=`seed` starts, or with weights `state`; `timm_encoder`: its encoder replaced by a fresh one
     of timm's initialisation (the random encoder of `compare`)."""
@@ -48,20 +51,43 @@ def evaluate(shards, overrides: list[str], state: dict | None = None, seed: int 
     cfg = load_config(PretrainConfig, None, overrides + [f"data.shards={shards}"])
     manifest = read_manifest(str(shards))
     torch.manual_seed(seed)
-    objective = create_objective(cfg.objective, encoder_from_config(cfg.model), mean=cfg.data.mean, std=cfg.data.std,
-                                 num_classes=manifest.num_classes, config=cfg.objective_config())
+    objective = create_objective(
+        cfg.objective,
+        encoder_from_config(cfg.model),
+        mean=cfg.data.mean,
+        std=cfg.data.std,
+        num_classes=manifest.num_classes,
+        config=cfg.objective_config(),
+    )
     if state is not None:
         objective.load_state_dict(state)
     if timm_encoder:
         torch.manual_seed(seed)
         objective.encoder.load_state_dict(encoder_from_config(cfg.model).state_dict())
-    specs = eval_specs(str(shards), manifest, "train", cfg.model.img_size, knn_images=cfg.eval.knn_images,
-                       loss_images=cfg.eval.loss_images, loss_batch=cfg.train.global_batch,
-                       seed=cfg.train.seed, num_workers=0, interpolation=cfg.data.interpolation)
+    specs = eval_specs(
+        str(shards),
+        manifest,
+        "train",
+        cfg.model.img_size,
+        knn_images=cfg.eval.knn_images,
+        loss_images=cfg.eval.loss_images,
+        loss_batch=cfg.train.global_batch,
+        seed=cfg.train.seed,
+        num_workers=0,
+        interpolation=cfg.data.interpolation,
+    )
     mean = torch.tensor(cfg.data.mean).view(1, 3, 1, 1)
     std = torch.tensor(cfg.data.std).view(1, 3, 1, 1)
-    scores = evaluate_online(Accelerator(cpu=True), objective, specs, mean, std, k=cfg.eval.k,
-                             temperature=cfg.eval.temperature, seed=cfg.train.seed)
+    scores = evaluate_online(
+        Accelerator(cpu=True),
+        objective,
+        specs,
+        mean,
+        std,
+        k=cfg.eval.k,
+        temperature=cfg.eval.temperature,
+        seed=cfg.train.seed,
+    )
     assert objective.training  # its train mode given back
     return scores
 
@@ -70,10 +96,12 @@ def evaluate(shards, overrides: list[str], state: dict | None = None, seed: int 
 def mae_runs(tmp_path_factory, digits16):
     """The same 40 MAE steps with the evaluation every 20 steps and without it."""
     root = tmp_path_factory.mktemp("eval")
-    evaluated = run(python_cmd("pretrain/main.py") + MAE + EVAL + [f"data.shards={digits16}", "run.name=evaluated"],
-                    cwd=root)
-    plain = run(python_cmd("pretrain/main.py") + MAE + ["eval.every=0", f"data.shards={digits16}", "run.name=plain"],
-                cwd=root)
+    evaluated = run(
+        python_cmd("pretrain/main.py") + MAE + EVAL + [f"data.shards={digits16}", "run.name=evaluated"], cwd=root
+    )
+    plain = run(
+        python_cmd("pretrain/main.py") + MAE + ["eval.every=0", f"data.shards={digits16}", "run.name=plain"], cwd=root
+    )
     return root / "runs", evaluated, plain
 
 
@@ -117,8 +145,13 @@ def test_eval_every_zero_logs_nothing_and_evaluating_leaves_the_training_unchang
 
 def test_exact_resume_across_evaluations(tmp_path, digits16):
     """Evaluations at 2, 4, 6; stopped at 3 and resumed: the same losses and evaluations, each step once."""
-    common = TINY + ["train.steps=6", f"data.shards={digits16}", "log.checkpoint_every=2", "eval.every=2",
-                     f"eval.knn_images={KNN_IMAGES}"]
+    common = TINY + [
+        "train.steps=6",
+        f"data.shards={digits16}",
+        "log.checkpoint_every=2",
+        "eval.every=2",
+        f"eval.knn_images={KNN_IMAGES}",
+    ]
     run(python_cmd("pretrain/main.py") + common + ["run.name=straight"], cwd=tmp_path)
     run(python_cmd("pretrain/main.py") + common + ["run.name=resumed", "debug.stop_at_step=3"], cwd=tmp_path)
     # eval.* may change on resume (it computes nothing the training uses): here it stays
@@ -134,8 +167,14 @@ def test_two_processes_score_each_validation_image_once_as_one_process_does(tmp_
     """kNN features are gathered to every rank; the loss is sharded and reduced. The supervised
     objective draws no masks, so one process scoring the checkpoint the two processes wrote must
     give the same kNN accuracy (the same features up to float rounding) and the same loss."""
-    overrides = TINY + ["objective=supervised", "train.steps=4", "eval.every=4", f"eval.knn_images={KNN_IMAGES}",
-                        "eval.loss_images=0", "log.checkpoint_every=4"]
+    overrides = TINY + [
+        "objective=supervised",
+        "train.steps=4",
+        "eval.every=4",
+        f"eval.knn_images={KNN_IMAGES}",
+        "eval.loss_images=0",
+        "log.checkpoint_every=4",
+    ]
     cmd = accelerate_cmd("pretrain/main.py", processes=2)
     cmd[cmd.index("--main_process_port") + 1] = str(29500 + (os.getpid() + 211) % 1000)
     result = run(cmd + overrides + [f"data.shards={digits16}"], cwd=tmp_path)
@@ -165,7 +204,8 @@ def test_the_default_run_lifts_knn_above_its_initial_encoder(tmp_path, digits32)
     assert sorted(rows) == [100, 200, 300, 400, 500], sorted(rows)
     events = scalar_events(run_dir, "eval/knn_top1")
     assert {step: round(value, 3) for step, value in events.items()} == {
-        step: round(row["eval/knn_top1"], 3) for step, row in rows.items()}
+        step: round(row["eval/knn_top1"], 3) for step, row in rows.items()
+    }
     assert "step 500: eval kNN top-1" in result.stdout
 
     # the initial encoder (train.seed=0, as the run starts), scored on the same bank and queries

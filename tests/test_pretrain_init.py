@@ -1,5 +1,6 @@
 """Pretraining from public weights (model.init): the weights are used, recorded in encoder.json and the
 model card, resampled to the run's resolution, and a resumed run continues exactly without reading them."""
+
 from __future__ import annotations
 
 import json
@@ -16,8 +17,10 @@ def public_checkpoint(path):
     from timm.models import VisionTransformer
 
     torch.manual_seed(7)
-    save_file(VisionTransformer(img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=2, num_classes=0).state_dict(),
-              path)
+    save_file(
+        VisionTransformer(img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=2, num_classes=0).state_dict(),
+        path,
+    )
     return path
 
 
@@ -28,13 +31,19 @@ def test_pretraining_from_a_checkpoint_records_it_and_resumes_exactly_without_it
     common = TINY + [f"data.shards={digits16}", "log.checkpoint_every=2", f"model.init={init}"]
     straight = run(python_cmd("pretrain/main.py") + common + ["train.steps=4", "run.name=straight"], cwd=tmp_path)
     assert f"model.init: encoder from {init} (timm, sha256 " in straight.stdout
-    run(python_cmd("pretrain/main.py") + TINY + [f"data.shards={digits16}", "train.steps=4", "run.name=random"],
-        cwd=tmp_path)
-    run(python_cmd("pretrain/main.py") + common + ["train.steps=4", "run.name=resumed", "debug.stop_at_step=2"],
-        cwd=tmp_path)
+    run(
+        python_cmd("pretrain/main.py") + TINY + [f"data.shards={digits16}", "train.steps=4", "run.name=random"],
+        cwd=tmp_path,
+    )
+    run(
+        python_cmd("pretrain/main.py") + common + ["train.steps=4", "run.name=resumed", "debug.stop_at_step=2"],
+        cwd=tmp_path,
+    )
     init.rename(init.with_suffix(".moved"))  # a resumed run holds the weights: it never reads the init again
-    second = run(python_cmd("pretrain/main.py") + common + ["train.steps=4", "run.name=resumed", "--resume", "auto"],
-                 cwd=tmp_path)
+    second = run(
+        python_cmd("pretrain/main.py") + common + ["train.steps=4", "run.name=resumed", "--resume", "auto"],
+        cwd=tmp_path,
+    )
     assert "model.init:" not in second.stdout
 
     runs = tmp_path / "runs"
@@ -50,12 +59,24 @@ def test_pretraining_from_a_checkpoint_records_it_and_resumes_exactly_without_it
 
 def test_a_checkpoint_of_another_width_is_refused_naming_the_key_and_both_shapes(tmp_path, digits16):
     init = public_checkpoint(tmp_path / "vit_pico_32.safetensors")
-    out = run(python_cmd("pretrain/main.py") + TINY + [f"data.shards={digits16}", "train.steps=1",
-                                                       "model.name=vit_nano_patch4_32", "model.img_size=16",
-                                                       f"model.init={init}"], cwd=tmp_path, check=False)
+    out = run(
+        python_cmd("pretrain/main.py")
+        + TINY
+        + [
+            f"data.shards={digits16}",
+            "train.steps=1",
+            "model.name=vit_nano_patch4_32",
+            "model.img_size=16",
+            f"model.init={init}",
+        ],
+        cwd=tmp_path,
+        check=False,
+    )
     assert out.returncode == 2
-    assert "does not fit this run's encoder: 'cls_token' has shape (1, 1, 64), the encoder's is (1, 1, 128)" \
+    assert (
+        "does not fit this run's encoder: 'cls_token' has shape (1, 1, 64), the encoder's is (1, 1, 128)"
         in out.stderr + out.stdout
+    )
 
 
 def test_the_position_table_is_resampled_to_the_runs_grid(tmp_path):

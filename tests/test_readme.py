@@ -1,5 +1,6 @@
 """README's commands are the ones that work: every config they name loads, every entry point
 accepts its arguments, and the cheap commands run as written."""
+
 from __future__ import annotations
 
 import re
@@ -36,9 +37,9 @@ def entry_point_lines(script: str) -> list[list[str]]:
         for part in line.split("&&"):
             words = shlex.split(part, comments=True)
             if script in words:
-                out.append(words[words.index(script) + 1:])
+                out.append(words[words.index(script) + 1 :])
             elif words[:2] in (["./launch.sh", stage], ["srun", "./launch.sh"]) and stage in words[:3]:
-                args = words[words.index(stage) + 1:]
+                args = words[words.index(stage) + 1 :]
                 out.append(["--config", *args] if args and args[0].endswith(".yaml") else args)
     return out
 
@@ -70,7 +71,7 @@ def test_readme_compare_config_loads():
     from vitmpp.common.config import load_config
     from vitmpp.experiments.grid import CompareConfig
 
-    lines = [l for l in commands() if "vitmpp.experiments.compare" in l]
+    lines = [line for line in commands() if "vitmpp.experiments.compare" in line]
     assert lines
     for line in lines:
         words = shlex.split(line, comments=True)
@@ -78,18 +79,22 @@ def test_readme_compare_config_loads():
 
 
 def test_readme_launch_sh_commands_dry_run():
-    lines = [l for l in commands() if l.startswith("./launch.sh") or "srun ./launch.sh" in l]
+    lines = [line for line in commands() if line.startswith("./launch.sh") or "srun ./launch.sh" in line]
     assert lines
     for line in lines:
         words = shlex.split(line.replace("srun ", ""), comments=True)
-        result = subprocess.run([str(ROOT / "launch.sh"), "--dry-run", *words[1:]], capture_output=True, text=True,
-                                env={"PATH": "/usr/bin:/bin", "VITMPP_GPUS_PER_NODE": "8"})
+        result = subprocess.run(
+            [str(ROOT / "launch.sh"), "--dry-run", *words[1:]],
+            capture_output=True,
+            text=True,
+            env={"PATH": "/usr/bin:/bin", "VITMPP_GPUS_PER_NODE": "8"},
+        )
         assert result.returncode == 0, result.stderr
         assert result.stdout.startswith("python -m vitmpp.common.launcher ")
 
 
 def test_readme_make_shards_digits_command_runs(tmp_path):
-    line = next(l for l in commands() if "make_shards --source digits" in l)
+    line = next(line for line in commands() if "make_shards --source digits" in line)
     words = shlex.split(line)
     result = subprocess.run([sys.executable, *words[1:], "--quiet"], cwd=tmp_path, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr

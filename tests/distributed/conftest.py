@@ -2,6 +2,7 @@
 the `fault` marker's record, shared with tests/reliability so that these faults are listed in
 docs/reliability.md too (regenerate with
 `VITMPP_RELIABILITY_REPORT=docs/reliability.md python -m pytest tests/reliability tests/distributed`)."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -49,6 +50,7 @@ def pytest_sessionfinish(session, exitstatus):
 
 
 # ----------------------------------------------------------------------------- a misbehaving HTTP server
+
 
 class FlakyHandler(SimpleHTTPRequestHandler):
     """Serves `server.root`; `server.plan(path, n)` (n: this path's request count, from 1) says how

@@ -3,6 +3,7 @@ continues on another that divides its logical ranks (train.logical_ranks) with t
 the same samples in every remaining step (per step and logical rank, in order), the losses of an
 uninterrupted run and its final weights; a process count that cannot host them is refused with one
 sentence naming the counts that would work."""
+
 from __future__ import annotations
 
 import json
@@ -45,7 +46,9 @@ def compare(reference, resumed, logical_ranks: int) -> float:
     """Assert the resumed run continued exactly as `reference` ran; returns the largest loss difference."""
     theirs, ours = samples(reference), samples(resumed)
     remaining = {key: value for key, value in theirs.items() if key[0] > STOP}
-    assert sorted(ours) == sorted(remaining) == [(s, r) for s in range(STOP + 1, STEPS + 1) for r in range(logical_ranks)]
+    assert (
+        sorted(ours) == sorted(remaining) == [(s, r) for s in range(STOP + 1, STEPS + 1) for r in range(logical_ranks)]
+    )
     assert ours == remaining, "the remaining steps read other samples, or in another order"
     a, b = metrics(reference), metrics(resumed)
     assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, STEPS + 1))
@@ -53,7 +56,9 @@ def compare(reference, resumed, logical_ranks: int) -> float:
     assert worst <= TOLERANCE, (a, b)
     weights = max_weight_difference(reference, resumed)
     assert weights <= TOLERANCE
-    print(f"{resumed.name}: max |loss difference| {worst:.3g} over {STEPS} steps, max |weight difference| {weights:.3g}")
+    print(
+        f"{resumed.name}: max |loss difference| {worst:.3g} over {STEPS} steps, max |weight difference| {weights:.3g}"
+    )
     return worst
 
 
@@ -108,18 +113,22 @@ def test_a_process_count_that_cannot_host_the_logical_ranks_is_refused(tmp_path,
     shutil.copytree(tmp_path / "runs" / "fixed", kept)
     refused = run(launch(4, 5) + common + ["--resume", "auto"], cwd=tmp_path, check=False)
     assert refused.returncode != 0  # each process exits 2; the launcher reports their failure as 1
-    expected = (f"error: Checkpoint {checkpoint.relative_to(tmp_path)} was started with 2 logical ranks "
-                "(train.logical_ranks), which 4 processes cannot share evenly; resume on 1 or 2 processes, or start "
-                "runs that may grow with train.logical_ranks=4.")
+    expected = (
+        f"error: Checkpoint {checkpoint.relative_to(tmp_path)} was started with 2 logical ranks "
+        "(train.logical_ranks), which 4 processes cannot share evenly; resume on 1 or 2 processes, or start "
+        "runs that may grow with train.logical_ranks=4."
+    )
     lines = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
     assert lines and set(lines) == {expected}, refused.stderr[-3000:]
     # nothing was touched: the checkpoint still resumes where it can
-    assert sorted(p.name for p in (tmp_path / "runs" / "fixed" / "checkpoints").iterdir()) == \
-        sorted(p.name for p in (kept / "checkpoints").iterdir())
+    assert sorted(p.name for p in (tmp_path / "runs" / "fixed" / "checkpoints").iterdir()) == sorted(
+        p.name for p in (kept / "checkpoints").iterdir()
+    )
 
 
-@pytest.mark.parametrize("logical, processes, start", [(4, 2, 0), (4, 2, 3), (4, 1, 5), (4, 0, 2), (3, 0, 4), (3, 1, 1),
-                                                       (1, 0, 2)])
+@pytest.mark.parametrize(
+    "logical, processes, start", [(4, 2, 0), (4, 2, 3), (4, 1, 5), (4, 0, 2), (3, 0, 4), (3, 1, 1), (1, 0, 2)]
+)
 def test_fewer_worker_processes_give_the_same_batches(digits16, logical, processes, start):
     """A hosting process shares data.num_workers among its loaders: each keeps its logical workers (the
     stream depends on them) and may run fewer worker processes (open_loader's max_worker_processes)."""
@@ -128,9 +137,19 @@ def test_fewer_worker_processes_give_the_same_batches(digits16, logical, process
     from vitmpp.datasets import open_loader, pretrain_transform, read_manifest
     from vitmpp.datasets.spec import LoaderSpec
 
-    spec = LoaderSpec(shards=digits16, manifest=read_manifest(digits16), batch_size=8, training=True, seed=3,
-                      transform=pretrain_transform(16, scale=(0.3, 1.0)),  # random: the augmentations must repeat too
-                      rank=1, world_size=2, num_workers=logical, shuffle_buffer=64, batches_per_epoch=11)
+    spec = LoaderSpec(
+        shards=digits16,
+        manifest=read_manifest(digits16),
+        batch_size=8,
+        training=True,
+        seed=3,
+        transform=pretrain_transform(16, scale=(0.3, 1.0)),  # random: the augmentations must repeat too
+        rank=1,
+        world_size=2,
+        num_workers=logical,
+        shuffle_buffer=64,
+        batches_per_epoch=11,
+    )
     full = list(open_loader(spec, epoch=1, start_batch=start))
     fewer = open_loader(spec, epoch=1, start_batch=start, max_worker_processes=processes)
     assert fewer.num_workers == processes

@@ -1,6 +1,7 @@
 """FSDP2 (configs/accelerate/fsdp.yaml) on two CPU processes over gloo: the run really shards, a
 SIGKILL mid-run resumes exactly from the sharded checkpoint, the export is one full file equal to
 DDP's, and a launch that asks for FSDP never trains with DDP instead (docs/distributed.md, "FSDP")."""
+
 from __future__ import annotations
 
 import hashlib
@@ -10,8 +11,18 @@ import sys
 
 import pytest
 
-from engine_helpers import (ROOT, TINY, accelerate_cmd, encoder_weights, kill_tree, last_logged_step, metrics, run,
-                            start, wait_for)
+from engine_helpers import (
+    ROOT,
+    TINY,
+    accelerate_cmd,
+    encoder_weights,
+    kill_tree,
+    last_logged_step,
+    metrics,
+    run,
+    start,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -38,8 +49,19 @@ def port(offset: int) -> str:
 def fsdp_cmd(offset: int, *, use_fsdp: bool = True) -> list[str]:
     """What a user types: the project's launcher, fsdp.yaml, overridden for two CPU processes."""
     cmd = [sys.executable, "-m", "vitmpp.common.launcher"] + (["--use_fsdp"] if use_fsdp else [])
-    return cmd + ["--config_file", FSDP_CONFIG, "--num_processes", "2", "--mixed_precision", "no",
-                  "--dynamo_backend", "no", "--main_process_port", port(offset), str(ROOT / "pretrain" / "main.py")]
+    return cmd + [
+        "--config_file",
+        FSDP_CONFIG,
+        "--num_processes",
+        "2",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        port(offset),
+        str(ROOT / "pretrain" / "main.py"),
+    ]
 
 
 def ddp_cmd(offset: int) -> list[str]:
@@ -99,8 +121,14 @@ def test_fsdp_kill_9_then_resume_is_exact(tmp_path, runs, digits16):
     args = COMMON + [f"data.shards={digits16}", "run.name=killed"]
     proc = start(fsdp_cmd(103) + args + ["debug.step_delay_s=0.3"], cwd=tmp_path)
     try:  # after the checkpoint of step 2 is complete and step 3 was logged: mid-run, between checkpoints
-        wait_for(lambda: (run_dir / "checkpoints" / "step-0000002" / "trainer_state.json").is_file()
-                 and last_logged_step(run_dir) >= 3, 240, proc)
+        wait_for(
+            lambda: (
+                (run_dir / "checkpoints" / "step-0000002" / "trainer_state.json").is_file()
+                and last_logged_step(run_dir) >= 3
+            ),
+            240,
+            proc,
+        )
     finally:
         kill_tree(proc, signal.SIGKILL)
         proc.communicate()
@@ -146,17 +174,24 @@ def test_fsdp_config_alone_shards_on_cpu_and_draws_the_pictures_it_can(tmp_path,
     """`--config_file fsdp.yaml` without --use_fsdp, as a user types it: the launcher leaves the choice
     to the config (it adds --multi_gpu only for configs that choose no launcher), so the run shards;
     the objective's pictures are drawn, the analysis figures (which need the whole encoder) are not."""
-    result = run(fsdp_cmd(105, use_fsdp=False) + TINY + ["train.steps=2", f"data.shards={digits16}", "run.name=asked",
-                                                         "log.image_every=1", "log.analysis_every=1"], cwd=tmp_path)
+    result = run(
+        fsdp_cmd(105, use_fsdp=False)
+        + TINY
+        + ["train.steps=2", f"data.shards={digits16}", "run.name=asked", "log.image_every=1", "log.analysis_every=1"],
+        cwd=tmp_path,
+    )
     assert "FSDP2: " in result.stdout and "no analysis figures in TensorBoard under FSDP" in result.stdout
     assert "no online evaluation under FSDP" in result.stdout  # the embedded default's eval.every is skipped too
     assert_sharded(tmp_path / "runs" / "asked" / "checkpoints" / "step-0000002")
 
 
-@pytest.mark.parametrize("env, why", [
-    ({"FSDP_VERSION": "1", "WORLD_SIZE": "2"}, "only FSDP2 (fully_shard) is supported on CPU processes"),
-    ({"FSDP_VERSION": "2", "WORLD_SIZE": "1"}, "one process: there is nothing to shard across"),
-])
+@pytest.mark.parametrize(
+    "env, why",
+    [
+        ({"FSDP_VERSION": "1", "WORLD_SIZE": "2"}, "only FSDP2 (fully_shard) is supported on CPU processes"),
+        ({"FSDP_VERSION": "2", "WORLD_SIZE": "1"}, "one process: there is nothing to shard across"),
+    ],
+)
 def test_cpu_fsdp_that_cannot_shard_is_refused(monkeypatch, env, why):
     from vitmpp.common.distributed import fsdp_request, refuse_cpu_fsdp_unless_possible
     from vitmpp.common.errors import UserError

@@ -1,6 +1,7 @@
 """Two "machines" on this host over loopback (gloo): the run a 4-process single machine makes, made by
 two nodes of 2 processes each, through `accelerate launch --num_machines 2` and through launch.sh
 under (faked) SLURM variables; each node writes the embedded digits shards into its own cache."""
+
 from __future__ import annotations
 
 import json
@@ -26,9 +27,25 @@ def _port(offset: int) -> str:
 def single_machine(tmp_path_factory):
     """The reference: 4 processes on one machine, the embedded digits from a cache of their own."""
     root = tmp_path_factory.mktemp("single")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "4",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", _port(0), str(ROOT / "pretrain/main.py"), *COMMON, "run.name=single"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "4",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        _port(0),
+        str(ROOT / "pretrain/main.py"),
+        *COMMON,
+        "run.name=single",
+    ]
     run(cmd, cwd=root, cache=root / "cache", timeout=600)
     return root / "runs" / "single"
 
@@ -46,8 +63,16 @@ def _start_nodes(tmp_path, node_command) -> list[subprocess.Popen]:
     nodes = []
     for node in (0, 1):
         command, extra = node_command(node)
-        nodes.append(subprocess.Popen(command, cwd=tmp_path, env=env(tmp_path / f"cache-node{node}", **extra),
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        nodes.append(
+            subprocess.Popen(
+                command,
+                cwd=tmp_path,
+                env=env(tmp_path / f"cache-node{node}", **extra),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
     return nodes
 
 
@@ -104,11 +129,32 @@ def test_two_nodes_with_accelerate_launch_equal_one_machine(tmp_path, single_mac
     port = _port(1)
 
     def node_command(node: int):
-        return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "4",
-                "--num_machines", "2", "--machine_rank", str(node), "--main_process_ip", "127.0.0.1",
-                "--main_process_port", port, "--rdzv_backend", "static", "--mixed_precision", "no",
-                "--dynamo_backend", "no", str(ROOT / "pretrain/main.py"), *COMMON,
-                f"run.output_dir={tmp_path / 'runs'}", "run.name=two-nodes"], {}
+        return [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            "4",
+            "--num_machines",
+            "2",
+            "--machine_rank",
+            str(node),
+            "--main_process_ip",
+            "127.0.0.1",
+            "--main_process_port",
+            port,
+            "--rdzv_backend",
+            "static",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            str(ROOT / "pretrain/main.py"),
+            *COMMON,
+            f"run.output_dir={tmp_path / 'runs'}",
+            "run.name=two-nodes",
+        ], {}
 
     results = _finish(_start_nodes(tmp_path, node_command))
     _check_equal_to_single_machine(tmp_path, tmp_path / "runs" / "two-nodes", single_machine, results)
@@ -118,10 +164,21 @@ def test_two_nodes_through_launch_sh_under_slurm_equal_one_machine(tmp_path, sin
     """launch.sh derives --num_machines, --machine_rank and the main address from SLURM's variables."""
 
     def node_command(node: int):
-        slurm = {"SLURM_NNODES": "2", "SLURM_NODEID": str(node), "SLURM_JOB_NODELIST": "127.0.0.1",
-                 "MASTER_PORT": _port(2), "VITMPP_NUM_PROCESSES": "4", "VITMPP_GPUS_PER_NODE": "0"}
-        return [str(ROOT / "launch.sh"), "pretrain", *COMMON, f"run.output_dir={tmp_path / 'runs'}",
-                "run.name=slurm"], slurm
+        slurm = {
+            "SLURM_NNODES": "2",
+            "SLURM_NODEID": str(node),
+            "SLURM_JOB_NODELIST": "127.0.0.1",
+            "MASTER_PORT": _port(2),
+            "VITMPP_NUM_PROCESSES": "4",
+            "VITMPP_GPUS_PER_NODE": "0",
+        }
+        return [
+            str(ROOT / "launch.sh"),
+            "pretrain",
+            *COMMON,
+            f"run.output_dir={tmp_path / 'runs'}",
+            "run.name=slurm",
+        ], slurm
 
     results = _finish(_start_nodes(tmp_path, node_command))
     _check_equal_to_single_machine(tmp_path, tmp_path / "runs" / "slurm", single_machine, results)

@@ -1,6 +1,7 @@
 """launch.sh under `sbatch --requeue --signal=USR1@120`: SLURM's warning before the time limit makes
 the ranks checkpoint and stop, the first node requeues the job (a fake `scontrol` on PATH records the
 call), and the requeued job's `--resume auto` ends where an uninterrupted run ends."""
+
 from __future__ import annotations
 
 import os
@@ -9,7 +10,17 @@ import stat
 
 import pytest
 
-from engine_helpers import ROOT, TINY, last_logged_step, max_weight_difference, metrics, python_cmd, run, start, wait_for
+from engine_helpers import (
+    ROOT,
+    TINY,
+    last_logged_step,
+    max_weight_difference,
+    metrics,
+    python_cmd,
+    run,
+    start,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -38,8 +49,13 @@ def test_usr1_checkpoints_requeues_from_the_first_node_and_the_requeued_job_matc
     run(python_cmd("pretrain/main.py") + COMMON + [f"data.shards={digits16}", "run.name=reference"], cwd=tmp_path)
     bin_dir = fake_scontrol(tmp_path / "bin", 0)
     job = [str(ROOT / "launch.sh"), "pretrain", *COMMON, f"data.shards={digits16}", "run.name=job", "--resume", "auto"]
-    slurm = {"SLURM_JOB_ID": "4242", "SLURM_NODEID": str(node), "SLURM_NNODES": "1", "VITMPP_GPUS_PER_NODE": "0",
-             "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    slurm = {
+        "SLURM_JOB_ID": "4242",
+        "SLURM_NODEID": str(node),
+        "SLURM_NNODES": "1",
+        "VITMPP_GPUS_PER_NODE": "0",
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+    }
     proc = start(job + ["debug.step_delay_s=0.3"], cwd=tmp_path, **slurm)
     run_dir = tmp_path / "runs" / "job"
     wait_for(lambda: last_logged_step(run_dir) >= 2, 240, proc)
@@ -64,9 +80,20 @@ def test_usr1_checkpoints_requeues_from_the_first_node_and_the_requeued_job_matc
 @pytest.mark.fault("SIGUSR1 from SLURM, and scontrol cannot requeue the job", expect="survived")
 def test_a_failed_requeue_is_one_sentence_and_the_checkpoint_is_kept(tmp_path, digits16):
     bin_dir = fake_scontrol(tmp_path / "bin", 1)
-    proc = start([str(ROOT / "launch.sh"), "pretrain", *COMMON, "debug.step_delay_s=0.3", f"data.shards={digits16}",
-                  "run.name=job"], cwd=tmp_path, SLURM_JOB_ID="77", VITMPP_GPUS_PER_NODE="0",
-                 PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    proc = start(
+        [
+            str(ROOT / "launch.sh"),
+            "pretrain",
+            *COMMON,
+            "debug.step_delay_s=0.3",
+            f"data.shards={digits16}",
+            "run.name=job",
+        ],
+        cwd=tmp_path,
+        SLURM_JOB_ID="77",
+        VITMPP_GPUS_PER_NODE="0",
+        PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+    )
     run_dir = tmp_path / "runs" / "job"
     wait_for(lambda: last_logged_step(run_dir) >= 2, 240, proc)
     proc.send_signal(signal.SIGUSR1)

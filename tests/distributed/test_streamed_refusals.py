@@ -1,5 +1,6 @@
 """What cannot change on a retry is not retried, and a page that is not a shard is called so
 (issue 26, "unclear": HTTP). A real server on 127.0.0.1 misbehaves on purpose (conftest.serve)."""
+
 from __future__ import annotations
 
 import json
@@ -17,8 +18,16 @@ IDENTITY = MaybePILToTensor()
 
 
 def read_all(shards, training=False, split="train"):
-    spec = LoaderSpec(shards=shards, manifest=read_manifest(shards), split=split, batch_size=2, transform=IDENTITY,
-                      training=training, num_workers=0, batches_per_epoch=2 if training else None)
+    spec = LoaderSpec(
+        shards=shards,
+        manifest=read_manifest(shards),
+        split=split,
+        batch_size=2,
+        transform=IDENTITY,
+        training=training,
+        num_workers=0,
+        batches_per_epoch=2 if training else None,
+    )
     return list(open_loader(spec))
 
 
@@ -27,8 +36,11 @@ def test_a_redirect_loop_is_final_and_names_the_url(tmp_path, serve):
     write_tiny_shards(tmp_path / "d", [4])
     server = serve(tmp_path, lambda path, n: "loop" if path.endswith(".tar") else None)
     started = time.monotonic()
-    with pytest.raises(UserError, match=r"Shard '.*tiny-train-000000\.tar' cannot be read \(the server answered "
-                                        r"HTTP 302: its redirects loop\); check the URL") as caught:
+    with pytest.raises(
+        UserError,
+        match=r"Shard '.*tiny-train-000000\.tar' cannot be read \(the server answered "
+        r"HTTP 302: its redirects loop\); check the URL",
+    ) as caught:
         read_all(f"{server.url}/d")
     assert "server is up" not in str(caught.value)
     attempts = {path: n for path, n in server.requests.items() if path.endswith(".tar")}

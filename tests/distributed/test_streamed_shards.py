@@ -5,6 +5,7 @@ the local folder, and that transport failures are retried without changing a sam
 end-to-end tests run the real pretraining command against a local HTTP server (127.0.0.1, a
 free port) and `pipe:cat`, and compare its losses with the same run over the local folder.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -32,8 +33,14 @@ def losses(run_dir: Path) -> list[float]:
 
 
 def pretrain(tmp_path: Path, shards: str, *extra: str, check: bool = True, **env: str):
-    return run(python_cmd("pretrain/main.py") + TRAIN + [f"data.shards={shards}", *extra], cwd=tmp_path,
-               cache=tmp_path / "cache", check=check, timeout=240, **env)
+    return run(
+        python_cmd("pretrain/main.py") + TRAIN + [f"data.shards={shards}", *extra],
+        cwd=tmp_path,
+        cache=tmp_path / "cache",
+        check=check,
+        timeout=240,
+        **env,
+    )
 
 
 def tensorboard_scalars(run_dir: Path, suffix: str) -> list[float]:
@@ -64,8 +71,17 @@ def local_losses(tmp_path_factory, digits16):
 
 
 def batches(shards, manifest=None, *, start_batch=0, num_workers=0):
-    spec = LoaderSpec(shards=shards, manifest=read_manifest(manifest or shards), batch_size=16, transform=IDENTITY,
-                      training=True, seed=3, num_workers=num_workers, shuffle_buffer=64, batches_per_epoch=8)
+    spec = LoaderSpec(
+        shards=shards,
+        manifest=read_manifest(manifest or shards),
+        batch_size=16,
+        transform=IDENTITY,
+        training=True,
+        seed=3,
+        num_workers=num_workers,
+        shuffle_buffer=64,
+        batches_per_epoch=8,
+    )
     loader = open_loader(spec, epoch=1, start_batch=start_batch)
     return [(b.images, b.indices) for b in loader], loader
 
@@ -76,12 +92,18 @@ def same(a, b) -> bool:
 
 # ----------------------------------------------------------------------------- in process: the loader
 
+
 def test_every_form_of_streamed_shards_yields_the_local_batches(digits16, serve):
     server = serve(digits16.parent)
     folder_url = f"{server.url}/{digits16.name}"
     expected, _ = batches(str(digits16))
-    forms = [folder_url, folder_url + "/", folder_url + "/_info.json", shard_pattern(digits16, "pipe:cat "),
-             f"pipe:cat {digits16}/_info.json"]
+    forms = [
+        folder_url,
+        folder_url + "/",
+        folder_url + "/_info.json",
+        shard_pattern(digits16, "pipe:cat "),
+        f"pipe:cat {digits16}/_info.json",
+    ]
     for shards in forms:
         got, loader = batches(shards)
         assert same(got, expected), shards
@@ -105,8 +127,11 @@ def test_http_failures_are_retried_and_yield_the_same_batches(digits16, serve):
     # worker had only begun to read ahead when the epoch ended may have been asked fewer times
     info = read_manifest(digits16).split("train")
     indices = {int(i) for _, batch_indices in got for i in batch_indices.tolist() if i >= 0}
-    delivered = [f"/{digits16.name}/{name}" for name, start, length in zip(info.filenames, info.offsets, info.shard_lengths)
-                 if any(start <= i < start + length for i in indices)]
+    delivered = [
+        f"/{digits16.name}/{name}"
+        for name, start, length in zip(info.filenames, info.offsets, info.shard_lengths)
+        if any(start <= i < start + length for i in indices)
+    ]
     assert delivered and all(server.requests.get(p, 0) >= 3 for p in delivered), (delivered, server.requests)
     assert loader.retries >= 2 * len(delivered)
 
@@ -120,7 +145,8 @@ def test_a_pipe_command_failing_mid_stream_is_run_again(digits16, tmp_path):
         "data, marker = path.read_bytes(), state / (path.name + '.failed')\n"
         "if not marker.exists():\n"
         "    marker.touch(); sys.stdout.buffer.write(data[:len(data) // 5]); sys.stdout.flush(); sys.exit(3)\n"
-        "sys.stdout.buffer.write(data)\n")
+        "sys.stdout.buffer.write(data)\n"
+    )
     state = tmp_path / "state"
     state.mkdir()
     expected, _ = batches(str(digits16))
@@ -131,6 +157,7 @@ def test_a_pipe_command_failing_mid_stream_is_run_again(digits16, tmp_path):
 
 
 # ----------------------------------------------------------------------------- the real command
+
 
 def test_http_shards_train_and_resume_exactly_as_local(tmp_path, digits16, local_losses, http_server):
     url = f"{http_server(digits16.parent)}/{digits16.name}"
@@ -164,6 +191,7 @@ def test_an_unreachable_shard_ends_the_run_with_one_sentence(tmp_path, digits16,
             tar.unlink()
         server = serve(served)
     else:
+
         def plan(path, n):  # the manifest is served; the first shard request takes the server down
             if path.endswith(".tar"):
                 server.stop_soon()

@@ -4,8 +4,11 @@ given; a test asserts it).
 
 With VITMPP_RELIABILITY_REPORT=docs/reliability.md set, the session writes a table of
 every fault tried, how many times, and the outcome the run actually had (from the
-test results, not by hand):  VITMPP_RELIABILITY_REPORT=docs/reliability.md python -m pytest tests/reliability tests/distributed
+test results, not by hand):
+
+    VITMPP_RELIABILITY_REPORT=docs/reliability.md python -m pytest tests/reliability tests/distributed
 """
+
 from __future__ import annotations
 
 import os
@@ -16,8 +19,9 @@ from pathlib import Path
 
 import pytest
 
-_RESULTS: dict[str, dict] = defaultdict(lambda: {"tries": 0, "passed": 0, "expect": "", "lost": "none", "tests": set(),
-                                                 "seconds": 0.0})
+_RESULTS: dict[str, dict] = defaultdict(
+    lambda: {"tries": 0, "passed": 0, "expect": "", "lost": "none", "tests": set(), "seconds": 0.0}
+)
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -59,9 +63,13 @@ def pytest_sessionfinish(session, exitstatus):
         else:
             outcome = f"**FAILED** in {row['tries'] - row['passed']} of {row['tries']}"
         lines.append(f"| {name} | {row['tries']} | {row['expect']} | {outcome} | {row['seconds']:.0f} |")
-    lines += ["", "*survived*: the run finished with the same numbers as an uninterrupted one, or continued with the "
-              "damage counted. *clear error*: it stopped with a one-sentence message naming the cause and a non-zero "
-              "exit code, and nothing the user had was lost.", ""]
+    lines += [
+        "",
+        "*survived*: the run finished with the same numbers as an uninterrupted one, or continued with the "
+        "damage counted. *clear error*: it stopped with a one-sentence message naming the cause and a non-zero "
+        "exit code, and nothing the user had was lost.",
+        "",
+    ]
     lines += [
         "## What each fault cost the user",
         "",

@@ -4,6 +4,7 @@ Each input is refused with one sentence before anything is walked or allocated; 
 with a checkpoint (exit 130) and a second Ctrl-C stops at once; a dead worker is one sentence
 whatever exception the race between its death and the main process surfaces first.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,8 +20,19 @@ import pytest
 from timm.data.transforms import MaybePILToTensor
 
 from datasets_helpers import spec_for, write_tiny_shards
-from engine_helpers import (ROOT, TINY, accelerate_cmd, env, last_logged_step, max_weight_difference, metrics,
-                            python_cmd, run, start, wait_for)
+from engine_helpers import (
+    ROOT,
+    TINY,
+    accelerate_cmd,
+    env,
+    last_logged_step,
+    max_weight_difference,
+    metrics,
+    python_cmd,
+    run,
+    start,
+    wait_for,
+)
 from vitmpp.common.errors import UserError
 from vitmpp.common.faults import ExitAfterCalls
 from vitmpp.datasets import open_loader, read_manifest
@@ -49,8 +61,12 @@ def test_a_billion_laughs_config_is_refused_before_it_is_walked(tmp_path):
     config.write_text("\n".join(lines) + "\n")
     assert config.stat().st_size < 2000
     # the timeout only guards against the hang this test is about (the old code walked 10^10 values)
-    result = run(python_cmd("pretrain/main.py") + ["--config", str(config), "--print-config"], cwd=tmp_path,
-                 check=False, timeout=120)
+    result = run(
+        python_cmd("pretrain/main.py") + ["--config", str(config), "--print-config"],
+        cwd=tmp_path,
+        check=False,
+        timeout=120,
+    )
     assert result.returncode == 2
     line = one_error_line(result.stderr)
     assert str(config) in line and "more than 100,000 values once its aliases (*name) are expanded" in line
@@ -60,9 +76,11 @@ def test_a_billion_laughs_config_is_refused_before_it_is_walked(tmp_path):
 def test_a_deeply_nested_config_is_one_sentence(tmp_path, capsys):
     from vitmpp.pretrain.main import main
 
-    for name, text in {"flow.yaml": "train: " + "[" * 5000 + "]" * 5000 + "\n",
-                       "block.yaml": "".join(" " * i + f"k{i}:\n" for i in range(200)) + " " * 200 + "v\n",
-                       "cycle.yaml": "train: &t {seed: *t}\n"}.items():
+    for name, text in {
+        "flow.yaml": "train: " + "[" * 5000 + "]" * 5000 + "\n",
+        "block.yaml": "".join(" " * i + f"k{i}:\n" for i in range(200)) + " " * 200 + "v\n",
+        "cycle.yaml": "train: &t {seed: *t}\n",
+    }.items():
         config = tmp_path / name
         config.write_text(text)
         with pytest.raises(SystemExit) as exit_info:
@@ -93,8 +111,12 @@ def test_a_fifo_manifest_is_refused_without_opening_it(tmp_path, shards):
     (shards / MANIFEST_NAME).unlink()
     os.mkfifo(shards / MANIFEST_NAME)
     # the timeout only guards against the hang this test is about (open() waits for a writer forever)
-    result = run(python_cmd("pretrain/main.py") + TINY + ["train.steps=1", f"data.shards={shards}"], cwd=tmp_path,
-                 check=False, timeout=120)
+    result = run(
+        python_cmd("pretrain/main.py") + TINY + ["train.steps=1", f"data.shards={shards}"],
+        cwd=tmp_path,
+        check=False,
+        timeout=120,
+    )
     assert result.returncode == 2
     line = one_error_line(result.stderr)
     assert str(shards / MANIFEST_NAME) in line and "is a FIFO, not a regular file" in line
@@ -117,15 +139,23 @@ def test_a_deep_or_huge_manifest_is_one_sentence(shards, kind):
 
 
 @pytest.mark.fault("manifest counts the shards cannot hold (samples, classes, sizes)", expect="clear error")
-@pytest.mark.parametrize("edit, message", [
-    # 10^9 samples, consistent with each other, in two shards of a few kilobytes
-    (lambda d: d["splits"]["train"].update(num_samples=10**9, shard_lengths=[10**9 - 16, 16]),
-     "gives shard 'tiny-train-000000.tar' 999,999,984 samples, more than its"),
-    (lambda d: d.update(num_classes=1000), "'num_classes' is 1,000 but 'class_names' lists 5"),
-    (lambda d: d["splits"]["train"].update(shard_bytes=["many", 1]),
-     "shard_bytes is 'many', not a non-negative integer"),
-    (lambda d: d["splits"]["train"].update(num_samples=32.0), "num_samples is 32.0, not a non-negative integer"),
-], ids=["samples beyond the bytes", "classes beyond the names", "sizes not integers", "count not an integer"])
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        # 10^9 samples, consistent with each other, in two shards of a few kilobytes
+        (
+            lambda d: d["splits"]["train"].update(num_samples=10**9, shard_lengths=[10**9 - 16, 16]),
+            "gives shard 'tiny-train-000000.tar' 999,999,984 samples, more than its",
+        ),
+        (lambda d: d.update(num_classes=1000), "'num_classes' is 1,000 but 'class_names' lists 5"),
+        (
+            lambda d: d["splits"]["train"].update(shard_bytes=["many", 1]),
+            "shard_bytes is 'many', not a non-negative integer",
+        ),
+        (lambda d: d["splits"]["train"].update(num_samples=32.0), "num_samples is 32.0, not a non-negative integer"),
+    ],
+    ids=["samples beyond the bytes", "classes beyond the names", "sizes not integers", "count not an integer"],
+)
 def test_manifest_counts_are_checked_against_the_shards(shards, edit, message):
     edit_manifest(shards, edit)
     with pytest.raises(UserError, match=message) as caught:
@@ -141,10 +171,15 @@ def _limit_memory():
 @pytest.mark.fault("manifest with num_classes 10^9, objective=supervised", expect="clear error")
 def test_a_billion_classes_are_refused_before_the_head_is_allocated(tmp_path, shards):
     edit_manifest(shards, lambda d: (d.update(num_classes=10**9), d.pop("class_names")))
-    result = subprocess.run(python_cmd("pretrain/main.py") + TINY + ["objective=supervised", "train.steps=1",
-                                                                    f"data.shards={shards}"],
-                            cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=300,
-                            preexec_fn=_limit_memory)
+    result = subprocess.run(
+        python_cmd("pretrain/main.py") + TINY + ["objective=supervised", "train.steps=1", f"data.shards={shards}"],
+        cwd=tmp_path,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=_limit_memory,
+    )
     assert result.returncode == 2
     line = one_error_line(result.stderr)
     assert str(shards / MANIFEST_NAME) in line and "'num_classes' is 1,000,000,000" in line
@@ -178,19 +213,26 @@ def interrupt(proc, run_dir, after_step: int, times: int = 1, gap: float = 0.5) 
     return proc.communicate(timeout=180)
 
 
-@pytest.mark.fault("Ctrl-C (SIGINT to the process group, DataLoader workers included), then --resume auto",
-                   expect="survived")
+@pytest.mark.fault(
+    "Ctrl-C (SIGINT to the process group, DataLoader workers included), then --resume auto", expect="survived"
+)
 def test_ctrl_c_checkpoints_exits_130_and_resumes_to_the_same_numbers(tmp_path, digits16, reference):
     run_dir = tmp_path / "runs" / "ctrl-c"
-    proc = start(python_cmd("pretrain/main.py") + COMMON + ["debug.step_delay_s=0.3", f"data.shards={digits16}",
-                                                            "run.name=ctrl-c"], cwd=tmp_path)
+    proc = start(
+        python_cmd("pretrain/main.py")
+        + COMMON
+        + ["debug.step_delay_s=0.3", f"data.shards={digits16}", "run.name=ctrl-c"],
+        cwd=tmp_path,
+    )
     out, err = interrupt(proc, run_dir, after_step=4)
     assert proc.returncode == 130, err[-3000:]
     assert "Traceback" not in err and "stopped by SIGINT at step" in out
     stopped_at = int(out.split("stopped by SIGINT at step ")[1].split(";")[0])
     assert 4 <= stopped_at < STEPS and checkpoints(run_dir)[-1] == f"step-{stopped_at:07d}"
-    run(python_cmd("pretrain/main.py") + COMMON + [f"data.shards={digits16}", "run.name=ctrl-c", "--resume", "auto"],
-        cwd=tmp_path)
+    run(
+        python_cmd("pretrain/main.py") + COMMON + [f"data.shards={digits16}", "run.name=ctrl-c", "--resume", "auto"],
+        cwd=tmp_path,
+    )
     ours, theirs = metrics(run_dir), metrics(reference)
     assert [r["step"] for r in ours] == list(range(1, STEPS + 1))
     for a, b in zip(ours, theirs):
@@ -198,13 +240,20 @@ def test_ctrl_c_checkpoints_exits_130_and_resumes_to_the_same_numbers(tmp_path, 
     assert max_weight_difference(run_dir, reference) < 1e-6
 
 
-@pytest.mark.fault("Ctrl-C twice (the second during the stop's checkpoint)", expect="clear error",
-                   lost="the steps since the last checkpoint")
+@pytest.mark.fault(
+    "Ctrl-C twice (the second during the stop's checkpoint)",
+    expect="clear error",
+    lost="the steps since the last checkpoint",
+)
 def test_a_second_ctrl_c_stops_at_once_without_a_traceback(tmp_path, digits16):
     run_dir = tmp_path / "runs" / "twice"
     # every checkpoint save takes 3 s: the second Ctrl-C lands before the stop's own checkpoint is complete
-    proc = start(python_cmd("pretrain/main.py") + COMMON + ["debug.step_delay_s=0.3", "debug.checkpoint_delay_s=3",
-                                                            f"data.shards={digits16}", "run.name=twice"], cwd=tmp_path)
+    proc = start(
+        python_cmd("pretrain/main.py")
+        + COMMON
+        + ["debug.step_delay_s=0.3", "debug.checkpoint_delay_s=3", f"data.shards={digits16}", "run.name=twice"],
+        cwd=tmp_path,
+    )
     out, err = interrupt(proc, run_dir, after_step=4, times=2)
     assert proc.returncode == -signal.SIGINT, err[-3000:]  # ended by the signal itself: a shell reports 130
     assert "Traceback" not in err and "stopped by" not in out
@@ -218,9 +267,21 @@ def test_ctrl_c_to_launch_sh_with_two_processes_exits_130_without_a_traceback(tm
     run_dir = tmp_path / "runs" / "launched"
     # 1 s per step: the 5 steps left after step 3 outlast the signal's way through launch.sh, the launcher
     # and two ranks on a loaded machine (at 0.3 s the run could finish first: exit 0)
-    proc = start([str(ROOT / "launch.sh"), "pretrain", *COMMON, "data.num_workers=1", "debug.step_delay_s=1.0",
-                  f"data.shards={digits16}", "run.name=launched", "run.output_dir=" + str(tmp_path / "runs")],
-                 cwd=tmp_path, VITMPP_NUM_PROCESSES="2", VITMPP_GPUS_PER_NODE="0")
+    proc = start(
+        [
+            str(ROOT / "launch.sh"),
+            "pretrain",
+            *COMMON,
+            "data.num_workers=1",
+            "debug.step_delay_s=1.0",
+            f"data.shards={digits16}",
+            "run.name=launched",
+            "run.output_dir=" + str(tmp_path / "runs"),
+        ],
+        cwd=tmp_path,
+        VITMPP_NUM_PROCESSES="2",
+        VITMPP_GPUS_PER_NODE="0",
+    )
     out, err = interrupt(proc, run_dir, after_step=3)
     assert proc.returncode == 130, err[-3000:]
     assert "Traceback" not in err and "stopped by" in out and "interrupted: stopping with a checkpoint" in err
@@ -229,12 +290,18 @@ def test_ctrl_c_to_launch_sh_with_two_processes_exits_130_without_a_traceback(tm
     assert not (run_dir / "encoder.safetensors").exists()
 
 
-@pytest.mark.fault("Ctrl-C to `accelerate launch` with 2 processes (torch's agent forwards SIGINT to each rank's "
-                   "process group)", expect="survived")
+@pytest.mark.fault(
+    "Ctrl-C to `accelerate launch` with 2 processes (torch's agent forwards SIGINT to each rank's process group)",
+    expect="survived",
+)
 def test_ctrl_c_forwarded_by_torchrun_stops_every_rank_with_a_checkpoint(tmp_path, digits16):
     run_dir = tmp_path / "runs" / "accelerate"
-    proc = start(accelerate_cmd("pretrain/main.py", processes=2) + COMMON + [
-        "data.num_workers=1", "debug.step_delay_s=0.3", f"data.shards={digits16}", "run.name=accelerate"], cwd=tmp_path)
+    proc = start(
+        accelerate_cmd("pretrain/main.py", processes=2)
+        + COMMON
+        + ["data.num_workers=1", "debug.step_delay_s=0.3", f"data.shards={digits16}", "run.name=accelerate"],
+        cwd=tmp_path,
+    )
     out, err = interrupt(proc, run_dir, after_step=3)
     # the ranks and their data-loading workers: a clean stop; torch's agent then reports the signal it
     # received itself with a traceback of its own (SignalException), which nothing below it can prevent
@@ -256,12 +323,21 @@ def test_ctrl_c_to_a_parallel_compare_starts_nothing_more(tmp_path):
     (tmp_path / "linear.yaml").write_text("train:\n  steps: 3\n")
     sleeper = f"{sys.executable} -c 'import time; time.sleep(30)'"  # a pretraining that takes its time
     config = tmp_path / "compare.yaml"
-    config.write_text(f"pretraining:\n  recipes: {json.dumps(recipes)}\n  seeds: [0]\n  launcher: \"{sleeper}\"\n"
-                      f"protocols: [linear]\nrecipes: {{linear: {tmp_path / 'linear.yaml'}}}\n"
-                      f"output_dir: {tmp_path / 'out'}\n")
-    proc = start([sys.executable, "-m", "vitmpp.experiments.compare"] + ["--config", str(config), "--jobs", "2"], cwd=tmp_path)
-    wait_for(lambda: len(list((tmp_path / "out" / "logs").glob("*.log"))) == 2 if (tmp_path / "out" / "logs").is_dir()
-             else False, 120, proc)
+    config.write_text(
+        f'pretraining:\n  recipes: {json.dumps(recipes)}\n  seeds: [0]\n  launcher: "{sleeper}"\n'
+        f"protocols: [linear]\nrecipes: {{linear: {tmp_path / 'linear.yaml'}}}\n"
+        f"output_dir: {tmp_path / 'out'}\n"
+    )
+    proc = start(
+        [sys.executable, "-m", "vitmpp.experiments.compare"] + ["--config", str(config), "--jobs", "2"], cwd=tmp_path
+    )
+    wait_for(
+        lambda: (
+            len(list((tmp_path / "out" / "logs").glob("*.log"))) == 2 if (tmp_path / "out" / "logs").is_dir() else False
+        ),
+        120,
+        proc,
+    )
     os.killpg(proc.pid, signal.SIGINT)
     out, err = proc.communicate(timeout=60)  # the queued two would sleep 2 x 30 s more
     assert proc.returncode == 130, err[-3000:]
@@ -303,8 +379,9 @@ def kept_worker_pids() -> list[set[int]]:
     return kept_worker_pids()
 
 
-@pytest.mark.fault("a kept (idle) data-loading worker SIGKILLed while the main process does other work",
-                   expect="survived")
+@pytest.mark.fault(
+    "a kept (idle) data-loading worker SIGKILLed while the main process does other work", expect="survived"
+)
 def test_a_kept_worker_killed_while_idle_is_replaced_not_a_traceback_at_a_random_line(tmp_path):
     """Torch raises from its SIGCHLD handler, in whatever the main thread is doing, when a watched worker
     dies: an idle pool is not watched, and taking it again finds the death and starts fresh workers,
@@ -348,8 +425,9 @@ def test_a_dead_worker_whose_status_was_reaped_elsewhere_is_still_one_sentence()
     from vitmpp.datasets.pool import dead_worker
 
     for torch_error, expected in (
-            (RuntimeError("DataLoader worker (pid 1) is killed by signal: Killed. "), "out-of-memory killer"),
-            (ConnectionResetError(104, "Connection reset by peer"), "exit status lost to a signal handler")):
+        (RuntimeError("DataLoader worker (pid 1) is killed by signal: Killed. "), "out-of-memory killer"),
+        (ConnectionResetError(104, "Connection reset by peer"), "exit status lost to a signal handler"),
+    ):
         worker = multiprocessing.get_context("fork").Process(target=_sleep_forever, daemon=True)
         worker.start()
         os.kill(worker.pid, signal.SIGKILL)
@@ -367,8 +445,15 @@ def test_a_dead_worker_is_one_sentence_on_a_busy_cpu(tmp_path, death, advice):
     write_tiny_shards(tmp_path, [12, 12, 12, 12])
     with busy_cpu():
         for attempt in range(10):
-            spec = spec_for(tmp_path, split="train", batch_size=2, transform=death(IDENTITY, 1 + attempt % 4),
-                            training=attempt % 2 == 0, num_workers=2, shuffle_buffer=0)
+            spec = spec_for(
+                tmp_path,
+                split="train",
+                batch_size=2,
+                transform=death(IDENTITY, 1 + attempt % 4),
+                training=attempt % 2 == 0,
+                num_workers=2,
+                shuffle_buffer=0,
+            )
             with pytest.raises(UserError) as caught:
                 list(open_loader(spec))
             text = str(caught.value)

@@ -6,6 +6,7 @@ entry points print as one `error: ` line and exit 2) or accepted, and then what 
 subset, the encoder's shapes) takes it without a traceback. In-process (`load_config`, what the entry
 points call) so that hypothesis can try many values; a few real command lines check the exit code.
 """
+
 from __future__ import annotations
 
 import copy
@@ -47,10 +48,18 @@ KEYS = {stage: stage_keys(stage) for stage in SCHEMAS}
 
 _words = st.text(alphabet="abcdefghijklmnopqrstuvwxyz_", min_size=1, max_size=8)
 # 10**400: an integer beyond any float; 2**63, 2**64: beyond int64
-_huge = st.one_of(st.sampled_from([2**31, 2**32, 2**32 + 1, 2**53 + 1, 2**63, 2**64, 10**400]), st.integers(2**31, 2**80))
+_huge = st.one_of(
+    st.sampled_from([2**31, 2**32, 2**32 + 1, 2**53 + 1, 2**63, 2**64, 10**400]), st.integers(2**31, 2**80)
+)
 _scalars = st.one_of(  # what goes into a list: the extremes, and the edges of the unit interval
-    _huge, _huge.map(lambda v: -v), st.integers(-1000, 1000), st.sampled_from([0.0, 1.0, 2.0, -0.5, 0.5, 5e-324]),
-    st.floats(1.0, 1e6), st.floats(1e15, 1e308), st.sampled_from([math.nan, math.inf, -math.inf]))
+    _huge,
+    _huge.map(lambda v: -v),
+    st.integers(-1000, 1000),
+    st.sampled_from([0.0, 1.0, 2.0, -0.5, 0.5, 5e-324]),
+    st.floats(1.0, 1e6),
+    st.floats(1e15, 1e308),
+    st.sampled_from([math.nan, math.inf, -math.inf]),
+)
 
 
 def _list_of_extremes(tp):
@@ -72,14 +81,18 @@ KINDS: dict[str, typing.Callable[[typing.Any], st.SearchStrategy]] = {
     "zero": lambda tp: st.sampled_from([0, 0.0]),
     "one_and_above": lambda tp: st.one_of(st.sampled_from([1, 1.0, 2.0]), st.floats(1.0, 1e6)),
     # "1e400": YAML 1.1 reads an exponent without a dot as a string, which is then read as a number (inf)
-    "huge_float": lambda tp: st.one_of(st.sampled_from([1e308, 1e300, 1e20, "1e400", "-1e400"]), st.floats(1e15, 1e308)),
+    "huge_float": lambda tp: st.one_of(
+        st.sampled_from([1e308, 1e300, 1e20, "1e400", "-1e400"]), st.floats(1e15, 1e308)
+    ),
     "tiny_float": lambda tp: st.sampled_from([5e-324, 1e-300, 1e-45]),
     "nan": lambda tp: st.just(math.nan),
     "inf": lambda tp: st.just(math.inf),
     "-inf": lambda tp: st.just(-math.inf),
     "empty_string": lambda tp: st.just(""),
     "empty_list": lambda tp: st.just([]),
-    "wrong_type": lambda tp: st.one_of(_words, st.booleans(), st.just({"a": 1}), st.lists(_words, min_size=1, max_size=3)),
+    "wrong_type": lambda tp: st.one_of(
+        _words, st.booleans(), st.just({"a": 1}), st.lists(_words, min_size=1, max_size=3)
+    ),
     "list_of_extremes": _list_of_extremes,
 }
 
@@ -156,8 +169,9 @@ def _pretrain_model(cfg) -> None:
     from vitmpp.datasets import pretrain_transform
     from vitmpp.models import encoder_from_config
 
-    pretrain_transform(cfg.model.img_size, scale=tuple(cfg.data.crop_scale), hflip=cfg.data.hflip,
-                       interpolation=cfg.data.interpolation)
+    pretrain_transform(
+        cfg.model.img_size, scale=tuple(cfg.data.crop_scale), hflip=cfg.data.hflip, interpolation=cfg.data.interpolation
+    )
     with torch.device("meta"):  # the shapes a size implies, without their memory
         encoder_from_config(cfg.model)
 
@@ -169,8 +183,12 @@ def _finetune_model(cfg) -> None:
     balanced_subset([i % 10 for i in range(200)], cfg.data.label_fraction, cfg.train.seed)
     if cfg.model.name is not None:
         with torch.device("meta"):
-            create_encoder(cfg.model.name, img_size=cfg.model.img_size, drop_path_rate=cfg.model.drop_path_rate,
-                           global_pool=cfg.model.global_pool)
+            create_encoder(
+                cfg.model.name,
+                img_size=cfg.model.img_size,
+                drop_path_rate=cfg.model.drop_path_rate,
+                global_pool=cfg.model.global_pool,
+            )
 
 
 def outcome(stage: str, select: list[str], key: str, value) -> str | None:
@@ -201,14 +219,17 @@ def outcome(stage: str, select: list[str], key: str, value) -> str | None:
 @pytest.mark.parametrize("covered", [COVERED], ids=[f"{COVERED}_keys_x_value_kinds"])
 def test_every_key_of_both_stages_meets_every_value_kind(covered):
     """The cases cover both stages whole: every leaf key of every schema (each objective's section too)."""
-    walked = {stage: {key for _, schema in stage_schemas(stage) for key, _, _ in typed_keys(schema)} for stage in SCHEMAS}
+    walked = {
+        stage: {key for _, schema in stage_schemas(stage) for key, _, _ in typed_keys(schema)} for stage in SCHEMAS
+    }
     assert {stage: {key for _, key, _ in KEYS[stage]} for stage in SCHEMAS} == walked
     expected = sum(len(keys) for keys in walked.values()) * len(KINDS)
     assert covered == expected, f"{covered} (key, value kind) cases, but the schemas and kinds make {expected}"
 
 
-@pytest.mark.fault("extreme, empty, wrong-typed and non-finite values for every config key (hypothesis)",
-                   expect="clear error")
+@pytest.mark.fault(
+    "extreme, empty, wrong-typed and non-finite values for every config key (hypothesis)", expect="clear error"
+)
 @pytest.mark.parametrize("stage,kind", CASES, ids=[f"{s}-{k}" for s, k in CASES])
 def test_value_is_refused_in_one_sentence_or_safe(stage, kind):
     keys = KEYS[stage]
@@ -216,8 +237,12 @@ def test_value_is_refused_in_one_sentence_or_safe(stage, kind):
     tried: set[str] = set()
 
     # no shrinking: an example holds a value for every key, and the message already lists each failing key alone
-    @settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.too_slow],
-              phases=[Phase.explicit, Phase.reuse, Phase.generate])
+    @settings(
+        max_examples=4,
+        deadline=None,
+        suppress_health_check=[HealthCheck.too_slow],
+        phases=[Phase.explicit, Phase.reuse, Phase.generate],
+    )
     @given(values=values)
     def check(values):
         tried.update(values)
@@ -230,13 +255,17 @@ def test_value_is_refused_in_one_sentence_or_safe(stage, kind):
 
 # ----------------------------------------------------------------------------- the real command lines
 
+
 @pytest.mark.fault("seed, Adam betas or eps the libraries refuse (command line)", expect="clear error")
-@pytest.mark.parametrize("script,override,allowed", [
-    ("pretrain/main.py", "train.seed=4294967296", "<= 4294967295"),
-    ("pretrain/main.py", "optim.betas=[0.9,2.0]", "< 1"),
-    ("finetune/main.py", "train.seed=18446744073709551616", "<= 4294967295"),
-    ("finetune/main.py", "optim.eps=.inf", "finite"),
-])
+@pytest.mark.parametrize(
+    "script,override,allowed",
+    [
+        ("pretrain/main.py", "train.seed=4294967296", "<= 4294967295"),
+        ("pretrain/main.py", "optim.betas=[0.9,2.0]", "< 1"),
+        ("finetune/main.py", "train.seed=18446744073709551616", "<= 4294967295"),
+        ("finetune/main.py", "optim.eps=.inf", "finite"),
+    ],
+)
 def test_command_line_refuses_in_one_sentence(tmp_path, script, override, allowed):
     key = override.split("=")[0]
     schema = SCHEMAS["pretrain" if script.startswith("pretrain") else "finetune"]

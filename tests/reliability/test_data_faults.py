@@ -1,4 +1,5 @@
 """Damaged, missing and uneven data under the real pretraining command."""
+
 from __future__ import annotations
 
 import json
@@ -6,8 +7,16 @@ import time
 
 import pytest
 
-from datasets_helpers import (MarkerPickle, add_member, drop_member, empty_shard, keys_of, replace_member,
-                              truncate_shard, write_tiny_shards)
+from datasets_helpers import (
+    MarkerPickle,
+    add_member,
+    drop_member,
+    empty_shard,
+    keys_of,
+    replace_member,
+    truncate_shard,
+    write_tiny_shards,
+)
 from engine_helpers import TINY, accelerate_cmd, python_cmd, run
 
 pytestmark = pytest.mark.slow
@@ -50,7 +59,9 @@ def test_training_skips_and_counts_damaged_samples(tmp_path, kind):
     write_tiny_shards(shards, [24, 24, 24, 24], fmt="jpg", textured=True)
     name = damage(kind, shards)
     started = time.monotonic()
-    result = run(python_cmd("pretrain/main.py") + TRAIN + ["train.steps=8", f"data.shards={shards}"], cwd=tmp_path, timeout=180)
+    result = run(
+        python_cmd("pretrain/main.py") + TRAIN + ["train.steps=8", f"data.shards={shards}"], cwd=tmp_path, timeout=180
+    )
     assert time.monotonic() - started < 180
     run_dir = tmp_path / "runs" / "default-mpp"
     assert (run_dir / "encoder.safetensors").is_file()
@@ -65,8 +76,12 @@ def test_missing_shard_fails_before_the_first_step(tmp_path):
     write_tiny_shards(shards, [24, 24, 24])
     missing = sorted(shards.glob("*.tar"))[2]
     missing.unlink()
-    result = run(python_cmd("pretrain/main.py") + TRAIN + ["train.steps=4", f"data.shards={shards}"], cwd=tmp_path,
-                 check=False, timeout=120)
+    result = run(
+        python_cmd("pretrain/main.py") + TRAIN + ["train.steps=4", f"data.shards={shards}"],
+        cwd=tmp_path,
+        check=False,
+        timeout=120,
+    )
     assert result.returncode == 2
     assert missing.name in result.stderr and "does not exist" in result.stderr
     assert "Traceback" not in result.stderr
@@ -79,8 +94,12 @@ def test_mostly_broken_data_aborts_with_a_message(tmp_path):
     write_tiny_shards(shards, [24, 24])
     for tar in shards.glob("*.tar"):
         truncate_shard(tar, 0.05)
-    result = run(python_cmd("pretrain/main.py") + TINY + ["train.global_batch=8", "train.steps=4", f"data.shards={shards}"],
-                 cwd=tmp_path, check=False, timeout=120)
+    result = run(
+        python_cmd("pretrain/main.py") + TINY + ["train.global_batch=8", "train.steps=4", f"data.shards={shards}"],
+        cwd=tmp_path,
+        check=False,
+        timeout=120,
+    )
     assert result.returncode == 2 and "max_skip_fraction" in result.stderr and "Traceback" not in result.stderr
 
 
@@ -89,9 +108,19 @@ def test_uneven_shards_over_two_ranks(tmp_path):
     shards = tmp_path / "shards"
     write_tiny_shards(shards, [10, 10, 50])
     # 70 samples / global batch 16 = 4 steps per epoch; 10 steps = 2.5 epochs
-    run(accelerate_cmd("pretrain/main.py", processes=2) + TINY + ["train.global_batch=16", "train.steps=10",
-                                                                  f"data.shards={shards}", "data.num_workers=2",
-                                                                  "debug.record_samples=true"], cwd=tmp_path, timeout=240)
+    run(
+        accelerate_cmd("pretrain/main.py", processes=2)
+        + TINY
+        + [
+            "train.global_batch=16",
+            "train.steps=10",
+            f"data.shards={shards}",
+            "data.num_workers=2",
+            "debug.record_samples=true",
+        ],
+        cwd=tmp_path,
+        timeout=240,
+    )
     run_dir = tmp_path / "runs" / "default-mpp"
     ranks = [json.loads((run_dir / f"debug-rank{r}.json").read_text()) for r in (0, 1)]
     assert len(ranks[0]["samples"]) == len(ranks[1]["samples"]) == 10 * 8
@@ -137,10 +166,14 @@ def test_path_traversal_members_are_never_written(tmp_path):
 @pytest.mark.fault("a data-loading worker dies (os._exit in the worker), 2 ranks", expect="clear error")
 def test_dead_worker_stops_every_rank(tmp_path, digits16):
     started = time.monotonic()
-    result = run(accelerate_cmd("pretrain/main.py", processes=2) + TINY + ["train.steps=20", f"data.shards={digits16}",
-                                                                           "data.num_workers=1",
-                                                                           "debug.kill_worker_after_samples=40"],
-                 cwd=tmp_path, check=False, timeout=120)
+    result = run(
+        accelerate_cmd("pretrain/main.py", processes=2)
+        + TINY
+        + ["train.steps=20", f"data.shards={digits16}", "data.num_workers=1", "debug.kill_worker_after_samples=40"],
+        cwd=tmp_path,
+        check=False,
+        timeout=120,
+    )
     assert time.monotonic() - started < 60 + 30  # 60 s budget after a ~20 s start-up
     assert result.returncode != 0
     assert "data-loading worker of rank" in result.stderr and "died" in result.stderr

@@ -6,6 +6,7 @@ a plain-http connection), so it must reach the command as a literal word: these 
 shell metacharacter into manifest names, shard files of exactly those names on disk, and check
 that the shards are read (the name was taken literally) and that no command hidden in a name ran.
 """
+
 from __future__ import annotations
 
 import json
@@ -51,8 +52,13 @@ CONTROL_NAMES = {
     "tab": "x\ttouch\tpwned-tab.tar",
 }
 # Server-sent: names curl takes as a URL path (no space, no braces: curl refuses or globs those).
-URL_NAMES = ["x$(touch$IFS$1pwned-subst).tar", "x`touch$IFS$1pwned-tick`.tar", "x;touch$IFS$1pwned-semi;.tar",
-             "x|touch$IFS$1pwned-pipe|.tar", "x&&touch$IFS$1pwned-and&&.tar"]
+URL_NAMES = [
+    "x$(touch$IFS$1pwned-subst).tar",
+    "x`touch$IFS$1pwned-tick`.tar",
+    "x;touch$IFS$1pwned-semi;.tar",
+    "x|touch$IFS$1pwned-pipe|.tar",
+    "x&&touch$IFS$1pwned-and&&.tar",
+]
 IDENTITY = MaybePILToTensor()
 
 
@@ -133,9 +139,15 @@ def test_a_server_sent_manifest_cannot_run_a_command_on_a_training_node(tmp_path
     work = tmp_path / "work"
     work.mkdir()
     # README/docs/streaming.md's form: curl reads the manifest, then every shard with the name swapped
-    result = run(python_cmd("pretrain/main.py") + TINY + ["train.steps=3", "data.num_workers=1",
-                 f"data.shards=pipe:curl -f -s -L {url}/digits/{MANIFEST_NAME}"], cwd=work, cache=work / "cache",
-                 check=False, timeout=240)
+    result = run(
+        python_cmd("pretrain/main.py")
+        + TINY
+        + ["train.steps=3", "data.num_workers=1", f"data.shards=pipe:curl -f -s -L {url}/digits/{MANIFEST_NAME}"],
+        cwd=work,
+        cache=work / "cache",
+        check=False,
+        timeout=240,
+    )
     assert pwned(work) == []
     assert result.returncode == 0, result.stderr[-3000:]
     assert (work / "runs" / "default-mpp" / "metrics.jsonl").exists()

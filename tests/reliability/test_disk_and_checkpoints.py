@@ -7,6 +7,7 @@ allowed), sized from a reference run so that the first checkpoint fits and a lat
 does not; the libraries then fail their own way (safetensors' SafetensorError, torch's
 zip writer's RuntimeError, TensorBoard's writer thread), not through our own hooks.
 """
+
 from __future__ import annotations
 
 import errno
@@ -75,8 +76,11 @@ def lose_random_state(checkpoint: Path) -> str:
     return "random_states_0.pkl is missing"
 
 
-DAMAGE = {"weights overwritten": overwrite_weights, "optimizer state truncated": truncate_optimizer_state,
-          "random state file lost": lose_random_state}
+DAMAGE = {
+    "weights overwritten": overwrite_weights,
+    "optimizer state truncated": truncate_optimizer_state,
+    "random state file lost": lose_random_state,
+}
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +111,8 @@ def copy_of_stopped(stopped, tmp_path) -> Path:
 
 @pytest.mark.fault("64 KiB of the newest checkpoint's weights overwritten", expect="survived", lost="none")
 def test_damaged_newest_checkpoint_is_passed_over_and_the_run_equals_an_uninterrupted_one(
-        copy_of_stopped, tmp_path, digits16, reference):
+    copy_of_stopped, tmp_path, digits16, reference
+):
     checkpoints = copy_of_stopped / "checkpoints"
     junk = corrupt(checkpoints / "step-0000005" / "model.safetensors")
     result = pretrain(tmp_path, digits16, "run.name=stopped", "--resume", "auto")
@@ -130,7 +135,9 @@ def test_resume_auto_refuses_when_no_checkpoint_is_intact(copy_of_stopped, tmp_p
     before = sorted(p.name for p in checkpoints.iterdir())
     error = refused(pretrain(tmp_path, digits16, "run.name=stopped", "--resume", "auto", check=False))
     assert f"No checkpoint in {Path('runs') / 'stopped' / 'checkpoints'} is intact" in error
-    assert "step-0000005: model.safetensors does not match" in error and "step-0000004: optimizer.bin is missing" in error
+    assert (
+        "step-0000005: model.safetensors does not match" in error and "step-0000004: optimizer.bin is missing" in error
+    )
     assert "--resume PATH" in error
     assert sorted(p.name for p in checkpoints.iterdir()) == before  # nothing set aside, nothing deleted
 
@@ -172,7 +179,9 @@ def test_checkpoint_without_checksums_resumes_with_a_warning(copy_of_stopped, tm
     same_as_reference(copy_of_stopped, reference)
 
 
-@pytest.mark.fault("a rank's random state file lost from the newest checkpoint (2 processes)", expect="survived", lost="none")
+@pytest.mark.fault(
+    "a rank's random state file lost from the newest checkpoint (2 processes)", expect="survived", lost="none"
+)
 def test_two_processes_agree_on_passing_over_a_damaged_checkpoint(tmp_path, digits16):
     """The main process verifies and decides; the other rank follows (no hang, one warning)."""
     pretrain(tmp_path, digits16, "debug.stop_at_step=3", processes=2)
@@ -233,7 +242,9 @@ def sizes(reference: Path) -> dict[str, int]:
     return {"checkpoint": sum(parts.values()), **parts, "encoder": export_files, "rest": export - export_files - later}
 
 
-@pytest.mark.fault("disk full (ENOSPC) during a checkpoint save", expect="clear error", lost="steps since the last checkpoint")
+@pytest.mark.fault(
+    "disk full (ENOSPC) during a checkpoint save", expect="clear error", lost="steps since the last checkpoint"
+)
 def test_real_full_disk_during_a_checkpoint_keeps_the_previous_one(tmp_path, digits16, reference, small_disk):
     """The disk holds the step-2 checkpoint; at step 4 it fills while safetensors writes the weights."""
     size = sizes(reference)
@@ -251,7 +262,9 @@ def test_real_full_disk_during_a_checkpoint_keeps_the_previous_one(tmp_path, dig
     same_as_reference(disk / "full", reference)
 
 
-@pytest.mark.fault("disk full (ENOSPC) during a checkpoint save", expect="clear error", lost="steps since the last checkpoint")
+@pytest.mark.fault(
+    "disk full (ENOSPC) during a checkpoint save", expect="clear error", lost="steps since the last checkpoint"
+)
 def test_full_disk_inside_torch_save_is_recognised_without_an_errno(tmp_path, small_disk):
     """torch.save's zip writer reports a full disk as "unexpected pos ..." with no errno: the weights
     fit, the optimizer state does not, and the save still ends in the one sentence."""
@@ -275,8 +288,12 @@ def test_full_disk_inside_torch_save_is_recognised_without_an_errno(tmp_path, sm
     disk = small_disk(sum(size.values()) + size["model.safetensors"] + size["optimizer.bin"] // 2)
     saver = checkpointer(disk)
     first = saver.save(1, {"step": 1})
-    with pytest.raises(UserError, match=re.escape(f"Could not write checkpoint {disk / 'checkpoints' / 'step-0000002'} "
-                                                  "(No space left on device: ")) as caught:
+    with pytest.raises(
+        UserError,
+        match=re.escape(
+            f"Could not write checkpoint {disk / 'checkpoints' / 'step-0000002'} (No space left on device: "
+        ),
+    ) as caught:
         saver.save(2, {"step": 2})
     assert f"the previous checkpoint {first} is intact" in str(caught.value)
     assert ckpt.list_checkpoints(disk / "checkpoints") == [first] and ckpt.damage(first) is None
@@ -291,7 +308,10 @@ def test_real_full_disk_during_the_export_keeps_the_final_checkpoint(tmp_path, d
     args = ["run.name=export", f"run.output_dir={disk}", "log.checkpoint_every=1000"]  # one checkpoint: the final one
     error = refused(pretrain(tmp_path, digits16, *args, check=False))
     run_dir = disk / "export"
-    assert f"Could not write the encoder export in {run_dir} (No space left on device)" in error and "--resume auto" in error
+    assert (
+        f"Could not write the encoder export in {run_dir} (No space left on device)" in error
+        and "--resume auto" in error
+    )
     assert sorted(p.name for p in run_dir.iterdir() if "encoder" in p.name) == []  # no temporary or half file
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-0000006"]
     small_disk(64 << 20)
@@ -313,7 +333,9 @@ def fill(disk: Path) -> Path:
 
 
 @pytest.mark.parametrize("fault", ["full", "read-only"])
-@pytest.mark.fault("metrics.jsonl on a full or read-only disk", expect="clear error", lost="steps since the last checkpoint")
+@pytest.mark.fault(
+    "metrics.jsonl on a full or read-only disk", expect="clear error", lost="steps since the last checkpoint"
+)
 def test_metrics_log_on_a_refusing_disk_is_one_sentence_and_keeps_whole_lines(small_disk, fault):
     from vitmpp.common.errors import UserError
     from vitmpp.common.rundir import MetricsLog
@@ -327,7 +349,9 @@ def test_metrics_log_on_a_refusing_disk_is_one_sentence_and_keeps_whole_lines(sm
     else:
         subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
     reason = {"full": "No space left on device", "read-only": "Read-only file system"}[fault]
-    with pytest.raises(UserError, match=rf"Could not write .*metrics.jsonl \({reason}\); the checkpoints written so far are intact"):
+    with pytest.raises(
+        UserError, match=rf"Could not write .*metrics.jsonl \({reason}\); the checkpoints written so far are intact"
+    ):
         log.append([{"step": s, "loss": 0.5, "note": "x" * 2000} for s in range(2, 200)])
     assert log.path.read_bytes() == before
 
@@ -345,7 +369,9 @@ def test_config_on_a_full_disk_is_one_sentence(small_disk):
     assert (disk / CONFIG_FILE).read_text() == "seed: 1\n"
 
 
-@pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")  # pytest's word for a thread's traceback
+@pytest.mark.filterwarnings(
+    "error::pytest.PytestUnhandledThreadExceptionWarning"
+)  # pytest's word for a thread's traceback
 @pytest.mark.fault("TensorBoard events on a full disk", expect="clear error", lost="steps since the last checkpoint")
 def test_tensorboard_on_a_full_disk_is_one_sentence_without_the_writer_threads_traceback(small_disk, capfd):
     from vitmpp.common.distributed import make_accelerator
@@ -355,8 +381,11 @@ def test_tensorboard_on_a_full_disk_is_one_sentence_without_the_writer_threads_t
     disk = small_disk(256 << 10)
     tracker = Tracker(make_accelerator(mixed_precision="no", project_dir=disk), "tensorboard", {"seed": 1}, None)
     fill(disk)
-    with pytest.raises(UserError, match=rf"Could not write TensorBoard events in {disk / 'tensorboard'} "
-                                        r"\(No space left on device\)"):
+    with pytest.raises(
+        UserError,
+        match=rf"Could not write TensorBoard events in {disk / 'tensorboard'} "
+        r"\(No space left on device\)",
+    ):
         for step in range(1, 100):
             tracker.text("notes", "x" * 4096, step)
             tracker.flush()

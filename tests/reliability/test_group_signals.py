@@ -3,6 +3,7 @@
 and torch's launcher get it too, and the run must still save its checkpoint and stop as it does
 for a signal to its main process alone (README, "preemption"), then resume to the same numbers.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -16,8 +17,18 @@ import time
 import pytest
 from torch.utils.data import IterableDataset
 
-from engine_helpers import (ROOT, TINY, accelerate_cmd, descendants, last_logged_step, metrics, python_cmd, run,
-                            start, wait_for)
+from engine_helpers import (
+    ROOT,
+    TINY,
+    accelerate_cmd,
+    descendants,
+    last_logged_step,
+    metrics,
+    python_cmd,
+    run,
+    start,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow
 STEPS = 8
@@ -41,8 +52,9 @@ def one_process_reference(tmp_path_factory, digits16):
 @pytest.fixture(scope="module")
 def two_process_reference(tmp_path_factory, digits16):
     root = tmp_path_factory.mktemp("reference2")
-    run(accelerate_cmd("pretrain/main.py", processes=2) + COMMON + [f"data.shards={digits16}", "run.name=ref"],
-        cwd=root)
+    run(
+        accelerate_cmd("pretrain/main.py", processes=2) + COMMON + [f"data.shards={digits16}", "run.name=ref"], cwd=root
+    )
     return root / "runs" / "ref"
 
 
@@ -93,15 +105,19 @@ def world_size(run_dir) -> int:
     return state["world_size"]
 
 
-@pytest.mark.fault("SIGTERM/SIGUSR1/SIGINT to the process group of a run with 2 data-loading workers "
-                   "(timeout, kill -- -PGID, Ctrl-C), then --resume auto",
-                   expect="checkpoint and exit 0 (130 after SIGINT)")
+@pytest.mark.fault(
+    "SIGTERM/SIGUSR1/SIGINT to the process group of a run with 2 data-loading workers "
+    "(timeout, kill -- -PGID, Ctrl-C), then --resume auto",
+    expect="checkpoint and exit 0 (130 after SIGINT)",
+)
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1, signal.SIGINT], ids=lambda s: signal.Signals(s).name)
-def test_a_signal_to_the_group_with_loader_workers_checkpoints_and_resumes(tmp_path, digits16, one_process_reference,
-                                                                            sig):
+def test_a_signal_to_the_group_with_loader_workers_checkpoints_and_resumes(
+    tmp_path, digits16, one_process_reference, sig
+):
     run_dir = tmp_path / "runs" / "group"
-    proc = start(python_cmd("pretrain/main.py") + COMMON + SLOW + [f"data.shards={digits16}", "run.name=group"],
-                 cwd=tmp_path)
+    proc = start(
+        python_cmd("pretrain/main.py") + COMMON + SLOW + [f"data.shards={digits16}", "run.name=group"], cwd=tmp_path
+    )
     wait_for(lambda: last_logged_step(run_dir) >= 3, 300, proc)
     workers = descendants(proc.pid)
     assert len(workers) >= 2, workers  # the loader's worker processes, which the signal reaches too
@@ -109,20 +125,28 @@ def test_a_signal_to_the_group_with_loader_workers_checkpoints_and_resumes(tmp_p
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == EXIT[sig], err[-3000:]
     assert_checkpointed(out, err, run_dir, sig)
-    run(python_cmd("pretrain/main.py") + COMMON + [f"data.shards={digits16}", "run.name=group", "--resume", "auto"],
-        cwd=tmp_path)
+    run(
+        python_cmd("pretrain/main.py") + COMMON + [f"data.shards={digits16}", "run.name=group", "--resume", "auto"],
+        cwd=tmp_path,
+    )
     assert_same_losses(run_dir, one_process_reference)
 
 
-@pytest.mark.fault("SIGTERM to the process group twice, the second during the stop's checkpoint (scancel and a "
-                   "launcher both signal)", expect="checkpoint and exit 0")
+@pytest.mark.fault(
+    "SIGTERM to the process group twice, the second during the stop's checkpoint (scancel and a launcher both signal)",
+    expect="checkpoint and exit 0",
+)
 def test_a_second_sigterm_to_the_group_does_not_cut_the_checkpoint_short(tmp_path, digits16):
     """A stop of a whole run sends SIGTERM more than once (SLURM or systemd to every process, then a launcher
     forwarding its own); only Ctrl-C again, or the scheduler's SIGKILL, ends a run at once."""
     run_dir = tmp_path / "runs" / "twice"
-    proc = start(python_cmd("pretrain/main.py") + COMMON + SLOW + ["debug.checkpoint_delay_s=3",
-                                                                   f"data.shards={digits16}", "run.name=twice"],
-                 cwd=tmp_path)
+    proc = start(
+        python_cmd("pretrain/main.py")
+        + COMMON
+        + SLOW
+        + ["debug.checkpoint_delay_s=3", f"data.shards={digits16}", "run.name=twice"],
+        cwd=tmp_path,
+    )
     wait_for(lambda: last_logged_step(run_dir) >= 4, 300, proc)
     workers = descendants(proc.pid)
     os.killpg(proc.pid, signal.SIGTERM)
@@ -142,12 +166,21 @@ def _alive(pid: int) -> bool:
         return False
 
 
-@pytest.mark.fault("SIGTERM to the process group of `accelerate launch` with 2 processes (torch's agent forwards "
-                   "it to each rank's group, workers included), then --resume auto", expect="checkpoint on every rank")
+@pytest.mark.fault(
+    "SIGTERM to the process group of `accelerate launch` with 2 processes (torch's agent forwards "
+    "it to each rank's group, workers included), then --resume auto",
+    expect="checkpoint on every rank",
+)
 def test_sigterm_to_accelerate_launch_group_checkpoints_every_rank(tmp_path, digits16, two_process_reference):
     run_dir = tmp_path / "runs" / "accelerate"
-    proc = start(accelerate_cmd("pretrain/main.py", processes=2) + COMMON + SLOW + [
-        f"data.shards={digits16}", "run.name=accelerate"], cwd=tmp_path, ACCELERATE_USE_CPU="1")
+    proc = start(
+        accelerate_cmd("pretrain/main.py", processes=2)
+        + COMMON
+        + SLOW
+        + [f"data.shards={digits16}", "run.name=accelerate"],
+        cwd=tmp_path,
+        ACCELERATE_USE_CPU="1",
+    )
     out, err = stop_midway(proc, run_dir, signal.SIGTERM, "group")
     # torch's agent got the signal itself: it passes it on to each rank's group, waits for the ranks and then
     # exits 128 + SIGTERM whatever they did (README, "Launchers and exit codes"); the ranks stop cleanly
@@ -156,27 +189,59 @@ def test_sigterm_to_accelerate_launch_group_checkpoints_every_rank(tmp_path, dig
     assert not ours and "died" not in err, err[-3000:]
     assert_checkpointed(out, err.split("Traceback")[0], run_dir, signal.SIGTERM)
     assert world_size(run_dir) == 2
-    run(accelerate_cmd("pretrain/main.py", processes=2) + COMMON + [f"data.shards={digits16}", "run.name=accelerate",
-                                                                    "--resume", "auto"], cwd=tmp_path,
-        ACCELERATE_USE_CPU="1")
+    run(
+        accelerate_cmd("pretrain/main.py", processes=2)
+        + COMMON
+        + [f"data.shards={digits16}", "run.name=accelerate", "--resume", "auto"],
+        cwd=tmp_path,
+        ACCELERATE_USE_CPU="1",
+    )
     assert_same_losses(run_dir, two_process_reference)
 
 
-@pytest.mark.fault("SIGTERM to launch.sh's process group, or to every process of it (systemd control group, SLURM "
-                   "job step), with 2 processes and their workers, then --resume auto", expect="checkpoint and exit 0")
+@pytest.mark.fault(
+    "SIGTERM to launch.sh's process group, or to every process of it (systemd control group, SLURM "
+    "job step), with 2 processes and their workers, then --resume auto",
+    expect="checkpoint and exit 0",
+)
 @pytest.mark.parametrize("how", ["group", "every"])
 def test_sigterm_to_all_of_launch_sh_checkpoints_and_exits_0(tmp_path, digits16, two_process_reference, how):
     run_dir = tmp_path / "runs" / "launched"
-    proc = start([str(ROOT / "launch.sh"), "pretrain", *COMMON, *SLOW, f"data.shards={digits16}", "run.name=launched",
-                  "run.output_dir=" + str(tmp_path / "runs")], cwd=tmp_path, VITMPP_NUM_PROCESSES="2",
-                 VITMPP_GPUS_PER_NODE="0", MASTER_PORT=port())
+    proc = start(
+        [
+            str(ROOT / "launch.sh"),
+            "pretrain",
+            *COMMON,
+            *SLOW,
+            f"data.shards={digits16}",
+            "run.name=launched",
+            "run.output_dir=" + str(tmp_path / "runs"),
+        ],
+        cwd=tmp_path,
+        VITMPP_NUM_PROCESSES="2",
+        VITMPP_GPUS_PER_NODE="0",
+        MASTER_PORT=port(),
+    )
     out, err = stop_midway(proc, run_dir, signal.SIGTERM, how)
     assert proc.returncode == 0, err[-3000:]
     assert_checkpointed(out, err, run_dir, signal.SIGTERM)
     assert world_size(run_dir) == 2
-    run([str(ROOT / "launch.sh"), "pretrain", *COMMON, f"data.shards={digits16}", "run.name=launched",
-         "run.output_dir=" + str(tmp_path / "runs"), "--resume", "auto"], cwd=tmp_path, VITMPP_NUM_PROCESSES="2",
-        VITMPP_GPUS_PER_NODE="0", MASTER_PORT=port())
+    run(
+        [
+            str(ROOT / "launch.sh"),
+            "pretrain",
+            *COMMON,
+            f"data.shards={digits16}",
+            "run.name=launched",
+            "run.output_dir=" + str(tmp_path / "runs"),
+            "--resume",
+            "auto",
+        ],
+        cwd=tmp_path,
+        VITMPP_NUM_PROCESSES="2",
+        VITMPP_GPUS_PER_NODE="0",
+        MASTER_PORT=port(),
+    )
     assert_same_losses(run_dir, two_process_reference)
 
 
@@ -187,8 +252,10 @@ class _Counting(IterableDataset):
             yield k
 
 
-@pytest.mark.fault("SIGTERM/SIGINT/SIGUSR1 from another process to a data-loading worker; torch's terminate() "
-                   "of a worker", expect="survived (the parent's terminate still ends it)")
+@pytest.mark.fault(
+    "SIGTERM/SIGINT/SIGUSR1 from another process to a data-loading worker; torch's terminate() of a worker",
+    expect="survived (the parent's terminate still ends it)",
+)
 def test_a_worker_drops_stop_signals_but_ends_when_its_parent_terminates_it():
     """The worker ignores the stop signals of a group or control group (sent by someone else), but
     torch's `terminate()` (SIGTERM from the parent, for a worker that did not end when asked) still ends

@@ -6,6 +6,7 @@ Each test builds real files (os.symlink, os.mkfifo, a bound AF_UNIX socket, imag
 Pillow). Whatever could block or print runs as the real command in a subprocess with a
 timeout, so a hang fails the test instead of stalling the suite; follow-up checks that can
 neither block nor print run in-process (`write_shards`, `open_loader`) to keep the file fast."""
+
 from __future__ import annotations
 
 import colorsys
@@ -67,8 +68,9 @@ def loaded_codes(shards: Path) -> dict[str, list[tuple[int, int]]]:
     manifest = read_manifest(shards)
     out: dict[str, list] = {name: [] for name in manifest.class_names}
     for split in manifest.splits:
-        for batch in open_loader(spec_for(shards, split=split, batch_size=8, transform=IDENTITY, training=False,
-                                          num_workers=0)):
+        for batch in open_loader(
+            spec_for(shards, split=split, batch_size=8, transform=IDENTITY, training=False, num_workers=0)
+        ):
             for image, label, index in zip(batch.images, batch.labels.tolist(), batch.indices.tolist()):
                 if index >= 0:
                     out[manifest.class_names[label]].append((int(image[0, 0, 0]), int(image[2, 0, 0])))
@@ -87,8 +89,10 @@ def no_partial_left(folder: Path) -> bool:
 
 # ----------------------------------------------------------------------------- the tree read exactly
 
-@pytest.mark.fault("ImageFolder with a symlink loop (cat/loop -> ..) and links leading outside --root",
-                   expect="survived")
+
+@pytest.mark.fault(
+    "ImageFolder with a symlink loop (cat/loop -> ..) and links leading outside --root", expect="survived"
+)
 def test_imagefolder_never_follows_folder_links_and_labels_every_image_by_its_real_folder(tmp_path):
     root = tmp_path / "tree"
     numbers = image_tree(root, {"cat": 9, "dog": 11})
@@ -96,16 +100,17 @@ def test_imagefolder_never_follows_folder_links_and_labels_every_image_by_its_re
     outside.mkdir()
     for k in range(4):  # images that are not part of the data set, whatever links point at them
         flat_image(200 + k, 50).save(outside / f"{k}.png")
-    (root / "cat" / "loop").symlink_to("..")                            # back to --root: dog would become cat
-    (root / "cat" / "self").symlink_to(".")                             # a loop onto itself
-    (root / "dog" / "more").symlink_to(outside)                         # a folder outside --root
-    (root / "dog" / "farmed.png").symlink_to(outside / "0.png")         # a file outside --root: followed (the rule)
-    (root / "cat" / "again.png").symlink_to(root / "cat" / "000.png")   # a file inside: followed (the rule)
-    (root / ".ipynb_checkpoints").mkdir()                               # hidden folder: not a class
+    (root / "cat" / "loop").symlink_to("..")  # back to --root: dog would become cat
+    (root / "cat" / "self").symlink_to(".")  # a loop onto itself
+    (root / "dog" / "more").symlink_to(outside)  # a folder outside --root
+    (root / "dog" / "farmed.png").symlink_to(outside / "0.png")  # a file outside --root: followed (the rule)
+    (root / "cat" / "again.png").symlink_to(root / "cat" / "000.png")  # a file inside: followed (the rule)
+    (root / ".ipynb_checkpoints").mkdir()  # hidden folder: not a class
     out = tmp_path / "shards"
 
-    result = make_shards(["--source", "imagefolder", "--root", str(root), "--out", str(out), "--val-fraction", "0.2"],
-                         tmp_path)
+    result = make_shards(
+        ["--source", "imagefolder", "--root", str(root), "--out", str(out), "--val-fraction", "0.2"], tmp_path
+    )
 
     assert result.returncode == 0, result.stderr[-3000:]
     manifest = read_manifest(out)
@@ -128,28 +133,35 @@ def test_an_imagefolder_already_split_keeps_its_splits_with_one_class_list(tmp_p
     """The ImageNet layout (root/train/<class>, root/val/<class>, root/test/<class>): each image stays in
     its split and is labelled by its class folder, with one class list across the splits."""
     root = tmp_path / "tree"
-    numbers = {"train": image_tree(root / "train", {"cat": 6, "dog": 5}),
-               "validation": image_tree(root / "val", {"cat": 2, "dog": 3}),
-               "test": image_tree(root / "test", {"dog": 2})}  # a class may be missing from val/test
+    numbers = {
+        "train": image_tree(root / "train", {"cat": 6, "dog": 5}),
+        "validation": image_tree(root / "val", {"cat": 2, "dog": 3}),
+        "test": image_tree(root / "test", {"dog": 2}),
+    }  # a class may be missing from val/test
     out = tmp_path / "shards"
     result = make_shards(["--source", "imagefolder", "--root", str(root), "--out", str(out)], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     manifest = read_manifest(out)
     assert manifest.class_names == ["cat", "dog"]
-    assert {split: manifest.split(split).num_samples for split in manifest.splits} == {"train": 11, "validation": 5,
-                                                                                      "test": 2}
+    assert {split: manifest.split(split).num_samples for split in manifest.splits} == {
+        "train": 11,
+        "validation": 5,
+        "test": 2,
+    }
     made = json.loads((out / MANIFEST_NAME).read_text())["vitmpp"]["splits_made_by"]
     assert set(made) == {"train", "validation", "test"} and all("own split folders" in how for how in made.values())
     for split, per_class in numbers.items():  # every image where it was, with its class's label
         batch_codes = {name: set() for name in manifest.class_names}
-        for batch in open_loader(spec_for(out, split=split, batch_size=4, transform=IDENTITY, training=False,
-                                          num_workers=0)):
+        for batch in open_loader(
+            spec_for(out, split=split, batch_size=4, transform=IDENTITY, training=False, num_workers=0)
+        ):
             for image, label, index in zip(batch.images, batch.labels.tolist(), batch.indices.tolist()):
                 if index >= 0:
                     batch_codes[manifest.class_names[label]].add(int(image[0, 0, 0]))
         # image_tree numbers images per tree from 0; blue codes the class within its own tree
-        assert {name: len(codes) for name, codes in batch_codes.items() if codes} == \
-            {name: len(n) for name, n in per_class.items()}
+        assert {name: len(codes) for name, codes in batch_codes.items() if codes} == {
+            name: len(n) for name, n in per_class.items()
+        }
 
 
 def test_an_imagefolder_with_train_and_test_only_gets_validation_from_train(tmp_path):
@@ -157,20 +169,29 @@ def test_an_imagefolder_with_train_and_test_only_gets_validation_from_train(tmp_
     image_tree(root / "train", {"cat": 10, "dog": 10})
     image_tree(root / "test", {"cat": 3, "dog": 3})
     manifest = write_shards(tmp_path / "shards", "imagefolder", root=root, val_fraction=0.2, progress=False)
-    assert {split: manifest.split(split).num_samples for split in manifest.splits} == {"train": 16, "validation": 4,
-                                                                                      "test": 6}
+    assert {split: manifest.split(split).num_samples for split in manifest.splits} == {
+        "train": 16,
+        "validation": 4,
+        "test": 6,
+    }
     made = json.loads((tmp_path / "shards" / MANIFEST_NAME).read_text())["vitmpp"]["splits_made_by"]
     assert made["validation"].startswith("carved from train/ by a class-stratified --val-fraction 0.2")
 
 
-@pytest.mark.fault("ImageFolder whose layout is ambiguous (split folders beside classes, images directly in "
-                   "train/, a class only in val/)", expect="clear error")
-@pytest.mark.parametrize("layout, message", [
-    ({"train/cat": 3, "train/dog": 3, "bird": 3}, "mixes split folders (train) with other folders ('bird')"),
-    ({"train": 3, "val": 3}, "holds train/, val/ with images directly inside"),
-    ({"train/cat": 3, "val/cat": 2, "val/dog": 2}, "Class folder 'dog' of"),
-    ({"train/cat": 3, "val/cat": 2, "validation/cat": 2}, "has both val/ and validation/"),
-])
+@pytest.mark.fault(
+    "ImageFolder whose layout is ambiguous (split folders beside classes, images directly in "
+    "train/, a class only in val/)",
+    expect="clear error",
+)
+@pytest.mark.parametrize(
+    "layout, message",
+    [
+        ({"train/cat": 3, "train/dog": 3, "bird": 3}, "mixes split folders (train) with other folders ('bird')"),
+        ({"train": 3, "val": 3}, "holds train/, val/ with images directly inside"),
+        ({"train/cat": 3, "val/cat": 2, "val/dog": 2}, "Class folder 'dog' of"),
+        ({"train/cat": 3, "val/cat": 2, "validation/cat": 2}, "has both val/ and validation/"),
+    ],
+)
 def test_an_ambiguous_split_tree_is_refused_in_one_sentence(tmp_path, layout, message):
     root = tmp_path / "tree"
     for folder, n in layout.items():
@@ -187,14 +208,15 @@ def test_an_ambiguous_split_tree_is_refused_in_one_sentence(tmp_path, layout, me
 def test_special_files_in_a_class_folder_are_skipped_without_being_opened(tmp_path):
     root = tmp_path / "tree"
     numbers = image_tree(root, {"cat": 6, "dog": 6})
-    os.mkfifo(root / "cat" / "pipe.jpg")           # opening it for reading waits for a writer forever
+    os.mkfifo(root / "cat" / "pipe.jpg")  # opening it for reading waits for a writer forever
     (root / "dog" / "pipe-link.png").symlink_to(root / "cat" / "pipe.jpg")
     listener = socket.socket(socket.AF_UNIX)
     listener.bind(str(root / "dog" / "socket.png"))
     out = tmp_path / "shards"
     try:
-        result = make_shards(["--source", "imagefolder", "--root", str(root), "--out", str(out),
-                              "--val-fraction", "0.2"], tmp_path)
+        result = make_shards(
+            ["--source", "imagefolder", "--root", str(root), "--out", str(out), "--val-fraction", "0.2"], tmp_path
+        )
     finally:
         listener.close()
 
@@ -240,7 +262,8 @@ def test_a_class_without_images_is_refused_so_labels_never_shift(tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == [
         f"error: Class folder 'bee' under '{root}' holds no files; add images or remove it (every folder is a "
-        "class, and a class without images would take a label no sample has)."]
+        "class, and a class without images would take a label no sample has)."
+    ]
     assert not out.exists() and no_partial_left(tmp_path)
 
     (root / "bee" / "notes.txt").write_text("not an image")  # files, none readable
@@ -255,15 +278,29 @@ def test_a_validation_fraction_that_selects_nothing_is_said_with_the_fraction_th
     image_tree(root, {"cat": 7, "dog": 5})
     out = tmp_path / "shards"
 
-    result = make_shards(["--source", "imagefolder", "--root", str(root), "--out", str(out),
-                          "--val-fraction", "0.05", "--test-fraction", "0"], tmp_path)
+    result = make_shards(
+        [
+            "--source",
+            "imagefolder",
+            "--root",
+            str(root),
+            "--out",
+            str(out),
+            "--val-fraction",
+            "0.05",
+            "--test-fraction",
+            "0",
+        ],
+        tmp_path,
+    )
 
     assert result.returncode == 0, result.stderr[-3000:]
     warning = [line for line in result.stderr.splitlines() if line.startswith("warning: ")]
     assert warning == [
         "warning: --val-fraction 0.05 puts no image in the validation split (the largest class has 7 images, and a "
         "class needs 11 for one validation image at that fraction), so the shards have no validation split, which "
-        "fine-tuning needs; pass --val-fraction 0.08 or more, or 0 to say you want none."]
+        "fine-tuning needs; pass --val-fraction 0.08 or more, or 0 to say you want none."
+    ]
     assert list(read_manifest(out).splits) == ["train"]
     # the fraction it names does give a validation split
     from vitmpp.datasets.make_shards import SplitWarning
@@ -276,6 +313,7 @@ def test_a_validation_fraction_that_selects_nothing_is_said_with_the_fraction_th
 
 # ----------------------------------------------------------------------------- pixels of every mode
 
+
 def lab_to_srgb(lab: np.ndarray) -> np.ndarray:
     """ICC Lab (D50; Pillow stores L as 0..255 and a, b as signed bytes) -> 8-bit sRGB, by the CIE
     formulas and the Bradford D50 -> D65 adaptation; out-of-gamut values clip in linear light."""
@@ -283,11 +321,13 @@ def lab_to_srgb(lab: np.ndarray) -> np.ndarray:
     a, b = lab[..., 1].astype(np.int8).astype(float), lab[..., 2].astype(np.int8).astype(float)
     fy = (L + 16) / 116
     f = np.stack([fy + a / 500, fy, fy - b / 200], axis=-1)
-    xyz = np.where(f ** 3 > 216 / 24389, f ** 3, (116 * f - 16) / (24389 / 27)) * np.array([0.96422, 1.0, 0.82521])
-    bradford = np.array([[0.9555766, -0.0230393, 0.0631636], [-0.0282895, 1.0099416, 0.0210077],
-                         [0.0122982, -0.0204830, 1.3299098]])
-    to_rgb = np.array([[3.2404542, -1.5371385, -0.4985314], [-0.9692660, 1.8760108, 0.0415560],
-                       [0.0556434, -0.2040259, 1.0572252]])
+    xyz = np.where(f**3 > 216 / 24389, f**3, (116 * f - 16) / (24389 / 27)) * np.array([0.96422, 1.0, 0.82521])
+    bradford = np.array(
+        [[0.9555766, -0.0230393, 0.0631636], [-0.0282895, 1.0099416, 0.0210077], [0.0122982, -0.0204830, 1.3299098]]
+    )
+    to_rgb = np.array(
+        [[3.2404542, -1.5371385, -0.4985314], [-0.9692660, 1.8760108, 0.0415560], [0.0556434, -0.2040259, 1.0572252]]
+    )
     linear = np.clip(xyz @ bradford.T @ to_rgb.T, 0, 1)
     return np.rint(255 * np.where(linear <= 0.0031308, 12.92 * linear, 1.055 * linear ** (1 / 2.4) - 0.055))
 
@@ -321,8 +361,11 @@ def mode_samples() -> dict[str, tuple[Image.Image, str, np.ndarray]]:
     floats[0, :2] = (0.0, 1.0)
     out["F"] = (Image.fromarray(floats), "tiff", np.repeat(np.rint(floats * 255.0)[..., None], 3, -1))
     la = u8(2)
-    out["LA"] = (Image.frombytes("LA", size, la.tobytes()), "png",
-                 over_white(np.repeat(la[..., :1], 3, -1), la[..., 1]))
+    out["LA"] = (
+        Image.frombytes("LA", size, la.tobytes()),
+        "png",
+        over_white(np.repeat(la[..., :1], 3, -1), la[..., 1]),
+    )
     rgba = u8(4)
     out["RGBA"] = (Image.frombytes("RGBA", size, rgba.tobytes()), "png", over_white(rgba[..., :3], rgba[..., 3]))
     palette, index = rng.integers(0, 256, (256, 3), dtype=np.uint8), u8()
@@ -338,13 +381,27 @@ def mode_samples() -> dict[str, tuple[Image.Image, str, np.ndarray]]:
     pa.putpalette(palette.tobytes())
     out["PA"] = (pa, "tiff", over_white(palette[pa_raw[..., 0]], pa_raw[..., 1]))
     cmyk = u8(4).astype(float)
-    out["CMYK"] = (Image.frombytes("CMYK", size, cmyk.astype(np.uint8).tobytes()), "tiff",
-                   np.rint((255 - cmyk[..., :3]) * (255 - cmyk[..., 3:]) / 255))
+    out["CMYK"] = (
+        Image.frombytes("CMYK", size, cmyk.astype(np.uint8).tobytes()),
+        "tiff",
+        np.rint((255 - cmyk[..., :3]) * (255 - cmyk[..., 3:]) / 255),
+    )
     ycc = u8(3)
     y, cb, cr = (ycc[..., k].astype(float) for k in range(3))
-    out["YCbCr"] = (Image.frombytes("YCbCr", size, ycc.tobytes()), "tiff",
-                    np.clip(np.rint(np.stack([y + 1.402 * (cr - 128), y - 0.344136 * (cb - 128) - 0.714136 * (cr - 128),
-                                              y + 1.772 * (cb - 128)], -1)), 0, 255))
+    out["YCbCr"] = (
+        Image.frombytes("YCbCr", size, ycc.tobytes()),
+        "tiff",
+        np.clip(
+            np.rint(
+                np.stack(
+                    [y + 1.402 * (cr - 128), y - 0.344136 * (cb - 128) - 0.714136 * (cr - 128), y + 1.772 * (cb - 128)],
+                    -1,
+                )
+            ),
+            0,
+            255,
+        ),
+    )
     lab = u8(3)
     out["LAB"] = (Image.frombytes("LAB", size, lab.tobytes()), "tiff", lab_to_srgb(lab))
     return out
@@ -369,16 +426,18 @@ def modes_through_make_shards(tmp_path_factory):
     write_shards(out, "imagefolder", root=root, val_fraction=0, progress=False)
     codes = {}
     manifest = read_manifest(out)
-    for batch in open_loader(spec_for(out, split="train", batch_size=32, transform=IDENTITY, training=False,
-                                      num_workers=0)):
+    for batch in open_loader(
+        spec_for(out, split="train", batch_size=32, transform=IDENTITY, training=False, num_workers=0)
+    ):
         for image, label, index in zip(batch.images, batch.labels.tolist(), batch.indices.tolist()):
             if index >= 0:
                 codes[manifest.class_names[label]] = image.permute(1, 2, 0).numpy().astype(int)
     return codes, skipped_inputs(out)
 
 
-@pytest.mark.fault("image files in every Pillow mode (16-bit, float, alpha, palette, CMYK, YCbCr, LAB)",
-                   expect="survived")
+@pytest.mark.fault(
+    "image files in every Pillow mode (16-bit, float, alpha, palette, CMYK, YCbCr, LAB)", expect="survived"
+)
 @pytest.mark.parametrize("mode", MODES)
 def test_every_image_mode_becomes_rgb_scaled_not_clipped(modes_through_make_shards, mode):
     codes, _ = modes_through_make_shards
@@ -393,8 +452,7 @@ def test_pixels_with_no_known_scale_are_skipped_and_listed_not_clipped(modes_thr
     assert skipped == {"F/outside.tiff": "float pixels outside 0..1 have no known 8-bit scale"}
 
 
-@pytest.mark.fault("image modes no file format holds (RGBX, HSV) and 32-bit integers above 16 bits",
-                   expect="survived")
+@pytest.mark.fault("image modes no file format holds (RGBX, HSV) and 32-bit integers above 16 bits", expect="survived")
 def test_modes_without_a_file_format_convert_exactly():
     from vitmpp.datasets.pixels import UnknownScale, to_rgb
 
@@ -415,8 +473,7 @@ def encoded(image: Image.Image, fmt: str) -> bytes:
     return buf.getvalue()
 
 
-@pytest.mark.fault("shards written by another tool holding 16-bit, alpha, palette or CMYK images",
-                   expect="survived")
+@pytest.mark.fault("shards written by another tool holding 16-bit, alpha, palette or CMYK images", expect="survived")
 def test_the_loader_decodes_foreign_shard_images_of_every_mode_it_accepts(tmp_path):
     samples = mode_samples()
     in_png = [m for m in ("1", "L", "I;16", "LA", "RGBA", "P", "P+transparency") if samples[m][1] == "png"]
@@ -429,8 +486,9 @@ def test_the_loader_decodes_foreign_shard_images_of_every_mode_it_accepts(tmp_pa
     drop_member(shard, key, "png")
     add_member(shard, key, "jpg", encoded(cmyk, "JPEG"))
     got = {}
-    for batch in open_loader(spec_for(tmp_path, split="train", batch_size=4, transform=IDENTITY, training=False,
-                                      num_workers=0)):
+    for batch in open_loader(
+        spec_for(tmp_path, split="train", batch_size=4, transform=IDENTITY, training=False, num_workers=0)
+    ):
         for image, index in zip(batch.images, batch.indices.tolist()):
             if index >= 0:
                 got[index] = image.permute(1, 2, 0).numpy().astype(int)
@@ -442,6 +500,7 @@ def test_the_loader_decodes_foreign_shard_images_of_every_mode_it_accepts(tmp_pa
 
 
 # ----------------------------------------------------------------------------- shards and the loader
+
 
 def rename_key(shard: Path, old: str, new: str) -> None:
     """Give the members of sample `old` the key `new` (a writer that reused a key)."""
@@ -461,8 +520,9 @@ def test_a_duplicated_key_skips_only_the_repeat_and_reads_the_rest_of_the_shard(
     write_tiny_shards(tmp_path, [12, 12])
     shard = tmp_path / "tiny-train-000000.tar"
     rename_key(shard, f"{duplicate:08d}", f"{of:08d}")
-    loader = open_loader(spec_for(tmp_path, split="train", batch_size=4, transform=IDENTITY, training=False,
-                                  num_workers=0))
+    loader = open_loader(
+        spec_for(tmp_path, split="train", batch_size=4, transform=IDENTITY, training=False, num_workers=0)
+    )
     seen = {}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ShardWarning)
@@ -484,9 +544,12 @@ def test_a_fifo_named_as_a_shard_is_refused_unopened(tmp_path):
     fifo.unlink()
     os.mkfifo(fifo)
     try:
-        result = run(python_cmd("pretrain/main.py") + TINY + ["train.global_batch=16", "train.steps=2",
-                                                              f"data.shards={shards}"],
-                     cwd=tmp_path, check=False, timeout=HANG)
+        result = run(
+            python_cmd("pretrain/main.py") + TINY + ["train.global_batch=16", "train.steps=2", f"data.shards={shards}"],
+            cwd=tmp_path,
+            check=False,
+            timeout=HANG,
+        )
     except subprocess.TimeoutExpired:
         pytest.fail(f"pretraining blocked on the FIFO {fifo}")
     assert result.returncode == 2 and "Traceback" not in result.stderr
@@ -494,6 +557,7 @@ def test_a_fifo_named_as_a_shard_is_refused_unopened(tmp_path):
 
 
 # ----------------------------------------------------------------------------- fine-tuning
+
 
 def shards_with_a_class_only_in_validation(out: Path) -> None:
     """Train holds classes 0..3 only, validation 0..4: class 'four' is never trained on."""
@@ -503,8 +567,14 @@ def shards_with_a_class_only_in_validation(out: Path) -> None:
         for path in (out / part).iterdir():
             if path.name != MANIFEST_NAME:
                 path.rename(out / path.name)
-    manifest = Manifest(root=out, name="tiny", splits={**train.splits, **val.splits}, num_classes=5,
-                        class_names=["zero", "one", "two", "three", "four"], image_size=16)
+    manifest = Manifest(
+        root=out,
+        name="tiny",
+        splits={**train.splits, **val.splits},
+        num_classes=5,
+        class_names=["zero", "one", "two", "three", "four"],
+        image_size=16,
+    )
     atomic_write_json(out / MANIFEST_NAME, manifest.to_json())
 
 
@@ -512,12 +582,26 @@ def shards_with_a_class_only_in_validation(out: Path) -> None:
 def test_finetuning_warns_once_naming_validation_classes_training_never_sees(tmp_path):
     shards = tmp_path / "shards"
     shards_with_a_class_only_in_validation(shards)
-    result = run(python_cmd("finetune/main.py") + [
-        "protocol=scratch", "model.name=vit_pico_patch4_16", "model.img_size=16", "train.global_batch=16",
-        "train.steps=2", "data.num_workers=0", "log.log_every=1", "optim.warmup_steps=1", f"data.shards={shards}",
-        "run.name=scratch"], cwd=tmp_path, timeout=300)
+    result = run(
+        python_cmd("finetune/main.py")
+        + [
+            "protocol=scratch",
+            "model.name=vit_pico_patch4_16",
+            "model.img_size=16",
+            "train.global_batch=16",
+            "train.steps=2",
+            "data.num_workers=0",
+            "log.log_every=1",
+            "optim.warmup_steps=1",
+            f"data.shards={shards}",
+            "run.name=scratch",
+        ],
+        cwd=tmp_path,
+        timeout=300,
+    )
     warning = [line for line in result.stderr.splitlines() if "training never sees" in line]
     assert warning == [
         f"warning: validation split 'validation' of {shards} holds 1 class(es) that training never sees: 'four' "
         "(2 of 10 validation images, which no classifier trained here can get right); rewrite the shards so that "
-        "every class is in 'train'."]
+        "every class is in 'train'."
+    ]

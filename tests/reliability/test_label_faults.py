@@ -1,5 +1,6 @@
 """A bad label is named with its value and reason, and the skip limit is judged on what it says
 (issue 26, "unclear": labels). Real shards with real `cls` members rewritten."""
+
 from __future__ import annotations
 
 import warnings
@@ -17,21 +18,25 @@ IDENTITY = MaybePILToTensor()
 def read_with_warnings(folder, **fields):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ShardWarning)
-        loader = open_loader(spec_for(folder, batch_size=4, transform=IDENTITY, training=False, num_workers=0,
-                                      **fields))
+        loader = open_loader(
+            spec_for(folder, batch_size=4, transform=IDENTITY, training=False, num_workers=0, **fields)
+        )
         indices = sorted(i for batch in loader for i in batch.indices.tolist() if i >= 0)
     return indices, loader, [str(w.message) for w in caught if issubclass(w.category, ShardWarning)]
 
 
 @pytest.mark.fault("label (cls) that is negative, out of range, a float, text or '0_3'", expect="survived")
-@pytest.mark.parametrize("text,said", [
-    (b"-1", "its label (cls) is -1, outside the manifest's classes 0..4"),
-    (b"7", "its label (cls) is 7, outside the manifest's classes 0..4"),
-    (b"3.0", "its label (cls) is '3.0', not a class number"),
-    (b"cat", "its label (cls) is 'cat', not a class number"),
-    (b"0_3", "its label (cls) is '0_3', not a class number"),
-    (b"+3", "its label (cls) is '+3', not a class number"),
-])
+@pytest.mark.parametrize(
+    "text,said",
+    [
+        (b"-1", "its label (cls) is -1, outside the manifest's classes 0..4"),
+        (b"7", "its label (cls) is 7, outside the manifest's classes 0..4"),
+        (b"3.0", "its label (cls) is '3.0', not a class number"),
+        (b"cat", "its label (cls) is 'cat', not a class number"),
+        (b"0_3", "its label (cls) is '0_3', not a class number"),
+        (b"+3", "its label (cls) is '+3', not a class number"),
+    ],
+)
 def test_a_bad_label_is_named_with_its_value(tmp_path, text, said):
     write_tiny_shards(tmp_path, [16])
     replace_member(tmp_path / "tiny-train-000000.tar", "00000003", "cls", text)
@@ -40,8 +45,7 @@ def test_a_bad_label_is_named_with_its_value(tmp_path, text, said):
     assert any(f"sample 00000003 skipped ({said})" in m for m in messages), messages
 
 
-@pytest.mark.fault("bad labels within max_skip_fraction, all in the first shard (6.25% under 10%)",
-                   expect="survived")
+@pytest.mark.fault("bad labels within max_skip_fraction, all in the first shard (6.25% under 10%)", expect="survived")
 def test_bad_samples_within_the_limit_never_stop_the_epoch(tmp_path):
     write_tiny_shards(tmp_path, [16, 16, 16, 16])
     for key in range(4):  # 4 of 64: a running estimate over the first 20 samples would say 20%

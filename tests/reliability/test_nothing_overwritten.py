@@ -1,4 +1,5 @@
 """Nothing a user had is overwritten: shards, run folders, comparison results."""
+
 from __future__ import annotations
 
 import signal
@@ -20,8 +21,11 @@ def test_make_shards_refuses_an_existing_folder(tmp_path):
     out = tmp_path / "shards"
     out.mkdir()
     (out / "mine.txt").write_text("keep me")
-    result = run([sys.executable, "-m", "vitmpp.datasets.make_shards", "--source", "digits", "--out", str(out), "--quiet"],
-                 cwd=tmp_path, check=False)
+    result = run(
+        [sys.executable, "-m", "vitmpp.datasets.make_shards", "--source", "digits", "--out", str(out), "--quiet"],
+        cwd=tmp_path,
+        check=False,
+    )
     assert result.returncode == 2 and "--overwrite" in result.stderr and "Traceback" not in result.stderr
     assert (out / "mine.txt").read_text() == "keep me" and list(out.iterdir()) == [out / "mine.txt"]
 
@@ -29,9 +33,26 @@ def test_make_shards_refuses_an_existing_folder(tmp_path):
 @pytest.mark.fault("make_shards killed (SIGKILL) mid-write", expect="survived")
 def test_a_killed_write_leaves_no_complete_looking_folder(tmp_path):
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "vitmpp.datasets.make_shards", "--source", "synthetic",
-                             "--count", "100000", "--image-size", "16", "--maxcount", "100", "--out", str(out),
-                             "--quiet"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "vitmpp.datasets.make_shards",
+            "--source",
+            "synthetic",
+            "--count",
+            "100000",
+            "--image-size",
+            "16",
+            "--maxcount",
+            "100",
+            "--out",
+            str(out),
+            "--quiet",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:  # wait until a few shards have been written
@@ -59,7 +80,12 @@ def test_run_folder_is_not_reused_and_batches_must_divide(tmp_path, digits16):
     assert again.returncode == 2 and "different config (keys optim.lr)" in again.stderr
     same = run(python_cmd("pretrain/main.py") + common, cwd=tmp_path, check=False)
     assert same.returncode == 2 and "--resume auto" in same.stderr
-    bad = run(python_cmd("pretrain/main.py") + TINY + ["train.global_batch=30", "train.per_device_batch=8",
-                                                       f"data.shards={digits16}", "run.name=bad"], cwd=tmp_path, check=False)
+    bad = run(
+        python_cmd("pretrain/main.py")
+        + TINY
+        + ["train.global_batch=30", "train.per_device_batch=8", f"data.shards={digits16}", "run.name=bad"],
+        cwd=tmp_path,
+        check=False,
+    )
     assert bad.returncode == 2 and "not a multiple of train.per_device_batch=8" in bad.stderr
     assert "Traceback" not in bad.stderr

@@ -4,6 +4,7 @@ Real runs in subprocesses: another run's checkpoint copied into a run folder, `-
 into another run's folder, and a resume onto a real second data set (the same data set with
 fewer shards), against the same shards moved elsewhere, which must keep resuming exactly.
 """
+
 from __future__ import annotations
 
 import json
@@ -67,7 +68,9 @@ def test_resume_path_into_another_runs_folder_is_refused(tmp_path, two_runs):
     refused = run(command + ["--resume", str(b / "checkpoints" / "step-0000003")], cwd=tmp_path, check=False)
     assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
     lines = printed_lines(refused.stderr)
-    assert len(lines) == 1 and f"written by another run (the run in {two_runs[0].resolve() / 'runs' / 'b'}" in lines[0], lines
+    assert (
+        len(lines) == 1 and f"written by another run (the run in {two_runs[0].resolve() / 'runs' / 'b'}" in lines[0]
+    ), lines
     assert files_of(a) == before
     # its own checkpoint by path still resumes
     run(command + ["--resume", str(a / "checkpoints" / "step-0000002")], cwd=tmp_path)

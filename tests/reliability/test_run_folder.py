@@ -4,6 +4,7 @@ Each test runs the real commands in subprocesses: two runs started together, a r
 SIGKILL while its loader worker lives on, two-process runs, resumes under changed keys, and run
 folders that would leave the output folder or run into a file.
 """
+
 from __future__ import annotations
 
 import json
@@ -16,8 +17,21 @@ import sys
 import pytest
 import yaml
 
-from engine_helpers import (ROOT, TINY, accelerate_cmd, descendants, error_lines, files_of, kill_tree, last_logged_step,
-                            metrics, python_cmd, run, start, wait_for)
+from engine_helpers import (
+    ROOT,
+    TINY,
+    accelerate_cmd,
+    descendants,
+    error_lines,
+    files_of,
+    kill_tree,
+    last_logged_step,
+    metrics,
+    python_cmd,
+    run,
+    start,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -56,11 +70,21 @@ def test_a_second_writer_is_refused_naming_the_holder(tmp_path, digits16):
     assert "ended" in json.loads((run_dir / "lock").read_text())
 
 
-@pytest.mark.fault("run killed (SIGKILL; its loader worker lives on) holding its run folder, then --resume auto",
-                   expect="survived")
+@pytest.mark.fault(
+    "run killed (SIGKILL; its loader worker lives on) holding its run folder, then --resume auto", expect="survived"
+)
 def test_a_lock_left_by_a_killed_run_is_taken_over(tmp_path, digits16):
-    command = PRETRAIN + TINY + [f"data.shards={digits16}", "train.steps=6", "log.checkpoint_every=2",
-                                 "data.num_workers=1", "run.name=killed"]
+    command = (
+        PRETRAIN
+        + TINY
+        + [
+            f"data.shards={digits16}",
+            "train.steps=6",
+            "log.checkpoint_every=2",
+            "data.num_workers=1",
+            "run.name=killed",
+        ]
+    )
     run_dir = tmp_path / "runs" / "killed"
     proc = start(command + ["debug.step_delay_s=0.5"], cwd=tmp_path)
     wait_for(lambda: last_logged_step(run_dir) >= 3, 240, proc)
@@ -156,8 +180,11 @@ def test_a_run_folder_through_a_file_or_outside_the_output_folder_is_refused(tmp
     work = tmp_path / "work"
     work.mkdir()
     (work / "afile").write_text("mine")
-    key = {"output_dir is a file": "run.output_dir=afile", "name ../x": "run.name=../x",
-           "name /abs": f"run.name={tmp_path / 'abs'}"}[where]
+    key = {
+        "output_dir is a file": "run.output_dir=afile",
+        "name ../x": "run.name=../x",
+        "name /abs": f"run.name={tmp_path / 'abs'}",
+    }[where]
     result = run(PRETRAIN + TINY + [f"data.shards={digits16}", "train.steps=1", key], cwd=work, check=False)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert error_lines(result.stderr) == [line for line in result.stderr.splitlines() if line.strip()]
@@ -173,8 +200,10 @@ def test_compare_locks_its_output_folder(tmp_path):
     (encoder / "encoder.safetensors").write_bytes(b"")  # never read: the cells' launcher does not run finetune
     out = tmp_path / "out"
     config = tmp_path / "compare.yaml"
-    config.write_text(f"encoders: {{mpp: {encoder}}}\nprotocols: [knn]\nlabel_fractions: [1.0]\nseeds: [0]\n"
-                      f"recipes: {{knn: {ROOT / 'configs/finetune/knn_digits.yaml'}}}\noutput_dir: {out}\n")
+    config.write_text(
+        f"encoders: {{mpp: {encoder}}}\nprotocols: [knn]\nlabel_fractions: [1.0]\nseeds: [0]\n"
+        f"recipes: {{knn: {ROOT / 'configs/finetune/knn_digits.yaml'}}}\noutput_dir: {out}\n"
+    )
     compare = [sys.executable, "-m", "vitmpp.experiments.compare", "--config", str(config)]
     failing_cells = f"launcher={shutil.which('false')}"
     first = start(compare + [f"launcher={sys.executable} -c 'import time; time.sleep(600)'"], cwd=tmp_path)

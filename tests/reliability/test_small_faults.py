@@ -7,6 +7,7 @@ whose name is hostile, launch.sh runs with the bad variable, the lock file holds
 record, and the comparison is a real `python -m vitmpp.experiments.compare` whose cells are a small
 script (no training: the signal is what is tested).
 """
+
 from __future__ import annotations
 
 import ast
@@ -66,15 +67,39 @@ def test_names_holding_markdown_or_html_stay_names_in_the_card(tmp_path):
     from vitmpp.models.hub import record_evaluation, write_card
 
     folder = tmp_path / "runs" / HOSTILE_RUN
-    data = {"shards": "/data/a|b", "name": HOSTILE_DATA, "source": "/data/<i>_info.json", "num_classes": 10,
-            "image_size": 16, "train_split": HOSTILE_SPLIT, "splits": {HOSTILE_SPLIT: 1079, "test": 359}}
+    data = {
+        "shards": "/data/a|b",
+        "name": HOSTILE_DATA,
+        "source": "/data/<i>_info.json",
+        "num_classes": 10,
+        "image_size": 16,
+        "train_split": HOSTILE_SPLIT,
+        "splits": {HOSTILE_SPLIT: 1079, "test": 359},
+    }
     torch.manual_seed(0)
-    save_encoder(create_encoder("vit_pico_patch4_16"), folder, objective="mpp", step=40,
-                 extra={"data": data, "shards": data["shards"], "train": {"global_batch": 32}})
+    save_encoder(
+        create_encoder("vit_pico_patch4_16"),
+        folder,
+        objective="mpp",
+        step=40,
+        extra={"data": data, "shards": data["shards"], "train": {"global_batch": 32}},
+    )
     # valid YAML with a line that would close a ``` block, then raw HTML
-    (folder / "config.yaml").write_text(f"note: |\n  ```\n  <script>alert(3)</script>\nrun:\n  name: {json.dumps(HOSTILE_RUN)}\n")
-    record_evaluation(folder, {"run": f"/runs/{HOSTILE_RUN}", "protocol": "linear", "top1": 50.0, "top5": 90.0,
-                               "label_fraction": 1.0, "seed": 0, "split": HOSTILE_SPLIT})
+    (folder / "config.yaml").write_text(
+        f"note: |\n  ```\n  <script>alert(3)</script>\nrun:\n  name: {json.dumps(HOSTILE_RUN)}\n"
+    )
+    record_evaluation(
+        folder,
+        {
+            "run": f"/runs/{HOSTILE_RUN}",
+            "protocol": "linear",
+            "top1": 50.0,
+            "top5": 90.0,
+            "label_fraction": 1.0,
+            "seed": 0,
+            "split": HOSTILE_SPLIT,
+        },
+    )
     text = write_card(folder)[0].read_text()
 
     # the front matter holds the names as they are
@@ -87,7 +112,9 @@ def test_names_holding_markdown_or_html_stay_names_in_the_card(tmp_path):
     page.feed(md.render(body))
     assert "script" not in page.tags and "b" not in page.tags and "i" not in page.tags  # no raw HTML kept
     assert page.h1 == f"{' '.join(HOSTILE_RUN.split())}: a ViT encoder pretrained with masked patch prediction"
-    assert page.rows and all(n in (2, 3, 9) for n in page.rows), page.rows  # the encoder, splits, training, results tables
+    assert page.rows and all(n in (2, 3, 9) for n in page.rows), (
+        page.rows
+    )  # the encoder, splits, training, results tables
     fences = [t for t in md.parse(body) if t.type == "fence"]
     assert [t.info for t in fences] == ["python", "yaml"]  # no name opened or closed a block
     assert yaml.safe_load(fences[1].content) == yaml.safe_load((folder / "config.yaml").read_text())
@@ -99,17 +126,23 @@ def test_names_holding_markdown_or_html_stay_names_in_the_card(tmp_path):
 # ----------------------------------------------------------------------------- launch.sh's numbers
 
 BAD_NUMBERS = [("VITMPP_NUM_PROCESSES", v) for v in ("abc", "0", "-1", "1.5", "", "08")] + [
-    ("VITMPP_GPUS_PER_NODE", "-1"), ("SLURM_NNODES", "two"), ("SLURM_NODEID", "x"), ("MASTER_PORT", "70000"),
-    ("MASTER_PORT", "port")]
+    ("VITMPP_GPUS_PER_NODE", "-1"),
+    ("SLURM_NNODES", "two"),
+    ("SLURM_NODEID", "x"),
+    ("MASTER_PORT", "70000"),
+    ("MASTER_PORT", "port"),
+]
 
 
-@pytest.mark.fault("a numeric environment variable of launch.sh that is not a whole number in range",
-                   expect="clear error")
+@pytest.mark.fault(
+    "a numeric environment variable of launch.sh that is not a whole number in range", expect="clear error"
+)
 @pytest.mark.parametrize("name,value", BAD_NUMBERS, ids=[f"{n}={v!r}" for n, v in BAD_NUMBERS])
 def test_a_bad_number_in_launch_sh_s_environment_is_one_sentence_and_exit_2(name, value):
     variables = {"PATH": "/usr/bin:/bin", "VITMPP_GPUS_PER_NODE": "0", name: value}
-    result = subprocess.run([str(ROOT / "launch.sh"), "--dry-run", "pretrain"], capture_output=True, text=True,
-                            env=variables, timeout=60)
+    result = subprocess.run(
+        [str(ROOT / "launch.sh"), "--dry-run", "pretrain"], capture_output=True, text=True, env=variables, timeout=60
+    )
     assert result.returncode == 2, (result.stdout, result.stderr)
     assert result.stdout == ""  # no command was printed: nothing would have run
     (line,) = result.stderr.splitlines()
@@ -118,9 +151,13 @@ def test_a_bad_number_in_launch_sh_s_environment_is_one_sentence_and_exit_2(name
 
 @pytest.mark.fault("several SLURM nodes without SLURM_JOB_NODELIST", expect="clear error")
 def test_several_nodes_without_a_node_list_is_one_sentence_and_exit_2():
-    result = subprocess.run([str(ROOT / "launch.sh"), "--dry-run", "pretrain"], capture_output=True, text=True,
-                            env={"PATH": "/usr/bin:/bin", "VITMPP_GPUS_PER_NODE": "0", "SLURM_NNODES": "2"},
-                            timeout=60)
+    result = subprocess.run(
+        [str(ROOT / "launch.sh"), "--dry-run", "pretrain"],
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin:/bin", "VITMPP_GPUS_PER_NODE": "0", "SLURM_NNODES": "2"},
+        timeout=60,
+    )
     assert result.returncode == 2 and result.stdout == ""
     (line,) = result.stderr.splitlines()
     assert line.startswith("error: 2 nodes need SLURM_JOB_NODELIST"), line
@@ -135,9 +172,11 @@ def compare_setup(tmp_path: Path, cell_script: str, seeds: str = "[0]") -> list[
     encoder.mkdir()
     (encoder / "encoder.safetensors").write_bytes(b"")
     config = tmp_path / "compare.yaml"
-    config.write_text(f"encoders: {{mpp: {encoder}}}\nprotocols: [knn]\nlabel_fractions: [1.0]\nseeds: {seeds}\n"
-                      f"recipes: {{knn: {ROOT / 'configs/finetune/knn_digits.yaml'}}}\noutput_dir: {tmp_path / 'out'}\n"
-                      f"launcher: {json.dumps(f'{sys.executable} {cell_script}')}\n")
+    config.write_text(
+        f"encoders: {{mpp: {encoder}}}\nprotocols: [knn]\nlabel_fractions: [1.0]\nseeds: {seeds}\n"
+        f"recipes: {{knn: {ROOT / 'configs/finetune/knn_digits.yaml'}}}\noutput_dir: {tmp_path / 'out'}\n"
+        f"launcher: {json.dumps(f'{sys.executable} {cell_script}')}\n"
+    )
     return [sys.executable, "-m", "vitmpp.experiments.compare", "--config", str(config)]
 
 
@@ -146,14 +185,17 @@ def failing_cell() -> str:
     return "-c 'raise SystemExit(1)'"
 
 
-@pytest.mark.fault("a run-folder lock whose record names a run on another host (no 'ended' mark)",
-                   expect="clear error")
+@pytest.mark.fault("a run-folder lock whose record names a run on another host (no 'ended' mark)", expect="clear error")
 def test_a_lock_of_another_host_is_refused_until_the_user_says_that_run_stopped(tmp_path):
     compare = compare_setup(tmp_path, failing_cell())
     out = tmp_path / "out"
     out.mkdir()
-    record = json.dumps({"host": "node-elsewhere", "pid": 4242, "started": "2026-12-01 10:00:00 UTC",
-                         "command": "pretrain/main.py"}) + "\n"
+    record = (
+        json.dumps(
+            {"host": "node-elsewhere", "pid": 4242, "started": "2026-12-01 10:00:00 UTC", "command": "pretrain/main.py"}
+        )
+        + "\n"
+    )
     (out / "lock").write_text(record)
 
     refused = run(compare, cwd=tmp_path, check=False)
@@ -170,8 +212,11 @@ def test_a_lock_of_another_host_is_refused_until_the_user_says_that_run_stopped(
 
     # the way through the message names: the run goes on (its one cell, `false`, then fails)
     taken = run(compare, cwd=tmp_path, check=False, VITMPP_TAKE_OVER_LOCK="node-elsewhere:4242")
-    assert ("warning: run folder" in taken.stderr and "process 4242 on host node-elsewhere" in taken.stderr
-            and "which VITMPP_TAKE_OVER_LOCK says has stopped; taken over" in taken.stderr), taken.stderr
+    assert (
+        "warning: run folder" in taken.stderr
+        and "process 4242 on host node-elsewhere" in taken.stderr
+        and "which VITMPP_TAKE_OVER_LOCK says has stopped; taken over" in taken.stderr
+    ), taken.stderr
     assert "Cell mpp-knn-f1-s0 failed" in taken.stderr
     holder = json.loads((out / "lock").read_text())
     assert holder["host"] == socket.gethostname() and "ended" in holder
@@ -237,8 +282,10 @@ def test_sigterm_to_compare_says_what_is_kept_and_exits_0(tmp_path):
             os.kill(sleeper, signal.SIGKILL)  # (an orphaned cell would hold the pipes open)
         out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0 and not left_behind, err
-    assert printed_lines(err) == [f"[compare] stopped by SIGTERM: 1 of 2 cells finished and are kept in {cells}; "
-                                "run the same command again to continue (finished cells are not run again)"], err
+    assert printed_lines(err) == [
+        f"[compare] stopped by SIGTERM: 1 of 2 cells finished and are kept in {cells}; "
+        "run the same command again to continue (finished cells are not run again)"
+    ], err
     kept = (cells / "mpp-knn-f1-s0" / "results.json").read_bytes()
     assert json.loads((tmp_path / "out" / "lock").read_text()).get("ended")
 

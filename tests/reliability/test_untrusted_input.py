@@ -1,4 +1,5 @@
 """Configs, arguments, checkpoints and encoders that are wrong or hostile."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -43,6 +44,7 @@ def typed_keys(schema):
                 walk(tp, f"{prefix}{f.name}.")
             else:
                 out.append((f"{prefix}{f.name}", tp, f.metadata))
+
     walk(schema, "")
     return out
 
@@ -53,7 +55,8 @@ def wrong_value_for(tp, meta):
     optional = type(None) in args
     base = next((a for a in args if a is not type(None)), tp) if optional else tp
     words = st.text(alphabet="abcdefghijklmnopqrstuvwxyz", min_size=1, max_size=8).filter(
-        lambda w: w not in ("true", "false", "null", "yes", "no", "on", "off", "y", "n", "nan", "inf"))
+        lambda w: w not in ("true", "false", "null", "yes", "no", "on", "off", "y", "n", "nan", "inf")
+    )
     if base in (int, float):
         return st.one_of(words, st.just("[1, 2]"), st.just("{a: 1}"))
     if base is bool:
@@ -112,18 +115,28 @@ def test_wrong_types(stage, data, capsys):
 
 @pytest.mark.fault("negative or zero sizes, ratios out of range (hypothesis)", expect="clear error")
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(override=st.one_of(
-    st.sampled_from(["train.global_batch", "train.steps", "model.img_size", "log.log_every", "data.shuffle_buffer",
-                     "log.keep_checkpoints"]).flatmap(
-        lambda k: st.integers(-1000, 0).map(lambda v: f"{k}={v}")),
-    # an objective's section exists only with that objective
-    st.integers(-1000, 0).map(lambda v: f"objective=mae mae.decoder_depth={v}"),
-    st.floats(1.0, 100.0).map(lambda v: f"objective=mae mae.mask_ratio={v}"),
-    st.floats(1.0, 100.0).map(lambda v: f"mpp.corrupt_ratio={v}"),
-    st.floats(-10.0, 0.0).map(lambda v: f"optim.lr={v}"),
-    st.sampled_from([(32, 5), (32, 3), (30, 4), (224, 15), (48, 32)]).map(
-        lambda p: f"model.img_size={p[0]} model.patch_size={p[1]}"),
-))
+@given(
+    override=st.one_of(
+        st.sampled_from(
+            [
+                "train.global_batch",
+                "train.steps",
+                "model.img_size",
+                "log.log_every",
+                "data.shuffle_buffer",
+                "log.keep_checkpoints",
+            ]
+        ).flatmap(lambda k: st.integers(-1000, 0).map(lambda v: f"{k}={v}")),
+        # an objective's section exists only with that objective
+        st.integers(-1000, 0).map(lambda v: f"objective=mae mae.decoder_depth={v}"),
+        st.floats(1.0, 100.0).map(lambda v: f"objective=mae mae.mask_ratio={v}"),
+        st.floats(1.0, 100.0).map(lambda v: f"mpp.corrupt_ratio={v}"),
+        st.floats(-10.0, 0.0).map(lambda v: f"optim.lr={v}"),
+        st.sampled_from([(32, 5), (32, 3), (30, 4), (224, 15), (48, 32)]).map(
+            lambda p: f"model.img_size={p[0]} model.patch_size={p[1]}"
+        ),
+    )
+)
 def test_out_of_range_values(override, capsys):
     line = call_entry_point(entry("pretrain"), override.split(" "), capsys)
     assert "must" in line
@@ -131,10 +144,14 @@ def test_out_of_range_values(override, capsys):
 
 @pytest.mark.fault("impossible batch geometry (global batch vs processes x per-device batch)", expect="clear error")
 @pytest.mark.slow
-@pytest.mark.parametrize("geometry", [["train.global_batch=30", "train.per_device_batch=8"],
-                                      ["train.global_batch=33", "train.per_device_batch=2"]])
+@pytest.mark.parametrize(
+    "geometry",
+    [["train.global_batch=30", "train.per_device_batch=8"], ["train.global_batch=33", "train.per_device_batch=2"]],
+)
 def test_impossible_batch_geometry(tmp_path, digits16, geometry):
-    result = run(python_cmd("pretrain/main.py") + TINY + geometry + [f"data.shards={digits16}"], cwd=tmp_path, check=False)
+    result = run(
+        python_cmd("pretrain/main.py") + TINY + geometry + [f"data.shards={digits16}"], cwd=tmp_path, check=False
+    )
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.startswith("error: train.global_batch=")
 
@@ -157,7 +174,7 @@ def test_tampered_checkpoint_is_refused_without_running_it(tmp_path, digits16):
     checkpoint = tmp_path / "runs" / "default-mpp" / "checkpoints" / "step-0000002"
     (checkpoint / "optimizer.bin").write_bytes(pickle.dumps(MarkerPickle(str(marker))))
     state = json.loads((checkpoint / "trainer_state.json").read_text())  # the tamperer rewrites the checksums too,
-    state["files"] = file_checksums(checkpoint)                           # so loading (weights-only) is what refuses
+    state["files"] = file_checksums(checkpoint)  # so loading (weights-only) is what refuses
     (checkpoint / "trainer_state.json").write_text(json.dumps(state))
     result = run(python_cmd("pretrain/main.py") + common + ["--resume", "auto"], cwd=tmp_path, check=False)
     assert result.returncode == 2 and not marker.exists()
