@@ -57,3 +57,21 @@ def http_server(tmp_path):
     for proc in started:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+@pytest.fixture(autouse=True)
+def loader_workers_released():
+    """Each test releases the loader workers it started: the kept-worker pools (datasets/pool.py) are
+    closed when it ends, and a worker process still alive after that fails the test (an unclosed loader
+    would otherwise hold its workers, ~75 MB each, for the rest of the session)."""
+    yield
+    pool = sys.modules.get("vitmpp.datasets.pool")  # a test that never opened a loader has nothing to close
+    if pool is None:
+        return
+    pool.close_idle_workers()
+    import multiprocessing
+
+    deadline = time.monotonic() + 10  # a closed worker may take a moment to exit on a busy machine
+    while (alive := multiprocessing.active_children()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not alive, f"loader worker processes still running after the test: {[p.pid for p in alive]}"

@@ -530,3 +530,56 @@ def test_workers_are_kept_across_epochs_and_give_the_batches_of_fresh_ones(uneve
         assert len(_pool_pids()) == 2
     finally:
         close_idle_workers()
+
+
+def test_a_test_that_leaves_loader_workers_running_fails(tmp_path):
+    """tests/conftest.py's autouse fixture: a loader left open with live workers fails its test, one that
+    is read to the end passes (its kept workers are closed when the test ends)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    from pathlib import Path
+
+    tests = Path(__file__).parent
+    (tmp_path / "conftest.py").write_text(
+        textwrap.dedent(f"""
+        import importlib.util, sys
+        sys.path.insert(0, {str(tests)!r})
+        spec = importlib.util.spec_from_file_location("suite_conftest", {str(tests / "conftest.py")!r})
+        suite = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(suite)
+        loader_workers_released = suite.loader_workers_released  # the fixture under test
+    """)
+    )
+    (tmp_path / "test_leak.py").write_text(
+        textwrap.dedent("""
+        from datasets_helpers import spec_for, write_tiny_shards
+        from vitmpp.datasets import eval_transform, open_loader
+
+        def spec(shards):
+            return spec_for(shards.base, manifest=shards, batch_size=4, num_workers=2, transform=eval_transform(16),
+                            training=False)
+
+        OPEN = []
+
+        def test_reads_to_the_end(tmp_path):
+            shards = write_tiny_shards(tmp_path / "s", [8, 8])
+            assert sum(len(b.labels) for b in open_loader(spec(shards))) == 16
+
+        def test_leaves_workers_running(tmp_path):
+            shards = write_tiny_shards(tmp_path / "s", [8, 8])
+            batches = iter(open_loader(spec(shards)))
+            next(batches)
+            OPEN.append(batches)  # never finished nor closed
+    """)
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert "2 passed, 1 error" in result.stdout, result.stdout[-3000:]  # the error: the leaking test's teardown
+    assert "loader worker processes still running after the test" in result.stdout
