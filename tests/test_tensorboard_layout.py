@@ -14,7 +14,7 @@ import torch
 from engine_helpers import TINY, python_cmd, run
 from models_helpers import normalise, tiny_objective, uint8_images
 from vitmpp.common.tracking import SYSTEM_GROUP, scalar_tag
-from vitmpp.models.objective import Visualization, label_columns, objective_names
+from vitmpp.models.objective import Visualization, label_columns, objective_class, objective_names
 
 HPARAMS_TAG = "_hparams_/session_start_info"
 
@@ -71,7 +71,7 @@ def _tile_columns(vis: Visualization) -> int:
 
 @pytest.mark.parametrize("name", objective_names())
 def test_every_objective_labels_the_columns_of_its_picture(name):
-    objective = tiny_objective(name, **({"mask_patch_size": 8} if name == "simmim" else {}))  # 16 px images
+    objective = tiny_objective(name, **objective_class(name).embedded_options)  # the CPU demo's options fit 16 px
     images = normalise(uint8_images(3))
     labels = torch.tensor([1, 2, 3])
     vis = objective.visualize(images, objective(images, labels), max_images=2)
