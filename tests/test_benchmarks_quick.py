@@ -1,6 +1,7 @@
 """The benchmark command and its parts: the --quick smoke run of every row, and the pieces
 whose correctness the numbers rest on (ratios, attention switch, activation bytes, the
 in-memory loader, the reducing-gap crop). No timing is asserted anywhere."""
+
 from __future__ import annotations
 
 import io
@@ -16,8 +17,13 @@ from PIL import Image
 
 from vitmpp.benchmarks.harness import Row, Settings, speed_ratio, verdict
 from vitmpp.benchmarks.data import photo_like
-from vitmpp.benchmarks.loader import (DEVICE_DECODE, HEADER_ONLY, ReducingGapRandomResizedCrop, device_decode_seconds,
-                                      header_only_seconds)
+from vitmpp.benchmarks.loader import (
+    DEVICE_DECODE,
+    HEADER_ONLY,
+    ReducingGapRandomResizedCrop,
+    device_decode_seconds,
+    header_only_seconds,
+)
 from vitmpp.benchmarks.memory import saved_activation_bytes
 from vitmpp.benchmarks.objectives import attention_kernels
 from vitmpp.benchmarks.run_pretrain import InMemoryLoader
@@ -29,15 +35,29 @@ from vitmpp.models import objective_names
 
 from engine_helpers import env
 
-SECTIONS = {"objective step", "peer", "attention", "memory", "data loader", "decode+RRC+flip per core",
-            "end to end", "scaling"}
+SECTIONS = {
+    "objective step",
+    "peer",
+    "attention",
+    "memory",
+    "data loader",
+    "decode+RRC+flip per core",
+    "end to end",
+    "scaling",
+}
 
 
 @pytest.mark.slow
 def test_quick_run_prints_every_row(tmp_path):
     out = tmp_path / "results.json"
-    result = subprocess.run([sys.executable, "-m", "vitmpp.benchmarks", "--device", "cpu", "--quick", "--out", str(out)],
-                            cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-m", "vitmpp.benchmarks", "--device", "cpu", "--quick", "--out", str(out)],
+        cwd=tmp_path,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     record = json.loads(out.read_text())
     assert record["failed_rows"] == []
@@ -46,32 +66,47 @@ def test_quick_run_prints_every_row(tmp_path):
     for row in record["rows"]:
         assert f"{row['section']}: {row['name']}" in table
     # MFU is a GPU number; on the CPU the objective rows give achieved FLOP/s instead
-    steps = [r for r in record["rows"] if r["section"] == "objective step" and r["name"] in ("mae", "mpp", "supervised")]
+    steps = [
+        r for r in record["rows"] if r["section"] == "objective step" and r["name"] in ("mae", "mpp", "supervised")
+    ]
     assert len(steps) == 3 and all(r["extra"]["mfu"] is None and r["extra"]["flops_per_image"] > 0 for r in steps)
     # the scaling row really ran two processes
     assert next(r for r in record["rows"] if r["section"] == "scaling")["value"] > 0
     # decode_on="device": the header-only worker and the main process's side on this CPU, for both kinds of shards
     for name in (HEADER_ONLY, DEVICE_DECODE):
-        rows = [r for r in record["rows"] if r["section"] == "decode+RRC+flip per core" and r["name"].endswith(f": {name}")]
+        rows = [
+            r for r in record["rows"] if r["section"] == "decode+RRC+flip per core" and r["name"].endswith(f": {name}")
+        ]
         assert len(rows) == 2, name
         for row in rows:
             assert math.isfinite(row["value"]) and row["value"] > 0, row
             assert all(math.isfinite(rate) and rate > 0 for rate in row["extra"]["rates"]), row
-    assert sum(r["name"].endswith(f"{HEADER_ONLY} / decode-only (simplejpeg)") or
-               r["name"].endswith(f"{HEADER_ONLY} / decode-only (PIL decode)") for r in record["rows"]) == 2
+    assert (
+        sum(
+            r["name"].endswith(f"{HEADER_ONLY} / decode-only (simplejpeg)")
+            or r["name"].endswith(f"{HEADER_ONLY} / decode-only (PIL decode)")
+            for r in record["rows"]
+        )
+        == 2
+    )
 
 
 def test_unknown_row_is_a_one_sentence_error(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "vitmpp.benchmarks", "--rows", "objectives,nope", "--out",
-                             str(tmp_path / "r.json")], env=env(), capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "vitmpp.benchmarks", "--rows", "objectives,nope", "--out", str(tmp_path / "r.json")],
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2
     assert result.stderr.strip().startswith("error: --rows names unknown row 'nope'")
     assert "Traceback" not in result.stderr
 
 
 def test_speed_ratio_is_median_ratio_with_per_round_spread():
-    fast = [1.0, 2.0, 1.0]      # seconds per call of A, in three rounds
-    slow = [2.0, 3.0, 4.0]      # B in the same rounds
+    fast = [1.0, 2.0, 1.0]  # seconds per call of A, in three rounds
+    slow = [2.0, 3.0, 4.0]  # B in the same rounds
     ratio, low, high = speed_ratio(fast, slow)
     assert ratio == pytest.approx(3.0 / 1.0)
     assert (low, high) == (pytest.approx(1.5), pytest.approx(4.0))
@@ -90,8 +125,9 @@ def test_settings_quick_cpu_are_tiny_and_full_cpu_is_vit_b():
 
 @pytest.mark.parametrize("name", objective_names())  # every registered objective builds and has its switch
 def test_attention_switch_reaches_every_layer(name):
-    model = build_objective(name, "vit_pico_patch4_16", 16, mae_decoder=dict(decoder_embed_dim=32, decoder_depth=1,
-                                                                              decoder_num_heads=2)).eval()
+    model = build_objective(
+        name, "vit_pico_patch4_16", 16, mae_decoder=dict(decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2)
+    ).eval()
     layers = len(attention_modules(model))
     assert layers >= len(model.encoder.blocks)  # the encoder's, and those of a decoder (MAE) or a teacher (data2vec)
     images, labels = fixed_batch(2, 16, "cpu")
@@ -131,7 +167,9 @@ def test_reducing_gap_crop_is_identity_on_a_full_image_crop():
     out = crop(Image.fromarray(pixels, "RGB"))
     assert out.dtype == np.uint8 and out.shape == (3, 24, 24)
     np.testing.assert_array_equal(out, pixels.transpose(2, 0, 1))
-    flipped = ReducingGapRandomResizedCrop(24, scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip=1.0)(Image.fromarray(pixels, "RGB"))
+    flipped = ReducingGapRandomResizedCrop(24, scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip=1.0)(
+        Image.fromarray(pixels, "RGB")
+    )
     np.testing.assert_array_equal(flipped, pixels[:, ::-1].transpose(2, 0, 1))
 
 
@@ -165,15 +203,28 @@ def test_gpu_check_script_cpu_smoke(tmp_path):
     from engine_helpers import ROOT
 
     out = tmp_path / "out"
-    result = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--cpu-smoke"], cwd=ROOT,
-                            env=env(OUT=str(out), PYTHON=sys.executable, TMPDIR=str(tmp_path)),
-                            capture_output=True, text=True, timeout=900)
+    result = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--cpu-smoke"],
+        cwd=ROOT,
+        env=env(OUT=str(out), PYTHON=sys.executable, TMPDIR=str(tmp_path)),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     summary = (out / "summary.txt").read_text()
     assert "host syncs inside 12 optimizer steps: 0" in summary
     assert "falls" in summary and "DOES NOT FALL" not in summary
     record = json.loads((out / "results-cpu-smoke.json").read_text())
     assert record["failed_rows"] == [] and {r["section"] for r in record["rows"]} >= {"objective step", "end to end"}
-    assert sorted(p.name for p in out.iterdir()) == sorted([
-        "env.txt", "gpu_check.log", "pretrain_metrics.jsonl", "pretrain_perf.jsonl", "results-cpu-smoke.json",
-        "summary.txt", "syncs.json"])
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [
+            "env.txt",
+            "gpu_check.log",
+            "pretrain_metrics.jsonl",
+            "pretrain_perf.jsonl",
+            "results-cpu-smoke.json",
+            "summary.txt",
+            "syncs.json",
+        ]
+    )

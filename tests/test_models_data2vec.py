@@ -1,5 +1,6 @@
 """data2vec (Baevski et al. 2022, image setting): block-wise masks, the teacher's target, the loss,
 the teacher outside the optimizer, the EMA update and its schedule, and the recipes."""
+
 from __future__ import annotations
 
 import math
@@ -37,6 +38,7 @@ def trained_apart(objective, seed: int = 1):
 
 
 # ----------------------------------------------------------------------------- masks
+
 
 @pytest.mark.parametrize("grid, ratio, min_block", [(14, 0.6, 16), (4, 0.6, 2), (8, 0.4, 4)])
 def test_block_masks_mask_at_most_the_ratio_and_close_to_it(grid, ratio, min_block):
@@ -93,13 +95,15 @@ def test_randomness_is_the_global_generators_so_a_resume_draws_the_same():
 
 # ----------------------------------------------------------------------------- target and loss
 
+
 def test_target_is_the_mean_of_the_teachers_top_k_normalised_block_outputs():
     """Against an independent computation: timm's forward_intermediates for the block outputs,
     normalisation written out with mean and variance."""
     objective = trained_apart(tiny_data2vec(top_k_blocks=1), seed=3)
     images = objective.normalize(uint8_images(4))
-    blocks = objective.teacher.forward_intermediates(images, indices=2, norm=False, output_fmt="NLC",
-                                                      intermediates_only=True)  # patch tokens of both blocks
+    blocks = objective.teacher.forward_intermediates(
+        images, indices=2, norm=False, output_fmt="NLC", intermediates_only=True
+    )  # patch tokens of both blocks
 
     def instance(x):  # each channel over the tokens of one image, eps 1e-5 (torch's instance norm)
         return (x - x.mean(dim=1, keepdim=True)) / torch.sqrt(x.var(dim=1, unbiased=False, keepdim=True) + 1e-5)
@@ -114,8 +118,9 @@ def test_target_is_the_mean_of_the_teachers_top_k_normalised_block_outputs():
     objective.config.block_norm, objective.config.average_norm = "none", "none"
     assert torch.allclose(objective.targets(images), (blocks[0] + blocks[1]) / 2, atol=1e-5)
     # the teacher's target is not the student's: the student's blocks give another one
-    student = objective.encoder.forward_intermediates(images, indices=2, norm=False, output_fmt="NLC",
-                                                      intermediates_only=True)
+    student = objective.encoder.forward_intermediates(
+        images, indices=2, norm=False, output_fmt="NLC", intermediates_only=True
+    )
     assert not torch.allclose((student[0] + student[1]) / 2, (blocks[0] + blocks[1]) / 2, atol=1e-3)
 
 
@@ -174,6 +179,7 @@ def test_teacher_starts_as_the_student_and_stays_in_eval_mode():
 
 # ----------------------------------------------------------------------------- EMA
 
+
 def test_ema_update_is_tau_teacher_plus_one_minus_tau_student():
     objective = trained_apart(tiny_data2vec(ema_start=0.6, ema_end=0.9))
     objective.set_run_length(10)
@@ -206,6 +212,7 @@ def test_an_ema_update_without_the_run_length_is_refused():
 
 
 # ----------------------------------------------------------------------------- options and recipes
+
 
 def test_options_that_cannot_work_are_refused_in_one_sentence():
     with pytest.raises(ConfigError, match="top_k_blocks.*2 blocks"):

@@ -1,4 +1,5 @@
 """The supervised-pretraining baseline objective and the registry."""
+
 from __future__ import annotations
 
 import math
@@ -101,8 +102,16 @@ def test_objective_names_are_the_files_of_models_objectives_and_need_no_torch():
     import vitmpp.models.objectives as package
 
     files = sorted(p.stem for p in Path(package.__file__).parent.glob("*.py") if not p.stem.startswith("_"))
-    probe = subprocess.run([sys.executable, "-c", "import sys; from vitmpp.models.objectives import "
-                            "builtin_objective_names as names; print(','.join(names()), 'torch' in sys.modules)"],
-                           capture_output=True, text=True, check=True)
+    probe = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from vitmpp.models.objectives import "
+            "builtin_objective_names as names; print(','.join(names()), 'torch' in sys.modules)",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert probe.stdout.split() == [",".join(files), "False"]
     assert {"mae", "mpp", "simmim", "supervised"} <= set(files)

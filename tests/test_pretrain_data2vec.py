@@ -1,5 +1,6 @@
 """data2vec through the real pretraining command on CPU: a stopped and resumed run continues exactly,
 EMA teacher included; a run grows from one process to two (elastic resume); FSDP2 trains it as DDP does."""
+
 from __future__ import annotations
 
 import os
@@ -15,8 +16,14 @@ pytestmark = pytest.mark.slow
 
 STEPS, STOP = 6, 3
 # tau far from 1, so a teacher lost or re-copied on resume changes the next targets visibly
-DATA2VEC = ["objective=data2vec", "data2vec.top_k_blocks=2", "data2vec.min_block_patches=2",
-            "data2vec.ema_start=0.5", "data2vec.ema_end=0.9", "eval.every=0"]
+DATA2VEC = [
+    "objective=data2vec",
+    "data2vec.top_k_blocks=2",
+    "data2vec.min_block_patches=2",
+    "data2vec.ema_start=0.5",
+    "data2vec.ema_end=0.9",
+    "eval.every=0",
+]
 # elastic runs sum two logical ranks' gradients in another order: float32 differs in the last bits
 # (tests/distributed/test_elastic_resume.py); one AdamW step at lr 1e-3 moves the loss by ~1e-2
 ELASTIC_TOLERANCE = 1e-5
@@ -27,8 +34,8 @@ def checkpoint_state(run_dir, step: int) -> dict[str, torch.Tensor]:
 
 
 def teacher_and_student(state: dict[str, torch.Tensor]) -> tuple[dict, dict]:
-    teacher = {k[len("teacher."):]: v for k, v in state.items() if k.startswith("teacher.")}
-    student = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
+    teacher = {k[len("teacher.") :]: v for k, v in state.items() if k.startswith("teacher.")}
+    student = {k[len("encoder.") :]: v for k, v in state.items() if k.startswith("encoder.")}
     assert teacher.keys() == student.keys() and teacher
     return teacher, student
 
@@ -40,8 +47,9 @@ def max_difference(a: dict, b: dict) -> float:
 def test_data2vec_resumes_exactly_teacher_included(tmp_path, digits16):
     common = TINY + DATA2VEC + [f"train.steps={STEPS}", f"data.shards={digits16}", "log.checkpoint_every=3"]
     run(python_cmd("pretrain/main.py") + common + ["run.name=straight"], cwd=tmp_path)
-    first = run(python_cmd("pretrain/main.py") + common + ["run.name=resumed", f"debug.stop_at_step={STOP}"],
-                cwd=tmp_path)
+    first = run(
+        python_cmd("pretrain/main.py") + common + ["run.name=resumed", f"debug.stop_at_step={STOP}"], cwd=tmp_path
+    )
     assert f"stopped by debug.stop_at_step at step {STOP}" in first.stdout
     run(python_cmd("pretrain/main.py") + common + ["run.name=resumed", "--resume", "auto"], cwd=tmp_path)
     straight, resumed = tmp_path / "runs" / "straight", tmp_path / "runs" / "resumed"
@@ -70,8 +78,11 @@ def test_data2vec_grows_from_one_process_to_two_with_the_losses_of_two(tmp_path,
     """Started on one process hosting two logical ranks, stopped, resumed on two processes: the losses
     and weights (teacher included) of a run on two processes from the start."""
     steps, stop = 4, 2
-    common = TINY + DATA2VEC + [f"train.steps={steps}", f"data.shards={digits16}", "train.logical_ranks=2",
-                                "data.num_workers=1"]
+    common = (
+        TINY
+        + DATA2VEC
+        + [f"train.steps={steps}", f"data.shards={digits16}", "train.logical_ranks=2", "data.num_workers=1"]
+    )
     run(launch(2, 0) + common + ["run.name=two"], cwd=tmp_path)
     stopped = run(launch(1, 1) + common + ["run.name=grown", f"debug.stop_at_step={stop}"], cwd=tmp_path)
     assert "1 process(es) x 2 logical ranks" in stopped.stdout
@@ -89,10 +100,23 @@ def test_data2vec_grows_from_one_process_to_two_with_the_losses_of_two(tmp_path,
 
 def fsdp_cmd(offset: int) -> list[str]:
     """FSDP2 on two CPU processes, as tests/distributed/test_fsdp.py launches it."""
-    return [sys.executable, "-m", "vitmpp.common.launcher", "--use_fsdp", "--config_file",
-            str(ROOT / "configs" / "accelerate" / "fsdp.yaml"), "--num_processes", "2", "--mixed_precision", "no",
-            "--dynamo_backend", "no", "--main_process_port", str(29500 + (os.getpid() + 43 * offset) % 1000),
-            str(ROOT / "pretrain" / "main.py")]
+    return [
+        sys.executable,
+        "-m",
+        "vitmpp.common.launcher",
+        "--use_fsdp",
+        "--config_file",
+        str(ROOT / "configs" / "accelerate" / "fsdp.yaml"),
+        "--num_processes",
+        "2",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(29500 + (os.getpid() + 43 * offset) % 1000),
+        str(ROOT / "pretrain" / "main.py"),
+    ]
 
 
 def test_data2vec_under_fsdp_trains_as_ddp_and_resumes_exactly_from_its_sharded_teacher(tmp_path, digits16):
@@ -109,8 +133,11 @@ def test_data2vec_under_fsdp_trains_as_ddp_and_resumes_exactly_from_its_sharded_
     assert f"stopped by debug.stop_at_step at step {stop}" in stopped.stdout
     run(fsdp_cmd(2) + common + ["run.name=resumed", "--resume", "auto"], cwd=tmp_path)
     runs = tmp_path / "runs"
-    keys = FileSystemReader(str(runs / "fsdp" / "checkpoints" / f"step-{stop:07d}" / "pytorch_model_fsdp_0")) \
-        .read_metadata().state_dict_metadata
+    keys = (
+        FileSystemReader(str(runs / "fsdp" / "checkpoints" / f"step-{stop:07d}" / "pytorch_model_fsdp_0"))
+        .read_metadata()
+        .state_dict_metadata
+    )
     assert sum(k.startswith("model.teacher.") for k in keys) == sum(k.startswith("model.encoder.") for k in keys) > 0
     reference = metrics(runs / "fsdp")
     for other in ("ddp", "resumed"):

@@ -2,6 +2,7 @@
 linear probe in one logdir share no chart; pretraining's online evaluation in its own `eval`
 group), the config in each run's own event file (no timestamp-named sub-runs), and objective
 pictures whose columns are labelled inside the image."""
+
 from __future__ import annotations
 
 import math
@@ -107,18 +108,45 @@ def test_a_picture_without_column_labels_is_the_bare_grid():
 
 @pytest.mark.slow
 def test_pretraining_and_linear_probe_in_one_logdir(tmp_path, digits16):
-    run(python_cmd("pretrain/main.py") + TINY + ["train.steps=2", f"data.shards={digits16}", "run.name=pre",
-                                                 "log.image_every=2", "eval.every=2", "eval.knn_images=100"],
-        cwd=tmp_path)
+    run(
+        python_cmd("pretrain/main.py")
+        + TINY
+        + [
+            "train.steps=2",
+            f"data.shards={digits16}",
+            "run.name=pre",
+            "log.image_every=2",
+            "eval.every=2",
+            "eval.knn_images=100",
+        ],
+        cwd=tmp_path,
+    )
     pretrain_dir = tmp_path / "runs" / "pre"
-    run(python_cmd("finetune/main.py") + ["train.global_batch=32", "data.num_workers=0", "log.log_every=1",
-                                          "train.steps=2", "protocol=linear", f"encoder={pretrain_dir}",
-                                          f"data.shards={digits16}", "run.name=probe"], cwd=tmp_path)
+    run(
+        python_cmd("finetune/main.py")
+        + [
+            "train.global_batch=32",
+            "data.num_workers=0",
+            "log.log_every=1",
+            "train.steps=2",
+            "protocol=linear",
+            f"encoder={pretrain_dir}",
+            f"data.shards={digits16}",
+            "run.name=probe",
+        ],
+        cwd=tmp_path,
+    )
     pretrain, probe = events(pretrain_dir), events(tmp_path / "runs" / "probe")
 
     pretrain_tags, probe_tags = set(pretrain.Tags()["scalars"]), set(probe.Tags()["scalars"])
-    assert {"pretrain/loss", "pretrain/lr", "system/pretrain/images_per_sec", "system/pretrain/skipped_samples",
-            "system/pretrain/nonfinite_steps", "system/pretrain/grad_norm"} <= pretrain_tags
+    assert {
+        "pretrain/loss",
+        "pretrain/lr",
+        "system/pretrain/images_per_sec",
+        "system/pretrain/skipped_samples",
+        "system/pretrain/nonfinite_steps",
+        "system/pretrain/grad_norm",
+    } <= pretrain_tags
     assert {"eval/knn_top1", "eval/knn_top5", "eval/loss"} <= pretrain_tags  # the online evaluation
     assert {"linear/loss", "linear/lr", "linear/top1", "linear/top5", "system/linear/images_per_sec"} <= probe_tags
     assert all(t.startswith(("pretrain/", "system/pretrain/", "eval/")) for t in pretrain_tags), pretrain_tags
@@ -131,7 +159,9 @@ def test_pretraining_and_linear_probe_in_one_logdir(tmp_path, digits16):
     # TIME SERIES, the dashboard TensorBoard opens on, mixes pictures and curves in one tag order and
     # expands two groups: they are the curves (the pictures' groups sort after the stage's own)
     assert time_series_first_screen(pretrain_tags, set(pretrain.Tags()["images"])) == [
-        ("eval", {"scalars"}), ("pretrain", {"scalars"})]
+        ("eval", {"scalars"}),
+        ("pretrain", {"scalars"}),
+    ]
     # without the online evaluation the loss group still comes first, the objective's picture beside it
     no_eval = {t for t in pretrain_tags if not t.startswith("eval/")}
     assert time_series_first_screen(no_eval, set(pretrain.Tags()["images"]))[0] == ("pretrain", {"scalars"})

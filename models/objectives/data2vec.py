@@ -39,6 +39,7 @@ student regresses, at the masked positions, a contextualised target built from t
 
 Values and their sources are in configs/pretrain/data2vec_vit_b16.yaml and docs/data2vec.md.
 """
+
 from __future__ import annotations
 
 import copy
@@ -76,10 +77,14 @@ class Data2VecConfig:
     mask_ratio: float = param(0.6, gt=0, lt=1, help="fraction of patches masked per image, in blocks (paper: 0.6)")
     min_block_patches: int = param(16, ge=1, le=2**20, help="smallest masking block, in patches (BEiT: 16)")
     top_k_blocks: int = param(6, ge=1, le=256, help="teacher blocks averaged into the target (paper, ViT-B: 6)")
-    block_norm: str = param("instance", choices=("instance", "layer", "none"),
-                            help="normalisation of each teacher block output before averaging (paper: instance)")
-    average_norm: str = param("layer", choices=("layer", "none"),
-                              help="normalisation of the averaged target (paper, images: layer)")
+    block_norm: str = param(
+        "instance",
+        choices=("instance", "layer", "none"),
+        help="normalisation of each teacher block output before averaging (paper: instance)",
+    )
+    average_norm: str = param(
+        "layer", choices=("layer", "none"), help="normalisation of the averaged target (paper, images: layer)"
+    )
     ema_start: float = param(0.9998, ge=0, le=1, help="teacher EMA rate tau_0 at the first step")
     ema_end: float = param(0.99999, ge=0, le=1, help="teacher EMA rate tau_e, reached after the annealing")
     ema_anneal_fraction: float = param(1.0, gt=0, le=1, help="fraction of the run over which tau rises linearly")
@@ -88,11 +93,15 @@ class Data2VecConfig:
     def check(self, depth: int | None = None) -> None:
         """The keys by their ranges; with the encoder's depth, that K blocks exist."""
         if self.ema_start > self.ema_end:
-            raise ConfigError(f"Key 'data2vec.ema_start' ({self.ema_start}) must not exceed 'data2vec.ema_end' "
-                              f"({self.ema_end}): the teacher's rate rises during the run.")
+            raise ConfigError(
+                f"Key 'data2vec.ema_start' ({self.ema_start}) must not exceed 'data2vec.ema_end' "
+                f"({self.ema_end}): the teacher's rate rises during the run."
+            )
         if depth is not None and self.top_k_blocks > depth:
-            raise ConfigError(f"Key 'data2vec.top_k_blocks' ({self.top_k_blocks}) exceeds the encoder's {depth} "
-                              "blocks; choose at most that many.")
+            raise ConfigError(
+                f"Key 'data2vec.top_k_blocks' ({self.top_k_blocks}) exceeds the encoder's {depth} "
+                "blocks; choose at most that many."
+            )
 
 
 def ema_rate(step: int, total_steps: int, start: float, end: float, anneal_fraction: float = 1.0) -> float:
@@ -102,8 +111,15 @@ def ema_rate(step: int, total_steps: int, start: float, end: float, anneal_fract
     return end if step >= anneal else start + (end - start) * step / anneal
 
 
-def blockwise_mask(batch: int, grid_h: int, grid_w: int, num_masked: int, min_block: int,
-                   device: torch.device | str | None = None, attempts: int = MASK_ATTEMPTS) -> Tensor:
+def blockwise_mask(
+    batch: int,
+    grid_h: int,
+    grid_w: int,
+    num_masked: int,
+    min_block: int,
+    device: torch.device | str | None = None,
+    attempts: int = MASK_ATTEMPTS,
+) -> Tensor:
     """BEiT-style block-wise masks: bool [batch, grid_h * grid_w], row-major, True = masked.
 
     Per image and attempt: a rectangle of area uniform in [min_block, still to mask] and log aspect
@@ -156,33 +172,48 @@ class Data2VecObjective(Objective):
     """data2vec (Baevski et al.): regress an EMA teacher's averaged top-block outputs at block-masked patches."""
 
     title = "data2vec"
-    paper = ("Baevski et al. 2022, \"data2vec: A General Framework for Self-supervised Learning in Speech, Vision "
-             "and Language\" (image setting)")
+    paper = (
+        'Baevski et al. 2022, "data2vec: A General Framework for Self-supervised Learning in Speech, Vision '
+        'and Language" (image setting)'
+    )
     arxiv = "2202.03555"
-    description = ("60% of the patches, in blocks, are replaced by a learned mask token in the student's input; a "
-                   "linear head regresses the mean of the normalised top-block outputs of an EMA teacher that sees "
-                   "the whole image. The student is exported.")
+    description = (
+        "60% of the patches, in blocks, are replaced by a learned mask token in the student's input; a "
+        "linear head regresses the mean of the normalised top-block outputs of an EMA teacher that sees "
+        "the whole image. The student is exported."
+    )
     hub_tags = ("masked-image-modeling",)
 
     # the CPU demo (vit_nano_patch8_32: 4 blocks, a 4x4 grid): K scaled with the depth (paper: 6 of 12),
     # blocks of 2+ patches (BEiT's 16 of 196 is 1.3 of 16), tau scaled to a run of ~1000 steps (docs/data2vec.md)
     embedded_options = {"top_k_blocks": 2, "min_block_patches": 2, "ema_start": 0.9, "ema_end": 0.995}
 
-    def __init__(self, encoder: VisionTransformer, config: Data2VecConfig, *, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                 num_classes: int | None = None):
+    def __init__(
+        self,
+        encoder: VisionTransformer,
+        config: Data2VecConfig,
+        *,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        num_classes: int | None = None,
+    ):
         super().__init__(encoder, config, mean=mean, std=std, num_classes=num_classes)
         if encoder.dynamic_img_size:
             raise UserError("data2vec needs an encoder with a fixed image size (dynamic_img_size=False).")
         if not isinstance(encoder.patch_drop, nn.Identity):
-            raise UserError("data2vec predicts every masked patch, so the encoder must not drop patches (patch_drop_rate=0).")
+            raise UserError(
+                "data2vec predicts every masked patch, so the encoder must not drop patches (patch_drop_rate=0)."
+            )
         config.check(depth=len(encoder.blocks))
         self.patch_size = patch_size_of(encoder)
         self.grid_h, self.grid_w = (int(g) for g in encoder.patch_embed.grid_size)
         self.num_masked = int(round(config.mask_ratio * self.grid_h * self.grid_w))
         if config.min_block_patches > self.num_masked:
-            raise ConfigError(f"Key 'data2vec.min_block_patches' ({config.min_block_patches}) exceeds the "
-                              f"{self.num_masked} patches to mask of this encoder's {self.grid_h}x{self.grid_w} grid; "
-                              "choose a smaller block.")
+            raise ConfigError(
+                f"Key 'data2vec.min_block_patches' ({config.min_block_patches}) exceeds the "
+                f"{self.num_masked} patches to mask of this encoder's {self.grid_h}x{self.grid_w} grid; "
+                "choose a smaller block."
+            )
         dim = encoder.embed_dim
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
         trunc_normal_(self.mask_token, std=0.02)  # as the official code's mask embedding
@@ -211,7 +242,7 @@ class Data2VecObjective(Objective):
         for t, s in zip(self.teacher.buffers(), self.encoder.buffers()):
             t.copy_(s)
 
-    def train(self, mode: bool = True) -> "Data2VecObjective":
+    def train(self, mode: bool = True) -> Data2VecObjective:
         super().train(mode)
         self.teacher.eval()  # the teacher never drops anything
         return self
@@ -236,16 +267,16 @@ class Data2VecObjective(Objective):
         outputs = []
         for block in teacher.blocks:
             x = block(x)
-            outputs.append(x[:, teacher.num_prefix_tokens:])
+            outputs.append(x[:, teacher.num_prefix_tokens :])
         cfg = self.config
-        return normalise_blocks(outputs[-cfg.top_k_blocks:], cfg.block_norm, cfg.average_norm)
+        return normalise_blocks(outputs[-cfg.top_k_blocks :], cfg.block_norm, cfg.average_norm)
 
     def predict(self, images: Tensor, mask: Tensor) -> Tensor:
         """[B, N, D]: the linear head on the student's output (`images`: `normalize(pixels)`), the masked
         patches given the mask token."""
         tokens = self.encoder.patch_embed(images)
         tokens = torch.where(mask.unsqueeze(-1), self.mask_token.to(tokens.dtype), tokens)
-        out = encode_patch_tokens(self.encoder, tokens)[:, self.encoder.num_prefix_tokens:]
+        out = encode_patch_tokens(self.encoder, tokens)[:, self.encoder.num_prefix_tokens :]
         return self.head(out)
 
     def forward(self, pixels: Tensor, labels: Tensor | None = None, mask: Tensor | None = None) -> ObjectiveOutput:
@@ -290,8 +321,9 @@ class Data2VecObjective(Objective):
             f"[mask] token) | each masked patch's loss against the mean of the teacher's top {cfg.top_k_blocks} "
             "normalised block outputs, white = 0, black = the largest in the picture"
         )
-        return Visualization(grid=grid.clamp(0, 1), caption=caption,
-                             columns=["image", "student input", "loss per masked patch"])
+        return Visualization(
+            grid=grid.clamp(0, 1), caption=caption, columns=["image", "student input", "loss per masked patch"]
+        )
 
 
 __all__ = ["Data2VecConfig", "Data2VecObjective", "blockwise_mask", "ema_rate", "normalise_blocks"]
