@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -59,19 +60,33 @@ def http_server(tmp_path):
         proc.wait(timeout=10)
 
 
+def live_children(excluding: set[int] = frozenset()) -> list:
+    """This process's multiprocessing children (DataLoader workers among them) that really still run: a
+    child another party reaped is listed by multiprocessing forever, so its pid is checked as well."""
+    import multiprocessing
+
+    def running(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+
+    return [p for p in multiprocessing.active_children() if p.pid not in excluding and running(p.pid)]
+
+
 @pytest.fixture(autouse=True)
 def loader_workers_released():
     """Each test releases the loader workers it started: the kept-worker pools (datasets/pool.py) are
-    closed when it ends, and a worker process still alive after that fails the test (an unclosed loader
-    would otherwise hold its workers, ~75 MB each, for the rest of the session)."""
+    closed when it ends, and a worker process the test started that is still alive after that fails
+    the test (an unclosed loader would otherwise hold its workers, ~75 MB each, for the session)."""
+    before = {p.pid for p in live_children()}
     yield
     pool = sys.modules.get("vitmpp.datasets.pool")  # a test that never opened a loader has nothing to close
     if pool is None:
         return
     pool.close_idle_workers()
-    import multiprocessing
-
     deadline = time.monotonic() + 10  # a closed worker may take a moment to exit on a busy machine
-    while (alive := multiprocessing.active_children()) and time.monotonic() < deadline:
+    while (alive := live_children(before)) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not alive, f"loader worker processes still running after the test: {[p.pid for p in alive]}"
