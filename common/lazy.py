@@ -3,7 +3,7 @@
 A package `__init__` names what it exports and the submodule each name lives in;
 the submodule is imported on first attribute access. `python -m vitmpp.datasets.make_shards
 --help` then imports the package (as Python must) without importing timm, torch and
-the loader, which took up to 18 s on a cold disk.
+the loader (seconds on a cold disk).
 
 Written here rather than taken from scientific-python's `lazy_loader` because it is
 the dozen lines below and the project keeps its dependency list short.

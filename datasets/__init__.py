@@ -33,6 +33,6 @@ __getattr__, __dir__, __all__ = lazy_exports(
         "unit_pixels": ".transforms",
         "pretrain_transform": ".transforms",
         "digits_shards": ".digits_cache",
-        "write_shards": ".make_shards",
+        "write_shards": ".writer",
     },
 )

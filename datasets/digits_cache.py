@@ -11,7 +11,7 @@ from pathlib import Path
 
 from vitmpp.common.errors import UserError
 
-from . import make_shards  # (write_shards looked up at call time)
+from . import writer  # (write_shards looked up at call time)
 from .manifest import MANIFEST_NAME, Manifest, read_manifest
 from .sources import SOURCES
 
@@ -107,7 +107,7 @@ def digits_shards(image_size: int, *, fmt: str = "png", seed: int = 0, cache: st
         except OSError as err:
             raise cannot_lock(err) from None
         if not _reusable(out, wanted):
-            make_shards.write_shards(
+            writer.write_shards(
                 out,
                 "digits",
                 fmt=fmt,

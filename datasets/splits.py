@@ -1,4 +1,4 @@
-"""How a source's images become the `train`, `validation` and `test` splits (make_shards.py).
+"""How a source's images become the `train`, `validation` and `test` splits (writer.py).
 
 Each split is class-stratified and seeded: `test` first (a source may fix its seed, so that every
 run reports on the same images), then `validation` from the rest, and `train`. A source's own

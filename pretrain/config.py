@@ -52,15 +52,8 @@ class PretrainEvalConfig:
     every: int = param(
         0,
         ge=0,
-        help="steps between online evaluations (0: never): a kNN top-1/top-5 of the encoder's "
-        "class-token features on the shards' 'validation' split against a memory bank of "
-        "training images (their labels are the only labels used), and the objective's "
-        "loss on the validation split; logged as eval/knn_top1, eval/knn_top5, eval/loss "
-        "(TensorBoard and metrics.jsonl) and one console line, which prints its cost. "
-        "Skipped, with a note, under FSDP and without a validation split. Measured on a "
-        "2-core CPU: 3-6.6% of the steps' time in the embedded default and the digits "
-        "recipes (every 100 steps, whole bank); "
-        "docs/training.md",
+        help="steps between online evaluations (0: never): kNN, few-shot and the validation loss, logged as "
+        "eval/... with their cost (docs/training.md)",
     )
     knn_images: int = param(
         2000,
@@ -116,16 +109,13 @@ class PretrainConfig:
             warmup_steps=20,
         )
     )
-    # 500 steps: on the digits the class token's kNN accuracy first dips below the initial encoder's and
-    # passes it after ~300-400 steps (validation, bank of all 1,079 training images, mean_color target:
-    # seed 0 40.7 -> 47.6, seed 1 40.7 -> 49.0 at step 500; at 200 steps it was still below, 37.9):
-    # the demo shows a curve that rises (docs/training.md).
+    # 500 steps: long enough that the demo's kNN curve passes the initial encoder's after its dip
+    # (the measured curve is in docs/training.md).
     train: TrainConfig = field(default_factory=lambda: TrainConfig(global_batch=128, steps=500))
     log: PretrainLogConfig = field(
         default_factory=lambda: PretrainLogConfig(image_every=250, analysis_every=250, checkpoint_every=100)
     )
-    # Every 100 steps on the whole bank and all 359 validation images: ~3% of the steps' time, measured
-    # (docs/training.md).
+    # Every 100 steps on the whole bank and all validation images (its measured cost: docs/training.md).
     eval: PretrainEvalConfig = field(
         default_factory=lambda: PretrainEvalConfig(every=100, knn_images=2000, loss_images=0)
     )

@@ -20,6 +20,7 @@ from vitmpp.common.errors import UserError
 from vitmpp.datasets import digits_shards, open_loader, read_manifest, write_shards
 from vitmpp.datasets import digits_cache
 from vitmpp.datasets import make_shards as make_shards_module
+from vitmpp.datasets import writer as writer_module
 from vitmpp.datasets.sources import digits_source
 from vitmpp.datasets.splits import split_three_ways
 
@@ -173,7 +174,7 @@ def _ask_for_digits(cache: str, log: str, barrier, answer: str) -> None:
     """One process (a rank) with its own cache setting: counts its writes in `log`, waits for
     the others at `barrier`, asks for the digits shards and records what it got in `answer`."""
     os.environ["VITMPP_CACHE"] = cache
-    real = make_shards_module.write_shards
+    real = writer_module.write_shards
 
     def counted(*args, **kwargs):
         with open(log, "a") as f:
@@ -185,7 +186,7 @@ def _ask_for_digits(cache: str, log: str, barrier, answer: str) -> None:
             with open(log, "a") as f:
                 f.write(f"end {os.getpid()} {time.time()}\n")
 
-    make_shards_module.write_shards = counted  # in this forked child only
+    writer_module.write_shards = counted  # in this forked child only
     barrier.wait(timeout=60)
     folder = digits_cache.digits_shards(16)
     Path(answer).write_text(json.dumps({"pid": os.getpid(), "folder": folder, "returned": time.time()}))
@@ -407,7 +408,7 @@ def test_overwrite_replaces_shards_but_never_other_files(tmp_path):
 
 def test_an_interrupted_write_leaves_no_manifest(tmp_path, monkeypatch):
     calls = {"n": 0}
-    real = make_shards_module._load_sample
+    real = writer_module._load_sample
 
     def interrupted(*args, **kwargs):
         calls["n"] += 1
@@ -415,7 +416,7 @@ def test_an_interrupted_write_leaves_no_manifest(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(make_shards_module, "_load_sample", interrupted)
+    monkeypatch.setattr(writer_module, "_load_sample", interrupted)
     with pytest.raises(KeyboardInterrupt):
         write_shards(tmp_path / "out", "synthetic", count=100, maxcount=10, progress=False)
     assert list(tmp_path.iterdir()) == []  # neither the folder nor its partial copy
@@ -427,7 +428,7 @@ def test_a_full_disk_is_one_sentence_and_leaves_nothing(tmp_path, monkeypatch):
     def no_space(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(make_shards_module, "encode_image", no_space)
+    monkeypatch.setattr(writer_module, "encode_image", no_space)
     with pytest.raises(UserError, match="No space left on device"):
         write_shards(tmp_path / "out", "synthetic", count=10, progress=False)
     assert list(tmp_path.iterdir()) == []

@@ -303,7 +303,7 @@ def test_a_validation_fraction_that_selects_nothing_is_said_with_the_fraction_th
     ]
     assert list(read_manifest(out).splits) == ["train"]
     # the fraction it names does give a validation split
-    from vitmpp.datasets.make_shards import SplitWarning
+    from vitmpp.datasets.splits import SplitWarning
 
     with warnings.catch_warnings():
         warnings.simplefilter("error", SplitWarning)
