@@ -23,7 +23,7 @@ from .optim import NonFiniteGuard
 # and the loss is each group's first chart), and how the run runs (throughput, data, health)
 # goes under `system/<stage>/...`, a group that sorts after every stage's. A stage may file a few
 # scalars under a group of their own (`Tracker.scalars(..., group=)`): pretraining's online
-# evaluation is `eval/knn_top1`, `eval/loss`, a group that sorts, and opens, first.
+# evaluation is `eval/fewshot_5shot`, `eval/knn_top1`, `eval/loss`, a group that sorts, and opens, first.
 #
 # TensorBoard opens on TIME SERIES, which sorts every tag (scalars and images together, by name,
 # numbers in names compared as numbers), groups them by the first component and expands the first

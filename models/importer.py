@@ -495,7 +495,8 @@ def import_weights(
             encoder.state_dict(),
             spec["name"],
             spec["img_size"],
-            {**spec["overrides"], **options},
+            spec["overrides"],
+            options,
             where=where,
             img_size=img_size,
         )

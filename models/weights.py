@@ -195,18 +195,27 @@ def load_encoder(path: str | os.PathLike, img_size: int | None = None, **overrid
         state,
         info["name"],
         info["img_size"],
-        {**info.get("overrides", {}), **overrides},
+        info.get("overrides", {}),
+        overrides,
         where=f"Encoder weights {weights}",
         img_size=img_size,
     )
 
 
 def encoder_from_state(
-    state: dict, name: str, state_img_size: int, options: dict, *, where: str, img_size: int | None = None
+    state: dict,
+    name: str,
+    state_img_size: int,
+    built_with: dict,
+    options: dict,
+    *,
+    where: str,
+    img_size: int | None = None,
 ) -> VisionTransformer:
-    """Variant `name` built with `options` (architecture and training keys) at the state's resolution,
-    holding `state`, then resampled to `img_size`, pooled and position-embedded as `options` say (see
-    `load_encoder`). The one path every encoder file goes through, ours and imported ones."""
+    """Variant `name` as the weights were built (`built_with`: the recorded architecture overrides) plus
+    the requested training `options`, at the state's resolution, holding `state`; then resampled to
+    `img_size`, pooled and position-embedded as `options` ask (see `load_encoder`). The one path every
+    encoder file goes through, ours and imported ones."""
     import torch
 
     from .encoder import create_encoder, set_sincos_pos_embed
@@ -217,7 +226,7 @@ def encoder_from_state(
     # (`norm`) to the pooled feature (`fc_norm`) when built with global_pool="avg", which would
     # leave the trained norm unused. `reset_classifier` changes the pooling and keeps the norm.
     pool = options.pop("global_pool", None)
-    encoder = create_encoder(name, img_size=state_img_size, **options)
+    encoder = create_encoder(name, img_size=state_img_size, **{**built_with, **options})
     missing, unexpected = _diff_keys(encoder, state)
     if missing or unexpected:
         raise UserError(

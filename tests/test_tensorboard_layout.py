@@ -153,8 +153,8 @@ def test_pretraining_and_linear_probe_in_one_logdir(tmp_path, digits16):
     assert all(t.startswith(("linear/", "system/linear/")) for t in probe_tags), probe_tags
     assert not pretrain_tags & probe_tags
     # the loss is the first chart of the first group TensorBoard shows for each run; a pretraining run
-    # that evaluates opens with its kNN accuracy (eval/ sorts first) and the loss group beside it
-    assert min(pretrain_tags) == "eval/knn_top1" and min(probe_tags) == "linear/loss"
+    # that evaluates opens with its few-shot and kNN accuracies (eval/ sorts first), the loss group beside it
+    assert min(pretrain_tags) == "eval/fewshot_5shot" and min(probe_tags) == "linear/loss"
     assert min(t for t in pretrain_tags if not t.startswith("eval/")) == "pretrain/loss"
     # TIME SERIES, the dashboard TensorBoard opens on, mixes pictures and curves in one tag order and
     # expands two groups: they are the curves (the pictures' groups sort after the stage's own)
