@@ -55,6 +55,10 @@ class CompareConfig:
     )
     pretraining: PretrainingPlan = field(default_factory=PretrainingPlan)
     protocols: list[str] = param(default_factory=lambda: ["linear", "finetune", "scratch", "knn"])
+    protocol_encoders: dict[str, list[str]] = param(
+        default_factory=dict,
+        help="protocol -> the encoders it runs on (default: every encoder), e.g. {finetune: [mae, supervised]}",
+    )
     label_fractions: list[float] = param(default_factory=lambda: [0.1, 1.0])
     seeds: list[int] = param(default_factory=lambda: [0, 1, 2])
     recipes: dict[str, str] = param(
@@ -102,6 +106,19 @@ class CompareConfig:
                 raise ConfigError(
                     f"Key 'recipes' has no recipe for protocol '{protocol}'; "
                     f"add recipes.{protocol}: configs/finetune/....yaml."
+                )
+        known = set(self.encoders) | set(self.pretraining.recipes)
+        for protocol, names in self.protocol_encoders.items():
+            if protocol not in self.protocols or protocol == "scratch":
+                raise ConfigError(
+                    f"Key 'protocol_encoders.{protocol}' limits a protocol that is not run on encoders "
+                    f"here; name one of {', '.join(p for p in self.protocols if p != 'scratch')}."
+                )
+            unknown = [name for name in names if name not in known]
+            if unknown or not names:
+                raise ConfigError(
+                    f"Key 'protocol_encoders.{protocol}' names {', '.join(unknown) or 'no encoder'}; "
+                    f"name encoders of 'encoders' or 'pretraining.recipes' ({', '.join(sorted(known))})."
                 )
         for fraction in self.label_fractions:
             if not 0 < fraction <= 1:
@@ -161,9 +178,12 @@ def encoders_for(cfg: CompareConfig, protocol: str, runs: dict[str, list[str]]) 
     is what `scratch` measures (with its own recipe)."""
     if protocol == "scratch":
         return [SCRATCH, MATCHED] if cfg.compute_matched_scratch else [SCRATCH]
+    names = list(runs)
+    if protocol in cfg.protocol_encoders:  # limited by the config to some encoders, in the encoders' order
+        names = [name for name in names if name in cfg.protocol_encoders[protocol]]
     if protocol == "finetune":
-        return [name for name, paths in runs.items() if paths != ["random"]]
-    return list(runs)
+        return [name for name in names if runs[name] != ["random"]]
+    return names
 
 
 def cells(cfg: CompareConfig, runs: dict[str, list[str]]) -> list[Cell]:

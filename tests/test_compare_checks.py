@@ -68,3 +68,33 @@ def test_a_checkpoint_of_another_library_is_an_encoder_row(tmp_path):
     assert cell_encoder(str(public)) == str(public) and cell_encoder(str(hub)) == str(hub)
     assert cell_encoder(str(ours)) == str(ours)
     assert pretraining_images(str(public)) == 0 and pretraining_images(str(hub)) == 0
+
+
+def test_a_protocol_can_be_limited_to_some_encoders(tmp_path):
+    """protocol_encoders: {finetune: [mae]} runs fine-tuning on mae alone, the other protocols on every
+    encoder; a name that is no encoder, or a protocol not in the grid, is one sentence."""
+    import pytest
+
+    from vitmpp.common.config import load_config
+    from vitmpp.common.errors import ConfigError
+    from vitmpp.experiments.grid import CompareConfig, cells, encoder_runs
+
+    config = tmp_path / "limited.yaml"
+    config.write_text(
+        "encoders: {mpp: runs/mpp, mae: runs/mae, random: random}\n"
+        "protocols: [linear, finetune]\nlabel_fractions: [0.1]\nseeds: [0]\n"
+        f"recipes: {{linear: {FINETUNE / 'linear_digits.yaml'}, finetune: {FINETUNE / 'finetune_digits.yaml'}}}\n"
+        "protocol_encoders: {finetune: [mae]}\n"
+    )
+    cfg = load_config(CompareConfig, config, [])
+    grid = cells(cfg, encoder_runs(cfg, tmp_path / "out"))
+    assert sorted((c.protocol, c.encoder) for c in grid) == [
+        ("finetune", "mae"),
+        ("linear", "mae"),
+        ("linear", "mpp"),
+        ("linear", "random"),
+    ]
+    with pytest.raises(ConfigError, match=r"'protocol_encoders.finetune' names supervised; name encoders of"):
+        load_config(CompareConfig, config, ["protocol_encoders={finetune: [supervised]}"])
+    with pytest.raises(ConfigError, match=r"'protocol_encoders.knn' limits a protocol that is not run"):
+        load_config(CompareConfig, config, ["protocol_encoders={knn: [mae]}"])
