@@ -219,7 +219,8 @@ def resolve_resume(run_dir: Path, resume: str | None) -> Path | None:
     path = Path(resume)
     if not path.is_dir():
         raise UserError(
-            f"Checkpoint '{resume}' given to --resume does not exist; pass a checkpoints/step-XXXXXXX folder or 'auto'."
+            f"Checkpoint '{resume}' given to --resume does not exist;"
+            " pass a checkpoint folder (e.g. runs/NAME/checkpoints/step-0000400) or 'auto'."
         )
     if not ckpt.is_complete(path):
         raise UserError(

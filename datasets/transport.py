@@ -149,6 +149,9 @@ class _PipeStream:
         self.command = url[len("pipe:") :].strip()
         self.errors = tempfile.TemporaryFile()
         self.received = 0
+        # The command is the user's own `pipe:` text; a shard or label name from a manifest enters it only as
+        # one single-quoted literal (manifest.pipe_with_file; docs/security.md, tests/reliability/
+        # test_data_is_not_code.py), so no data read from the shards reaches the shell as code.
         # its own session: closing early can end the whole pipeline (killpg), and a Ctrl-C at the
         # terminal reaches the training process only, which stops its workers (and their commands)
         self.proc = subprocess.Popen(

@@ -246,6 +246,15 @@ class Objective(nn.Module):
         self.register_buffer("pixel_mean", torch.tensor(self.norm_mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(self.norm_std).view(1, 3, 1, 1), persistent=False)
 
+    def require_every_patch(self, name: str, verb: str) -> None:
+        """For objectives that predict at patch positions: the encoder must keep its fixed grid and
+        every patch (no dynamic image size, no patch dropout), or the positions would not line up.
+        `name`: the objective's name in the sentence; `verb`: what it does with the patches."""
+        if self.encoder.dynamic_img_size:
+            raise UserError(f"{name} needs an encoder with a fixed image size (dynamic_img_size=False).")
+        if not isinstance(self.encoder.patch_drop, nn.Identity):
+            raise UserError(f"{name} {verb}, so the encoder must not drop patches (patch_drop_rate=0).")
+
     # ---- what subclasses provide
     def forward(self, pixels: Tensor, labels: Tensor | None = None) -> ObjectiveOutput:  # pragma: no cover - abstract
         raise NotImplementedError

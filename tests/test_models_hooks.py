@@ -105,3 +105,17 @@ def test_the_stage_exports_and_evaluates_the_objectives_networks_and_tells_it_th
     card = (folder / "README.md").read_text()
     assert "averaged-teacher MPP" in card and "Nobody et al. 2099" in card and "arXiv" not in card
     assert "(labels not used)" in card and "self-supervised" in card
+
+
+@pytest.mark.parametrize("name", ["mpp", "simmim", "data2vec"])
+@pytest.mark.parametrize(
+    "option, refusal",
+    [({"patch_drop_rate": 0.5}, "must not drop patches"), ({"dynamic_img_size": True}, "fixed image size")],
+)
+def test_objectives_that_predict_at_patches_refuse_an_encoder_that_moves_them(name, option, refusal):
+    from vitmpp.common.errors import UserError
+    from vitmpp.models import create_objective
+    from vitmpp.models.encoder import create_encoder
+
+    with pytest.raises(UserError, match=refusal):
+        create_objective(name, create_encoder("vit_pico_patch4_32", **option))

@@ -54,7 +54,7 @@ from torch import Tensor, nn
 from torchvision.utils import make_grid
 
 from vitmpp.common.config import param
-from vitmpp.common.errors import ConfigError, UserError
+from vitmpp.common.errors import ConfigError
 
 from ..encoder import encode_patch_tokens, patch_size_of
 from ..objective import (
@@ -198,12 +198,7 @@ class Data2VecObjective(Objective):
         num_classes: int | None = None,
     ):
         super().__init__(encoder, config, mean=mean, std=std, num_classes=num_classes)
-        if encoder.dynamic_img_size:
-            raise UserError("data2vec needs an encoder with a fixed image size (dynamic_img_size=False).")
-        if not isinstance(encoder.patch_drop, nn.Identity):
-            raise UserError(
-                "data2vec predicts every masked patch, so the encoder must not drop patches (patch_drop_rate=0)."
-            )
+        self.require_every_patch("data2vec", "predicts every masked patch")
         config.check(depth=len(encoder.blocks))
         self.patch_size = patch_size_of(encoder)
         self.grid_h, self.grid_w = (int(g) for g in encoder.patch_embed.grid_size)

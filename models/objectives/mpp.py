@@ -196,12 +196,7 @@ class MPPObjective(Objective):
         num_classes: int | None = None,
     ):
         super().__init__(encoder, config, mean=mean, std=std, num_classes=num_classes)
-        if encoder.dynamic_img_size:
-            raise UserError("MPP needs an encoder with a fixed image size (dynamic_img_size=False).")
-        if not isinstance(encoder.patch_drop, nn.Identity):
-            raise UserError(
-                "MPP predicts every corrupted patch, so the encoder must not drop patches (patch_drop_rate=0)."
-            )
+        self.require_every_patch("MPP", "predicts every corrupted patch")
         self.patch_size = patch_size_of(encoder)
         dim = encoder.embed_dim
         self.num_colors = 2 ** (3 * config.bits)

@@ -56,7 +56,7 @@ from torch import Tensor, nn
 from torchvision.utils import make_grid
 
 from vitmpp.common.config import param
-from vitmpp.common.errors import ConfigError, UserError
+from vitmpp.common.errors import ConfigError
 from vitmpp.common.sections import MAX_IMAGE_SIDE
 
 from ..encoder import encode_patch_tokens, patch_size_of
@@ -160,12 +160,7 @@ class SimMIMObjective(Objective):
         num_classes: int | None = None,
     ):
         super().__init__(encoder, config, mean=mean, std=std, num_classes=num_classes)
-        if encoder.dynamic_img_size:
-            raise UserError("SimMIM needs an encoder with a fixed image size (dynamic_img_size=False).")
-        if not isinstance(encoder.patch_drop, nn.Identity):
-            raise UserError(
-                "SimMIM predicts every masked patch, so the encoder must not drop patches (patch_drop_rate=0)."
-            )
+        self.require_every_patch("SimMIM", "predicts every masked patch")
         self.patch_size = p = patch_size_of(encoder)
         self.grid_h, self.grid_w = (int(g) for g in encoder.patch_embed.grid_size)
         config.check(patch_size=p, img_size=(self.grid_h * p, self.grid_w * p))
