@@ -49,32 +49,6 @@ def knn_predict(
     return torch.cat(scores)
 
 
-def knn_classify(
-    accelerator,
-    features,
-    train_loader,
-    val_loader,
-    mean,
-    std,
-    num_classes: int,
-    k: int,
-    temperature: float,
-    expected_val: int,
-) -> dict[str, float]:
-    """kNN top-1/top-5 (%) of one query split against the memory bank of `train_loader`."""
-    return knn_classify_splits(
-        accelerator,
-        features,
-        train_loader,
-        {"validation": (val_loader, expected_val)},
-        mean,
-        std,
-        num_classes,
-        k,
-        temperature,
-    )["validation"]
-
-
 def knn_classify_splits(
     accelerator, features, train_loader, queries: dict, mean, std, num_classes: int, k: int, temperature: float
 ) -> dict[str, dict[str, float]]:
